@@ -1,0 +1,182 @@
+"""A Core's backend LUNs (sparse files or block devices) and their applied-sequence state.
+
+Writes land with ``os.pwrite`` straight from the received frame (no copy) and
+become durable in groups: one ``fdatasync`` in a worker thread covers every
+write issued before it started (group commit), while the event loop goes on
+issuing the next writes.
+
+:class:`AppliedState` records, per LUN, the write stream and the highest
+sequence number durably applied, so a write resent after a restart (by an
+Edge, or by the primary to its replica) is recognised and not applied twice
+out of order. Its file has fixed 32-byte slots, each with a CRC32C::
+
+    struct slot { uint32 lun; uint32 flags; uint64 stream; uint64 seq; uint32 crc; uint32 pad; };
+
+A slot is written after the data it covers is durable, so it can lag (a
+resend is then applied again, in order — a redo) but never lead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+from steelfusion.wire import crc32c
+
+BLOCK = 512
+
+
+class LunError(Exception):
+    """A backend LUN cannot be opened, has the wrong size, or failed an I/O."""
+
+
+def open_backend(path: str, size: int, create: bool = True) -> tuple[int, int]:
+    """Open (creating a sparse file if allowed) and return (fd, size in bytes).
+
+    A block device's size is its own; a file smaller than ``size`` is grown
+    sparse only when it is new, otherwise it is an error (never silently
+    resize someone's LUN).
+    """
+    p = Path(path)
+    if not p.exists():
+        if not create or size <= 0:
+            raise LunError(f"backend {path} does not exist")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(fd, size)
+        return fd, size
+    fd = os.open(path, os.O_RDWR)
+    st = os.fstat(fd)
+    actual = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
+    if size and actual != size:
+        os.close(fd)
+        raise LunError(f"backend {path} is {actual} bytes, config says {size}")
+    if actual <= 0 or actual % BLOCK:
+        os.close(fd)
+        raise LunError(f"backend {path} size {actual} is not a positive multiple of {BLOCK}")
+    return fd, actual
+
+
+class LunStore:
+    """One backend LUN with group-committed durability."""
+
+    def __init__(self, lun_id: int, path: str, size: int, create: bool = True) -> None:
+        self.lun_id = lun_id
+        self.path = path
+        self.fd, self.size = open_backend(path, size, create)
+        self.written = 0  # writes issued (a counter)
+        self.durable = 0  # writes known durable
+        self._syncing = False
+        self._listeners: list[Callable[[int], None]] = []
+        self.io_errors = 0
+
+    def on_durable(self, fn: Callable[[int], None]) -> None:
+        self._listeners.append(fn)
+
+    def check_range(self, offset: int, length: int) -> bool:
+        return offset >= 0 and length >= 0 and offset + length <= self.size
+
+    def pwrite(self, offset: int, data: bytes | memoryview) -> int:
+        """Write now (page cache); return the write's counter for :meth:`sync`."""
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view = view[n:]
+            offset += n
+        self.written += 1
+        return self.written
+
+    def pread(self, offset: int, length: int) -> bytes:
+        out = os.pread(self.fd, length, offset)
+        if len(out) < length:  # past EOF of a sparse file reads as zeros
+            out += bytes(length - len(out))
+        return out
+
+    def request_sync(self) -> None:
+        """Start a group commit unless one is running; it loops while writes keep coming."""
+        if not self._syncing and self.durable < self.written:
+            self._syncing = True
+            asyncio.get_running_loop().create_task(self._sync_loop())
+
+    async def _sync_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self.durable < self.written:
+                target = self.written
+                await loop.run_in_executor(None, os.fdatasync, self.fd)
+                self.durable = target
+                for fn in self._listeners:
+                    fn(target)
+        except OSError:
+            self.io_errors += 1
+            raise
+        finally:
+            self._syncing = False
+
+    def close(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        finally:
+            os.close(self.fd)
+
+
+SLOT = struct.Struct(">IIQQII")
+STATE_MAGIC = b"SFAPPLY1"
+MAX_SLOTS = 4096
+
+
+class AppliedState:
+    """Per-LUN (stream, seq) high-water marks, one checksummed slot per LUN."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        new = not self.path.exists()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        if new or os.fstat(self.fd).st_size < len(STATE_MAGIC):
+            os.pwrite(self.fd, STATE_MAGIC.ljust(SLOT.size, b"\0"), 0)
+            os.fsync(self.fd)
+        elif os.pread(self.fd, len(STATE_MAGIC), 0) != STATE_MAGIC:
+            raise LunError(f"{self.path}: not an applied-state file (bad magic)")
+        self.slots: dict[int, int] = {}  # lun -> slot index
+        self.values: dict[int, tuple[int, int]] = {}
+        self.corrupt_slots = 0
+        size = os.fstat(self.fd).st_size
+        for i in range(1, min(size // SLOT.size, MAX_SLOTS + 1)):
+            raw = os.pread(self.fd, SLOT.size, i * SLOT.size)
+            lun, flags, stream, seq, crc, _ = SLOT.unpack(raw)
+            if flags == 0:
+                continue
+            if crc32c(raw[:24]) != crc:
+                self.corrupt_slots += 1  # lags at worst: the writes get re-applied in order
+                continue
+            self.slots[lun] = i
+            self.values[lun] = (stream, seq)
+
+    def get(self, lun: int) -> tuple[int, int]:
+        return self.values.get(lun, (0, 0))
+
+    def set(self, lun: int, stream: int, seq: int) -> None:
+        if self.values.get(lun) == (stream, seq):
+            return
+        idx = self.slots.get(lun)
+        if idx is None:
+            idx = len(self.slots) + 1
+            if idx > MAX_SLOTS:
+                raise LunError("too many LUNs for the applied-state file")
+            self.slots[lun] = idx
+        head = struct.pack(">IIQQ", lun, 1, stream, seq)
+        os.pwrite(self.fd, head + struct.pack(">II", crc32c(head), 0), idx * SLOT.size)
+        self.values[lun] = (stream, seq)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def close(self) -> None:
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)

@@ -1,0 +1,180 @@
+"""The Edge process: iSCSI target in front, blockstore in the middle, Core uplink behind.
+
+Follow a host write: :mod:`edge.target` (iSCSI) -> :mod:`edge.scsi` (WRITE CDB)
+-> :meth:`EdgeLun.write` (reserve, log, cache, acknowledge) -> :mod:`edge.uplink`
+(ship to the primary Core) -> :mod:`core.node`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from typing import Any
+
+from edge.backends import BackendNotReady, make_naa
+from edge.blockstore import Blockstore
+from edge.uplink import CoreUplink
+from steelfusion import control, log
+from steelfusion.config import EdgeConfig
+from steelfusion.units import format_addr
+
+_log = log.get("edge")
+
+
+class EdgeLun:
+    """One exported LUN: the :class:`edge.backends.BlockBackend` the SCSI layer drives."""
+
+    block_size = 512
+
+    def __init__(self, edge_name: str, lun_id: int, size: int, bs: Blockstore,
+                 uplink: CoreUplink) -> None:
+        self.lun_id = lun_id
+        self.size_bytes = size
+        self.bs = bs
+        self.cache = bs.caches[lun_id]
+        self.uplink = uplink
+        self.serial = f"SF{lun_id:08d}"
+        self.naa_id = make_naa(f"steelfusion-lun-{lun_id}")
+        self._fills: dict[int, asyncio.Future[None]] = {}
+        self.reads = 0
+        self.read_misses = 0
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        """Stored in the write reserve as uncommitted, then acknowledged (DESIGN step 1)."""
+        n = len(data)
+        await self.bs.reserve(n)
+        try:
+            self.bs.append(self.lun_id, offset, data)
+        except BaseException:
+            self.bs.unreserve(n)
+            raise
+        if fua:
+            await self.bs.flush()
+
+    async def flush(self) -> None:
+        await self.bs.flush()
+
+    async def read(self, offset: int, length: int) -> bytes:
+        """From the cache; regions it lacks are fetched from the primary Core first."""
+        self.reads += 1
+        if length == 0:
+            return b""
+        missing = self.cache.missing(offset, length)
+        if missing:
+            self.read_misses += 1
+            await asyncio.gather(*(self._fill(r) for r in missing))
+        return self.cache.read(offset, length)
+
+    async def _fill(self, r: int) -> None:
+        fut = self._fills.get(r)
+        if fut is not None:
+            await asyncio.shield(fut)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._fills[r] = fut
+        try:
+            base = r * self.cache.region
+            data = await self.uplink.read(self.lun_id, base,
+                                          min(self.cache.region, self.size_bytes - base))
+            self.cache.fill(r, data)
+            fut.set_result(None)
+        except BaseException as e:
+            fut.set_exception(e if isinstance(e, Exception) else BackendNotReady(str(e)))
+            fut.exception()
+            raise
+        finally:
+            del self._fills[r]
+
+
+class Edge:
+    def __init__(self, cfg: EdgeConfig) -> None:
+        self.cfg = cfg
+        luns = {lu.lun_id: lu.size for t in cfg.targets for lu in t.luns}
+        self.bs = Blockstore(cfg.blockstore, luns, cfg.reserve_bytes, cfg.cache_region_bytes)
+        self.uplink = CoreUplink(cfg, self.bs)
+        self.luns = {lid: EdgeLun(cfg.name, lid, size, self.bs, self.uplink)
+                     for lid, size in luns.items()}
+        self.target: Any = None
+        self.witness: Any = None
+        self._control: asyncio.AbstractServer | None = None
+        self.stopping = asyncio.Event()
+        self.started = time.time()
+
+    async def start(self) -> None:
+        from edge.target import IscsiTarget
+        from edge.target import TargetConfig as IscsiTargetConfig
+
+        self.uplink.start()
+        targets = [IscsiTargetConfig(iqn=t.iqn, luns={lu.lun: self.luns[lu.lun_id] for lu in t.luns},
+                                     alias=t.alias) for t in self.cfg.targets]
+        host, port = self.cfg.portal
+        self.target = IscsiTarget(host, port, targets, advertise=self.cfg.advertise)
+        await self.target.start()
+        self._control = await control.serve(*self.cfg.control, self._handlers())
+        if self.cfg.witness:
+            from witness.node import Witness
+
+            self.witness = Witness(self.cfg.name + "-witness", self.cfg.witness,
+                                   self.cfg.witness_state_dir or
+                                   os.path.join(self.cfg.blockstore, "witness"))
+            await self.witness.start()
+        _log.info("edge_started", portal=format_addr(self.cfg.portal),
+                  control=format_addr(self.cfg.control),
+                  targets=[t.iqn for t in self.cfg.targets],
+                  uncommitted_bytes=self.bs.uncommitted_bytes)
+
+    async def stop(self) -> None:
+        if self.target is not None:
+            await self.target.close()
+        if self._control is not None:
+            self._control.close()
+        if self.witness is not None:
+            await self.witness.stop()
+        await self.uplink.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.bs.flush(), 10)
+        self.bs.close()
+        _log.info("edge_stopped", uncommitted_bytes=self.bs.uncommitted_bytes)
+
+    def status(self) -> dict[str, Any]:
+        bs = self.bs.status()
+        return {
+            "name": self.cfg.name, "pid": os.getpid(), "portal": format_addr(self.cfg.portal),
+            "uncommitted_bytes": bs["uncommitted_bytes"], "blockstore": bs,
+            "core": self.uplink.status(),
+            "targets": [{"iqn": t.iqn, "luns": [{"lun": lu.lun, "lun_id": lu.lun_id,
+                                                "size": lu.size} for lu in t.luns]}
+                        for t in self.cfg.targets],
+            "luns": {str(lid): {"reads": lu.reads, "read_misses": lu.read_misses}
+                     for lid, lu in self.luns.items()},
+            "iscsi": self.target.status() if self.target is not None and hasattr(
+                self.target, "status") else {},
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+    def _handlers(self) -> dict[str, control.Handler]:
+        async def status(_: dict[str, Any]) -> dict[str, Any]:
+            return self.status()
+
+        async def flush(_: dict[str, Any]) -> dict[str, Any]:
+            await self.bs.flush()
+            return {"uncommitted_bytes": self.bs.uncommitted_bytes}
+
+        async def stop(_: dict[str, Any]) -> dict[str, Any]:
+            asyncio.get_running_loop().call_later(0.05, self.stopping.set)
+            return {"stopping": True}
+
+        return {"status": status, "flush": flush, "stop": stop}
+
+
+async def run(cfg: EdgeConfig) -> None:
+    edge = Edge(cfg)
+    await edge.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, edge.stopping.set)
+    await edge.stopping.wait()
+    await edge.stop()

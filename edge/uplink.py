@@ -1,0 +1,254 @@
+"""The Edge's connection to its Cores: ships uncommitted writes in order, fetches reads.
+
+DESIGN.md: an Edge keeps connections to both Cores and follows whichever is
+primary. It dials each configured Core; the secondary refuses with
+``not-primary`` and the primary welcomes it. On every (re)connection the
+whole uncommitted backlog is resent in the hosts' acknowledgement order: the
+Core recognises by (stream, seq) what it already has and acknowledges it at
+once, so a resend never applies a write twice or out of order.
+
+Shipping is pipelined: up to ``window_bytes`` of writes are in flight, sent
+in batches with one ``writelines`` per batch, and the Core's cumulative ACKs
+free the reserve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from typing import Any
+
+from edge.backends import BackendNotReady
+from edge.blockstore import Blockstore, Record
+from steelfusion import log
+from steelfusion.config import EdgeConfig
+from steelfusion.link import Link, dial
+from steelfusion.units import format_addr
+from steelfusion.wire import (
+    Ack,
+    Control,
+    Hello,
+    Message,
+    ReadReply,
+    ReadStatus,
+    Refuse,
+    Welcome,
+    Write,
+)
+from steelfusion.wire import Read as ReadMsg
+
+_log = log.get("uplink")
+
+BATCH_BYTES = 4 << 20
+
+
+class CoreUplink:
+    def __init__(self, cfg: EdgeConfig, bs: Blockstore) -> None:
+        self.cfg = cfg
+        self.bs = bs
+        self.luns = {lu.lun_id: lu.size for t in cfg.targets for lu in t.luns}
+        self.link: Link | None = None  # the primary's data connection
+        self.primary_name: str | None = None
+        self.primary_addr: tuple[str, int] | None = None
+        self.epoch = 0
+        self.connected = asyncio.Event()
+        self.send_q: deque[Record] = deque()
+        self.inflight_bytes = 0
+        self._kick = asyncio.Event()
+        self._reads: dict[int, asyncio.Future[bytes]] = {}
+        self._req = itertools.count(1)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.refusals: dict[str, dict[str, Any]] = {}  # core address -> last refusal
+        self.connects = 0
+        self.writes_sent = 0
+        self.bytes_sent = 0
+        bs.on_append = self._on_append
+
+    def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._connector()))
+        self._tasks.append(asyncio.create_task(self._pump()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.link is not None:
+            self.link.close("edge stopping")
+
+    # -- connection management ------------------------------------------------------
+    async def _connector(self) -> None:
+        delay = 0.2
+        while True:
+            for addr in self.cfg.cores:
+                link = await self._try_core(addr)
+                if link is None:
+                    continue
+                delay = 0.2
+                await link.closed.wait()
+                self._on_lost(link)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _try_core(self, addr: tuple[str, int]) -> Link | None:
+        hello = Hello(self.cfg.name, "edge", "edge", self.epoch, dict(self.luns),
+                      {"stream": self.bs.stream})
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+        def on_message(link: Link, msg: Message) -> None:
+            if not fut.done() and isinstance(msg, Welcome | Refuse):
+                fut.set_result(msg)
+                return
+            self._on_message(link, msg)
+
+        def on_close(link: Link, exc: BaseException | None) -> None:
+            if not fut.done():
+                fut.set_exception(ConnectionError(link.close_reason or "closed"))
+
+        try:
+            link = await dial(*addr, hello, on_message, on_close, name="core",
+                              ping_interval=self.cfg.ping_interval, dead_after=self.cfg.dead_after)
+            answer = await asyncio.wait_for(fut, 5.0)
+        except (TimeoutError, OSError, ConnectionError) as e:
+            _log.debug("core_dial_failed", core=format_addr(addr), error=str(e))
+            return None
+        if isinstance(answer, Refuse):
+            key = format_addr(addr)
+            prev = self.refusals.get(key)
+            if prev is None or prev["code"] != answer.code:
+                level = _log.info if answer.code == "not-primary" else _log.error
+                level("core_refused_edge", core=key, code=answer.code, reason=answer.reason)
+            self.refusals[key] = {"code": answer.code, "reason": answer.reason}
+            link.close("refused")
+            return None
+        assert isinstance(answer, Welcome)
+        self.refusals.pop(format_addr(addr), None)
+        self.link = link
+        self.primary_name = answer.node
+        self.primary_addr = addr
+        self.epoch = max(self.epoch, answer.epoch)
+        self.connects += 1
+        # Resend everything uncommitted, in the hosts' acknowledgement order.
+        self.send_q = deque(self.bs.uncommitted())
+        for r in self.send_q:
+            r.sent = False
+        self.inflight_bytes = 0
+        self.connected.set()
+        self._kick.set()
+        _log.info("core_connected", core=answer.node, address=format_addr(addr),
+                  epoch=answer.epoch, resend_writes=len(self.send_q),
+                  resend_bytes=sum(r.length for r in self.send_q))
+        return link
+
+    def _on_lost(self, link: Link) -> None:
+        if self.link is link:
+            self.link = None
+            self.connected.clear()
+            _log.warning("core_disconnected", core=self.primary_name,
+                         reason=link.close_reason or "connection closed",
+                         uncommitted_bytes=self.bs.uncommitted_bytes)
+            for fut in self._reads.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError("Core connection lost"))
+            self._reads.clear()
+
+    # -- messages -------------------------------------------------------------------
+    def _on_message(self, link: Link, msg: Message) -> None:
+        if isinstance(msg, Ack):
+            if msg.stream == self.bs.stream:
+                freed = 0
+                q = self.bs.pending.get(msg.lun)
+                if q:
+                    freed = sum(r.length for r in itertools.takewhile(
+                        lambda r: r.seq <= msg.seq, q) if r.sent)
+                self.bs.commit(msg.lun, msg.seq)
+                self.inflight_bytes = max(0, self.inflight_bytes - freed)
+                self._kick.set()
+        elif isinstance(msg, ReadReply):
+            fut = self._reads.pop(msg.req, None)
+            if fut is not None and not fut.done():
+                if msg.status == ReadStatus.OK:
+                    fut.set_result(bytes(msg.data))
+                else:
+                    fut.set_exception(BackendNotReady(
+                        f"Core read failed: {ReadStatus(msg.status).name}"))
+        elif isinstance(msg, Refuse):
+            _log.error("core_closed_connection", code=msg.code, reason=msg.reason)
+            link.close(f"refused: {msg.reason}")
+        elif isinstance(msg, Control):
+            _log.info("core_notice", body=msg.body)
+
+    # -- shipping ---------------------------------------------------------------------
+    def _on_append(self, rec: Record) -> None:
+        if self.link is not None:
+            self.send_q.append(rec)
+            self._kick.set()
+
+    async def _pump(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            link = self.link
+            if link is None or not link.established:
+                continue
+            batch: list[Message] = []
+            size = 0
+            while (self.send_q and self.inflight_bytes < self.cfg.window_bytes
+                   and size < BATCH_BYTES):
+                rec = self.send_q.popleft()
+                if rec.seq <= self.bs.committed_seq.get(rec.lun, 0):
+                    continue  # committed meanwhile
+                data = self.bs.data_of(rec)
+                batch.append(Write(rec.lun, 0, self.bs.stream, rec.seq, rec.offset, data))
+                rec.sent = True
+                self.inflight_bytes += rec.length
+                size += rec.length
+            if batch:
+                link.send_many(batch)
+                self.writes_sent += len(batch)
+                self.bytes_sent += size
+                if not link.writable:
+                    await link.drain()
+                if self.send_q and self.inflight_bytes < self.cfg.window_bytes:
+                    self._kick.set()
+
+    # -- reads ---------------------------------------------------------------------------
+    async def read(self, lun: int, offset: int, length: int) -> bytes:
+        """Fetch from the primary Core; retry across reconnections until read_timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.cfg.read_timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise BackendNotReady(f"no primary Core reachable for {self.cfg.read_timeout:.0f}s "
+                                      "to read uncached data")
+            if self.link is None:
+                try:
+                    await asyncio.wait_for(self.connected.wait(), remaining)
+                except TimeoutError:
+                    continue
+            link = self.link
+            if link is None:
+                continue
+            req = next(self._req)
+            fut: asyncio.Future[bytes] = loop.create_future()
+            self._reads[req] = fut
+            link.send(ReadMsg(req, lun, offset, length))
+            try:
+                return await asyncio.wait_for(fut, max(0.1, deadline - loop.time()))
+            except ConnectionError:
+                continue
+            except TimeoutError:
+                self._reads.pop(req, None)
+                continue
+
+    def status(self) -> dict[str, Any]:
+        return {"connected": self.link is not None and self.link.established,
+                "core": self.primary_name,
+                "address": format_addr(self.primary_addr) if self.primary_addr else None,
+                "epoch": self.epoch, "inflight_bytes": self.inflight_bytes,
+                "queued_writes": len(self.send_q), "connects": self.connects,
+                "writes_sent": self.writes_sent, "bytes_sent": self.bytes_sent,
+                "refusals": self.refusals,
+                "rtt_ms": (round(self.link.machine.rtt * 1000, 3)
+                           if self.link is not None and self.link.machine.rtt is not None
+                           else None)}

@@ -1,0 +1,265 @@
+"""``steelfusion``: run a node from its config, or drive the one-command lab."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+import click
+
+from steelfusion import __version__, log
+from steelfusion.config import ConfigError, CoreConfig, EdgeConfig, WitnessConfig
+from steelfusion.units import format_size, parse_size
+
+
+def _run(coro: Coroutine[Any, Any, None]) -> None:
+    """uvloop when present (faster loop, see README), else the stock loop."""
+    try:
+        import uvloop
+
+        uvloop.run(coro)
+    except ImportError:
+        asyncio.run(coro)
+
+
+def _load(kind: type, path: str) -> Any:
+    try:
+        return kind.load(path)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+
+
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+SIZE = SizeType()
+
+
+@click.group()
+@click.version_option(__version__)
+def main() -> None:
+    """steelfusion: Edge / Core / Witness nodes and a one-command lab."""
+
+
+# -- nodes -------------------------------------------------------------------------
+@main.group()
+def core() -> None:
+    """A Core: serves LUNs to Edges and mirrors writes to its peer Core."""
+
+
+@core.command("run")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--quiet", is_flag=True, help="Log to the file only (warnings still to stderr).")
+def core_run(config: str, quiet: bool) -> None:
+    """Run a Core from its TOML config until SIGTERM."""
+    from core.lunstore import LunError
+    from core.node import run
+
+    cfg = _load(CoreConfig, config)
+    log.setup(cfg.name, cfg.log_file, level="warning" if quiet else "info")
+    try:
+        _run(run(cfg))
+    except LunError as e:
+        log.get("core").error("core_start_failed", error=str(e))
+        raise click.ClickException(str(e)) from None
+
+
+@main.group()
+def edge() -> None:
+    """An Edge: exports LUNs over iSCSI, buffers writes, ships them to the primary Core."""
+
+
+@edge.command("run")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--witness", "witness", default=None,
+              help="Also run a Witness inside this Edge on HOST:PORT (seed: the Witness is a "
+                   "role assigned to one of the Edges).")
+@click.option("--quiet", is_flag=True)
+def edge_run(config: str, witness: str | None, quiet: bool) -> None:
+    """Run an Edge from its TOML config until SIGTERM."""
+    import dataclasses
+
+    from edge.blockstore import BlockstoreError
+    from edge.node import run
+    from steelfusion.units import parse_addr
+
+    cfg = _load(EdgeConfig, config)
+    if witness:
+        try:
+            cfg = dataclasses.replace(cfg, witness=parse_addr(witness))
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--witness") from None
+    log.setup(cfg.name, cfg.log_file, level="warning" if quiet else "info")
+    try:
+        _run(run(cfg))
+    except BlockstoreError as e:
+        log.get("edge").error("edge_start_failed", error=str(e))
+        raise click.ClickException(str(e)) from None
+
+
+@main.group()
+def witness() -> None:
+    """A Witness: approves suspension for at most one Core of a pair."""
+
+
+@witness.command("run")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--quiet", is_flag=True)
+def witness_run(config: str, quiet: bool) -> None:
+    """Run a standalone Witness from its TOML config until SIGTERM."""
+    from witness.node import run
+
+    cfg = _load(WitnessConfig, config)
+    log.setup(cfg.name, cfg.log_file, level="warning" if quiet else "info")
+    _run(run(cfg))
+
+
+# -- lab ---------------------------------------------------------------------------
+@main.group()
+def lab() -> None:
+    """The embedded default: Witness, two Cores and Edges on loopback."""
+
+
+def _lab(workdir: str) -> Any:
+    from steelfusion.lab import Lab
+
+    return Lab(workdir)
+
+
+def _lab_errors(fn: Any) -> Any:
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **k: Any) -> Any:
+        from steelfusion.lab import LabError
+
+        try:
+            return fn(*a, **k)
+        except LabError as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
+
+
+WORKDIR = click.option("--workdir", required=True, type=click.Path(file_okay=False),
+                       help="Folder holding the lab's configs, LUN files, logs and lab.json.")
+
+
+@lab.command("up")
+@WORKDIR
+@click.option("--luns", default=1, show_default=True, help="LUNs per Edge.")
+@click.option("--lun-size", default="1G", show_default=True, type=SIZE,
+              help="Size of each LUN (K/M/G/T).")
+@click.option("--edges", default=1, show_default=True, help="Number of Edges.")
+@click.option("--reserve", default="256M", show_default=True, type=SIZE,
+              help="Each Edge's write reserve.")
+@click.option("--json", "as_json", is_flag=True, help="Print lab.json.")
+@_lab_errors
+def lab_up(workdir: str, luns: int, lun_size: int, edges: int, reserve: int,
+           as_json: bool) -> None:
+    """Start a lab and return when every node is ready."""
+    lab_ = _lab(workdir)
+    data = lab_.up(luns=luns, lun_size=lun_size, edges=edges, reserve=reserve)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"lab up in {lab_.dir}")
+    click.echo(f"  witness  {data['witness']['address']}  pid {data['witness']['pid']}")
+    for c in data["cores"]:
+        click.echo(f"  {c['name']:<8} {c['role']:<9} control {c['control']}  pid {c['pid']}")
+    for e in data["edges"]:
+        click.echo(f"  {e['name']:<8} portal {e['portal']}  pid {e['pid']}")
+        for t in e["targets"]:
+            click.echo(f"           {t['url']}  (LUN id {t['lun_id']}, "
+                       f"{format_size(t['size'])})")
+
+
+@lab.command("status")
+@WORKDIR
+@click.option("--json", "as_json", is_flag=True)
+@_lab_errors
+def lab_status(workdir: str, as_json: bool) -> None:
+    """Roles, replication state and uncommitted data of every node."""
+    st = _lab(workdir).status()
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=str))
+        return
+    w = st["witness"]
+    click.echo(f"witness  {'up' if w.get('running') else 'DOWN'}")
+    for c in st["cores"]:
+        alarms = ", ".join(a["alarm"] for a in c.get("alarms") or []) or "-"
+        click.echo(f"{c['name']:<8} {'up' if c['running'] else 'DOWN':<5} role={c['role']:<9} "
+                   f"replication={c['replication']:<10} epoch={c['epoch']} alarms={alarms}")
+    for e in st["edges"]:
+        ub = e.get("uncommitted_bytes")
+        click.echo(f"{e['name']:<8} {'up' if e['running'] else 'DOWN':<5} "
+                   f"core={e.get('core') or '-':<8} "
+                   f"uncommitted={format_size(ub) if ub is not None else '?'}")
+
+
+@lab.command("kill")
+@click.argument("node")
+@WORKDIR
+@_lab_errors
+def lab_kill(node: str, workdir: str) -> None:
+    """SIGKILL one node (a crash, not a shutdown)."""
+    n = _lab(workdir).kill(node, signal.SIGKILL)
+    click.echo(f"killed {node} (pid {n['pid']})")
+
+
+@lab.command("start")
+@click.argument("node")
+@WORKDIR
+@_lab_errors
+def lab_start(node: str, workdir: str) -> None:
+    """Restart one node with its own config."""
+    n = _lab(workdir).start(node)
+    click.echo(f"started {node} (pid {n['pid']})")
+
+
+@lab.command("down")
+@WORKDIR
+@_lab_errors
+def lab_down(workdir: str) -> None:
+    """Stop every node of the lab (SIGTERM, then SIGKILL after 15 s)."""
+    stopped = _lab(workdir).down()
+    click.echo("stopped " + (", ".join(stopped) if stopped else "nothing (no node was running)"))
+
+
+@lab.command("wait-committed")
+@WORKDIR
+@click.option("--timeout", default=120.0, show_default=True)
+@_lab_errors
+def lab_wait_committed(workdir: str, timeout: float) -> None:
+    """Return when every Edge holds nothing uncommitted."""
+    took = _lab(workdir).wait_committed(timeout)
+    click.echo(f"all committed ({took:.2f}s)")
+
+
+@main.command()
+@click.option("--workdir", default=None, type=click.Path(file_okay=False),
+              help="Lab folder (default: a new temporary folder, removed afterwards).")
+@click.option("--size", "size", default="64M", show_default=True, type=SIZE,
+              help="How much random data the host writes.")
+@click.option("--lun-size", default="256M", show_default=True, type=SIZE)
+@click.option("--keep", is_flag=True, help="Leave the lab running.")
+def demo(workdir: str | None, size: int, lun_size: int, keep: bool) -> None:
+    """Lab up, a real workload through qemu-img, prove three copies identical, lab down."""
+    from steelfusion.demo import run_demo
+
+    sys.exit(run_demo(workdir, size, lun_size, keep))
+
+
+if __name__ == "__main__":
+    main()

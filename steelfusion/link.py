@@ -1,0 +1,204 @@
+"""Thin asyncio adapter over :mod:`steelfusion.wire` and :mod:`steelfusion.linkstate`.
+
+One :class:`Link` per TCP connection. It owns no protocol rules: it feeds
+bytes to the decoder, messages to the state machine, and hands everything
+else to the role's handler (``on_message``), which runs in the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from steelfusion import log
+from steelfusion.linkstate import LinkDead, LinkMachine, LinkState
+from steelfusion.wire import (
+    FrameDecoder,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Refuse,
+    Welcome,
+    WireError,
+    encode,
+)
+
+_log = log.get("link")
+
+Handler = Callable[["Link", Message], None]
+
+
+class Link(asyncio.Protocol):
+    """A framed, heartbeated node connection."""
+
+    def __init__(self, on_message: Handler, on_close: Callable[[Link, BaseException | None], None],
+                 *, dialler: bool, name: str = "", ping_interval: float = 1.0,
+                 dead_after: float = 6.0) -> None:
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.on_message = on_message
+        self.on_close = on_close
+        self.name = name
+        self.decoder = FrameDecoder()
+        self.machine = LinkMachine(dialler=dialler, now=loop.time(),
+                                   ping_interval=ping_interval, dead_after=dead_after)
+        self.transport: asyncio.Transport | None = None
+        self.peer: str = "?"
+        self.hello: Hello | None = None  # what the peer said about itself
+        self.welcome: Welcome | None = None
+        self.closed = asyncio.Event()
+        self.close_reason: str = ""
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._timer: asyncio.TimerHandle | None = None
+        self.ctx: Any = None  # the role's per-connection state
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    # -- asyncio.Protocol ---------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        pn = transport.get_extra_info("peername")
+        self.peer = f"{pn[0]}:{pn[1]}" if pn else "?"
+        transport.set_write_buffer_limits(high=8 * 1024 * 1024)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        now = self.loop.time()
+        try:
+            msgs = self.decoder.feed(data)
+            for m in msgs:
+                replies = self.machine.receive(m, now)
+                if replies:
+                    self.send_many(replies)
+                if isinstance(m, Ping | Pong):
+                    continue
+                if isinstance(m, Hello):
+                    self.hello = m
+                elif isinstance(m, Welcome):
+                    self.welcome = m
+                self.on_message(self, m)
+                if self.transport is None or self.transport.is_closing():
+                    return
+        except WireError as e:
+            _log.warning("wire_protocol_error", peer=self.peer, link=self.name,
+                         code=e.code, error=str(e))
+            with contextlib.suppress(Exception):
+                self.send(Refuse(e.code, str(e)))
+            self.abort(f"protocol error: {e}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.machine.close()
+        self.transport = None
+        self._can_write.set()
+        if not self.closed.is_set():
+            self.closed.set()
+            self.on_close(self, exc)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # -- sending --------------------------------------------------------------
+    @property
+    def established(self) -> bool:
+        return self.machine.state is LinkState.ESTABLISHED and self.transport is not None
+
+    def send(self, msg: Message) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        bufs = encode(msg)
+        self.bytes_out += sum(len(b) for b in bufs)
+        t.writelines(bufs)
+
+    def send_many(self, msgs: list[Message]) -> None:
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        bufs: list[bytes | memoryview] = []
+        for m in msgs:
+            bufs.extend(encode(m))
+        self.bytes_out += sum(len(b) for b in bufs)
+        t.writelines(bufs)
+
+    async def drain(self) -> None:
+        """Wait while the transport's write buffer is above its high-water mark."""
+        await self._can_write.wait()
+
+    @property
+    def writable(self) -> bool:
+        return self._can_write.is_set()
+
+    def refuse(self, code: str, reason: str) -> None:
+        """Tell the peer why, then close once the refusal is flushed."""
+        self.send(Refuse(code, reason))
+        self.close(reason)
+
+    def close(self, reason: str = "") -> None:
+        self.close_reason = self.close_reason or reason
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, reason: str = "") -> None:
+        self.close_reason = self.close_reason or reason
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- timers ----------------------------------------------------------------
+    def _arm(self) -> None:
+        delay = max(0.05, self.machine.next_deadline() - self.loop.time())
+        self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        if self.transport is None:
+            return
+        try:
+            pings = self.machine.on_timer(self.loop.time())
+        except LinkDead as e:
+            _log.warning("link_dead", peer=self.peer, link=self.name, error=str(e))
+            self.abort(str(e))
+            return
+        if pings:
+            self.send_many(pings)
+        self._arm()
+
+
+async def dial(host: str, port: int, hello: Hello, on_message: Handler,
+               on_close: Callable[[Link, BaseException | None], None], *, name: str = "",
+               timeout: float = 5.0, local_addr: tuple[str, int] | None = None,
+               ping_interval: float = 1.0, dead_after: float = 6.0) -> Link:
+    """Connect, send HELLO and return the link; WELCOME/REFUSE arrive via ``on_message``."""
+    loop = asyncio.get_running_loop()
+    _, proto = await asyncio.wait_for(
+        loop.create_connection(
+            lambda: Link(on_message, on_close, dialler=True, name=name,
+                         ping_interval=ping_interval, dead_after=dead_after),
+            host, port, local_addr=local_addr),
+        timeout)
+    assert isinstance(proto, Link)
+    proto.send(hello)
+    return proto
+
+
+async def listen(host: str, port: int, on_message: Handler,
+                 on_close: Callable[[Link, BaseException | None], None], *, name: str = "",
+                 ping_interval: float = 1.0, dead_after: float = 6.0) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(
+        lambda: Link(on_message, on_close, dialler=False, name=name,
+                     ping_interval=ping_interval, dead_after=dead_after),
+        host, port, reuse_address=True)

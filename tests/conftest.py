@@ -1,0 +1,32 @@
+"""Shared fixtures: temp lab folders, free ports, and tool discovery."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed: run `make install` (it installs libiscsi-bin, "
+                    "qemu-utils, e2fsprogs and tgt)")
+    return path
+
+
+@pytest.fixture
+def steelfusion_cmd() -> list[str]:
+    return [sys.executable, "-m", "steelfusion.cli"]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONUNBUFFERED", "1")
+    os.environ.setdefault("STEELFUSION_TEST", "1")

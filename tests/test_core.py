@@ -1,0 +1,189 @@
+"""Core processes over real TCP: synchronous mirroring, pause, resend, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+
+from steelfusion import control
+from tests.nodes import MiB, FakeEdge, make_cores
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def pair(tmp_path: Path):  # type: ignore[no-untyped-def]
+    a, b = make_cores(tmp_path, {1: 8 * MiB, 2: 4 * MiB})
+    a.start()
+    b.start()
+    yield a, b
+    a.kill()
+    b.kill()
+
+
+def _wait_repl(addr: tuple[str, int], want: str, timeout: float = 15) -> dict:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        st = control.call(addr, "status")
+        if st["replication"] == want:
+            return st
+        if time.monotonic() > deadline:
+            raise AssertionError(f"replication {st['replication']}, wanted {want}")
+        time.sleep(0.05)
+
+
+def test_write_acked_only_when_on_both_cores(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    st = _wait_repl(a.cfg.control, "running")
+    # seed: 2 TCP replication connections per interface from each Core
+    assert st["connections"]["replication_expected_out"] == 2
+    assert sum(1 for c in st["connections"]["replication"]
+               if c["direction"] == "out" and c["established"]) == 2
+    rng = random.Random(3)
+    model = {1: bytearray(8 * MiB), 2: bytearray(4 * MiB)}
+
+    async def main() -> None:
+        e = FakeEdge("edge-x", 42, {1: 8 * MiB, 2: 4 * MiB})
+        assert await e.connect(a.cfg.listen)
+        seqs = {1: 0, 2: 0}
+        for _ in range(500):
+            lun = rng.choice([1, 2])
+            size = len(model[lun])
+            n = rng.choice([512, 4096, 65536, 512 * 1024])
+            off = rng.randrange(0, (size - n) // 512) * 512
+            data = rng.randbytes(n)
+            seqs[lun] += 1
+            model[lun][off:off + n] = data
+            e.write(lun, seqs[lun], off, data)
+        await e.wait_acked(1, seqs[1])
+        await e.wait_acked(2, seqs[2])
+        e.close()
+
+    asyncio.run(main())
+    for lun in (1, 2):
+        assert a.lun_bytes(lun) == bytes(model[lun])
+        assert b.lun_bytes(lun) == bytes(model[lun])
+
+
+def test_secondary_down_pauses_then_resumes(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    _wait_repl(a.cfg.control, "running")
+
+    async def main() -> None:
+        e = FakeEdge("edge-x", 7, {1: 8 * MiB, 2: 4 * MiB})
+        assert await e.connect(a.cfg.listen)
+        e.write(1, 1, 0, b"1" * 4096)
+        await e.wait_acked(1, 1)
+        b.kill()
+        await asyncio.to_thread(_wait_repl, a.cfg.control, "paused")
+        e.write(1, 2, 4096, b"2" * 4096)
+        with pytest.raises(asyncio.TimeoutError):
+            await e.wait_acked(1, 2, timeout=1.0)  # paused: not acknowledged
+        await asyncio.to_thread(b.start)
+        await e.wait_acked(1, 2, timeout=15)  # resumes by itself
+        e.close()
+
+    asyncio.run(main())
+    assert a.lun_bytes(1)[:8192] == b"1" * 4096 + b"2" * 4096
+    assert b.lun_bytes(1)[:8192] == b"1" * 4096 + b"2" * 4096
+
+
+def test_resend_is_not_applied_twice(pair) -> None:  # type: ignore[no-untyped-def]
+    a, b = pair
+    _wait_repl(a.cfg.control, "running")
+
+    async def main() -> None:
+        e = FakeEdge("edge-x", 9, {1: 8 * MiB, 2: 4 * MiB})
+        assert await e.connect(a.cfg.listen)
+        e.write(1, 1, 0, b"A" * 4096)          # seq 1: A over [0, 4K)
+        e.write(1, 2, 0, b"B" * 8192)          # seq 2: B over [0, 8K)
+        await e.wait_acked(1, 2)
+        e.close()
+        # the Edge crashed before it saw the ack and resends both, then a new write
+        e2 = FakeEdge("edge-x", 9, {1: 8 * MiB, 2: 4 * MiB})
+        assert await e2.connect(a.cfg.listen)
+        assert e2.welcome is not None and e2.welcome.applied[1] == (9, 2)
+        e2.write(1, 1, 0, b"A" * 4096)
+        e2.write(1, 2, 0, b"B" * 8192)
+        e2.write(1, 3, 8192, b"C" * 512)
+        await e2.wait_acked(1, 3)
+        e2.close()
+
+    asyncio.run(main())
+    want = b"B" * 8192 + b"C" * 512
+    assert a.lun_bytes(1)[:len(want)] == want
+    assert b.lun_bytes(1)[:len(want)] == want
+
+
+def test_core_refuses_edge_with_wrong_lun_size(pair) -> None:  # type: ignore[no-untyped-def]
+    a, _ = pair
+
+    async def main() -> None:
+        e = FakeEdge("edge-bad", 1, {1: 16 * MiB})
+        assert not await e.connect(a.cfg.listen)
+        assert e.refused is not None and e.refused.code == "lun-size-mismatch"
+        assert "16777216" in e.refused.reason and "8388608" in e.refused.reason
+
+    asyncio.run(main())
+    assert '"edge_refused"' in a.log_events() and "lun-size-mismatch" in a.log_events()
+    # and it keeps serving a good Edge
+    asyncio.run(_one_good_write(a.cfg.listen))
+
+
+async def _one_good_write(addr: tuple[str, int]) -> None:
+    e = FakeEdge("edge-good", 5, {1: 8 * MiB})
+    assert await e.connect(addr)
+    e.write(1, 1, 0, b"g" * 512)
+    await e.wait_acked(1, 1)
+    e.close()
+
+
+def test_secondary_refuses_edges(pair) -> None:  # type: ignore[no-untyped-def]
+    _, b = pair
+
+    async def main() -> None:
+        e = FakeEdge("edge-x", 1, {1: 8 * MiB})
+        assert not await e.connect(b.cfg.listen)
+        assert e.refused is not None and e.refused.code == "not-primary"
+        assert "secondary" in e.refused.reason
+
+    asyncio.run(main())
+    assert "not-primary" in b.log_events()
+
+
+def test_replica_smaller_than_primary_is_refused(tmp_path: Path) -> None:
+    a, b = make_cores(tmp_path, {1: 8 * MiB}, replica_luns={1: 4 * MiB})
+    a.start()
+    b.start()
+    try:
+        import time
+
+        time.sleep(1.0)
+        st = control.call(a.cfg.control, "status")
+        assert st["replication"] == "paused"
+        assert "replica-size" in b.log_events()
+    finally:
+        a.kill()
+        b.kill()
+
+
+def test_garbage_on_core_port_drops_only_that_connection(pair) -> None:  # type: ignore[no-untyped-def]
+    a, _ = pair
+    _wait_repl(a.cfg.control, "running")
+
+    async def main() -> None:
+        r, w = await asyncio.open_connection(*a.cfg.listen)
+        w.write(b"GET / HTTP/1.0\r\n\r\n" * 3)
+        await w.drain()
+        assert await asyncio.wait_for(r.read(), 5) is not None  # closed by the Core
+        w.close()
+        await _one_good_write(a.cfg.listen)
+
+    asyncio.run(main())
+    assert "wire_protocol_error" in a.log_events()
+    assert control.call(a.cfg.control, "status")["replication"] == "running"

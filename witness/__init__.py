@@ -1,0 +1,1 @@
+"""Witness role: approves replication suspension for at most one Core of a pair."""
