@@ -1,0 +1,114 @@
+"""The whole write path with real processes and a real initiator (qemu-img / libiscsi)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from steelfusion.initiator import qemu_read, qemu_write
+from steelfusion.lab import Lab
+from tests.conftest import tool
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
+MiB = 1 << 20
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "steelfusion.cli", *args], capture_output=True,
+                          text=True, timeout=120, check=check)
+
+
+@pytest.fixture
+def lab(tmp_path: Path):  # type: ignore[no-untyped-def]
+    tool("qemu-img")
+    lab = Lab(tmp_path / "lab")
+    yield lab
+    if lab.file.exists():
+        lab.down()
+
+
+def _prefix(path: str | Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def test_qemu_image_reaches_both_cores(lab: Lab, tmp_path: Path) -> None:
+    data = lab.up(luns=1, lun_size=128 * MiB, edges=1)
+    url = data["edges"][0]["targets"][0]["url"]
+    src = tmp_path / "image.raw"
+    src.write_bytes(os.urandom(64 * MiB))
+    qemu_write(src, url)
+    back = tmp_path / "back.raw"
+    qemu_read(url, back)
+    assert _prefix(back, 64 * MiB) == src.read_bytes()
+    lab.wait_committed(timeout=120)
+    st = lab.status()
+    assert st["edges"][0]["uncommitted_bytes"] == 0
+    for core in data["cores"]:
+        assert _prefix(core["luns"]["1"], 64 * MiB) == src.read_bytes(), core["name"]
+    assert {c["name"]: c["replication"] for c in st["cores"]} == {
+        "core-a": "running", "core-b": "running"}
+
+
+def test_primary_down_then_edge_killed_nothing_lost(lab: Lab, tmp_path: Path) -> None:
+    wd = str(lab.dir)
+    up = cli("lab", "up", "--workdir", wd, "--lun-size", "64M", "--json")
+    data = json.loads(up.stdout)
+    assert {"name", "pid", "address"} <= set(data["witness"])
+    assert {"name", "pid", "control", "role", "luns"} <= set(data["cores"][0])
+    assert {"iqn", "lun", "lun_id"} <= set(data["edges"][0]["targets"][0])
+    url = data["edges"][0]["targets"][0]["url"]
+
+    cli("lab", "kill", "core-a", "--workdir", wd)
+    src = tmp_path / "while-down.raw"
+    src.write_bytes(os.urandom(8 * MiB))
+    qemu_write(src, url)  # disconnected operation: the Edge acknowledges anyway
+    st = json.loads(cli("lab", "status", "--workdir", wd, "--json").stdout)
+    assert st["edges"][0]["uncommitted_bytes"] >= 8 * MiB
+    cores = {c["name"]: c for c in st["cores"]}
+    assert cores["core-a"]["running"] is False and cores["core-b"]["role"] == "secondary"
+
+    cli("lab", "kill", "edge-1", "--workdir", wd)  # crash with everything uncommitted
+    cli("lab", "start", "core-a", "--workdir", wd)
+    cli("lab", "start", "edge-1", "--workdir", wd)
+    cli("lab", "wait-committed", "--workdir", wd, "--timeout", "120")
+    for core in data["cores"]:
+        assert _prefix(core["luns"]["1"], 8 * MiB) == src.read_bytes(), core["name"]
+    back = tmp_path / "back.raw"
+    qemu_read(url, back)
+    assert _prefix(back, 8 * MiB) == src.read_bytes()
+    out = cli("lab", "status", "--workdir", wd).stdout
+    assert "replication=running" in out
+    cli("lab", "down", "--workdir", wd)
+    assert not any(Lab(wd).status()["edges"][0]["running"] for _ in [0])
+
+
+def test_malformed_pdu_costs_only_its_connection(lab: Lab, tmp_path: Path) -> None:
+    data = lab.up(luns=1, lun_size=16 * MiB, edges=1)
+    edge = data["edges"][0]
+    url = edge["targets"][0]["url"]
+    host, port = edge["portal"].rsplit(":", 1)
+    src = tmp_path / "a.raw"
+    src.write_bytes(os.urandom(4 * MiB))
+    qemu_write(src, url)
+    # a BHS with an undefined opcode, then garbage
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(bytes([0x3F]) + b"\xff" * 47 + os.urandom(100))
+        s.settimeout(5)
+        try:
+            while s.recv(4096):
+                pass
+        except (ConnectionResetError, TimeoutError):
+            pass
+    back = tmp_path / "b.raw"
+    qemu_read(url, back)
+    assert _prefix(back, 4 * MiB) == src.read_bytes()
+    time.sleep(0.2)
+    assert "iscsi_protocol_error" in Path(edge["log"]).read_text()
