@@ -40,7 +40,7 @@ def test_crash_replay_resends_in_order(tmp_path: Path) -> None:
     bs = _bs(tmp_path)
     rng = random.Random(1)
     written = []
-    for i in range(300):
+    for _ in range(300):
         lun = rng.choice([1, 2])
         off = rng.randrange(0, (8 * MiB) // 512 - 16) * 512
         data = rng.randbytes(rng.choice([512, 4096, 8192]))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from steelfusion import control
-from tests.nodes import MiB, FakeEdge, make_cores
+from tests.nodes import FakeEdge, MiB, make_cores
 
 pytestmark = pytest.mark.timeout(120)
 
