@@ -42,3 +42,6 @@ lint: install
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
+
+bench: install
+	$(PY) -m steelfusion.cli bench

@@ -23,6 +23,8 @@ from steelfusion.units import format_addr
 
 _log = log.get("edge")
 
+RECORD_MAX = 512 * 1024
+
 
 class EdgeLun:
     """One exported LUN: the :class:`edge.backends.BlockBackend` the SCSI layer drives."""
@@ -43,11 +45,17 @@ class EdgeLun:
         self.read_misses = 0
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
-        """Stored in the write reserve as uncommitted, then acknowledged (DESIGN step 1)."""
+        """Stored in the write reserve as uncommitted, then acknowledged (DESIGN step 1).
+
+        A host write larger than :data:`RECORD_MAX` becomes several records (the
+        seed's replication payloads are "as large as 512 KB").
+        """
         n = len(data)
         await self.bs.reserve(n)
         try:
-            self.bs.append(self.lun_id, offset, data)
+            view = memoryview(data)
+            for pos in range(0, n, RECORD_MAX):
+                self.bs.append(self.lun_id, offset + pos, view[pos:pos + RECORD_MAX])
         except BaseException:
             self.bs.unreserve(n)
             raise
@@ -111,7 +119,7 @@ class Edge:
         targets = [IscsiTargetConfig(iqn=t.iqn, luns={lu.lun: self.luns[lu.lun_id] for lu in t.luns},
                                      alias=t.alias) for t in self.cfg.targets]
         host, port = self.cfg.portal
-        self.target = IscsiTarget(host, port, targets, advertise=self.cfg.advertise)
+        self.target = IscsiTarget(targets, host, port, portal_address=self.cfg.advertise)
         await self.target.start()
         self._control = await control.serve(*self.cfg.control, self._handlers())
         if self.cfg.witness:
@@ -150,8 +158,7 @@ class Edge:
                         for t in self.cfg.targets],
             "luns": {str(lid): {"reads": lu.reads, "read_misses": lu.read_misses}
                      for lid, lu in self.luns.items()},
-            "iscsi": self.target.status() if self.target is not None and hasattr(
-                self.target, "status") else {},
+            "iscsi": {"connections": self.target.connections if self.target is not None else 0},
             "uptime_s": round(time.time() - self.started, 1),
         }
 

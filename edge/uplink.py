@@ -187,29 +187,38 @@ class CoreUplink:
         while True:
             await self._kick.wait()
             self._kick.clear()
-            link = self.link
-            if link is None or not link.established:
-                continue
-            batch: list[Message] = []
-            size = 0
-            while (self.send_q and self.inflight_bytes < self.cfg.window_bytes
-                   and size < BATCH_BYTES):
-                rec = self.send_q.popleft()
-                if rec.seq <= self.bs.committed_seq.get(rec.lun, 0):
-                    continue  # committed meanwhile
-                data = self.bs.data_of(rec)
-                batch.append(Write(rec.lun, 0, self.bs.stream, rec.seq, rec.offset, data))
-                rec.sent = True
-                self.inflight_bytes += rec.length
-                size += rec.length
-            if batch:
-                link.send_many(batch)
-                self.writes_sent += len(batch)
-                self.bytes_sent += size
-                if not link.writable:
-                    await link.drain()
-                if self.send_q and self.inflight_bytes < self.cfg.window_bytes:
-                    self._kick.set()
+            try:
+                await self._pump_once()
+            except Exception as e:  # never let shipping die silently
+                _log.exception("uplink_pump_failed", error=str(e))
+                if self.link is not None:
+                    self.link.abort(f"uplink error: {e}")
+                await asyncio.sleep(0.5)
+
+    async def _pump_once(self) -> None:
+        link = self.link
+        if link is None or not link.established:
+            return
+        batch: list[Message] = []
+        size = 0
+        while (self.send_q and self.inflight_bytes < self.cfg.window_bytes
+               and size < BATCH_BYTES):
+            rec = self.send_q.popleft()
+            if rec.seq <= self.bs.committed_seq.get(rec.lun, 0):
+                continue  # committed meanwhile
+            data = self.bs.data_of(rec)
+            batch.append(Write(rec.lun, 0, self.bs.stream, rec.seq, rec.offset, data))
+            rec.sent = True
+            self.inflight_bytes += rec.length
+            size += rec.length
+        if batch:
+            link.send_many(batch)
+            self.writes_sent += len(batch)
+            self.bytes_sent += size
+            if not link.writable:
+                await link.drain()
+            if self.send_q and self.inflight_bytes < self.cfg.window_bytes:
+                self._kick.set()
 
     # -- reads ---------------------------------------------------------------------------
     async def read(self, lun: int, offset: int, length: int) -> bytes:

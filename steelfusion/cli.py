@@ -261,5 +261,26 @@ def demo(workdir: str | None, size: int, lun_size: int, keep: bool) -> None:
     sys.exit(run_demo(workdir, size, lun_size, keep))
 
 
+@main.command()
+@click.option("--workdir", default=None, type=click.Path(file_okay=False))
+@click.option("--rounds", default=3, show_default=True, help="Alternating A/B rounds.")
+@click.option("--quick", is_flag=True, help="A short smoke run (1/20 of the I/O).")
+@click.option("--lun-size", default="1G", show_default=True, type=SIZE)
+@click.option("--workload", "only", multiple=True,
+              help="Run only this workload (repeatable), e.g. '4K write QD32'.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(workdir: str | None, rounds: int, quick: bool, lun_size: int, only: tuple[str, ...],
+          as_json: bool) -> None:
+    """qemu-img bench against a lab Edge (with replication) and tgt, side by side."""
+    from steelfusion.bench import main as bench_main
+    from steelfusion.initiator import InitiatorError
+    from steelfusion.lab import LabError
+
+    try:
+        sys.exit(bench_main(workdir, rounds, quick, lun_size, as_json, list(only) or None))
+    except (InitiatorError, LabError) as e:
+        raise click.ClickException(str(e)) from None
+
+
 if __name__ == "__main__":
     main()
