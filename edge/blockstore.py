@@ -388,6 +388,7 @@ class Blockstore:
         self.state_path = self.dir / "state.json"
         st = self._load_state()
         self.stream: int = st["stream"]
+        self.epoch: int = int(st.get("epoch", 0))  # newest Core epoch seen (stale primaries refused)
         self.lease: dict[int, int] = {int(k): v for k, v in st.get("lease", {}).items()}
         self.next_seq: dict[int, int] = {lun: self.lease.get(lun, 0) + 1 for lun in self.luns}
         self.log = WriteLog(self.dir / "wal")
@@ -428,9 +429,18 @@ class Blockstore:
                 self.lease[lun] = nxt + SEQ_LEASE
                 changed = True
         if changed:
-            atomic_write(self.state_path, json.dumps(
-                {"version": 1, "stream": self.stream,
-                 "lease": {str(k): v for k, v in self.lease.items()}}).encode())
+            self._save_state()
+
+    def _save_state(self) -> None:
+        atomic_write(self.state_path, json.dumps(
+            {"version": 1, "stream": self.stream, "epoch": self.epoch,
+             "lease": {str(k): v for k, v in self.lease.items()}}).encode())
+
+    def see_epoch(self, epoch: int) -> None:
+        """Remember the newest replication epoch seen, durably, before trusting that Core."""
+        if epoch > self.epoch:
+            self.epoch = epoch
+            self._save_state()
 
     def _replay(self) -> None:
         records = self.log.replay()

@@ -51,7 +51,6 @@ class CoreUplink:
         self.link: Link | None = None  # the primary's data connection
         self.primary_name: str | None = None
         self.primary_addr: tuple[str, int] | None = None
-        self.epoch = 0
         self.connected = asyncio.Event()
         self.send_q: deque[Record] = deque()
         self.inflight_bytes = 0
@@ -90,7 +89,7 @@ class CoreUplink:
             delay = min(delay * 2, 2.0)
 
     async def _try_core(self, addr: tuple[str, int]) -> Link | None:
-        hello = Hello(self.cfg.name, "edge", "edge", self.epoch, dict(self.luns),
+        hello = Hello(self.cfg.name, "edge", "edge", self.bs.epoch, dict(self.luns),
                       {"stream": self.bs.stream})
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
 
@@ -121,11 +120,22 @@ class CoreUplink:
             link.close("refused")
             return None
         assert isinstance(answer, Welcome)
+        if answer.epoch < self.bs.epoch:
+            # DESIGN invariant 2: a stale primary (older epoch) is refused by Edges.
+            key = format_addr(addr)
+            reason = (f"Core {answer.node} claims primary at epoch {answer.epoch}, but epoch "
+                      f"{self.bs.epoch} was already seen")
+            if self.refusals.get(key, {}).get("code") != "stale-primary":
+                _log.error("stale_primary_refused", core=answer.node, address=key,
+                           epoch=answer.epoch, seen_epoch=self.bs.epoch)
+            self.refusals[key] = {"code": "stale-primary", "reason": reason}
+            link.close("stale primary")
+            return None
+        self.bs.see_epoch(answer.epoch)
         self.refusals.pop(format_addr(addr), None)
         self.link = link
         self.primary_name = answer.node
         self.primary_addr = addr
-        self.epoch = max(self.epoch, answer.epoch)
         self.connects += 1
         # Resend everything uncommitted, in the hosts' acknowledgement order.
         self.send_q = deque(self.bs.uncommitted())
@@ -254,7 +264,7 @@ class CoreUplink:
         return {"connected": self.link is not None and self.link.established,
                 "core": self.primary_name,
                 "address": format_addr(self.primary_addr) if self.primary_addr else None,
-                "epoch": self.epoch, "inflight_bytes": self.inflight_bytes,
+                "epoch": self.bs.epoch, "inflight_bytes": self.inflight_bytes,
                 "queued_writes": len(self.send_q), "connects": self.connects,
                 "writes_sent": self.writes_sent, "bytes_sent": self.bytes_sent,
                 "refusals": self.refusals,
