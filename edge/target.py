@@ -1,0 +1,437 @@
+"""The Edge's iSCSI target: a thin asyncio adapter over ``edge.iscsi_session``.
+
+All protocol logic lives in :class:`edge.iscsi_session.TargetConnection`;
+this module only moves bytes between it and a TCP transport, runs each SCSI
+command as its own asyncio task (so a slow read never blocks the loop or
+other commands), and keeps one connection's failure from touching any other:
+an :class:`IscsiProtocolError` logs ``iscsi_protocol_error`` and drops only
+that connection.
+
+Run standalone for manual tests::
+
+    python -m edge.target --file /tmp/lun0.img --size 64M --port 3260 \\
+        --iqn iqn.2024-01.io.steelfusion:edge
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import socket
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from edge import scsi
+from edge.backends import BlockBackend, FileBackend
+from edge.iscsi_session import (
+    Authenticator,
+    CloseConnection,
+    LoginComplete,
+    LogoutComplete,
+    ScsiCommandReady,
+    SessionConfig,
+    TargetConnection,
+    TargetInfo,
+    TasksAborted,
+)
+from steelfusion import log
+from steelfusion.iscsi.pdu import Buffer, IscsiProtocolError
+from steelfusion.iscsi.text import TargetLimits
+
+ISCSI_PORT = 3260
+
+
+@dataclass
+class TargetConfig:
+    """One iSCSI target node: its IQN, its LUNs and an optional alias."""
+
+    iqn: str
+    luns: dict[int, BlockBackend]
+    alias: str | None = None
+    vendor: str = "STEELFUS"
+    product: str = "Edge LUN"
+    max_transfer_bytes: int = 8 * 1024 * 1024
+    read_only: bool = False
+    logical_units: dict[int, scsi.LogicalUnit] = field(default_factory=dict, repr=False)
+
+
+def portal_with_port(address: str, port: int) -> str:
+    """"host", "host:port", "v6::addr" or "[v6::addr]:port" → "host:port"
+    with IPv6 literals bracketed, as TargetAddress wants (RFC 7143 §13.8)."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        p = rest[1:] if rest.startswith(":") and rest[1:] else str(port)
+        return f"[{host}]:{p}"
+    if address.count(":") > 1:
+        return f"[{address}]:{port}"
+    host, sep, p = address.partition(":")
+    return f"{host}:{p if sep and p and p != '0' else port}"
+
+
+def _fmt_addr(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)
+
+
+class IscsiTarget:
+    """An iSCSI target portal serving one or more :class:`TargetConfig`.
+
+    ``host``/``port`` is where to listen (``port=0`` picks a free port; read
+    :attr:`port` after :meth:`start`).  ``portal_address`` is the
+    "host[:port]" to advertise in SendTargets; by default each connection
+    advertises the local address it arrived on, which is right even when
+    listening on 0.0.0.0.  ``max_inflight_per_session`` bounds commands
+    executing at once per connection; the CmdSN window (``cmd_window``)
+    bounds what the initiator may queue.
+    """
+
+    def __init__(self, targets: TargetConfig | Iterable[TargetConfig], host: str = "0.0.0.0",
+                 port: int = ISCSI_PORT, *, portal_address: str | None = None,
+                 portal_group_tag: int = 1, limits: TargetLimits | None = None,
+                 cmd_window: int = 128, max_inflight_per_session: int = 128,
+                 login_timeout_s: float = 15.0,
+                 authenticator: Authenticator | None = None) -> None:
+        self.targets = [targets] if isinstance(targets, TargetConfig) else list(targets)
+        self.host = host
+        self._port = port
+        self._advertise = portal_address
+        self.portal_address: str | None = None
+        infos: dict[str, TargetInfo] = {}
+        for t in self.targets:
+            if t.iqn in infos:
+                raise ValueError(f"duplicate target {t.iqn}")
+            infos[t.iqn] = TargetInfo(t.iqn, frozenset(t.luns), t.alias)
+            t.logical_units = {
+                n: scsi.LogicalUnit(b, vendor=t.vendor, product=t.product,
+                                    max_transfer_bytes=t.max_transfer_bytes,
+                                    read_only=t.read_only)
+                for n, b in t.luns.items()}
+        max_xfer = max((t.max_transfer_bytes for t in self.targets), default=8 << 20)
+        self.session_config = SessionConfig(
+            targets=infos, limits=limits or TargetLimits(), portal_group_tag=portal_group_tag,
+            cmd_window=cmd_window, login_timeout_s=login_timeout_s,
+            max_command_bytes=max(max_xfer, 1 << 20) + 65536, authenticator=authenticator)
+        self.max_inflight_per_session = max_inflight_per_session
+        self._by_iqn = {t.iqn: t for t in self.targets}
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[_Connection] = set()
+        self._sessions: dict[tuple[str, int, str | None], _Connection] = {}
+        self._next_tsih = 1
+        self._log = log.get("iscsi")
+
+    @property
+    def port(self) -> int:
+        """The bound TCP port (the real one when constructed with port 0)."""
+        return self._port
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), self.host,
+                                                self._port, reuse_address=True, backlog=128)
+        sock = self._server.sockets[0]
+        self._port = sock.getsockname()[1]
+        if self._advertise:
+            self.portal_address = portal_with_port(self._advertise, self._port)
+        self._log.info("iscsi_target_started", host=self.host, port=self._port,
+                       targets=[t.iqn for t in self.targets])
+
+    async def serve_forever(self) -> None:
+        if self._server is None:
+            await self.start()
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        """Stop listening, drop every connection, wait for running commands."""
+        if self._server is not None:
+            self._server.close()
+        conns = list(self._connections)
+        for c in conns:
+            c.abort("target shutting down")
+        pending = [t for c in conns for t in c.tasks]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+            self._server = None
+
+    # -- bookkeeping used by connections
+
+    def _alloc_tsih(self) -> int:
+        tsih = self._next_tsih
+        self._next_tsih = tsih % 0xFFFF + 1
+        return tsih
+
+    def _register(self, conn: _Connection, key: tuple[str, int, str | None]) -> None:
+        """Session reinstatement (RFC 7143 §6.3.5): a new login with the same
+        initiator name and ISID replaces the old session."""
+        old = self._sessions.get(key)
+        self._sessions[key] = conn
+        if old is not None and old is not conn:
+            old.log.info("iscsi_session_reinstated", initiator=key[0], isid=f"{key[1]:012x}")
+            old.abort("session reinstated")
+
+    def _unregister(self, conn: _Connection) -> None:
+        self._connections.discard(conn)
+        key = conn.session_key
+        if key is not None and self._sessions.get(key) is conn:
+            del self._sessions[key]
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection: feeds bytes to a TargetConnection, runs commands."""
+
+    def __init__(self, server: IscsiTarget) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.conn: TargetConnection | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.session_key: tuple[str, int, str | None] | None = None
+        self.luns: Mapping[int, scsi.LogicalUnit] = {}
+        self.lun_ids: tuple[int, ...] = ()
+        self.closing = False
+        self.peer = "?"
+        self.log: Any = server._log
+        self._sem = asyncio.Semaphore(server.max_inflight_per_session)
+        self._flush_pending = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._close_reason = "peer closed"
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.peer = _fmt_addr(transport.get_extra_info("peername"))
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        portal = self.server.portal_address or _fmt_addr(transport.get_extra_info("sockname"))
+        self.log = log.get("iscsi").bind(peer=self.peer)
+        self.conn = TargetConnection(self.server.session_config, portal=portal,
+                                     tsih=self.server._alloc_tsih(), now=self.loop.time())
+        self.server._connections.add(self)
+        deadline = self.conn.get_timer()
+        if deadline is not None:
+            self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def data_received(self, data: bytes) -> None:
+        conn = self.conn
+        if conn is None or self.closing:
+            return
+        try:
+            events = conn.receive_data(data)
+        except IscsiProtocolError as e:
+            self.log.warning("iscsi_protocol_error", reason=str(e), reject_reason=e.reason,
+                             initiator=conn.initiator_name)
+            self._flush()
+            self._close("protocol error: " + str(e))
+            return
+        except Exception as e:
+            self.log.error("iscsi_internal_error", error=repr(e), exc_info=True)
+            self.abort("internal error")
+            return
+        if events:
+            self._handle(events)
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        conn = self.conn
+        self.closing = True
+        self.log.info("iscsi_connection_closed", reason=self._close_reason if exc is None
+                      else f"{self._close_reason}: {exc!r}",
+                      initiator=conn.initiator_name if conn else None,
+                      target=conn.target.name if conn and conn.target else None,
+                      outstanding=conn.outstanding if conn else 0)
+        if conn is not None:
+            conn.close()
+        self.server._unregister(self)
+
+    def pause_writing(self) -> None:
+        # The initiator is not reading: stop reading its requests too, so
+        # output cannot pile up without bound.
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.transport.resume_reading()
+
+    # -- events
+
+    def _handle(self, events: list[Any]) -> None:
+        for ev in events:
+            t = type(ev)
+            if t is ScsiCommandReady:
+                task = self.loop.create_task(self._run(ev))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
+            elif t is LoginComplete:
+                self._logged_in(ev)
+            elif t is LogoutComplete:
+                self.log.info("iscsi_logout", reason=ev.reason,
+                              initiator=self.conn.initiator_name if self.conn else None)
+                self._flush()
+                self._close("logout")
+            elif t is CloseConnection:
+                self._flush()
+                self._close(ev.reason)
+            elif t is TasksAborted:
+                self.log.info("iscsi_tasks_aborted", task_tags=list(ev.task_tags))
+
+    def _logged_in(self, ev: LoginComplete) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        target = self.server._by_iqn.get(ev.target_name) if ev.target_name else None
+        if target is not None:
+            self.luns = target.logical_units
+            self.lun_ids = tuple(sorted(target.logical_units))
+        p = ev.params
+        self.log = self.log.bind(initiator=ev.initiator_name, target=ev.target_name)
+        self.log.info("iscsi_login", session_type=ev.session_type, tsih=ev.tsih,
+                      isid=f"{ev.isid:012x}", header_digest=p.header_digest,
+                      data_digest=p.data_digest, mrdsl=p.max_recv_data_segment_length,
+                      max_burst=p.max_burst_length, first_burst=p.first_burst_length,
+                      initial_r2t=p.initial_r2t, immediate_data=p.immediate_data)
+        if ev.session_type == "Normal":
+            self.session_key = (ev.initiator_name, ev.isid, ev.target_name)
+            self.server._register(self, self.session_key)
+
+    async def _run(self, ev: ScsiCommandReady) -> None:
+        """Execute one SCSI command and queue its response."""
+        async with self._sem:
+            if self.closing:
+                # The connection died while this command waited for a slot:
+                # do not run it, so a stale write cannot land after the
+                # initiator has retried it elsewhere.
+                return
+            try:
+                result = await scsi.execute(self.luns.get(ev.lun), ev.cdb, ev.data, self.lun_ids)
+            except Exception as e:
+                self.log.error("scsi_execute_failed", error=repr(e), exc_info=True)
+                result = scsi.check_condition(scsi.SenseKey.HARDWARE_ERROR, 0x44, 0x00)
+        conn = self.conn
+        if conn is None or self.closing:
+            return
+        events = conn.complete(ev.task_tag, result.status, result.data, result.sense,
+                               result.transfer_length)
+        if events:
+            self._handle(events)
+        if not self._flush_pending:
+            # Batch the responses of every command finishing in this loop
+            # iteration into one writelines.
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        conn, transport = self.conn, self.transport
+        if conn is None or transport is None or transport.is_closing():
+            return
+        parts: list[Buffer] = conn.data_to_send()
+        if parts:
+            transport.writelines(parts)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.conn is None or self.closing:
+            return
+        events = self.conn.handle_timer(self.loop.time())
+        if events:
+            self._handle(events)
+        else:
+            deadline = self.conn.get_timer()
+            if deadline is not None:
+                self._timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _close(self, reason: str) -> None:
+        """Close after flushing what is queued."""
+        if self.closing:
+            return
+        self.closing = True
+        self._close_reason = reason
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now, discarding queued output."""
+        self.closing = True
+        self._close_reason = reason
+        if self.conn is not None:
+            self.conn.close()
+        if self.transport is not None:
+            self.transport.abort()
+
+
+# --------------------------------------------------------------------------- standalone mode
+
+
+def parse_size(text: str) -> int:
+    """'64M', '1G', '512K', '4096' → bytes (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+async def _main_async(args: argparse.Namespace) -> None:
+    backend = FileBackend(args.file, parse_size(args.size) if args.size else None,
+                          block_size=args.block_size)
+    target = IscsiTarget(TargetConfig(args.iqn, {0: backend}, alias=args.alias),
+                         host=args.host, port=args.port, portal_address=args.portal_address)
+    await target.start()
+    print(f"iscsi://{args.portal_address or '127.0.0.1'}:{target.port}/{args.iqn}/0",
+          file=sys.stderr, flush=True)
+    try:
+        await target.serve_forever()
+    finally:
+        await target.close()
+        backend.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m edge.target",
+                                 description="Serve a file as an iSCSI LUN 0.")
+    ap.add_argument("--file", required=True, help="backing file or block device")
+    ap.add_argument("--size", help="create/extend the file to this size (e.g. 64M)")
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--port", type=int, default=ISCSI_PORT)
+    ap.add_argument("--iqn", default="iqn.2024-01.io.steelfusion:edge")
+    ap.add_argument("--alias", default=None)
+    ap.add_argument("--portal-address", default=None,
+                    help="host[:port] to advertise in SendTargets")
+    ap.add_argument("--block-size", type=int, default=512)
+    ap.add_argument("--log-file", default=None)
+    ap.add_argument("--log-level", default="info")
+    ap.add_argument("--no-uvloop", action="store_true")
+    args = ap.parse_args(argv)
+    log.setup("edge-target", args.log_file, level=args.log_level)
+    run: Any = asyncio.run
+    if not args.no_uvloop:
+        try:
+            import uvloop
+
+            run = uvloop.run
+        except ImportError:
+            pass
+    with contextlib.suppress(KeyboardInterrupt):
+        run(_main_async(args))
+
+
+if __name__ == "__main__":
+    main()
