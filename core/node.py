@@ -4,23 +4,31 @@ Write path (seed 002, "SteelFusion replication design overview", steps 1-5):
 
 1. an Edge's WRITE arrives on its link (``_on_edge_write``), in the Edge's
    write order for that LUN;
-2. the primary applies it to the backend (:class:`core.lunstore.LunStore`)
-   and queues a copy for the secondary (:meth:`Core._mirror`);
+2. the primary notes the regions in the journal's activity log (DESIGN
+   invariant 5), applies the write to the backend
+   (:class:`core.lunstore.LunStore`) and queues a copy for the secondary;
 3. the backend write becomes durable with the next group commit;
 4. the secondary applies the copy, makes it durable and ACKs;
 5. the primary ACKs the Edge (cumulatively) only when both are durable
    (:meth:`Core._progress`).
 
-When the secondary is unreachable the primary is *paused*: writes keep being
-applied and queued up to the mirror window, none is acknowledged, and once the
-window is full the Edges' connections stop being read, so the Edges buffer.
-When the link returns, the queue is resent and acks flow again by themselves.
+Replication states (:mod:`core.replication`): when the secondary is
+unreachable the primary is *paused* — writes keep being applied and queued
+up to the mirror window, none is acknowledged, and once the window is full
+the Edges' connections stop being read, so the Edges buffer. When the link
+returns, the queue is resent and acks flow again by themselves.
+*Suspended* (Witness-approved) writes are journaled and acknowledged after
+the journal write; *resume* resyncs the journaled regions (128 KiB payloads,
+seed "replication metrics") while new writes are mirrored. *Failover* makes
+the secondary primary (suspended, epoch + 1) when neither it nor the Witness
+can reach the primary; a primary that learns a newer epoch becomes secondary.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -30,13 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from core.lunstore import AppliedState, LunError, LunStore
-from journal import JournalError, check_journal
+from core.replication import Effect, Event, Refused, Rep, State, initial, step
 from steelfusion import control, log
 from steelfusion.atomic import atomic_write
 from steelfusion.config import CoreConfig
 from steelfusion.link import Link, dial, listen
-from steelfusion.units import format_addr
+from steelfusion.units import format_addr, format_size
 from steelfusion.wire import (
     Ack,
     Control,
@@ -54,6 +64,10 @@ from steelfusion.wire import (
 _log = log.get("core")
 
 GIB = 1 << 30
+RESYNC_STREAM = 2**64 - 1  # acks of resync payloads travel on this stream id
+RESYNC_CHUNK = 128 * 1024  # seed: initial synchronization payloads are 128 KB
+RESYNC_WINDOW = 16 << 20
+VERIFY_BATCH = 64  # regions per hash request
 
 
 @dataclass(slots=True)
@@ -68,12 +82,38 @@ class LunPipe:
     upstream: Link | None = None  # the Edge (primary) or the primary's mirror link (secondary)
     waiting: deque[int] = field(default_factory=deque)  # upstream seqs not yet acked
     acked_seq: int = 0
+    gate: deque[tuple[int, Write]] = field(default_factory=deque)  # (journal ticket, write)
+    jlimit: int = 0  # suspended: highest seq whose journal records are durable
+    jpending: tuple[int, int] | None = None  # (journal ticket, seq) for queue-to-journal
     mirror_q: deque[Write] = field(default_factory=deque)  # copies the peer has not acked
     mirror_bytes: int = 0
     mirror_acked: int = 0  # peer's durable seq in ``stream``
     mirror_link: Link | None = None  # sticky, so one LUN's copies never race on two links
+    # resync (primary side)
+    resync_regions: deque[int] = field(default_factory=deque)
+    resync_inflight: deque[tuple[int, int, bool, int]] = field(default_factory=deque)
+    resync_bytes: int = 0
+    rseq: int = 0
+    # resync (secondary side): (store counter, rseq, link)
+    resync_issued: deque[tuple[int, int, Link]] = field(default_factory=deque)
     writes: int = 0
     bytes_written: int = 0
+
+
+@dataclass(slots=True)
+class Progress:
+    total: int = 0
+    done: int = 0
+    started: float = 0.0
+
+    def view(self) -> dict[str, Any]:
+        el = max(1e-6, time.monotonic() - self.started)
+        rate = self.done / el
+        left = max(0, self.total - self.done)
+        return {"bytes_done": self.done, "bytes_total": self.total,
+                "percent": round(100 * self.done / self.total, 1) if self.total else 100.0,
+                "rate_bytes_s": round(rate), "eta_s": round(left / rate, 1) if rate > 0 else None,
+                "elapsed_s": round(el, 1)}
 
 
 class Core:
@@ -84,12 +124,13 @@ class Core:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = self.state_dir / "core-state.json"
         st = self._load_state()
-        self.role: str = st.get("role", cfg.role)
-        self.epoch: int = int(st.get("epoch", 1))
-        self._save_state()
+        self.rep = self._restart_rep(st)
+        self.peer_synced = bool(st.get("synced", not cfg.initial_sync))
+        self.events: deque[dict[str, Any]] = deque(maxlen=2000)
+        self._event_no = 0
+        self.alarms: dict[str, dict[str, Any]] = {}
         self.applied = AppliedState(self.state_dir / "applied.state")
         self.pipes: dict[int, LunPipe] = {}
-        self.alarms: dict[str, dict[str, Any]] = {}
         if self.applied.corrupt_slots:
             self.raise_alarm("applied_state_corrupt", f"{self.applied.corrupt_slots} slot(s) of "
                              "applied.state failed their CRC; resent writes will be re-applied")
@@ -97,30 +138,35 @@ class Core:
             store = LunStore(lc.id, lc.path, lc.size)
             stream, seq = self.applied.get(lc.id)
             self.pipes[lc.id] = LunPipe(store, stream=stream, applied_seq=seq, durable_seq=seq,
-                                        acked_seq=seq)
+                                        acked_seq=seq, jlimit=seq)
             store.on_durable(lambda target, lun=lc.id: self._on_durable(lun, target))
+        self.journal: Any = None
         self.replication_enabled = cfg.peer is not None
         if cfg.journal_path:
-            try:
-                check_journal(cfg.journal_path, cfg.journal_size, len(cfg.luns))
-            except JournalError as e:
-                self.raise_alarm("journal", str(e))
-                self.replication_enabled = False
-                _log.error("replication_service_not_started", reason=str(e))
+            self._open_journal()
+        self._save_state()
         self.edge_links: set[Link] = set()
         self.peer_out: dict[int, Link] = {}  # dialler index -> established link to peer
         self.peer_in: set[Link] = set()
         self.mirror_in: set[Link] = set()
-        self.witness_link: Link | None = None
         self.peer_info: dict[str, Any] = {}
+        self.witness: Any = None
+        self.resync = Progress()
+        self.verify_last: dict[str, Any] | None = None
+        self.diverged: dict[int, list[int]] = {}  # regions to hand to the new primary
+        self._peer_up = False
+        self._resync_task: asyncio.Task[None] | None = None
+        self._resync_wake = asyncio.Event()
+        self._rpc_no = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._diallers: list[asyncio.Task[None]] = []
         self._server: asyncio.AbstractServer | None = None
         self._control: asyncio.AbstractServer | None = None
         self._reading_paused = False
         self.started = time.time()
         self.stopping = asyncio.Event()
 
-    # -- persistent role/epoch ----------------------------------------------------
+    # -- persistent role/state/epoch ------------------------------------------------
     def _load_state(self) -> dict[str, Any]:
         try:
             data = json.loads(self.state_file.read_text())
@@ -130,9 +176,54 @@ class Core:
         except ValueError as e:
             raise LunError(f"{self.state_file}: unreadable state file: {e}") from None
 
+    def _restart_rep(self, st: dict[str, Any]) -> Rep:
+        role = st.get("role", self.cfg.role)
+        epoch = int(st.get("epoch", 1))
+        rep = initial(role, self.cfg.peer is not None, epoch)
+        try:
+            saved = State(st.get("state", rep.state.value))
+        except ValueError:
+            saved = rep.state
+        # A restart keeps what must survive: suspension (the journal holds its regions and the
+        # Witness its approval), inconsistency, termination. Link states start over.
+        if role == "primary" and saved is State.RESYNCING:
+            saved = State.SUSPENDED
+        if saved in (State.SUSPENDED, State.TERMINATED, State.INCONSISTENT):
+            return Rep(role, saved, epoch)
+        return rep
+
     def _save_state(self) -> None:
-        atomic_write(self.state_file, json.dumps({"role": self.role, "epoch": self.epoch,
-                                                  "name": self.name}).encode())
+        atomic_write(self.state_file, json.dumps({
+            "role": self.rep.role, "state": self.rep.state.value, "epoch": self.rep.epoch,
+            "name": self.name, "synced": self.peer_synced}).encode())
+
+    @property
+    def role(self) -> str:
+        return self.rep.role
+
+    @property
+    def epoch(self) -> int:
+        return self.rep.epoch
+
+    def _open_journal(self) -> None:
+        from journal.errors import JournalError
+        from journal.journal import Journal
+
+        try:
+            self.journal = Journal.open(self.cfg.journal_path,
+                                        {lu.id: p.store.size for lu, p in
+                                         zip(self.cfg.luns, self.pipes.values(), strict=True)},
+                                        size=self.cfg.journal_size)
+        except (JournalError, ValueError, OSError) as e:
+            alarm = getattr(e, "alarm", "journal_error")
+            self.raise_alarm(alarm, str(e))
+            self.replication_enabled = False
+            _log.error("replication_service_not_started", alarm=alarm, reason=str(e))
+            return
+        self.journal.on_durable(self._on_journal_durable)
+        crashed = {lun: int(self.journal.crashed_al_regions(lun).size) for lun in self.pipes}
+        if any(crashed.values()):
+            self.event("journal_crash_regions", regions=crashed)
 
     def raise_alarm(self, key: str, message: str) -> None:
         if key not in self.alarms:
@@ -143,6 +234,14 @@ class Core:
         if self.alarms.pop(key, None) is not None:
             _log.info("alarm_cleared", alarm=key)
 
+    def event(self, name: str, **kv: Any) -> None:
+        """A state change: logged, and kept for ``coredr events`` (like DRBD's events2)."""
+        self._event_no += 1
+        ev = {"n": self._event_no, "time": time.time(), "event": name, "node": self.name,
+              "role": self.rep.role, "state": self.rep.state.value, "epoch": self.rep.epoch, **kv}
+        self.events.append(ev)
+        _log.info(name, **{k: v for k, v in ev.items() if k not in ("n", "time", "event", "node")})
+
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
         host, port = self.cfg.listen
@@ -150,21 +249,33 @@ class Core:
                                     name="core-listen", ping_interval=self.cfg.ping_interval,
                                     dead_after=self.cfg.dead_after)
         self._control = await control.serve(*self.cfg.control, self._control_handlers())
-        if self.cfg.peer and self.replication_enabled:
+        self._start_diallers()
+        if self.cfg.witness:
+            from witness.client import WitnessClient
+
+            self.witness = WitnessClient(self.cfg.witness, self.name, self.role, self.cfg.pair,
+                                         lambda: self.epoch)
+            self._tasks.append(asyncio.create_task(self.witness.start()))
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+        self.event("core_started", listen=format_addr(self.cfg.listen),
+                   control=format_addr(self.cfg.control), luns=sorted(self.pipes),
+                   peer=format_addr(self.cfg.peer) if self.cfg.peer else None)
+
+    def _start_diallers(self) -> None:
+        if self.cfg.peer and self.replication_enabled and self.rep.state is not State.TERMINATED:
             for i, iface in enumerate(self.cfg.interfaces):
                 for j in range(2):  # seed: two TCP replication connections per interface
                     idx = 2 * i + j
-                    self._tasks.append(asyncio.create_task(self._peer_dialler(idx, iface)))
-        if self.cfg.witness:
-            self._tasks.append(asyncio.create_task(self._witness_dialler()))
-        self._tasks.append(asyncio.create_task(self._housekeeping()))
-        _log.info("core_started", role=self.role, epoch=self.epoch, listen=format_addr(self.cfg.listen),
-                  control=format_addr(self.cfg.control), luns=sorted(self.pipes),
-                  peer=format_addr(self.cfg.peer) if self.cfg.peer else None)
+                    self._diallers.append(asyncio.create_task(self._peer_dialler(idx, iface)))
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        for t in [*self._tasks, *self._diallers]:
             t.cancel()
+        if self._resync_task is not None:
+            self._resync_task.cancel()
+        if self.witness is not None:
+            with contextlib.suppress(Exception):
+                await self.witness.stop()
         for srv in (self._server, self._control):
             if srv is not None:
                 srv.close()
@@ -174,61 +285,139 @@ class Core:
             with contextlib.suppress(OSError):
                 p.store.close()
         self.applied.close()
+        if self.journal is not None:
+            with contextlib.suppress(Exception):
+                self.journal.close(clean=not any(p.mirror_q for p in self.pipes.values()))
         _log.info("core_stopped")
 
     async def _housekeeping(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.5)
             with contextlib.suppress(OSError):
-                await asyncio.get_running_loop().run_in_executor(None, self.applied.sync)
+                await loop.run_in_executor(None, self.applied.sync)
+            w = self.witness
+            if w is not None and w.connected and w.pair_epoch > self.epoch \
+                    and self.role == "primary":
+                self._demote(w.pair_epoch, "the Witness knows a newer epoch")
+            if self.journal is not None and any(p.gate or p.jpending for p in self.pipes.values()):
+                self.journal.request_commit()
+            if self.rep.state is State.SUSPENDED:
+                if w is not None and not w.lease_valid():
+                    self.raise_alarm("witness_lease", "suspended without a live Witness lease: "
+                                     "Edge writes are not acknowledged until the Witness answers")
+                else:
+                    self.clear_alarm("witness_lease")
+                self._progress_all()
+            if self.journal is not None and self.journal.failed is not None:
+                f = self.journal.failed
+                self.raise_alarm(getattr(f, "alarm", "journal_offline"), str(f))
+            if self.journal is not None:
+                with contextlib.suppress(Exception):
+                    self.journal.refresh_size()
 
-    # -- state ------------------------------------------------------------------
+    # -- replication state ----------------------------------------------------------
+    @property
+    def replication(self) -> str:
+        if self.role == "primary" and not self.cfg.peer:
+            return "standalone"
+        if self.role == "primary" and not self.replication_enabled:
+            return "disabled"
+        return self.rep.state.value
+
+    def _fire(self, ev: Event, *, force: bool = False, **kv: Any) -> bool:
+        """Step the state machine and carry out its effects; False if the table refuses."""
+        try:
+            nxt, effects = step(self.rep, ev, force=force)
+        except Refused as e:
+            _log.debug("replication_event_ignored", replication_event=ev.value, reason=str(e))
+            return False
+        old = self.rep
+        self.rep = nxt
+        if Effect.SAVE in effects or nxt != old:
+            self._save_state()
+        if nxt != old:
+            self.event("replication_state", from_state=old.state.value, to=nxt.state.value,
+                       from_role=old.role, cause=ev.value, **kv)
+        for eff in effects:
+            self._effect(eff)
+        return True
+
+    def _effect(self, eff: Effect) -> None:
+        if eff is Effect.JOURNAL_QUEUE:
+            self._queue_to_journal()
+        elif eff is Effect.START_RESYNC:
+            self._start_resync()
+        elif eff is Effect.STOP_RESYNC:
+            self._stop_resync()
+        elif eff is Effect.RELEASE_WITNESS and self.witness is not None:
+            asyncio.get_running_loop().create_task(self.witness.release())
+        elif eff is Effect.REFUSE_EDGES:
+            for lk in list(self.edge_links):
+                lk.refuse("not-primary", f"Core {self.name} is no longer primary (epoch "
+                          f"{self.epoch})")
+        elif eff is Effect.MIRROR:
+            for lun, p in self.pipes.items():
+                self._resend_mirror(lun, p)
+        self._check_paused()
+        self._progress_all()
+
+    def _peer_reachable(self) -> bool:
+        return (any(lk.established for lk in self.peer_out.values())
+                or any(lk.established for lk in [*self.peer_in, *self.mirror_in]))
+
     @property
     def mirror_links(self) -> list[Link]:
         """Outbound links to a peer that accepted us as its primary."""
         return [lk for lk in self.peer_out.values()
                 if lk.established and lk.welcome is not None and lk.welcome.role == "secondary"]
 
-    @property
-    def replication(self) -> str:
-        if self.role == "primary":
-            if not self.cfg.peer:
-                return "standalone"
-            if not self.replication_enabled:
-                return "disabled"
-            return "running" if self.mirror_links else "paused"
-        return "running" if any(lk.established for lk in self.mirror_in) else "paused"
-
-    def _mirroring(self) -> bool:
-        return self.role == "primary" and self.cfg.peer is not None
+    def _update_peer(self) -> None:
+        """Fire PEER_UP / PEER_DOWN when the set of usable links changes."""
+        up = bool(self.mirror_links) if self.role == "primary" else any(
+            lk.established for lk in self.mirror_in)
+        if up == self._peer_up:
+            return
+        self._peer_up = up
+        if up:
+            self._fire(Event.PEER_UP)
+            if self.role == "primary" and self.journal is not None:
+                if not self.peer_synced:
+                    for lun in self.pipes:
+                        self.journal.mark_all_dirty(lun)
+                    self.event("initial_sync_needed")
+                if self.rep.state is State.RUNNING and any(
+                        self.journal.dirty_count(lun) for lun in self.pipes):
+                    self._fire(Event.RESYNC_NEEDED)
+        else:
+            self._fire(Event.PEER_DOWN)
 
     # -- link events --------------------------------------------------------------
     def _on_close(self, link: Link, exc: BaseException | None) -> None:
         kind = link.ctx
+        reason = link.close_reason or (str(exc) if exc else "closed")
         if kind == "edge":
             self.edge_links.discard(link)
-            for lun, p in self.pipes.items():
+            for p in self.pipes.values():
                 if p.upstream is link:
                     p.upstream = None
                     p.waiting.clear()
-                    _log.info("edge_lun_released", lun=lun, edge=link.hello.node if link.hello else "?")
-            _log.info("edge_disconnected", peer=link.peer,
-                      edge=link.hello.node if link.hello else None, reason=link.close_reason or
-                      (str(exc) if exc else "closed"))
+            self.event("edge_disconnected", peer=link.peer,
+                       edge=link.hello.node if link.hello else None, reason=reason)
         elif kind == "mirror-in":
             self.mirror_in.discard(link)
             for p in self.pipes.values():
                 if p.upstream is link:
                     p.upstream = None
                     p.waiting.clear()
-            _log.warning("replication_link_down", direction="in", peer=link.peer,
-                         reason=link.close_reason or (str(exc) if exc else "closed"))
+            _log.warning("replication_link_down", direction="in", peer=link.peer, reason=reason)
         elif kind == "peer-in":
             self.peer_in.discard(link)
         elif kind == "peer-out":
             for p in self.pipes.values():
                 if p.mirror_link is link:
                     p.mirror_link = None
+        self._update_peer()
         self._check_paused()
 
     def _on_message(self, link: Link, msg: Message) -> None:
@@ -241,7 +430,10 @@ class Core:
                 link.refuse("unexpected-write", f"WRITE on a {link.ctx} connection")
         elif isinstance(msg, Ack):
             if link.ctx == "peer-out":
-                self._on_mirror_ack(msg)
+                if msg.stream == RESYNC_STREAM:
+                    self._on_resync_ack(msg)
+                else:
+                    self._on_mirror_ack(msg)
         elif isinstance(msg, Read):
             self._on_read(link, msg)
         elif isinstance(msg, Hello):
@@ -249,11 +441,18 @@ class Core:
         elif isinstance(msg, Welcome):
             self._on_welcome(link, msg)
         elif isinstance(msg, Refuse):
-            _log.error("refused_by_peer", peer=link.peer, link=link.name, code=msg.code,
-                       reason=msg.reason)
-            link.close(f"refused: {msg.reason}")
+            self._on_refuse(link, msg)
         elif isinstance(msg, Control):
-            _log.info("control_notice", peer=link.peer, body=msg.body)
+            self._on_control(link, msg.body)
+
+    def _on_refuse(self, link: Link, msg: Refuse) -> None:
+        _log.error("refused_by_peer", peer=link.peer, link=link.name, code=msg.code,
+                   reason=msg.reason)
+        if msg.code == "stale-primary" and link.ctx == "peer-out" and self.role == "primary":
+            newer = msg.info.get("epoch")
+            if isinstance(newer, int) and newer > self.epoch:
+                self._demote(newer, f"peer {msg.info.get('node', '?')} is primary at epoch {newer}")
+        link.close(f"refused: {msg.reason}")
 
     def _on_hello(self, link: Link, h: Hello) -> None:
         if h.purpose == "edge":
@@ -266,17 +465,19 @@ class Core:
 
     def _welcome(self, link: Link, **info: Any) -> None:
         applied = {lun: (p.stream, p.durable_seq) for lun, p in self.pipes.items()}
-        link.send(Welcome(self.name, self.role, self.epoch, applied, info))
+        link.send(Welcome(self.name, self.role, self.epoch, applied,
+                          {"state": self.rep.state.value, "synced": self.peer_synced, **info}))
 
     def _accept_edge(self, link: Link, h: Hello) -> None:
-        def refuse(code: str, reason: str) -> None:
+        def refuse(code: str, reason: str, **info: Any) -> None:
             _log.error("edge_refused", edge=h.node, peer=link.peer, code=code, reason=reason)
-            link.refuse(code, reason)
+            link.send(Refuse(code, reason, info))
+            link.close(reason)
 
         if self.role != "primary":
             return refuse("not-primary", f"Core {self.name} is the secondary: it serves no Edge "
                           "(seed: the secondary Core cannot have any active Edges); "
-                          "connect to the primary Core")
+                          "connect to the primary Core", epoch=self.epoch)
         for lun, size in h.luns.items():
             pipe = self.pipes.get(lun)
             if pipe is None:
@@ -290,9 +491,9 @@ class Core:
             if up is not None and up.established and up is not link:
                 return refuse("lun-busy", f"LUN id {lun} is already served to Edge "
                               f"{up.hello.node if up.hello else up.peer}")
-        if h.epoch and h.epoch > self.epoch:
+        if h.epoch > self.epoch:
             return refuse("stale-primary", f"Edge {h.node} has seen epoch {h.epoch}; this Core is "
-                          f"at epoch {self.epoch} and is no longer primary")
+                          f"at epoch {self.epoch} and is no longer primary", epoch=h.epoch)
         link.ctx = "edge"
         self.edge_links.add(link)
         for lun in h.luns:
@@ -300,18 +501,31 @@ class Core:
             p.upstream = link
             p.waiting.clear()
         self._welcome(link)
-        _log.info("edge_connected", edge=h.node, peer=link.peer, luns=sorted(h.luns))
+        self.event("edge_connected", edge=h.node, peer=link.peer, luns=sorted(h.luns))
         if self._reading_paused and link.transport is not None:
             link.transport.pause_reading()
 
     def _accept_peer(self, link: Link, h: Hello) -> None:
-        def refuse(code: str, reason: str) -> None:
+        def refuse(code: str, reason: str, **info: Any) -> None:
             _log.error("peer_refused", peer_node=h.node, peer=link.peer, code=code, reason=reason)
-            link.refuse(code, reason)
+            link.send(Refuse(code, reason, {"node": self.name, "epoch": self.epoch, **info}))
+            link.close(reason)
 
+        if self.rep.state is State.TERMINATED:
+            return refuse("terminated", f"replication on {self.name} was terminated")
+        if h.role == self.role == "primary":
+            if h.epoch < self.epoch:
+                return refuse("stale-primary", f"{h.node} claims primary at epoch {h.epoch}; "
+                              f"{self.name} has been primary since epoch {self.epoch}")
+            if h.epoch > self.epoch:
+                self._demote(h.epoch, f"peer {h.node} is primary at epoch {h.epoch}")
+                return refuse("role-changed", f"{self.name} stepped down; reconnect")
+            return refuse("role-conflict", f"both Cores claim the primary role at epoch "
+                          f"{h.epoch} ({h.node} and {self.name}); run failover on one")
         if h.role == self.role:
             return refuse("role-conflict", f"both Cores claim the {h.role} role ({h.node} and "
                           f"{self.name}); fix the configs or run failover")
+        self.peer_info = {"name": h.node, "role": h.role, "epoch": h.epoch}
         if h.role == "primary":  # we are the secondary: this is a mirror stream
             if h.epoch < self.epoch:
                 return refuse("stale-primary", f"{h.node} is at epoch {h.epoch}, older than "
@@ -325,33 +539,40 @@ class Core:
                                   f"bytes, primary's is {size}: it must be at least as large and "
                                   "within 1 GiB (seed: same size within 1 GiB)")
             if h.epoch > self.epoch:
-                self.epoch = h.epoch
+                self.rep = Rep(self.rep.role, self.rep.state, h.epoch)
                 self._save_state()
             link.ctx = "mirror-in"
             self.mirror_in.add(link)
-            self.peer_info = {"name": h.node, "role": h.role, "epoch": h.epoch}
             self._welcome(link)
             _log.info("replication_link_up", direction="in", peer_node=h.node, peer=link.peer)
+            self._update_peer()
+            self._send_diverged(link)
         else:
             link.ctx = "peer-in"
             self.peer_in.add(link)
-            self.peer_info = {"name": h.node, "role": h.role, "epoch": h.epoch}
             self._welcome(link)
 
     def _on_welcome(self, link: Link, w: Welcome) -> None:
-        if link.ctx == "peer-out":
-            self.peer_info = {"name": w.node, "role": w.role, "epoch": w.epoch}
-            _log.info("replication_link_up", direction="out", peer_node=w.node, peer=link.peer,
-                      link=link.name)
-            if self._mirroring() and w.role == "secondary":
-                for lun, p in self.pipes.items():
-                    stream, seq = w.applied.get(lun, (0, 0))
-                    if stream == p.stream and seq > p.mirror_acked:
-                        self._mirror_acked_to(lun, p, seq)
-                    if p.mirror_link is None or not p.mirror_link.established:
-                        p.mirror_link = None
-                        self._resend_mirror(p)
-                self._check_paused()
+        if link.ctx != "peer-out":
+            return
+        self.peer_info = {"name": w.node, "role": w.role, "epoch": w.epoch}
+        _log.info("replication_link_up", direction="out", peer_node=w.node, peer=link.peer,
+                  link=link.name)
+        if self.role == "primary" and w.role == "secondary":
+            if w.info.get("synced") is True and not self.peer_synced:
+                self.peer_synced = True
+                self._save_state()
+            for lun, p in self.pipes.items():
+                stream, seq = w.applied.get(lun, (0, 0))
+                if stream == p.stream and seq > p.mirror_acked:
+                    self._mirror_acked_to(lun, p, seq)
+                if self.rep.mirrors and (p.mirror_link is None or not p.mirror_link.established):
+                    p.mirror_link = None
+                    self._resend_mirror(lun, p)
+            self._update_peer()
+            self._check_paused()
+        elif self.role == "secondary" and w.role == "primary":
+            self._send_diverged(link)
 
     # -- primary: Edge writes ------------------------------------------------------
     def _on_edge_write(self, link: Link, w: Write) -> None:
@@ -363,22 +584,67 @@ class Core:
             link.refuse("out-of-range", f"write at {w.offset}+{len(w.data)} beyond LUN id "
                         f"{w.lun} of {p.store.size} bytes")
             return
-        self._apply(w.lun, p, w)
+        if w.stream != p.stream:
+            self._switch_stream(w.lun, p, w.stream)
         p.waiting.append(w.seq)
-        if self._mirroring() and w.seq > p.mirror_acked and not (
+        ticket = 0
+        j = self.journal
+        if j is not None and w.seq > p.applied_seq and self.replication_enabled:
+            try:
+                if self.rep.journals:
+                    must = j.mark_dirty(w.lun, w.offset, len(w.data))
+                elif self.rep.mirrors:
+                    must = j.note_inflight(w.lun, w.offset, len(w.data))
+                else:
+                    must = False
+            except Exception as e:  # an offline journal must not take the Core down
+                self.raise_alarm("journal_offline", f"journal write failed: {e}")
+                must = False
+            if must:
+                ticket = j.ticket
+        if ticket or p.gate:
+            p.gate.append((ticket, w))
+            if ticket:
+                j.request_commit()
+            return
+        self._apply_write(w.lun, p, w)
+
+    def _apply_write(self, lun: int, p: LunPipe, w: Write) -> None:
+        self._apply(lun, p, w)
+        if self.rep.journals:
+            p.jlimit = max(p.jlimit, w.seq)
+        elif self.rep.mirrors and self.cfg.peer and w.seq > p.mirror_acked and not (
                 p.mirror_q and w.seq <= p.mirror_q[-1].seq):
-            self._mirror(w.lun, p, w)
-        self._progress(w.lun, p)
+            self._mirror(lun, p, w)
+        self._progress(lun, p)
+
+    def _on_journal_durable(self, durable: int) -> None:
+        more = False
+        for lun, p in self.pipes.items():
+            while p.gate and p.gate[0][0] <= durable:
+                self._apply_write(lun, p, p.gate.popleft()[1])
+            if p.jpending is not None and p.jpending[0] <= durable:
+                p.jlimit = max(p.jlimit, p.jpending[1])
+                p.jpending = None
+                self._progress(lun, p)
+            more = more or bool(p.gate) or p.jpending is not None
+        if more and self.journal is not None:
+            # records appended during that commit need the next one; this runs inside the
+            # finishing commit, so ask once it is done
+            asyncio.get_running_loop().call_soon(self.journal.request_commit)
+
+    def _switch_stream(self, lun: int, p: LunPipe, stream: int) -> None:
+        if p.stream:
+            _log.warning("lun_stream_changed", lun=lun, old=p.stream, new=stream)
+        p.stream = stream
+        p.applied_seq = p.durable_seq = p.acked_seq = p.mirror_acked = p.jlimit = 0
+        p.issued.clear()
+        p.mirror_q.clear()
+        p.mirror_bytes = 0
 
     def _apply(self, lun: int, p: LunPipe, w: Write) -> None:
         if w.stream != p.stream:
-            if p.stream:
-                _log.warning("lun_stream_changed", lun=lun, old=p.stream, new=w.stream)
-            p.stream = w.stream
-            p.applied_seq = p.durable_seq = p.acked_seq = p.mirror_acked = 0
-            p.issued.clear()
-            p.mirror_q.clear()
-            p.mirror_bytes = 0
+            self._switch_stream(lun, p, w.stream)
         if w.seq <= p.applied_seq:
             return  # a resend of a write this backend already has
         try:
@@ -400,13 +666,30 @@ class Core:
         if seq != p.durable_seq:
             p.durable_seq = seq
             self.applied.set(lun, p.stream, seq)
+        last = None
+        link = None
+        while p.resync_issued and p.resync_issued[0][0] <= target:
+            _, last, link = p.resync_issued.popleft()
+        if last is not None and link is not None:
+            link.send(Ack(lun, RESYNC_STREAM, last))
         self._progress(lun, p)
 
-    def _progress(self, lun: int, p: LunPipe) -> None:
-        """Acknowledge upstream everything durable here and, when mirroring, on the peer."""
+    def _ack_limit(self, p: LunPipe) -> int:
         limit = p.durable_seq
-        if self._mirroring():
-            limit = min(limit, p.mirror_acked)
+        if self.rep.role != "primary" or not self.cfg.peer or not self.replication_enabled:
+            return limit
+        if self.rep.journals:
+            w = self.witness
+            if w is not None and not w.lease_valid():
+                return p.acked_seq  # fenced: the Witness may be granting the peer failover
+            return min(limit, p.jlimit)
+        if self.rep.mirrors:
+            return min(limit, p.mirror_acked)
+        return limit
+
+    def _progress(self, lun: int, p: LunPipe) -> None:
+        """Acknowledge upstream everything durable here and, per state, on the peer/journal."""
+        limit = self._ack_limit(p)
         last = None
         while p.waiting and p.waiting[0] <= limit:
             last = p.waiting.popleft()
@@ -414,6 +697,10 @@ class Core:
             p.acked_seq = max(p.acked_seq, last)
             if p.upstream is not None:
                 p.upstream.send(Ack(lun, p.stream, last))
+
+    def _progress_all(self) -> None:
+        for lun, p in self.pipes.items():
+            self._progress(lun, p)
 
     # -- primary: mirroring ---------------------------------------------------------
     def _mirror(self, lun: int, p: LunPipe, w: Write) -> None:
@@ -436,8 +723,8 @@ class Core:
         p.mirror_link = links[lun % len(links)]
         return p.mirror_link
 
-    def _resend_mirror(self, p: LunPipe) -> None:
-        link = self._mirror_link_for(next(k for k, v in self.pipes.items() if v is p), p)
+    def _resend_mirror(self, lun: int, p: LunPipe) -> None:
+        link = self._mirror_link_for(lun, p)
         if link is not None and p.mirror_q:
             link.send_many(list(p.mirror_q))
 
@@ -450,9 +737,33 @@ class Core:
 
     def _mirror_acked_to(self, lun: int, p: LunPipe, seq: int) -> None:
         p.mirror_acked = max(p.mirror_acked, seq)
+        j = self.journal
         while p.mirror_q and p.mirror_q[0].seq <= p.mirror_acked:
-            p.mirror_bytes -= len(p.mirror_q.popleft().data)
+            w = p.mirror_q.popleft()
+            p.mirror_bytes -= len(w.data)
+            if j is not None:
+                with contextlib.suppress(Exception):
+                    j.peer_acked(lun, w.offset, len(w.data))
         self._progress(lun, p)
+
+    def _queue_to_journal(self) -> None:
+        """Suspension: what the peer never acknowledged becomes dirty in the journal."""
+        j = self.journal
+        if j is None:
+            return
+        with contextlib.suppress(Exception):
+            j.peer_lost()
+        for lun, p in self.pipes.items():
+            for w in p.mirror_q:
+                with contextlib.suppress(Exception):
+                    j.mark_dirty(lun, w.offset, len(w.data))
+            p.mirror_q.clear()
+            p.mirror_bytes = 0
+            p.mirror_link = None
+            p.jpending = (j.ticket, p.applied_seq)
+        j.request_commit()
+        if j.durable >= j.ticket:
+            self._on_journal_durable(j.durable)
 
     def _check_paused(self) -> None:
         """Stop reading Edges while the mirror queue is over its window (they buffer)."""
@@ -472,6 +783,106 @@ class Core:
                 if lk.transport is not None:
                     lk.transport.resume_reading()
 
+    # -- resync (primary) -------------------------------------------------------------
+    def _start_resync(self) -> None:
+        j = self.journal
+        if j is None:
+            return
+        self._stop_resync()
+        total = 0
+        for lun, p in self.pipes.items():
+            regions = j.dirty(lun)
+            p.resync_regions = deque(int(r) for r in regions)
+            total += j.dirty_bytes(lun)
+        self.resync = Progress(total=total, started=time.monotonic())
+        self._broadcast_peer({"op": "resync-start", "epoch": self.epoch})
+        self.event("resync_started", bytes_total=total)
+        self._resync_task = asyncio.get_running_loop().create_task(self._resync_loop())
+
+    def _stop_resync(self) -> None:
+        if self._resync_task is not None:
+            self._resync_task.cancel()
+            self._resync_task = None
+        for p in self.pipes.values():
+            p.resync_regions.clear()
+            p.resync_inflight.clear()
+            p.resync_bytes = 0
+
+    async def _resync_loop(self) -> None:
+        """Copy each dirty region's current data to the peer, 128 KiB at a time.
+
+        A region is read and queued on the LUN's mirror link without yielding,
+        so every mirrored write is ordered either wholly before (and included
+        in the data read) or wholly after it: old resync data never lands on
+        top of a newer write.
+        """
+        j = self.journal
+        assert j is not None
+        while True:
+            progressed = False
+            for lun, p in self.pipes.items():
+                rb = j.region_bytes(lun)
+                while p.resync_regions and p.resync_bytes < RESYNC_WINDOW:
+                    link = self._mirror_link_for(lun, p)
+                    if link is None:
+                        break
+                    r = p.resync_regions.popleft()
+                    base = r * rb
+                    end = min(base + rb, p.store.size)
+                    frames = []
+                    for off in range(base, end, RESYNC_CHUNK):
+                        n = min(RESYNC_CHUNK, end - off)
+                        p.rseq += 1
+                        frames.append(Write(lun, WriteFlags.RESYNC, RESYNC_STREAM, p.rseq, off,
+                                            p.store.pread(off, n)))
+                        p.resync_inflight.append((p.rseq, r, off + n >= end, n))
+                        p.resync_bytes += n
+                    link.send_many(frames)  # type: ignore[arg-type]
+                    progressed = True
+                    if not link.writable:
+                        await link.drain()
+            if all(not p.resync_regions and not p.resync_inflight for p in self.pipes.values()):
+                break
+            if not progressed or any(p.resync_bytes >= RESYNC_WINDOW for p in self.pipes.values()):
+                self._resync_wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._resync_wake.wait(), 1.0)
+            else:
+                await asyncio.sleep(0)
+        remaining = sum(j.dirty_count(lun) for lun in self.pipes)
+        if remaining:  # regions dirtied again meanwhile (not expected while mirroring)
+            self._resync_task = None
+            self._start_resync()
+            return
+        await j.commit()
+        self._resync_task = None
+        self.peer_synced = True
+        self._broadcast_peer({"op": "resync-done", "epoch": self.epoch})
+        self.event("resync_done", **self.resync.view())
+        self._fire(Event.RESYNC_DONE)
+
+    def _on_resync_ack(self, a: Ack) -> None:
+        p = self.pipes.get(a.lun)
+        j = self.journal
+        if p is None or j is None:
+            return
+        done = []
+        while p.resync_inflight and p.resync_inflight[0][0] <= a.seq:
+            _, r, last, n = p.resync_inflight.popleft()
+            p.resync_bytes -= n
+            self.resync.done += n
+            if last:
+                done.append(r)
+        if done:
+            with contextlib.suppress(Exception):
+                j.clear_dirty(a.lun, done)
+        self._resync_wake.set()
+
+    def _broadcast_peer(self, body: dict[str, Any]) -> None:
+        for lk in self.mirror_links:
+            lk.send(Control(body))
+            break
+
     # -- secondary: applying the primary's copies -----------------------------------
     def _on_mirror_write(self, link: Link, w: Write) -> None:
         p = self.pipes.get(w.lun)
@@ -479,10 +890,172 @@ class Core:
             link.refuse("out-of-range", f"replicated write to LUN id {w.lun} at {w.offset} "
                         "is outside the replica")
             return
+        if w.flags & WriteFlags.RESYNC:
+            counter = p.store.pwrite(w.offset, w.data)
+            p.resync_issued.append((counter, w.seq, link))
+            p.bytes_written += len(w.data)
+            p.store.request_sync()
+            return
         p.upstream = link
         self._apply(w.lun, p, w)
         p.waiting.append(w.seq)
         self._progress(w.lun, p)
+
+    def _on_control(self, link: Link, body: dict[str, Any]) -> None:
+        op = body.get("op")
+        if op == "reply":
+            fut = getattr(link, "rpc", {}).pop(body.get("req"), None)
+            if fut is not None and not fut.done():
+                fut.set_result(body)
+            return
+        if op == "resync-start" and self.role == "secondary":
+            self._fire(Event.RESYNC_START)
+        elif op == "resync-done" and self.role == "secondary":
+            self.peer_synced = True
+            self._fire(Event.RESYNC_DONE)
+            self._save_state()
+        elif op == "hashes":
+            asyncio.get_running_loop().create_task(self._answer_hashes(link, body))
+        elif op == "diverged" and self.role == "primary":
+            self._take_diverged(link, body)
+        else:
+            _log.info("control_notice", peer=link.peer, body=body)
+
+    # -- demotion and diverged regions --------------------------------------------------
+    def _demote(self, epoch: int, why: str) -> None:
+        if self.role != "primary":
+            return
+        j = self.journal
+        if j is not None:
+            with contextlib.suppress(Exception):
+                j.peer_lost()
+            self.diverged = {lun: [int(r) for r in j.dirty(lun)] for lun in self.pipes}
+        for p in self.pipes.values():
+            p.mirror_q.clear()
+            p.mirror_bytes = 0
+            p.gate.clear()
+            p.waiting.clear()
+        if self._fire(Event.DEMOTE, why=why):
+            self.rep = Rep(self.rep.role, self.rep.state, max(self.epoch, epoch))
+            self._save_state()
+            if self.witness is not None:
+                self.witness.role = "secondary"
+            self.event("demoted", why=why, diverged_regions={
+                lun: len(v) for lun, v in self.diverged.items()})
+            for lk in list(self.peer_out.values()):
+                lk.close("role changed")
+
+    def _send_diverged(self, link: Link) -> None:
+        """Tell the new primary which regions we may hold that it lacks (DESIGN invariant 5)."""
+        if not self.diverged or self.role != "secondary":
+            return
+        j = self.journal
+        for lun, regions in self.diverged.items():
+            rb = j.region_bytes(lun) if j is not None else 1 << 20
+            link.send(Control({"op": "diverged", "lun": lun, "region_bytes": rb,
+                               "regions": regions}))
+        if j is not None:
+            for lun, regions in self.diverged.items():
+                with contextlib.suppress(Exception):
+                    j.clear_dirty(lun, regions)
+        self.event("diverged_regions_sent", regions={k: len(v) for k, v in self.diverged.items()})
+        self.diverged = {}
+
+    def _take_diverged(self, link: Link, body: dict[str, Any]) -> None:
+        j = self.journal
+        lun = body.get("lun")
+        rb = body.get("region_bytes")
+        regions = body.get("regions")
+        if j is None or lun not in self.pipes or not isinstance(rb, int) or rb <= 0 \
+                or not isinstance(regions, list):
+            _log.warning("diverged_regions_ignored", peer=link.peer)
+            return
+        size = self.pipes[lun].store.size
+        for r in regions:
+            if isinstance(r, int) and 0 <= r * rb < size:
+                j.mark_dirty(lun, r * rb, min(rb, size - r * rb))
+        j.request_commit()
+        self.event("diverged_regions_received", lun=lun, regions=len(regions))
+
+    # -- verify ------------------------------------------------------------------------
+    async def _rpc(self, link: Link, body: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
+        if not hasattr(link, "rpc"):
+            link.rpc = {}  # type: ignore[attr-defined]
+        self._rpc_no += 1
+        req = self._rpc_no
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        link.rpc[req] = fut  # type: ignore[attr-defined]
+        link.send(Control({**body, "req": req}))
+        return await asyncio.wait_for(fut, timeout)
+
+    @staticmethod
+    def _hash_regions(fd: int, size: int, rb: int, start: int, count: int) -> bytes:
+        out = bytearray()
+        for r in range(start, start + count):
+            base = r * rb
+            if base >= size:
+                break
+            data = os.pread(fd, min(rb, size - base), base)
+            out += hashlib.blake2b(data, digest_size=16).digest()
+        return bytes(out)
+
+    async def _answer_hashes(self, link: Link, body: dict[str, Any]) -> None:
+        p = self.pipes.get(body.get("lun"))  # type: ignore[arg-type]
+        rb, start, count = body.get("region_bytes"), body.get("start"), body.get("count")
+        if p is None or not all(isinstance(v, int) and v >= 0 for v in (rb, start, count)) \
+                or not rb or count > 4096:  # type: ignore[operator]
+            link.send(Control({"op": "reply", "req": body.get("req"), "error": "bad request"}))
+            return
+        digests = await asyncio.get_running_loop().run_in_executor(
+            None, self._hash_regions, p.store.fd, p.store.size, rb, start, count)
+        link.send(Control({"op": "reply", "req": body.get("req"), "digests": digests.hex()}))
+
+    async def verify(self, repair: bool) -> dict[str, Any]:
+        """Compare every region's hash here and on the peer (DESIGN invariant 4)."""
+        if self.role != "primary":
+            raise control.ControlError("verify runs on the primary Core")
+        links = self.mirror_links
+        if not links:
+            raise control.ControlError("the secondary is not connected; nothing to compare with")
+        loop = asyncio.get_running_loop()
+        rb = self.journal.region_bytes(next(iter(self.pipes))) if self.journal else 1 << 20
+        report: dict[str, Any] = {"region_bytes": rb, "luns": {}, "started": time.time()}
+        prog = Progress(total=sum(p.store.size for p in self.pipes.values()),
+                        started=time.monotonic())
+        self.verify_last = {"running": True, "progress": prog}
+        for lun, p in self.pipes.items():
+            nreg = (p.store.size + rb - 1) // rb
+            mism: list[int] = []
+            for start in range(0, nreg, VERIFY_BATCH):
+                count = min(VERIFY_BATCH, nreg - start)
+                mine_f = loop.run_in_executor(None, self._hash_regions, p.store.fd, p.store.size,
+                                              rb, start, count)
+                theirs = await self._rpc(links[0], {"op": "hashes", "lun": lun, "region_bytes": rb,
+                                                    "start": start, "count": count})
+                mine = await mine_f
+                if "digests" not in theirs:
+                    raise control.ControlError(f"peer could not hash LUN {lun}: {theirs}")
+                a = np.frombuffer(mine, dtype=np.uint8).reshape(-1, 16)
+                b = np.frombuffer(bytes.fromhex(theirs["digests"]), dtype=np.uint8).reshape(-1, 16)
+                n = min(len(a), len(b))
+                diff = np.flatnonzero((a[:n] != b[:n]).any(axis=1)) + start
+                mism.extend(int(x) for x in diff)
+                prog.done += min(count * rb, p.store.size - start * rb)
+            report["luns"][str(lun)] = {"regions": nreg, "mismatched": len(mism),
+                                        "mismatched_regions": mism[:1000]}
+            if repair and mism and self.journal is not None:
+                for r in mism:
+                    self.journal.mark_dirty(lun, r * rb, min(rb, p.store.size - r * rb))
+                await self.journal.commit()
+        report["identical"] = all(v["mismatched"] == 0 for v in report["luns"].values())
+        report["elapsed_s"] = round(time.monotonic() - prog.started, 2)
+        self.verify_last = {"running": False, "report": report}
+        self.event("verify_done", identical=report["identical"],
+                   mismatched={k: v["mismatched"] for k, v in report["luns"].items()})
+        if repair and not report["identical"] and self.rep.state is State.RUNNING:
+            self._fire(Event.RESYNC_NEEDED)
+            report["repair"] = "mismatched regions queued for resync"
+        return report
 
     # -- reads --------------------------------------------------------------------
     def _on_read(self, link: Link, r: Read) -> None:
@@ -512,7 +1085,7 @@ class Core:
         while True:
             hello = Hello(self.name, self.role, "replication", self.epoch,
                           {lun: p.store.size for lun, p in self.pipes.items()},
-                          {"interface": iface, "index": idx})
+                          {"interface": iface, "index": idx, "state": self.rep.state.value})
             try:
                 link = await dial(host, port, hello, self._on_message, self._on_close,
                                   name=f"repl-{idx}", local_addr=(iface, 0),
@@ -528,29 +1101,104 @@ class Core:
             await link.closed.wait()
             self.peer_out.pop(idx, None)
             if link.close_reason.startswith("refused"):
-                await asyncio.sleep(2.0)
+                await asyncio.sleep(1.0)
             backoff = 0.2
             await asyncio.sleep(0.1)
 
-    async def _witness_dialler(self) -> None:
-        assert self.cfg.witness is not None
-        host, port = self.cfg.witness
-        while True:
-            hello = Hello(self.name, self.role, "witness", self.epoch, {}, {})
-            try:
-                link = await dial(host, port, hello, self._on_message, self._on_close,
-                                  name="witness", ping_interval=self.cfg.ping_interval,
-                                  dead_after=self.cfg.dead_after)
-            except (TimeoutError, OSError):
-                await asyncio.sleep(1.0)
-                continue
-            link.ctx = "witness"
-            self.witness_link = link
-            await link.closed.wait()
-            self.witness_link = None
-            await asyncio.sleep(0.5)
+    # -- operator commands ----------------------------------------------------------------
+    async def cmd_suspend(self) -> dict[str, Any]:
+        if self.role != "primary":
+            raise control.ControlError("suspend runs on the primary Core; this Core is secondary")
+        if self.rep.state is State.SUSPENDED:
+            return {"state": self.rep.state.value, "note": "already suspended"}
+        if self.rep.state in (State.TERMINATED, State.STANDALONE):
+            raise control.ControlError(f"replication is {self.rep.state.value}: nothing to suspend")
+        if self.journal is None:
+            raise control.ControlError("no usable Journal LUN: suspension needs one to log the "
+                                       "changed regions (see alarms)")
+        if self.witness is None:
+            raise control.ControlError("no Witness configured: suspension needs the Witness's "
+                                       "approval (seed: prevents split brain)")
+        d = await self.witness.request_suspend()
+        if not d.granted:
+            self.event("suspend_refused", reason=d.reason, detail=d.detail)
+            raise control.ControlError(f"the Witness refused suspension: {d.reason}"
+                                       + (f" ({d.detail})" if d.detail else ""))
+        self._fire(Event.SUSPEND_GRANTED)
+        return {"state": self.rep.state.value}
 
-    # -- control -----------------------------------------------------------------
+    async def cmd_resume(self) -> dict[str, Any]:
+        if self.role != "primary":
+            raise control.ControlError("resume runs on the primary Core; this Core is secondary")
+        if self.rep.state is State.PAUSED:
+            raise control.ControlError("replication is paused (the secondary is unreachable), "
+                                       "not suspended: it resumes by itself when the link returns")
+        if self.rep.state is State.SUSPENDED and not self.mirror_links:
+            raise control.ControlError("the secondary is not reachable: resume when it is back "
+                                       "(status shows the replication connections)")
+        try:
+            nxt, _ = step(self.rep, Event.RESUME)
+        except Refused as e:
+            raise control.ControlError(str(e)) from None
+        if nxt != self.rep:
+            self._fire(Event.RESUME)
+        return {"state": self.rep.state.value}
+
+    async def cmd_failover(self, force: bool) -> dict[str, Any]:
+        if self.role != "secondary":
+            raise control.ControlError("failover runs on the secondary Core; this Core is already "
+                                       "primary")
+        if self.rep.state is State.TERMINATED:
+            raise control.ControlError("replication was terminated on this Core")
+        if self._peer_reachable():
+            raise control.ControlError("the primary Core is reachable from this Core: failover is "
+                                       "allowed only when neither this Core nor the Witness can "
+                                       "reach it (stop the primary first, as the seed describes)")
+        if self.rep.state is State.INCONSISTENT and not force:
+            raise control.ControlError(
+                "this replica is inconsistent (a resync was under way): promoting it would lose "
+                "data; use --force only if the primary's data is gone for good")
+        new_epoch = self.epoch + 1
+        if self.witness is not None:
+            d = await self.witness.request_failover(self.peer_info.get("name"))
+            if d.granted:
+                new_epoch = max(new_epoch, d.epoch)
+            elif not (force and d.reason in ("witness-unreachable", "witness-timeout",
+                                             "witness-disconnected")):
+                self.event("failover_refused", reason=d.reason, detail=d.detail)
+                raise control.ControlError(f"the Witness refused failover: {d.reason}"
+                                           + (f" ({d.detail})" if d.detail else ""))
+        elif not force:
+            raise control.ControlError("no Witness configured: nothing can confirm the primary "
+                                       "is down; use --force if you are sure")
+        if not self._fire(Event.FAILOVER_GRANTED, force=force):
+            raise control.ControlError(f"failover not allowed while {self.rep.state.value}")
+        self.rep = Rep(self.rep.role, self.rep.state, new_epoch)
+        self._save_state()
+        self._peer_up = False
+        for p in self.pipes.values():
+            p.upstream = None
+            p.waiting.clear()
+            p.jlimit = p.durable_seq
+        if self.witness is not None:
+            self.witness.role = "primary"
+        self.event("failed_over", epoch=new_epoch, forced=force)
+        return {"role": self.role, "state": self.rep.state.value, "epoch": self.epoch}
+
+    async def cmd_terminate(self) -> dict[str, Any]:
+        if not self._fire(Event.TERMINATE):
+            raise control.ControlError(f"cannot terminate while {self.rep.state.value}")
+        for t in self._diallers:
+            t.cancel()
+        self._diallers.clear()
+        for lk in [*self.peer_out.values(), *self.peer_in, *self.mirror_in]:
+            lk.refuse("terminated", f"replication terminated on {self.name}")
+        if self.witness is not None:
+            with contextlib.suppress(Exception):
+                await self.witness.terminate()
+        return {"state": self.rep.state.value}
+
+    # -- status ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         def linfo(lk: Link, direction: str) -> dict[str, Any]:
             return {"direction": direction, "peer": lk.peer, "name": lk.name,
@@ -561,23 +1209,38 @@ class Core:
 
         repl = [linfo(lk, "out") for lk in self.peer_out.values()]
         repl += [linfo(lk, "in") for lk in [*self.mirror_in, *self.peer_in]]
+        j = self.journal
+        resync = None
+        if self.rep.state is State.RESYNCING or (self._resync_task is not None):
+            resync = self.resync.view()
+        w = self.witness
         return {
             "name": self.name, "role": self.role, "epoch": self.epoch,
             "replication": self.replication, "pid": os.getpid(),
             "peer": {"address": format_addr(self.cfg.peer) if self.cfg.peer else None,
-                     **self.peer_info},
+                     "synced": self.peer_synced, **self.peer_info},
             "connections": {
                 "edges": [linfo(lk, "in") for lk in self.edge_links],
                 "replication": repl,
                 "replication_expected_out": (2 * len(self.cfg.interfaces)
                                              if self.cfg.peer and self.replication_enabled else 0),
-                "witness": self.witness_link is not None and self.witness_link.established,
+                "witness": bool(w is not None and w.connected),
             },
+            "witness": None if w is None else {
+                "connected": w.connected, "lease_valid": w.lease_valid(),
+                "pair": self.cfg.pair, "pair_epoch": w.pair_epoch, "holds": w.holds,
+                "holder": w.holder},
+            "journal": None if j is None else {
+                "path": str(j.path), "size": j.usage()["size"],
+                "used_log_bytes": j.usage()["used_log_bytes"],
+                "dirty_bytes": {str(lun): j.dirty_bytes(lun) for lun in self.pipes},
+                "al_regions": j.al_regions()},
+            "resync": resync,
             "luns": {str(lun): {"path": p.store.path, "size": p.store.size, "stream": p.stream,
                                 "applied_seq": p.applied_seq, "durable_seq": p.durable_seq,
                                 "acked_seq": p.acked_seq, "mirror_acked_seq": p.mirror_acked,
                                 "mirror_queue_bytes": p.mirror_bytes, "writes": p.writes,
-                                "bytes_written": p.bytes_written,
+                                "bytes_written": p.bytes_written, "gated_writes": len(p.gate),
                                 "edge": (p.upstream.hello.node if p.upstream is not None
                                          and p.upstream.hello is not None and p.upstream.ctx == "edge"
                                          else None)}
@@ -593,11 +1256,45 @@ class Core:
         async def alarms(_: dict[str, Any]) -> dict[str, Any]:
             return {"alarms": list(self.alarms.values())}
 
+        async def suspend(_: dict[str, Any]) -> dict[str, Any]:
+            return await self.cmd_suspend()
+
+        async def resume(_: dict[str, Any]) -> dict[str, Any]:
+            return await self.cmd_resume()
+
+        async def failover(req: dict[str, Any]) -> dict[str, Any]:
+            return await self.cmd_failover(bool(req.get("force")))
+
+        async def terminate(_: dict[str, Any]) -> dict[str, Any]:
+            return await self.cmd_terminate()
+
+        async def journal(_: dict[str, Any]) -> dict[str, Any]:
+            if self.journal is None:
+                raise control.ControlError("no Journal LUN is open"
+                                           + (f": {', '.join(self.alarms)}" if self.alarms else ""))
+            return {"journal": self.journal.usage()}
+
+        async def verify(req: dict[str, Any]) -> dict[str, Any]:
+            return await self.verify(bool(req.get("repair")))
+
+        async def verify_status(_: dict[str, Any]) -> dict[str, Any]:
+            v = self.verify_last or {}
+            out = {"running": v.get("running", False), "report": v.get("report")}
+            if v.get("progress") is not None and v.get("running"):
+                out["progress"] = v["progress"].view()
+            return out
+
+        async def events(req: dict[str, Any]) -> dict[str, Any]:
+            since = req.get("since", 0)
+            return {"events": [e for e in self.events if e["n"] > since]}
+
         async def stop(_: dict[str, Any]) -> dict[str, Any]:
             asyncio.get_running_loop().call_later(0.05, self.stopping.set)
             return {"stopping": True}
 
-        return {"status": status, "alarms": alarms, "stop": stop}
+        return {"status": status, "alarms": alarms, "suspend": suspend, "resume": resume,
+                "failover": failover, "terminate": terminate, "journal": journal,
+                "verify": verify, "verify_status": verify_status, "events": events, "stop": stop}
 
 
 async def run(cfg: CoreConfig) -> None:
@@ -608,3 +1305,6 @@ async def run(cfg: CoreConfig) -> None:
         loop.add_signal_handler(sig, core.stopping.set)
     await core.stopping.wait()
     await core.stop()
+
+
+__all__ = ["Core", "format_size", "run"]

@@ -53,6 +53,7 @@ class Event(enum.Enum):
     RESYNC_START = "resync_start"  # (secondary) the primary starts resyncing us
     FAILOVER_GRANTED = "failover_granted"  # (secondary) Witness and we cannot reach the primary
     DEMOTE = "demote"  # (primary) a newer epoch exists elsewhere
+    RESYNC_NEEDED = "resync_needed"  # (primary) regions to copy found while running
     TERMINATE = "terminate"
 
 
@@ -123,6 +124,8 @@ TABLE: dict[tuple[str, State, Event], _T] = {
     ("primary", S.RESYNCING, E.SUSPEND_GRANTED): (S.SUSPENDED, (F.SAVE, F.STOP_RESYNC,
                                                                 F.JOURNAL_QUEUE)),
     ("primary", S.RUNNING, E.RESUME): (S.RUNNING, ()),
+    ("primary", S.RUNNING, E.RESYNC_NEEDED): (S.RESYNCING, (F.SAVE, F.START_RESYNC)),
+    ("primary", S.RESYNCING, E.RESYNC_NEEDED): (S.RESYNCING, ()),
     ("primary", S.RESYNCING, E.RESUME): (S.RESYNCING, ()),
     **{("primary", st, E.DEMOTE): (S.INCONSISTENT, (F.SAVE, F.BECOME_SECONDARY, F.REFUSE_EDGES,
                                                      F.STOP_RESYNC))
@@ -155,6 +158,7 @@ TABLE: dict[tuple[str, State, Event], _T] = {
 }
 
 REASONS: dict[tuple[str, Event], str] = {
+    ("primary", Event.RESUME): "replication is not suspended",
     ("secondary", Event.SUSPEND_GRANTED): "suspend runs on the primary Core",
     ("secondary", Event.RESUME): "resume runs on the primary Core",
     ("primary", Event.FAILOVER_GRANTED): "failover runs on the secondary Core",

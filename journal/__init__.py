@@ -1,95 +1,170 @@
-"""Journal LUN: metadata-only log of the regions changed while replication is suspended.
+"""Journal LUN: per-Core metadata log of the regions that must be resynced.
 
-Seed 002, "Journal LUN metrics": one Journal LUN per data center, sized at
-least 1 GiB for metadata + 2 GiB per protected LUN (25 LUNs -> 51 GiB); too
-small -> an alarm is raised and the replication service does not start. It
-may be thin-provisioned (a sparse file here) and grown while running.
+Seed 002, "Journal LUN metrics": one Journal LUN per data center (here: per
+Core), metadata only, sized at least 1 GiB for metadata + 2 GiB per protected
+LUN (25 LUNs -> 51 GiB); too small -> an alarm is raised and the replication
+service does not start. It may be thin-provisioned (a sparse file here) and
+grown while running; loss of connectivity, offlining, out of storage,
+corruption and shrinking raise alarms (:mod:`journal.errors`).
 
-This module holds the sizing rule and the superblock; the region maps and
-the record log arrive with the FusionSync issue.
-
-Superblock (offset 0, 64 bytes, network byte order)::
-
-    struct superblock { char magic[8] /* "SFJRNL01" */; uint32 version; uint32 flags;
-                        uint64 created_ns; uint64 size_at_format; uint8 pad[28]; uint32 crc; };
+* :mod:`journal.layout` — the versioned on-disk format (C-style structs);
+* :mod:`journal.image` — read-only load and log replay (also the ``inspect`` tool);
+* :mod:`journal.journal` — :class:`Journal`, the Core's write-path API:
+  dirty regions while suspended, and the activity log that keeps DESIGN.md
+  invariant 5 (no divergence after a primary crash);
+* ``python -m journal inspect PATH`` — the operator's view (:func:`describe`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import struct
-import time
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from steelfusion.wire import crc32c
+from journal import layout
+from journal.errors import (
+    JournalCorrupt,
+    JournalError,
+    JournalFull,
+    JournalOffline,
+    JournalShrunk,
+    JournalTooSmall,
+    JournalUnreachable,
+    JournalUnsupported,
+)
+from journal.image import Blank, Version1, io_error, load
+from journal.journal import (
+    Journal,
+    load_or_format,
+    lock_fd,
+    open_fd,
+    too_small,
+)
+from journal.layout import GIB, MAGIC, VERSION, required_size
 
-GIB = 1 << 30
-MAGIC = b"SFJRNL01"
-VERSION = 1
-SUPER = struct.Struct(">8sIIQQ28sI")
+__all__ = [
+    "GIB",
+    "MAGIC",
+    "VERSION",
+    "Journal",
+    "JournalCorrupt",
+    "JournalError",
+    "JournalFull",
+    "JournalOffline",
+    "JournalShrunk",
+    "JournalTooSmall",
+    "JournalUnreachable",
+    "JournalUnsupported",
+    "check_journal",
+    "describe",
+    "format_journal",
+    "required_size",
+]
 
 
-class JournalError(Exception):
-    """The Journal LUN is missing, too small, shrunk or corrupt."""
-
-
-def required_size(protected_luns: int) -> int:
-    """Seed: 1 GiB for metadata + 2 GiB for each protected LUN."""
-    return GIB + 2 * GIB * protected_luns
-
-
-def _superblock(size: int) -> bytes:
-    body = SUPER.pack(MAGIC, VERSION, 0, time.time_ns(), size, b"", 0)[:-4]
-    return body + crc32c(body).to_bytes(4, "big")
-
-
-def format_journal(path: str | Path, size: int) -> None:
-    """Create a sparse journal file of ``size`` bytes with a fresh superblock."""
+def format_journal(path: str | Path, size: int, *,
+                   region_bytes: int = layout.REGION_BYTES_DEFAULT,
+                   log_bytes: int = layout.LOG_BYTES_DEFAULT) -> None:
+    """Create a new sparse journal file of ``size`` bytes (never over an existing file)."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    if size < layout.META_BYTES:
+        raise too_small(p, size, 0)
+    if p.exists():
+        raise JournalError(f"Journal LUN {p} already exists; refusing to format over it",
+                           alarm="journal_exists")
+    fd = open_fd(p, size, layout.META_BYTES)
     try:
-        os.ftruncate(fd, size)
-        os.pwrite(fd, _superblock(size), 0)
-        os.fsync(fd)
+        lock_fd(fd, p)
+        load_or_format(fd, p, size, region_bytes, log_bytes)
     finally:
         os.close(fd)
 
 
 def check_journal(path: str | Path, size: int, protected_luns: int) -> int:
-    """Open (formatting a new sparse file of ``size`` if absent) and validate.
+    """Open (formatting a new sparse file of ``size`` if absent), validate and replay.
 
-    Returns the journal's size; raises :class:`JournalError` with the reason
-    and the size needed.
+    The Core's start-up check: returns the journal's size, or raises the
+    :class:`JournalError` subclass whose ``alarm`` says why replication must
+    not start (too small for ``protected_luns``, shrunk, corrupt, unreachable).
     """
     p = Path(path)
     need = required_size(protected_luns)
-    if not p.exists():
-        if size <= 0:
-            raise JournalError(f"Journal LUN {p} does not exist and no size is configured")
-        format_journal(p, size)
+    fd = open_fd(p, size, need)
     try:
-        fd = os.open(p, os.O_RDONLY)
-    except OSError as e:
-        raise JournalError(f"Journal LUN {p} is unreachable: {e}") from None
-    try:
-        actual = os.lseek(fd, 0, os.SEEK_END)
-        raw = os.pread(fd, SUPER.size, 0)
+        try:
+            img = load(fd, p)
+        except (Blank, Version1):
+            lock_fd(fd, p)
+            img = load_or_format(fd, p, size, layout.REGION_BYTES_DEFAULT,
+                                 layout.LOG_BYTES_DEFAULT)
+        if img.actual_size < need:
+            raise too_small(p, img.actual_size, protected_luns)
+        return img.actual_size
     finally:
         os.close(fd)
-    if len(raw) < SUPER.size:
-        raise JournalError(f"Journal LUN {p} has no superblock")
-    magic, version, _flags, _created, fmt_size, _pad, crc = SUPER.unpack(raw)
-    if magic != MAGIC:
-        raise JournalError(f"Journal LUN {p}: bad magic {magic!r}; not a steelfusion journal")
-    if crc32c(raw[:-4]) != crc:
-        raise JournalError(f"Journal LUN {p}: superblock CRC mismatch (corrupt)")
-    if version != VERSION:
-        raise JournalError(f"Journal LUN {p}: version {version}, this build reads {VERSION}")
-    if actual < fmt_size:
-        raise JournalError(f"Journal LUN {p} shrank from {fmt_size} to {actual} bytes")
-    if actual < need:
-        raise JournalError(
-            f"Journal LUN {p} is {actual / GIB:.1f} GiB; {protected_luns} protected LUN(s) need "
-            f"at least {need / GIB:.0f} GiB (1 GiB + 2 GiB per LUN)")
-    return actual
+
+
+def _iso(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="seconds")
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Read-only summary of a journal for operators: superblock, slots, dirty counts, log use.
+
+    Safe while a Core has the journal open (it only reads; it may then show a
+    log block being written as a torn tail).
+    """
+    p = Path(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise io_error(e, p, "opening") from None
+    try:
+        try:
+            img = load(fd, p)
+        except Blank:
+            raise JournalError(f"Journal LUN {p} is not formatted (all zeros); the Core formats "
+                               "it at start", alarm="journal_unformatted") from None
+        except Version1 as v:
+            return {"path": str(p), "version": layout.VERSION_1, "recorded_size": v.size,
+                    "notes": ["version-1 journal (superblock only, no region data); upgraded "
+                              "in place at the next open"]}
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    sb = img.sb
+    luns = []
+    for i, e in enumerate(sb.slots):
+        d = img.dirty[i] | img.al[i]
+        idx = d.nonzero()[0]
+        dirty_bytes = int(idx.size) * e.region_bytes
+        if idx.size and idx[-1] == e.nregions - 1:
+            dirty_bytes -= e.nregions * e.region_bytes - e.lun_bytes
+        luns.append({"lun": e.lun, "slot": i, "lun_bytes": e.lun_bytes,
+                     "region_bytes": e.region_bytes, "regions": e.nregions,
+                     "dirty_regions": int(img.dirty[i].sum()), "al_regions": int(img.al[i].sum()),
+                     "resync_regions": int(idx.size), "resync_bytes": dirty_bytes,
+                     "half": e.half, "bitmap_generation": e.bitmap_gen})
+    return {
+        "path": str(p),
+        "version": layout.VERSION,
+        "generation": sb.generation,
+        "journal_id": f"{sb.journal_id:016x}",
+        "created": _iso(sb.created_ns),
+        "last_checkpoint": _iso(sb.checkpoint_ns),
+        "size": img.actual_size,
+        "recorded_size": sb.size_bytes,
+        "required_size": required_size(len(sb.slots)),
+        "slot_capacity": layout.slots_capacity(img.actual_size),
+        "region_bytes": sb.region_bytes,
+        "clean_shutdown": img.clean,
+        "superblock_copies_valid": 2 if img.other_copy_ok else 1,
+        "log": {"offset": sb.log_offset, "bytes": sb.log_bytes, "used_bytes": img.log_used_bytes,
+                "blocks": img.log_blocks, "records": img.log_records,
+                "torn_tail_bytes": img.torn_bytes},
+        "luns": luns,
+        "notes": list(img.notes),
+    }
+

@@ -146,6 +146,8 @@ class CoreConfig:
     ping_interval: float = 1.0
     dead_after: float = 5.0
     mirror_window_bytes: int = 64 << 20
+    pair: str = "pair-1"  # the replication pair's name at the Witness
+    initial_sync: bool = True  # a new pair copies every LUN to the replica first
     source: str = ""
 
     @classmethod
@@ -175,7 +177,8 @@ class CoreConfig:
             journal_path=j.opt_str("path"), journal_size=j.size("size", 0),
             log_file=c.opt_str("log_file"), ping_interval=c.float("ping_interval", 1.0),
             dead_after=c.float("dead_after", 5.0),
-            mirror_window_bytes=rep.size("window", 64 << 20), source=str(path))
+            mirror_window_bytes=rep.size("window", 64 << 20), pair=rep.str("pair", "pair-1"),
+            initial_sync=rep.bool("initial_sync", True), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         core: dict[str, Any] = {"name": self.name, "role": self.role,
@@ -185,7 +188,8 @@ class CoreConfig:
         if self.log_file:
             core["log_file"] = self.log_file
         rep: dict[str, Any] = {"interfaces": list(self.interfaces),
-                               "window": self.mirror_window_bytes}
+                               "window": self.mirror_window_bytes, "pair": self.pair,
+                               "initial_sync": self.initial_sync}
         if self.peer:
             rep["peer"] = format_addr(self.peer)
         if self.witness:

@@ -171,7 +171,10 @@ class Lab:
                            for lid in lun_ids),
                 peer=peer, interfaces=(host,), witness=witness.listen,
                 journal_path=str(d / name / "journal.img"),
-                journal_size=required_size(len(lun_ids)), log_file=str(d / f"{name}.log")))
+                journal_size=required_size(len(lun_ids)), log_file=str(d / f"{name}.log"),
+                pair="lab-pair",
+                # both LUN files are created empty (all zeros) together: already in sync
+                initial_sync=False))
         edge_cfgs = []
         for e in range(edges):
             name = f"edge-{e + 1}"

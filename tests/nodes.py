@@ -55,7 +55,8 @@ def make_cores(tmp: Path, luns: dict[int, int], replica_luns: dict[int, int] | N
             state_dir=str(tmp / name),
             luns=tuple(LunConfig(k, str(tmp / name / f"lun-{k}.img"), v) for k, v in sizes.items()),
             peer=("127.0.0.1", ports[2 * (1 - i)]) if with_peer else None,
-            log_file=str(tmp / f"{name}.log"), ping_interval=0.3, dead_after=2.0)
+            log_file=str(tmp / f"{name}.log"), ping_interval=0.3, dead_after=2.0,
+            initial_sync=False)
         path = tmp / f"{name}.toml"
         write_toml(path, cfg.to_dict())
         out.append(CoreProc(name, cfg, path, tmp))

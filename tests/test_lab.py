@@ -54,7 +54,7 @@ def test_qemu_image_reaches_both_cores(lab: Lab, tmp_path: Path) -> None:
     for core in data["cores"]:
         assert _prefix(core["luns"]["1"], 64 * MiB) == src.read_bytes(), core["name"]
     assert {c["name"]: c["replication"] for c in st["cores"]} == {
-        "core-a": "running", "core-b": "running"}
+        "core-a": "running", "core-b": "replica"}
 
 
 def test_primary_down_then_edge_killed_nothing_lost(lab: Lab, tmp_path: Path) -> None:
