@@ -1134,6 +1134,11 @@ class Core:
             raise control.ControlError("replication is paused (the secondary is unreachable), "
                                        "not suspended: it resumes by itself when the link returns")
         if self.rep.state is State.SUSPENDED and not self.mirror_links:
+            for _ in range(30):  # the links may be coming up right now
+                await asyncio.sleep(0.1)
+                if self.mirror_links:
+                    break
+        if self.rep.state is State.SUSPENDED and not self.mirror_links:
             raise control.ControlError("the secondary is not reachable: resume when it is back "
                                        "(status shows the replication connections)")
         try:

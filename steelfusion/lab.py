@@ -139,7 +139,7 @@ class Lab:
     # -- up -----------------------------------------------------------------------
     def up(self, luns: int = 1, lun_size: int = 1 << 30, edges: int = 1,
            reserve: int = 256 << 20, host: str = "127.0.0.1",
-           timeout: float = 60.0) -> dict[str, Any]:
+           timeout: float = 60.0, witness_lease: float = 3.0) -> dict[str, Any]:
         if self.file.exists():
             data = self.load()
             alive = [n["name"] for n in self.nodes(data) if pid_alive(n["pid"])]
@@ -156,7 +156,7 @@ class Lab:
         ports = iter(free_ports(nports, host))
         witness = WitnessConfig(name="witness", listen=(host, next(ports)),
                                 control=(host, next(ports)), state_dir=str(d / "witness"),
-                                log_file=str(d / "witness.log"))
+                                lease_seconds=witness_lease, log_file=str(d / "witness.log"))
         lun_ids = list(range(1, luns * edges + 1))
         core_names = ["core-a", "core-b"]
         core_addrs = [((host, next(ports)), (host, next(ports))) for _ in core_names]
