@@ -43,8 +43,26 @@ class CoreProc:
         return Path(self.cfg.log_file or "").read_text()
 
 
+def make_witness(tmp: Path, lease: float = 1.5) -> tuple[tuple[str, int], int]:
+    """Start a Witness process; returns (address, pid)."""
+    from steelfusion.config import WitnessConfig
+
+    p1, p2 = free_ports(2)
+    cfg = WitnessConfig(name="witness", listen=("127.0.0.1", p1), control=("127.0.0.1", p2),
+                        state_dir=str(tmp / "witness"), lease_seconds=lease,
+                        log_file=str(tmp / "witness.log"))
+    path = tmp / "witness.toml"
+    write_toml(path, cfg.to_dict())
+    pid = spawn("witness", path, tmp, "witness")
+    wait_control(cfg.control, pid, 30, "witness", tmp)  # type: ignore[arg-type]
+    return cfg.listen, pid
+
+
 def make_cores(tmp: Path, luns: dict[int, int], replica_luns: dict[int, int] | None = None,
-               with_peer: bool = True) -> tuple[CoreProc, CoreProc]:
+               with_peer: bool = True, witness: tuple[str, int] | None = None,
+               journal_size: int | None = None) -> tuple[CoreProc, CoreProc]:
+    from journal import required_size
+
     ports = free_ports(4)
     out = []
     for i, name in enumerate(["core-a", "core-b"]):
@@ -56,7 +74,10 @@ def make_cores(tmp: Path, luns: dict[int, int], replica_luns: dict[int, int] | N
             luns=tuple(LunConfig(k, str(tmp / name / f"lun-{k}.img"), v) for k, v in sizes.items()),
             peer=("127.0.0.1", ports[2 * (1 - i)]) if with_peer else None,
             log_file=str(tmp / f"{name}.log"), ping_interval=0.3, dead_after=2.0,
-            initial_sync=False)
+            initial_sync=False, witness=witness,
+            journal_path=str(tmp / name / "journal.img") if journal_size is not None else None,
+            journal_size=(journal_size or required_size(len(sizes))) if journal_size is not None
+            else 0)
         path = tmp / f"{name}.toml"
         write_toml(path, cfg.to_dict())
         out.append(CoreProc(name, cfg, path, tmp))
