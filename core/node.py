@@ -525,11 +525,26 @@ class Core:
         if h.role == self.role:
             return refuse("role-conflict", f"both Cores claim the {h.role} role ({h.node} and "
                           f"{self.name}); fix the configs or run failover")
+        # seed: "If you have HA configured on the primary Cores ... you must also configure it
+        # on the secondary Cores. The HA configuration must be the same in each case."
+        peer_ha = h.info.get("ha", "none")
+        if peer_ha != self.cfg.ha:
+            return refuse("ha-mismatch", f"HA configuration differs: {h.node} has ha={peer_ha}, "
+                          f"{self.name} has ha={self.cfg.ha}; configure HA the same on both sides")
+        peer_pair = h.info.get("pair")
+        if isinstance(peer_pair, str) and peer_pair != self.cfg.pair:
+            return refuse("pair-mismatch", f"{h.node} is configured for pair {peer_pair!r}, "
+                          f"{self.name} for {self.cfg.pair!r}")
         self.peer_info = {"name": h.node, "role": h.role, "epoch": h.epoch}
         if h.role == "primary":  # we are the secondary: this is a mirror stream
             if h.epoch < self.epoch:
                 return refuse("stale-primary", f"{h.node} is at epoch {h.epoch}, older than "
                               f"this Core's {self.epoch}")
+            own = sorted(set(self.pipes) - set(h.luns))
+            if own:
+                return refuse("secondary-has-luns", f"secondary Core {self.name} has LUN ids "
+                              f"{own} that {h.node} does not replicate (seed: the secondary Core "
+                              "cannot have any active Edges or LUNs of its own)")
             for lun, size in h.luns.items():
                 pipe = self.pipes.get(lun)
                 if pipe is None:
@@ -1085,7 +1100,8 @@ class Core:
         while True:
             hello = Hello(self.name, self.role, "replication", self.epoch,
                           {lun: p.store.size for lun, p in self.pipes.items()},
-                          {"interface": iface, "index": idx, "state": self.rep.state.value})
+                          {"interface": iface, "index": idx, "state": self.rep.state.value,
+                           "ha": self.cfg.ha, "pair": self.cfg.pair})
             try:
                 link = await dial(host, port, hello, self._on_message, self._on_close,
                                   name=f"repl-{idx}", local_addr=(iface, 0),

@@ -159,6 +159,7 @@ class Edge:
             "luns": {str(lid): {"reads": lu.reads, "read_misses": lu.read_misses}
                      for lid, lu in self.luns.items()},
             "iscsi": {"connections": self.target.connections if self.target is not None else 0},
+            "witness": self.witness.status() if self.witness is not None else None,
             "uptime_s": round(time.time() - self.started, 1),
         }
 

@@ -164,18 +164,23 @@ WORKDIR = click.option("--workdir", required=True, type=click.Path(file_okay=Fal
 @click.option("--edges", default=1, show_default=True, help="Number of Edges.")
 @click.option("--reserve", default="256M", show_default=True, type=SIZE,
               help="Each Edge's write reserve.")
+@click.option("--witness-in-edge", is_flag=True,
+              help="Run the Witness inside edge-1 instead of as its own process.")
 @click.option("--json", "as_json", is_flag=True, help="Print lab.json.")
 @_lab_errors
 def lab_up(workdir: str, luns: int, lun_size: int, edges: int, reserve: int,
-           as_json: bool) -> None:
+           witness_in_edge: bool, as_json: bool) -> None:
     """Start a lab and return when every node is ready."""
     lab_ = _lab(workdir)
-    data = lab_.up(luns=luns, lun_size=lun_size, edges=edges, reserve=reserve)
+    data = lab_.up(luns=luns, lun_size=lun_size, edges=edges, reserve=reserve,
+                   witness_in_edge=witness_in_edge)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
     click.echo(f"lab up in {lab_.dir}")
-    click.echo(f"  witness  {data['witness']['address']}  pid {data['witness']['pid']}")
+    w = data["witness"]
+    where = f"inside {w['embedded_in']}" if w.get("embedded_in") else f"pid {w['pid']}"
+    click.echo(f"  witness  {w['address']}  {where}")
     for c in data["cores"]:
         click.echo(f"  {c['name']:<8} {c['role']:<9} control {c['control']}  pid {c['pid']}")
     for e in data["edges"]:

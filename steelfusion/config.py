@@ -122,6 +122,12 @@ def write_toml(path: Path | str, data: dict[str, Any], mode: int = 0o600) -> Non
     atomic_write(path, tomli_w.dumps(data).encode(), mode=mode)
 
 
+def _ha(path: Path | str, v: str) -> str:
+    if v not in ("none", "leader", "follower"):
+        raise ConfigError(f"{path}: [replication] ha: must be none, leader or follower, got {v!r}")
+    return v
+
+
 @dataclass(frozen=True, slots=True)
 class LunConfig:
     id: int
@@ -147,6 +153,7 @@ class CoreConfig:
     dead_after: float = 5.0
     mirror_window_bytes: int = 64 << 20
     pair: str = "pair-1"  # the replication pair's name at the Witness
+    ha: str = "none"  # Core HA role here: none | leader | follower (must match the peer's)
     initial_sync: bool = True  # a new pair copies every LUN to the replica first
     source: str = ""
 
@@ -178,7 +185,8 @@ class CoreConfig:
             log_file=c.opt_str("log_file"), ping_interval=c.float("ping_interval", 1.0),
             dead_after=c.float("dead_after", 5.0),
             mirror_window_bytes=rep.size("window", 64 << 20), pair=rep.str("pair", "pair-1"),
-            initial_sync=rep.bool("initial_sync", True), source=str(path))
+            initial_sync=rep.bool("initial_sync", True), ha=_ha(path, rep.str("ha", "none")),
+            source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         core: dict[str, Any] = {"name": self.name, "role": self.role,
@@ -189,6 +197,7 @@ class CoreConfig:
             core["log_file"] = self.log_file
         rep: dict[str, Any] = {"interfaces": list(self.interfaces),
                                "window": self.mirror_window_bytes, "pair": self.pair,
+                               "ha": self.ha,
                                "initial_sync": self.initial_sync}
         if self.peer:
             rep["peer"] = format_addr(self.peer)

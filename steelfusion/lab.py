@@ -127,7 +127,9 @@ class Lab:
         atomic_write(self.file, json.dumps(data, indent=2).encode())
 
     def nodes(self, data: dict[str, Any]) -> list[dict[str, Any]]:
-        return [data["witness"], *data["cores"], *data["edges"]]
+        w = data.get("witness")
+        standalone = [w] if w and not w.get("embedded_in") else []
+        return [*standalone, *data.get("cores", []), *data.get("edges", [])]
 
     def node(self, data: dict[str, Any], name: str) -> dict[str, Any]:
         for n in self.nodes(data):
@@ -139,7 +141,10 @@ class Lab:
     # -- up -----------------------------------------------------------------------
     def up(self, luns: int = 1, lun_size: int = 1 << 30, edges: int = 1,
            reserve: int = 256 << 20, host: str = "127.0.0.1",
-           timeout: float = 60.0, witness_lease: float = 3.0) -> dict[str, Any]:
+           timeout: float = 60.0, witness_lease: float = 3.0,
+           witness_in_edge: bool = False) -> dict[str, Any]:
+        """Start the lab. ``witness_in_edge`` runs the Witness inside edge-1 (seed: "A role
+        assigned to one of the Edges") instead of as its own process."""
         if self.file.exists():
             data = self.load()
             alive = [n["name"] for n in self.nodes(data) if pid_alive(n["pid"])]
@@ -182,21 +187,26 @@ class Lab:
             target = TargetConfig(iqn=f"{IQN_PREFIX}:{name}",
                                   luns=tuple(EdgeLunConfig(k, lid, lun_size)
                                              for k, lid in enumerate(ids)), alias=name)
+            embed = witness_in_edge and e == 0
             edge_cfgs.append(EdgeConfig(
                 name=name, portal=(host, next(ports)), control=(host, next(ports)),
                 blockstore=str(d / name / "blockstore"),
                 cores=tuple(c.listen for c in cores), targets=(target,), reserve_bytes=reserve,
-                log_file=str(d / f"{name}.log")))
+                log_file=str(d / f"{name}.log"),
+                witness=witness.listen if embed else None,
+                witness_state_dir=str(d / "witness") if embed else None))
 
         data: dict[str, Any] = {"version": 1, "workdir": str(d), "created": time.time()}
-        wpath = d / "witness.toml"
-        write_toml(wpath, witness.to_dict())
-        wpid = spawn("witness", wpath, d, "witness")
-        data["witness"] = {"name": "witness", "pid": wpid, "address": format_addr(witness.listen),
-                           "control": format_addr(witness.control or witness.listen),
-                           "config": str(wpath), "role": "witness"}
-        self.save(data)
-        wait_control(witness.control or witness.listen, wpid, timeout, "witness", d)
+        if not witness_in_edge:
+            wpath = d / "witness.toml"
+            write_toml(wpath, witness.to_dict())
+            wpid = spawn("witness", wpath, d, "witness")
+            data["witness"] = {"name": "witness", "pid": wpid,
+                               "address": format_addr(witness.listen),
+                               "control": format_addr(witness.control or witness.listen),
+                               "config": str(wpath), "role": "witness"}
+            self.save(data)
+            wait_control(witness.control or witness.listen, wpid, timeout, "witness", d)
         data["cores"] = []
         for c in cores:
             path = d / f"{c.name}.toml"
@@ -223,6 +233,12 @@ class Lab:
                             for t in ec.targets for lu in t.luns]})
             self.save(data)
             wait_control(ec.control, pid, timeout, ec.name, d)
+            if ec.witness:
+                data["witness"] = {"name": ec.name, "pid": pid,
+                                   "address": format_addr(ec.witness),
+                                   "control": format_addr(ec.control), "config": str(path),
+                                   "role": "witness", "embedded_in": ec.name}
+                self.save(data)
         self.wait_ready(data, timeout)
         return data
 

@@ -60,7 +60,8 @@ def make_witness(tmp: Path, lease: float = 1.5) -> tuple[tuple[str, int], int]:
 
 def make_cores(tmp: Path, luns: dict[int, int], replica_luns: dict[int, int] | None = None,
                with_peer: bool = True, witness: tuple[str, int] | None = None,
-               journal_size: int | None = None) -> tuple[CoreProc, CoreProc]:
+               journal_size: int | None = None, initial_sync: bool = False,
+               ha: tuple[str, str] = ("none", "none")) -> tuple[CoreProc, CoreProc]:
     from journal import required_size
 
     ports = free_ports(4)
@@ -74,7 +75,7 @@ def make_cores(tmp: Path, luns: dict[int, int], replica_luns: dict[int, int] | N
             luns=tuple(LunConfig(k, str(tmp / name / f"lun-{k}.img"), v) for k, v in sizes.items()),
             peer=("127.0.0.1", ports[2 * (1 - i)]) if with_peer else None,
             log_file=str(tmp / f"{name}.log"), ping_interval=0.3, dead_after=2.0,
-            initial_sync=False, witness=witness,
+            initial_sync=initial_sync, witness=witness, ha=ha[i],
             journal_path=str(tmp / name / "journal.img") if journal_size is not None else None,
             journal_size=(journal_size or required_size(len(sizes))) if journal_size is not None
             else 0)

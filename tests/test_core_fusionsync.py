@@ -136,3 +136,41 @@ def test_corrupt_journal_record_detected_never_used(tmp_path: Path) -> None:
         a.kill()
         b.kill()
         os.kill(wpid, 9)
+
+
+def test_initial_sync_copies_the_whole_lun(tmp_path: Path) -> None:
+    """A new pair: the replica is filled through the resync path, 128 KiB at a time."""
+    a, b = make_cores(tmp_path, {1: 8 * MiB}, journal_size=required_size(1), initial_sync=True)
+    data = os.urandom(8 * MiB)
+    Path(a.cfg.luns[0].path).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.cfg.luns[0].path).write_bytes(data)
+    a.start()
+    b.start()
+    try:
+        wait(lambda: st(a)["replication"] == "running" and st(a)["peer"]["synced"], 30,
+             "initial sync")
+        assert b.lun_bytes(1) == data
+        assert st(b)["replication"] == "replica"
+        assert '"resync_done"' in a.log_events()
+    finally:
+        a.kill()
+        b.kill()
+
+
+@pytest.mark.parametrize("case", ["ha", "own-lun"])
+def test_pairing_checks_refuse_with_reason(tmp_path: Path, case: str) -> None:
+    if case == "ha":
+        a, b = make_cores(tmp_path, {1: 8 * MiB}, ha=("leader", "none"))
+        code = "ha-mismatch"
+    else:
+        a, b = make_cores(tmp_path, {1: 8 * MiB}, replica_luns={1: 8 * MiB, 9: 8 * MiB})
+        code = "secondary-has-luns"
+    a.start()
+    b.start()
+    try:
+        time.sleep(1.0)
+        assert st(a)["replication"] == "paused"
+        assert code in b.log_events()
+    finally:
+        a.kill()
+        b.kill()

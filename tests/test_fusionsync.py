@@ -148,3 +148,21 @@ def test_failover_and_failback(lab, tmp_path: Path) -> None:  # type: ignore[no-
     assert f["core-a"] == f["core-b"] == img2.read_bytes()
     ev = [json.loads(line)["event"] for line in coredr(b, "events").stdout.splitlines()]
     assert "failed_over" in ev and "resync_done" in ev
+
+
+def test_witness_inside_an_edge(tmp_path: Path) -> None:
+    """Seed: the Witness is "a role assigned to one of the Edges" (`edge run --witness`)."""
+    tool("qemu-img")
+    lab_ = Lab(tmp_path / "lab")
+    data = lab_.up(luns=1, lun_size=LUN, edges=1, witness_in_edge=True)
+    try:
+        assert data["witness"]["embedded_in"] == "edge-1"
+        a = data["cores"][0]["control"]
+        wait_for(lambda: status(a)["witness"]["connected"], what="witness connection")
+        lab_.kill("core-b")
+        wait_for(lambda: status(a)["replication"] == "paused", what="paused")
+        assert "suspended" in coredr(a, "suspend").stdout
+        edge = control.call(parse_addr(data["edges"][0]["control"]), "status")
+        assert edge["witness"]["pairs"]
+    finally:
+        lab_.down()
