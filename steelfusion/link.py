@@ -31,6 +31,8 @@ _log = log.get("link")
 
 Handler = Callable[["Link", Message], None]
 
+CORK_BYTES = 1 << 20  # flush at once past this much queued output
+
 
 class Link(asyncio.Protocol):
     """A framed, heartbeated node connection."""
@@ -58,6 +60,9 @@ class Link(asyncio.Protocol):
         self.ctx: Any = None  # the role's per-connection state
         self.bytes_in = 0
         self.bytes_out = 0
+        self._out: list[bytes | memoryview] = []
+        self._out_bytes = 0
+        self._flush_scheduled = False
 
     # -- asyncio.Protocol ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -118,12 +123,12 @@ class Link(asyncio.Protocol):
         return self.machine.state is LinkState.ESTABLISHED and self.transport is not None
 
     def send(self, msg: Message) -> None:
+        """Queue one frame; frames queued in one loop iteration leave in one syscall (cork)."""
         t = self.transport
         if t is None or t.is_closing():
             return
         bufs = encode(msg)
-        self.bytes_out += sum(len(b) for b in bufs)
-        t.writelines(bufs)
+        self._queue(bufs, sum(len(b) for b in bufs))
 
     def send_many(self, msgs: list[Message]) -> None:
         t = self.transport
@@ -132,8 +137,27 @@ class Link(asyncio.Protocol):
         bufs: list[bytes | memoryview] = []
         for m in msgs:
             bufs.extend(encode(m))
-        self.bytes_out += sum(len(b) for b in bufs)
-        t.writelines(bufs)
+        self._queue(bufs, sum(len(b) for b in bufs))
+
+    def _queue(self, bufs: list[bytes | memoryview], n: int) -> None:
+        self.bytes_out += n
+        self._out.extend(bufs)
+        self._out_bytes += n
+        if self._out_bytes >= CORK_BYTES:
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Hand everything queued to the transport now."""
+        self._flush_scheduled = False
+        if not self._out:
+            return
+        out, self._out, self._out_bytes = self._out, [], 0
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.writelines(out)
 
     async def drain(self) -> None:
         """Wait while the transport's write buffer is above its high-water mark."""
@@ -150,6 +174,7 @@ class Link(asyncio.Protocol):
 
     def close(self, reason: str = "") -> None:
         self.close_reason = self.close_reason or reason
+        self.flush()
         if self.transport is not None:
             self.transport.close()
 
