@@ -136,17 +136,17 @@ def describe(path: str | Path) -> dict[str, Any]:
             os.close(fd)
     sb = img.sb
     luns = []
-    for i, e in enumerate(sb.slots):
+    for i, slot in enumerate(sb.slots):
         d = img.dirty[i] | img.al[i]
         idx = d.nonzero()[0]
-        dirty_bytes = int(idx.size) * e.region_bytes
-        if idx.size and idx[-1] == e.nregions - 1:
-            dirty_bytes -= e.nregions * e.region_bytes - e.lun_bytes
-        luns.append({"lun": e.lun, "slot": i, "lun_bytes": e.lun_bytes,
-                     "region_bytes": e.region_bytes, "regions": e.nregions,
+        dirty_bytes = int(idx.size) * slot.region_bytes
+        if idx.size and idx[-1] == slot.nregions - 1:
+            dirty_bytes -= slot.nregions * slot.region_bytes - slot.lun_bytes
+        luns.append({"lun": slot.lun, "slot": i, "lun_bytes": slot.lun_bytes,
+                     "region_bytes": slot.region_bytes, "regions": slot.nregions,
                      "dirty_regions": int(img.dirty[i].sum()), "al_regions": int(img.al[i].sum()),
                      "resync_regions": int(idx.size), "resync_bytes": dirty_bytes,
-                     "half": e.half, "bitmap_generation": e.bitmap_gen})
+                     "half": slot.half, "bitmap_generation": slot.bitmap_gen})
     return {
         "path": str(p),
         "version": layout.VERSION,

@@ -156,18 +156,18 @@ def load(fd: int, path: str | Path) -> Image:
                             f"({sb.size_bytes / L.GIB:.1f} -> {actual / L.GIB:.1f} GiB); grow it "
                             f"back to at least {sb.size_bytes} bytes - a journal may only grow")
     img = Image(sb, actual, [], [], other_copy_ok=other_ok)
-    for i, e in enumerate(sb.slots):
-        n = e.nregions
+    for i, slot in enumerate(sb.slots):
+        n = slot.nregions
         try:
-            raw = pread_full(fd, L.BLOCK + 2 * L.bitmap_stride(n), L.slot_offset(i, e.half))
+            raw = pread_full(fd, L.BLOCK + 2 * L.bitmap_stride(n), L.slot_offset(i, slot.half))
         except OSError as ex:
-            raise io_error(ex, path, f"reading the bitmaps of LUN {e.lun}") from None
+            raise io_error(ex, path, f"reading the bitmaps of LUN {slot.lun}") from None
         try:
-            dirty, al = L.pull_bitmaps(raw, i, sb.journal_id, e.bitmap_gen, e.lun, n)
+            dirty, al = L.pull_bitmaps(raw, i, sb.journal_id, slot.bitmap_gen, slot.lun, n)
         except L.BadBlock as ex:
-            raise JournalCorrupt(f"Journal LUN {path}: checkpoint bitmap of LUN {e.lun} (slot {i},"
-                                 f" half {e.half}) is corrupt: {ex}; its dirty regions are "
-                                 f"unknown - run a full resync of LUN {e.lun} after reformatting"
+            raise JournalCorrupt(f"Journal LUN {path}: checkpoint bitmap of LUN {slot.lun} (slot {i},"
+                                 f" half {slot.half}) is corrupt: {ex}; its dirty regions are "
+                                 f"unknown - run a full resync of LUN {slot.lun} after reformatting"
                                  ) from None
         img.dirty.append(_bool(dirty, n))
         img.al.append(_bool(al, n))

@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -719,8 +719,14 @@ class Journal:
         """Regions that were in the AL when this journal was opened after an unclean shutdown."""
         return self._slot(lun).crashed_al.copy()
 
+    @overload
+    def al_regions(self) -> int: ...
+
+    @overload
+    def al_regions(self, lun: int) -> np.ndarray: ...
+
     def al_regions(self, lun: int | None = None) -> np.ndarray | int:
-        """AL regions of ``lun`` (sorted indices), or the AL's total size."""
+        """The AL's total size, or the regions of ``lun`` now in it (sorted indices)."""
         if lun is None:
             return len(self._al)
         s = self._slot(lun)

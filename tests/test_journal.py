@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -191,7 +192,7 @@ def test_crash_then_reopen_keeps_dirty_and_al(jpath: Path) -> None:
     assert j.crashed_al_regions(1).tolist() == [20]
     assert j.dirty(2).tolist() == [0, 1]
     assert j.crashed_al_regions(2).tolist() == [0, 1]
-    assert j.usage()["al_regions"] == 0
+    assert j.al_regions() == 0
     j.abandon()  # crash again before any resync: still dirty (folded durably at open)
     j = open_j(jpath)
     assert j.dirty(1).tolist() == [10, 20] and j.crashed_al_regions(1).size == 0
@@ -273,6 +274,37 @@ def test_concurrent_commits_share_one_fdatasync(jpath: Path,
     j = open_j(jpath)
     assert j.dirty(1).tolist() == list(range(200))
     j.close()
+
+
+def test_records_added_during_a_commit_wait_for_the_next(jpath: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    j = open_j(jpath)
+    entered, gate = threading.Event(), threading.Event()
+    real = os.fdatasync
+
+    def slow(fd: int) -> None:
+        entered.set()
+        gate.wait(5)
+        real(fd)
+
+    async def main() -> None:
+        assert j.mark_dirty(1, 0, 1)
+        monkeypatch.setattr(os, "fdatasync", slow)
+        first = asyncio.create_task(j.commit())
+        await asyncio.to_thread(entered.wait, 5)  # block 1 is being written
+        j.clear_dirty(1, [0])
+        assert j.mark_dirty(1, 0, 1)  # a new SET that block 1 does not carry
+        second = asyncio.create_task(j.commit())
+        gate.set()
+        await first
+        assert j.mark_dirty(1, 0, 1) is True  # block 1 is durable, but not this record
+        await second
+        assert j.mark_dirty(1, 0, 1) is False
+
+    asyncio.run(main())
+    monkeypatch.undo()
+    j.abandon()
+    assert open_j(jpath).dirty(1).tolist() == [0]
 
 
 def test_request_commit_calls_listeners(jpath: Path) -> None:
@@ -582,7 +614,7 @@ def test_lun_growth_marks_new_regions_dirty(jpath: Path) -> None:
 
 
 def test_every_error_has_its_own_alarm() -> None:
-    classes = [errors.JournalTooSmall, errors.JournalShrunk, errors.JournalUnreachable,
+    classes: list[type[JournalError]] = [errors.JournalTooSmall, errors.JournalShrunk, errors.JournalUnreachable,
                errors.JournalFull, errors.JournalCorrupt, errors.JournalUnsupported,
                errors.JournalOffline]
     keys = {c.alarm for c in classes}
