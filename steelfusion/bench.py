@@ -130,8 +130,150 @@ class Row:
                 "edge_runs": [round(x) for x in self.edge], "tgt_runs": [round(x) for x in self.tgt]}
 
 
+def _core_pair(wd: Path, lun_size: int, initial_sync: bool) -> tuple[list[Any], list[int]]:
+    """Two Cores (no Edge, no Witness) for the replication measurements."""
+    from steelfusion.config import CoreConfig, LunConfig, write_toml
+    from steelfusion.lab import spawn, wait_control
+
+    wd.mkdir(parents=True, exist_ok=True)
+    ports = free_ports(4)
+    cfgs = []
+    pids = []
+    for i, name in enumerate(["bench-core-a", "bench-core-b"]):
+        cfg = CoreConfig(
+            name=name, role="primary" if i == 0 else "secondary",
+            listen=("127.0.0.1", ports[2 * i]), control=("127.0.0.1", ports[2 * i + 1]),
+            state_dir=str(wd / name), luns=(LunConfig(1, str(wd / name / "lun-1.img"), lun_size),),
+            peer=("127.0.0.1", ports[2 * (1 - i)]), log_file=str(wd / f"{name}.log"),
+            journal_path=str(wd / name / "journal.img"), journal_size=3 << 30,
+            initial_sync=initial_sync, pair="bench")
+        path = wd / f"{name}.toml"
+        write_toml(path, cfg.to_dict())
+        cfgs.append(cfg)
+    for cfg in cfgs:
+        pid = spawn("core", wd / f"{cfg.name}.toml", wd, cfg.name)
+        wait_control(cfg.control, pid, 30, cfg.name, wd)
+        pids.append(pid)
+    return cfgs, pids
+
+
+def _stop(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for pid in pids:
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _wait(pred: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise InitiatorError("timed out during a replication measurement")
+        time.sleep(0.02)
+
+
+def replication_throughput(wd: Path, total: int, write: int = 512 * 1024,
+                           window: int = 32 << 20) -> float:
+    """MB/s of writes through primary -> secondary, both durable, seen as an Edge sees it.
+
+    A wire-level writer streams ``write``-byte WRITEs (the seed's largest payload)
+    to the primary with ``window`` bytes in flight and counts cumulative ACKs.
+    """
+    import asyncio
+
+    from steelfusion import control
+    from steelfusion.link import dial
+    from steelfusion.wire import Ack, Hello, Write
+
+    size = max(total, 64 << 20)
+    cfgs, pids = _core_pair(wd / "repl", size, initial_sync=False)
+    try:
+        _wait(lambda: control.call(cfgs[0].control, "status")["replication"] == "running", 30)
+
+        async def run() -> float:
+            acked = 0
+            done = asyncio.Event()
+            wake = asyncio.Event()
+            n = total // write
+
+            def on_msg(_: Any, m: Any) -> None:
+                nonlocal acked
+                if isinstance(m, Ack):
+                    acked = m.seq
+                    wake.set()
+                    if acked >= n:
+                        done.set()
+
+            link = await dial(*cfgs[0].listen, Hello("bench-writer", "edge", "edge", 0,
+                                                     {1: size}, {}), on_msg, lambda *_: None)
+            data = os.urandom(write)
+            t0 = time.monotonic()
+            for seq in range(1, n + 1):
+                while (seq - acked) * write > window:
+                    wake.clear()
+                    await wake.wait()
+                link.send(Write(1, 0, 77, seq, ((seq - 1) * write) % size, data))
+                if seq % 16 == 0:
+                    await asyncio.sleep(0)
+            await asyncio.wait_for(done.wait(), 300)
+            el = time.monotonic() - t0
+            link.close()
+            return n * write / el / 1e6
+
+        return asyncio.run(run())
+    finally:
+        _stop(pids)
+
+
+def resync_throughput(wd: Path, size: int) -> float:
+    """MB/s of a resync (the initial sync of a new pair), 128 KiB payloads, the seed's path."""
+    from steelfusion import control
+
+    a = wd / "resync" / "bench-core-a"
+    a.mkdir(parents=True, exist_ok=True)
+    with open(a / "lun-1.img", "wb") as f:
+        chunk = os.urandom(4 << 20)
+        for _ in range(size // len(chunk)):
+            f.write(chunk)
+    cfgs, pids = _core_pair(wd / "resync", size, initial_sync=True)
+    try:
+        t0 = time.monotonic()
+
+        def synced() -> bool:
+            st = control.call(cfgs[0].control, "status")
+            return bool(st["peer"].get("synced")) and st["replication"] == "running"
+
+        _wait(synced, 600)
+        return size / (time.monotonic() - t0) / 1e6
+    finally:
+        _stop(pids)
+
+
+def rss_big_lun(wd: Path, lun_size: int = 1 << 40) -> dict[str, int]:
+    """RSS of every node of a lab whose LUN is ``lun_size`` (sparse), after some I/O."""
+    from steelfusion.initiator import qemu_write
+
+    lab = Lab(wd / "biglab")
+    try:
+        data = lab.up(luns=1, lun_size=lun_size, edges=1)
+        src = wd / "big-src.raw"
+        src.write_bytes(os.urandom(16 << 20))
+        qemu_write(src, data["edges"][0]["targets"][0]["url"])
+        lab.wait_committed(timeout=120)
+        return {n["name"]: rss_bytes(n["pid"]) for n in [*data["cores"], *data["edges"]]}
+    finally:
+        if lab.file.exists():
+            lab.down()
+
+
 def run_bench(workdir: str | None, rounds: int, quick: bool, lun_size: int,
-              only: list[str] | None = None, log: Any = print) -> dict[str, Any]:
+              only: list[str] | None = None, log: Any = print,
+              extras: bool = True) -> dict[str, Any]:
     tmp = None
     if workdir is None:
         tmp = tempfile.mkdtemp(prefix="steelfusion-bench-")
@@ -175,9 +317,28 @@ def run_bench(workdir: str | None, rounds: int, quick: bool, lun_size: int,
         tgt.stop()
         if lab.file.exists():
             lab.down()
+    try:
+        if extras:
+            _extras(result, wd, quick, log)
+    finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def _extras(result: dict[str, Any], wd: Path, quick: bool, log: Any) -> None:
+    """Core->Core replication and resync throughput, and RSS with a huge sparse LUN."""
+    mb = 64 if quick else 1024
+    log(f"Core->Core replication: {mb} MiB of 512 KiB writes")
+    result["core_replication_mb_s"] = round(replication_throughput(wd, mb << 20), 1)
+    log(f"resync: initial sync of a {mb} MiB LUN")
+    result["resync_mb_s"] = round(resync_throughput(wd, mb << 20), 1)
+    result["resync_vs_replication"] = round(
+        result["resync_mb_s"] / result["core_replication_mb_s"], 3)
+    big = (1 << 30) if quick else (1 << 40)
+    log(f"RSS with a {format_size(big)} sparse LUN")
+    result["rss_big_lun_bytes"] = rss_big_lun(wd, big)
+    result["big_lun_size"] = big
 
 
 def render(result: dict[str, Any]) -> str:
@@ -190,6 +351,12 @@ def render(result: dict[str, Any]) -> str:
                      f"{w['edge_mb_s']:>10} {w['tgt_mb_s']:>9} {ratio:>6} {lag:>11}")
     rss = ", ".join(f"{k} {format_size(v)}" for k, v in result["rss_bytes"].items())
     lines.append(f"RSS after the run: {rss}")
+    if "core_replication_mb_s" in result:
+        lines.append(f"Core->Core replication {result['core_replication_mb_s']} MB/s "
+                     f"(512 KiB writes, durable on both); resync {result['resync_mb_s']} MB/s "
+                     f"= {100 * result['resync_vs_replication']:.0f}% of it")
+        big = ", ".join(f"{k} {format_size(v)}" for k, v in result["rss_big_lun_bytes"].items())
+        lines.append(f"RSS with a {format_size(result['big_lun_size'])} sparse LUN: {big}")
     lines.append(f"medians of {result['rounds']} alternating rounds; edge = Edge with synchronous "
                  "replication to two Cores; tgt = tgtd with a file LUN")
     return "\n".join(lines)
