@@ -30,3 +30,10 @@ def steelfusion_cmd() -> list[str]:
 def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
     os.environ.setdefault("STEELFUSION_TEST", "1")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In-process nodes log nowhere by default (tests that check events capture them)."""
+    from steelfusion import log
+
+    log.setup("pytest", None, tty=False)

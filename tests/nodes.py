@@ -97,6 +97,7 @@ class FakeEdge:
     refused: Refuse | None = None
     welcome: Welcome | None = None
     event: asyncio.Event = field(default_factory=asyncio.Event)
+    epoch: int = 0
 
     async def connect(self, addr: tuple[str, int], timeout: float = 5.0) -> bool:
         def on_message(link: Link, msg: Message) -> None:
@@ -108,7 +109,7 @@ class FakeEdge:
                 self.welcome = msg
             self.event.set()
 
-        self.link = await dial(*addr, Hello(self.name, "edge", "edge", 0, self.luns,
+        self.link = await dial(*addr, Hello(self.name, "edge", "edge", self.epoch, self.luns,
                                             {"stream": self.stream}),
                                on_message, lambda lk, e: self.event.set(), name="fake-edge")
         deadline = asyncio.get_running_loop().time() + timeout

@@ -143,6 +143,18 @@ async def _one_good_write(addr: tuple[str, int]) -> None:
     e.close()
 
 
+def test_core_refuses_edge_that_saw_a_newer_epoch(pair) -> None:  # type: ignore[no-untyped-def]
+    """DESIGN invariant 2: a stale primary (older epoch) is refused by Edges."""
+    a, _ = pair
+
+    async def main() -> None:
+        e = FakeEdge("edge-x", 1, {1: 8 * MiB}, epoch=5)
+        assert not await e.connect(a.cfg.listen)
+        assert e.refused is not None and e.refused.code == "stale-primary"
+
+    asyncio.run(main())
+
+
 def test_secondary_refuses_edges(pair) -> None:  # type: ignore[no-untyped-def]
     _, b = pair
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from steelfusion import control
-from steelfusion.initiator import qemu_write
+from steelfusion.initiator import qemu_read, qemu_write
 from steelfusion.lab import Lab
 from steelfusion.units import parse_addr
 from tests.conftest import tool
@@ -146,6 +146,9 @@ def test_failover_and_failback(lab, tmp_path: Path) -> None:  # type: ignore[no-
     wait_for(lambda: status(b)["replication"] == "running", timeout=60, what="resync")
     f = files(data)
     assert f["core-a"] == f["core-b"] == img2.read_bytes()
+    back = tmp_path / "back.raw"
+    qemu_read(url, back)  # the host sees exactly what it last wrote
+    assert back.read_bytes() == img2.read_bytes()
     ev = [json.loads(line)["event"] for line in coredr(b, "events").stdout.splitlines()]
     assert "failed_over" in ev and "resync_done" in ev
 

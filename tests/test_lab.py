@@ -112,3 +112,24 @@ def test_malformed_pdu_costs_only_its_connection(lab: Lab, tmp_path: Path) -> No
     assert _prefix(back, 4 * MiB) == src.read_bytes()
     time.sleep(0.2)
     assert "iscsi_protocol_error" in Path(edge["log"]).read_text()
+
+
+def test_full_reserve_stalls_host_writes_never_fails_them(lab: Lab, tmp_path: Path) -> None:
+    """DESIGN: when the write reserve fills, host writes wait — never fail, never drop."""
+    data = lab.up(luns=1, lun_size=64 * MiB, edges=1, reserve=4 * MiB)
+    url = data["edges"][0]["targets"][0]["url"]
+    lab.kill("core-a")
+    src = tmp_path / "big.raw"
+    src.write_bytes(os.urandom(16 * MiB))
+    proc = subprocess.Popen(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", "-t", "none",
+                             str(src), url], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(3)
+    assert proc.poll() is None  # stalled, not failed
+    st = lab.status()
+    assert st["edges"][0]["blockstore"]["writers_waiting"] >= 1
+    assert st["edges"][0]["uncommitted_bytes"] <= 4 * MiB + 512 * 1024
+    lab.start("core-a")
+    assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+    lab.wait_committed(timeout=60)
+    for core in data["cores"]:
+        assert _prefix(core["luns"]["1"], 16 * MiB) == src.read_bytes(), core["name"]
