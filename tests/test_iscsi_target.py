@@ -213,8 +213,7 @@ def test_iscsi_readcapacity16(target: TargetThread) -> None:
     r = run("iscsi-readcapacity16", target.url)
     assert r.returncode == 0, r.stderr
     assert f"RETURNED LOGICAL BLOCK ADDRESS:{LUN_BYTES // 512 - 1}" in r.stdout
-    assert "LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT:0" in r.stdout
-    assert "LBPME:1 LBPRZ:1" in r.stdout
+    assert "LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT:3" in r.stdout
     assert f"Total size:{LUN_BYTES}" in r.stdout
 
 
