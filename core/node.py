@@ -67,6 +67,7 @@ GIB = 1 << 30
 RESYNC_STREAM = 2**64 - 1  # acks of resync payloads travel on this stream id
 RESYNC_CHUNK = 128 * 1024  # seed: initial synchronization payloads are 128 KB
 RESYNC_WINDOW = 16 << 20
+AL_LOOKAHEAD = 4 << 20  # activity-log regions noted ahead of a sequential stream
 VERIFY_BATCH = 64  # regions per hash request
 
 
@@ -98,6 +99,7 @@ class LunPipe:
     resync_issued: deque[tuple[int, int, Link]] = field(default_factory=deque)
     writes: int = 0
     bytes_written: int = 0
+    last_end: int = 0  # end offset of the previous Edge write (sequential detection)
 
 
 @dataclass(slots=True)
@@ -610,6 +612,7 @@ class Core:
                     must = j.mark_dirty(w.lun, w.offset, len(w.data))
                 elif self.rep.mirrors:
                     must = j.note_inflight(w.lun, w.offset, len(w.data))
+                    self._al_lookahead(w.lun, p, w.offset + len(w.data))
                 else:
                     must = False
             except Exception as e:  # an offline journal must not take the Core down
@@ -623,6 +626,23 @@ class Core:
                 j.request_commit()
             return
         self._apply_write(w.lun, p, w)
+
+    def _al_lookahead(self, lun: int, p: LunPipe, end: int) -> None:
+        """Sequential stream: put the next regions in the activity log ahead of time.
+
+        They enter idle (noted, then released at once), ride along with the
+        commit already under way, and the stream's next writes then find their
+        region durable in the AL instead of waiting for a journal commit each
+        (DRBD keeps hot extents for the same reason). Extra AL regions only
+        widen a post-crash resync, never narrow it.
+        """
+        j = self.journal
+        if p.last_end and end > p.last_end and end - p.last_end <= 1 << 20:
+            ahead = min(AL_LOOKAHEAD, p.store.size - end)
+            if ahead > 0:
+                j.note_inflight(lun, end, ahead)
+                j.peer_acked(lun, end, ahead)
+        p.last_end = end
 
     def _apply_write(self, lun: int, p: LunPipe, w: Write) -> None:
         self._apply(lun, p, w)

@@ -37,3 +37,16 @@ def pytest_configure(config: pytest.Config) -> None:
     from steelfusion import log
 
     log.setup("pytest", None, tty=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No node process outlives the test run, whatever happened to the test that started it."""
+    import signal
+
+    from tests.nodes import SPAWNED
+
+    for pid in SPAWNED:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

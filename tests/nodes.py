@@ -15,6 +15,7 @@ from steelfusion.link import Link, dial
 from steelfusion.wire import Ack, Hello, Message, Refuse, Welcome, Write
 
 MiB = 1 << 20
+SPAWNED: list[int] = []  # every node process a test started; conftest kills leftovers at the end
 
 
 @dataclass
@@ -27,6 +28,7 @@ class CoreProc:
 
     def start(self) -> None:
         self.pid = spawn("core", self.path, self.workdir, self.name)
+        SPAWNED.append(self.pid)
         wait_control(self.cfg.control, self.pid, 30, self.name, self.workdir)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -54,6 +56,7 @@ def make_witness(tmp: Path, lease: float = 1.5) -> tuple[tuple[str, int], int]:
     path = tmp / "witness.toml"
     write_toml(path, cfg.to_dict())
     pid = spawn("witness", path, tmp, "witness")
+    SPAWNED.append(pid)
     wait_control(cfg.control, pid, 30, "witness", tmp)  # type: ignore[arg-type]
     return cfg.listen, pid
 
