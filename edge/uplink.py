@@ -41,6 +41,7 @@ from steelfusion.wire import Read as ReadMsg
 _log = log.get("uplink")
 
 BATCH_BYTES = 4 << 20
+COALESCE_BYTES = 512 * 1024  # seed: replication payloads are "as large as 512 KB"
 
 
 class CoreUplink:
@@ -211,16 +212,32 @@ class CoreUplink:
             return
         batch: list[Message] = []
         size = 0
-        while (self.send_q and self.inflight_bytes < self.cfg.window_bytes
-               and size < BATCH_BYTES):
-            rec = self.send_q.popleft()
-            if rec.seq <= self.bs.committed_seq.get(rec.lun, 0):
+        q = self.send_q
+        committed = self.bs.committed_seq
+        while q and self.inflight_bytes < self.cfg.window_bytes and size < BATCH_BYTES:
+            rec = q.popleft()
+            if rec.seq <= committed.get(rec.lun, 0):
                 continue  # committed meanwhile
-            data = self.bs.data_of(rec)
-            batch.append(Write(rec.lun, 0, self.bs.stream, rec.seq, rec.offset, data))
+            # Coalesce a run of contiguous writes to one LUN, in order, into one frame
+            # (issue: "coalescing writes to the Core where order allows"). The frame
+            # carries the run's last seq: a Core that already applied part of the run
+            # re-applies those same bytes, and nothing newer can have touched them.
+            parts = [self.bs.data_of(rec)]
             rec.sent = True
-            self.inflight_bytes += rec.length
-            size += rec.length
+            n = rec.length
+            last = rec
+            while (q and n < COALESCE_BYTES and q[0].lun == rec.lun
+                   and q[0].offset == last.offset + last.length
+                   and q[0].seq > committed.get(rec.lun, 0)
+                   and n + q[0].length <= COALESCE_BYTES):
+                last = q.popleft()
+                parts.append(self.bs.data_of(last))
+                last.sent = True
+                n += last.length
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            batch.append(Write(rec.lun, 0, self.bs.stream, last.seq, rec.offset, data))
+            self.inflight_bytes += n
+            size += n
         if batch:
             link.send_many(batch)
             self.writes_sent += len(batch)
