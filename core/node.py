@@ -42,7 +42,7 @@ import numpy as np
 
 from core.lunstore import AppliedState, LunError, LunStore
 from core.replication import Effect, Event, Refused, Rep, State, initial, step
-from steelfusion import control, log
+from steelfusion import authconfig, control, log
 from steelfusion.atomic import atomic_write
 from steelfusion.config import CoreConfig
 from steelfusion.link import Link, dial, listen
@@ -122,6 +122,7 @@ class Core:
     def __init__(self, cfg: CoreConfig) -> None:
         self.cfg = cfg
         self.name = cfg.name
+        self.auth = authconfig.load(cfg.source)
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = self.state_dir / "core-state.json"
@@ -249,14 +250,17 @@ class Core:
         host, port = self.cfg.listen
         self._server = await listen(host, port, self._on_message, self._on_close,
                                     name="core-listen", ping_interval=self.cfg.ping_interval,
-                                    dead_after=self.cfg.dead_after)
+                                    dead_after=self.cfg.dead_after,
+                                    keyring=self.auth.keyring if self.auth else None,
+                                    local_name=self.name)
         self._control = await control.serve(*self.cfg.control, self._control_handlers())
         self._start_diallers()
         if self.cfg.witness:
             from witness.client import WitnessClient
 
             self.witness = WitnessClient(self.cfg.witness, self.name, self.role, self.cfg.pair,
-                                         lambda: self.epoch)
+                                         lambda: self.epoch,
+                                         key=self.auth.key if self.auth else None)
             self._tasks.append(asyncio.create_task(self.witness.start()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self.event("core_started", listen=format_addr(self.cfg.listen),
@@ -1126,7 +1130,8 @@ class Core:
                 link = await dial(host, port, hello, self._on_message, self._on_close,
                                   name=f"repl-{idx}", local_addr=(iface, 0),
                                   ping_interval=self.cfg.ping_interval,
-                                  dead_after=self.cfg.dead_after)
+                                  dead_after=self.cfg.dead_after,
+                                  key=self.auth.key if self.auth else None)
             except (TimeoutError, OSError) as e:
                 _log.debug("peer_dial_failed", peer=format_addr(self.cfg.peer), error=str(e))
                 await asyncio.sleep(backoff)

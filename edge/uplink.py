@@ -21,7 +21,7 @@ from typing import Any
 
 from edge.backends import BackendNotReady
 from edge.blockstore import Blockstore, Record
-from steelfusion import log
+from steelfusion import authconfig, log
 from steelfusion.config import EdgeConfig
 from steelfusion.link import Link, dial
 from steelfusion.units import format_addr
@@ -48,6 +48,7 @@ class CoreUplink:
     def __init__(self, cfg: EdgeConfig, bs: Blockstore) -> None:
         self.cfg = cfg
         self.bs = bs
+        self.auth = authconfig.load(cfg.source)
         self.luns = {lu.lun_id: lu.size for t in cfg.targets for lu in t.luns}
         self.link: Link | None = None  # the primary's data connection
         self.primary_name: str | None = None
@@ -106,7 +107,8 @@ class CoreUplink:
 
         try:
             link = await dial(*addr, hello, on_message, on_close, name="core",
-                              ping_interval=self.cfg.ping_interval, dead_after=self.cfg.dead_after)
+                              ping_interval=self.cfg.ping_interval, dead_after=self.cfg.dead_after,
+                              key=self.auth.key if self.auth else None)
             answer = await asyncio.wait_for(fut, 5.0)
         except (TimeoutError, OSError, ConnectionError) as e:
             _log.debug("core_dial_failed", core=format_addr(addr), error=str(e))

@@ -15,7 +15,9 @@ from typing import Any
 
 from steelfusion import log
 from steelfusion.linkstate import LinkDead, LinkMachine, LinkState
+from steelfusion.nodeauth import ClientHandshake, Keyring, NodeAuthError, NodeKey, ServerHandshake
 from steelfusion.wire import (
+    Control,
     FrameDecoder,
     Hello,
     Message,
@@ -60,6 +62,14 @@ class Link(asyncio.Protocol):
         self.ctx: Any = None  # the role's per-connection state
         self.bytes_in = 0
         self.bytes_out = 0
+        # node authentication (steelfusion/nodeauth.py): a listener with a keyring
+        # answers with proof in WELCOME and delivers nothing until the client's proof;
+        # a dialler with a key checks the server's proof before the role sees WELCOME.
+        self.keyring: Keyring | None = None
+        self.local_name = ""
+        self.auth_server: ServerHandshake | None = None
+        self.auth_client: ClientHandshake | None = None
+        self._auth_welcome: dict[str, Any] | None = None
         self._out: list[bytes | memoryview] = []
         self._out_bytes = 0
         self._flush_scheduled = False
@@ -87,6 +97,8 @@ class Link(asyncio.Protocol):
                     self.send_many(replies)
                 if isinstance(m, Ping | Pong):
                     continue
+                if not self._auth_gate(m):
+                    return
                 if isinstance(m, Hello):
                     self.hello = m
                 elif isinstance(m, Welcome):
@@ -100,6 +112,34 @@ class Link(asyncio.Protocol):
             with contextlib.suppress(Exception):
                 self.send(Refuse(e.code, str(e)))
             self.abort(f"protocol error: {e}")
+
+    def _auth_gate(self, m: Message) -> bool:
+        """Run node authentication; False when the frame is consumed or the link dropped."""
+        try:
+            if self.keyring is not None:
+                if isinstance(m, Hello):
+                    self.auth_server = ServerHandshake(self.keyring, self.local_name)
+                    self._auth_welcome = self.auth_server.on_hello(m.info, m.node, m.purpose)
+                    return True
+                srv = self.auth_server
+                if srv is not None and not srv.authenticated:
+                    if isinstance(m, Control) and "auth" in m.body:
+                        srv.on_control(m.body)
+                        _log.info("node_authenticated", peer=self.peer, node=srv.peer,
+                                  key_id=srv.key_id, link=self.name)
+                        return False
+                    raise NodeAuthError("auth_required", f"{m.TYPE.name} before the "
+                                        "authentication proof")
+            cli = self.auth_client
+            if cli is not None and isinstance(m, Welcome) and not cli.authenticated:
+                self.send(Control(cli.on_welcome(m.info, m.node)))
+        except NodeAuthError as e:
+            _log.warning("node_auth_failed", peer=self.peer, link=self.name, code=e.code,
+                         reason=e.reason, node=self.hello.node if self.hello else None)
+            self.send(Refuse(e.code, e.reason))
+            self.close(f"authentication failed: {e.reason}")
+            return False
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -127,6 +167,10 @@ class Link(asyncio.Protocol):
         t = self.transport
         if t is None or t.is_closing():
             return
+        if self._auth_welcome is not None and isinstance(msg, Welcome):
+            msg = Welcome(msg.node, msg.role, msg.epoch, msg.applied,
+                          {**msg.info, **self._auth_welcome})
+            self._auth_welcome = None
         bufs = encode(msg)
         self._queue(bufs, sum(len(b) for b in bufs))
 
@@ -205,9 +249,18 @@ class Link(asyncio.Protocol):
 async def dial(host: str, port: int, hello: Hello, on_message: Handler,
                on_close: Callable[[Link, BaseException | None], None], *, name: str = "",
                timeout: float = 5.0, local_addr: tuple[str, int] | None = None,
-               ping_interval: float = 1.0, dead_after: float = 6.0) -> Link:
-    """Connect, send HELLO and return the link; WELCOME/REFUSE arrive via ``on_message``."""
+               ping_interval: float = 1.0, dead_after: float = 6.0,
+               key: NodeKey | None = None) -> Link:
+    """Connect, send HELLO and return the link; WELCOME/REFUSE arrive via ``on_message``.
+
+    With ``key``, the HELLO carries an authentication challenge and WELCOME
+    reaches ``on_message`` only after the server proved it knows the key.
+    """
     loop = asyncio.get_running_loop()
+    auth = ClientHandshake(key, hello.node, hello.purpose) if key is not None else None
+    if auth is not None:
+        hello = Hello(hello.node, hello.role, hello.purpose, hello.epoch, hello.luns,
+                      {**hello.info, **auth.hello_info()})
     _, proto = await asyncio.wait_for(
         loop.create_connection(
             lambda: Link(on_message, on_close, dialler=True, name=name,
@@ -215,15 +268,23 @@ async def dial(host: str, port: int, hello: Hello, on_message: Handler,
             host, port, local_addr=local_addr),
         timeout)
     assert isinstance(proto, Link)
+    proto.auth_client = auth
     proto.send(hello)
     return proto
 
 
 async def listen(host: str, port: int, on_message: Handler,
                  on_close: Callable[[Link, BaseException | None], None], *, name: str = "",
-                 ping_interval: float = 1.0, dead_after: float = 6.0) -> asyncio.Server:
+                 ping_interval: float = 1.0, dead_after: float = 6.0,
+                 keyring: Keyring | None = None, local_name: str = "") -> asyncio.Server:
+    """Accept node connections; with ``keyring`` every peer must authenticate first."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: Link(on_message, on_close, dialler=False, name=name,
-                     ping_interval=ping_interval, dead_after=dead_after),
-        host, port, reuse_address=True)
+
+    def make() -> Link:
+        lk = Link(on_message, on_close, dialler=False, name=name, ping_interval=ping_interval,
+                  dead_after=dead_after)
+        lk.keyring = keyring
+        lk.local_name = local_name
+        return lk
+
+    return await loop.create_server(make, host, port, reuse_address=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from steelfusion import control
+from steelfusion.wire import Message
 from tests.nodes import FakeEdge, MiB, make_cores
 
 pytestmark = pytest.mark.timeout(120)
@@ -199,3 +200,54 @@ def test_garbage_on_core_port_drops_only_that_connection(pair) -> None:  # type:
     asyncio.run(main())
     assert "wire_protocol_error" in a.log_events()
     assert control.call(a.cfg.control, "status")["replication"] == "running"
+
+
+def test_core_refuses_nodes_that_cannot_authenticate(tmp_path: Path) -> None:
+    """Issue 4: a Core refuses a node that cannot prove the shared key; clear log events."""
+    from steelfusion.authconfig import make_key_file
+    from steelfusion.config import write_toml
+    from steelfusion.nodeauth import NodeKey, read_key_file
+    from steelfusion.wire import Hello, Refuse, Welcome
+
+    a, b = make_cores(tmp_path, {1: 8 * MiB})
+    key = make_key_file(tmp_path / "node.key")
+    for c in (a, b):  # both Cores share the key: their replication links authenticate
+        d = c.cfg.to_dict()
+        d["auth"] = {"key_file": key, "key_id": "lab"}
+        write_toml(c.path, d)
+    a.start()
+    b.start()
+    try:
+        _wait_repl(a.cfg.control, "running")
+
+        async def attempt(k: NodeKey | None) -> Message | None:
+            from steelfusion.link import dial
+
+            got: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+
+            def on_msg(_: object, m: Message) -> None:
+                if not got.done() and isinstance(m, Welcome | Refuse):
+                    got.set_result(m)
+
+            def on_close(*_: object) -> None:
+                if not got.done():
+                    got.set_result(None)  # type: ignore[arg-type]
+
+            lk = await dial(*a.cfg.listen, Hello("edge-x", "edge", "edge", 0, {1: 8 * MiB}, {}),
+                            on_msg, on_close, key=k)
+            try:
+                return await asyncio.wait_for(got, 5)
+            finally:
+                lk.close()
+
+        none = asyncio.run(attempt(None))
+        assert isinstance(none, Refuse) and none.code == "auth_required"
+        wrong = asyncio.run(attempt(NodeKey("lab", b"x" * 32)))
+        assert wrong is None or isinstance(wrong, Refuse)  # our side saw a bad server proof
+        good = asyncio.run(attempt(NodeKey("lab", read_key_file(key))))
+        assert isinstance(good, Welcome)
+        assert "node_auth_failed" in a.log_events()
+        assert read_key_file(key).hex() not in a.log_events()  # secrets never logged
+    finally:
+        a.kill()
+        b.kill()

@@ -28,6 +28,7 @@ from collections.abc import Callable
 
 from steelfusion import log
 from steelfusion.link import Link, dial
+from steelfusion.nodeauth import NodeKey
 from steelfusion.wire import Control, Hello, Message, Refuse, Welcome
 from witness.logic import Decision
 from witness.protocol import ProtocolError, WireReply, WireRequest, parse_reply
@@ -48,8 +49,10 @@ class WitnessClient:
     def __init__(self, addr: tuple[str, int], node: str, role: str, pair: str,
                  epoch_fn: Callable[[], int], *, timeout: float = 2.0,
                  heartbeat_seconds: float | None = None, reconnect_seconds: float = 0.2,
-                 ping_interval: float = 0.5, dead_after: float = 3.0) -> None:
+                 ping_interval: float = 0.5, dead_after: float = 3.0,
+                 key: NodeKey | None = None) -> None:
         self.addr = addr
+        self.key = key  # shared node key (steelfusion/nodeauth.py), if the Witness wants one
         self.node = node
         self.role = role
         self.pair = pair
@@ -240,7 +243,8 @@ class WitnessClient:
             try:
                 lk = await dial(*self.addr, hello, self._on_message, self._on_close,
                                 name="witness-client", timeout=self.timeout,
-                                ping_interval=self.ping_interval, dead_after=self.dead_after)
+                                ping_interval=self.ping_interval, dead_after=self.dead_after,
+                                key=self.key)
             except (TimeoutError, OSError):
                 await asyncio.sleep(self.reconnect_seconds)
                 continue

@@ -38,6 +38,7 @@ from steelfusion import control, log
 from steelfusion.atomic import atomic_write
 from steelfusion.config import WitnessConfig
 from steelfusion.link import Link, listen
+from steelfusion.nodeauth import Keyring
 from steelfusion.units import format_addr
 from steelfusion.wire import Control, Hello, Message, Welcome
 from witness.logic import (
@@ -89,8 +90,9 @@ class Witness:
     """One Witness: pairs, approvals and leases, served over the node protocol."""
 
     def __init__(self, name: str, addr: tuple[str, int], state_dir: str,
-                 lease_seconds: float = 5.0) -> None:
+                 lease_seconds: float = 5.0, keyring: Keyring | None = None) -> None:
         self.name = name
+        self.keyring = keyring  # node authentication: Cores must prove the shared key
         self.addr = addr
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +118,8 @@ class Witness:
         self.logic = WitnessLogic(self.lease_seconds, self._now(), state)
         ping = max(0.05, min(1.0, self.lease_seconds / 3))
         self._server = await listen(*self.addr, self._on_message, self._on_close, name="witness",
-                                    ping_interval=ping, dead_after=max(2.0, 2 * self.lease_seconds))
+                                    ping_interval=ping, dead_after=max(2.0, 2 * self.lease_seconds),
+                                    keyring=self.keyring, local_name=self.name)
         _log.info("witness_started", listen=format_addr(self.addr), state=str(self.state_path),
                   pairs=len(state.pairs), state_version=state.version,
                   lease_seconds=self.lease_seconds,
@@ -312,7 +315,11 @@ class Witness:
 
 async def run(cfg: WitnessConfig) -> None:
     """``steelfusion witness run``: serve until SIGTERM/SIGINT or the ``stop`` command."""
-    w = Witness(cfg.name, cfg.listen, cfg.state_dir, cfg.lease_seconds)
+    from steelfusion import authconfig
+
+    auth = authconfig.load(cfg.source)
+    w = Witness(cfg.name, cfg.listen, cfg.state_dir, cfg.lease_seconds,
+                keyring=auth.keyring if auth else None)
     try:
         await w.start()
     except WitnessStateError as e:
