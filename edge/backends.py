@@ -9,11 +9,14 @@ standalone target (``python -m edge.target``).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import errno
 import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 NAA_COMPANY_ID = 0x0A5F1D
 """24-bit IEEE company id placed in our NAA-6 designators (SPC-4 §7.8.6.6.4).
@@ -45,6 +48,21 @@ class BlockBackend(Protocol):
     async def flush(self) -> None: ...
 
 
+@runtime_checkable
+class ThinBackend(Protocol):
+    """Optional thin-provisioning hooks (SBC-3 §4.7).  ``edge.scsi`` uses them
+    when a backend has them and emulates them otherwise (zeros for unmap,
+    zero-detection for status), so a plain :class:`BlockBackend` works too.
+
+    ``unmap`` deallocates; afterwards the range must read as zeros (LBPRZ).
+    ``lba_status`` returns ``(offset, length, mapped)`` extents covering at
+    least the first byte asked for, in order."""
+
+    async def unmap(self, offset: int, length: int) -> None: ...
+
+    async def lba_status(self, offset: int, length: int) -> list[tuple[int, int, bool]]: ...
+
+
 class BackendNotReady(Exception):
     """The backend cannot serve this I/O now, e.g. its Core is unreachable for
     an uncached read.  Reported as sense 2/04/``ascq`` (LOGICAL UNIT NOT
@@ -68,6 +86,24 @@ def make_naa(name: str) -> bytes:
 def make_serial(name: str) -> str:
     """A printable unit serial number (VPD 0x80) derived from ``name``."""
     return "SF" + hashlib.sha256(name.encode()).hexdigest()[:16].upper()
+
+
+_FALLOC_KEEP_SIZE = 0x01
+_FALLOC_PUNCH_HOLE = 0x02
+
+
+def _load_fallocate() -> object | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.fallocate64
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate: Any = _load_fallocate()
 
 
 class FileBackend:
@@ -101,6 +137,7 @@ class FileBackend:
             os.close(self._fd)
             raise
         self.size_bytes = size - size % block_size
+        self._is_blk = stat.S_ISBLK(st.st_mode)
         name = str(self.path.resolve())
         self.serial = serial or make_serial(name)
         self.naa_id = naa_id or make_naa(name)
@@ -143,6 +180,56 @@ class FileBackend:
 
     async def flush(self) -> None:
         await asyncio.to_thread(os.fdatasync, self._fd)
+
+    def _punch(self, offset: int, length: int) -> None:
+        """Deallocate with FALLOC_FL_PUNCH_HOLE (partial blocks are zeroed);
+        where that is not available (block devices, some filesystems), write
+        zeros."""
+        if not self._is_blk and _fallocate is not None:
+            r = _fallocate(self._fd, _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE,
+                           ctypes.c_int64(offset), ctypes.c_int64(length))
+            if r == 0:
+                return
+            err = ctypes.get_errno()
+            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise OSError(err, os.strerror(err))
+        zeros = bytes(min(length, 1 << 20))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            self._pwrite(offset, memoryview(zeros)[:n])
+            offset += n
+
+    async def unmap(self, offset: int, length: int) -> None:
+        """UNMAP / WRITE SAME with UNMAP: punch a hole (SBC-3 §4.7.3.4)."""
+        await asyncio.to_thread(self._punch, offset, length)
+
+    def _extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        if self._is_blk:
+            return [(offset, length, True)]
+        end = offset + length
+        out: list[tuple[int, int, bool]] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: only a hole up to EOF
+                    return [(offset, length, True)]
+                data = end
+            if data > pos:
+                out.append((pos, min(data, end) - pos, False))
+                pos = min(data, end)
+                continue
+            hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
+            out.append((pos, min(hole, end) - pos, True))
+            pos = min(hole, end)
+        return out
+
+    async def lba_status(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Mapped and deallocated extents from SEEK_DATA/SEEK_HOLE (at the
+        filesystem's block granularity)."""
+        return self._extents(offset, length)
 
     def close(self) -> None:
         if self._fd >= 0:

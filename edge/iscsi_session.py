@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -175,21 +175,31 @@ class TargetInfo:
     alias: str | None = None
 
 
-class Authenticator(Protocol):
-    """Security-stage hook (RFC 7143 §6.3.2, §12).  CHAP plugs in here.
+class AuthExchange(Protocol):
+    """One login's authentication exchange (RFC 7143 §12): ``methods`` lists
+    the AuthMethod values accepted, best first; ``step`` consumes one Login
+    Request's security keys and returns (keys to answer, outcome): True =
+    authenticated, False = refused (``reason`` says why, without secrets),
+    None = more round trips needed.  ``edge.auth.ChapExchange`` is one."""
 
-    ``required`` decides whether this initiator must authenticate;
-    ``methods`` lists the AuthMethod values we accept, best first;
-    ``exchange`` consumes one login request's security keys and returns
-    (keys to answer, outcome): True = authenticated, False = refused,
-    None = more round trips needed.
-    """
-
-    def required(self, initiator_name: str, target_name: str | None) -> bool: ...
+    reason: str
 
     def methods(self) -> Sequence[str]: ...
 
-    def exchange(self, method: str, keys: Mapping[str, str]) -> tuple[Pairs, bool | None]: ...
+    def step(self, method: str, keys: Mapping[str, str]) -> tuple[Pairs, bool | None]: ...
+
+
+class Authenticator(Protocol):
+    """Security-stage hook (RFC 7143 §6.3.2, §12); ``edge.auth`` implements it.
+
+    ``authorize`` is the access list: False ends the login with status
+    0x0202 (authorization failure).  ``begin`` returns the exchange this
+    initiator must complete for this target (None for a discovery session),
+    or None when no authentication is required."""
+
+    def authorize(self, initiator_name: str, target_name: str | None) -> bool: ...
+
+    def begin(self, initiator_name: str, target_name: str | None) -> AuthExchange | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +218,11 @@ class SessionConfig:
     """Largest Expected Data Transfer Length accepted for a write."""
     login_timeout_s: float = 15.0
     authenticator: Authenticator | None = None
+    defer_resets: bool = False
+    """LOGICAL UNIT RESET and TARGET WARM/COLD RESET reach other sessions and
+    the LU's shared state, which only the adapter can touch: with this set
+    the connection emits :class:`ResetRequested` once its own tasks are done
+    and answers when the adapter calls :meth:`TargetConnection.complete_tmf`."""
 
 
 # --------------------------------------------------------------------------- events
@@ -225,6 +240,17 @@ class LoginComplete:
     tsih: int
     cid: int
     params: SessionParams
+
+
+@dataclass(frozen=True, slots=True)
+class LoginFailed:
+    """The login was refused with ``status`` (RFC 7143 §11.13.5); ``reason``
+    is for the log and holds no secret.  A CloseConnection follows."""
+
+    status: int
+    reason: str
+    initiator_name: str | None
+    target_name: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +278,17 @@ class TasksAborted:
 
 
 @dataclass(frozen=True, slots=True)
+class ResetRequested:
+    """A reset TMF (RFC 7143 §11.5.1) whose local tasks are finished: reset
+    the LU(s) across every session, then call
+    :meth:`TargetConnection.complete_tmf` with ``task_tag``."""
+
+    task_tag: int
+    function: int
+    lun: int
+
+
+@dataclass(frozen=True, slots=True)
 class LogoutComplete:
     """Logout Response queued; flush output, then close."""
 
@@ -266,7 +303,8 @@ class CloseConnection:
     reason: str
 
 
-Event = LoginComplete | ScsiCommandReady | TasksAborted | LogoutComplete | CloseConnection
+Event = (LoginComplete | LoginFailed | ScsiCommandReady | TasksAborted | ResetRequested
+         | LogoutComplete | CloseConnection)
 
 # --------------------------------------------------------------------------- tasks
 
@@ -364,6 +402,8 @@ class _PendingTmf:
     close_after: bool = False
 
 
+_RESETS = frozenset({5, 6, 7})  # LOGICAL UNIT RESET, TARGET WARM RESET, TARGET COLD RESET
+
 IMMEDIATE_SLACK = 16
 """Immediate commands allowed beyond the CmdSN window before we Reject
 them (reason 0x06, RFC 7143 §11.17.1)."""
@@ -416,6 +456,7 @@ class TargetConnection:
         self._stage: int | None = None
         self._negotiator = Negotiator(limits)
         self._auth_method: str | None = None
+        self._auth: AuthExchange | None = None
         self._authenticated = False
         self._discovery = False
         # full feature
@@ -424,6 +465,7 @@ class TargetConnection:
         self._write_bytes = 0
         self._discard: dict[int, None] = {}
         self._tmfs: list[_PendingTmf] = []
+        self._resets: dict[int, _PendingTmf] = {}
         self._logout: LogoutRequest | None = None
         self._text_buf = bytearray()
         self._text_more: list[bytes] = []
@@ -597,9 +639,7 @@ class TargetConnection:
             self._login_fail(pdu, LoginStatus.INVALID_DURING_LOGIN, f"bad CSG {pdu.csg}")
             return
         self._stage = pdu.csg
-        auth = self.config.authenticator
-        need_auth = auth is not None and auth.required(self.initiator_name or "",
-                                                       self.target.name if self.target else None)
+        need_auth = self._auth is not None
         if pdu.csg == 1 and need_auth and not self._authenticated:
             self._login_fail(pdu, LoginStatus.AUTH_FAILURE, "authentication required")
             return
@@ -607,7 +647,9 @@ class TargetConnection:
         if pdu.csg == 0:
             outcome = self._security(security_keys, need_auth, response)
             if outcome is False:
-                self._login_fail(pdu, LoginStatus.AUTH_FAILURE, "authentication failed")
+                why = self._auth.reason if self._auth is not None and self._auth.reason \
+                    else "authentication failed"
+                self._login_fail(pdu, LoginStatus.AUTH_FAILURE, why)
                 return
         elif security_keys:
             response.extend((k, REJECT) for k in security_keys)
@@ -651,14 +693,23 @@ class TargetConnection:
                 self._login_fail(pdu, LoginStatus.NOT_FOUND, f"no target {tname}")
                 return False
             self.target = target
+        auth = self.config.authenticator
+        if auth is not None:
+            tname = self.target.name if self.target else None
+            if not auth.authorize(name, tname):
+                self._login_fail(pdu, LoginStatus.AUTHORIZATION_FAILURE,
+                                 "initiator not on the access list")
+                return False
+            self._auth = auth.begin(name, tname)
+        if self.target is not None:
             response.append(("TargetPortalGroupTag", str(self.config.portal_group_tag)))
-            if target.alias:
-                response.append(("TargetAlias", target.alias))
+            if self.target.alias:
+                response.append(("TargetAlias", self.target.alias))
         return True
 
     def _security(self, keys: dict[str, str], need_auth: bool, response: Pairs) -> bool | None:
         """Security stage (RFC 7143 §6.3.2): pick AuthMethod, run the exchange."""
-        auth = self.config.authenticator
+        auth = self._auth
         offered = keys.get("AuthMethod")
         if offered is not None:
             methods = offered.split(",")
@@ -678,7 +729,7 @@ class TargetConnection:
         exchange = {k: v for k, v in keys.items() if k != "AuthMethod"}
         if need_auth and auth is not None and self._auth_method and self._auth_method != "None" \
                 and exchange:
-            answer, ok = auth.exchange(self._auth_method, exchange)
+            answer, ok = auth.step(self._auth_method, exchange)
             response.extend(answer)
             if ok is False:
                 return False
@@ -699,6 +750,8 @@ class TargetConnection:
     def _login_fail(self, pdu: LoginRequest, status: int, reason: str) -> None:
         self._send_login_response(pdu, b"", transit=False, status=status)
         self.state = State.CLOSED
+        self._events.append(LoginFailed(status, reason, self.initiator_name,
+                                        self.target.name if self.target else None))
         self._events.append(CloseConnection(f"login failed: {reason}"))
 
     def _enter_full_feature(self) -> None:
@@ -1041,8 +1094,13 @@ class TargetConnection:
         return ttt
 
     def _target_list(self) -> list[tuple[str, list[str]]]:
+        """SendTargets lists only what this initiator may log in to."""
         addr = f"{self.portal},{self.config.portal_group_tag}"
-        return [(name, [addr]) for name in sorted(self.config.targets)]
+        names = sorted(self.config.targets)
+        auth = self.config.authenticator
+        if auth is not None:
+            names = [n for n in names if auth.authorize(self.initiator_name or "", n)]
+        return [(name, [addr]) for name in names]
 
     def _on_logout(self, pdu: LogoutRequest) -> None:
         self._exp_statsn = pdu.exp_statsn
@@ -1067,7 +1125,8 @@ class TargetConnection:
 
     def _maybe_finish_logout(self) -> None:
         pdu = self._logout
-        if pdu is None or self._tasks or self._tmfs or self.state is State.CLOSED:
+        if pdu is None or self._tasks or self._tmfs or self._resets \
+                or self.state is State.CLOSED:
             return
         self._logout_response(pdu, 0)
         self.state = State.CLOSED
@@ -1114,7 +1173,7 @@ class TargetConnection:
             self._tmf_response(pdu, TmfResponse.FUNCTION_COMPLETE)
         elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
             self._abort(list(self._tasks.values()), pdu,
-                        close_after=fn == TmfFunction.TARGET_COLD_RESET)
+                        close_after=True)
         elif fn == TmfFunction.TASK_REASSIGN:
             self._tmf_response(pdu, TmfResponse.REASSIGNMENT_NOT_SUPPORTED)
         else:
@@ -1148,10 +1207,56 @@ class TargetConnection:
                 self._tmf_done(pending)
 
     def _tmf_done(self, pending: _PendingTmf) -> None:
-        self._tmf_response(pending.pdu, TmfResponse.FUNCTION_COMPLETE)
+        fn = pending.pdu.function
+        if self.config.defer_resets and fn in _RESETS:
+            self._resets[pending.pdu.itt] = pending
+            self._events.append(ResetRequested(pending.pdu.itt, fn, decode_lun(pending.pdu.lun)))
+            return
+        self._finish_tmf(pending, TmfResponse.FUNCTION_COMPLETE)
+
+    def _finish_tmf(self, pending: _PendingTmf, response: int) -> None:
+        self._tmf_response(pending.pdu, response)
         if pending.close_after:
             self.state = State.CLOSED
-            self._events.append(CloseConnection("target cold reset"))
+            self._events.append(CloseConnection(
+                "target cold reset" if pending.pdu.function == TmfFunction.TARGET_COLD_RESET
+                else "target warm reset"))
+
+    def complete_tmf(self, task_tag: int,
+                     response: int = TmfResponse.FUNCTION_COMPLETE) -> list[Event]:
+        """Answer a :class:`ResetRequested` (RFC 7143 §11.6)."""
+        pending = self._resets.pop(task_tag, None)
+        if pending is None or self.state is State.CLOSED:
+            return []
+        events = self._events = []
+        self._finish_tmf(pending, response)
+        self._maybe_finish_logout()
+        return events
+
+    def abort_tasks(self, luns: Collection[int] | None = None) -> list[Event]:
+        """Abort this session's tasks on ``luns`` (all when None) because
+        another session reset them or preempted this nexus (SAM-5 §7.6,
+        SPC-4 §5.13.11.4).  Aborted tasks end without a response (TAS=0):
+        the initiator learns of it through the unit attention."""
+        events = self._events = []
+        running = []
+        for task in list(self._tasks.values()):
+            if luns is not None and task.lun not in luns:
+                continue
+            if task.state is _TaskState.RUNNING:
+                task.aborted = True
+                running.append(task.itt)
+            else:
+                self._finish(task)
+                self._remember_discard(task.itt)
+        if running:
+            events.append(TasksAborted(tuple(sorted(running))))
+        return events
+
+    def is_aborted(self, task_tag: int) -> bool:
+        """True when the task is gone or aborted: do not start it."""
+        task = self._tasks.get(task_tag)
+        return task is None or task.aborted
 
     def _tmf_response(self, pdu: TaskMgmtRequest, response: int) -> None:
         if self.state is State.CLOSED:

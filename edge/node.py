@@ -116,18 +116,29 @@ class Edge:
         from edge.target import TargetConfig as IscsiTargetConfig
 
         self.uplink.start()
+        # Persistent reservations live beside the blockstore; a host write of
+        # up to RECORD_MAX is one CRC-checked log record, hence crash-atomic
+        # (what WRITE ATOMIC promises).
         targets = [IscsiTargetConfig(iqn=t.iqn, luns={lu.lun: self.luns[lu.lun_id] for lu in t.luns},
-                                     alias=t.alias) for t in self.cfg.targets]
+                                     alias=t.alias,
+                                     state_dir=os.path.join(self.cfg.blockstore, "scsi"),
+                                     atomic_write_max_bytes=RECORD_MAX)
+                   for t in self.cfg.targets]
         host, port = self.cfg.portal
-        self.target = IscsiTarget(targets, host, port, portal_address=self.cfg.advertise)
+        from edge.auth import from_edge_config
+
+        self.target = IscsiTarget(targets, host, port, portal_address=self.cfg.advertise,
+                                  authenticator=from_edge_config(self.cfg))
         await self.target.start()
         self._control = await control.serve(*self.cfg.control, self._handlers())
         if self.cfg.witness:
             from witness.node import Witness
 
+            auth = self.uplink.auth
             self.witness = Witness(self.cfg.name + "-witness", self.cfg.witness,
                                    self.cfg.witness_state_dir or
-                                   os.path.join(self.cfg.blockstore, "witness"))
+                                   os.path.join(self.cfg.blockstore, "witness"),
+                                   keyring=auth.keyring if auth else None)
             await self.witness.start()
         _log.info("edge_started", portal=format_addr(self.cfg.portal),
                   control=format_addr(self.cfg.control),

@@ -18,10 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import itertools
 import socket
+import stat
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from edge import scsi
@@ -30,12 +34,15 @@ from edge.iscsi_session import (
     Authenticator,
     CloseConnection,
     LoginComplete,
+    LoginFailed,
     LogoutComplete,
+    ResetRequested,
     ScsiCommandReady,
     SessionConfig,
     TargetConnection,
     TargetInfo,
     TasksAborted,
+    TmfFunction,
 )
 from steelfusion import log
 from steelfusion.iscsi.pdu import Buffer, IscsiProtocolError
@@ -46,7 +53,13 @@ ISCSI_PORT = 3260
 
 @dataclass
 class TargetConfig:
-    """One iSCSI target node: its IQN, its LUNs and an optional alias."""
+    """One iSCSI target node: its IQN, its LUNs and an optional alias.
+
+    ``state_dir`` keeps each LU's persistent reservations
+    (``pr-<NAA>.json``, atomic replace) so they survive restarts; None keeps
+    them in memory.  ``atomic_write_max_bytes`` is how much the backend can
+    write crash-atomically (WRITE ATOMIC is offered only when nonzero; None
+    asks the backend)."""
 
     iqn: str
     luns: dict[int, BlockBackend]
@@ -55,7 +68,14 @@ class TargetConfig:
     product: str = "Edge LUN"
     max_transfer_bytes: int = 8 * 1024 * 1024
     read_only: bool = False
+    state_dir: str | None = None
+    atomic_write_max_bytes: int | None = None
     logical_units: dict[int, scsi.LogicalUnit] = field(default_factory=dict, repr=False)
+
+    def pr_path(self, backend: BlockBackend) -> Path | None:
+        if self.state_dir is None:
+            return None
+        return Path(self.state_dir) / f"pr-{bytes(backend.naa_id).hex()}.json"
 
 
 def portal_with_port(address: str, port: int) -> str:
@@ -109,19 +129,25 @@ class IscsiTarget:
             t.logical_units = {
                 n: scsi.LogicalUnit(b, vendor=t.vendor, product=t.product,
                                     max_transfer_bytes=t.max_transfer_bytes,
-                                    read_only=t.read_only)
+                                    read_only=t.read_only, pr_state_path=t.pr_path(b),
+                                    atomic_write_max_bytes=t.atomic_write_max_bytes)
                 for n, b in t.luns.items()}
+            for lu in t.logical_units.values():
+                lu.on_abort = self._preempt_abort
+                lu.copy_resolver = self._resolver(t)
         max_xfer = max((t.max_transfer_bytes for t in self.targets), default=8 << 20)
         self.session_config = SessionConfig(
             targets=infos, limits=limits or TargetLimits(), portal_group_tag=portal_group_tag,
             cmd_window=cmd_window, login_timeout_s=login_timeout_s,
-            max_command_bytes=max(max_xfer, 1 << 20) + 65536, authenticator=authenticator)
+            max_command_bytes=max(max_xfer, 1 << 20) + 65536, authenticator=authenticator,
+            defer_resets=True)
         self.max_inflight_per_session = max_inflight_per_session
         self._by_iqn = {t.iqn: t for t in self.targets}
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
         self._sessions: dict[tuple[str, int, str | None], _Connection] = {}
         self._next_tsih = 1
+        self._session_ids = itertools.count(1)
         self._log = log.get("iscsi")
 
     @property
@@ -187,6 +213,31 @@ class IscsiTarget:
         if key is not None and self._sessions.get(key) is conn:
             del self._sessions[key]
 
+    def _resolver(self, target: TargetConfig) -> Any:
+        """EXTENDED COPY may name any LU of the same target node by NAA."""
+        def resolve(designator: bytes) -> scsi.LogicalUnit | None:
+            for lu in target.logical_units.values():
+                if bytes(lu.backend.naa_id) == designator:
+                    return lu
+            return None
+        return resolve
+
+    def _preempt_abort(self, lu: scsi.LogicalUnit, pr_ids: set[str]) -> None:
+        """PREEMPT AND ABORT: the preempted nexuses lose their tasks on ``lu``."""
+        for c in list(self._connections):
+            if c.nexus is None or c.nexus.pr_id not in pr_ids or c.conn is None:
+                continue
+            luns = {n for n, x in c.luns.items() if x is lu}
+            if luns:
+                c._handle(c.conn.abort_tasks(luns))
+                c._flush()
+
+    def peers(self, conn: _Connection) -> list[_Connection]:
+        """Other live connections logged in to the same target node."""
+        return [c for c in self._connections
+                if c is not conn and c.target is conn.target and c.target is not None
+                and c.conn is not None and not c.closing]
+
 
 class _Connection(asyncio.Protocol):
     """One TCP connection: feeds bytes to a TargetConnection, runs commands."""
@@ -200,6 +251,9 @@ class _Connection(asyncio.Protocol):
         self.session_key: tuple[str, int, str | None] | None = None
         self.luns: Mapping[int, scsi.LogicalUnit] = {}
         self.lun_ids: tuple[int, ...] = ()
+        self.target: TargetConfig | None = None
+        self.nexus: scsi.ItNexus | None = None
+        self.running: dict[int, tuple[asyncio.Task[None], int]] = {}
         self.closing = False
         self.peer = "?"
         self.log: Any = server._log
@@ -258,6 +312,9 @@ class _Connection(asyncio.Protocol):
                       outstanding=conn.outstanding if conn else 0)
         if conn is not None:
             conn.close()
+        if self.nexus is not None:
+            for lu in self.luns.values():
+                lu.detach(self.nexus)
         self.server._unregister(self)
 
     def pause_writing(self) -> None:
@@ -278,9 +335,19 @@ class _Connection(asyncio.Protocol):
             if t is ScsiCommandReady:
                 task = self.loop.create_task(self._run(ev))
                 self.tasks.add(task)
-                task.add_done_callback(self.tasks.discard)
+                self.running[ev.task_tag] = (task, ev.lun)
+                task.add_done_callback(functools.partial(self._task_done, ev.task_tag))
+            elif t is ResetRequested:
+                reset = self.loop.create_task(self._reset(ev))
+                self.tasks.add(reset)
+                reset.add_done_callback(self.tasks.discard)
             elif t is LoginComplete:
                 self._logged_in(ev)
+            elif t is LoginFailed:
+                # The reason names what failed, never a secret or a response.
+                self.log.warning("iscsi_login_failed", status=f"0x{ev.status:04x}",
+                                 reason=ev.reason, initiator=ev.initiator_name,
+                                 target=ev.target_name)
             elif t is LogoutComplete:
                 self.log.info("iscsi_logout", reason=ev.reason,
                               initiator=self.conn.initiator_name if self.conn else None)
@@ -298,8 +365,14 @@ class _Connection(asyncio.Protocol):
             self._timer = None
         target = self.server._by_iqn.get(ev.target_name) if ev.target_name else None
         if target is not None:
+            self.target = target
             self.luns = target.logical_units
             self.lun_ids = tuple(sorted(target.logical_units))
+            self.nexus = scsi.ItNexus(ev.initiator_name, ev.isid, target.iqn,
+                                      self.server.session_config.portal_group_tag,
+                                      next(self.server._session_ids))
+            for lu in self.luns.values():
+                lu.attach(self.nexus)
         p = ev.params
         self.log = self.log.bind(initiator=ev.initiator_name, target=ev.target_name)
         self.log.info("iscsi_login", session_type=ev.session_type, tsih=ev.tsih,
@@ -311,19 +384,30 @@ class _Connection(asyncio.Protocol):
             self.session_key = (ev.initiator_name, ev.isid, ev.target_name)
             self.server._register(self, self.session_key)
 
+    def _task_done(self, itt: int, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        entry = self.running.get(itt)
+        if entry is not None and entry[0] is task:
+            del self.running[itt]
+
     async def _run(self, ev: ScsiCommandReady) -> None:
         """Execute one SCSI command and queue its response."""
         async with self._sem:
-            if self.closing:
+            conn = self.conn
+            if self.closing or conn is None:
                 # The connection died while this command waited for a slot:
                 # do not run it, so a stale write cannot land after the
                 # initiator has retried it elsewhere.
                 return
-            try:
-                result = await scsi.execute(self.luns.get(ev.lun), ev.cdb, ev.data, self.lun_ids)
-            except Exception as e:
-                self.log.error("scsi_execute_failed", error=repr(e), exc_info=True)
-                result = scsi.check_condition(scsi.SenseKey.HARDWARE_ERROR, 0x44, 0x00)
+            if conn.is_aborted(ev.task_tag):
+                result = scsi.ScsiResult(scsi.TASK_ABORTED)  # dropped by complete()
+            else:
+                try:
+                    result = await scsi.execute(self.luns.get(ev.lun), ev.cdb, ev.data,
+                                                self.lun_ids, self.nexus or scsi.LOCAL_NEXUS)
+                except Exception as e:
+                    self.log.error("scsi_execute_failed", error=repr(e), exc_info=True)
+                    result = scsi.check_condition(scsi.SenseKey.HARDWARE_ERROR, 0x44, 0x00)
         conn = self.conn
         if conn is None or self.closing:
             return
@@ -336,6 +420,43 @@ class _Connection(asyncio.Protocol):
             # iteration into one writelines.
             self._flush_pending = True
             self.loop.call_soon(self._flush)
+
+    async def _reset(self, ev: ResetRequested) -> None:
+        """LOGICAL UNIT RESET / TARGET WARM or COLD RESET across sessions
+        (SAM-5 §7.6, RFC 7143 §11.5.1): abort the tasks other sessions have on
+        the LU(s) and wait for those already running, reset the LU state (SPC-2
+        reservation, mode pages, a unit attention for every nexus), then
+        answer.  A target reset also ends every other session of the target."""
+        target = self.target
+        lun_reset = ev.function == TmfFunction.LOGICAL_UNIT_RESET
+        if target is not None:
+            luns = {ev.lun} if lun_reset else set(target.logical_units)
+            peers = self.server.peers(self)
+            waits: list[asyncio.Task[None]] = []
+            for c in peers:
+                assert c.conn is not None
+                c._handle(c.conn.abort_tasks(luns))
+                c._flush()
+                waits += [t for t, lun in c.running.values() if lun in luns]
+            if waits:
+                await asyncio.gather(*waits, return_exceptions=True)
+            ua = scsi.UA_BUS_DEVICE_RESET if lun_reset else (
+                scsi.UA_POWER_ON_RESET if ev.function == TmfFunction.TARGET_COLD_RESET
+                else scsi.UA_BUS_RESET)
+            for n in luns:
+                lu = target.logical_units.get(n)
+                if lu is not None:
+                    lu.reset(ua)
+            self.log.info("iscsi_reset", function=TmfFunction(ev.function).name.lower(),
+                          lun=ev.lun if lun_reset else None, sessions_aborted=len(peers))
+            if not lun_reset:
+                for c in peers:
+                    c._close("target reset by another session")
+        conn = self.conn
+        if conn is None or self.closing:
+            return
+        self._handle(conn.complete_tmf(ev.task_tag))
+        self._flush()
 
     def _flush(self) -> None:
         self._flush_pending = False
@@ -389,11 +510,54 @@ def parse_size(text: str) -> int:
     return int(t)
 
 
+def default_state_dir(path: str) -> str | None:
+    """Where the standalone target keeps persistent reservations: next to a
+    regular backing file (``<file>.state``); nowhere for a block device."""
+    try:
+        if stat.S_ISBLK(Path(path).stat().st_mode):
+            return None
+    except FileNotFoundError:
+        pass
+    return f"{path}.state"
+
+
+def _authenticator(args: argparse.Namespace) -> Any:
+    """CHAP/ACL from the command line; secrets may come from the environment
+    (STEELFUSION_CHAP_SECRET, STEELFUSION_MUTUAL_SECRET, ...) to keep them
+    out of ``ps``."""
+    import os
+
+    from edge import auth
+
+    def secret(flag: str | None, env: str) -> str | None:
+        return flag if flag is not None else os.environ.get(env)
+
+    access = auth.Access(
+        chap=auth.ChapCredentials.of(args.chap_user,
+                                     secret(args.chap_secret, "STEELFUSION_CHAP_SECRET")),
+        mutual=auth.ChapCredentials.of(args.mutual_user,
+                                       secret(args.mutual_secret, "STEELFUSION_MUTUAL_SECRET")),
+        initiators=frozenset(args.initiator) if args.initiator else None)
+    discovery = auth.Access(
+        chap=auth.ChapCredentials.of(
+            args.discovery_chap_user,
+            secret(args.discovery_chap_secret, "STEELFUSION_DISCOVERY_CHAP_SECRET")),
+        mutual=auth.ChapCredentials.of(
+            args.discovery_mutual_user,
+            secret(args.discovery_mutual_secret, "STEELFUSION_DISCOVERY_MUTUAL_SECRET")))
+    if access == auth.Access() and discovery == auth.Access():
+        return None
+    return auth.ChapAuthenticator({args.iqn: access}, discovery)
+
+
 async def _main_async(args: argparse.Namespace) -> None:
     backend = FileBackend(args.file, parse_size(args.size) if args.size else None,
                           block_size=args.block_size)
-    target = IscsiTarget(TargetConfig(args.iqn, {0: backend}, alias=args.alias),
-                         host=args.host, port=args.port, portal_address=args.portal_address)
+    state_dir = args.state_dir if args.state_dir is not None else default_state_dir(args.file)
+    target = IscsiTarget(TargetConfig(args.iqn, {0: backend}, alias=args.alias,
+                                      state_dir=state_dir or None),
+                         host=args.host, port=args.port, portal_address=args.portal_address,
+                         authenticator=_authenticator(args))
     await target.start()
     print(f"iscsi://{args.portal_address or '127.0.0.1'}:{target.port}/{args.iqn}/0",
           file=sys.stderr, flush=True)
@@ -416,6 +580,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--portal-address", default=None,
                     help="host[:port] to advertise in SendTargets")
     ap.add_argument("--block-size", type=int, default=512)
+    ap.add_argument("--chap-user", default=None, help="initiators must log in with CHAP")
+    ap.add_argument("--chap-secret", default=None, help="or $STEELFUSION_CHAP_SECRET")
+    ap.add_argument("--mutual-user", default=None, help="target name for mutual CHAP")
+    ap.add_argument("--mutual-secret", default=None, help="or $STEELFUSION_MUTUAL_SECRET")
+    ap.add_argument("--initiator", action="append", default=[],
+                    help="allow only this initiator IQN (repeatable)")
+    ap.add_argument("--discovery-chap-user", default=None)
+    ap.add_argument("--discovery-chap-secret", default=None)
+    ap.add_argument("--discovery-mutual-user", default=None)
+    ap.add_argument("--discovery-mutual-secret", default=None)
+    ap.add_argument("--state-dir", default=None,
+                    help="keep persistent reservations here (default: FILE.state; '' = memory)")
     ap.add_argument("--log-file", default=None)
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--no-uvloop", action="store_true")

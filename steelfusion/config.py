@@ -218,11 +218,87 @@ class EdgeLunConfig:
     size: int
 
 
+CHAP_SECRET_MIN = 12  # RFC 7143 §12.1.3: at least 96 bits
+CHAP_SECRET_MAX = 255
+
+
+@dataclass(frozen=True, slots=True)
+class InitiatorChapConfig:
+    """Per-initiator CHAP credentials inside a ``[[target]]`` (``[[target.initiator]]``)."""
+
+    name: str
+    chap_user: str
+    chap_secret: str = field(repr=False)
+
+
 @dataclass(frozen=True, slots=True)
 class TargetConfig:
+    """One ``[[target]]``: its LUNs and who may log in (RFC 7143 §12).
+
+    ``chap_user``/``chap_secret``: initiators must authenticate with CHAP;
+    ``mutual_user``/``mutual_secret``: the target's own credentials for mutual
+    CHAP; ``initiators``: IQN allow-list (None: any initiator);
+    ``initiator_chap``: per-initiator credentials overriding the target's.
+    Secrets are kept out of ``repr`` so they never reach a log."""
+
     iqn: str
     luns: tuple[EdgeLunConfig, ...]
     alias: str | None = None
+    chap_user: str | None = None
+    chap_secret: str | None = field(default=None, repr=False)
+    mutual_user: str | None = None
+    mutual_secret: str | None = field(default=None, repr=False)
+    initiators: tuple[str, ...] | None = None
+    initiator_chap: tuple[InitiatorChapConfig, ...] = ()
+
+    def auth_dict(self) -> dict[str, Any]:
+        """The CHAP/ACL keys for ``to_dict`` (only those set)."""
+        out: dict[str, Any] = {}
+        for k in ("chap_user", "chap_secret", "mutual_user", "mutual_secret"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = v
+        if self.initiators is not None:
+            out["initiators"] = list(self.initiators)
+        if self.initiator_chap:
+            out["initiator"] = [{"name": c.name, "chap_user": c.chap_user,
+                                 "chap_secret": c.chap_secret} for c in self.initiator_chap]
+        return out
+
+
+def _chap_pair(r: _Reader, user_key: str, secret_key: str) -> tuple[str | None, str | None]:
+    """Read a CHAP user/secret pair: both or neither, secret 12..255 bytes."""
+    user, secret = r.opt_str(user_key), r.opt_str(secret_key)
+    if (user is None) != (secret is None):
+        raise r._err(user_key if user is None else secret_key,
+                     f"set both {user_key} and {secret_key}, or neither")
+    if secret is not None and not CHAP_SECRET_MIN <= len(secret.encode()) <= CHAP_SECRET_MAX:
+        raise r._err(secret_key, f"must be {CHAP_SECRET_MIN}..{CHAP_SECRET_MAX} bytes "
+                                 "(RFC 7143 §12.1.3); value not shown")
+    if user == "":
+        raise r._err(user_key, "must not be empty")
+    return user, secret
+
+
+def _target_auth(path: Path | str, tr: _Reader, where: str) -> dict[str, Any]:
+    chap_user, chap_secret = _chap_pair(tr, "chap_user", "chap_secret")
+    mutual_user, mutual_secret = _chap_pair(tr, "mutual_user", "mutual_secret")
+    initiators = tuple(tr.list_str("initiators")) if tr.t.get("initiators") is not None \
+        else None
+    per = []
+    for k, it in enumerate(tr.tables("initiator")):
+        ir = _Reader(path, it, f"{where} initiator #{k + 1}")
+        u, sec = _chap_pair(ir, "chap_user", "chap_secret")
+        if u is None or sec is None:
+            raise ir._err("chap_user", "an [[target.initiator]] entry needs chap_user and "
+                                       "chap_secret")
+        per.append(InitiatorChapConfig(ir.str("name"), u, sec))
+    if mutual_secret is not None and mutual_secret in {chap_secret, *(c.chap_secret for c in per)}:
+        raise tr._err("mutual_secret", "must differ from the initiator secrets "
+                                       "(RFC 7143 §12.1.3)")
+    return {"chap_user": chap_user, "chap_secret": chap_secret, "mutual_user": mutual_user,
+            "mutual_secret": mutual_secret, "initiators": initiators,
+            "initiator_chap": tuple(per)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,6 +321,10 @@ class EdgeConfig:
     witness_state_dir: str | None = None
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    discovery_chap_user: str | None = None  # discovery sessions must use CHAP
+    discovery_chap_secret: str | None = field(default=None, repr=False)
+    discovery_mutual_user: str | None = None
+    discovery_mutual_secret: str | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, path: Path | str) -> EdgeConfig:
@@ -269,7 +349,8 @@ class EdgeConfig:
             iqn = tr.str("iqn")
             if not (iqn.startswith("iqn.") or iqn.startswith("eui.") or iqn.startswith("naa.")):
                 raise ConfigError(f"{path}: target iqn {iqn!r} must start with iqn., eui. or naa.")
-            targets.append(TargetConfig(iqn, tuple(luns), tr.opt_str("alias")))
+            targets.append(TargetConfig(iqn, tuple(luns), tr.opt_str("alias"),
+                                        **_target_auth(path, tr, f"target #{i + 1}")))
         if not targets:
             raise ConfigError(f"{path}: no [[target]] defined; an Edge exports at least one")
         cores = []
@@ -281,7 +362,13 @@ class EdgeConfig:
         if not cores:
             raise ConfigError(f"{path}: [edge] cores: list at least one Core address")
         w = r.table("witness", required=False)
+        d_user, d_secret = _chap_pair(e, "discovery_chap_user", "discovery_chap_secret")
+        dm_user, dm_secret = _chap_pair(e, "discovery_mutual_user", "discovery_mutual_secret")
+        if dm_secret is not None and dm_secret == d_secret:
+            raise e._err("discovery_mutual_secret", "must differ from discovery_chap_secret")
         return cls(
+            discovery_chap_user=d_user, discovery_chap_secret=d_secret,
+            discovery_mutual_user=dm_user, discovery_mutual_secret=dm_secret,
             name=e.str("name"), portal=e.addr("portal"), control=e.addr("control"),
             blockstore=e.str("blockstore"), cores=tuple(cores), targets=tuple(targets),
             reserve_bytes=e.size("reserve", 256 << 20),
@@ -304,8 +391,12 @@ class EdgeConfig:
             edge["log_file"] = self.log_file
         if self.advertise:
             edge["advertise"] = self.advertise
+        for k in ("discovery_chap_user", "discovery_chap_secret", "discovery_mutual_user",
+                  "discovery_mutual_secret"):
+            if getattr(self, k) is not None:
+                edge[k] = getattr(self, k)
         out: dict[str, Any] = {"edge": edge, "target": [
-            {"iqn": t.iqn, **({"alias": t.alias} if t.alias else {}),
+            {"iqn": t.iqn, **({"alias": t.alias} if t.alias else {}), **t.auth_dict(),
              "lun": [{"lun": lu.lun, "lun_id": lu.lun_id, "size": lu.size} for lu in t.luns]}
             for t in self.targets]}
         if self.witness:

@@ -17,12 +17,14 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from journal import required_size
 from steelfusion import control
 from steelfusion.atomic import atomic_write
+from steelfusion.authconfig import make_key_file
 from steelfusion.config import (
     CoreConfig,
     EdgeConfig,
@@ -142,9 +144,18 @@ class Lab:
     def up(self, luns: int = 1, lun_size: int = 1 << 30, edges: int = 1,
            reserve: int = 256 << 20, host: str = "127.0.0.1",
            timeout: float = 60.0, witness_lease: float = 3.0,
-           witness_in_edge: bool = False) -> dict[str, Any]:
+           witness_in_edge: bool = False, *, chap: tuple[str, str] | None = None,
+           mutual_chap: tuple[str, str] | None = None,
+           initiators: Sequence[str] | None = None,
+           discovery_chap: tuple[str, str] | None = None) -> dict[str, Any]:
         """Start the lab. ``witness_in_edge`` runs the Witness inside edge-1 (seed: "A role
-        assigned to one of the Edges") instead of as its own process."""
+        assigned to one of the Edges") instead of as its own process.
+
+        iSCSI security (RFC 7143 §12): ``chap`` (user, secret) makes every Edge
+        target require CHAP, ``mutual_chap`` gives the targets credentials for
+        mutual CHAP, ``initiators`` is an IQN allow-list for every target and
+        ``discovery_chap`` protects discovery sessions.  Secrets go only into
+        the 0600 node configs, never into ``lab.json``."""
         if self.file.exists():
             data = self.load()
             alive = [n["name"] for n in self.nodes(data) if pid_alive(n["pid"])]
@@ -186,9 +197,17 @@ class Lab:
             ids = lun_ids[e * luns:(e + 1) * luns]
             target = TargetConfig(iqn=f"{IQN_PREFIX}:{name}",
                                   luns=tuple(EdgeLunConfig(k, lid, lun_size)
-                                             for k, lid in enumerate(ids)), alias=name)
+                                             for k, lid in enumerate(ids)), alias=name,
+                                  chap_user=chap[0] if chap else None,
+                                  chap_secret=chap[1] if chap else None,
+                                  mutual_user=mutual_chap[0] if mutual_chap else None,
+                                  mutual_secret=mutual_chap[1] if mutual_chap else None,
+                                  initiators=tuple(initiators) if initiators is not None
+                                  else None)
             embed = witness_in_edge and e == 0
             edge_cfgs.append(EdgeConfig(
+                discovery_chap_user=discovery_chap[0] if discovery_chap else None,
+                discovery_chap_secret=discovery_chap[1] if discovery_chap else None,
                 name=name, portal=(host, next(ports)), control=(host, next(ports)),
                 blockstore=str(d / name / "blockstore"),
                 cores=tuple(c.listen for c in cores), targets=(target,), reserve_bytes=reserve,
@@ -197,9 +216,11 @@ class Lab:
                 witness_state_dir=str(d / "witness") if embed else None))
 
         data: dict[str, Any] = {"version": 1, "workdir": str(d), "created": time.time()}
+        # every node proves one shared key to the others (steelfusion/nodeauth.py)
+        auth = {"auth": {"key_file": make_key_file(d / "node.key"), "key_id": "lab"}}
         if not witness_in_edge:
             wpath = d / "witness.toml"
-            write_toml(wpath, witness.to_dict())
+            write_toml(wpath, {**witness.to_dict(), **auth})
             wpid = spawn("witness", wpath, d, "witness")
             data["witness"] = {"name": "witness", "pid": wpid,
                                "address": format_addr(witness.listen),
@@ -210,7 +231,7 @@ class Lab:
         data["cores"] = []
         for c in cores:
             path = d / f"{c.name}.toml"
-            write_toml(path, c.to_dict())
+            write_toml(path, {**c.to_dict(), **auth})
             pid = spawn("core", path, d, c.name)
             data["cores"].append({"name": c.name, "pid": pid, "control": format_addr(c.control),
                                   "listen": format_addr(c.listen), "role": c.role,
@@ -222,7 +243,7 @@ class Lab:
         data["edges"] = []
         for ec in edge_cfgs:
             path = d / f"{ec.name}.toml"
-            write_toml(path, ec.to_dict())
+            write_toml(path, {**ec.to_dict(), **auth})
             pid = spawn("edge", path, d, ec.name)
             data["edges"].append({
                 "name": ec.name, "pid": pid, "portal": format_addr(ec.portal),

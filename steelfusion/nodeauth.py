@@ -296,7 +296,7 @@ def write_key_file(path: str | os.PathLike[str], key: bytes) -> None:
     """Hex, one line, mode 0600 (atomic replace)."""
     from steelfusion.atomic import atomic_write
 
-    atomic_write(path, key.hex().encode() + b"\n", mode=0o600)
+    atomic_write(Path(path), key.hex().encode() + b"\n", mode=0o600)
 
 
 def read_key_file(path: str | os.PathLike[str]) -> bytes:

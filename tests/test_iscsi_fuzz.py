@@ -257,3 +257,193 @@ def test_state_by_input_product(state: str, sample: int) -> None:
     except IscsiProtocolError:
         assert ini.conn.state is State.CLOSED
     ini.conn.data_to_send()
+
+
+# --------------------------------------------------------------------------- negotiation
+
+_KEYS = ["HeaderDigest", "DataDigest", "MaxConnections", "InitialR2T", "ImmediateData",
+         "MaxRecvDataSegmentLength", "MaxBurstLength", "FirstBurstLength", "DefaultTime2Wait",
+         "DefaultTime2Retain", "MaxOutstandingR2T", "DataPDUInOrder", "DataSequenceInOrder",
+         "ErrorRecoveryLevel", "IFMarker", "OFMarker", "iSCSIProtocolLevel", "TaskReporting",
+         "SendTargets", "TargetAlias", "X-vendor", "InitiatorName", "SessionType"]
+_VALUES = st.one_of(st.sampled_from(["Yes", "No", "None", "CRC32C", "CRC32C,None", "0", "1",
+                                     "511", "512", "65536", "262144", "16777215", "16777216",
+                                     "0x200", "0x", "-1", "NotUnderstood", "Reject",
+                                     "Irrelevant", ""]),
+                    st.integers(0, 2**40).map(str), st.text(max_size=12))
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(_KEYS), _VALUES), max_size=30), st.booleans())
+def test_negotiation_answers_only_offers_within_range(offers: list[tuple[str, str]],
+                                                      discovery: bool) -> None:
+    """RFC 7143 §6.2, §13: any offer list gets an answer for offered keys only
+    (open-iscsi fails on anything else), and the outcome stays within the
+    ranges of §13 with FirstBurstLength <= MaxBurstLength."""
+    from steelfusion.iscsi.text import Negotiator
+
+    neg = Negotiator(discovery=discovery)
+    answer = neg.respond(offers)
+    offered = {k for k, _ in offers}
+    assert {k for k, _ in answer} <= offered
+    p = neg.params
+    assert 512 <= p.max_burst_length < 2**24 and 512 <= p.first_burst_length < 2**24
+    assert p.first_burst_length <= p.max_burst_length
+    assert 1 <= p.max_outstanding_r2t <= 65535 and p.error_recovery_level == 0
+    assert p.max_connections == 1 and 512 <= p.max_recv_data_segment_length < 2**24
+    for k, v in answer:
+        if k in ("MaxBurstLength", "FirstBurstLength") and v.isdigit():
+            assert int(v) <= neg.limits.max_burst_length
+
+
+# --------------------------------------------------------------------------- CHAP login
+
+_CHAP_SECRET = b"fuzz-secret-0123"
+_chap_keys = st.lists(st.one_of(
+    st.sampled_from([("AuthMethod", "CHAP"), ("AuthMethod", "None"), ("AuthMethod", "CHAP,None"),
+                     ("CHAP_A", "5"), ("CHAP_A", "5,6,7,8"), ("CHAP_A", "56"), ("CHAP_A", ""),
+                     ("CHAP_N", "alice"), ("CHAP_N", ""), ("CHAP_I", "1"), ("CHAP_I", "999"),
+                     ("InitiatorName", INITIATOR), ("TargetName", IQN),
+                     ("SessionType", "Discovery")]),
+    st.tuples(st.sampled_from(["CHAP_R", "CHAP_C"]),
+              st.one_of(st.binary(max_size=40).map(lambda b: "0x" + b.hex()),
+                        st.text(max_size=20))),
+    st.sampled_from(LIBISCSI_KEYS)), max_size=10)
+chap_login_pdus = st.builds(LoginRequest, itt=st.just(1), isid=st.just(5), tsih=st.just(0),
+                            cmdsn=st.just(1), transit=st.booleans(), cont=st.just(False),
+                            csg=st.sampled_from([0, 0, 1, 3]), nsg=st.sampled_from([1, 3, 0]),
+                            data=_chap_keys.map(encode_text))
+
+
+def _chap_config() -> Any:
+    from edge.auth import Access, ChapAuthenticator, ChapCredentials
+    creds = ChapCredentials("alice", _CHAP_SECRET)
+    auth = ChapAuthenticator({IQN: Access(chap=creds)}, discovery=Access(chap=creds))
+    return make_config(authenticator=auth)
+
+
+@FUZZ
+@given(st.lists(chap_login_pdus, min_size=1, max_size=8))
+def test_chap_cannot_be_bypassed(steps: list[Pdu]) -> None:
+    """No sequence of login PDUs (skipped stages, AuthMethod=None, bad or
+    missing CHAP keys, stage jumps) reaches Full Feature Phase without the
+    secret; only protocol errors escape (RFC 7143 §6.3, §12)."""
+    conn = TargetConnection(_chap_config(), portal=PORTAL, tsih=4)
+    try:
+        for pdu in steps:
+            conn.receive_data(pdu.encode())
+            conn.data_to_send()
+    except IscsiProtocolError:
+        assert conn.state is State.CLOSED
+    assert conn.state is not State.FULL_FEATURE
+
+
+# --------------------------------------------------------------------------- resets across sessions
+
+
+@FUZZ
+@given(st.data(), st.lists(ffp_pdus, max_size=25))
+def test_deferred_resets_and_foreign_aborts(data: Any, steps: list[Pdu]) -> None:
+    """With resets deferred to the adapter and tasks aborted from other
+    sessions at random moments: no task is answered after it was aborted,
+    every ResetRequested gets exactly one answer, nothing but protocol errors
+    escape."""
+    from edge.iscsi_session import ResetRequested, TasksAborted
+    from steelfusion.iscsi.pdu import ScsiResponse, TaskMgmtResponse
+
+    ini = Initiator(max_write_buffer_bytes=16384, defer_resets=True)
+    assert ini.login().status_class == 0
+    conn = ini.conn
+    dec = PduDecoder(accept=None, max_data_segment_length=1 << 24)
+    ready: dict[int, ScsiCommandReady] = {}
+    aborted: set[int] = set()
+    resets: list[int] = []
+
+    def take(events: list[Any]) -> None:
+        for ev in events:
+            if isinstance(ev, ScsiCommandReady):
+                ready[ev.task_tag] = ev
+                aborted.discard(ev.task_tag)
+            elif isinstance(ev, TasksAborted):
+                aborted.update(ev.task_tags)
+            elif isinstance(ev, ResetRequested):
+                resets.append(ev.task_tag)
+
+    def drain() -> None:
+        for pdu in dec.feed(b"".join(bytes(b) for b in conn.data_to_send())):
+            if isinstance(pdu, ScsiResponse):
+                assert pdu.itt not in aborted, "status for an aborted task"
+            if isinstance(pdu, TaskMgmtResponse) and pdu.itt in resets:
+                resets.remove(pdu.itt)
+    try:
+        for pdu in steps:
+            take(conn.receive_data(pdu.encode()))
+            drain()
+            if data.draw(st.booleans(), label="foreign abort"):
+                take(conn.abort_tasks(data.draw(st.one_of(st.none(), st.just({0})))))
+            if ready and data.draw(st.booleans(), label="complete"):
+                tag = data.draw(st.sampled_from(sorted(ready)))
+                ev = ready.pop(tag)
+                take(conn.complete(ev.task_tag, 0, bytes(min(ev.expected_length, 600))))
+                drain()
+                aborted.discard(tag)  # the ITT may be reused from now on
+            if resets and data.draw(st.booleans(), label="answer reset"):
+                take(conn.complete_tmf(resets[0]))
+            drain()
+    except IscsiProtocolError:
+        assert conn.state is State.CLOSED
+
+
+# --------------------------------------------------------------------------- atheris
+
+_ATHERIS_INITIATOR = Initiator
+
+
+def fuzz_one_input(data: bytes) -> None:
+    """One input for a coverage-guided fuzzer (atheris): the first byte picks
+    the scenario (raw decoder, login with CHAP, full feature after a good
+    login, discovery), the second the chunk size, the rest is the byte stream
+    from a hostile initiator.  Invariant: only IscsiProtocolError escapes."""
+    if len(data) < 2:
+        return
+    mode, step, stream = data[0] % 4, data[1] % 97 + 1, data[2:]
+    chunks = [stream[i:i + step] for i in range(0, len(stream), step)]
+    if mode == 0:
+        _feed_decoder(PduDecoder(accept=INITIATOR_OPCODES, max_data_segment_length=65536),
+                      chunks)
+        return
+    if mode == 1:
+        conn = TargetConnection(_chap_config(), portal=PORTAL, tsih=5)
+    else:
+        ini = _ATHERIS_INITIATOR(max_write_buffer_bytes=16384, defer_resets=bool(data[1] & 1))
+        if ini.login(discovery=mode == 3).status_class:
+            return
+        conn = ini.conn
+    try:
+        for c in chunks:
+            for ev in conn.receive_data(c):
+                if isinstance(ev, ScsiCommandReady):
+                    conn.complete(ev.task_tag, c[0] % 3 if c else 0,
+                                  bytes(min(ev.expected_length, 1024)))
+            conn.data_to_send()
+    except IscsiProtocolError:
+        assert conn.state is State.CLOSED
+    if mode == 1:
+        assert conn.state is not State.FULL_FEATURE
+
+
+@FUZZ
+@given(st.binary(min_size=2, max_size=2000))
+def test_fuzz_one_input(data: bytes) -> None:
+    fuzz_one_input(data)
+
+
+if __name__ == "__main__":  # pragma: no cover - coverage-guided fuzzing, run by hand
+    # python -m tests.test_iscsi_fuzz [corpus_dir] [-atheris_runs=N]  (pip install atheris)
+    import sys
+
+    import atheris
+
+    atheris.instrument_all()
+    atheris.Setup(sys.argv, fuzz_one_input)
+    atheris.Fuzz()

@@ -14,7 +14,9 @@ from edge.iscsi_session import (
     CloseConnection,
     Event,
     LoginComplete,
+    LoginFailed,
     LogoutComplete,
+    ResetRequested,
     ScsiCommandReady,
     SessionConfig,
     State,
@@ -256,23 +258,36 @@ def test_login_timeout() -> None:
     assert ini.conn.get_timer() is None
 
 
-class _RequireChap:
-    """A toy authenticator to exercise the security-stage hook."""
+class _ToyExchange:
+    reason = ""
 
-    def __init__(self) -> None:
-        self.seen: list[dict[str, str]] = []
-
-    def required(self, initiator_name: str, target_name: str | None) -> bool:
-        return True
+    def __init__(self, seen: list[dict[str, str]]) -> None:
+        self.seen = seen
 
     def methods(self) -> list[str]:
         return ["CHAP"]
 
-    def exchange(self, method: str, keys: Any) -> tuple[list[tuple[str, str]], bool | None]:
+    def step(self, method: str, keys: Any) -> tuple[list[tuple[str, str]], bool | None]:
         self.seen.append(dict(keys))
         if "CHAP_A" in keys:
             return [("CHAP_A", "5"), ("CHAP_I", "1"), ("CHAP_C", "0x00")], None
-        return [], keys.get("CHAP_R") == "0xgood"
+        ok = keys.get("CHAP_R") == "0xgood"
+        self.reason = "" if ok else "bad response"
+        return [], ok
+
+
+class _RequireChap:
+    """A toy authenticator to exercise the security-stage hook."""
+
+    def __init__(self, allow: bool = True) -> None:
+        self.seen: list[dict[str, str]] = []
+        self.allow = allow
+
+    def authorize(self, initiator_name: str, target_name: str | None) -> bool:
+        return self.allow
+
+    def begin(self, initiator_name: str, target_name: str | None) -> _ToyExchange:
+        return _ToyExchange(self.seen)
 
 
 @pytest.mark.parametrize("response,ok", [("0xgood", True), ("0xbad", False)])
@@ -303,6 +318,16 @@ def test_authenticator_hook(response: str, ok: bool) -> None:
 def test_authentication_required_blocks_operational_stage() -> None:
     ini = Initiator(authenticator=_RequireChap())
     assert ini.login().status_detail == 1 and ini.conn.state is State.CLOSED
+    failed = [e for e in ini.events if isinstance(e, LoginFailed)]
+    assert failed and failed[0].status == 0x0201
+
+
+def test_access_list_refusal_is_authorization_failure() -> None:
+    ini = Initiator(authenticator=_RequireChap(allow=False))
+    r = ini.login()
+    assert (r.status_class, r.status_detail) == (2, 2) and ini.conn.state is State.CLOSED
+    (f,) = [e for e in ini.events if isinstance(e, LoginFailed)]
+    assert f.status == 0x0202 and f.initiator_name == INITIATOR and f.target_name == IQN
 
 
 # --------------------------------------------------------------------------- discovery
@@ -747,7 +772,7 @@ def test_lun_reset_and_other_functions() -> None:
     ini.conn.complete(tags[-1], 0, bytes(512))
     (r,) = ini.recv()
     assert isinstance(r, TaskMgmtResponse) and r.response == 0
-    for fn, lun, expect in [(5, 9, 2), (3, 0, 0), (8, 0, 4), (14, 0, 5), (6, 0, 0)]:
+    for fn, lun, expect in [(5, 9, 2), (3, 0, 0), (8, 0, 4), (14, 0, 5)]:
         ini.send(TaskMgmtRequest(itt=601, function=fn, lun=encode_lun(lun), cmdsn=ini.cmdsn))
         (r,) = ini.recv()
         assert isinstance(r, TaskMgmtResponse) and r.response == expect, fn
@@ -755,6 +780,47 @@ def test_lun_reset_and_other_functions() -> None:
     (r,) = ini.recv()
     assert isinstance(r, TaskMgmtResponse) and r.response == 0
     assert any(isinstance(e, CloseConnection) for e in ev)
+
+
+def test_warm_reset_answers_then_closes() -> None:
+    """A target reset ends every session of the target, as COLD RESET must
+    (RFC 7143 §11.5.1): the initiator reconnects to a reset target."""
+    ini = logged_in()
+    ev = ini.send(TaskMgmtRequest(itt=603, function=6, cmdsn=ini.cmdsn))
+    (r,) = ini.recv()
+    assert isinstance(r, TaskMgmtResponse) and r.response == 0
+    assert any(isinstance(e, CloseConnection) and "warm" in e.reason for e in ev)
+
+
+def test_deferred_reset_waits_for_the_adapter() -> None:
+    ini = logged_in(defer_resets=True)
+    tag, _ = ini.command(READ10, edtl=512, read=True)
+    ev = ini.send(TaskMgmtRequest(itt=610, function=5, lun=encode_lun(0), cmdsn=ini.cmdsn))
+    assert [type(e) for e in ev] == [TasksAborted]
+    ev = ini.conn.complete(tag, 0, bytes(512))
+    assert [type(e) for e in ev] == [ResetRequested] and ev[0].lun == 0  # type: ignore[union-attr]
+    assert ini.recv() == []  # no status for the aborted READ, no TMF answer yet
+    assert ini.conn.complete_tmf(999) == []
+    assert ini.conn.complete_tmf(610) == []
+    (r,) = ini.recv()
+    assert isinstance(r, TaskMgmtResponse) and r.itt == 610 and r.response == 0
+
+
+def test_abort_tasks_from_another_session() -> None:
+    ini = logged_in()
+    running, _ = ini.command(READ10, edtl=512, read=True)
+    collecting, _ = ini.command(WRITE10, edtl=1 << 20, write=True, data=bytes(4096),
+                                final=False)
+    other, _ = ini.command(READ10, edtl=512, read=True, lun=1)
+    ev = ini.conn.abort_tasks({0})
+    assert [type(e) for e in ev] == [TasksAborted] and ev[0].task_tags == (running,)  # type: ignore[union-attr]
+    assert ini.conn.is_aborted(running) and ini.conn.is_aborted(collecting)
+    assert not ini.conn.is_aborted(other)
+    ini.recv()
+    ini.conn.complete(running, 0, bytes(512))
+    assert ini.recv() == []  # TAS=0: aborted by someone else, no status
+    ini.conn.complete(other, 0, bytes(512))
+    assert ini.recv()
 
 
 # --------------------------------------------------------------------------- digests

@@ -213,7 +213,8 @@ def test_iscsi_readcapacity16(target: TargetThread) -> None:
     r = run("iscsi-readcapacity16", target.url)
     assert r.returncode == 0, r.stderr
     assert f"RETURNED LOGICAL BLOCK ADDRESS:{LUN_BYTES // 512 - 1}" in r.stdout
-    assert "LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT:3" in r.stdout
+    assert "LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT:0" in r.stdout
+    assert "LBPME:1 LBPRZ:1" in r.stdout
     assert f"Total size:{LUN_BYTES}" in r.stdout
 
 
@@ -437,3 +438,92 @@ def test_advertised_portal_in_send_targets(tmp_path: Path) -> None:
                 await t.close()
     port, out = asyncio.run(go())
     assert f"Target:{IQN} Portal:192.0.2.10:{port},1" in out
+
+
+# --------------------------------------------------------------------------- shared LU state
+
+
+def raw_cmd(c: RawClient, cdb: bytes, data: bytes = b"", read_len: int = 0
+            ) -> tuple[int, bytes, bytes]:
+    """One command with immediate data; (status, Data-In, sense)."""
+    from steelfusion.iscsi.pdu import parse_sense_segment
+
+    c.itt += 1
+    c.send(ScsiCommand(itt=c.itt, lun=encode_lun(0), cmdsn=c.cmdsn,
+                       expected_length=len(data) or read_len, read=bool(read_len),
+                       write=bool(data), cdb=cdb.ljust(16, b"\0"), data=data))
+    c.cmdsn += 1
+    got = b""
+    while True:
+        p = c.recv()
+        if isinstance(p, DataIn):
+            got += bytes(p.data)
+            if p.status_present:
+                return p.status, got, b""
+        elif isinstance(p, ScsiResponse):
+            return p.status, got, parse_sense_segment(p.data)
+
+
+def test_reservations_are_shared_and_survive_a_restart(tmp_path: Path) -> None:
+    """Persistent reservations hold across sessions (two ISIDs = two I_T
+    nexuses), a LUN reset from one session gives the other a unit attention,
+    and after a target restart the registration and reservation are back."""
+    import struct
+
+    from edge.pr import PrType, Sa
+
+    state = tmp_path / "state"
+
+    class Stateful(TargetThread):
+        def start(self) -> None:
+            self.thread.start()
+
+            async def up() -> None:
+                self.backend = FileBackend(self.path, self.size)
+                self.target = IscsiTarget(TargetConfig(IQN, {0: self.backend},
+                                                       state_dir=str(state)), "127.0.0.1", 0)
+                await self.target.start()
+            self.call(up())
+
+    def prout(c: RawClient, sa: int, key: int, sa_key: int = 0, t: int = 0) -> int:
+        return raw_cmd(c, struct.pack(">BBBxxIB", 0x5F, sa, t, 24, 0),
+                       struct.pack(">QQ8x", key, sa_key))[0]
+
+    write10 = bytes((0x2A, 0, 0, 0, 0, 1, 0, 0, 1, 0))
+    read10 = bytes((0x28, 0, 0, 0, 0, 1, 0, 0, 1, 0))
+    t = Stateful(tmp_path / "lun.img", 1 << 20)
+    t.start()
+    try:
+        a, b = RawClient(t.port), RawClient(t.port)
+        a.login()
+        b.login()
+        assert prout(a, Sa.REGISTER, 0, 0xABC) == 0
+        assert prout(a, Sa.RESERVE, 0xABC, t=PrType.WRITE_EXCLUSIVE) == 0
+        assert raw_cmd(b, write10, bytes(512))[0] == 0x18  # RESERVATION CONFLICT
+        assert raw_cmd(b, read10, read_len=512)[0] == 0
+        assert raw_cmd(a, write10, bytes(512))[0] == 0
+        from steelfusion.iscsi.pdu import TaskMgmtRequest, TaskMgmtResponse
+        b.send(TaskMgmtRequest(itt=77, function=5, lun=encode_lun(0), cmdsn=b.cmdsn))
+        r = b.recv()
+        assert isinstance(r, TaskMgmtResponse) and r.response == 0
+        status, _, sense = raw_cmd(a, bytes(6))
+        assert status == 2 and sense[2] == 6 and sense[12:14] == bytes((0x29, 0x03))
+        assert raw_cmd(a, bytes(6))[0] == 0
+        a.close()
+        b.close()
+    finally:
+        t.stop()
+    assert list(state.glob("pr-*.json"))
+    t2 = Stateful(tmp_path / "lun.img", 1 << 20)
+    t2.start()
+    try:
+        c = RawClient(t2.port)
+        c.login()
+        status, keys, _ = raw_cmd(c, struct.pack(">BB5xHB", 0x5E, 0, 64, 0), read_len=64)
+        assert status == 0 and int.from_bytes(keys[8:16], "big") == 0xABC
+        status, rr, _ = raw_cmd(c, struct.pack(">BB5xHB", 0x5E, 1, 64, 0), read_len=64)
+        assert rr[21] == PrType.WRITE_EXCLUSIVE
+        assert raw_cmd(c, write10, bytes(512))[0] == 0x18
+        c.close()
+    finally:
+        t2.stop()

@@ -123,7 +123,7 @@ def vpd(lu: LogicalUnit, page: int) -> bytes:
 
 def test_vpd_pages(lu: LogicalUnit, mem: MemBackend) -> None:
     sup = vpd(lu, 0x00)
-    assert list(sup[4:]) == [0x00, 0x80, 0x83, 0xB0, 0xB1]
+    assert list(sup[4:]) == [0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2]
     for p in sup[4:]:
         vpd(lu, p)
     assert vpd(lu, 0x80)[4:] == b"SN0001"
@@ -139,6 +139,13 @@ def test_vpd_pages(lu: LogicalUnit, mem: MemBackend) -> None:
     assert int.from_bytes(b0[8:12], "big") == lu.max_transfer_blocks
     b1 = vpd(lu, 0xB1)
     assert len(b1) == 0x3C + 4 and int.from_bytes(b1[4:6], "big") == 1
+    b2 = vpd(lu, 0xB2)
+    assert b2[5] & 0xE4 == 0xE4 and not b2[5] & 0x02  # LBPU LBPWS LBPWS10 LBPRZ, no ANC_SUP
+    assert int.from_bytes(b0[20:24], "big") == lu.max_transfer_blocks  # MAX UNMAP LBA COUNT
+    assert int.from_bytes(b0[24:28], "big") == 256  # MAX UNMAP BLOCK DESCRIPTOR COUNT
+    assert b0[5] == 255  # MAXIMUM COMPARE AND WRITE LENGTH
+    thick = LogicalUnit(mem, thin_provisioning=False)
+    assert 0xB2 not in thick.vpd and thick.vpd[0xB0][24:28] == bytes(4)
 
 
 def test_make_naa_is_stable_and_distinct() -> None:
@@ -151,7 +158,7 @@ def test_make_naa_is_stable_and_distinct() -> None:
 # --------------------------------------------------------------------------- capacity
 
 
-def test_read_capacity(lu: LogicalUnit) -> None:
+def test_read_capacity(lu: LogicalUnit, mem: MemBackend) -> None:
     r = run(lu, bytes((0x25,)))
     assert struct.unpack(">II", bytes(r.data)) == (BLOCKS - 1, BS)
     assert sense_of(run(lu, bytes((0x25, 0, 0, 0, 0, 1)))) == (5, 0x24, 0)  # LBA w/o PMI
@@ -159,12 +166,16 @@ def test_read_capacity(lu: LogicalUnit) -> None:
     d = bytes(r16.data)
     assert len(d) == 32
     assert struct.unpack(">QI", d[:12]) == (BLOCKS - 1, BS)
-    assert d[13] & 0x0F == 3  # 8 logical blocks per 4096-byte physical block
+    assert d[13] & 0x0F == 0  # one logical block per physical block (see LogicalUnit)
+    assert d[14] & 0xC0 == 0xC0  # LBPME, LBPRZ
+    d4k = bytes(run(LogicalUnit(mem, physical_block_size=4096),
+                    bytes((0x9E, 0x10)) + bytes(8) + (32).to_bytes(4, "big")).data)
+    assert d4k[13] & 0x0F == 3
     assert len(run(lu, bytes((0x9E, 0x10)) + bytes(8) + (12).to_bytes(4, "big")).data) == 12
 
 
 def test_service_action_in_unknown_sa(lu: LogicalUnit) -> None:
-    r = run(lu, bytes((0x9E, 0x12)))
+    r = run(lu, bytes((0x9E, 0x1F)))
     assert sense_of(r) == (5, 0x24, 0)
     assert r.sense[15] & 0x80 and int.from_bytes(r.sense[16:18], "big") == 1
 
@@ -272,7 +283,7 @@ def test_read_only(mem: MemBackend) -> None:
 
 
 def test_invalid_opcode(lu: LogicalUnit) -> None:
-    for op in (0x89, 0x93, 0x42, 0xC0, 0xFF):
+    for op in (0x04, 0x3B, 0x9C, 0xC0, 0xFF):  # FORMAT, WRITE BUFFER, atomic w/o backend
         assert sense_of(run(lu, bytes((op,)))) == (5, 0x20, 0)
 
 
@@ -343,8 +354,8 @@ def test_mode_sense_dbd_single_page_and_errors(lu: LogicalUnit) -> None:
     assert sense_of(run(lu, bytes((0x1A, 0, 0x1C, 0, 255)))) == (5, 0x24, 0)
     assert sense_of(run(lu, bytes((0x1A, 0, 0xFF, 0, 255)))) == (5, 0x39, 0)  # saved values
     assert sense_of(run(lu, bytes((0x1A, 0, 0x3F, 0x05, 255)))) == (5, 0x24, 0)
-    ch = bytes(run(lu, bytes((0x1A, 0x08, 0x48, 0, 255))).data)  # changeable
-    assert ch[4:6] == bytes((0x08, 0x12)) and not any(ch[6:])
+    ch = bytes(run(lu, bytes((0x1A, 0x08, 0x48, 0, 255))).data)  # changeable: WCE only
+    assert ch[4:6] == bytes((0x08, 0x12)) and ch[6] == 0x04 and not any(ch[7:])
 
 
 def test_mode_sense_10_long_lba(lu: LogicalUnit) -> None:

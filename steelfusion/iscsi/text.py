@@ -256,8 +256,9 @@ class Negotiator:
             else:
                 out.append((key, NOT_UNDERSTOOD))
         # FirstBurstLength must not exceed MaxBurstLength (RFC 7143 §13.14),
-        # whichever order the two keys came in.
-        fbl = self._values.get("first_burst_length")
+        # whichever order the two keys came in, and also when only
+        # MaxBurstLength was offered (the default FirstBurstLength is 65536).
+        fbl = self._values.get("first_burst_length", SessionParams().first_burst_length)
         if isinstance(fbl, int) and fbl > self._mbl():
             self._values["first_burst_length"] = self._mbl()
             out = [(k, str(self._mbl())) if k == "FirstBurstLength" else (k, v) for k, v in out]
