@@ -41,7 +41,8 @@ from steelfusion.wire import Read as ReadMsg
 _log = log.get("uplink")
 
 BATCH_BYTES = 4 << 20
-COALESCE_BYTES = 512 * 1024  # seed: replication payloads are "as large as 512 KB"
+COALESCE_BYTES = 512 * 1024
+SHIP_GATHER_S = 0.002  # seed: replication payloads are "as large as 512 KB"
 
 
 class CoreUplink:
@@ -199,6 +200,9 @@ class CoreUplink:
     async def _pump(self) -> None:
         while True:
             await self._kick.wait()
+            # Hosts were acknowledged already, so a short gather costs them nothing: it lets
+            # contiguous writes coalesce into large frames and spares the Cores per-frame work.
+            await asyncio.sleep(SHIP_GATHER_S)
             self._kick.clear()
             try:
                 await self._pump_once()
