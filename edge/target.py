@@ -239,6 +239,40 @@ class IscsiTarget:
                 and c.conn is not None and not c.closing]
 
 
+async def _resume(coro: Any, yielded: Any) -> None:
+    """Carry on a coroutine that was started by hand and is now waiting on ``yielded``.
+
+    Drives it the way an asyncio Task would: wait for the future it yielded,
+    then resume it (it reads the future's result or exception itself); a
+    cancellation of this task is thrown into it.
+    """
+    while True:
+        try:
+            if yielded is None:
+                await asyncio.sleep(0)
+            else:
+                # What a Task does with a yielded future: clear the flag the
+                # coroutine's await set, then wait for it.
+                yielded._asyncio_future_blocking = False
+                try:
+                    await yielded
+                except asyncio.CancelledError:
+                    if not yielded.cancelled():
+                        raise
+                except Exception:
+                    pass  # the coroutine sees it through the future's result()
+        except asyncio.CancelledError as e:
+            try:
+                yielded = coro.throw(e)
+            except StopIteration:
+                return
+            continue
+        try:
+            yielded = coro.send(None)
+        except StopIteration:
+            return
+
+
 class _Connection(asyncio.Protocol):
     """One TCP connection: feeds bytes to a TargetConnection, runs commands."""
 
@@ -333,7 +367,14 @@ class _Connection(asyncio.Protocol):
         for ev in events:
             t = type(ev)
             if t is ScsiCommandReady:
-                task = self.loop.create_task(self._run(ev))
+                # Eager start: most commands (a write into the reserve, a cached read)
+                # finish without ever waiting, and then need no asyncio Task at all.
+                coro = self._run(ev)
+                try:
+                    yielded = coro.send(None)
+                except StopIteration:
+                    continue
+                task = self.loop.create_task(_resume(coro, yielded))
                 self.tasks.add(task)
                 self.running[ev.task_tag] = (task, ev.lun)
                 task.add_done_callback(functools.partial(self._task_done, ev.task_tag))
