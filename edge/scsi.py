@@ -138,6 +138,17 @@ SA_REPORT_SUPPORTED_TMF = 0x0D
 SA_XCOPY_LID1 = 0x00
 SA_COPY_STATUS = 0x00
 SA_COPY_OPERATING_PARAMETERS = 0x03
+SANITIZE = 0x48
+SA_SANITIZE_OVERWRITE = 0x01
+SA_SANITIZE_BLOCK_ERASE = 0x02
+SA_SANITIZE_CRYPTO_ERASE = 0x03
+SA_SANITIZE_EXIT_FAILURE_MODE = 0x1F
+SANITIZE_IN_PROGRESS = (0x04, 0x1B)
+SANITIZE_FAILED = (0x31, 0x03)
+SANITIZE_ALLOWED = frozenset((0x03, 0x12, 0xA0))
+"""INQUIRY, REPORT LUNS and REQUEST SENSE still run while a sanitize is in
+progress (SBC-3 §4.11.1); everything else gets NOT READY, SANITIZE IN
+PROGRESS."""
 
 # Unit attention conditions (SPC-4 Table 28): (ASC, ASCQ).
 UA_POWER_ON_RESET = (0x29, 0x00)
@@ -504,6 +515,10 @@ def build_vpd_pages(backend: BlockBackend, vendor: str, max_transfer_blocks: int
     pages[0xB0] = _vpd(0xB0, bytes(bl))
     bdc = bytearray(0x3C)  # Block Device Characteristics, SBC-3 §6.5.2
     bdc[0:2] = (1).to_bytes(2, "big")  # MEDIUM ROTATION RATE: non-rotating
+    if thin:
+        # WABEREQ=01b, WACEREQ=01b (SBC-4 §6.6.2): after a SANITIZE BLOCK or
+        # CRYPTO ERASE reads succeed (the blocks are deallocated: zeros).
+        bdc[3] = 0x40 | 0x10
     pages[0xB1] = _vpd(0xB1, bytes(bdc))
     if thin:
         # Logical Block Provisioning (SBC-3 §6.5.4): LBPU, LBPWS, LBPWS10,
@@ -654,6 +669,9 @@ COMMANDS: tuple[Command, ...] = (
     _cmd(0x37, None, "37 00 1f 00 00 00 00 ff ff 04", "_read_defect_data", _R),
     _cmd(0x41, None, "41 f8 ff ff ff ff 00 ff ff 04", "_write_same", _W),
     _cmd(0x42, None, "42 01 00 00 00 00 00 ff ff 04", "_unmap", _W),
+    *(_cmd(SANITIZE, sa, f"48 {0xA0 | sa:02x} 00 00 00 00 00 ff ff 04", "_sanitize", _W)
+      for sa in (SA_SANITIZE_OVERWRITE, SA_SANITIZE_BLOCK_ERASE, SA_SANITIZE_CRYPTO_ERASE,
+                 SA_SANITIZE_EXIT_FAILURE_MODE)),
     _cmd(0x55, None, "55 11 00 00 00 00 00 ff ff 04", "_mode_select", _W),
     _cmd(0x56, None, "56 12 00 00 00 00 00 00 00 04", "_reserve", _A),
     _cmd(0x57, None, "57 12 00 00 00 00 00 00 00 04", "_release", _A, spc2_ok=True),
@@ -711,6 +729,12 @@ GET_LBA_STATUS_SCAN_BYTES = 256 << 10
 """How far one GET LBA STATUS looks before it answers (the initiator asks
 again from where the last descriptor ends)."""
 
+GET_LBA_STATUS_NATIVE_SCAN_BYTES = 1 << 30
+"""The same for backends with a native ``lba_status`` (SEEK_DATA/SEEK_HOLE
+costs per extent, not per byte): far enough that a freshly sanitized or
+unmapped LUN is described in one answer, as libiscsi's SANITIZE BLOCK ERASE
+test requires."""
+
 
 # ----------------------------------------------------------------------------- the LU
 
@@ -766,6 +790,9 @@ class LogicalUnit:
             if c.opcode in (Op.UNMAP, Op.SERVICE_ACTION_IN_16) and not self.thin \
                     and c.sa != SA_READ_CAPACITY_16:
                 continue
+            if c.opcode == SANITIZE and not self.thin \
+                    and c.sa in (SA_SANITIZE_BLOCK_ERASE, SA_SANITIZE_CRYPTO_ERASE):
+                continue  # both deallocate: they need LBPME=1
             if c.sa is None:
                 table[c.opcode] = c
             else:
@@ -787,6 +814,9 @@ class LogicalUnit:
         """Called by PREEMPT AND ABORT with the PR ids whose tasks must go."""
         self.copy_resolver: Callable[[bytes], LogicalUnit | None] | None = None
         """Finds a LU by NAA designator for EXTENDED COPY (default: this one)."""
+        self._sanitize_task: asyncio.Task[None] | None = None
+        self._sanitize_progress = 0  # of 65536 (SPC-4 §4.5.2.4.4)
+        self._sanitize_failed = False
         if self.pr_path is not None:
             self._load_pr()
 
@@ -874,6 +904,11 @@ class LogicalUnit:
                 return ScsiResult(CHECK_CONDITION, sense=invalid_field(1).sense())
         else:
             cmd = entry
+        if op not in SANITIZE_ALLOWED:
+            if self.sanitizing:
+                return ScsiResult(CHECK_CONDITION, sense=self._sanitize_sense())
+            if self._sanitize_failed and op != SANITIZE:
+                return check_condition(SenseKey.MEDIUM_ERROR, *SANITIZE_FAILED)
         if not cmd.ua_exempt:
             st = self._sessions.get(nexus.session_id)
             if st is not None and st.ua:
@@ -1232,7 +1267,9 @@ class LogicalUnit:
         if lba >= self.blocks:
             raise lba_out_of_range()
         bs = self.block_size
-        span = min(self.blocks - lba, max(1, GET_LBA_STATUS_SCAN_BYTES // bs))
+        scan = GET_LBA_STATUS_NATIVE_SCAN_BYTES if hasattr(self.backend, "lba_status") \
+            else GET_LBA_STATUS_SCAN_BYTES
+        span = min(self.blocks - lba, max(1, scan // bs))
         extents = await self._lba_extents(lba, span)
         room = max(1, (alloc - 8) // 16) if alloc >= 24 else 1
         desc = b"".join(struct.pack(">QIB3x", s, n, 0 if mapped else 1)
@@ -1275,6 +1312,115 @@ class LogicalUnit:
                 else:
                     await self.backend.read(lba * bs, blocks * bs)
         return RESULT_GOOD
+
+    # ------------------------------------------------------------------ SANITIZE
+
+    @property
+    def sanitizing(self) -> bool:
+        """A sanitize operation is in progress (SBC-3 §4.11)."""
+        return self._sanitize_task is not None and not self._sanitize_task.done()
+
+    def _sanitize_sense(self) -> bytes:
+        """NOT READY, SANITIZE IN PROGRESS with the PROGRESS INDICATION in
+        the sense-key specific bytes (SKSV=1, SPC-4 §4.5.2.4.4)."""
+        b = bytearray(fixed_sense(SenseKey.NOT_READY, *SANITIZE_IN_PROGRESS))
+        b[15] = 0x80
+        b[16:18] = min(self._sanitize_progress, 0xFFFF).to_bytes(2, "big")
+        return bytes(b)
+
+    def parse_sanitize(self, cdb: bytes, data: Buffer) -> tuple[int, bytes, int, bool]:
+        """Check a SANITIZE CDB and parameter list (SBC-3 §5.30); returns
+        (service action, pattern block, overwrite count, invert).
+
+        Every field error is 5/24/00, as SBC-3 §5.30.2 and libiscsi want:
+        reserved CDB bits or bytes, a PARAMETER LIST LENGTH other than 0
+        (BLOCK ERASE, CRYPTO ERASE, EXIT FAILURE MODE) or outside 5..block
+        length + 4 (OVERWRITE), OVERWRITE COUNT 0, INITIALIZATION PATTERN
+        LENGTH 0 or above the block length.  A pattern longer than the list
+        that should hold it is 5/1A/00, a reserved parameter byte or TEST
+        value 5/26/00, fewer Data-Out bytes than the list length 5/0E/03."""
+        if cdb[1] & 0x40:
+            raise invalid_field(1)
+        for i in range(2, 7):
+            if cdb[i]:
+                raise invalid_field(i)
+        sa = cdb[1] & 0x1F
+        plen = _u16(cdb, 7)
+        bs = self.block_size
+        if sa != SA_SANITIZE_OVERWRITE:
+            if plen:
+                raise invalid_field(7)
+            return sa, b"", 0, False
+        if not 4 < plen <= bs + 4:
+            raise invalid_field(7)
+        d = bytes(self._data_out(data, plen))
+        count = d[0] & 0x1F
+        ipl = _u16(d, 2)
+        if not count or not 0 < ipl <= bs:
+            raise invalid_field()
+        if d[0] & 0x60:
+            raise invalid_param(0)  # TEST: only 00b (normal) is defined for us
+        if d[1]:
+            raise invalid_param(1)
+        if ipl > plen - 4:
+            raise param_list_length_error()
+        pattern = d[4:4 + ipl]
+        block = (pattern * -(-bs // ipl))[:bs]
+        return sa, block, count, bool(d[0] & 0x80)
+
+    async def _sanitize(self, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+        """SANITIZE, SBC-3 §5.30.  OVERWRITE writes the pattern to every
+        block COUNT times (inverted between passes with INVERT); BLOCK and
+        CRYPTO ERASE deallocate every block (we keep no media key, so a
+        crypto erase is a deallocation too; reads then return zeros:
+        WABEREQ = WACEREQ = 01b); EXIT FAILURE MODE leaves the failed state
+        a failed sanitize leaves behind (SANITIZE COMMAND FAILED, 3/31/03).
+
+        The operation runs in a task the LU owns, so ABORT TASK, resets and
+        a dropped connection do not stop it (SBC-3 §4.11.1); meanwhile other
+        commands but INQUIRY, REPORT LUNS and REQUEST SENSE get 2/04/1B with
+        the progress.  IMMED=0 waits for the end, IMMED=1 returns at once."""
+        sa, block, count, invert = self.parse_sanitize(cdb, data)
+        plen = _u16(cdb, 7)
+        if sa == SA_SANITIZE_EXIT_FAILURE_MODE:
+            self._sanitize_failed = False
+            return ScsiResult(GOOD, transfer_length=plen)
+        self._check_writable(plen or None)
+        self._sanitize_progress = 0
+        task = asyncio.get_running_loop().create_task(
+            self._run_sanitize(sa, block, count, invert))
+        self._sanitize_task = task
+        if cdb[1] & 0x80:
+            return ScsiResult(GOOD, transfer_length=plen)
+        await asyncio.shield(task)
+        if self._sanitize_failed:
+            return check_condition(SenseKey.MEDIUM_ERROR, *SANITIZE_FAILED)
+        return ScsiResult(GOOD, transfer_length=plen)
+
+    async def _run_sanitize(self, sa: int, block: bytes, count: int, invert: bool) -> None:
+        total = self.blocks
+        per = max(1, IO_CHUNK_BYTES // self.block_size)
+        passes = count if sa == SA_SANITIZE_OVERWRITE else 1
+        inverted = bytes(b ^ 0xFF for b in block)
+        tok = await self.locks.acquire(0, total, True)
+        try:
+            for p in range(passes):
+                pattern = inverted if invert and p % 2 else block
+                for lba in range(0, total, per):
+                    n = min(per, total - lba)
+                    if sa == SA_SANITIZE_OVERWRITE:
+                        await self._write_pattern(lba, n, pattern)
+                    else:
+                        await self._deallocate(lba, n)
+                    done = p * total + lba + n
+                    self._sanitize_progress = done * 0x10000 // (passes * total)
+            await self.backend.flush()
+            self._sanitize_failed = False
+        except Exception as e:
+            self._sanitize_failed = True
+            self._log.warning("scsi_sanitize_failed", service_action=sa, error=repr(e))
+        finally:
+            self.locks.release(tok)
 
     # ------------------------------------------------------------------ unit state
 
@@ -1321,11 +1467,15 @@ class LogicalUnit:
         return ScsiResult(GOOD, allocation(rc, _u32(cdb, 10)))
 
     async def _request_sense(self, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
-        """REQUEST SENSE, SPC-4 §6.39: reports (and clears) a pending unit
-        attention, else NO SENSE."""
+        """REQUEST SENSE, SPC-4 §6.39: the sanitize progress while one runs,
+        else reports (and clears) a pending unit attention, else NO SENSE."""
         st = self._sessions.get(nexus.session_id)
         sense = None
-        if st is not None and st.ua:
+        if self.sanitizing:
+            sense = self._sanitize_sense()
+        elif self._sanitize_failed:
+            sense = fixed_sense(SenseKey.MEDIUM_ERROR, *SANITIZE_FAILED)
+        elif st is not None and st.ua:
             asc, ascq = st.ua.popleft()
             sense = fixed_sense(SenseKey.UNIT_ATTENTION, asc, ascq)
         return ScsiResult(GOOD, allocation(build_request_sense(bool(cdb[1] & 1), sense), cdb[4]))
