@@ -1276,11 +1276,7 @@ class Core:
                 "connected": w.connected, "lease_valid": w.lease_valid(),
                 "pair": self.cfg.pair, "pair_epoch": w.pair_epoch, "holds": w.holds,
                 "holder": w.holder},
-            "journal": None if j is None else {
-                "path": str(j.path), "size": j.usage()["size"],
-                "used_log_bytes": j.usage()["used_log_bytes"],
-                "dirty_bytes": {str(lun): j.dirty_bytes(lun) for lun in self.pipes},
-                "al_regions": j.al_regions()},
+            "journal": None if j is None else self._journal_summary(j),
             "resync": resync,
             "luns": {str(lun): {"path": p.store.path, "size": p.store.size, "stream": p.stream,
                                 "applied_seq": p.applied_seq, "durable_seq": p.durable_seq,
@@ -1294,6 +1290,12 @@ class Core:
             "alarms": list(self.alarms.values()),
             "uptime_s": round(time.time() - self.started, 1),
         }
+
+    def _journal_summary(self, j: Any) -> dict[str, Any]:
+        u = j.usage()
+        return {"path": str(j.path), "size": u["size"], "used_log_bytes": u["used_log_bytes"],
+                "dirty_bytes": {str(lun): j.dirty_bytes(lun) for lun in self.pipes},
+                "al_regions": u["al_regions"]}
 
     def _control_handlers(self) -> dict[str, control.Handler]:
         async def status(_: dict[str, Any]) -> dict[str, Any]:
