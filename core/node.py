@@ -46,7 +46,7 @@ from steelfusion import authconfig, control, log
 from steelfusion.atomic import atomic_write
 from steelfusion.config import CoreConfig
 from steelfusion.link import Link, dial, listen
-from steelfusion.units import format_addr, format_size
+from steelfusion.units import format_addr
 from steelfusion.wire import (
     Ack,
     Control,
@@ -918,9 +918,9 @@ class Core:
         self._resync_wake.set()
 
     def _broadcast_peer(self, body: dict[str, Any]) -> None:
-        for lk in self.mirror_links:
-            lk.send(Control(body))
-            break
+        links = self.mirror_links
+        if links:
+            links[0].send(Control(body))
 
     # -- secondary: applying the primary's copies -----------------------------------
     def _on_mirror_write(self, link: Link, w: Write) -> None:
@@ -1355,4 +1355,4 @@ async def run(cfg: CoreConfig) -> None:
     await core.stop()
 
 
-__all__ = ["Core", "format_size", "run"]
+__all__ = ["Core", "run"]

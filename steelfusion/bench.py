@@ -132,26 +132,17 @@ class Row:
 
 def _core_pair(wd: Path, lun_size: int, initial_sync: bool) -> tuple[list[Any], list[int]]:
     """Two Cores (no Edge, no Witness) for the replication measurements."""
-    from steelfusion.config import CoreConfig, LunConfig, write_toml
-    from steelfusion.lab import spawn, wait_control
+    from steelfusion.config import write_toml
+    from steelfusion.lab import core_pair_configs, spawn, wait_control
 
     wd.mkdir(parents=True, exist_ok=True)
-    ports = free_ports(4)
-    cfgs = []
+    cfgs = list(core_pair_configs(wd, {1: lun_size}, names=("bench-core-a", "bench-core-b"),
+                                  initial_sync=initial_sync, pair="bench"))
     pids = []
-    for i, name in enumerate(["bench-core-a", "bench-core-b"]):
-        cfg = CoreConfig(
-            name=name, role="primary" if i == 0 else "secondary",
-            listen=("127.0.0.1", ports[2 * i]), control=("127.0.0.1", ports[2 * i + 1]),
-            state_dir=str(wd / name), luns=(LunConfig(1, str(wd / name / "lun-1.img"), lun_size),),
-            peer=("127.0.0.1", ports[2 * (1 - i)]), log_file=str(wd / f"{name}.log"),
-            journal_path=str(wd / name / "journal.img"), journal_size=3 << 30,
-            initial_sync=initial_sync, pair="bench")
-        path = wd / f"{name}.toml"
-        write_toml(path, cfg.to_dict())
-        cfgs.append(cfg)
     for cfg in cfgs:
-        pid = spawn("core", wd / f"{cfg.name}.toml", wd, cfg.name)
+        path = wd / f"{cfg.name}.toml"
+        write_toml(path, cfg.to_dict())
+        pid = spawn("core", path, wd, cfg.name)
         wait_control(cfg.control, pid, 30, cfg.name, wd)
         pids.append(pid)
     return cfgs, pids
@@ -372,4 +363,4 @@ def main(workdir: str | None, rounds: int, quick: bool, lun_size: int, as_json: 
     return 0
 
 
-__all__ = ["WORKLOADS", "TgtServer", "main", "pid_alive", "render", "run_bench"]
+__all__ = ["WORKLOADS", "TgtServer", "main", "render", "run_bench"]

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,34 @@ def wait_control(addr: tuple[str, int], pid: int, timeout: float, name: str,
     raise LabError(f"{name} did not answer on {format_addr(addr)} within {timeout:.0f}s ({last})")
 
 
+def core_pair_configs(d: Path, luns: dict[int, int], *, names: tuple[str, str] = ("core-a", "core-b"),
+                      host: str = "127.0.0.1", ports: Iterator[int] | None = None,
+                      replica_luns: dict[int, int] | None = None, with_peer: bool = True,
+                      journal: bool = True, journal_size: int | None = None,
+                      per_core: tuple[dict[str, Any], dict[str, Any]] = ({}, {}),
+                      **common: Any) -> tuple[CoreConfig, CoreConfig]:
+    """A primary and a secondary Core peered on loopback, their files under ``d``.
+
+    ``luns`` maps LUN id -> size (``replica_luns`` overrides it for the
+    secondary); each Core gets a sparse journal of the seed's required size
+    unless ``journal`` is off; ``common`` and ``per_core`` are CoreConfig fields.
+    """
+    it = ports if ports is not None else iter(free_ports(4, host))
+    addrs = [((host, next(it)), (host, next(it))) for _ in names]
+    out = []
+    for i, name in enumerate(names):
+        sizes = luns if i == 0 or replica_luns is None else replica_luns
+        out.append(CoreConfig(
+            name=name, role="primary" if i == 0 else "secondary", listen=addrs[i][0],
+            control=addrs[i][1], state_dir=str(d / name),
+            luns=tuple(LunConfig(k, str(d / name / f"lun-{k}.img"), v) for k, v in sizes.items()),
+            peer=addrs[1 - i][0] if with_peer else None, interfaces=(host,),
+            journal_path=str(d / name / "journal.img") if journal else None,
+            journal_size=(journal_size or required_size(len(sizes))) if journal else 0,
+            log_file=str(d / f"{name}.log"), **common, **per_core[i]))
+    return out[0], out[1]
+
+
 class Lab:
     """A lab folder: its ``lab.json`` and the nodes it describes."""
 
@@ -174,23 +202,11 @@ class Lab:
                                 control=(host, next(ports)), state_dir=str(d / "witness"),
                                 lease_seconds=witness_lease, log_file=str(d / "witness.log"))
         lun_ids = list(range(1, luns * edges + 1))
-        core_names = ["core-a", "core-b"]
-        core_addrs = [((host, next(ports)), (host, next(ports))) for _ in core_names]
-        cores = []
-        for i, name in enumerate(core_names):
-            listen_addr, control_addr = core_addrs[i]
-            peer = core_addrs[1 - i][0]
-            cores.append(CoreConfig(
-                name=name, role="primary" if i == 0 else "secondary", listen=listen_addr,
-                control=control_addr, state_dir=str(d / name),
-                luns=tuple(LunConfig(lid, str(d / name / f"lun-{lid}.img"), lun_size)
-                           for lid in lun_ids),
-                peer=peer, interfaces=(host,), witness=witness.listen,
-                journal_path=str(d / name / "journal.img"),
-                journal_size=required_size(len(lun_ids)), log_file=str(d / f"{name}.log"),
-                pair="lab-pair",
-                # both LUN files are created empty (all zeros) together: already in sync
-                initial_sync=False))
+        cores = core_pair_configs(
+            d, dict.fromkeys(lun_ids, lun_size), host=host, ports=ports,
+            witness=witness.listen, pair="lab-pair",
+            # both LUN files are created empty (all zeros) together: already in sync
+            initial_sync=False)
         edge_cfgs = []
         for e in range(edges):
             name = f"edge-{e + 1}"

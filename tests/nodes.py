@@ -9,8 +9,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steelfusion.config import CoreConfig, LunConfig, write_toml
-from steelfusion.lab import free_ports, pid_alive, spawn, wait_control
+from steelfusion.config import CoreConfig, write_toml
+from steelfusion.lab import core_pair_configs, free_ports, pid_alive, spawn, wait_control
 from steelfusion.link import Link, dial
 from steelfusion.wire import Ack, Hello, Message, Refuse, Welcome, Write
 
@@ -65,26 +65,16 @@ def make_cores(tmp: Path, luns: dict[int, int], replica_luns: dict[int, int] | N
                with_peer: bool = True, witness: tuple[str, int] | None = None,
                journal_size: int | None = None, initial_sync: bool = False,
                ha: tuple[str, str] = ("none", "none")) -> tuple[CoreProc, CoreProc]:
-    from journal import required_size
-
-    ports = free_ports(4)
+    """A Core pair with fast heartbeats; a journal only when ``journal_size`` is given."""
+    cfgs = core_pair_configs(tmp, luns, replica_luns=replica_luns, with_peer=with_peer,
+                             journal=journal_size is not None, journal_size=journal_size,
+                             per_core=({"ha": ha[0]}, {"ha": ha[1]}), ping_interval=0.3,
+                             dead_after=2.0, initial_sync=initial_sync, witness=witness)
     out = []
-    for i, name in enumerate(["core-a", "core-b"]):
-        sizes = luns if i == 0 or replica_luns is None else replica_luns
-        cfg = CoreConfig(
-            name=name, role="primary" if i == 0 else "secondary",
-            listen=("127.0.0.1", ports[2 * i]), control=("127.0.0.1", ports[2 * i + 1]),
-            state_dir=str(tmp / name),
-            luns=tuple(LunConfig(k, str(tmp / name / f"lun-{k}.img"), v) for k, v in sizes.items()),
-            peer=("127.0.0.1", ports[2 * (1 - i)]) if with_peer else None,
-            log_file=str(tmp / f"{name}.log"), ping_interval=0.3, dead_after=2.0,
-            initial_sync=initial_sync, witness=witness, ha=ha[i],
-            journal_path=str(tmp / name / "journal.img") if journal_size is not None else None,
-            journal_size=(journal_size or required_size(len(sizes))) if journal_size is not None
-            else 0)
-        path = tmp / f"{name}.toml"
+    for cfg in cfgs:
+        path = tmp / f"{cfg.name}.toml"
         write_toml(path, cfg.to_dict())
-        out.append(CoreProc(name, cfg, path, tmp))
+        out.append(CoreProc(cfg.name, cfg, path, tmp))
     return out[0], out[1]
 
 
