@@ -42,7 +42,6 @@ from steelfusion.iscsi.pdu import (
     R2T,
     RESERVED_TAG,
     Buffer,
-    DataIn,
     DataOut,
     IscsiProtocolError,
     LoginRequest,
@@ -62,6 +61,9 @@ from steelfusion.iscsi.pdu import (
     TaskMgmtResponse,
     TextRequest,
     TextResponse,
+    data_in_header,
+    frame,
+    scsi_response_header,
     sense_segment,
 )
 from steelfusion.iscsi.text import (
@@ -253,7 +255,7 @@ class LoginFailed:
     target_name: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ScsiCommandReady:
     """A SCSI command whose Data-Out (if any) has fully arrived.  Answer with
     :meth:`TargetConnection.complete` (exactly once, any order)."""
@@ -978,37 +980,53 @@ class TargetConnection:
                                         overflow, underflow, residual)
             if not sense and status == _GOOD:
                 return
-        self._send(ScsiResponse(
-            itt=task.itt, status=status, statsn=self._take_statsn(), exp_cmdsn=self._exp_cmdsn,
-            max_cmdsn=self._maxsn(), exp_datasn=datasn if task.read else task.r2tsn,
-            overflow=overflow, underflow=underflow, residual_count=residual,
-            data=sense_segment(sense)))
+        seg = sense_segment(sense)
+        head = scsi_response_header(
+            0x80 | (0x04 if overflow else 0) | (0x02 if underflow else 0), 0, status, len(seg),
+            task.itt, 0, self._take_statsn(), self._exp_cmdsn, self._maxsn(),
+            datasn if task.read else task.r2tsn, 0, residual)
+        self._out.extend(frame(head, seg, self._hd, self._dd))
 
     def _send_data_in(self, task: _Task, data: Buffer, send: int, status: int,
                       with_status: bool, overflow: bool, underflow: bool, residual: int) -> int:
-        """Data-In PDUs for ``data[:send]``; returns how many were sent."""
+        """Data-In PDUs for ``data[:send]``; returns how many were sent.
+
+        Headers are packed straight from the fields (no :class:`DataIn`
+        objects): this runs for every READ."""
         mrdsl = self.params.max_recv_data_segment_length
         mbl = self.params.max_burst_length
-        mv = data if isinstance(data, memoryview) else memoryview(data)
         hd, dd = self._hd, self._dd
         out = self._out
         itt, lun = task.itt, task.lun_raw
+        if send <= mrdsl and send <= mbl:
+            # One PDU (the common case): F and, with status, S + residual flags.
+            if with_status:
+                b1 = 0x81 | (0x04 if overflow else 0) | (0x02 if underflow else 0)
+                head = data_in_header(b1, status, send, lun, itt, RESERVED_TAG,
+                                      self._take_statsn(), self._exp_cmdsn, self._maxsn(), 0, 0,
+                                      residual)
+            else:
+                head = data_in_header(0x80, 0, send, lun, itt, RESERVED_TAG, 0,
+                                      self._exp_cmdsn, self._maxsn(), 0, 0, 0)
+            out.extend(frame(head, data if send == len(data) else memoryview(data)[:send],
+                             hd, dd))
+            return 1
+        mv = data if isinstance(data, memoryview) else memoryview(data)
         off = 0
         datasn = 0
         while off < send:
             seg = min(mrdsl, send - off, mbl - off % mbl)
             end = off + seg
             if end == send and with_status:
-                pdu = DataIn(itt=itt, lun=lun, statsn=self._take_statsn(),
-                             exp_cmdsn=self._exp_cmdsn, max_cmdsn=self._maxsn(), datasn=datasn,
-                             buffer_offset=off, residual_count=residual, final=True,
-                             overflow=overflow, underflow=underflow, status_present=True,
-                             status=status, data=mv[off:end])
+                b1 = 0x81 | (0x04 if overflow else 0) | (0x02 if underflow else 0)
+                head = data_in_header(b1, status, seg, lun, itt, RESERVED_TAG,
+                                      self._take_statsn(), self._exp_cmdsn, self._maxsn(),
+                                      datasn, off, residual)
             else:
-                pdu = DataIn(itt=itt, lun=lun, exp_cmdsn=self._exp_cmdsn,
-                             max_cmdsn=self._maxsn(), datasn=datasn, buffer_offset=off,
-                             final=end == send or end % mbl == 0, data=mv[off:end])
-            out.extend(pdu.encode_parts(hd, dd))
+                head = data_in_header(0x80 if end == send or end % mbl == 0 else 0, 0, seg, lun,
+                                      itt, RESERVED_TAG, 0, self._exp_cmdsn, self._maxsn(),
+                                      datasn, off, 0)
+            out.extend(frame(head, mv[off:end], hd, dd))
             off = end
             datasn += 1
         return datasn

@@ -62,6 +62,30 @@ class EdgeLun:
         if fua:
             await self.bs.flush()
 
+    def write_now(self, offset: int, data: bytes | memoryview) -> bool:
+        """:meth:`write` without waiting, for ``LogicalUnit.try_fast``: False
+        (nothing done) when the reserve has no room now or the write needs
+        several records."""
+        n = len(data)
+        bs = self.bs
+        if n > RECORD_MAX or bs.writers_waiting or not bs._fits(n):  # TODO try_reserve
+            return False
+        bs._admitted += n
+        try:
+            self.bs.append(self.lun_id, offset, data)
+        except BaseException:
+            self.bs.unreserve(n)
+            raise
+        return True
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """:meth:`read` when the cache holds every byte, else None."""
+        cache = self.cache
+        if cache.missing(offset, length):
+            return None
+        self.reads += 1
+        return cache.read(offset, length)
+
     async def flush(self) -> None:
         await self.bs.flush()
 

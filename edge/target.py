@@ -23,7 +23,7 @@ import itertools
 import socket
 import stat
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +142,9 @@ class IscsiTarget:
             max_command_bytes=max(max_xfer, 1 << 20) + 65536, authenticator=authenticator,
             defer_resets=True)
         self.max_inflight_per_session = max_inflight_per_session
+        self.barrier: Callable[[], None] | None = None
+        """Called before any response leaves: what a command did must be
+        stored before it is acknowledged (the Edge drains its write log here)."""
         self._by_iqn = {t.iqn: t for t in self.targets}
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
@@ -367,8 +370,13 @@ class _Connection(asyncio.Protocol):
         for ev in events:
             t = type(ev)
             if t is ScsiCommandReady:
-                # Eager start: most commands (a write into the reserve, a cached read)
-                # finish without ever waiting, and then need no asyncio Task at all.
+                # A plain READ/WRITE that can finish now (a cached read, a write
+                # into the reserve) is answered inline: no coroutine at all.
+                lu = self.luns.get(ev.lun)
+                if lu is not None and self._fast(lu, ev):
+                    continue
+                # Eager start: the rest usually finish without ever waiting
+                # too, and then need no asyncio Task.
                 coro = self._run(ev)
                 try:
                     yielded = coro.send(None)
@@ -399,6 +407,26 @@ class _Connection(asyncio.Protocol):
                 self._close(ev.reason)
             elif t is TasksAborted:
                 self.log.info("iscsi_tasks_aborted", task_tags=list(ev.task_tags))
+
+    def _fast(self, lu: scsi.LogicalUnit, ev: ScsiCommandReady) -> bool:
+        """Answer ``ev`` through ``LogicalUnit.try_fast`` if it can; True when done."""
+        try:
+            res = lu.try_fast(ev.cdb, ev.data, self.nexus or scsi.LOCAL_NEXUS)
+        except Exception as e:
+            self.log.error("scsi_execute_failed", error=repr(e), exc_info=True)
+            res = scsi.check_condition(scsi.SenseKey.HARDWARE_ERROR, 0x44, 0x00)
+        if res is None:
+            return False
+        conn = self.conn
+        if conn is not None and not self.closing:
+            more = conn.complete(ev.task_tag, res.status, res.data, res.sense,
+                                 res.transfer_length)
+            if more:
+                self._handle(more)
+            if not self._flush_pending:
+                self._flush_pending = True
+                self.loop.call_soon(self._flush)
+        return True
 
     def _logged_in(self, ev: LoginComplete) -> None:
         if self._timer is not None:
@@ -506,6 +534,16 @@ class _Connection(asyncio.Protocol):
             return
         parts: list[Buffer] = conn.data_to_send()
         if parts:
+            barrier = self.server.barrier
+            if barrier is not None:
+                try:
+                    barrier()
+                except Exception as e:
+                    # What we were about to acknowledge may not be stored:
+                    # answer nothing; the initiator retries elsewhere or later.
+                    self.log.error("iscsi_barrier_failed", error=repr(e))
+                    self.abort(f"storage error: {e}")
+                    return
             transport.writelines(parts)
 
     def _on_timer(self) -> None:

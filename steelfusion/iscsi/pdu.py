@@ -15,7 +15,8 @@ a data segment padded to a 4-byte boundary and an optional CRC32C data digest
     bytes 20-47 opcode-specific
 
 It is parsed with one ``struct.unpack_from`` per PDU.  Each opcode family is
-a frozen dataclass with ``encode()`` (one ``bytes``) and ``encode_parts()``
+a slotted dataclass (not frozen: a frozen one pays an ``object.__setattr__``
+per field in ``__init__``, which shows up on the per-command path) with ``encode()`` (one ``bytes``) and ``encode_parts()``
 (a list of buffers for ``writelines``, so large Data-In payloads go out as
 memoryview slices without a copy).  :class:`PduDecoder` turns a byte stream
 into PDUs and raises only :class:`IscsiProtocolError`.
@@ -124,7 +125,7 @@ def digest(data: Buffer, value: int = 0) -> int:
     return _crc32c(data, value)
 
 
-def _frame(header: bytes, data: Buffer, header_digest: bool, data_digest: bool) -> list[Buffer]:
+def frame(header: bytes, data: Buffer, header_digest: bool, data_digest: bool) -> list[Buffer]:
     """BHS+AHS [+HD], data, pad [+DD] as a buffer list (RFC 7143 §11.2)."""
     if header_digest:
         header = header + _crc32c(header).to_bytes(4, "little")
@@ -156,7 +157,7 @@ class Pdu:
 
     def encode_parts(self, header_digest: bool = False, data_digest: bool = False) -> list[Buffer]:
         """Buffers to hand to ``transport.writelines`` (data is not copied)."""
-        return _frame(self.header(), self.payload(), header_digest, data_digest)
+        return frame(self.header(), self.payload(), header_digest, data_digest)
 
     def encode(self, header_digest: bool = False, data_digest: bool = False) -> bytes:
         return b"".join(self.encode_parts(header_digest, data_digest))
@@ -172,7 +173,7 @@ def _len_word(ahs_len: int, data: Buffer) -> int:
 # --------------------------------------------------------------------------- initiator PDUs
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class NopOut(Pdu):
     """NOP-Out (RFC 7143 §11.18): ping, or answer to a target NOP-In."""
 
@@ -191,7 +192,7 @@ class NopOut(Pdu):
                          self.exp_statsn, 0, 0, 0, 0)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class ScsiCommand(Pdu):
     """SCSI Command (RFC 7143 §11.3).  CDBs longer than 16 bytes travel in an
     Extended CDB AHS (§11.3.5); bidirectional commands carry a Bidirectional
@@ -232,7 +233,7 @@ class ScsiCommand(Pdu):
                          self.expected_length, self.cmdsn, self.exp_statsn, cdb) + ahs
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TaskMgmtRequest(Pdu):
     """Task Management Function Request (RFC 7143 §11.5)."""
 
@@ -253,7 +254,7 @@ class TaskMgmtRequest(Pdu):
                          self.exp_statsn, self.ref_cmdsn, self.exp_datasn, 0, 0)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class LoginRequest(Pdu):
     """Login Request (RFC 7143 §11.12); always immediate."""
 
@@ -280,7 +281,7 @@ class LoginRequest(Pdu):
                          self.itt, self.cid << 16, self.cmdsn, self.exp_statsn, 0, 0, 0, 0)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TextRequest(Pdu):
     """Text Request (RFC 7143 §11.10)."""
 
@@ -302,7 +303,7 @@ class TextRequest(Pdu):
                          self.exp_statsn, 0, 0, 0, 0)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class DataOut(Pdu):
     """SCSI Data-Out (RFC 7143 §11.7)."""
 
@@ -322,7 +323,7 @@ class DataOut(Pdu):
                          self.buffer_offset, 0)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class LogoutRequest(Pdu):
     """Logout Request (RFC 7143 §11.14)."""
 
@@ -340,7 +341,7 @@ class LogoutRequest(Pdu):
                          0, 0, 0, 0)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class SnackRequest(Pdu):
     """SNACK Request (RFC 7143 §11.16); needs ErrorRecoveryLevel > 0."""
 
@@ -362,7 +363,7 @@ class SnackRequest(Pdu):
 # --------------------------------------------------------------------------- target PDUs
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class NopIn(Pdu):
     """NOP-In (RFC 7143 §11.19): answer to a NOP-Out, or a target ping
     (TTT != 0xffffffff)."""
@@ -381,7 +382,7 @@ class NopIn(Pdu):
                          self.ttt, self.statsn, self.exp_cmdsn, self.max_cmdsn, 0, 0, 0)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class ScsiResponse(Pdu):
     """SCSI Response (RFC 7143 §11.4).  ``data`` is SenseLength (2 bytes) +
     sense data, see :func:`sense_segment`."""
@@ -406,13 +407,22 @@ class ScsiResponse(Pdu):
     def header(self) -> bytes:
         b1 = (0x80 | (0x10 if self.bidi_overflow else 0) | (0x08 if self.bidi_underflow else 0)
               | (0x04 if self.overflow else 0) | (0x02 if self.underflow else 0))
-        return _BHS.pack(self.opcode, b1, self.response, self.status, _len_word(0, self.data),
-                         0, self.itt, self.snack_tag, self.statsn, self.exp_cmdsn,
-                         self.max_cmdsn, self.exp_datasn, self.bidi_residual_count,
-                         self.residual_count)
+        return scsi_response_header(b1, self.response, self.status, _len_word(0, self.data),
+                                    self.itt, self.snack_tag, self.statsn, self.exp_cmdsn,
+                                    self.max_cmdsn, self.exp_datasn, self.bidi_residual_count,
+                                    self.residual_count)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+def scsi_response_header(b1: int, response: int, status: int, length: int, itt: int,
+                         snack_tag: int, statsn: int, exp_cmdsn: int, max_cmdsn: int,
+                         exp_datasn: int, bidi_residual: int, residual: int) -> bytes:
+    """A SCSI Response BHS from its fields (``b1``: 1 0 0 o u O U 0 bits),
+    without building a :class:`ScsiResponse`: a target sends one per WRITE."""
+    return _BHS.pack(Opcode.SCSI_RESPONSE, b1, response, status, length, 0, itt, snack_tag,
+                     statsn, exp_cmdsn, max_cmdsn, exp_datasn, bidi_residual, residual)
+
+
+@dataclass(slots=True, kw_only=True)
 class TaskMgmtResponse(Pdu):
     """Task Management Function Response (RFC 7143 §11.6)."""
 
@@ -428,7 +438,7 @@ class TaskMgmtResponse(Pdu):
                          self.exp_cmdsn, self.max_cmdsn, 0, 0, 0)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class LoginResponse(Pdu):
     """Login Response (RFC 7143 §11.13)."""
 
@@ -458,7 +468,7 @@ class LoginResponse(Pdu):
                          (self.status_class << 24) | (self.status_detail << 16), 0, 0)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class TextResponse(Pdu):
     """Text Response (RFC 7143 §11.11)."""
 
@@ -479,7 +489,7 @@ class TextResponse(Pdu):
                          self.ttt, self.statsn, self.exp_cmdsn, self.max_cmdsn, 0, 0, 0)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class DataIn(Pdu):
     """SCSI Data-In (RFC 7143 §11.8).  With ``status_present`` (S bit) it also
     carries the command status and residuals, saving a SCSI Response."""
@@ -506,13 +516,23 @@ class DataIn(Pdu):
         b1 = ((0x80 if self.final else 0) | (0x40 if self.ack else 0)
               | (0x04 if self.overflow else 0) | (0x02 if self.underflow else 0)
               | (0x01 if self.status_present else 0))
-        return _BHS.pack(self.opcode, b1, 0, self.status if self.status_present else 0,
-                         _len_word(0, self.data), self.lun, self.itt, self.ttt, self.statsn,
-                         self.exp_cmdsn, self.max_cmdsn, self.datasn, self.buffer_offset,
-                         self.residual_count)
+        return data_in_header(b1, self.status if self.status_present else 0,
+                              _len_word(0, self.data), self.lun, self.itt, self.ttt,
+                              self.statsn, self.exp_cmdsn, self.max_cmdsn, self.datasn,
+                              self.buffer_offset, self.residual_count)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+def data_in_header(b1: int, status: int, length: int, lun: int, itt: int, ttt: int,
+                   statsn: int, exp_cmdsn: int, max_cmdsn: int, datasn: int, offset: int,
+                   residual: int) -> bytes:
+    """A Data-In BHS from its fields (``b1``: F A 0 0 0 O U S bits, ``length``
+    the data segment length), without building a :class:`DataIn`: a target
+    sends one or more per READ, so its per-command path calls this directly."""
+    return _BHS.pack(Opcode.DATA_IN, b1, 0, status, length, lun, itt, ttt, statsn,
+                     exp_cmdsn, max_cmdsn, datasn, offset, residual)
+
+
+@dataclass(slots=True, kw_only=True)
 class LogoutResponse(Pdu):
     """Logout Response (RFC 7143 §11.15)."""
 
@@ -531,7 +551,7 @@ class LogoutResponse(Pdu):
                          (self.time2wait & 0xFFFF) << 16 | (self.time2retain & 0xFFFF), 0)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class R2T(Pdu):
     """Ready To Transfer (RFC 7143 §11.9): solicits one Data-Out sequence."""
 
@@ -552,7 +572,7 @@ class R2T(Pdu):
                          self.desired_length)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class AsyncMessage(Pdu):
     """Asynchronous Message (RFC 7143 §11.9.1)."""
 
@@ -576,7 +596,7 @@ class AsyncMessage(Pdu):
                          (self.parameter2 & 0xFFFF) << 16 | (self.parameter3 & 0xFFFF), 0)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True)
 class Reject(Pdu):
     """Reject (RFC 7143 §11.17); ``data`` is the rejected PDU's header."""
 
