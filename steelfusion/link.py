@@ -1,8 +1,9 @@
 """Thin asyncio adapter over :mod:`steelfusion.wire` and :mod:`steelfusion.linkstate`.
 
-One :class:`Link` per TCP connection. It owns no protocol rules: it feeds
-bytes to the decoder, messages to the state machine, and hands everything
-else to the role's handler (``on_message``), which runs in the event loop.
+One :class:`Link` per TCP connection. It owns no protocol rules: it lends the
+decoder's buffers to the transport, feeds messages to the state machine, and
+hands everything else to the role's handler (``on_message``), which runs in
+the event loop.
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ Handler = Callable[["Link", Message], None]
 CORK_BYTES = 1 << 20  # flush at once past this much queued output
 
 
-class Link(asyncio.Protocol):
-    """A framed, heartbeated node connection."""
+class Link(asyncio.BufferedProtocol):
+    """A framed, heartbeated node connection.
+
+    A ``BufferedProtocol`` (asyncio and uvloop alike; uvloop only treats a
+    protocol as buffered if it is not an ``asyncio.Protocol``), so the kernel
+    writes received bytes straight into :class:`FrameDecoder`'s buffers.
+    """
 
     def __init__(self, on_message: Handler, on_close: Callable[[Link, BaseException | None], None],
                  *, dialler: bool, name: str = "", ping_interval: float = 1.0,
@@ -74,7 +80,7 @@ class Link(asyncio.Protocol):
         self._out_bytes = 0
         self._flush_scheduled = False
 
-    # -- asyncio.Protocol ---------------------------------------------------
+    # -- asyncio.BufferedProtocol ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
         sock = transport.get_extra_info("socket")
@@ -86,32 +92,42 @@ class Link(asyncio.Protocol):
         transport.set_write_buffer_limits(high=8 * 1024 * 1024)
         self._arm()
 
-    def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        now = self.loop.time()
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """The decoder's buffer: large payloads are received into their message."""
+        return self.decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.bytes_in += nbytes
         try:
-            msgs = self.decoder.feed(data)
-            for m in msgs:
-                replies = self.machine.receive(m, now)
-                if replies:
-                    self.send_many(replies)
-                if isinstance(m, Ping | Pong):
-                    continue
-                if not self._auth_gate(m):
-                    return
-                if isinstance(m, Hello):
-                    self.hello = m
-                elif isinstance(m, Welcome):
-                    self.welcome = m
-                self.on_message(self, m)
-                if self.transport is None or self.transport.is_closing():
-                    return
+            self._deliver(self.decoder.buffer_updated(nbytes))
         except WireError as e:
-            _log.warning("wire_protocol_error", peer=self.peer, link=self.name,
-                         code=e.code, error=str(e))
-            with contextlib.suppress(Exception):
-                self.send(Refuse(e.code, str(e)))
-            self.abort(f"protocol error: {e}")
+            self._protocol_error(e)
+
+    def _deliver(self, msgs: list[Message]) -> None:
+        now = self.loop.time()
+        for m in msgs:
+            replies = self.machine.receive(m, now)
+            if replies:
+                self.send_many(replies)
+            if isinstance(m, Ping | Pong):
+                continue
+            if not self._auth_gate(m):
+                return
+            if isinstance(m, Hello):
+                self.hello = m
+            elif isinstance(m, Welcome):
+                self.welcome = m
+            self.on_message(self, m)
+            if self.transport is None or self.transport.is_closing():
+                return
+
+    def _protocol_error(self, e: WireError) -> None:
+        _log.warning("wire_protocol_error", peer=self.peer, link=self.name,
+                     code=e.code, error=str(e))
+        with contextlib.suppress(Exception):
+            self.send(Refuse(e.code, str(e)))
+            self.flush()  # abort() drops what is still queued: the REFUSE would never leave
+        self.abort(f"protocol error: {e}")
 
     def _auth_gate(self, m: Message) -> bool:
         """Run node authentication; False when the frame is consumed or the link dropped."""

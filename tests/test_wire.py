@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import random
+import tracemalloc
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from steelfusion.linkstate import TRANSITIONS, LinkDead, LinkMachine, LinkState
 from steelfusion.wire import (
+    DIRECT_MIN_BYTES,
     HEADER_SIZE,
     MAX_PAYLOAD,
     Ack,
     Control,
     FrameDecoder,
     Hello,
+    Message,
     MsgType,
     Ping,
     Pong,
@@ -102,10 +107,10 @@ def test_bad_headers(mutate: object, code: str) -> None:
     assert e.value.code == code
 
 
-def test_huge_length_does_not_allocate() -> None:
+def test_largest_length_waits_for_its_payload() -> None:
     d = FrameDecoder()
     head = b"SF\x01\x04\x00\x00" + (MAX_PAYLOAD).to_bytes(4, "big") + b"\0\0\0\0"
-    assert d.feed(head) == []  # waits for the payload, allocates nothing big
+    assert d.feed(head) == []  # a valid length: its own buffer, <= MAX_PAYLOAD, is all we take
     assert d.buffered == HEADER_SIZE
 
 
@@ -197,3 +202,184 @@ def test_state_product(state: LinkState, msg: object) -> None:
     else:
         m.receive(msg, 1.0)  # type: ignore[arg-type]
         assert m.state is expected
+
+
+# -- buffered interface (asyncio.BufferedProtocol) ----------------------------------------
+def _recv(d: FrameDecoder, raw: bytes, cuts: list[int] | None = None) -> list[Message]:
+    """Play a transport: each recv copies what is ready (a cut) into get_buffer's view."""
+    out: list[Message] = []
+    src = memoryview(raw)
+    pos = 0
+    for ready in [*(cuts or []), len(raw)]:
+        ready = min(ready, len(raw) - pos)
+        while ready:
+            view = d.get_buffer(-1)
+            assert len(view) > 0
+            n = min(len(view), ready)
+            view[:n] = src[pos:pos + n]
+            pos += n
+            ready -= n
+            out += d.buffer_updated(n)
+    return out
+
+
+def _payload(seed: int, n: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+# data sizes around the direct-receive threshold (on the payload, 28 bytes more than data)
+_SIZES = [1, 512, 4096, DIRECT_MIN_BYTES - 28, DIRECT_MIN_BYTES - 27, DIRECT_MIN_BYTES,
+          128 * 1024, 300_000, 512 * 1024]
+_messages = st.one_of(
+    st.sampled_from(SAMPLES),
+    st.builds(lambda seq, n, seed: Write(1, 0, 7, seq, seq % 2**40 * 4096, _payload(seed, n)),
+              st.integers(0, 2**64 - 1), st.sampled_from(_SIZES), st.integers(0, 2**16)),
+    st.builds(lambda req, n, seed: ReadReply(req, 0, _payload(seed, n)),
+              st.integers(0, 2**64 - 1), st.sampled_from(_SIZES), st.integers(0, 2**16)),
+)
+
+
+@given(st.lists(_messages, max_size=8),
+       st.lists(st.one_of(st.integers(1, 64), st.integers(1, 300_000)), max_size=30))
+@settings(max_examples=150, deadline=None)
+def test_buffered_any_split(msgs: list[Message], cuts: list[int]) -> None:
+    raw = b"".join(encode_bytes(m) for m in msgs)
+    d = FrameDecoder()
+    assert _recv(d, raw, cuts) == msgs
+    assert d.buffered == 0
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_buffered_byte_by_byte(msg: Message) -> None:
+    raw = encode_bytes(msg)
+    d = FrameDecoder()
+    assert _recv(d, raw, [1] * len(raw)) == [msg]
+
+
+def test_large_write_byte_by_byte() -> None:
+    msg = Write(1, 0, 7, 1, 0, _payload(1, DIRECT_MIN_BYTES + 1))
+    raw = encode_bytes(msg)
+    d = FrameDecoder()
+    for i in range(len(raw) - 1):
+        assert d.feed(raw[i:i + 1]) == []
+        assert d.buffered == i + 1
+    assert d.feed(raw[-1:]) == [msg]
+
+
+BIG = Write(3, 1, 9, 42, 1 << 30, _payload(7, 512 * 1024))
+BIG_RAW = encode_bytes(BIG)
+
+
+@pytest.mark.parametrize("cuts", [
+    [len(BIG_RAW)], [HEADER_SIZE], [HEADER_SIZE - 1], [HEADER_SIZE + 1], [HEADER_SIZE + 28],
+    [1] * 100, [7] * 2000, [4096] * 200, [65536] * 10, [65535] * 10, [204800] * 3,
+    [262144, 262144], [len(BIG_RAW) - 1], [HEADER_SIZE, len(BIG_RAW) - HEADER_SIZE - 1],
+    [100, 200_000, 3, 300_000],
+], ids=lambda c: f"{c[0]}x{len(c)}")
+def test_512k_write_split(cuts: list[int]) -> None:
+    d = FrameDecoder()
+    assert _recv(d, BIG_RAW * 3, cuts) == [BIG] * 3
+    rnd = random.Random(len(cuts))
+    assert FrameDecoder().feed(BIG_RAW) == [BIG]
+    d2, out, pos = FrameDecoder(), [], 0
+    while pos < len(BIG_RAW):
+        n = rnd.randint(1, 100_000)
+        out += d2.feed(BIG_RAW[pos:pos + n])
+        pos += n
+    assert out == [BIG]
+
+
+@pytest.mark.parametrize("size", [4096, DIRECT_MIN_BYTES + 1, 512 * 1024])
+def test_decoded_data_does_not_alias_the_receive_buffer(size: int) -> None:
+    first = Write(1, 0, 1, 1, 0, b"\x11" * size)
+    later = [Write(1, 0, 1, seq, 0, bytes([seq]) * (seq * 997)) for seq in range(2, 250)]
+    raw = b"".join(encode_bytes(m) for m in [first, *later]) + encode_bytes(BIG)[:5000]
+    d = FrameDecoder()
+    got = _recv(d, raw[:len(encode_bytes(first))], [size // 2])
+    assert got == [first] and isinstance(got[0], Write)
+    data = got[0].data
+    assert _recv(d, raw[len(encode_bytes(first)):], [3000, 70_000] * 100) == later
+    assert bytes(data) == b"\x11" * size  # the shared buffer wrapped many times meanwhile
+    assert isinstance(data, memoryview) and data.readonly
+    with pytest.raises(TypeError):
+        data[0] = 0
+
+
+def _outcome(chunks: list[bytes], buffered: bool) -> tuple[list[Message], str | None]:
+    """Messages delivered until the first error, and that error's code."""
+    d = FrameDecoder()
+    out: list[Message] = []
+    try:
+        for c in chunks:
+            out += _recv(d, c) if buffered else d.feed(c)
+    except WireError as e:
+        return out, e.code
+    return out, None
+
+
+_STREAM: list[Message] = [
+    SAMPLES[4], Write(1, 0, 1, 2, 0, _payload(3, 100_000)), SAMPLES[6], BIG, SAMPLES[10],  # type: ignore[list-item]
+]
+_STREAM_RAW = b"".join(encode_bytes(m) for m in _STREAM)
+
+
+@given(st.integers(0, len(_STREAM_RAW) - 1), st.integers(0, 255), st.binary(max_size=40),
+       st.lists(st.integers(1, 200_000), max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_corruption_fails_at_the_same_point_in_any_split(at: int, xor: int, tail: bytes,
+                                                         cuts: list[int]) -> None:
+    raw = bytearray(_STREAM_RAW + tail)
+    raw[at] ^= xor
+    try:
+        ref, code = FrameDecoder().feed(bytes(raw)), None
+    except WireError as e:
+        code = e.code
+        bounds = [len(encode_bytes(m)) for m in _STREAM]
+        hit = next((k for k in range(len(bounds)) if at < sum(bounds[:k + 1])), len(bounds))
+        ref = _STREAM[:hit]  # every frame before the damaged one, at most
+    chunks, pos = [], 0
+    for c in cuts:
+        chunks.append(bytes(raw[pos:pos + c]))
+        pos += c
+    chunks.append(bytes(raw[pos:]))
+    for buffered in (True, False):
+        got, got_code = _outcome(chunks, buffered)
+        assert got_code == code
+        assert got == ref[:len(got)] if code else got == ref
+
+
+@given(st.binary(max_size=400), st.lists(st.integers(1, 50), max_size=10))
+@settings(max_examples=300, deadline=None)
+def test_buffered_garbage_only_raises_wire_error(data: bytes, cuts: list[int]) -> None:
+    try:
+        _recv(FrameDecoder(), data, cuts)
+    except WireError:
+        pass
+
+
+@pytest.mark.parametrize("length", [MAX_PAYLOAD + 1, 2**32 - 1])
+def test_too_large_is_refused_before_allocating(length: int) -> None:
+    head = b"SF\x01\x04\x00\x00" + length.to_bytes(4, "big") + b"\0\0\0\0"
+    d = FrameDecoder()
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError) as e:
+            _recv(d, head + b"x" * 100)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert e.value.code == "too-large"
+    assert peak < 64 * 1024
+    with pytest.raises(WireError) as e:  # the stream has no frame boundaries any more
+        d.feed(encode_bytes(Ping(1, 1.0)))
+    assert e.value.code == "too-large"
+
+
+def test_large_frame_bad_crc_after_the_last_byte() -> None:
+    raw = bytearray(BIG_RAW)
+    raw[HEADER_SIZE + 300_000] ^= 0x40
+    d = FrameDecoder()
+    assert _recv(d, bytes(raw[:-1]), [HEADER_SIZE + 10, 65536]) == []
+    with pytest.raises(WireError) as e:
+        _recv(d, bytes(raw[-1:]))
+    assert e.value.code == "bad-crc"

@@ -1,0 +1,123 @@
+"""Two real Links over loopback: the buffered receive path end to end, on uvloop and asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import pytest
+import uvloop
+
+from steelfusion.link import Link, dial, listen
+from steelfusion.wire import (
+    Ack,
+    Control,
+    FrameDecoder,
+    Hello,
+    Message,
+    Refuse,
+    Welcome,
+    Write,
+    encode_bytes,
+)
+
+POOL = random.Random(5).randbytes(1 << 20)
+SIZES = [1, 512, 4096, 65_000, 65_509, 65_510, 100_000, 128 * 1024, 512 * 1024]
+
+
+def _run(loop: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    if loop == "uvloop":
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+def _writes(n: int) -> list[tuple[int, int]]:
+    """(offset into POOL, size) per write: mostly small, every few a large one."""
+    rnd = random.Random(n)
+    out = []
+    for _ in range(n):
+        size = rnd.choice(SIZES) if rnd.random() < 0.3 else rnd.randint(1, 8192)
+        out.append((rnd.randrange(len(POOL) - size), size))
+    return out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_thousands_of_writes_arrive_intact(loop: str) -> None:
+    plan = _writes(3000)
+
+    async def main() -> None:
+        got: list[Write] = []
+        bad: list[str] = []
+        done = asyncio.get_running_loop().create_future()
+        servers: list[Link] = []
+
+        def on_server(link: Link, m: Message) -> None:
+            if isinstance(m, Hello):
+                servers.append(link)
+                link.send(Welcome("core", "primary"))
+            elif isinstance(m, Write):
+                off, size = plan[m.seq]
+                if m.seq != len(got) or bytes(m.data) != POOL[off:off + size]:
+                    bad.append(f"write seq {m.seq} ({size} bytes) damaged")
+                got.append(m)  # keep them all: none may change as more bytes arrive
+                if m.seq % 500 == 499 and link.transport is not None:  # flow control mid-stream
+                    link.transport.pause_reading()
+                    link.loop.call_later(0.01, link.transport.resume_reading)
+            elif isinstance(m, Control):
+                link.send(Ack(1, 7, len(got)))
+
+        def on_client(link: Link, m: Message) -> None:
+            if isinstance(m, Ack) and not done.done():
+                done.set_result(m.seq)
+
+        server = await listen("127.0.0.1", 0, on_server, lambda lk, e: None)
+        port = server.sockets[0].getsockname()[1]
+        client = await dial("127.0.0.1", port, Hello("edge", "edge", "edge"), on_client,
+                            lambda lk, e: None)
+        for seq, (off, size) in enumerate(plan):
+            client.send(Write(1, 0, 7, seq, off, memoryview(POOL)[off:off + size]))
+            if not client.writable or seq % 64 == 0:
+                await client.drain()
+                await asyncio.sleep(0)
+        client.send(Control({"done": True}))
+        assert await asyncio.wait_for(done, 60) == len(plan)
+        assert bad == []
+        assert all(bytes(w.data) == POOL[w.offset:w.offset + len(w.data)] for w in got)
+        assert servers[0].bytes_in == client.bytes_out
+        client.close()
+        server.close()
+        await server.wait_closed()
+
+    _run(loop, main)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_garbage_gets_a_refuse_and_the_link_dropped(loop: str) -> None:
+    async def main() -> None:
+        closed: asyncio.Future[Link] = asyncio.get_running_loop().create_future()
+
+        def on_server(link: Link, m: Message) -> None:
+            if isinstance(m, Hello):
+                link.send(Welcome("core", "primary"))
+
+        server = await listen("127.0.0.1", 0, on_server, lambda lk, e: closed.set_result(lk))
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        big = encode_bytes(Write(1, 0, 7, 1, 0, b"\x01" * 200_000))
+        writer.write(encode_bytes(Hello("edge", "edge", "edge")) + big + b"XX" + big[2:14])
+        received = await asyncio.wait_for(reader.read(), 10)  # until the server hangs up
+        msgs = FrameDecoder().feed(received)
+        assert isinstance(msgs[0], Welcome)
+        assert isinstance(msgs[-1], Refuse) and msgs[-1].code == "bad-magic"
+        link = await asyncio.wait_for(closed, 10)
+        assert link.close_reason.startswith("protocol error")
+        writer.close()
+        server.close()
+        await server.wait_closed()
+
+    _run(loop, main)
