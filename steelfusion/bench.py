@@ -264,7 +264,7 @@ def rss_big_lun(wd: Path, lun_size: int = 1 << 40) -> dict[str, int]:
 
 def run_bench(workdir: str | None, rounds: int, quick: bool, lun_size: int,
               only: list[str] | None = None, log: Any = print,
-              extras: bool = True) -> dict[str, Any]:
+              extras: bool = True, precondition: bool = True) -> dict[str, Any]:
     tmp = None
     if workdir is None:
         tmp = tempfile.mkdtemp(prefix="steelfusion-bench-")
@@ -283,6 +283,19 @@ def run_bench(workdir: str | None, rounds: int, quick: bool, lun_size: int,
         data = lab.up(luns=1, lun_size=lun_size, edges=1)
         tgt.start()
         edge_url = data["edges"][0]["targets"][0]["url"]
+        if precondition:
+            # SNIA-style preconditioning: write every block once on both sides, so no
+            # round pays for first-touch allocation (fresh sparse files, fresh page-cache
+            # pages) that the other side already paid for in an earlier round.
+            chunk = 1 << 20
+            count = max(1, lun_size // chunk // scale)
+            for side, url in (("edge", edge_url), ("tgt", tgt.url)):
+                t0 = time.monotonic()
+                qemu_bench(url, write=True, block=chunk, depth=8, count=count)
+                if side == "edge":
+                    lab.wait_committed(timeout=600)
+                log(f"preconditioned {side}: {format_size(count * chunk)} written in "
+                    f"{time.monotonic() - t0:.1f}s")
         for r in range(rounds):
             for row in rows:
                 w = row.workload
@@ -299,6 +312,7 @@ def run_bench(workdir: str | None, rounds: int, quick: bool, lun_size: int,
         pids = {n["name"]: n["pid"] for n in [*data["cores"], *data["edges"]]}
         result = {
             "rounds": rounds, "quick": quick, "lun_size": lun_size,
+            "preconditioned": precondition,
             "workloads": [row.summary() for row in rows],
             "rss_bytes": {name: rss_bytes(pid) for name, pid in pids.items()},
             "replication": {c["name"]: c["replication"] for c in st["cores"]},
@@ -348,17 +362,18 @@ def render(result: dict[str, Any]) -> str:
                      f"= {100 * result['resync_vs_replication']:.0f}% of it")
         big = ", ".join(f"{k} {format_size(v)}" for k, v in result["rss_big_lun_bytes"].items())
         lines.append(f"RSS with a {format_size(result['big_lun_size'])} sparse LUN: {big}")
-    lines.append(f"medians of {result['rounds']} alternating rounds; edge = Edge with synchronous "
-                 "replication to two Cores; tgt = tgtd with a file LUN")
+    pre = "both LUNs preconditioned (written once), " if result.get("preconditioned") else ""
+    lines.append(f"{pre}medians of {result['rounds']} alternating rounds; edge = Edge with "
+                 "synchronous replication to two Cores; tgt = tgtd with a file LUN")
     return "\n".join(lines)
 
 
 def main(workdir: str | None, rounds: int, quick: bool, lun_size: int, as_json: bool,
-         only: list[str] | None) -> int:
+         only: list[str] | None, precondition: bool = True) -> int:
     for t in ("qemu-img", "tgtd", "tgtadm"):
         need(t)
     res = run_bench(workdir, rounds, quick, lun_size, only,
-                    log=(lambda *_: None) if as_json else print)
+                    log=(lambda *_: None) if as_json else print, precondition=precondition)
     print(json.dumps(res, indent=2) if as_json else render(res))
     return 0
 

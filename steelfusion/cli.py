@@ -274,15 +274,19 @@ def demo(workdir: str | None, size: int, lun_size: int, keep: bool) -> None:
 @click.option("--workload", "only", multiple=True,
               help="Run only this workload (repeatable), e.g. '4K write QD32'.")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--precondition/--no-precondition", default=True, show_default=True,
+              help="Write both LUNs once before measuring (no first-touch allocation in "
+                   "any round).")
 def bench(workdir: str | None, rounds: int, quick: bool, lun_size: int, only: tuple[str, ...],
-          as_json: bool) -> None:
+          as_json: bool, precondition: bool) -> None:
     """qemu-img bench against a lab Edge (with replication) and tgt, side by side."""
     from steelfusion.bench import main as bench_main
     from steelfusion.initiator import InitiatorError
     from steelfusion.lab import LabError
 
     try:
-        sys.exit(bench_main(workdir, rounds, quick, lun_size, as_json, list(only) or None))
+        sys.exit(bench_main(workdir, rounds, quick, lun_size, as_json, list(only) or None,
+                            precondition))
     except (InitiatorError, LabError) as e:
         raise click.ClickException(str(e)) from None
 

@@ -23,6 +23,7 @@ def test_bench_quick_prints_the_table() -> None:
     res = json.loads(p.stdout)
     names = [w["workload"] for w in res["workloads"]]
     assert names == ["4K write QD32", "4K write QD1", "128K write QD8", "4K read QD32"]
+    assert res["preconditioned"] is True
     for w in res["workloads"]:
         assert w["edge_iops"] > 0 and w["tgt_iops"] > 0 and w["ratio"] is not None
     assert res["core_replication_mb_s"] > 0 and res["resync_mb_s"] > 0
