@@ -35,6 +35,8 @@ from typing import Any, ClassVar
 
 import crc32c as _crc32c
 
+from steelfusion.membuf import uninitialized
+
 MAGIC = b"SF"
 WIRE_VERSION = 1
 HEADER = struct.Struct(">2sBBHII")
@@ -528,7 +530,7 @@ class FrameDecoder:
     def _begin_direct(self, pos: int, mtype: int, length: int, crc: int) -> None:
         """Move a large frame's first bytes into its own buffer; the kernel fills the rest."""
         src = self._mv[pos + HEADER_SIZE:self._end]
-        d = memoryview(bytearray(length))  # length was checked against MAX_PAYLOAD
+        d = uninitialized(length)  # length was checked against MAX_PAYLOAD; filled before use
         d[:len(src)] = src
         self._direct, self._fill = d, len(src)
         self._dtype, self._dcrc = mtype, crc

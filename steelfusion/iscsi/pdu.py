@@ -32,6 +32,8 @@ from typing import ClassVar
 
 import crc32c as _crc32c_mod
 
+from steelfusion.membuf import uninitialized
+
 _crc32c = _crc32c_mod.crc32c
 
 BHS_LEN = 48
@@ -829,7 +831,7 @@ class PduDecoder:
         self._buf: bytes | bytearray = b""
         self._mv: memoryview | None = None
         self._pos = 0
-        self._asm: bytearray | None = None
+        self._asm: memoryview | None = None
         self._asm_fill = 0
 
     @property
@@ -897,7 +899,7 @@ class PduDecoder:
         if len(buf) < end:
             if end - pos >= ASSEMBLY_MIN:
                 # Gather the rest of this PDU straight into its own buffer.
-                asm = bytearray(end - pos)
+                asm = uninitialized(end - pos)  # filled before it is decoded
                 have = len(buf) - pos
                 asm[:have] = memoryview(buf)[pos:]
                 self._asm, self._asm_fill = asm, have
