@@ -67,16 +67,14 @@ class EdgeLun:
         (nothing done) when the reserve has no room now or the write needs
         several records."""
         n = len(data)
-        bs = self.bs
-        if n > RECORD_MAX or bs.writers_waiting or not bs._fits(n):  # TODO try_reserve
+        if n > RECORD_MAX or not self.bs.try_reserve(n):
             return False
-        bs._admitted += n
         try:
             self.bs.append(self.lun_id, offset, data)
         except BaseException:
             self.bs.unreserve(n)
             raise
-        return True
+        return True  # acknowledged only after the target's barrier (Blockstore.drain)
 
     def read_now(self, offset: int, length: int) -> bytes | None:
         """:meth:`read` when the cache holds every byte, else None."""
@@ -153,6 +151,9 @@ class Edge:
 
         self.target = IscsiTarget(targets, host, port, portal_address=self.cfg.advertise,
                                   authenticator=from_edge_config(self.cfg))
+        # Appends are queued; the target drains them before any response leaves,
+        # so a write is in the log before the host hears it is done.
+        self.target.barrier = self.bs.drain
         await self.target.start()
         self._control = await control.serve(*self.cfg.control, self._handlers())
         if self.cfg.witness:

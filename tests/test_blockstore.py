@@ -46,6 +46,7 @@ def test_crash_replay_resends_in_order(tmp_path: Path) -> None:
         data = rng.randbytes(rng.choice([512, 4096, 8192]))
         rec = bs.append(lun, off, data)
         written.append((rec.lun, rec.seq, off, data))
+    bs.drain()  # what the target does before acknowledging
     bs.commit(1, written[10][1] if written[10][0] == 1 else 0)
     # crash: no close(), the object is simply abandoned
     bs2 = _bs(tmp_path)
@@ -79,8 +80,10 @@ def test_torn_tail_is_ignored(tmp_path: Path) -> None:
     bs = _bs(tmp_path)
     bs.append(1, 0, b"a" * 4096)
     bs.append(1, 4096, b"b" * 4096)
+    bs.drain()
     seg = bs.log._path(bs.log.active_seg)
-    with open(seg, "ab") as f:
+    with open(seg, "r+b") as f:  # the segment is preallocated: write after the last record
+        f.seek(bs.log.active_pos)
         f.write(b"SFWR" + b"\x00" * 20)  # a record header cut short by a crash
     bs2 = _bs(tmp_path)
     assert [bs2.data_of(r)[:1] for r in bs2.uncommitted()] == [b"a", b"b"]
@@ -90,6 +93,7 @@ def test_corrupt_record_detected(tmp_path: Path) -> None:
     bs = _bs(tmp_path)
     bs.append(1, 0, b"a" * 4096)
     bs.append(1, 4096, b"b" * 4096)
+    bs.drain()
     seg = bs.log._path(bs.log.active_seg)
     raw = bytearray(seg.read_bytes())
     raw[SEG_HEADER.size + 44 + 10] ^= 0xFF  # flip a data byte of the first record
@@ -105,6 +109,7 @@ def test_segments_deleted_when_committed(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(mod, "SEG_BYTES", 64 * 1024)
     bs = _bs(tmp_path)
     recs = [bs.append(1, i * 8192, os.urandom(8192)) for i in range(40)]
+    bs.drain()
     assert len(bs.log.segments()) > 3
     bs.commit(1, recs[-1].seq)
     assert bs.log.segments() == [bs.log.active_seg]
