@@ -57,6 +57,7 @@ class CoreUplink:
         self.connected = asyncio.Event()
         self.send_q: deque[Record] = deque()
         self.inflight_bytes = 0
+        self._frames: dict[int, deque[tuple[int, int]]] = {}  # lun -> (last seq, bytes) sent
         self._kick = asyncio.Event()
         self._reads: dict[int, asyncio.Future[bytes]] = {}
         self._req = itertools.count(1)
@@ -143,8 +144,7 @@ class CoreUplink:
         self.connects += 1
         # Resend everything uncommitted, in the hosts' acknowledgement order.
         self.send_q = deque(self.bs.uncommitted())
-        for r in self.send_q:
-            r.sent = False
+        self._frames.clear()
         self.inflight_bytes = 0
         self.connected.set()
         self._kick.set()
@@ -169,13 +169,15 @@ class CoreUplink:
     def _on_message(self, link: Link, msg: Message) -> None:
         if isinstance(msg, Ack):
             if msg.stream == self.bs.stream:
-                freed = 0
-                q = self.bs.pending.get(msg.lun)
-                if q:
-                    freed = sum(r.length for r in itertools.takewhile(
-                        lambda r: r.seq <= msg.seq, q) if r.sent)
+                # In-flight accounting per frame, not per record: a frame's bytes
+                # leave the window when its last seq is acknowledged.
+                frames = self._frames.get(msg.lun)
+                if frames:
+                    freed = 0
+                    while frames and frames[0][0] <= msg.seq:
+                        freed += frames.popleft()[1]
+                    self.inflight_bytes = max(0, self.inflight_bytes - freed)
                 self.bs.commit(msg.lun, msg.seq)
-                self.inflight_bytes = max(0, self.inflight_bytes - freed)
                 self._kick.set()
         elif isinstance(msg, ReadReply):
             fut = self._reads.pop(msg.req, None)
@@ -228,20 +230,26 @@ class CoreUplink:
             # (issue: "coalescing writes to the Core where order allows"). The frame
             # carries the run's last seq: a Core that already applied part of the run
             # re-applies those same bytes, and nothing newer can have touched them.
-            parts = [self.bs.data_of(rec)]
-            rec.sent = True
+            data_of = self.bs.data_of
+            parts = [data_of(rec)]
             n = rec.length
             last = rec
-            while (q and n < COALESCE_BYTES and q[0].lun == rec.lun
-                   and q[0].offset == last.offset + last.length
-                   and q[0].seq > committed.get(rec.lun, 0)
-                   and n + q[0].length <= COALESCE_BYTES):
+            lun = rec.lun
+            floor = committed.get(lun, 0)
+            while q:
+                nxt = q[0]
+                if (nxt.lun != lun or nxt.offset != last.offset + last.length
+                        or n + nxt.length > COALESCE_BYTES or nxt.seq <= floor):
+                    break
                 last = q.popleft()
-                parts.append(self.bs.data_of(last))
-                last.sent = True
+                parts.append(data_of(last))
                 n += last.length
             data = parts[0] if len(parts) == 1 else b"".join(parts)
-            batch.append(Write(rec.lun, 0, self.bs.stream, last.seq, rec.offset, data))
+            batch.append(Write(lun, 0, self.bs.stream, last.seq, rec.offset, data))
+            frames = self._frames.get(lun)
+            if frames is None:
+                frames = self._frames[lun] = deque()
+            frames.append((last.seq, n))
             self.inflight_bytes += n
             size += n
         if batch:
