@@ -34,7 +34,7 @@ from steelfusion.wire import (
     ReadStatus,
     Refuse,
     Welcome,
-    Write,
+    encode_write,
 )
 from steelfusion.wire import Read as ReadMsg
 
@@ -218,7 +218,8 @@ class CoreUplink:
         link = self.link
         if link is None or not link.established:
             return
-        batch: list[Message] = []
+        bufs: list[bytes | memoryview] = []  # encoded frames, data not copied
+        frames_out = 0
         size = 0
         q = self.send_q
         committed = self.bs.committed_seq
@@ -244,17 +245,17 @@ class CoreUplink:
                 last = q.popleft()
                 parts.append(data_of(last))
                 n += last.length
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            batch.append(Write(lun, 0, self.bs.stream, last.seq, rec.offset, data))
+            bufs.extend(encode_write(lun, 0, self.bs.stream, last.seq, rec.offset, parts))
+            frames_out += 1
             frames = self._frames.get(lun)
             if frames is None:
                 frames = self._frames[lun] = deque()
             frames.append((last.seq, n))
             self.inflight_bytes += n
             size += n
-        if batch:
-            link.send_many(batch)
-            self.writes_sent += len(batch)
+        if bufs:
+            link.send_frames(bufs)
+            self.writes_sent += frames_out
             self.bytes_sent += size
             if not link.writable:
                 await link.drain()

@@ -199,6 +199,13 @@ class Link(asyncio.BufferedProtocol):
             bufs.extend(encode(m))
         self._queue(bufs, sum(len(b) for b in bufs))
 
+    def send_frames(self, bufs: list[bytes | memoryview]) -> None:
+        """Queue frames already encoded (e.g. :func:`steelfusion.wire.encode_write`)."""
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        self._queue(bufs, sum(len(b) for b in bufs))
+
     def _queue(self, bufs: list[bytes | memoryview], n: int) -> None:
         self.bytes_out += n
         self._out.extend(bufs)

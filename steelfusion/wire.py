@@ -271,11 +271,24 @@ def encode(msg: Message) -> list[bytes | memoryview]:
 
     Large data is referenced, not copied; the CRC covers it in place.
     """
-    parts = _payload(msg)
+    return _frame(msg.TYPE, _payload(msg))
+
+
+def encode_write(lun: int, flags: int, stream: int, seq: int, offset: int,
+                 data: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """One WRITE frame whose data is ``data`` concatenated, without joining it.
+
+    The Edge coalesces contiguous host writes into one frame; the receiver
+    sees an ordinary WRITE. Saves a copy of every shipped byte.
+    """
+    return _frame(MsgType.WRITE, [Write.FIXED.pack(lun, flags, stream, seq, offset), *data])
+
+
+def _frame(mtype: int, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
     length = sum(len(p) for p in parts)
     if length > MAX_PAYLOAD:
         raise ValueError(f"payload of {length} bytes exceeds {MAX_PAYLOAD}")
-    head = HEADER.pack(MAGIC, WIRE_VERSION, msg.TYPE, 0, length, 0)
+    head = HEADER.pack(MAGIC, WIRE_VERSION, mtype, 0, length, 0)
     crc = crc32c(memoryview(head)[:10])
     for p in parts:
         crc = crc32c(p, crc)

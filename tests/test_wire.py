@@ -383,3 +383,14 @@ def test_large_frame_bad_crc_after_the_last_byte() -> None:
     with pytest.raises(WireError) as e:
         _recv(d, bytes(raw[-1:]))
     assert e.value.code == "bad-crc"
+
+
+@given(st.lists(st.binary(min_size=1, max_size=5000), min_size=1, max_size=20),
+       st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1))
+def test_encode_write_of_parts_is_the_joined_write(parts: list[bytes], lun: int, seq: int) -> None:
+    from steelfusion.wire import encode_write
+
+    raw = b"".join(bytes(b) for b in encode_write(lun, 0, 7, seq, 4096, [*parts]))
+    assert raw == encode_bytes(Write(lun, 0, 7, seq, 4096, b"".join(parts)))
+    (msg,) = FrameDecoder().feed(raw)
+    assert isinstance(msg, Write) and bytes(msg.data) == b"".join(parts)
