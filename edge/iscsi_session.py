@@ -85,6 +85,7 @@ _GOOD = 0x00
 _CHECK_CONDITION = 0x02
 _ABORTED_COMMAND = 0x0B
 _ILLEGAL_REQUEST = 0x05
+_SENSE_ABORTED_COMMAND = bytes((0x70, 0, _ABORTED_COMMAND, 0, 0, 0, 0, 10)) + bytes(10)
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -274,7 +275,11 @@ class ScsiCommandReady:
 @dataclass(frozen=True, slots=True)
 class TasksAborted:
     """Task management aborted these running tasks; their responses will be
-    dropped.  The adapter may cancel the work or let it finish."""
+    dropped.  The adapter should stop the work and report each with
+    :meth:`TargetConnection.task_cancelled` (or let it finish and call
+    :meth:`~TargetConnection.complete`): a TMF that aborted a task is
+    answered only once the task has ended, so a long command must be
+    cancelled for the answer to go out promptly."""
 
     task_tags: tuple[int, ...]
 
@@ -535,6 +540,16 @@ class TargetConnection:
             self._respond(task, status, data, sense, transfer_length)
         self._maybe_finish_logout()
         return events
+
+    def task_cancelled(self, task_tag: int) -> list[Event]:
+        """The adapter stopped the command of ``task_tag`` before it had a
+        result (it cancelled it after :class:`TasksAborted`).  An aborted task
+        ends without any status (SAM-5 §7.2: after ABORT TASK the task sends
+        nothing more), and the TMF waiting for it may now be answered.  A task
+        that was not aborted ends with CHECK CONDITION, ABORTED COMMAND, so
+        the initiator is never left waiting.  Returns events, as
+        :meth:`complete` does."""
+        return self.complete(task_tag, _CHECK_CONDITION, sense=_SENSE_ABORTED_COMMAND)
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` next needs to run (login timeout)."""
@@ -1199,8 +1214,11 @@ class TargetConnection:
 
     def _abort(self, tasks: list[_Task], pdu: TaskMgmtRequest, close_after: bool = False) -> None:
         """Abort tasks: those still collecting data go at once; running ones
-        are marked and the TMF response waits for them, so no write lands
-        after the initiator was told it was aborted (SAM-5 §7.2)."""
+        are marked (their status will be dropped) and the TMF response waits
+        until each has ended, through :meth:`complete` or, once the adapter
+        has cancelled it (:class:`TasksAborted`), :meth:`task_cancelled`, so
+        no write lands after the initiator was told it was aborted (SAM-5
+        §7.2)."""
         running: set[int] = set()
         for task in tasks:
             if task.state is _TaskState.RUNNING:

@@ -38,7 +38,7 @@ import contextlib
 import os
 import struct
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -433,6 +433,86 @@ class RangeLock:
     @property
     def held(self) -> int:
         return len(self._held)
+
+
+# ----------------------------------------------------------------------------- cancellation
+
+
+class StartedCoroutine(Coroutine[Any, Any, Any]):
+    """A coroutine started by hand (``coro.send(None)``, to finish it without
+    a Task when it never waits) and now suspended on ``yielded``, in a form
+    an asyncio Task can run.
+
+    The Task's first step gets ``yielded`` back, still flagged as blocking as
+    the coroutine's ``await`` left it, so the Task waits on it exactly as if
+    it had run the coroutine from the start; every later step goes straight
+    to the coroutine.  A cancellation that arrives before that first step
+    (a command aborted in the same batch of PDUs that brought it) cancels
+    ``yielded`` and is thrown into the coroutine, so its ``finally`` blocks
+    and waiter clean-ups run, as they would in a Task.
+    """
+
+    __slots__ = ("_coro", "_first", "_started")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any) -> None:
+        self._coro = coro
+        self._first = yielded
+        self._started = False
+
+    def send(self, value: Any) -> Any:
+        if self._started:
+            return self._coro.send(value)
+        self._started = True
+        first, self._first = self._first, None
+        return first
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        if not self._started:
+            self._started = True
+            first, self._first = self._first, None
+            if first is not None:
+                first.cancel()  # what Task.cancel does to the future it waits on
+        if val is None and tb is None:
+            return self._coro.throw(typ)
+        return self._coro.throw(typ, val, tb)  # pragma: no cover - old calling style
+
+    def close(self) -> None:
+        self._coro.close()
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        raise TypeError("StartedCoroutine is run by a Task, not awaited")
+
+
+async def to_the_end(coro: Coroutine[Any, Any, Any]) -> Any:
+    """``await coro``, except that cancelling the caller does not cut it short.
+
+    For I/O that changes the medium under a range lock: a backend may hand a
+    write to a thread that no cancellation can stop, so a command cancelled by
+    ABORT TASK or a reset must keep its lock (and keep the TMF answer back)
+    until the data has landed, or a later write to the same blocks could land
+    first (SAM-5 §7.2: once the abort is answered the task has no more
+    effect).  The cancellation is raised once the I/O is over.  Costs nothing
+    when the I/O finishes without waiting (the backend's fast case)."""
+    try:
+        yielded = coro.send(None)
+    except StopIteration as e:
+        return e.value
+    return await _finish(coro, yielded)
+
+
+async def _finish(coro: Coroutine[Any, Any, Any], yielded: Any) -> Any:
+    task = asyncio.get_running_loop().create_task(StartedCoroutine(coro, yielded))
+    cancelled: asyncio.CancelledError | None = None
+    while not task.done():
+        try:
+            await asyncio.wait((task,))
+        except asyncio.CancelledError as e:
+            cancelled = e
+    if cancelled is not None:
+        if not task.cancelled():
+            task.exception()  # the command is gone: nobody else will look at it
+        raise cancelled
+    return task.result()
 
 
 # ----------------------------------------------------------------------------- page builders
@@ -1016,7 +1096,8 @@ class LogicalUnit:
         if tok is None:
             tok = await locks.acquire(lba, end, exclusive)
         try:
-            await self.backend.write(lba * self.block_size, payload, fua or not self._wce)
+            await to_the_end(self.backend.write(lba * self.block_size, payload,
+                                                fua or not self._wce))
         finally:
             locks.release(tok)
 
@@ -1029,8 +1110,8 @@ class LogicalUnit:
         done = 0
         while done < blocks:
             n = min(per, blocks - done)
-            await self.backend.write((lba + done) * bs, memoryview(chunk)[:n * bs],
-                                     not self.write_cache)
+            await to_the_end(self.backend.write((lba + done) * bs, memoryview(chunk)[:n * bs],
+                                                not self.write_cache))
             done += n
 
     async def _deallocate(self, lba: int, blocks: int) -> None:
@@ -1044,7 +1125,7 @@ class LogicalUnit:
         bs = self.block_size
         unmap = getattr(self.backend, "unmap", None)
         if unmap is not None:
-            await unmap(lba * bs, blocks * bs)
+            await to_the_end(unmap(lba * bs, blocks * bs))
             return
         per = max(1, IO_CHUNK_BYTES // bs)
         zeros = bytes(min(blocks, per) * bs)
@@ -1055,8 +1136,8 @@ class LogicalUnit:
                 n, bs).any(axis=1))
             for start, count, dirty in _runs(used):
                 if dirty:
-                    await self.backend.write((lba + off + start) * bs,
-                                             memoryview(zeros)[:count * bs], not self._wce)
+                    await to_the_end(self.backend.write(
+                        (lba + off + start) * bs, memoryview(zeros)[:count * bs], not self._wce))
 
     def _data_out(self, data: Buffer, needed: int) -> Buffer:
         """The Data-Out bytes the command uses.  Less than the CDB asks for:
@@ -1110,7 +1191,14 @@ class LogicalUnit:
             if tok is None:
                 tok = await locks.acquire(lba, lba + blocks)
             try:
-                await self.backend.write(lba * self.block_size, payload, fua)
+                # to_the_end inline: a write that never waits costs no more.
+                io = self.backend.write(lba * self.block_size, payload, fua)
+                try:
+                    yielded = io.send(None)
+                except StopIteration:
+                    pass
+                else:
+                    await _finish(io, yielded)
             finally:
                 locks.release(tok)
         return ScsiResult(GOOD, transfer_length=needed)
@@ -1128,7 +1216,7 @@ class LogicalUnit:
             bs = self.block_size
             tok = await self.locks.acquire(lba, lba + blocks, True)
             try:
-                await self.backend.write(lba * bs, payload, True)
+                await to_the_end(self.backend.write(lba * bs, payload, True))
                 back = await self.backend.read(lba * bs, blocks * bs)
             finally:
                 self.locks.release(tok)
@@ -1176,8 +1264,8 @@ class LogicalUnit:
                 old = await self.backend.read(lba * bs, blocks * bs)
                 new = np.bitwise_or(np.frombuffer(memoryview(old), dtype=np.uint8),
                                     np.frombuffer(memoryview(payload), dtype=np.uint8))
-                await self.backend.write(lba * bs, new.tobytes(),
-                                         bool(cdb[1] & 0x08) or not self.write_cache)
+                await to_the_end(self.backend.write(
+                    lba * bs, new.tobytes(), bool(cdb[1] & 0x08) or not self.write_cache))
             finally:
                 self.locks.release(tok)
         return ScsiResult(GOOD, transfer_length=needed)
@@ -1209,8 +1297,8 @@ class LogicalUnit:
             if bytes(medium) != bytes(mv[:n * bs]):
                 raise ScsiError(SenseKey.MISCOMPARE, 0x1D, 0x00,
                                 information=_first_difference(medium, mv[:n * bs]))
-            await self.backend.write(lba * bs, mv[n * bs:],
-                                     bool(cdb[1] & 0x08) or not self.write_cache)
+            await to_the_end(self.backend.write(
+                lba * bs, mv[n * bs:], bool(cdb[1] & 0x08) or not self.write_cache))
         finally:
             self.locks.release(tok)
         return ScsiResult(GOOD, transfer_length=2 * n * bs)
@@ -1436,7 +1524,11 @@ class LogicalUnit:
         a failed sanitize leaves behind (SANITIZE COMMAND FAILED, 3/31/03).
 
         The operation runs in a task the LU owns, so ABORT TASK, resets and
-        a dropped connection do not stop it (SBC-3 §4.11.1); meanwhile other
+        a dropped connection do not stop it (SBC-3 §4.11.1; libiscsi's
+        Sanitize.Reset checks it is still in progress after all of them):
+        cancelling an IMMED=0 SANITIZE command only ends the command.  If
+        the operation itself is stopped part way, the LU is left in the
+        sanitize-failed state (3/31/03).  Meanwhile other
         commands but INQUIRY, REPORT LUNS and REQUEST SENSE get 2/04/1B with
         the progress.  IMMED=0 waits for the end, IMMED=1 returns at once."""
         sa, block, count, invert = self.parse_sanitize(cdb, data)
@@ -1451,7 +1543,15 @@ class LogicalUnit:
         self._sanitize_task = task
         if cdb[1] & 0x80:
             return ScsiResult(GOOD, transfer_length=plen)
-        await asyncio.shield(task)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # This command was aborted (ABORT TASK, a reset): the operation
+            # goes on and other commands keep seeing its progress.  Only an
+            # operation that was itself stopped is reported, as failed.
+            me = asyncio.current_task()
+            if not task.cancelled() or (me is not None and me.cancelling()):
+                raise
         if self._sanitize_failed:
             return check_condition(SenseKey.MEDIUM_ERROR, *SANITIZE_FAILED)
         return ScsiResult(GOOD, transfer_length=plen)
@@ -1478,6 +1578,13 @@ class LogicalUnit:
         except Exception as e:
             self._sanitize_failed = True
             self._log.warning("scsi_sanitize_failed", service_action=sa, error=repr(e))
+        except asyncio.CancelledError:
+            # Stopped part way (the loop is shutting down): the medium is
+            # neither what it was nor sanitized, so media access gets
+            # 3/31/03 until a SANITIZE completes or EXIT FAILURE MODE.
+            self._sanitize_failed = True
+            self._log.warning("scsi_sanitize_failed", service_action=sa, error="cancelled")
+            raise
         finally:
             self.locks.release(tok)
 
@@ -1903,8 +2010,8 @@ class LogicalUnit:
             for off in starts:
                 n = min(per, blocks - off)
                 chunk = await src.backend.read((src_lba + off) * bs, n * bs)
-                await dst.backend.write((dst_lba + off) * bs, memoryview(chunk),
-                                        not dst.write_cache)
+                await to_the_end(dst.backend.write((dst_lba + off) * bs, memoryview(chunk),
+                                                   not dst.write_cache))
         finally:
             dst.locks.release(tok)
         return blocks * bs

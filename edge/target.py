@@ -242,40 +242,6 @@ class IscsiTarget:
                 and c.conn is not None and not c.closing]
 
 
-async def _resume(coro: Any, yielded: Any) -> None:
-    """Carry on a coroutine that was started by hand and is now waiting on ``yielded``.
-
-    Drives it the way an asyncio Task would: wait for the future it yielded,
-    then resume it (it reads the future's result or exception itself); a
-    cancellation of this task is thrown into it.
-    """
-    while True:
-        try:
-            if yielded is None:
-                await asyncio.sleep(0)
-            else:
-                # What a Task does with a yielded future: clear the flag the
-                # coroutine's await set, then wait for it.
-                yielded._asyncio_future_blocking = False
-                try:
-                    await yielded
-                except asyncio.CancelledError:
-                    if not yielded.cancelled():
-                        raise
-                except Exception:
-                    pass  # the coroutine sees it through the future's result()
-        except asyncio.CancelledError as e:
-            try:
-                yielded = coro.throw(e)
-            except StopIteration:
-                return
-            continue
-        try:
-            yielded = coro.send(None)
-        except StopIteration:
-            return
-
-
 class _Connection(asyncio.Protocol):
     """One TCP connection: feeds bytes to a TargetConnection, runs commands."""
 
@@ -382,7 +348,7 @@ class _Connection(asyncio.Protocol):
                     yielded = coro.send(None)
                 except StopIteration:
                     continue
-                task = self.loop.create_task(_resume(coro, yielded))
+                task = self.loop.create_task(scsi.StartedCoroutine(coro, yielded))
                 self.tasks.add(task)
                 self.running[ev.task_tag] = (task, ev.lun)
                 task.add_done_callback(functools.partial(self._task_done, ev.task_tag))
@@ -407,6 +373,7 @@ class _Connection(asyncio.Protocol):
                 self._close(ev.reason)
             elif t is TasksAborted:
                 self.log.info("iscsi_tasks_aborted", task_tags=list(ev.task_tags))
+                self._cancel(ev.task_tags)
 
     def _fast(self, lu: scsi.LogicalUnit, ev: ScsiCommandReady) -> bool:
         """Answer ``ev`` through ``LogicalUnit.try_fast`` if it can; True when done."""
@@ -453,11 +420,35 @@ class _Connection(asyncio.Protocol):
             self.session_key = (ev.initiator_name, ev.isid, ev.target_name)
             self.server._register(self, self.session_key)
 
+    def _cancel(self, task_tags: Iterable[int]) -> None:
+        """Stop the commands of aborted tasks (SAM-5 §7.2) rather than wait
+        for them: a read stuck on an unreachable Core or a write queued behind
+        a sanitize would hold the TMF answer back for as long.  Each unwinds
+        at its next await (range locks and backend writes in flight are
+        finished or released on the way out, see ``scsi.to_the_end``), and
+        :meth:`_task_done` then tells the session, which answers the TMF."""
+        running = self.running
+        for itt in task_tags:
+            entry = running.get(itt)
+            if entry is not None:
+                entry[0].cancel()
+
     def _task_done(self, itt: int, task: asyncio.Task[None]) -> None:
         self.tasks.discard(task)
         entry = self.running.get(itt)
-        if entry is not None and entry[0] is task:
-            del self.running[itt]
+        if entry is None or entry[0] is not task:
+            return
+        del self.running[itt]
+        if task.cancelled():
+            # Cancelled by _cancel: it never reached complete().  The session
+            # drops its status and answers the TMF waiting for it.
+            conn = self.conn
+            if conn is None or self.closing:
+                return
+            events = conn.task_cancelled(itt)
+            if events:
+                self._handle(events)
+            self._flush()
 
     async def _run(self, ev: ScsiCommandReady) -> None:
         """Execute one SCSI command and queue its response."""
@@ -493,9 +484,11 @@ class _Connection(asyncio.Protocol):
     async def _reset(self, ev: ResetRequested) -> None:
         """LOGICAL UNIT RESET / TARGET WARM or COLD RESET across sessions
         (SAM-5 §7.6, RFC 7143 §11.5.1): abort the tasks other sessions have on
-        the LU(s) and wait for those already running, reset the LU state (SPC-2
-        reservation, mode pages, a unit attention for every nexus), then
-        answer.  A target reset also ends every other session of the target."""
+        the LU(s) (their commands are cancelled, not waited for) and wait
+        only for those to unwind, reset the LU state (SPC-2 reservation, mode
+        pages, a unit attention for every nexus), then answer.  A target
+        reset also ends every other session of the target.  A sanitize
+        operation goes on (SBC-3 §4.11.1)."""
         target = self.target
         lun_reset = ev.function == TmfFunction.LOGICAL_UNIT_RESET
         if target is not None:
@@ -504,7 +497,7 @@ class _Connection(asyncio.Protocol):
             waits: list[asyncio.Task[None]] = []
             for c in peers:
                 assert c.conn is not None
-                c._handle(c.conn.abort_tasks(luns))
+                c._handle(c.conn.abort_tasks(luns))  # TasksAborted: cancels them
                 c._flush()
                 waits += [t for t, lun in c.running.values() if lun in luns]
             if waits:

@@ -746,6 +746,75 @@ def test_abort_running_task_defers_response_and_drops_its_status() -> None:
     assert isinstance(r, TaskMgmtResponse) and r.response == 0 and r.itt == 500
 
 
+def test_abort_of_a_running_task_answers_once_the_adapter_cancelled_it() -> None:
+    """The adapter cancels an aborted command instead of waiting for it
+    (TasksAborted, then task_cancelled): the TMF answer goes out then, the
+    task never gets a status, a late complete() is ignored, and StatSN,
+    ExpCmdSN and MaxCmdSN go on as if the task had ended normally."""
+    ini = logged_in()
+    itt, ev = ini.command(READ10, edtl=4096, read=True)
+    assert [type(e) for e in ev] == [ScsiCommandReady]
+    first, _ = ini.command(READ10, edtl=4096, read=True)
+    ini.conn.complete(first, 0, bytes(4096))
+    (din,) = ini.recv()
+    assert isinstance(din, DataIn) and din.status_present
+    ev = ini.send(TaskMgmtRequest(itt=500, function=1, lun=0, ref_task_tag=itt,
+                                  cmdsn=ini.cmdsn, ref_cmdsn=ini.cmdsn - 2))
+    assert [type(e) for e in ev] == [TasksAborted] and ev[0].task_tags == (itt,)  # type: ignore[union-attr]
+    assert ini.recv() == [] and ini.conn.outstanding == 1
+    assert ini.conn.task_cancelled(itt) == []
+    (r,) = ini.recv()
+    assert isinstance(r, TaskMgmtResponse) and r.itt == 500 and r.response == 0
+    assert r.statsn == din.statsn + 1
+    assert r.exp_cmdsn == ini.cmdsn and r.max_cmdsn == ini.cmdsn + 127
+    assert ini.conn.outstanding == 0
+    assert ini.conn.complete(itt, 0, bytes(4096)) == [] and ini.recv() == []
+    assert ini.conn.task_cancelled(itt) == [] and ini.recv() == []
+    nxt, _ = ini.command(READ10, edtl=512, read=True, itt=itt)  # the tag is free again
+    ini.conn.complete(nxt, 0, bytes(512))
+    (d2,) = ini.recv()
+    assert isinstance(d2, DataIn) and d2.itt == itt and d2.statsn == r.statsn + 1
+
+
+def test_abort_task_set_waits_for_every_cancelled_task() -> None:
+    ini = logged_in()
+    tags = [ini.command(READ10, edtl=512, read=True)[0] for _ in range(3)]
+    other, _ = ini.command(READ10, edtl=512, read=True, lun=1)
+    ev = ini.send(TaskMgmtRequest(itt=501, function=2, lun=encode_lun(0), cmdsn=ini.cmdsn))
+    assert [type(e) for e in ev] == [TasksAborted] and ev[0].task_tags == tuple(tags)  # type: ignore[union-attr]
+    for t in tags[:-1]:
+        ini.conn.task_cancelled(t)
+    assert ini.recv() == []
+    ini.conn.task_cancelled(tags[-1])
+    (r,) = ini.recv()
+    assert isinstance(r, TaskMgmtResponse) and r.itt == 501 and r.response == 0
+    ini.conn.complete(other, 0, bytes(512))  # another LUN's task was not touched
+    (d,) = ini.recv()
+    assert isinstance(d, DataIn) and d.itt == other and d.status == 0
+
+
+def test_cancelled_tasks_let_a_deferred_lun_reset_go_on() -> None:
+    ini = logged_in(defer_resets=True)
+    tag, _ = ini.command(READ10, edtl=512, read=True)
+    ini.send(TaskMgmtRequest(itt=611, function=5, lun=encode_lun(0), cmdsn=ini.cmdsn))
+    ev = ini.conn.task_cancelled(tag)
+    assert [type(e) for e in ev] == [ResetRequested]
+    assert ini.recv() == []
+    ini.conn.complete_tmf(611)
+    (r,) = ini.recv()
+    assert isinstance(r, TaskMgmtResponse) and r.itt == 611 and r.response == 0
+
+
+def test_a_task_cancelled_without_an_abort_gets_aborted_command() -> None:
+    ini = logged_in()
+    tag, _ = ini.command(READ10, edtl=512, read=True)
+    ini.conn.task_cancelled(tag)
+    (r,) = ini.recv()
+    assert isinstance(r, ScsiResponse) and r.itt == tag and r.status == 0x02
+    sense = parse_sense_segment(r.data)
+    assert sense[2] & 0x0F == 0x0B and ini.conn.outstanding == 0
+
+
 def test_abort_unknown_task_and_collecting_task() -> None:
     ini = logged_in()
     ini.send(TaskMgmtRequest(itt=500, function=1, ref_task_tag=0x999, cmdsn=ini.cmdsn,
