@@ -6,10 +6,12 @@ Core acknowledges it (step 6). The part holding uncommitted data is the
 *write reserve*; when it is full, host writes wait — never fail, never drop.
 
 Writes are batched: :meth:`Blockstore.append` only queues a record for the
-log and its data for the cache; :meth:`Blockstore.drain` writes everything
-queued with as few syscalls as it can. The iSCSI target calls ``drain()``
-before it sends any response, so a write is in the log (the page cache,
-which survives SIGKILL) before it is acknowledged.
+log and its data for the cache; :meth:`Blockstore.drain` writes the queued
+log records with as few syscalls as it can. The iSCSI target calls
+``drain()`` before it sends any response, so a write is in the log (the page
+cache, which survives SIGKILL) before it is acknowledged. The cache writes
+are off that path: they go out at the next event-loop turn, or first thing
+when anything reads a cache file (:meth:`Blockstore.write_caches`).
 
 On disk, under the blockstore directory:
 
@@ -37,12 +39,17 @@ On disk, under the blockstore directory:
     ``spare-<n>.wal`` (never replayed); up to :data:`SPARES_MAX` spares are
     kept and become the next segments (new header, then renamed), so log
     writes overwrite allocated blocks instead of growing a file; more are
-    unlinked off the event loop. After any restart, even SIGKILL, the
-    remaining records are replayed: those the Core already has are
+    unlinked off the event loop. Before a segment is retired, the per-LUN
+    committed seqs are persisted (state.json). After any restart, even
+    SIGKILL, the remaining records are replayed, except those up to the
+    persisted committed seq of their LUN (the Core has them; a newer write
+    of the same sectors may have gone with a retired segment, so their data
+    must not reach the cache). Replayed records the Core already has are
     recognised by (stream, seq) and acknowledged at once, the rest are
     resent in order. Nothing acknowledged to a host is lost.
 ``state.json``
-    The blockstore's stream id and per-LUN sequence leases (atomic replace).
+    The blockstore's stream id, per-LUN sequence leases and per-LUN
+    committed seqs (atomic replace).
 ``cache-<lun>.img`` / ``cache-<lun>.map``
     Sparse cache file per LUN and, after a clean shutdown only, the map of
     which regions it holds. After a crash the map is absent, so every region
@@ -214,6 +221,9 @@ class WriteLog:
         self._runs: list[tuple[int, int, int]] = []
         self._release_after_drain: set[int] = set()
         self.drain_hook: Callable[[], None] = self.drain
+        # Asked before a segment stops being replayed; False keeps it (see
+        # Blockstore._persist_committed: its committed records must stay skipped).
+        self.may_retire: Callable[[], bool] = lambda: True
 
     def _path(self, seg: int) -> Path:
         return self.dir / f"seg-{seg:012d}.wal"
@@ -304,10 +314,9 @@ class WriteLog:
             else:
                 self._spare_path(n).unlink(missing_ok=True)
         for seg in segs:
+            self.fds[seg] = os.open(self._path(seg), os.O_RDWR)
             if self.refs.get(seg, 0) == 0:  # nothing uncommitted left in it
                 self._retire(seg, background=False)
-                continue
-            self.fds[seg] = os.open(self._path(seg), os.O_RDWR)
         # Seal the previous last segment where its replay stopped, so that once
         # it is no longer last its tail is not mistaken for corruption.
         info = self.replayed.get(segs[-1]) if segs else None
@@ -343,6 +352,8 @@ class WriteLog:
 
     def _retire(self, seg: int, background: bool) -> None:
         """A segment with nothing uncommitted: becomes a spare, or goes (off the event loop)."""
+        if not self.may_retire():
+            return  # kept: replaying it is safe, only its disk space is not reused yet
         fd = self.fds.pop(seg, None)
         self.refs.pop(seg, None)
         self.unsynced.discard(seg)
@@ -513,8 +524,9 @@ class RegionCache:
     ``state`` is a numpy view of the bytearray ``_st``: one region is
     checked by indexing the bytearray (a plain int, no numpy call), many
     regions at once with numpy. :meth:`queue_write` defers the file write
-    until ``drain_hook`` runs, which :meth:`read` and :meth:`fill` call
-    first; the state is updated at once either way.
+    until ``drain_hook`` runs, which :meth:`read`, :meth:`fill`,
+    :meth:`write` and :meth:`save_map` call first; the state is updated at
+    once either way.
     """
 
     def __init__(self, path: Path, size: int, region: int) -> None:
@@ -551,7 +563,8 @@ class RegionCache:
             self.state[bits.astype(bool)] = FULL
 
     def save_map(self) -> None:
-        self.flush_queue()
+        if self._q:
+            self.drain_hook()
         os.fdatasync(self.fd)
         body = np.packbits(self.state == FULL).tobytes()
         atomic_write(self.map_path, body + crc32c(body).to_bytes(4, "big"))
@@ -573,22 +586,32 @@ class RegionCache:
         return len(self._q)
 
     def flush_queue(self) -> None:
-        """Write the queued writes in order; each contiguous run with one pwritev."""
+        """Write the queued writes in order; each contiguous run with one pwritev.
+
+        If a write fails, the writes not known to be written stay queued, so
+        every later read of this cache calls ``drain_hook`` (which then raises:
+        the blockstore is failed) instead of returning older data.
+        """
         q = self._q
         if not q:
             return
         self._q = []
+        first = 0  # the queued write that starts the current run
         start = end = -1
         bufs: list[Data] = []
-        for off, data in q:
-            if off != end:
-                if bufs:
-                    _pwritev_all(self.fd, bufs, start)
-                bufs = []
-                start = end = off
-            bufs.append(data)
-            end += len(data)
-        _pwritev_all(self.fd, bufs, start)
+        try:
+            for i, (off, data) in enumerate(q):
+                if off != end:
+                    if bufs:
+                        _pwritev_all(self.fd, bufs, start)
+                    bufs = []
+                    first, start, end = i, off, off
+                bufs.append(data)
+                end += len(data)
+            _pwritev_all(self.fd, bufs, start)
+        except BaseException:
+            self._q = q[first:] + self._q
+            raise
 
     def mark(self, offset: int, length: int) -> None:
         """Record that local writes put valid data at [offset, offset+length)."""
@@ -722,8 +745,11 @@ class Blockstore:
 
     Contract of the write path: :meth:`append` queues; the caller (the iSCSI
     target) calls :meth:`drain` before it sends any response, so a write is
-    in the log before it is acknowledged. Everything that reads the log or
-    a cache file, or syncs, drains first, so nothing observes stale data.
+    in the log before it is acknowledged. The cache writes are not on that
+    path: they go out at the next event-loop turn (:meth:`write_caches`),
+    or earlier when anything reads a cache file. Everything that reads the
+    log or a cache file, or syncs, writes what it depends on first, so
+    nothing observes stale data.
     """
 
     def __init__(self, directory: str | Path, luns: dict[int, int], reserve_bytes: int,
@@ -747,7 +773,12 @@ class Blockstore:
         self.uncommitted_bytes = 0
         self.mem_bytes = 0
         self.gseq = 0
-        self.committed_seq: dict[int, int] = dict.fromkeys(self.luns, 0)
+        # Per LUN, the newest seq the Core has. The persisted copy is written
+        # before any segment is retired; replay skips records up to it.
+        saved = st.get("committed", {})
+        self._committed_saved: dict[int, int] = {lun: int(saved.get(str(lun), 0))
+                                                 for lun in self.luns}
+        self.committed_seq: dict[int, int] = dict(self._committed_saved)
         self.writes = 0
         self.bytes_written = 0
         self.commits = 0
@@ -757,12 +788,15 @@ class Blockstore:
         self._queued_writes = 0
         self._queued_bytes = 0
         self._drain_scheduled = False
+        self._drain_deferred = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.failed: BaseException | None = None
         self._replay()
+        self.log.may_retire = self._persist_committed
         self.log.open_for_append()
         self.log.drain_hook = self.drain
         for c in self.caches.values():
-            c.drain_hook = self.drain
+            c.drain_hook = self.write_caches
         self._renew_leases(force=True)
 
     # -- state --------------------------------------------------------------------
@@ -787,10 +821,35 @@ class Blockstore:
         if changed:
             self._save_state()
 
-    def _save_state(self) -> None:
+    def _save_state(self, committed: dict[int, int] | None = None) -> None:
+        committed = self._committed_saved if committed is None else committed
         atomic_write(self.state_path, json.dumps(
             {"version": 1, "stream": self.stream, "epoch": self.epoch,
-             "lease": {str(k): v for k, v in self.lease.items()}}).encode())
+             "lease": {str(k): v for k, v in self.lease.items()},
+             "committed": {str(k): v for k, v in committed.items()}}).encode())
+
+    def _persist_committed(self) -> bool:
+        """Persist committed seqs before a segment is retired (``WriteLog.may_retire``).
+
+        A retired segment's records never replay, but older committed
+        records of the same sectors may survive in a segment kept alive by
+        another uncommitted record; replaying those would put old data in
+        the cache. With the seqs on disk first, replay skips every record
+        the Core has, so the sectors it alone wrote are fetched from the
+        Core. One atomic write per retired segment at most, none per write.
+        False (logged) keeps the segment: replaying it all is safe.
+        """
+        now = {lun: min(c, self.next_seq[lun] - 1) for lun, c in self.committed_seq.items()
+               if lun in self.next_seq}  # never past what was appended
+        if now == self._committed_saved:
+            return True
+        try:
+            self._save_state(now)
+        except OSError as e:
+            _log.error("committed_seq_save_failed", error=str(e))
+            return False
+        self._committed_saved = now
+        return True
 
     def see_epoch(self, epoch: int) -> None:
         """Remember the newest replication epoch seen, durably, before trusting that Core."""
@@ -799,7 +858,17 @@ class Blockstore:
             self._save_state()
 
     def _replay(self) -> None:
+        """Track the records the Core may lack and put their data in the cache.
+
+        Records up to the persisted committed seq of their LUN are skipped:
+        the Core has them, and a newer write of theirs may be gone with a
+        retired segment. Every record replayed is newer than every retired
+        one of its LUN, and every newer record of its LUN survives, so the
+        cache ends up with the newest data of every sector it marks.
+        """
         records = self.log.replay()
+        committed = self._committed_saved
+        skipped = 0
         for rec, data in records:
             if rec.lun not in self.luns:
                 _log.error("write_log_unknown_lun", lun=rec.lun, seq=rec.seq)
@@ -808,13 +877,16 @@ class Blockstore:
             if rec.offset + rec.length > cache.size:
                 _log.error("write_log_out_of_range", lun=rec.lun, seq=rec.seq)
                 continue
-            cache.write(rec.offset, data)
-            self._track(rec, data)
             self.next_seq[rec.lun] = max(self.next_seq[rec.lun], rec.seq + 1)
             self.gseq = max(self.gseq, rec.gseq)
+            if rec.seq <= committed[rec.lun]:
+                skipped += 1
+                continue
+            cache.write(rec.offset, data)
+            self._track(rec, data)
         if records:
-            _log.info("write_log_replayed", records=len(records),
-                      uncommitted_bytes=self.uncommitted_bytes)
+            _log.info("write_log_replayed", records=len(records) - skipped,
+                      committed_skipped=skipped, uncommitted_bytes=self.uncommitted_bytes)
 
     def _track(self, rec: Record, data: Data) -> None:
         if self.mem_bytes + rec.length <= MEM_DATA_MAX:
@@ -885,7 +957,7 @@ class Blockstore:
         if self.failed is not None:
             raise self._failed_error()
         if self._queued_bytes >= QUEUE_BYTES_MAX:
-            self.drain()
+            self.write_caches()
         n = len(data)
         kept = data if isinstance(data, bytes) else _keep(data)
         cache = self.caches[lun]
@@ -916,14 +988,16 @@ class Blockstore:
         return self._queued_writes
 
     def drain(self) -> None:
-        """Write everything queued: the log records, then the cache writes of each LUN.
+        """Write the queued log records: all an acknowledgement needs.
 
-        Call it before acknowledging any appended write. If it raises
-        (BlockstoreError wrapping the OSError, e.g. ENOSPC or EIO), none of the
-        writes appended since the last successful drain may be acknowledged
-        (some may be on disk, which a failed write allows), and the
-        blockstore is failed: every later append() and drain() raises
-        BlockstoreError until the Edge restarts and replays its log.
+        Call it before acknowledging any appended write. The cache writes
+        stay queued (see :meth:`write_caches`): after a crash the cache is
+        rebuilt from the log anyway. If it raises (BlockstoreError wrapping
+        the OSError, e.g. ENOSPC or EIO), none of the writes appended since
+        the last successful drain may be acknowledged (some may be on disk,
+        which a failed write allows), and the blockstore is failed: every
+        later append(), drain() and read of a cache with queued writes
+        raises BlockstoreError until the Edge restarts and replays its log.
         """
         if self.failed is not None:
             raise self._failed_error()
@@ -931,40 +1005,67 @@ class Blockstore:
             return
         try:
             self.log.drain()
-            for c in self.caches.values():
-                if c.queued:
-                    c.flush_queue()
         except OSError as e:
-            self.failed = e
-            _log.error("blockstore_failed", error=str(e), writes_lost=self._queued_writes)
+            self._fail(e, "log")
             raise self._failed_error() from e
         finally:
             self._queued_writes = 0
-            self._queued_bytes = 0
+
+    def write_caches(self) -> None:
+        """Drain, then write the queued cache writes (next loop turn, or before a cache read).
+
+        Draining first keeps the cache files from holding data the log lacks.
+        An OSError here comes after the hosts were acknowledged: the data is
+        safe in the log, but this cache file is not, so the blockstore fails
+        as in :meth:`drain`, and the cache keeps what it could not write
+        queued, so its reads raise instead of returning older data.
+        """
+        self.drain()
+        try:
+            for c in self.caches.values():
+                if c._q:
+                    c.flush_queue()
+        except OSError as e:
+            self._fail(e, "cache")
+            raise self._failed_error() from e
+        self._queued_bytes = 0
+
+    def _fail(self, e: OSError, what: str) -> None:
+        self.failed = e
+        _log.error("blockstore_failed", error=str(e), file=what,
+                   writes_lost=self._queued_writes if what == "log" else 0)
 
     def _failed_error(self) -> BlockstoreError:
         return BlockstoreError(f"blockstore failed, restart needed: {self.failed}")
 
     def _schedule_drain(self) -> None:
-        """Backstop: drain at the next loop turn even if a caller forgets to.
+        """Write the cache writes at the next loop turn, once per batch; also a drain backstop.
 
         The contract is still that the caller drains before acknowledging;
-        this only bounds how long queued writes stay in memory.
+        this puts the cache writes after the responses and bounds how long
+        queued writes stay in memory.
         """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
         self._drain_scheduled = True
+        self._loop = loop
         loop.call_soon(self._drain_soon)
 
     def _drain_soon(self) -> None:
-        self._drain_scheduled = False
+        if self._queued_writes and not self._drain_deferred and self._loop is not None:
+            # Not drained yet: the caller's barrier, scheduled after this callback
+            # in the same turn (a task's response), goes first; we run one turn later.
+            self._drain_deferred = True
+            self._loop.call_soon(self._drain_soon)
+            return
+        self._drain_scheduled = self._drain_deferred = False
         if self.failed is None:
             try:
-                self.drain()
+                self.write_caches()
             except BlockstoreError:
-                pass  # logged by drain(); every later call reports it
+                pass  # logged by _fail(); every later call reports it
 
     def data_of(self, rec: Record) -> Data:
         return rec.data if rec.data is not None else self.log.read(rec.seg, rec.pos, rec.length)
@@ -974,10 +1075,13 @@ class Blockstore:
 
         A segment still holding queued records is recycled only after the
         drain that writes them (so no write ever lands in a reused file).
+        ``committed_seq`` moves first: a segment retired below persists it.
         """
         q = self.pending.get(lun)
         if q is None:
             return 0
+        if seq > self.committed_seq.get(lun, 0):
+            self.committed_seq[lun] = seq
         freed = 0
         while q and q[0].seq <= seq:
             rec = q.popleft()
@@ -986,8 +1090,6 @@ class Blockstore:
                 self.mem_bytes -= rec.length
                 rec.data = None
             self.log.release(rec.seg)
-        if seq > self.committed_seq.get(lun, 0):
-            self.committed_seq[lun] = seq
         if freed:
             self.uncommitted_bytes -= freed
             self.commits += 1
@@ -1009,11 +1111,11 @@ class Blockstore:
         await self.log.sync()
 
     def close(self) -> None:
-        """Drain, sync and close; a failed blockstore saves no cache map (it is not trusted)."""
+        """Write all, sync and close; a failed blockstore saves no cache map (it is not trusted)."""
         err: BlockstoreError | None = None
         if self.failed is None:
             try:
-                self.drain()
+                self.write_caches()
             except BlockstoreError as e:
                 err = e
         try:
