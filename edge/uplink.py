@@ -43,6 +43,7 @@ _log = log.get("uplink")
 BATCH_BYTES = 4 << 20
 COALESCE_BYTES = 512 * 1024
 SHIP_GATHER_S = 0.002  # seed: replication payloads are "as large as 512 KB"
+SHIP_GATHER_STEPS = 5  # at most 10 ms from the first unshipped write to its shipping
 
 
 class CoreUplink:
@@ -57,6 +58,7 @@ class CoreUplink:
         self.connected = asyncio.Event()
         self.send_q: deque[Record] = deque()
         self.inflight_bytes = 0
+        self.unshipped_bytes = 0  # appended, not yet handed to the link
         self._frames: dict[int, deque[tuple[int, int]]] = {}  # lun -> (last seq, bytes) sent
         self._kick = asyncio.Event()
         self._reads: dict[int, asyncio.Future[bytes]] = {}
@@ -144,6 +146,7 @@ class CoreUplink:
         self.connects += 1
         # Resend everything uncommitted, in the hosts' acknowledgement order.
         self.send_q = deque(self.bs.uncommitted())
+        self.unshipped_bytes = sum(r.length for r in self.send_q)
         self._frames.clear()
         self.inflight_bytes = 0
         self.connected.set()
@@ -197,14 +200,20 @@ class CoreUplink:
     def _on_append(self, rec: Record) -> None:
         if self.link is not None:
             self.send_q.append(rec)
+            self.unshipped_bytes += rec.length
             self._kick.set()
 
     async def _pump(self) -> None:
         while True:
             await self._kick.wait()
             # Hosts were acknowledged already, so a short gather costs them nothing: it lets
-            # contiguous writes coalesce into large frames and spares the Cores per-frame work.
-            await asyncio.sleep(SHIP_GATHER_S)
+            # contiguous writes coalesce into full frames and spares the Cores per-frame
+            # work (and wakeups, which cost a busy 2-CPU host more than the bytes). Ship
+            # once a frame's worth is queued, or after SHIP_GATHER_MAX_S at the latest.
+            for _ in range(SHIP_GATHER_STEPS):
+                await asyncio.sleep(SHIP_GATHER_S)
+                if self.unshipped_bytes >= COALESCE_BYTES or self.link is None:
+                    break
             self._kick.clear()
             try:
                 await self._pump_once()
@@ -225,6 +234,7 @@ class CoreUplink:
         committed = self.bs.committed_seq
         while q and self.inflight_bytes < self.cfg.window_bytes and size < BATCH_BYTES:
             rec = q.popleft()
+            self.unshipped_bytes -= rec.length
             if rec.seq <= committed.get(rec.lun, 0):
                 continue  # committed meanwhile
             # Coalesce a run of contiguous writes to one LUN, in order, into one frame
@@ -245,6 +255,7 @@ class CoreUplink:
                 last = q.popleft()
                 parts.append(data_of(last))
                 n += last.length
+                self.unshipped_bytes -= last.length
             bufs.extend(encode_write(lun, 0, self.bs.stream, last.seq, rec.offset, parts))
             frames_out += 1
             frames = self._frames.get(lun)
@@ -297,7 +308,8 @@ class CoreUplink:
                 "core": self.primary_name,
                 "address": format_addr(self.primary_addr) if self.primary_addr else None,
                 "epoch": self.bs.epoch, "inflight_bytes": self.inflight_bytes,
-                "queued_writes": len(self.send_q), "connects": self.connects,
+                "queued_writes": len(self.send_q), "unshipped_bytes": self.unshipped_bytes,
+                "connects": self.connects,
                 "writes_sent": self.writes_sent, "bytes_sent": self.bytes_sent,
                 "refusals": self.refusals,
                 "rtt_ms": (round(self.link.machine.rtt * 1000, 3)
