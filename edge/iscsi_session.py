@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -310,6 +310,8 @@ class CloseConnection:
     reason: str
 
 
+FastLane = Callable[[int, bytes, Buffer], tuple[int, Buffer, Buffer, int | None] | None]
+
 Event = (LoginComplete | LoginFailed | ScsiCommandReady | TasksAborted | ResetRequested
          | LogoutComplete | CloseConnection)
 
@@ -477,6 +479,10 @@ class TargetConnection:
         self._text_buf = bytearray()
         self._text_more: list[bytes] = []
         self._text_ttt = RESERVED_TAG
+        self.fast: FastLane | None = None
+        """Set by the adapter once logged in: ``fast(lun, cdb, data)`` returns
+        ``(status, data_in, sense, transfer_length)`` for a command it finished
+        at once, or None to take the normal path (a ScsiCommandReady event)."""
         self._handlers = {
             ScsiCommand: self._on_scsi_command, DataOut: self._on_data_out,
             NopOut: self._on_nop_out, TextRequest: self._on_text,
@@ -808,6 +814,24 @@ class TargetConnection:
             self._reject(pdu, RejectReason.IMMEDIATE_COMMAND_REJECT)
             return
         self._discard.pop(itt, None)
+        fast = self.fast
+        if fast is not None:
+            # The fast lane: a command complete on arrival (no Data-Out to wait for)
+            # that the adapter can finish at once is answered here, without a task,
+            # an event or a later complete() (the per-command path of a busy target).
+            data = pdu.data
+            edtl = pdu.expected_length
+            p = self.params
+            if pdu.write and edtl:
+                ok = (not pdu.read and len(data) == edtl and p.immediate_data
+                      and edtl <= p.first_burst_length and edtl <= self.config.max_command_bytes)
+            else:
+                ok = not data and not (pdu.read and pdu.write)
+            if ok:
+                res = fast(decode_lun(pdu.lun), pdu.cdb, data)
+                if res is not None:
+                    self._reply(itt, pdu.lun, edtl, pdu.read, pdu.write, 0, *res)
+                    return
         task = _Task(pdu, decode_lun(pdu.lun))
         self._tasks[itt] = task
         p = self.params
@@ -977,32 +1001,37 @@ class TargetConnection:
 
     def _respond(self, task: _Task, status: int, data: Buffer, sense: Buffer,
                  transfer_length: int | None) -> None:
-        edtl = task.edtl
+        self._reply(task.itt, task.lun_raw, task.edtl, task.read, task.write, task.r2tsn,
+                    status, data, sense, transfer_length)
+
+    def _reply(self, itt: int, lun_raw: int, edtl: int, read: bool, write: bool, r2tsn: int,
+               status: int, data: Buffer, sense: Buffer, transfer_length: int | None) -> None:
+        """Data-In and/or SCSI Response for one finished command, with residuals."""
         n = len(data)
-        if task.read:
+        if read:
             spdtl = n
             send = n if n <= edtl else edtl
         else:
-            spdtl = transfer_length if transfer_length is not None else (
-                edtl if task.write else n)
+            spdtl = transfer_length if transfer_length is not None else (edtl if write else n)
             send = 0
         overflow = spdtl > edtl
         underflow = spdtl < edtl
         residual = spdtl - edtl if overflow else edtl - spdtl
         datasn = 0
         if send:
-            datasn = self._send_data_in(task, data, send, status, not sense and status == _GOOD,
-                                        overflow, underflow, residual)
+            datasn = self._send_data_in(itt, lun_raw, data, send, status,
+                                        not sense and status == _GOOD, overflow, underflow,
+                                        residual)
             if not sense and status == _GOOD:
                 return
         seg = sense_segment(sense)
         head = scsi_response_header(
             0x80 | (0x04 if overflow else 0) | (0x02 if underflow else 0), 0, status, len(seg),
-            task.itt, 0, self._take_statsn(), self._exp_cmdsn, self._maxsn(),
-            datasn if task.read else task.r2tsn, 0, residual)
+            itt, 0, self._take_statsn(), self._exp_cmdsn, self._maxsn(),
+            datasn if read else r2tsn, 0, residual)
         self._out.extend(frame(head, seg, self._hd, self._dd))
 
-    def _send_data_in(self, task: _Task, data: Buffer, send: int, status: int,
+    def _send_data_in(self, itt: int, lun: int, data: Buffer, send: int, status: int,
                       with_status: bool, overflow: bool, underflow: bool, residual: int) -> int:
         """Data-In PDUs for ``data[:send]``; returns how many were sent.
 
@@ -1012,7 +1041,6 @@ class TargetConnection:
         mbl = self.params.max_burst_length
         hd, dd = self._hd, self._dd
         out = self._out
-        itt, lun = task.itt, task.lun_raw
         if send <= mrdsl and send <= mbl:
             # One PDU (the common case): F and, with status, S + residual flags.
             if with_status:

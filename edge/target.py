@@ -395,6 +395,22 @@ class _Connection(asyncio.Protocol):
                 self.loop.call_soon(self._flush)
         return True
 
+    def _fast_lane(self, lun: int, cdb: bytes, data: Buffer
+                   ) -> tuple[int, Buffer, Buffer, int | None] | None:
+        """The session's fast lane (``TargetConnection.fast``): a plain READ/WRITE
+        answered while its PDU is decoded, through ``LogicalUnit.try_fast``."""
+        lu = self.luns.get(lun)
+        if lu is None:
+            return None
+        try:
+            res = lu.try_fast(cdb, data, self.nexus or scsi.LOCAL_NEXUS)
+        except Exception as e:
+            self.log.error("scsi_execute_failed", error=repr(e), exc_info=True)
+            res = scsi.check_condition(scsi.SenseKey.HARDWARE_ERROR, 0x44, 0x00)
+        if res is None:
+            return None
+        return res.status, res.data, res.sense, res.transfer_length
+
     def _logged_in(self, ev: LoginComplete) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -409,6 +425,8 @@ class _Connection(asyncio.Protocol):
                                       next(self.server._session_ids))
             for lu in self.luns.values():
                 lu.attach(self.nexus)
+            if self.conn is not None:
+                self.conn.fast = self._fast_lane
         p = ev.params
         self.log = self.log.bind(initiator=ev.initiator_name, target=ev.target_name)
         self.log.info("iscsi_login", session_type=ev.session_type, tsih=ev.tsih,

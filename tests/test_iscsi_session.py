@@ -960,3 +960,61 @@ def test_limits_are_configurable() -> None:
     assert dict(decode_text(resp.data))["MaxRecvDataSegmentLength"] == "8192"
     with pytest.raises(IscsiProtocolError):  # 64 KiB immediate data > 8 KiB + slack
         ini.command(WRITE10, edtl=65536, write=True, data=bytes(65536))
+
+
+def test_fast_lane_answers_inline_with_the_same_pdus_as_the_normal_path() -> None:
+    """TargetConnection.fast: a command complete on arrival is answered while it is decoded
+    (no event, no task), with exactly the PDUs complete() would have produced."""
+    calls: list[tuple[int, bytes, bytes]] = []
+
+    def fast(lun: int, cdb: bytes, data: Any) -> tuple[int, Any, Any, int | None] | None:
+        calls.append((lun, bytes(cdb[:1]), bytes(data)))
+        if cdb[0] == 0x28:
+            return 0, b"r" * 4096, b"", None
+        if cdb[0] == 0x2A:
+            return 0, b"", b"", 4096
+        return None
+
+    fast_ini, slow_ini = logged_in(), logged_in()
+    fast_ini.conn.fast = fast
+    for ini in (fast_ini, slow_ini):
+        _, ev = ini.command(READ10, edtl=4096, read=True)
+        if ini is slow_ini:
+            ini.conn.complete(_ready(ev)[0].task_tag, 0, b"r" * 4096)
+        else:
+            assert ev == [] and ini.conn.outstanding == 0
+        _, ev = ini.command(WRITE10, edtl=4096, write=True, data=b"w" * 4096)
+        if ini is slow_ini:
+            ini.conn.complete(_ready(ev)[0].task_tag, 0, transfer_length=4096)
+        else:
+            assert ev == []
+        _, ev = ini.command(WRITE10, edtl=512, write=True, data=b"w" * 512)  # 4096 wanted
+        if ini is slow_ini:
+            ini.conn.complete(_ready(ev)[0].task_tag, 0, transfer_length=4096)
+        else:
+            assert ev == []
+    assert [c[2] for c in calls] == [b"", b"w" * 4096, b"w" * 512]
+    got_fast, got_slow = fast_ini.recv(), slow_ini.recv()
+    assert got_fast == got_slow and len(got_fast) == 3  # same StatSN, MaxCmdSN, residuals
+    assert isinstance(got_fast[2], ScsiResponse) and got_fast[2].overflow
+
+
+def test_fast_lane_steps_aside() -> None:
+    """Declined (None), waiting for Data-Out, bidirectional or unexpected data: the normal
+    path runs as before."""
+    ini = logged_in()
+    seen: list[int] = []
+
+    def fast(lun: int, cdb: bytes, data: Any) -> None:
+        seen.append(cdb[0])
+        return None
+
+    ini.conn.fast = fast
+    _, ev = ini.command(READ10, edtl=4096, read=True)
+    assert len(_ready(ev)) == 1 and seen == [0x28]  # declined: an event as usual
+    _, ev = ini.command(WRITE10, edtl=8192, write=True, data=b"w" * 4096, final=False)
+    assert ev == [] and seen == [0x28]  # unsolicited Data-Out still to come: not offered
+    _, ev = ini.command(READ10, edtl=4096, read=True, write=True)
+    assert seen == [0x28]  # bidirectional: failed by the session, never offered
+    _, ev = ini.command(READ10, edtl=4096, read=True, data=b"x" * 4)
+    assert seen == [0x28]  # unexpected immediate data on a read: failed, never offered
