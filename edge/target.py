@@ -338,8 +338,7 @@ class _Connection(asyncio.Protocol):
             if t is ScsiCommandReady:
                 # A plain READ/WRITE that can finish now (a cached read, a write
                 # into the reserve) is answered inline: no coroutine at all.
-                lu = self.luns.get(ev.lun)
-                if lu is not None and self._fast(lu, ev):
+                if self._fast(ev):
                     continue
                 # Eager start: the rest usually finish without ever waiting
                 # too, and then need no asyncio Task.
@@ -375,25 +374,28 @@ class _Connection(asyncio.Protocol):
                 self.log.info("iscsi_tasks_aborted", task_tags=list(ev.task_tags))
                 self._cancel(ev.task_tags)
 
-    def _fast(self, lu: scsi.LogicalUnit, ev: ScsiCommandReady) -> bool:
-        """Answer ``ev`` through ``LogicalUnit.try_fast`` if it can; True when done."""
-        try:
-            res = lu.try_fast(ev.cdb, ev.data, self.nexus or scsi.LOCAL_NEXUS)
-        except Exception as e:
-            self.log.error("scsi_execute_failed", error=repr(e), exc_info=True)
-            res = scsi.check_condition(scsi.SenseKey.HARDWARE_ERROR, 0x44, 0x00)
+    def _fast(self, ev: ScsiCommandReady) -> bool:
+        """Answer ``ev`` through the fast lane if it can; True when done."""
+        res = self._fast_lane(ev.lun, ev.cdb, ev.data)
         if res is None:
             return False
-        conn = self.conn
-        if conn is not None and not self.closing:
-            more = conn.complete(ev.task_tag, res.status, res.data, res.sense,
-                                 res.transfer_length)
-            if more:
-                self._handle(more)
-            if not self._flush_pending:
-                self._flush_pending = True
-                self.loop.call_soon(self._flush)
+        self._answer(ev.task_tag, *res)
         return True
+
+    def _answer(self, itt: int, status: int, data: Buffer, sense: Buffer,
+                transfer_length: int | None) -> None:
+        """Hand a finished command to the session and schedule the flush, so the
+        responses of every command finishing in this loop iteration leave in one
+        writelines."""
+        conn = self.conn
+        if conn is None or self.closing:
+            return
+        events = conn.complete(itt, status, data, sense, transfer_length)
+        if events:
+            self._handle(events)
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
 
     def _fast_lane(self, lun: int, cdb: bytes, data: Buffer
                    ) -> tuple[int, Buffer, Buffer, int | None] | None:
@@ -486,18 +488,8 @@ class _Connection(asyncio.Protocol):
                 except Exception as e:
                     self.log.error("scsi_execute_failed", error=repr(e), exc_info=True)
                     result = scsi.check_condition(scsi.SenseKey.HARDWARE_ERROR, 0x44, 0x00)
-        conn = self.conn
-        if conn is None or self.closing:
-            return
-        events = conn.complete(ev.task_tag, result.status, result.data, result.sense,
-                               result.transfer_length)
-        if events:
-            self._handle(events)
-        if not self._flush_pending:
-            # Batch the responses of every command finishing in this loop
-            # iteration into one writelines.
-            self._flush_pending = True
-            self.loop.call_soon(self._flush)
+        self._answer(ev.task_tag, result.status, result.data, result.sense,
+                     result.transfer_length)
 
     async def _reset(self, ev: ResetRequested) -> None:
         """LOGICAL UNIT RESET / TARGET WARM or COLD RESET across sessions
