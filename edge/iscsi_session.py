@@ -1007,6 +1007,13 @@ class TargetConnection:
     def _reply(self, itt: int, lun_raw: int, edtl: int, read: bool, write: bool, r2tsn: int,
                status: int, data: Buffer, sense: Buffer, transfer_length: int | None) -> None:
         """Data-In and/or SCSI Response for one finished command, with residuals."""
+        if not status and not sense and not read and transfer_length == edtl:
+            # A write (or no-data command) that moved exactly what the initiator said:
+            # GOOD, no residual, no sense — most responses a busy target sends.
+            head = scsi_response_header(0x80, 0, 0, 0, itt, 0, self._take_statsn(),
+                                        self._exp_cmdsn, self._maxsn(), r2tsn, 0, 0)
+            self._out.append(frame(head, b"", True, False)[0] if self._hd else head)
+            return
         n = len(data)
         if read:
             spdtl = n

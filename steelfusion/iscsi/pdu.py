@@ -908,6 +908,17 @@ class PduDecoder:
                 self._compact()
             return None
         zero_copy = type(buf) is bytes
+        if opcode == Opcode.SCSI_COMMAND and not lw >> 24 and not self.header_digest \
+                and not self.data_digest:
+            # The per-command case (no AHS, no digests): straight to its decoder.
+            self._pos = end
+            at = pos + BHS_LEN
+            if not dsl:
+                return _dec_scsi_command(buf, pos, b"", b"")
+            if zero_copy:
+                assert self._mv is not None
+                return _dec_scsi_command(buf, pos, b"", self._mv[at:at + dsl])
+            return _dec_scsi_command(buf, pos, b"", bytes(buf[at:at + dsl]))
         mv = self._mv if zero_copy else memoryview(buf)
         assert mv is not None
         try:
