@@ -256,6 +256,7 @@ INVALID_OPCODE = fixed_sense(SenseKey.ILLEGAL_REQUEST, 0x20, 0x00, field_pointer
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_FAST10 = struct.Struct(">IxH")  # LBA and transfer length of a 10-byte READ/WRITE
 _FAST16 = struct.Struct(">QI")  # LBA and transfer length of a 16-byte READ/WRITE
 
 
@@ -378,6 +379,14 @@ class RangeLock:
         if exclusive:
             self._xheld += 1
         return self._next
+
+    def shared_free(self, start: int, end: int) -> bool:
+        """A shared lock on the range would be granted now (:meth:`try_acquire`
+        would succeed), for a write that finishes without yielding."""
+        if not self._waiters:
+            return not self._xheld or not self._conflicts(start, end, False)
+        return not any(x and s < end and start < e for s, e, x, _ in self._waiters) \
+            and not self._conflicts(start, end, False)
 
     def try_acquire(self, start: int, end: int, exclusive: bool = False) -> int | None:
         """The range now if nothing is in the way (the plain-write fast path),
@@ -1031,8 +1040,7 @@ class LogicalUnit:
         """
         op = cdb[0]
         if op == 0x28 or op == 0x2A:  # READ(10), WRITE(10)
-            lba = _U32.unpack_from(cdb, 2)[0]
-            blocks = _U16.unpack_from(cdb, 7)[0]
+            lba, blocks = _FAST10.unpack_from(cdb, 2)
         elif op == 0x88 or op == 0x8A:  # READ(16), WRITE(16)
             lba, blocks = _FAST16.unpack_from(cdb, 2)
         else:
@@ -1059,15 +1067,10 @@ class LogicalUnit:
         if (writer is None or len(data) != n or cdb[1] & 0x08 or not self._wce
                 or self.read_only or self._swp):
             return None
-        locks = self.locks
-        tok = locks.try_acquire(lba, lba + blocks)
-        if tok is None:
+        # The write is done before this returns (no await), so nothing can take a
+        # lock meanwhile: it only has to find no exclusive holder or waiter in the way.
+        if not self.locks.shared_free(lba, lba + blocks) or not writer(lba * bs, data):
             return None
-        try:
-            if not writer(lba * bs, data):
-                return None
-        finally:
-            locks.release(tok)
         return ScsiResult(GOOD, transfer_length=n)
 
     # ------------------------------------------------------------------ helpers

@@ -144,3 +144,26 @@ def test_fast_path_steps_aside_for_special_state() -> None:
     # other opcodes never go inline
     assert lu.try_fast(bytes(16), b"", NEXUS) is None  # TEST UNIT READY
     assert lu.try_fast(rw(0x28, 0, 0), b"", NEXUS) is None  # zero blocks: execute answers
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 10), st.booleans()), max_size=6),
+       st.lists(st.tuples(st.integers(0, 40), st.integers(1, 10), st.booleans()), max_size=4),
+       st.integers(0, 40), st.integers(1, 10))
+def test_shared_free_agrees_with_try_acquire(held: list[tuple[int, int, bool]],
+                                             waiting: list[tuple[int, int, bool]],
+                                             start: int, n: int) -> None:
+    """try_fast skips taking the shared lock; RangeLock.shared_free must say exactly
+    when try_acquire would have granted it."""
+    async def go() -> None:
+        locks = scsi.RangeLock()
+        for s, k, x in held:
+            locks._grant(s, s + k, x)
+        loop = asyncio.get_running_loop()
+        for s, k, x in waiting:
+            locks._waiters.append((s, s + k, x, loop.create_future()))
+        free = locks.shared_free(start, start + n)
+        tok = locks.try_acquire(start, start + n)
+        assert free == (tok is not None)
+
+    asyncio.run(go())
