@@ -34,6 +34,7 @@ demo: install
 
 test: install
 	$(PY) -m ruff check .
+	$(PY) -m mypy steelfusion core edge witness journal
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -142,7 +143,7 @@ class Core:
             stream, seq = self.applied.get(lc.id)
             self.pipes[lc.id] = LunPipe(store, stream=stream, applied_seq=seq, durable_seq=seq,
                                         acked_seq=seq, jlimit=seq)
-            store.on_durable(lambda target, lun=lc.id: self._on_durable(lun, target))
+            store.on_durable(functools.partial(self._on_durable, lc.id))  # called with target
         self.journal: Any = None
         self.replication_enabled = cfg.peer is not None
         if cfg.journal_path:
@@ -212,8 +213,11 @@ class Core:
         from journal.errors import JournalError
         from journal.journal import Journal
 
+        path = self.cfg.journal_path
+        if path is None:
+            raise RuntimeError(f"{self.cfg.name}: _open_journal called without journal_path")
         try:
-            self.journal = Journal.open(self.cfg.journal_path,
+            self.journal = Journal.open(path,
                                         {lu.id: p.store.size for lu, p in
                                          zip(self.cfg.luns, self.pipes.values(), strict=True)},
                                         size=self.cfg.journal_size)
@@ -1041,8 +1045,9 @@ class Core:
     async def _answer_hashes(self, link: Link, body: dict[str, Any]) -> None:
         p = self.pipes.get(body.get("lun"))  # type: ignore[arg-type]
         rb, start, count = body.get("region_bytes"), body.get("start"), body.get("count")
-        if p is None or not all(isinstance(v, int) and v >= 0 for v in (rb, start, count)) \
-                or not rb or count > 4096:  # type: ignore[operator]
+        if p is None or not isinstance(rb, int) or not isinstance(start, int) \
+                or not isinstance(count, int) or min(rb, start, count) < 0 \
+                or not rb or count > 4096:
             link.send(Control({"op": "reply", "req": body.get("req"), "error": "bad request"}))
             return
         digests = await asyncio.get_running_loop().run_in_executor(

@@ -22,11 +22,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from steelfusion.initiator import InitiatorError, need, qemu_bench
 from steelfusion.lab import Lab, free_ports, pid_alive
 from steelfusion.units import format_size
+
+if TYPE_CHECKING:
+    from steelfusion.config import CoreConfig
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,8 @@ class Row:
                 "edge_runs": [round(x) for x in self.edge], "tgt_runs": [round(x) for x in self.tgt]}
 
 
-def _core_pair(wd: Path, lun_size: int, initial_sync: bool) -> tuple[list[Any], list[int]]:
+def _core_pair(wd: Path, lun_size: int,
+               initial_sync: bool) -> tuple[list[CoreConfig], list[int]]:
     """Two Cores (no Edge, no Witness) for the replication measurements."""
     from steelfusion.config import write_toml
     from steelfusion.lab import core_pair_configs, spawn, wait_control

@@ -8,7 +8,7 @@ import json
 import signal
 import sys
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Protocol
 
 import click
 
@@ -40,7 +40,13 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
         asyncio.run(coro)
 
 
-def _load(kind: type, path: str) -> Any:
+class _Loadable(Protocol):
+    """A config class: CoreConfig, EdgeConfig or WitnessConfig (``load`` is a classmethod)."""
+
+    def load(self, path: str) -> Any: ...
+
+
+def _load(kind: _Loadable, path: str) -> Any:
     try:
         return kind.load(path)
     except ConfigError as e:

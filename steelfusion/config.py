@@ -7,6 +7,7 @@ Files that may hold secrets are written 0600.
 
 from __future__ import annotations
 
+import builtins
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -25,7 +26,11 @@ class ConfigError(Exception):
 
 
 class _Reader:
-    """Typed access to one TOML table, with errors that name file and key."""
+    """Typed access to one TOML table, with errors that name file and key.
+
+    The methods ``str``/``int``/``float``/``bool`` shadow the builtins inside
+    the class body, so annotations after them spell ``builtins.str`` etc.
+    """
 
     def __init__(self, path: Path | str, table: dict[str, Any], prefix: str) -> None:
         self.path = str(path)
@@ -35,13 +40,13 @@ class _Reader:
     def _err(self, key: str, msg: str) -> ConfigError:
         return ConfigError(f"{self.path}: [{self.prefix}] {key}: {msg}")
 
-    def str(self, key: str, default: str | None = None) -> str:
+    def str(self, key: builtins.str, default: builtins.str | None = None) -> builtins.str:
         v = self.t.get(key, default)
         if not isinstance(v, str) or not v:
             raise self._err(key, "required string" if v is None else f"must be a string, got {v!r}")
         return v
 
-    def opt_str(self, key: str) -> str | None:
+    def opt_str(self, key: builtins.str) -> builtins.str | None:
         v = self.t.get(key)
         if v is None:
             return None
@@ -49,13 +54,15 @@ class _Reader:
             raise self._err(key, f"must be a string, got {v!r}")
         return v
 
-    def addr(self, key: str, default: str | None = None) -> tuple[str, int]:
+    def addr(self, key: builtins.str,
+             default: builtins.str | None = None) -> tuple[builtins.str, builtins.int]:
         try:
             return parse_addr(self.str(key, default))
         except ValueError as e:
             raise self._err(key, str(e)) from None
 
-    def size(self, key: str, default: str | int | None = None) -> int:
+    def size(self, key: builtins.str,
+             default: builtins.str | builtins.int | None = None) -> builtins.int:
         v = self.t.get(key, default)
         if v is None:
             raise self._err(key, "required size (e.g. 1G)")
@@ -64,37 +71,39 @@ class _Reader:
         except ValueError as e:
             raise self._err(key, str(e)) from None
 
-    def int(self, key: str, default: int | None = None, lo: int = 0, hi: int = 2**63) -> int:
+    def int(self, key: builtins.str, default: builtins.int | None = None, lo: builtins.int = 0,
+            hi: builtins.int = 2**63) -> builtins.int:
         v = self.t.get(key, default)
         if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
             raise self._err(key, f"must be an integer in {lo}..{hi}, got {v!r}")
         return v
 
-    def float(self, key: str, default: float) -> float:
+    def float(self, key: builtins.str, default: builtins.float) -> builtins.float:
         v = self.t.get(key, default)
         if not isinstance(v, int | float) or isinstance(v, bool) or v <= 0:
             raise self._err(key, f"must be a positive number, got {v!r}")
         return float(v)
 
-    def bool(self, key: str, default: bool) -> bool:
+    def bool(self, key: builtins.str, default: builtins.bool) -> builtins.bool:
         v = self.t.get(key, default)
         if not isinstance(v, bool):
             raise self._err(key, f"must be true or false, got {v!r}")
         return v
 
-    def list_str(self, key: str, default: list[str] | None = None) -> list[str]:
+    def list_str(self, key: builtins.str,
+                 default: list[builtins.str] | None = None) -> list[builtins.str]:
         v = self.t.get(key, default)
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise self._err(key, f"must be a list of strings, got {v!r}")
         return list(v)
 
-    def tables(self, key: str) -> list[dict[str, Any]]:
+    def tables(self, key: builtins.str) -> list[dict[builtins.str, Any]]:
         v = self.t.get(key, [])
         if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
             raise self._err(key, "must be an array of tables ([[...]])")
         return v
 
-    def table(self, key: str, required: bool = True) -> _Reader:
+    def table(self, key: builtins.str, required: builtins.bool = True) -> _Reader:
         v = self.t.get(key)
         if v is None and not required:
             v = {}

@@ -185,8 +185,8 @@ class Lab:
         ``discovery_chap`` protects discovery sessions.  Secrets go only into
         the 0600 node configs, never into ``lab.json``."""
         if self.file.exists():
-            data = self.load()
-            alive = [n["name"] for n in self.nodes(data) if pid_alive(n["pid"])]
+            prev = self.load()
+            alive = [n["name"] for n in self.nodes(prev) if pid_alive(n["pid"])]
             if alive:
                 raise LabError(f"a lab is already running in {self.dir} ({', '.join(alive)}); "
                                "run `steelfusion lab down` first")

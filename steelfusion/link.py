@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from steelfusion import log
 from steelfusion.linkstate import LinkDead, LinkMachine, LinkState
@@ -82,14 +82,16 @@ class Link(asyncio.BufferedProtocol):
 
     # -- asyncio.BufferedProtocol ---------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
+        # a stream transport; uvloop's is not a subclass of asyncio.Transport, so no isinstance
+        tr = cast(asyncio.Transport, transport)
+        self.transport = tr
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pn = transport.get_extra_info("peername")
         self.peer = f"{pn[0]}:{pn[1]}" if pn else "?"
-        transport.set_write_buffer_limits(high=8 * 1024 * 1024)
+        tr.set_write_buffer_limits(high=8 * 1024 * 1024)
         self._arm()
 
     def get_buffer(self, sizehint: int) -> memoryview:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 import structlog
 
@@ -27,9 +28,12 @@ class _Tee:
         self.tty_out = tty_out
         self.level = level
 
-    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> str:
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> NoReturn:
         if self.json_out is not None:
-            self.json_out.write(self.json_render(logger, method, dict(event)) + "\n")
+            line = self.json_render(logger, method, dict(event))
+            if isinstance(line, bytes):  # a bytes-returning serializer (e.g. orjson.dumps)
+                line = line.decode("utf-8")
+            self.json_out.write(line + "\n")
             self.json_out.flush()
         lvl = logging.getLevelName(event.get("level", "info").upper())
         if self.tty_out is not None and isinstance(lvl, int) and lvl >= self.level:

@@ -359,9 +359,11 @@ def decode_payload(mtype: int, payload: memoryview) -> Message:
         if t is MsgType.WRITE:
             if not rest:
                 raise WireError("WRITE with no data")
-            return Write(*fixed, data=rest)
+            lun, flags, stream, seq, offset = fixed
+            return Write(lun, flags, stream, seq, offset, rest)
         if t is MsgType.READ_REPLY:
-            return ReadReply(*fixed, data=rest)
+            req, status = fixed
+            return ReadReply(req, status, rest)
         if rest:
             raise WireError(f"{t.name} has {len(rest)} trailing bytes")
         if t is MsgType.ACK:
