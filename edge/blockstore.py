@@ -59,6 +59,7 @@ On disk, under the blockstore directory:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -910,6 +911,10 @@ class Blockstore:
             if fut.done() and not fut.cancelled():
                 self._admitted = max(0, self._admitted - nbytes)
                 self._wake()
+            else:
+                with contextlib.suppress(ValueError):  # no longer waiting (status counts it)
+                    self._waiters.remove((nbytes, fut))
+                self._wake()  # it may have been the head of the queue holding others back
             raise
 
     def try_reserve(self, nbytes: int) -> bool:

@@ -30,6 +30,11 @@ class EdgeLun:
     """One exported LUN: the :class:`edge.backends.BlockBackend` the SCSI layer drives."""
 
     block_size = 512
+    cancel_safe = True
+    """A cancelled write leaves nothing to land later: it either waits for reserve
+    room with nothing done, or its append is already queued for the log, which the
+    target drains before any answer (the TMF's included) leaves. So ABORT TASK and
+    resets answer at once even when writes wait for a full reserve."""
 
     def __init__(self, edge_name: str, lun_id: int, size: int, bs: Blockstore,
                  uplink: CoreUplink) -> None:

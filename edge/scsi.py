@@ -854,6 +854,7 @@ class LogicalUnit:
             backend, "read_now", None)
         self._write_now: Callable[[int, Buffer], bool] | None = getattr(
             backend, "write_now", None)
+        self._cancel_safe = bool(getattr(backend, "cancel_safe", False))
         self.block_size = bs = backend.block_size
         self.blocks = backend.size_bytes // bs
         self.read_only = read_only
@@ -1091,6 +1092,16 @@ class LogicalUnit:
         if self._swp:
             raise ScsiError(SenseKey.DATA_PROTECT, 0x27, 0x02, transfer_length=transfer_length)
 
+    async def _land(self, io: Coroutine[Any, Any, Any]) -> Any:
+        """Backend I/O that changes the medium under a range lock: carried
+        :func:`to_the_end` unless the backend declares ``cancel_safe`` (its
+        operations are done at once or not at all at every await, so a
+        cancelled command leaves nothing to land later — the Edge's write
+        either waits for reserve room with nothing done, or is appended)."""
+        if self._cancel_safe:
+            return await io
+        return await to_the_end(io)
+
     async def _locked_write(self, lba: int, payload: bytes | memoryview, fua: bool, *,
                             exclusive: bool = False) -> None:
         end = lba + len(payload) // self.block_size
@@ -1099,7 +1110,7 @@ class LogicalUnit:
         if tok is None:
             tok = await locks.acquire(lba, end, exclusive)
         try:
-            await to_the_end(self.backend.write(lba * self.block_size, payload,
+            await self._land(self.backend.write(lba * self.block_size, payload,
                                                 fua or not self._wce))
         finally:
             locks.release(tok)
@@ -1113,7 +1124,7 @@ class LogicalUnit:
         done = 0
         while done < blocks:
             n = min(per, blocks - done)
-            await to_the_end(self.backend.write((lba + done) * bs, memoryview(chunk)[:n * bs],
+            await self._land(self.backend.write((lba + done) * bs, memoryview(chunk)[:n * bs],
                                                 not self.write_cache))
             done += n
 
@@ -1128,7 +1139,7 @@ class LogicalUnit:
         bs = self.block_size
         unmap = getattr(self.backend, "unmap", None)
         if unmap is not None:
-            await to_the_end(unmap(lba * bs, blocks * bs))
+            await self._land(unmap(lba * bs, blocks * bs))
             return
         per = max(1, IO_CHUNK_BYTES // bs)
         zeros = bytes(min(blocks, per) * bs)
@@ -1139,7 +1150,7 @@ class LogicalUnit:
                 n, bs).any(axis=1))
             for start, count, dirty in _runs(used):
                 if dirty:
-                    await to_the_end(self.backend.write(
+                    await self._land(self.backend.write(
                         (lba + off + start) * bs, memoryview(zeros)[:count * bs], not self._wce))
 
     def _data_out(self, data: Buffer, needed: int) -> Buffer:
@@ -1194,14 +1205,17 @@ class LogicalUnit:
             if tok is None:
                 tok = await locks.acquire(lba, lba + blocks)
             try:
-                # to_the_end inline: a write that never waits costs no more.
                 io = self.backend.write(lba * self.block_size, payload, fua)
-                try:
-                    yielded = io.send(None)
-                except StopIteration:
-                    pass
+                if self._cancel_safe:
+                    await io
                 else:
-                    await _finish(io, yielded)
+                    # to_the_end inline: a write that never waits costs no more.
+                    try:
+                        yielded = io.send(None)
+                    except StopIteration:
+                        pass
+                    else:
+                        await _finish(io, yielded)
             finally:
                 locks.release(tok)
         return ScsiResult(GOOD, transfer_length=needed)
@@ -1219,7 +1233,7 @@ class LogicalUnit:
             bs = self.block_size
             tok = await self.locks.acquire(lba, lba + blocks, True)
             try:
-                await to_the_end(self.backend.write(lba * bs, payload, True))
+                await self._land(self.backend.write(lba * bs, payload, True))
                 back = await self.backend.read(lba * bs, blocks * bs)
             finally:
                 self.locks.release(tok)
@@ -1267,7 +1281,7 @@ class LogicalUnit:
                 old = await self.backend.read(lba * bs, blocks * bs)
                 new = np.bitwise_or(np.frombuffer(memoryview(old), dtype=np.uint8),
                                     np.frombuffer(memoryview(payload), dtype=np.uint8))
-                await to_the_end(self.backend.write(
+                await self._land(self.backend.write(
                     lba * bs, new.tobytes(), bool(cdb[1] & 0x08) or not self.write_cache))
             finally:
                 self.locks.release(tok)
@@ -1300,7 +1314,7 @@ class LogicalUnit:
             if bytes(medium) != bytes(mv[:n * bs]):
                 raise ScsiError(SenseKey.MISCOMPARE, 0x1D, 0x00,
                                 information=_first_difference(medium, mv[:n * bs]))
-            await to_the_end(self.backend.write(
+            await self._land(self.backend.write(
                 lba * bs, mv[n * bs:], bool(cdb[1] & 0x08) or not self.write_cache))
         finally:
             self.locks.release(tok)
@@ -2013,7 +2027,7 @@ class LogicalUnit:
             for off in starts:
                 n = min(per, blocks - off)
                 chunk = await src.backend.read((src_lba + off) * bs, n * bs)
-                await to_the_end(dst.backend.write((dst_lba + off) * bs, memoryview(chunk),
+                await dst._land(dst.backend.write((dst_lba + off) * bs, memoryview(chunk),
                                                    not dst.write_cache))
         finally:
             dst.locks.release(tok)

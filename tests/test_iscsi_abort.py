@@ -111,6 +111,33 @@ def test_a_cancelled_write_keeps_its_range_lock_until_the_data_has_landed() -> N
     asyncio.run(go())
 
 
+def test_an_edge_write_waiting_for_reserve_room_is_cancelled_at_once(tmp_path: Any) -> None:
+    """The Edge's LUN is cancel_safe: a write waiting for room in a full write reserve
+    (Cores unreachable) ends as soon as it is cancelled, holds no range lock and leaves
+    nothing in the log, so ABORT TASK and resets do not hang until a Core returns."""
+    from edge.blockstore import Blockstore
+    from edge.node import EdgeLun
+
+    async def go() -> None:
+        bs = Blockstore(tmp_path / "bs", {1: 1 << 20}, reserve_bytes=2 * BS)
+        lun = EdgeLun("e", 1, 1 << 20, bs, None)  # type: ignore[arg-type]  # no uplink needed
+        lu = LogicalUnit(lun)
+        lu.attach(A)
+        lu._sessions[A.session_id].ua.clear()
+        assert (await lu.execute(write10(0, 2), b"\x01" * 2 * BS, (0,), A)).status == GOOD
+        stuck = asyncio.create_task(lu.execute(write10(8, 1), b"\x02" * BS, (0,), A))
+        await asyncio.sleep(0.05)
+        assert not stuck.done() and bs.writers_waiting == 1  # the reserve is full
+        stuck.cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert stuck.done() and stuck.cancelled()
+        assert bs.writers_waiting == 0 and lu.locks.held == 0
+        assert bs.status()["uncommitted_writes"] == 1  # only the first write
+
+    asyncio.run(go())
+
+
 def test_a_command_cancelled_before_its_task_ran_cleans_up() -> None:
     """A command started by hand and wrapped in StartedCoroutine, cancelled
     before the Task's first step (aborted in the same batch of PDUs): its
