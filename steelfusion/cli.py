@@ -19,6 +19,11 @@ from steelfusion.units import format_size, parse_size
 GC_GEN0_THRESHOLD = 20_000
 
 
+def _tune_gc() -> None:
+    gc.freeze()
+    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
+
+
 def _run(coro: Coroutine[Any, Any, None]) -> None:
     """uvloop when present (faster loop, see README), else the stock loop.
 
@@ -30,8 +35,7 @@ def _run(coro: Coroutine[Any, Any, None]) -> None:
     every GC_GEN0_THRESHOLD allocations; the few reference cycles asyncio
     makes are still collected.
     """
-    gc.freeze()
-    gc.set_threshold(GC_GEN0_THRESHOLD, 20, 20)
+    _tune_gc()
     try:
         import uvloop
 
@@ -309,6 +313,25 @@ def bench(workdir: str | None, rounds: int, quick: bool, lun_size: int, only: tu
                             precondition))
     except (InitiatorError, LabError) as e:
         raise click.ClickException(str(e)) from None
+
+
+@main.command("bench-path")
+@click.option("--count", default=100_000, show_default=True, help="Commands per workload.")
+@click.option("--quick", is_flag=True, help="A short smoke run.")
+@click.option("--json", "as_json", is_flag=True)
+def bench_path(count: int, quick: bool, as_json: bool) -> None:
+    """CPU per command of the Edge's own iSCSI path (one process, no network, no Cores)."""
+    import dataclasses
+
+    from steelfusion.benchpath import render, run
+
+    log.setup("bench-path", None, level="warning")
+    _tune_gc()  # as in a node process
+    results = run(count, quick)
+    if as_json:
+        print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    else:
+        print(render(results))
 
 
 if __name__ == "__main__":

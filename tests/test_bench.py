@@ -28,3 +28,14 @@ def test_bench_quick_prints_the_table() -> None:
         assert w["edge_iops"] > 0 and w["tgt_iops"] > 0 and w["ratio"] is not None
     assert res["core_replication_mb_s"] > 0 and res["resync_mb_s"] > 0
     assert set(res["rss_big_lun_bytes"]) == {"core-a", "core-b", "edge-1"}
+
+
+def test_bench_path_quick_reports_each_workload() -> None:
+    p = subprocess.run([sys.executable, "-m", "steelfusion.cli", "bench-path", "--quick",
+                        "--json"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    import json
+
+    res = json.loads(p.stdout)
+    assert [r["workload"] for r in res] == ["4K read QD32", "4K write QD32", "128K write QD8"]
+    assert all(r["cpu_us_per_command"] > 0 and r["commands"] > 0 for r in res)
