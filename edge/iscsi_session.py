@@ -504,6 +504,21 @@ class TargetConnection:
         if self.state is State.CLOSED:
             return []
         self._decoder.add(data)
+        return self._process()
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """For an asyncio ``BufferedProtocol``: where to receive the next bytes
+        (large data segments land straight in their PDU's own buffer)."""
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> list[Event]:
+        """:meth:`receive_data` for bytes received into :meth:`get_buffer`."""
+        if self.state is State.CLOSED:
+            return []
+        self._decoder.buffer_updated(nbytes)
+        return self._process()
+
+    def _process(self) -> list[Event]:
         events = self._events = []
         try:
             while self.state is not State.CLOSED:

@@ -242,8 +242,19 @@ class IscsiTarget:
                 and c.conn is not None and not c.closing]
 
 
-class _Connection(asyncio.Protocol):
-    """One TCP connection: feeds bytes to a TargetConnection, runs commands."""
+_DISCARD = bytearray(65536)
+"""Where bytes go that arrive after a connection is done with."""
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One TCP connection: feeds bytes to a TargetConnection, runs commands.
+
+    A ``BufferedProtocol`` (uvloop uses the buffered path only for a protocol
+    that is not an ``asyncio.Protocol``): the kernel writes a large write's
+    data segment straight into its PDU's own buffer, which the blockstore
+    then keeps as the record's data — no copy in Python for 128 KiB writes.
+    ``data_received`` stays for callers that hand bytes in directly.
+    """
 
     def __init__(self, server: IscsiTarget) -> None:
         self.server = server
@@ -283,12 +294,28 @@ class _Connection(asyncio.Protocol):
         if deadline is not None:
             self._timer = self.loop.call_at(deadline, self._on_timer)
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        conn = self.conn
+        if conn is None or self.closing:
+            return memoryview(_DISCARD)
+        return conn.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        conn = self.conn
+        if conn is None or self.closing:
+            return
+        self._received(conn, conn.buffer_updated, nbytes)
+
     def data_received(self, data: bytes) -> None:
         conn = self.conn
         if conn is None or self.closing:
             return
+        self._received(conn, conn.receive_data, data)
+
+    def _received(self, conn: TargetConnection, feed: Callable[[Any], list[Any]],
+                  arg: Any) -> None:
         try:
-            events = conn.receive_data(data)
+            events = feed(arg)
         except IscsiProtocolError as e:
             self.log.warning("iscsi_protocol_error", reason=str(e), reject_reason=e.reason,
                              initiator=conn.initiator_name)

@@ -795,6 +795,10 @@ def _dec_scsi_command(buf: Buffer, pos: int, ahs: bytes, data: Buffer) -> ScsiCo
 DEFAULT_MAX_DATA_SEGMENT = 262144 + 4096
 
 
+RECV_BUFFER_BYTES = 256 * 1024
+"""The reused receive buffer of :meth:`PduDecoder.get_buffer` (uvloop reads up
+to 256 KiB at a time into its own)."""
+
 ASSEMBLY_MIN = 32 * 1024
 """A PDU at least this long that arrives split across reads is assembled in
 its own exactly-sized buffer (one copy) instead of the shared one."""
@@ -817,7 +821,7 @@ class PduDecoder:
     the shared reassembly buffer.
     """
 
-    __slots__ = ("_accept", "_asm", "_asm_fill", "_buf", "_mv", "_pos", "data_digest",
+    __slots__ = ("_accept", "_asm", "_asm_fill", "_buf", "_mv", "_pos", "_rbuf", "data_digest",
                  "header_digest", "max_data_segment_length")
 
     def __init__(self, *, max_data_segment_length: int = DEFAULT_MAX_DATA_SEGMENT,
@@ -833,6 +837,7 @@ class PduDecoder:
         self._pos = 0
         self._asm: memoryview | None = None
         self._asm_fill = 0
+        self._rbuf: memoryview | None = None  # receive buffer for get_buffer()
 
     @property
     def buffered(self) -> int:
@@ -846,6 +851,33 @@ class PduDecoder:
         while (pdu := self.next()) is not None:
             out.append(pdu)
         return out
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes should go (asyncio ``BufferedProtocol``).
+
+        While a large PDU is being gathered into its own buffer, that buffer's
+        unfilled rest: the kernel then writes the data segment in place, with no
+        copy in Python at all. Otherwise a reused receive buffer, which
+        :meth:`buffer_updated` hands to :meth:`add` (one copy, as a plain
+        protocol's ``bytes`` would cost).
+        """
+        asm = self._asm
+        if asm is not None and self._asm_fill < len(asm):
+            return asm[self._asm_fill:]
+        if self._rbuf is None:
+            self._rbuf = memoryview(bytearray(RECV_BUFFER_BYTES))
+        return self._rbuf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer` view."""
+        asm = self._asm
+        if asm is not None and self._asm_fill < len(asm):
+            if not 0 <= nbytes <= len(asm) - self._asm_fill:
+                raise ValueError(f"buffer_updated({nbytes}) past the buffer handed out")
+            self._asm_fill += nbytes
+            return
+        assert self._rbuf is not None
+        self.add(bytes(self._rbuf[:nbytes]))
 
     def add(self, data: Buffer) -> None:
         """Append received bytes without parsing them."""
