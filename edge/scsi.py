@@ -380,24 +380,23 @@ class RangeLock:
             self._xheld += 1
         return self._next
 
+    def _grantable(self, start: int, end: int, exclusive: bool) -> bool:
+        """Nothing held or waiting in the way (waiters ahead keep their turn)."""
+        if not self._waiters:
+            return (not exclusive and not self._xheld) or not self._conflicts(start, end, exclusive)
+        return not any(s < end and start < e and (x or exclusive) for s, e, x, _ in self._waiters) \
+            and not self._conflicts(start, end, exclusive)
+
     def shared_free(self, start: int, end: int) -> bool:
         """A shared lock on the range would be granted now (:meth:`try_acquire`
         would succeed), for a write that finishes without yielding."""
-        if not self._waiters:
-            return not self._xheld or not self._conflicts(start, end, False)
-        return not any(x and s < end and start < e for s, e, x, _ in self._waiters) \
-            and not self._conflicts(start, end, False)
+        return self._grantable(start, end, False)
 
     def try_acquire(self, start: int, end: int, exclusive: bool = False) -> int | None:
         """The range now if nothing is in the way (the plain-write fast path),
         else None."""
-        if not self._waiters:
-            if (not exclusive and not self._xheld) or not self._conflicts(start, end, exclusive):
-                return self._grant(start, end, exclusive)
-        elif not any(s < end and start < e and (x or exclusive) for s, e, x, _ in self._waiters) \
-                and not self._conflicts(start, end, exclusive):
-            return self._grant(start, end, exclusive)
-        return None
+        return self._grant(start, end, exclusive) if self._grantable(start, end, exclusive) \
+            else None
 
     async def acquire(self, start: int, end: int, exclusive: bool = False) -> int:
         """Wait for the range; returns a token for :meth:`release`."""
