@@ -36,6 +36,11 @@ Handler = Callable[["Link", Message], None]
 
 CORK_BYTES = 1 << 20  # flush at once past this much queued output
 
+# what _auth_gate did with a frame
+_PASS = object()  # hand it to the role
+_CONSUMED = object()  # an authentication frame: handled here, go on with the next one
+_DROPPED = object()  # authentication failed and the link is closing: deliver nothing more
+
 
 class Link(asyncio.BufferedProtocol):
     """A framed, heartbeated node connection.
@@ -113,8 +118,15 @@ class Link(asyncio.BufferedProtocol):
                 self.send_many(replies)
             if isinstance(m, Ping | Pong):
                 continue
-            if not self._auth_gate(m):
+            gate = self._auth_gate(m)
+            if gate is _DROPPED:
                 return
+            if gate is _CONSUMED:
+                # The proof was the handshake's last frame; what the peer sent after it in
+                # the same read (a primary's resent mirror writes, say) is ordinary traffic
+                # and must reach the role. Dropping it left a hole in a replication stream
+                # (issue 9: a restarted secondary skipped seqs 508-522).
+                continue
             if isinstance(m, Hello):
                 self.hello = m
             elif isinstance(m, Welcome):
@@ -131,21 +143,21 @@ class Link(asyncio.BufferedProtocol):
             self.flush()  # abort() drops what is still queued: the REFUSE would never leave
         self.abort(f"protocol error: {e}")
 
-    def _auth_gate(self, m: Message) -> bool:
-        """Run node authentication; False when the frame is consumed or the link dropped."""
+    def _auth_gate(self, m: Message) -> object:
+        """Run node authentication: ``_PASS`` the frame on, ``_CONSUMED`` it, or ``_DROPPED``."""
         try:
             if self.keyring is not None:
                 if isinstance(m, Hello):
                     self.auth_server = ServerHandshake(self.keyring, self.local_name)
                     self._auth_welcome = self.auth_server.on_hello(m.info, m.node, m.purpose)
-                    return True
+                    return _PASS
                 srv = self.auth_server
                 if srv is not None and not srv.authenticated:
                     if isinstance(m, Control) and "auth" in m.body:
                         srv.on_control(m.body)
                         _log.info("node_authenticated", peer=self.peer, node=srv.peer,
                                   key_id=srv.key_id, link=self.name)
-                        return False
+                        return _CONSUMED
                     raise NodeAuthError("auth_required", f"{m.TYPE.name} before the "
                                         "authentication proof")
             cli = self.auth_client
@@ -156,8 +168,8 @@ class Link(asyncio.BufferedProtocol):
                          reason=e.reason, node=self.hello.node if self.hello else None)
             self.send(Refuse(e.code, e.reason))
             self.close(f"authentication failed: {e.reason}")
-            return False
-        return True
+            return _DROPPED
+        return _PASS
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:

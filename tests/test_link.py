@@ -121,3 +121,43 @@ def test_garbage_gets_a_refuse_and_the_link_dropped(loop: str) -> None:
         await server.wait_closed()
 
     _run(loop, main)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_frames_in_the_same_read_as_the_auth_proof_are_delivered(loop: str) -> None:
+    """Issue 9: a primary that resends its mirror queue right after WELCOME puts those
+    WRITEs in the same segment as its authentication proof; every one must reach the
+    role (they were dropped, leaving a hole in the replica)."""
+    from steelfusion.nodeauth import Keyring, NodeKey
+
+    key = NodeKey("pair", b"s" * 32)
+
+    async def main() -> None:
+        got: list[int] = []
+        done = asyncio.get_running_loop().create_future()
+
+        def on_server(link: Link, m: Message) -> None:
+            if isinstance(m, Hello):
+                link.send(Welcome("core-b", "secondary", 1))
+            elif isinstance(m, Write):
+                got.append(m.seq)
+                if m.seq == 40 and not done.done():
+                    done.set_result(None)
+
+        def on_client(link: Link, m: Message) -> None:
+            if isinstance(m, Welcome):  # resend the whole queue at once, as the primary does
+                link.send_many([Write(0, 0, 7, s, s * 4096, bytes([s]) * 4096)
+                                for s in range(1, 41)])
+
+        srv = await listen("127.0.0.1", 0, on_server, lambda lk, e: None, keyring=Keyring([key]),
+                           local_name="core-b")
+        port = srv.sockets[0].getsockname()[1]
+        link = await dial("127.0.0.1", port, Hello("core-a", "primary", "replication", 1),
+                          on_client, lambda lk, e: None, key=key)
+        await asyncio.wait_for(done, 10)
+        assert got == list(range(1, 41))
+        link.close()
+        srv.close()
+
+    _run(loop, main)
