@@ -12,18 +12,24 @@ out of order. Its file has fixed 32-byte slots, each with a CRC32C::
 
     struct slot { uint32 lun; uint32 flags; uint64 stream; uint64 seq; uint32 crc; uint32 pad; };
 
-A slot is written after the data it covers is durable, so it can lag (a
-resend is then applied again, in order — a redo) but never lead.
+A slot is written, and made durable, after the data it covers is durable and
+before any of that data is acknowledged (the group commit's worker does both,
+see :attr:`LunStore.seal`): it never leads the data, and it never lags an
+acknowledgement. The second half matters since the write stream carries
+``prev`` (:mod:`core.pipeline`): a Core that forgot a write it acknowledged
+would take the sender's next frame for a gap (the sender freed that write).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from steelfusion.wire import crc32c
 
@@ -73,6 +79,10 @@ class LunStore:
         self._syncing = False
         self._listeners: list[Callable[[int], None]] = []
         self.io_errors = 0
+        # Called on the event loop as a group commit starts, with its target counter; what
+        # it returns runs in the worker right after the data's fdatasync (the Core persists
+        # the applied seq there, so it is durable before the listeners acknowledge anything).
+        self.seal: Callable[[int], Callable[[], Any] | None] | None = None
 
     def on_durable(self, fn: Callable[[int], None]) -> None:
         self._listeners.append(fn)
@@ -107,7 +117,8 @@ class LunStore:
         try:
             while self.durable < self.written:
                 target = self.written
-                await loop.run_in_executor(None, os.fdatasync, self.fd)
+                after = self.seal(target) if self.seal is not None else None
+                await loop.run_in_executor(None, self._sync_job, after)
                 self.durable = target
                 for fn in self._listeners:
                     fn(target)
@@ -116,6 +127,11 @@ class LunStore:
             raise
         finally:
             self._syncing = False
+
+    def _sync_job(self, after: Callable[[], Any] | None) -> None:
+        os.fdatasync(self.fd)
+        if after is not None:
+            after()
 
     def close(self) -> None:
         try:
@@ -160,8 +176,19 @@ class AppliedState:
         return self.values.get(lun, (0, 0))
 
     def set(self, lun: int, stream: int, seq: int) -> None:
+        """Write and sync the slot now (tests, tools); the Core runs :meth:`sealer` jobs."""
+        job = self.sealer(lun, stream, seq)
+        if job is not None:
+            job()
+
+    def sealer(self, lun: int, stream: int, seq: int) -> functools.partial[None] | None:
+        """A job for a worker thread that makes (stream, seq) the durable slot of ``lun``.
+
+        Slot bookkeeping happens here, on the caller's thread; the job only
+        writes and syncs, so jobs of different LUNs may run at once.
+        """
         if self.values.get(lun) == (stream, seq):
-            return
+            return None
         idx = self.slots.get(lun)
         if idx is None:
             idx = len(self.slots) + 1
@@ -169,8 +196,13 @@ class AppliedState:
                 raise LunError("too many LUNs for the applied-state file")
             self.slots[lun] = idx
         head = struct.pack(">IIQQ", lun, 1, stream, seq)
-        os.pwrite(self.fd, head + struct.pack(">II", crc32c(head), 0), idx * SLOT.size)
         self.values[lun] = (stream, seq)
+        return functools.partial(self._write_sync, raw=head + struct.pack(">II", crc32c(head), 0),
+                                 pos=idx * SLOT.size)
+
+    def _write_sync(self, *, raw: bytes, pos: int) -> None:
+        os.pwrite(self.fd, raw, pos)
+        os.fdatasync(self.fd)
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

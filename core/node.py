@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from core.lunstore import AppliedState, LunError, LunStore
+from core.pipeline import Order, order
 from core.replication import Effect, Event, Refused, Rep, State, initial, step
 from steelfusion import authconfig, control, log
 from steelfusion.atomic import atomic_write
@@ -84,6 +85,9 @@ class LunPipe:
     upstream: Link | None = None  # the Edge (primary) or the primary's mirror link (secondary)
     waiting: deque[int] = field(default_factory=deque)  # upstream seqs not yet acked
     acked_seq: int = 0
+    received_seq: int = 0  # highest seq admitted (applied, or gated behind the journal)
+    floor: int = 0  # an Edge's acknowledged seq this Core lacks (after a failover): no gap
+    hole: str | None = None  # a gap refused in the upstream stream, until it is filled
     gate: deque[tuple[int, Write]] = field(default_factory=deque)  # (journal ticket, write)
     jlimit: int = 0  # suspended: highest seq whose journal records are durable
     jpending: tuple[int, int] | None = None  # (journal ticket, seq) for queue-to-journal
@@ -91,13 +95,19 @@ class LunPipe:
     mirror_bytes: int = 0
     mirror_acked: int = 0  # peer's durable seq in ``stream``
     mirror_link: Link | None = None  # sticky, so one LUN's copies never race on two links
+    mirror_top: int = 0  # highest seq queued for the peer (it cannot acknowledge more)
+    mirror_hole: bool = False  # writes applied but not mirrored since the last copy
     # resync (primary side)
     resync_regions: deque[int] = field(default_factory=deque)
     resync_inflight: deque[tuple[int, int, bool, int]] = field(default_factory=deque)
     resync_bytes: int = 0
     rseq: int = 0
+    resync_on: Link | None = None  # the link this LUN's resync frames go out on
+    rseq_prev: int = 0  # prev of the next resync frame on ``resync_on``
     # resync (secondary side): (store counter, rseq, link)
     resync_issued: deque[tuple[int, int, Link]] = field(default_factory=deque)
+    resync_link: Link | None = None  # where resync frames for this LUN come from
+    resync_last: int = 0  # last rseq received on ``resync_link``
     writes: int = 0
     bytes_written: int = 0
     last_end: int = 0  # end offset of the previous Edge write (sequential detection)
@@ -142,8 +152,9 @@ class Core:
             store = LunStore(lc.id, lc.path, lc.size)
             stream, seq = self.applied.get(lc.id)
             self.pipes[lc.id] = LunPipe(store, stream=stream, applied_seq=seq, durable_seq=seq,
-                                        acked_seq=seq, jlimit=seq)
+                                        acked_seq=seq, received_seq=seq, jlimit=seq)
             store.on_durable(functools.partial(self._on_durable, lc.id))  # called with target
+            store.seal = functools.partial(self._seal, lc.id)
         self.journal: Any = None
         self.replication_enabled = cfg.peer is not None
         if cfg.journal_path:
@@ -301,11 +312,8 @@ class Core:
         _log.info("core_stopped")
 
     async def _housekeeping(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(0.5)
-            with contextlib.suppress(OSError):
-                await loop.run_in_executor(None, self.applied.sync)
             w = self.witness
             if w is not None and w.connected and w.pair_epoch > self.epoch \
                     and self.role == "primary":
@@ -333,6 +341,8 @@ class Core:
             return "standalone"
         if self.role == "primary" and not self.replication_enabled:
             return "disabled"
+        if self.rep.state is State.REPLICA and any(p.hole for p in self.pipes.values()):
+            return State.INCONSISTENT.value  # never "replica" over a hole we know of
         return self.rep.state.value
 
     def _fire(self, ev: Event, *, force: bool = False, **kv: Any) -> bool:
@@ -424,9 +434,17 @@ class Core:
         elif kind == "peer-in":
             self.peer_in.discard(link)
         elif kind == "peer-out":
-            for p in self.pipes.values():
+            for lun, p in self.pipes.items():
+                if p.resync_on is link:
+                    self._requeue_resync(p)
                 if p.mirror_link is link:
                     p.mirror_link = None
+                    # what was in flight on it may be lost: resend the queue on another link
+                    # at once (the peer skips what it has) rather than leave a hole behind
+                    # the next copy
+                    if self.rep.mirrors:
+                        self._resend_mirror(lun, p)
+            self._resync_wake.set()
         self._update_peer()
         self._check_paused()
 
@@ -458,6 +476,10 @@ class Core:
     def _on_refuse(self, link: Link, msg: Refuse) -> None:
         _log.error("refused_by_peer", peer=link.peer, link=link.name, code=msg.code,
                    reason=msg.reason)
+        if msg.code == "sequence-gap" and link.ctx == "peer-out" and self.role == "primary":
+            lun, have = msg.info.get("lun"), msg.info.get("have")
+            if isinstance(lun, int) and isinstance(have, int) and msg.info.get("source") == "mirror":
+                self._peer_gap(lun, have)
         if msg.code == "stale-primary" and link.ctx == "peer-out" and self.role == "primary":
             newer = msg.info.get("epoch")
             if isinstance(newer, int) and newer > self.epoch:
@@ -506,10 +528,31 @@ class Core:
                           f"at epoch {self.epoch} and is no longer primary", epoch=h.epoch)
         link.ctx = "edge"
         self.edge_links.add(link)
+        stream = h.info.get("stream")
+        committed = h.info.get("committed")
+        committed = committed if isinstance(committed, dict) else {}
         for lun in h.luns:
             p = self.pipes[lun]
             p.upstream = link
             p.waiting.clear()
+            if isinstance(stream, int) and stream and stream != p.stream:
+                self._switch_stream(lun, p, stream)
+            c = committed.get(str(lun))
+            p.floor = 0
+            if isinstance(c, int) and c > p.received_seq:
+                # The Edge was told writes up to ``c`` are safe, and this Core lacks some.
+                # After a failover from a suspended primary that is the seed's documented
+                # loss (the old primary journaled them); anywhere else it is a bug to see.
+                p.floor = c
+                info = dict(lun=lun, edge=h.node, edge_committed=c, have=p.received_seq)
+                if h.epoch < self.epoch:
+                    self.event("edge_ahead_after_failover", **info)
+                else:
+                    self.raise_alarm(f"lun_{lun}_edge_ahead",
+                                     f"Edge {h.node} had LUN id {lun}'s writes up to seq {c} "
+                                     f"acknowledged, this Core has only up to {p.received_seq}: "
+                                     "the writes between are not on this Core")
+                    self.event("edge_ahead", **info)
         self._welcome(link)
         self.event("edge_connected", edge=h.node, peer=link.peer, luns=sorted(h.luns))
         if self._reading_paused and link.transport is not None:
@@ -588,6 +631,8 @@ class Core:
                 self.peer_synced = True
                 self._save_state()
             for lun, p in self.pipes.items():
+                if not self.peer_synced:
+                    self._mark_hole(p)  # the initial sync brings what came before
                 stream, seq = w.applied.get(lun, (0, 0))
                 if stream == p.stream and seq > p.mirror_acked:
                     self._mirror_acked_to(lun, p, seq)
@@ -611,6 +656,16 @@ class Core:
             return
         if w.stream != p.stream:
             self._switch_stream(w.lun, p, w.stream)
+        verdict = order(max(p.received_seq, p.floor), w.prev, w.seq)
+        if verdict is Order.GAP or verdict is Order.MALFORMED:
+            self._refuse_gap(link, w.lun, p, w, "edge")
+            return
+        if verdict is Order.NEXT:
+            if p.received_seq < w.prev:  # the Edge's floor: nothing of this is here to mirror
+                p.mirror_hole = True
+            p.received_seq = w.seq
+            if p.hole is not None:
+                self._hole_filled(w.lun, p)
         p.waiting.append(w.seq)
         ticket = 0
         j = self.journal
@@ -654,12 +709,68 @@ class Core:
 
     def _apply_write(self, lun: int, p: LunPipe, w: Write) -> None:
         self._apply(lun, p, w)
-        if self.rep.journals:
-            p.jlimit = max(p.jlimit, w.seq)
-        elif self.rep.mirrors and self.cfg.peer and w.seq > p.mirror_acked and not (
-                p.mirror_q and w.seq <= p.mirror_q[-1].seq):
-            self._mirror(lun, p, w)
+        if self.rep.mirrors and self.cfg.peer:
+            if w.seq > p.mirror_acked and not (p.mirror_q and w.seq <= p.mirror_q[-1].seq):
+                self._mirror(lun, p, w)
+        else:
+            if self.rep.journals:
+                p.jlimit = max(p.jlimit, w.seq)
+            if w.seq > p.mirror_acked:
+                p.mirror_hole = True  # the peer will get this one by resync, not by mirror
         self._progress(lun, p)
+
+    def _refuse_gap(self, link: Link, lun: int, p: LunPipe, w: Write, source: str) -> None:
+        """A write whose predecessor this Core never got: refuse it, never skip the hole.
+
+        Dropping the connection makes the sender resend from what this Core
+        acknowledged, which fills the hole (DESIGN invariant 6).
+        """
+        have = max(p.received_seq, p.floor) if source == "edge" else p.received_seq
+        detail = (f"LUN id {lun}: {source} write seq {w.seq} follows seq {w.prev}, but this Core "
+                  f"has only up to seq {have} of stream {p.stream:#x}")
+        p.hole = detail
+        self.raise_alarm(f"lun_{lun}_sequence_gap", f"{detail}; refused, the sender resends")
+        self.event("sequence_gap", lun=lun, source=source, seq=w.seq, prev=w.prev, have=have,
+                   peer=link.peer)
+        link.send(Refuse("sequence-gap", detail, {"lun": lun, "have": have, "source": source}))
+        link.close(detail)
+
+    def _peer_gap(self, lun: int, have: int) -> None:
+        """The secondary refused a copy: it lacks writes before it (it has up to ``have``).
+
+        A resend of the mirror queue fills the hole when the queue reaches back
+        that far. When it does not (a replica that lost acknowledged writes,
+        or one never synced), only a resync can: the next copy says so and
+        every region is queued for resync.
+        """
+        p = self.pipes.get(lun)
+        if p is None or not self.rep.mirrors:
+            return
+        head = p.mirror_q[0].prev if p.mirror_q else p.received_seq
+        if head <= have:
+            return  # the resend on reconnection fills it
+        self._mark_hole(p)
+        self.raise_alarm(f"lun_{lun}_replica_behind",
+                         f"the secondary has LUN id {lun} only up to seq {have}, older than "
+                         "anything the primary can resend: the whole LUN is resynced")
+        if self.journal is not None:
+            self.journal.mark_all_dirty(lun)
+            self.journal.request_commit()
+            self._fire(Event.RESYNC_NEEDED)
+
+    def _mark_hole(self, p: LunPipe) -> None:
+        """The next copy of ``p`` tells the secondary a resync fills what is before it."""
+        if p.mirror_q:
+            w = p.mirror_q[0]
+            p.mirror_q[0] = Write(w.lun, w.flags | WriteFlags.HOLE_RESYNCED, w.stream, w.seq,
+                                  w.offset, w.data, w.prev)
+        else:
+            p.mirror_hole = True
+
+    def _hole_filled(self, lun: int, p: LunPipe) -> None:
+        self.event("sequence_gap_filled", lun=lun, seq=p.received_seq)
+        p.hole = None
+        self.clear_alarm(f"lun_{lun}_sequence_gap")
 
     def _on_journal_durable(self, durable: int) -> None:
         more = False
@@ -681,6 +792,8 @@ class Core:
             _log.warning("lun_stream_changed", lun=lun, old=p.stream, new=stream)
         p.stream = stream
         p.applied_seq = p.durable_seq = p.acked_seq = p.mirror_acked = p.jlimit = 0
+        p.received_seq = p.floor = p.mirror_top = 0
+        p.hole = None
         p.issued.clear()
         p.mirror_q.clear()
         p.mirror_bytes = 0
@@ -707,8 +820,7 @@ class Core:
         while p.issued and p.issued[0][0] <= target:
             seq = p.issued.popleft()[1]
         if seq != p.durable_seq:
-            p.durable_seq = seq
-            self.applied.set(lun, p.stream, seq)
+            p.durable_seq = seq  # its applied slot is durable already (_seal)
         last = None
         link = None
         while p.resync_issued and p.resync_issued[0][0] <= target:
@@ -716,6 +828,19 @@ class Core:
         if last is not None and link is not None:
             link.send(Ack(lun, RESYNC_STREAM, last))
         self._progress(lun, p)
+
+    def _seal(self, lun: int, target: int) -> functools.partial[None] | None:
+        """A group commit of ``lun`` starts: persist its applied seq right after the data.
+
+        Every write issued so far is covered by ``target``, so the newest one
+        is what becomes durable; its slot is synced before anything is
+        acknowledged (:mod:`core.lunstore`), so this Core never forgets a write
+        it acknowledged and never takes a resend for a gap.
+        """
+        p = self.pipes[lun]
+        if not p.issued:
+            return None
+        return self.applied.sealer(lun, p.stream, p.issued[-1][1])
 
     def _ack_limit(self, p: LunPipe) -> int:
         limit = p.durable_seq
@@ -747,9 +872,13 @@ class Core:
 
     # -- primary: mirroring ---------------------------------------------------------
     def _mirror(self, lun: int, p: LunPipe, w: Write) -> None:
-        copy = Write(lun, WriteFlags.MIRROR | (w.flags & WriteFlags.FUA), w.stream, w.seq,
-                     w.offset, w.data)
+        flags = WriteFlags.MIRROR | (w.flags & WriteFlags.FUA)
+        if p.mirror_hole:
+            flags |= WriteFlags.HOLE_RESYNCED
+            p.mirror_hole = False
+        copy = Write(lun, flags, w.stream, w.seq, w.offset, w.data, w.prev)
         p.mirror_q.append(copy)
+        p.mirror_top = max(p.mirror_top, w.seq)
         p.mirror_bytes += len(w.data)
         link = self._mirror_link_for(lun, p)
         if link is not None:
@@ -774,6 +903,12 @@ class Core:
     def _on_mirror_ack(self, a: Ack) -> None:
         p = self.pipes.get(a.lun)
         if p is None or a.stream != p.stream:
+            return
+        if a.seq > max(p.mirror_top, p.mirror_acked):
+            # an ACK may only cover what was sent (a contiguous prefix of it): never release
+            # on an acknowledgement of writes the peer cannot have had
+            self.raise_alarm(f"lun_{a.lun}_bad_ack", f"the secondary acknowledged LUN id {a.lun} "
+                             f"up to seq {a.seq}, but only up to {p.mirror_top} was sent")
             return
         self._mirror_acked_to(a.lun, p, a.seq)
         self._check_paused()
@@ -800,6 +935,8 @@ class Core:
             for w in p.mirror_q:
                 with contextlib.suppress(Exception):
                     j.mark_dirty(lun, w.offset, len(w.data))
+            if p.mirror_q:
+                p.mirror_hole = True
             p.mirror_q.clear()
             p.mirror_bytes = 0
             p.mirror_link = None
@@ -842,6 +979,18 @@ class Core:
         self.event("resync_started", bytes_total=total)
         self._resync_task = asyncio.get_running_loop().create_task(self._resync_loop())
 
+    def _requeue_resync(self, p: LunPipe) -> None:
+        """The link carrying ``p``'s resync frames is gone: copy their regions again."""
+        again: list[int] = []
+        for _, r, _, _ in p.resync_inflight:
+            if not again or again[-1] != r:
+                again.append(r)
+        p.resync_regions.extendleft(reversed(again))
+        p.resync_inflight.clear()
+        p.resync_bytes = 0
+        p.resync_on = None
+        p.rseq_prev = 0
+
     def _stop_resync(self) -> None:
         if self._resync_task is not None:
             self._resync_task.cancel()
@@ -850,6 +999,8 @@ class Core:
             p.resync_regions.clear()
             p.resync_inflight.clear()
             p.resync_bytes = 0
+            p.resync_on = None
+            p.rseq_prev = 0
 
     async def _resync_loop(self) -> None:
         """Copy each dirty region's current data to the peer, 128 KiB at a time.
@@ -869,6 +1020,9 @@ class Core:
                     link = self._mirror_link_for(lun, p)
                     if link is None:
                         break
+                    if link is not p.resync_on:
+                        self._requeue_resync(p)  # a new link: its chain starts from 0
+                        p.resync_on = link
                     r = p.resync_regions.popleft()
                     base = r * rb
                     end = min(base + rb, p.store.size)
@@ -877,7 +1031,8 @@ class Core:
                         n = min(RESYNC_CHUNK, end - off)
                         p.rseq += 1
                         frames.append(Write(lun, WriteFlags.RESYNC, RESYNC_STREAM, p.rseq, off,
-                                            p.store.pread(off, n)))
+                                            p.store.pread(off, n), p.rseq_prev))
+                        p.rseq_prev = p.rseq
                         p.resync_inflight.append((p.rseq, r, off + n >= end, n))
                         p.resync_bytes += n
                     link.send_many(frames)  # type: ignore[arg-type]
@@ -934,11 +1089,38 @@ class Core:
                         "is outside the replica")
             return
         if w.flags & WriteFlags.RESYNC:
+            # Resync frames of a LUN come on one link, rseqs chained by prev from 0.
+            if link is not p.resync_link:
+                if w.prev != 0:
+                    self._refuse_gap(link, w.lun, p, w, "resync")
+                    return
+                p.resync_link = link
+                p.resync_last = 0
+            if w.prev != p.resync_last or w.seq <= w.prev:
+                self._refuse_gap(link, w.lun, p, w, "resync")
+                return
+            p.resync_last = w.seq
             counter = p.store.pwrite(w.offset, w.data)
             p.resync_issued.append((counter, w.seq, link))
             p.bytes_written += len(w.data)
             p.store.request_sync()
             return
+        if w.stream != p.stream:
+            self._switch_stream(w.lun, p, w.stream)
+        verdict = order(p.received_seq, w.prev, w.seq)
+        if verdict is Order.GAP and w.flags & WriteFlags.HOLE_RESYNCED:
+            # the primary journaled what is missing and resyncs it: not a replica until done
+            self.event("mirror_hole_resynced", lun=w.lun, seq=w.seq, prev=w.prev,
+                       have=p.received_seq)
+            self._fire(Event.RESYNC_START)
+            verdict = Order.NEXT
+        if verdict is Order.GAP or verdict is Order.MALFORMED:
+            self._refuse_gap(link, w.lun, p, w, "mirror")
+            return
+        if verdict is Order.NEXT:
+            p.received_seq = w.seq
+            if p.hole is not None:
+                self._hole_filled(w.lun, p)
         p.upstream = link
         self._apply(w.lun, p, w)
         p.waiting.append(w.seq)
@@ -1288,6 +1470,7 @@ class Core:
                                 "acked_seq": p.acked_seq, "mirror_acked_seq": p.mirror_acked,
                                 "mirror_queue_bytes": p.mirror_bytes, "writes": p.writes,
                                 "bytes_written": p.bytes_written, "gated_writes": len(p.gate),
+                                "received_seq": p.received_seq, "hole": p.hole,
                                 "edge": (p.upstream.hello.node if p.upstream is not None
                                          and p.upstream.hello is not None and p.upstream.ctx == "edge"
                                          else None)}

@@ -60,6 +60,9 @@ class CoreUplink:
         self.inflight_bytes = 0
         self.unshipped_bytes = 0  # appended, not yet handed to the link
         self._frames: dict[int, deque[tuple[int, int]]] = {}  # lun -> (last seq, bytes) sent
+        # lun -> seq of the last write shipped on this connection: the next frame's ``prev``,
+        # so the Core can tell a resend from a hole (DESIGN invariant 6)
+        self._prev: dict[int, int] = {}
         self._kick = asyncio.Event()
         self._reads: dict[int, asyncio.Future[bytes]] = {}
         self._req = itertools.count(1)
@@ -96,7 +99,8 @@ class CoreUplink:
 
     async def _try_core(self, addr: tuple[str, int]) -> Link | None:
         hello = Hello(self.cfg.name, "edge", "edge", self.bs.epoch, dict(self.luns),
-                      {"stream": self.bs.stream})
+                      {"stream": self.bs.stream,
+                       "committed": {str(k): v for k, v in self.bs.committed_seq.items()}})
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
 
         def on_message(link: Link, msg: Message) -> None:
@@ -148,6 +152,7 @@ class CoreUplink:
         self.send_q = deque(self.bs.uncommitted())
         self.unshipped_bytes = sum(r.length for r in self.send_q)
         self._frames.clear()
+        self._prev = dict(self.bs.committed_seq)  # the Core has everything up to these
         self.inflight_bytes = 0
         self.connected.set()
         self._kick.set()
@@ -256,7 +261,11 @@ class CoreUplink:
                 parts.append(data_of(last))
                 n += last.length
                 self.unshipped_bytes -= last.length
-            bufs.extend(encode_write(lun, 0, self.bs.stream, last.seq, rec.offset, parts))
+            # The write before this frame: the last one shipped here, or one the Core has
+            # acknowledged since (it has everything up to ``committed``).
+            prev = max(self._prev.get(lun, 0), floor)
+            self._prev[lun] = last.seq
+            bufs.extend(encode_write(lun, 0, self.bs.stream, last.seq, rec.offset, parts, prev))
             frames_out += 1
             frames = self._frames.get(lun)
             if frames is None:

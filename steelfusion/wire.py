@@ -39,7 +39,7 @@ import crc32c as _crc32c
 from steelfusion.membuf import uninitialized
 
 MAGIC = b"SF"
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: WRITE carries ``prev`` (issue 9: gaps must be seen)
 HEADER = struct.Struct(">2sBBHII")
 HEADER_SIZE = HEADER.size  # 14
 MAX_DATA = 1024 * 1024  # a host write (<= 512 KiB) or a read reply, with margin
@@ -85,6 +85,9 @@ class WriteFlags(enum.IntFlag):
     FUA = 1  # the host asked for forced unit access
     RESYNC = 2  # resync / initial sync payload: applied without sequence dedupe
     MIRROR = 4  # primary -> secondary copy of an Edge write
+    # (mirror) the primary journaled writes before this one instead of mirroring them
+    # (suspended): the hole in front of it is being filled by a resync, not by a resend
+    HOLE_RESYNCED = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +144,15 @@ class Write:
     ``stream`` names the sequence space (an Edge blockstore's id, or a
     primary's resync stream); ``seq`` increases strictly within it, with gaps
     allowed, so a receiver can drop a resent write it already applied.
+
+    ``prev`` is the seq of the write that comes before this one in the
+    stream, as the sender knows it (a coalesced frame: the one before its
+    first write). A receiver that has not applied ``prev`` has a hole in
+    front of this write and must refuse it, never skip over it (DESIGN
+    invariant 6). Layout::
+
+        struct write { uint32 lun; uint32 flags; uint64 stream; uint64 seq;
+                       uint64 offset; uint64 prev; uint8 data[]; };
     """
 
     lun: int
@@ -149,8 +161,9 @@ class Write:
     seq: int
     offset: int
     data: bytes | memoryview
+    prev: int = 0
     TYPE: ClassVar[MsgType] = MsgType.WRITE
-    FIXED: ClassVar[struct.Struct] = struct.Struct(">IIQQQ")
+    FIXED: ClassVar[struct.Struct] = struct.Struct(">IIQQQQ")
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, Write) and self.fixed() == other.fixed()
@@ -159,8 +172,8 @@ class Write:
     def __hash__(self) -> int:
         return hash(self.fixed())
 
-    def fixed(self) -> tuple[int, int, int, int, int]:
-        return (self.lun, self.flags, self.stream, self.seq, self.offset)
+    def fixed(self) -> tuple[int, int, int, int, int, int]:
+        return (self.lun, self.flags, self.stream, self.seq, self.offset, self.prev)
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,7 +256,8 @@ def _json_bytes(obj: dict[str, Any]) -> bytes:
 
 def _payload(msg: Message) -> list[bytes | memoryview]:
     if isinstance(msg, Write):
-        return [Write.FIXED.pack(msg.lun, msg.flags, msg.stream, msg.seq, msg.offset), msg.data]
+        return [Write.FIXED.pack(msg.lun, msg.flags, msg.stream, msg.seq, msg.offset, msg.prev),
+                msg.data]
     if isinstance(msg, Ack):
         return [Ack.FIXED.pack(msg.lun, msg.stream, msg.seq)]
     if isinstance(msg, Read):
@@ -276,13 +290,13 @@ def encode(msg: Message) -> list[bytes | memoryview]:
 
 
 def encode_write(lun: int, flags: int, stream: int, seq: int, offset: int,
-                 data: list[bytes | memoryview]) -> list[bytes | memoryview]:
+                 data: list[bytes | memoryview], prev: int = 0) -> list[bytes | memoryview]:
     """One WRITE frame whose data is ``data`` concatenated, without joining it.
 
     The Edge coalesces contiguous host writes into one frame; the receiver
     sees an ordinary WRITE. Saves a copy of every shipped byte.
     """
-    return _frame(MsgType.WRITE, [Write.FIXED.pack(lun, flags, stream, seq, offset), *data])
+    return _frame(MsgType.WRITE, [Write.FIXED.pack(lun, flags, stream, seq, offset, prev), *data])
 
 
 def _frame(mtype: int, parts: list[bytes | memoryview]) -> list[bytes | memoryview]:
@@ -360,8 +374,8 @@ def decode_payload(mtype: int, payload: memoryview) -> Message:
         if t is MsgType.WRITE:
             if not rest:
                 raise WireError("WRITE with no data")
-            lun, flags, stream, seq, offset = fixed
-            return Write(lun, flags, stream, seq, offset, rest)
+            lun, flags, stream, seq, offset, prev = fixed
+            return Write(lun, flags, stream, seq, offset, rest, prev)
         if t is MsgType.READ_REPLY:
             req, status = fixed
             return ReadReply(req, status, rest)

@@ -111,9 +111,9 @@ class FakeEdge:
             await asyncio.wait_for(self.event.wait(), deadline - asyncio.get_running_loop().time())
         return self.welcome is not None
 
-    def write(self, lun: int, seq: int, offset: int, data: bytes) -> None:
+    def write(self, lun: int, seq: int, offset: int, data: bytes, prev: int = 0) -> None:
         assert self.link is not None
-        self.link.send(Write(lun, 0, self.stream, seq, offset, data))
+        self.link.send(Write(lun, 0, self.stream, seq, offset, data, prev))
 
     async def wait_acked(self, lun: int, seq: int, timeout: float = 10.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout

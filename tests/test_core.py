@@ -121,6 +121,44 @@ def test_resend_is_not_applied_twice(pair) -> None:  # type: ignore[no-untyped-d
     assert b.lun_bytes(1)[:len(want)] == want
 
 
+def test_sequence_gap_is_refused_never_skipped(pair) -> None:  # type: ignore[no-untyped-def]
+    """DESIGN invariant 6 / issue 9: a write whose predecessor never arrived is refused (with
+    an alarm), not applied and acknowledged over the hole; the resend fills it."""
+    a, b = pair
+    _wait_repl(a.cfg.control, "running")
+
+    async def main() -> None:
+        e = FakeEdge("edge-g", 11, {1: 8 * MiB, 2: 4 * MiB})
+        assert await e.connect(a.cfg.listen)
+        e.write(1, 1, 0, b"1" * 4096, prev=0)
+        await e.wait_acked(1, 1)
+        e.write(1, 5, 4 * 4096, b"5" * 4096, prev=3)  # 2 and 3 were lost on the way
+        deadline = asyncio.get_running_loop().time() + 10
+        while e.refused is None:
+            e.event.clear()
+            await asyncio.wait_for(e.event.wait(), deadline - asyncio.get_running_loop().time())
+        assert e.refused.code == "sequence-gap" and e.refused.info["have"] == 1
+        assert e.acked[1] == 1
+        st = control.call(a.cfg.control, "status")
+        assert any(al["alarm"] == "lun_1_sequence_gap" for al in st["alarms"]), st["alarms"]
+        # the Edge reconnects and resends from what was acknowledged: the hole is filled
+        e2 = FakeEdge("edge-g", 11, {1: 8 * MiB, 2: 4 * MiB})
+        assert await e2.connect(a.cfg.listen)
+        e2.write(1, 2, 1 * 4096, b"2" * 4096, prev=1)
+        e2.write(1, 3, 2 * 4096, b"3" * 4096, prev=2)
+        e2.write(1, 5, 4 * 4096, b"5" * 4096, prev=3)
+        await e2.wait_acked(1, 5)
+        e2.close()
+        st = control.call(a.cfg.control, "status")
+        assert not any(al["alarm"] == "lun_1_sequence_gap" for al in st["alarms"])
+
+    asyncio.run(main())
+    want = b"1" * 4096 + b"2" * 4096 + b"3" * 4096 + bytes(4096) + b"5" * 4096
+    assert a.lun_bytes(1)[:len(want)] == want
+    assert b.lun_bytes(1)[:len(want)] == want
+    assert '"sequence_gap"' in a.log_events() and '"sequence_gap_filled"' in a.log_events()
+
+
 def test_core_refuses_edge_with_wrong_lun_size(pair) -> None:  # type: ignore[no-untyped-def]
     a, _ = pair
 

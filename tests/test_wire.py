@@ -36,7 +36,7 @@ SAMPLES = [
     Welcome("core-a", "primary", 4, {1: (99, 12), 2: (0, 0)}, {"x": [1, 2]}),
     Refuse("lun-size-mismatch", "Edge says 1 GiB, Core has 2 GiB", {"lun": 1}),
     Control({"event": "role", "role": "primary", "epoch": 5}),
-    Write(1, 1, 2**63 + 5, 2**64 - 1, 4096, b"\xab" * 4096),
+    Write(1, 1, 2**63 + 5, 2**64 - 1, 4096, b"\xab" * 4096, 2**64 - 2),
     Write(2**32 - 1, 0, 0, 1, 0, b"x"),
     Ack(3, 77, 2**64 - 1),
     Read(2**64 - 1, 5, 1 << 40, 65536),
@@ -109,7 +109,7 @@ def test_bad_headers(mutate: object, code: str) -> None:
 
 def test_largest_length_waits_for_its_payload() -> None:
     d = FrameDecoder()
-    head = b"SF\x01\x04\x00\x00" + (MAX_PAYLOAD).to_bytes(4, "big") + b"\0\0\0\0"
+    head = b"SF\x02\x04\x00\x00" + (MAX_PAYLOAD).to_bytes(4, "big") + b"\0\0\0\0"
     assert d.feed(head) == []  # a valid length: its own buffer, <= MAX_PAYLOAD, is all we take
     assert d.buffered == HEADER_SIZE
 
@@ -359,7 +359,7 @@ def test_buffered_garbage_only_raises_wire_error(data: bytes, cuts: list[int]) -
 
 @pytest.mark.parametrize("length", [MAX_PAYLOAD + 1, 2**32 - 1])
 def test_too_large_is_refused_before_allocating(length: int) -> None:
-    head = b"SF\x01\x04\x00\x00" + length.to_bytes(4, "big") + b"\0\0\0\0"
+    head = b"SF\x02\x04\x00\x00" + length.to_bytes(4, "big") + b"\0\0\0\0"
     d = FrameDecoder()
     tracemalloc.start()
     try:
@@ -394,3 +394,13 @@ def test_encode_write_of_parts_is_the_joined_write(parts: list[bytes], lun: int,
     assert raw == encode_bytes(Write(lun, 0, 7, seq, 4096, b"".join(parts)))
     (msg,) = FrameDecoder().feed(raw)
     assert isinstance(msg, Write) and bytes(msg.data) == b"".join(parts)
+
+
+def test_write_prev_is_part_of_the_frame() -> None:
+    from steelfusion.wire import encode_write
+    """Issue 9: ``prev`` tells a resend from a hole; it must survive the wire exactly."""
+    (w,) = FrameDecoder().feed(encode_bytes(Write(1, 0, 7, 12, 0, b"x", 9)))
+    assert isinstance(w, Write) and (w.seq, w.prev) == (12, 9)
+    assert Write(1, 0, 7, 12, 0, b"x", 9) != Write(1, 0, 7, 12, 0, b"x", 8)
+    raw = b"".join(bytes(b) for b in encode_write(1, 0, 7, 12, 0, [b"x"], 9))
+    assert raw == encode_bytes(Write(1, 0, 7, 12, 0, b"x", 9))
