@@ -35,14 +35,14 @@ import os
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from core.lunstore import AppliedState, LunError, LunStore
-from core.pipeline import Order, order
+from core.pipeline import LunPipeline, Order
 from core.replication import Effect, Event, Refused, Rep, State, initial, step
 from steelfusion import authconfig, control, log
 from steelfusion.atomic import atomic_write
@@ -66,51 +66,12 @@ from steelfusion.wire import (
 _log = log.get("core")
 
 GIB = 1 << 30
+LunPipe = LunPipeline[LunStore]
 RESYNC_STREAM = 2**64 - 1  # acks of resync payloads travel on this stream id
 RESYNC_CHUNK = 128 * 1024  # seed: initial synchronization payloads are 128 KB
 RESYNC_WINDOW = 16 << 20
 AL_LOOKAHEAD = 4 << 20  # activity-log regions noted ahead of a sequential stream
 VERIFY_BATCH = 64  # regions per hash request
-
-
-@dataclass(slots=True)
-class LunPipe:
-    """Ordering and acknowledgement state of one LUN on this Core."""
-
-    store: LunStore
-    stream: int = 0
-    applied_seq: int = 0  # highest seq written to the backend (maybe not durable yet)
-    durable_seq: int = 0  # highest seq durable on the backend
-    issued: deque[tuple[int, int]] = field(default_factory=deque)  # (store counter, seq)
-    upstream: Link | None = None  # the Edge (primary) or the primary's mirror link (secondary)
-    waiting: deque[int] = field(default_factory=deque)  # upstream seqs not yet acked
-    acked_seq: int = 0
-    received_seq: int = 0  # highest seq admitted (applied, or gated behind the journal)
-    floor: int = 0  # an Edge's acknowledged seq this Core lacks (after a failover): no gap
-    hole: str | None = None  # a gap refused in the upstream stream, until it is filled
-    gate: deque[tuple[int, Write]] = field(default_factory=deque)  # (journal ticket, write)
-    jlimit: int = 0  # suspended: highest seq whose journal records are durable
-    jpending: tuple[int, int] | None = None  # (journal ticket, seq) for queue-to-journal
-    mirror_q: deque[Write] = field(default_factory=deque)  # copies the peer has not acked
-    mirror_bytes: int = 0
-    mirror_acked: int = 0  # peer's durable seq in ``stream``
-    mirror_link: Link | None = None  # sticky, so one LUN's copies never race on two links
-    mirror_top: int = 0  # highest seq queued for the peer (it cannot acknowledge more)
-    mirror_hole: bool = False  # writes applied but not mirrored since the last copy
-    # resync (primary side)
-    resync_regions: deque[int] = field(default_factory=deque)
-    resync_inflight: deque[tuple[int, int, bool, int]] = field(default_factory=deque)
-    resync_bytes: int = 0
-    rseq: int = 0
-    resync_on: Link | None = None  # the link this LUN's resync frames go out on
-    rseq_prev: int = 0  # prev of the next resync frame on ``resync_on``
-    # resync (secondary side): (store counter, rseq, link)
-    resync_issued: deque[tuple[int, int, Link]] = field(default_factory=deque)
-    resync_link: Link | None = None  # where resync frames for this LUN come from
-    resync_last: int = 0  # last rseq received on ``resync_link``
-    writes: int = 0
-    bytes_written: int = 0
-    last_end: int = 0  # end offset of the previous Edge write (sequential detection)
 
 
 @dataclass(slots=True)
@@ -151,8 +112,7 @@ class Core:
         for lc in cfg.luns:
             store = LunStore(lc.id, lc.path, lc.size)
             stream, seq = self.applied.get(lc.id)
-            self.pipes[lc.id] = LunPipe(store, stream=stream, applied_seq=seq, durable_seq=seq,
-                                        acked_seq=seq, received_seq=seq, jlimit=seq)
+            self.pipes[lc.id] = LunPipe.restarted(store, stream, seq)
             store.on_durable(functools.partial(self._on_durable, lc.id))  # called with target
             store.seal = functools.partial(self._seal, lc.id)
         self.journal: Any = None
@@ -632,7 +592,7 @@ class Core:
                 self._save_state()
             for lun, p in self.pipes.items():
                 if not self.peer_synced:
-                    self._mark_hole(p)  # the initial sync brings what came before
+                    p.mark_hole()  # the initial sync brings what came before
                 stream, seq = w.applied.get(lun, (0, 0))
                 if stream == p.stream and seq > p.mirror_acked:
                     self._mirror_acked_to(lun, p, seq)
@@ -656,16 +616,12 @@ class Core:
             return
         if w.stream != p.stream:
             self._switch_stream(w.lun, p, w.stream)
-        verdict = order(max(p.received_seq, p.floor), w.prev, w.seq)
+        verdict = p.admit(w)
         if verdict is Order.GAP or verdict is Order.MALFORMED:
             self._refuse_gap(link, w.lun, p, w, "edge")
             return
-        if verdict is Order.NEXT:
-            if p.received_seq < w.prev:  # the Edge's floor: nothing of this is here to mirror
-                p.mirror_hole = True
-            p.received_seq = w.seq
-            if p.hole is not None:
-                self._hole_filled(w.lun, p)
+        if verdict is Order.NEXT and p.hole is not None:
+            self._hole_filled(w.lun, p)
         p.waiting.append(w.seq)
         ticket = 0
         j = self.journal
@@ -710,13 +666,12 @@ class Core:
     def _apply_write(self, lun: int, p: LunPipe, w: Write) -> None:
         self._apply(lun, p, w)
         if self.rep.mirrors and self.cfg.peer:
-            if w.seq > p.mirror_acked and not (p.mirror_q and w.seq <= p.mirror_q[-1].seq):
+            if p.wants_copy(w):
                 self._mirror(lun, p, w)
         else:
             if self.rep.journals:
                 p.jlimit = max(p.jlimit, w.seq)
-            if w.seq > p.mirror_acked:
-                p.mirror_hole = True  # the peer will get this one by resync, not by mirror
+            p.not_mirrored(w)  # the peer will get this one by resync, not by mirror
         self._progress(lun, p)
 
     def _refuse_gap(self, link: Link, lun: int, p: LunPipe, w: Write, source: str) -> None:
@@ -746,10 +701,9 @@ class Core:
         p = self.pipes.get(lun)
         if p is None or not self.rep.mirrors:
             return
-        head = p.mirror_q[0].prev if p.mirror_q else p.received_seq
-        if head <= have:
+        if p.resend_reaches(have):
             return  # the resend on reconnection fills it
-        self._mark_hole(p)
+        p.mark_hole()
         self.raise_alarm(f"lun_{lun}_replica_behind",
                          f"the secondary has LUN id {lun} only up to seq {have}, older than "
                          "anything the primary can resend: the whole LUN is resynced")
@@ -757,15 +711,6 @@ class Core:
             self.journal.mark_all_dirty(lun)
             self.journal.request_commit()
             self._fire(Event.RESYNC_NEEDED)
-
-    def _mark_hole(self, p: LunPipe) -> None:
-        """The next copy of ``p`` tells the secondary a resync fills what is before it."""
-        if p.mirror_q:
-            w = p.mirror_q[0]
-            p.mirror_q[0] = Write(w.lun, w.flags | WriteFlags.HOLE_RESYNCED, w.stream, w.seq,
-                                  w.offset, w.data, w.prev)
-        else:
-            p.mirror_hole = True
 
     def _hole_filled(self, lun: int, p: LunPipe) -> None:
         self.event("sequence_gap_filled", lun=lun, seq=p.received_seq)
@@ -790,37 +735,20 @@ class Core:
     def _switch_stream(self, lun: int, p: LunPipe, stream: int) -> None:
         if p.stream:
             _log.warning("lun_stream_changed", lun=lun, old=p.stream, new=stream)
-        p.stream = stream
-        p.applied_seq = p.durable_seq = p.acked_seq = p.mirror_acked = p.jlimit = 0
-        p.received_seq = p.floor = p.mirror_top = 0
-        p.hole = None
-        p.issued.clear()
-        p.mirror_q.clear()
-        p.mirror_bytes = 0
+        p.switch_stream(stream)
 
     def _apply(self, lun: int, p: LunPipe, w: Write) -> None:
         if w.stream != p.stream:
             self._switch_stream(lun, p, w.stream)
-        if w.seq <= p.applied_seq:
-            return  # a resend of a write this backend already has
         try:
-            counter = p.store.pwrite(w.offset, w.data)
+            p.apply(w)  # a resend of a write this backend already has is skipped
         except OSError as e:
             self.raise_alarm(f"lun_{lun}_io", f"LUN id {lun} backend write failed: {e}")
             raise
-        p.applied_seq = w.seq
-        p.issued.append((counter, w.seq))
-        p.writes += 1
-        p.bytes_written += len(w.data)
-        p.store.request_sync()
 
     def _on_durable(self, lun: int, target: int) -> None:
         p = self.pipes[lun]
-        seq = p.durable_seq
-        while p.issued and p.issued[0][0] <= target:
-            seq = p.issued.popleft()[1]
-        if seq != p.durable_seq:
-            p.durable_seq = seq  # its applied slot is durable already (_seal)
+        p.durable_to(target)  # its applied slot is durable already (_seal)
         last = None
         link = None
         while p.resync_issued and p.resync_issued[0][0] <= target:
@@ -837,10 +765,8 @@ class Core:
         acknowledged (:mod:`core.lunstore`), so this Core never forgets a write
         it acknowledged and never takes a resend for a gap.
         """
-        p = self.pipes[lun]
-        if not p.issued:
-            return None
-        return self.applied.sealer(lun, p.stream, p.issued[-1][1])
+        seq = self.pipes[lun].sealed_seq()
+        return None if seq is None else self.applied.sealer(lun, self.pipes[lun].stream, seq)
 
     def _ack_limit(self, p: LunPipe) -> int:
         limit = p.durable_seq
@@ -857,14 +783,9 @@ class Core:
 
     def _progress(self, lun: int, p: LunPipe) -> None:
         """Acknowledge upstream everything durable here and, per state, on the peer/journal."""
-        limit = self._ack_limit(p)
-        last = None
-        while p.waiting and p.waiting[0] <= limit:
-            last = p.waiting.popleft()
-        if last is not None:
-            p.acked_seq = max(p.acked_seq, last)
-            if p.upstream is not None:
-                p.upstream.send(Ack(lun, p.stream, last))
+        last = p.take_acks(self._ack_limit(p))
+        if last is not None and p.upstream is not None:
+            p.upstream.send(Ack(lun, p.stream, last))
 
     def _progress_all(self) -> None:
         for lun, p in self.pipes.items():
@@ -872,14 +793,7 @@ class Core:
 
     # -- primary: mirroring ---------------------------------------------------------
     def _mirror(self, lun: int, p: LunPipe, w: Write) -> None:
-        flags = WriteFlags.MIRROR | (w.flags & WriteFlags.FUA)
-        if p.mirror_hole:
-            flags |= WriteFlags.HOLE_RESYNCED
-            p.mirror_hole = False
-        copy = Write(lun, flags, w.stream, w.seq, w.offset, w.data, w.prev)
-        p.mirror_q.append(copy)
-        p.mirror_top = max(p.mirror_top, w.seq)
-        p.mirror_bytes += len(w.data)
+        copy = p.queue_copy(lun, w)
         link = self._mirror_link_for(lun, p)
         if link is not None:
             link.send(copy)
@@ -904,7 +818,7 @@ class Core:
         p = self.pipes.get(a.lun)
         if p is None or a.stream != p.stream:
             return
-        if a.seq > max(p.mirror_top, p.mirror_acked):
+        if not p.ack_possible(a.seq):
             # an ACK may only cover what was sent (a contiguous prefix of it): never release
             # on an acknowledgement of writes the peer cannot have had
             self.raise_alarm(f"lun_{a.lun}_bad_ack", f"the secondary acknowledged LUN id {a.lun} "
@@ -914,11 +828,8 @@ class Core:
         self._check_paused()
 
     def _mirror_acked_to(self, lun: int, p: LunPipe, seq: int) -> None:
-        p.mirror_acked = max(p.mirror_acked, seq)
         j = self.journal
-        while p.mirror_q and p.mirror_q[0].seq <= p.mirror_acked:
-            w = p.mirror_q.popleft()
-            p.mirror_bytes -= len(w.data)
+        for w in p.mirror_acked_to(seq):
             if j is not None:
                 with contextlib.suppress(Exception):
                     j.peer_acked(lun, w.offset, len(w.data))
@@ -932,14 +843,9 @@ class Core:
         with contextlib.suppress(Exception):
             j.peer_lost()
         for lun, p in self.pipes.items():
-            for w in p.mirror_q:
+            for w in p.drop_copies():
                 with contextlib.suppress(Exception):
                     j.mark_dirty(lun, w.offset, len(w.data))
-            if p.mirror_q:
-                p.mirror_hole = True
-            p.mirror_q.clear()
-            p.mirror_bytes = 0
-            p.mirror_link = None
             p.jpending = (j.ticket, p.applied_seq)
         j.request_commit()
         if j.durable >= j.ticket:
@@ -1107,20 +1013,17 @@ class Core:
             return
         if w.stream != p.stream:
             self._switch_stream(w.lun, p, w.stream)
-        verdict = order(p.received_seq, w.prev, w.seq)
-        if verdict is Order.GAP and w.flags & WriteFlags.HOLE_RESYNCED:
-            # the primary journaled what is missing and resyncs it: not a replica until done
-            self.event("mirror_hole_resynced", lun=w.lun, seq=w.seq, prev=w.prev,
-                       have=p.received_seq)
-            self._fire(Event.RESYNC_START)
-            verdict = Order.NEXT
+        have = p.received_seq
+        verdict = p.admit(w, resynced_hole_ok=True)
         if verdict is Order.GAP or verdict is Order.MALFORMED:
             self._refuse_gap(link, w.lun, p, w, "mirror")
             return
-        if verdict is Order.NEXT:
-            p.received_seq = w.seq
-            if p.hole is not None:
-                self._hole_filled(w.lun, p)
+        if verdict is Order.NEXT and w.prev > have:
+            # the primary journaled what is missing and resyncs it: not a replica until done
+            self.event("mirror_hole_resynced", lun=w.lun, seq=w.seq, prev=w.prev, have=have)
+            self._fire(Event.RESYNC_START)
+        if verdict is Order.NEXT and p.hole is not None:
+            self._hole_filled(w.lun, p)
         p.upstream = link
         self._apply(w.lun, p, w)
         p.waiting.append(w.seq)

@@ -27,6 +27,11 @@ primary free 508-522. With ``prev`` that frame is a gap.
 from __future__ import annotations
 
 import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+from steelfusion.wire import Write, WriteFlags
 
 
 class Order(enum.Enum):
@@ -47,4 +52,190 @@ def order(received: int, prev: int, seq: int) -> Order:
     return Order.GAP
 
 
-__all__ = ["Order", "order"]
+class Backend(Protocol):
+    """Where a LUN's writes land: :class:`core.lunstore.LunStore`, or a simulated disk."""
+
+    size: int
+
+    def check_range(self, offset: int, length: int) -> bool: ...
+    def pwrite(self, offset: int, data: bytes | memoryview) -> int: ...
+    def pread(self, offset: int, length: int) -> bytes: ...
+    def request_sync(self) -> None: ...
+
+
+B = TypeVar("B", bound=Backend)
+
+
+@dataclass(slots=True)
+class LunPipeline(Generic[B]):
+    """One LUN's write stream on a Core: admission, apply, durability, acks, mirror queue.
+
+    Plain state and rules over :class:`~steelfusion.wire.Write` values and a
+    :class:`Backend`; the Core (:mod:`core.node`) feeds it from its links
+    and the seeded simulation (``tests/sim``) from a simulated network, so
+    both run the same rules. Sequence numbers only grow within ``stream``;
+    a write is acknowledged upstream only once it is durable here (and, as
+    the caller's ``limit`` says, on the peer or in the journal), and only as
+    a contiguous prefix (``waiting`` is in arrival order, each admitted
+    write follows the one before it).
+    """
+
+    store: B
+    stream: int = 0
+    applied_seq: int = 0  # highest seq written to the backend (maybe not durable yet)
+    durable_seq: int = 0  # highest seq durable on the backend
+    issued: deque[tuple[int, int]] = field(default_factory=deque)  # (store counter, seq)
+    upstream: Any = None  # the Edge (primary) or the primary's mirror link (secondary)
+    waiting: deque[int] = field(default_factory=deque)  # upstream seqs not yet acked
+    acked_seq: int = 0
+    received_seq: int = 0  # highest seq admitted (applied, or gated behind the journal)
+    floor: int = 0  # an Edge's acknowledged seq this Core lacks (after a failover): no gap
+    hole: str | None = None  # a gap refused in the upstream stream, until it is filled
+    gate: deque[tuple[int, Write]] = field(default_factory=deque)  # (journal ticket, write)
+    jlimit: int = 0  # suspended: highest seq whose journal records are durable
+    jpending: tuple[int, int] | None = None  # (journal ticket, seq) for queue-to-journal
+    mirror_q: deque[Write] = field(default_factory=deque)  # copies the peer has not acked
+    mirror_bytes: int = 0
+    mirror_acked: int = 0  # peer's durable seq in ``stream``
+    mirror_link: Any = None  # sticky, so one LUN's copies never race on two links
+    mirror_top: int = 0  # highest seq queued for the peer (it cannot acknowledge more)
+    mirror_hole: bool = False  # writes applied but not mirrored since the last copy
+    # resync (primary side)
+    resync_regions: deque[int] = field(default_factory=deque)
+    resync_inflight: deque[tuple[int, int, bool, int]] = field(default_factory=deque)
+    resync_bytes: int = 0
+    rseq: int = 0
+    resync_on: Any = None  # the link this LUN's resync frames go out on
+    rseq_prev: int = 0  # prev of the next resync frame on ``resync_on``
+    # resync (secondary side): (store counter, rseq, link)
+    resync_issued: deque[tuple[int, int, Any]] = field(default_factory=deque)
+    resync_link: Any = None  # where resync frames for this LUN come from
+    resync_last: int = 0  # last rseq received on ``resync_link``
+    writes: int = 0
+    bytes_written: int = 0
+    last_end: int = 0  # end offset of the previous Edge write (sequential detection)
+
+    @classmethod
+    def restarted(cls, store: B, stream: int, seq: int) -> LunPipeline[B]:
+        """After a start: everything up to the durable applied ``seq`` is here."""
+        return cls(store, stream=stream, applied_seq=seq, durable_seq=seq, acked_seq=seq,
+                   received_seq=seq, jlimit=seq)
+
+    def switch_stream(self, stream: int) -> None:
+        """A new sequence space (a new Edge blockstore): nothing of it is here yet."""
+        self.stream = stream
+        self.applied_seq = self.durable_seq = self.acked_seq = self.mirror_acked = 0
+        self.jlimit = self.received_seq = self.floor = self.mirror_top = 0
+        self.hole = None
+        self.issued.clear()
+        self.mirror_q.clear()
+        self.mirror_bytes = 0
+
+    # -- upstream ----------------------------------------------------------------------
+    def admit(self, w: Write, *, resynced_hole_ok: bool = False) -> Order:
+        """Classify an upstream write (:func:`order`) and, unless refused, take it in.
+
+        ``resynced_hole_ok``: a secondary accepts a gap the primary marked
+        :attr:`~steelfusion.wire.WriteFlags.HOLE_RESYNCED` (a resync fills it).
+        """
+        verdict = order(max(self.received_seq, self.floor), w.prev, w.seq)
+        if verdict is Order.GAP and resynced_hole_ok and w.flags & WriteFlags.HOLE_RESYNCED:
+            verdict = Order.NEXT
+        elif verdict is Order.NEXT and self.received_seq < w.prev:
+            self.mirror_hole = True  # accepted over the floor: the peer cannot get these
+        if verdict is Order.NEXT:
+            self.received_seq = w.seq
+        return verdict
+
+    def apply(self, w: Write) -> bool:
+        """Write to the backend unless it has it (a resend); may raise ``OSError``."""
+        if w.seq <= self.applied_seq:
+            return False
+        counter = self.store.pwrite(w.offset, w.data)
+        self.applied_seq = w.seq
+        self.issued.append((counter, w.seq))
+        self.writes += 1
+        self.bytes_written += len(w.data)
+        self.store.request_sync()
+        return True
+
+    def durable_to(self, target: int) -> None:
+        """The backend's group commit reached write counter ``target``."""
+        while self.issued and self.issued[0][0] <= target:
+            self.durable_seq = self.issued.popleft()[1]
+
+    def sealed_seq(self) -> int | None:
+        """The seq a group commit starting now makes durable (every issued write)."""
+        return self.issued[-1][1] if self.issued else None
+
+    def take_acks(self, limit: int) -> int | None:
+        """Upstream writes now acknowledged (up to ``limit``): the newest, or None."""
+        last = None
+        while self.waiting and self.waiting[0] <= limit:
+            last = self.waiting.popleft()
+        if last is not None:
+            self.acked_seq = max(self.acked_seq, last)
+        return last
+
+    # -- mirror (primary) --------------------------------------------------------------
+    def wants_copy(self, w: Write) -> bool:
+        """Must ``w`` be mirrored (the peer neither acknowledged nor has it queued)?"""
+        return w.seq > self.mirror_acked and not (self.mirror_q and w.seq <= self.mirror_q[-1].seq)
+
+    def not_mirrored(self, w: Write) -> None:
+        """``w`` was applied without a copy (journaled): the peer gets it by resync."""
+        if w.seq > self.mirror_acked:
+            self.mirror_hole = True
+
+    def queue_copy(self, lun: int, w: Write) -> Write:
+        """The copy of ``w`` for the secondary, queued until it acknowledges it."""
+        flags = WriteFlags.MIRROR | (w.flags & WriteFlags.FUA)
+        if self.mirror_hole:
+            flags |= WriteFlags.HOLE_RESYNCED
+            self.mirror_hole = False
+        copy = Write(lun, flags, w.stream, w.seq, w.offset, w.data, w.prev)
+        self.mirror_q.append(copy)
+        self.mirror_bytes += len(w.data)
+        self.mirror_top = max(self.mirror_top, w.seq)
+        return copy
+
+    def ack_possible(self, seq: int) -> bool:
+        """An ACK from the peer may only cover what was sent to it."""
+        return seq <= max(self.mirror_top, self.mirror_acked)
+
+    def mirror_acked_to(self, seq: int) -> list[Write]:
+        """The peer has everything up to ``seq`` durable: release those copies."""
+        self.mirror_acked = max(self.mirror_acked, seq)
+        out = []
+        while self.mirror_q and self.mirror_q[0].seq <= self.mirror_acked:
+            w = self.mirror_q.popleft()
+            self.mirror_bytes -= len(w.data)
+            out.append(w)
+        return out
+
+    def drop_copies(self) -> list[Write]:
+        """Suspension: the queued copies will not be sent; their regions go to the journal."""
+        out = list(self.mirror_q)
+        if out:
+            self.mirror_hole = True
+        self.mirror_q.clear()
+        self.mirror_bytes = 0
+        self.mirror_link = None
+        return out
+
+    def mark_hole(self) -> None:
+        """The next copy tells the secondary a resync fills what is before it."""
+        if self.mirror_q:
+            w = self.mirror_q[0]
+            self.mirror_q[0] = Write(w.lun, w.flags | WriteFlags.HOLE_RESYNCED, w.stream, w.seq,
+                                     w.offset, w.data, w.prev)
+        else:
+            self.mirror_hole = True
+
+    def resend_reaches(self, have: int) -> bool:
+        """Would resending the queue give a peer that has up to ``have`` no hole?"""
+        head = self.mirror_q[0].prev if self.mirror_q else self.received_seq
+        return head <= have
+
+
+__all__ = ["Backend", "LunPipeline", "Order", "order"]
