@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections import deque
 from typing import Any
 
 from edge.backends import BackendNotReady
 from edge.blockstore import Blockstore, Record
+from edge.shipping import COALESCE_BYTES, Shipper
 from steelfusion import authconfig, log
 from steelfusion.config import EdgeConfig
 from steelfusion.link import Link, dial
@@ -40,8 +40,6 @@ from steelfusion.wire import Read as ReadMsg
 
 _log = log.get("uplink")
 
-BATCH_BYTES = 4 << 20
-COALESCE_BYTES = 512 * 1024
 SHIP_GATHER_S = 0.002  # seed: replication payloads are "as large as 512 KB"
 SHIP_GATHER_STEPS = 5  # at most 10 ms from the first unshipped write to its shipping
 
@@ -56,13 +54,7 @@ class CoreUplink:
         self.primary_name: str | None = None
         self.primary_addr: tuple[str, int] | None = None
         self.connected = asyncio.Event()
-        self.send_q: deque[Record] = deque()
-        self.inflight_bytes = 0
-        self.unshipped_bytes = 0  # appended, not yet handed to the link
-        self._frames: dict[int, deque[tuple[int, int]]] = {}  # lun -> (last seq, bytes) sent
-        # lun -> seq of the last write shipped on this connection: the next frame's ``prev``,
-        # so the Core can tell a resend from a hole (DESIGN invariant 6)
-        self._prev: dict[int, int] = {}
+        self.ship = Shipper(cfg.window_bytes)  # the shipping rules (sans-IO)
         self._kick = asyncio.Event()
         self._reads: dict[int, asyncio.Future[bytes]] = {}
         self._req = itertools.count(1)
@@ -149,16 +141,12 @@ class CoreUplink:
         self.primary_addr = addr
         self.connects += 1
         # Resend everything uncommitted, in the hosts' acknowledgement order.
-        self.send_q = deque(self.bs.uncommitted())
-        self.unshipped_bytes = sum(r.length for r in self.send_q)
-        self._frames.clear()
-        self._prev = dict(self.bs.committed_seq)  # the Core has everything up to these
-        self.inflight_bytes = 0
+        self.ship.reset(self.bs.uncommitted(), self.bs.committed_seq)
         self.connected.set()
         self._kick.set()
         _log.info("core_connected", core=answer.node, address=format_addr(addr),
-                  epoch=answer.epoch, resend_writes=len(self.send_q),
-                  resend_bytes=sum(r.length for r in self.send_q))
+                  epoch=answer.epoch, resend_writes=len(self.ship.send_q),
+                  resend_bytes=self.ship.unshipped_bytes)
         return link
 
     def _on_lost(self, link: Link) -> None:
@@ -177,14 +165,7 @@ class CoreUplink:
     def _on_message(self, link: Link, msg: Message) -> None:
         if isinstance(msg, Ack):
             if msg.stream == self.bs.stream:
-                # In-flight accounting per frame, not per record: a frame's bytes
-                # leave the window when its last seq is acknowledged.
-                frames = self._frames.get(msg.lun)
-                if frames:
-                    freed = 0
-                    while frames and frames[0][0] <= msg.seq:
-                        freed += frames.popleft()[1]
-                    self.inflight_bytes = max(0, self.inflight_bytes - freed)
+                self.ship.on_ack(msg.lun, msg.seq)
                 self.bs.commit(msg.lun, msg.seq)
                 self._kick.set()
         elif isinstance(msg, ReadReply):
@@ -204,8 +185,7 @@ class CoreUplink:
     # -- shipping ---------------------------------------------------------------------
     def _on_append(self, rec: Record) -> None:
         if self.link is not None:
-            self.send_q.append(rec)
-            self.unshipped_bytes += rec.length
+            self.ship.append(rec)
             self._kick.set()
 
     async def _pump(self) -> None:
@@ -217,7 +197,7 @@ class CoreUplink:
             # once a frame's worth is queued, or after SHIP_GATHER_MAX_S at the latest.
             for _ in range(SHIP_GATHER_STEPS):
                 await asyncio.sleep(SHIP_GATHER_S)
-                if self.unshipped_bytes >= COALESCE_BYTES or self.link is None:
+                if self.ship.unshipped_bytes >= COALESCE_BYTES or self.link is None:
                     break
             self._kick.clear()
             try:
@@ -232,55 +212,22 @@ class CoreUplink:
         link = self.link
         if link is None or not link.established:
             return
+        frames = self.ship.next_frames(self.bs.committed_seq)
+        if not frames:
+            return
+        data_of = self.bs.data_of
+        stream = self.bs.stream
         bufs: list[bytes | memoryview] = []  # encoded frames, data not copied
-        frames_out = 0
-        size = 0
-        q = self.send_q
-        committed = self.bs.committed_seq
-        while q and self.inflight_bytes < self.cfg.window_bytes and size < BATCH_BYTES:
-            rec = q.popleft()
-            self.unshipped_bytes -= rec.length
-            if rec.seq <= committed.get(rec.lun, 0):
-                continue  # committed meanwhile
-            # Coalesce a run of contiguous writes to one LUN, in order, into one frame
-            # (issue: "coalescing writes to the Core where order allows"). The frame
-            # carries the run's last seq: a Core that already applied part of the run
-            # re-applies those same bytes, and nothing newer can have touched them.
-            data_of = self.bs.data_of
-            parts = [data_of(rec)]
-            n = rec.length
-            last = rec
-            lun = rec.lun
-            floor = committed.get(lun, 0)
-            while q:
-                nxt = q[0]
-                if (nxt.lun != lun or nxt.offset != last.offset + last.length
-                        or n + nxt.length > COALESCE_BYTES or nxt.seq <= floor):
-                    break
-                last = q.popleft()
-                parts.append(data_of(last))
-                n += last.length
-                self.unshipped_bytes -= last.length
-            # The write before this frame: the last one shipped here, or one the Core has
-            # acknowledged since (it has everything up to ``committed``).
-            prev = max(self._prev.get(lun, 0), floor)
-            self._prev[lun] = last.seq
-            bufs.extend(encode_write(lun, 0, self.bs.stream, last.seq, rec.offset, parts, prev))
-            frames_out += 1
-            frames = self._frames.get(lun)
-            if frames is None:
-                frames = self._frames[lun] = deque()
-            frames.append((last.seq, n))
-            self.inflight_bytes += n
-            size += n
-        if bufs:
-            link.send_frames(bufs)
-            self.writes_sent += frames_out
-            self.bytes_sent += size
-            if not link.writable:
-                await link.drain()
-            if self.send_q and self.inflight_bytes < self.cfg.window_bytes:
-                self._kick.set()
+        for f in frames:
+            bufs.extend(encode_write(f.lun, 0, stream, f.seq, f.offset,
+                                     [data_of(r) for r in f.recs], f.prev))  # type: ignore[arg-type]
+        link.send_frames(bufs)
+        self.writes_sent += len(frames)
+        self.bytes_sent += sum(f.nbytes for f in frames)
+        if not link.writable:
+            await link.drain()
+        if self.ship.more:
+            self._kick.set()
 
     # -- reads ---------------------------------------------------------------------------
     async def read(self, lun: int, offset: int, length: int) -> bytes:
@@ -316,8 +263,9 @@ class CoreUplink:
         return {"connected": self.link is not None and self.link.established,
                 "core": self.primary_name,
                 "address": format_addr(self.primary_addr) if self.primary_addr else None,
-                "epoch": self.bs.epoch, "inflight_bytes": self.inflight_bytes,
-                "queued_writes": len(self.send_q), "unshipped_bytes": self.unshipped_bytes,
+                "epoch": self.bs.epoch, "inflight_bytes": self.ship.inflight_bytes,
+                "queued_writes": len(self.ship.send_q),
+                "unshipped_bytes": self.ship.unshipped_bytes,
                 "connects": self.connects,
                 "writes_sent": self.writes_sent, "bytes_sent": self.bytes_sent,
                 "refusals": self.refusals,
