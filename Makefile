@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEBS := python3-venv libiscsi-bin qemu-utils e2fsprogs tgt iproute2
 PYTEST_ARGS ?=
 
-.PHONY: install debs venv demo test lint bench clean
+.PHONY: install debs venv demo test lint bench sim clean
 
 install: debs venv
 
@@ -43,6 +43,10 @@ lint: install
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
+
+SEEDS ?= 100000
+sim: install
+	$(PY) -m steelfusion.cli sim --seeds $(SEEDS)
 
 bench: install
 	$(PY) -m steelfusion.cli bench

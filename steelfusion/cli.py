@@ -334,5 +334,45 @@ def bench_path(count: int, quick: bool, as_json: bool) -> None:
         print(render(results))
 
 
+@main.command()
+@click.option("--seeds", default=2000, show_default=True, help="How many seeds to run.")
+@click.option("--seed", "first", default=0, show_default=True, help="First seed (replay one).")
+@click.option("--writes", default=120, show_default=True, help="Host writes per seed.")
+@click.option("--plant", default=None, help="Plant bugs on purpose (comma-separated): "
+              "ack-before-fsync, skip-gap, lost-frames, seal-late.")
+@click.option("-v", "--verbose", is_flag=True, help="Print each seed's faults and events.")
+def sim(seeds: int, first: int, writes: int, plant: str | None, verbose: bool) -> None:
+    """Seeded in-memory simulation of Edge -> primary -> secondary under faults (issue 9)."""
+    import time
+
+    from steelfusion.sim import Sim, SimFailure
+
+    if "--seed" in sys.argv and "--seeds" not in sys.argv:
+        seeds = 1  # ``--seed N`` alone replays that seed
+    t0 = time.monotonic()
+    failed = 0
+    for seed in range(first, first + seeds):
+        s = Sim(seed, plant=plant, writes=writes)
+        try:
+            r = s.run()
+        except (SimFailure, ValueError) as e:
+            failed += 1
+            click.echo(f"FAIL {e}", err=True)
+            if verbose:
+                click.echo("\n".join(s.log), err=True)
+            if failed >= 5:
+                break
+            continue
+        if verbose:
+            click.echo(f"seed {seed}: {r.writes} writes, {r.committed} committed, faults "
+                       f"{r.faults}, {r.gaps} gaps refused, {r.end_time:.2f} virtual s")
+            click.echo("\n".join(s.log))
+    el = time.monotonic() - t0
+    click.echo(f"{seeds - failed} passed, {failed} failed ({el:.1f} s, seeds {first}.."
+               f"{first + seeds - 1}{', planted ' + plant if plant else ''})")
+    if failed:
+        sys.exit(1)
+
+
 if __name__ == "__main__":
     main()
