@@ -1,27 +1,10 @@
-"""The Core process: serves LUNs to Edges and mirrors every write to its peer.
+"""The Core process: the asyncio adapter around :class:`core.engine.CoreEngine`.
 
-Write path (seed 002, "SteelFusion replication design overview", steps 1-5):
-
-1. an Edge's WRITE arrives on its link (``_on_edge_write``), in the Edge's
-   write order for that LUN;
-2. the primary notes the regions in the journal's activity log (DESIGN
-   invariant 5), applies the write to the backend
-   (:class:`core.lunstore.LunStore`) and queues a copy for the secondary;
-3. the backend write becomes durable with the next group commit;
-4. the secondary applies the copy, makes it durable and ACKs;
-5. the primary ACKs the Edge (cumulatively) only when both are durable
-   (:meth:`Core._progress`).
-
-Replication states (:mod:`core.replication`): when the secondary is
-unreachable the primary is *paused* — writes keep being applied and queued
-up to the mirror window, none is acknowledged, and once the window is full
-the Edges' connections stop being read, so the Edges buffer. When the link
-returns, the queue is resent and acks flow again by themselves.
-*Suspended* (Witness-approved) writes are journaled and acknowledged after
-the journal write; *resume* resyncs the journaled regions (128 KiB payloads,
-seed "replication metrics") while new writes are mirrored. *Failover* makes
-the secondary primary (suspended, epoch + 1) when neither it nor the Witness
-can reach the primary; a primary that learns a newer epoch becomes secondary.
+The engine decides (admission, write streams, mirror, resync, states); this
+module gives it sockets (:mod:`steelfusion.link`), backend files
+(:mod:`core.lunstore`), the Journal LUN, the Witness client, a clock, the
+diallers to the peer, the resync driver, online verify and the control
+server for ``coredr``.
 """
 
 from __future__ import annotations
@@ -34,102 +17,49 @@ import json
 import os
 import signal
 import time
-from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from core.engine import CoreEngine, Progress
 from core.lunstore import AppliedState, LunError, LunStore
-from core.pipeline import LunPipeline, Order
-from core.replication import Effect, Event, Refused, Rep, State, initial, step
+from core.pipeline import LunPipeline
+from core.replication import Event, Refused, Rep, State, step
 from steelfusion import authconfig, control, log
 from steelfusion.atomic import atomic_write
 from steelfusion.config import CoreConfig
 from steelfusion.link import Link, dial, listen
 from steelfusion.units import format_addr
-from steelfusion.wire import (
-    Ack,
-    Control,
-    Hello,
-    Message,
-    Read,
-    ReadReply,
-    ReadStatus,
-    Refuse,
-    Welcome,
-    Write,
-    WriteFlags,
-)
+from steelfusion.wire import Control, Hello
 
 _log = log.get("core")
 
-GIB = 1 << 30
-LunPipe = LunPipeline[LunStore]
-RESYNC_STREAM = 2**64 - 1  # acks of resync payloads travel on this stream id
-RESYNC_CHUNK = 128 * 1024  # seed: initial synchronization payloads are 128 KB
-RESYNC_WINDOW = 16 << 20
-AL_LOOKAHEAD = 4 << 20  # activity-log regions noted ahead of a sequential stream
 VERIFY_BATCH = 64  # regions per hash request
 
 
-@dataclass(slots=True)
-class Progress:
-    total: int = 0
-    done: int = 0
-    started: float = 0.0
-
-    def view(self) -> dict[str, Any]:
-        el = max(1e-6, time.monotonic() - self.started)
-        rate = self.done / el
-        left = max(0, self.total - self.done)
-        return {"bytes_done": self.done, "bytes_total": self.total,
-                "percent": round(100 * self.done / self.total, 1) if self.total else 100.0,
-                "rate_bytes_s": round(rate), "eta_s": round(left / rate, 1) if rate > 0 else None,
-                "elapsed_s": round(el, 1)}
-
-
-class Core:
+class Core(CoreEngine):
     def __init__(self, cfg: CoreConfig) -> None:
-        self.cfg = cfg
-        self.name = cfg.name
         self.auth = authconfig.load(cfg.source)
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = self.state_dir / "core-state.json"
-        st = self._load_state()
-        self.rep = self._restart_rep(st)
-        self.peer_synced = bool(st.get("synced", not cfg.initial_sync))
-        self.events: deque[dict[str, Any]] = deque(maxlen=2000)
-        self._event_no = 0
-        self.alarms: dict[str, dict[str, Any]] = {}
+        super().__init__(cfg, self._load_state())
         self.applied = AppliedState(self.state_dir / "applied.state")
-        self.pipes: dict[int, LunPipe] = {}
         if self.applied.corrupt_slots:
             self.raise_alarm("applied_state_corrupt", f"{self.applied.corrupt_slots} slot(s) of "
                              "applied.state failed their CRC; resent writes will be re-applied")
         for lc in cfg.luns:
             store = LunStore(lc.id, lc.path, lc.size)
             stream, seq = self.applied.get(lc.id)
-            self.pipes[lc.id] = LunPipe.restarted(store, stream, seq)
+            self.pipes[lc.id] = LunPipeline.restarted(store, stream, seq)
             store.on_durable(functools.partial(self._on_durable, lc.id))  # called with target
             store.seal = functools.partial(self._seal, lc.id)
-        self.journal: Any = None
-        self.replication_enabled = cfg.peer is not None
         if cfg.journal_path:
             self._open_journal()
         self._save_state()
-        self.edge_links: set[Link] = set()
-        self.peer_out: dict[int, Link] = {}  # dialler index -> established link to peer
-        self.peer_in: set[Link] = set()
-        self.mirror_in: set[Link] = set()
-        self.peer_info: dict[str, Any] = {}
-        self.witness: Any = None
-        self.resync = Progress()
         self.verify_last: dict[str, Any] | None = None
-        self.diverged: dict[int, list[int]] = {}  # regions to hand to the new primary
-        self._peer_up = False
         self._resync_task: asyncio.Task[None] | None = None
         self._resync_wake = asyncio.Event()
         self._rpc_no = 0
@@ -137,9 +67,64 @@ class Core:
         self._diallers: list[asyncio.Task[None]] = []
         self._server: asyncio.AbstractServer | None = None
         self._control: asyncio.AbstractServer | None = None
-        self._reading_paused = False
         self.started = time.time()
         self.stopping = asyncio.Event()
+
+    # -- engine hooks ---------------------------------------------------------------------
+    def now(self) -> float:
+        return time.time()
+
+    def mono(self) -> float:
+        return time.monotonic()
+
+    def _persist(self, state: dict[str, Any]) -> None:
+        atomic_write(self.state_file, json.dumps(state).encode())
+
+    def _release_witness(self) -> None:
+        if self.witness is not None:
+            asyncio.get_running_loop().create_task(self.witness.release())
+
+    def _later(self, fn: Callable[[], None]) -> None:
+        asyncio.get_running_loop().call_soon(fn)
+
+    def _resync_run(self) -> None:
+        self._resync_halt()
+        self._resync_task = asyncio.get_running_loop().create_task(self._resync_loop())
+
+    def _resync_halt(self) -> None:
+        if self._resync_task is not None:
+            self._resync_task.cancel()
+            self._resync_task = None
+
+    def _resync_wakeup(self) -> None:
+        self._resync_wake.set()
+
+    def _on_hashes(self, link: Any, body: dict[str, Any]) -> None:
+        asyncio.get_running_loop().create_task(self._answer_hashes(link, body))
+
+    def _on_reply(self, link: Any, body: dict[str, Any]) -> None:
+        fut = getattr(link, "rpc", {}).pop(body.get("req"), None)
+        if fut is not None and not fut.done():
+            fut.set_result(body)
+
+    async def _resync_loop(self) -> None:
+        """Drive :meth:`CoreEngine.resync_pump` until every journaled region is copied."""
+        j = self.journal
+        while True:
+            what = self.resync_pump()
+            if what == "drain":
+                await self.resync_drain.drain()
+            elif what == "wait":
+                self._resync_wake.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._resync_wake.wait(), 1.0)
+            elif what == "sent":
+                await asyncio.sleep(0)
+            else:
+                await j.commit()
+                self._resync_task = None
+                self.resync_committed()
+                return
 
     # -- persistent role/state/epoch ------------------------------------------------
     def _load_state(self) -> dict[str, Any]:
@@ -150,35 +135,6 @@ class Core:
             return {}
         except ValueError as e:
             raise LunError(f"{self.state_file}: unreadable state file: {e}") from None
-
-    def _restart_rep(self, st: dict[str, Any]) -> Rep:
-        role = st.get("role", self.cfg.role)
-        epoch = int(st.get("epoch", 1))
-        rep = initial(role, self.cfg.peer is not None, epoch)
-        try:
-            saved = State(st.get("state", rep.state.value))
-        except ValueError:
-            saved = rep.state
-        # A restart keeps what must survive: suspension (the journal holds its regions and the
-        # Witness its approval), inconsistency, termination. Link states start over.
-        if role == "primary" and saved is State.RESYNCING:
-            saved = State.SUSPENDED
-        if saved in (State.SUSPENDED, State.TERMINATED, State.INCONSISTENT):
-            return Rep(role, saved, epoch)
-        return rep
-
-    def _save_state(self) -> None:
-        atomic_write(self.state_file, json.dumps({
-            "role": self.rep.role, "state": self.rep.state.value, "epoch": self.rep.epoch,
-            "name": self.name, "synced": self.peer_synced}).encode())
-
-    @property
-    def role(self) -> str:
-        return self.rep.role
-
-    @property
-    def epoch(self) -> int:
-        return self.rep.epoch
 
     def _open_journal(self) -> None:
         from journal.errors import JournalError
@@ -202,23 +158,6 @@ class Core:
         crashed = {lun: int(self.journal.crashed_al_regions(lun).size) for lun in self.pipes}
         if any(crashed.values()):
             self.event("journal_crash_regions", regions=crashed)
-
-    def raise_alarm(self, key: str, message: str) -> None:
-        if key not in self.alarms:
-            _log.error("alarm_raised", alarm=key, message=message)
-        self.alarms[key] = {"alarm": key, "message": message, "since": time.time()}
-
-    def clear_alarm(self, key: str) -> None:
-        if self.alarms.pop(key, None) is not None:
-            _log.info("alarm_cleared", alarm=key)
-
-    def event(self, name: str, **kv: Any) -> None:
-        """A state change: logged, and kept for ``coredr events`` (like DRBD's events2)."""
-        self._event_no += 1
-        ev = {"n": self._event_no, "time": time.time(), "event": name, "node": self.name,
-              "role": self.rep.role, "state": self.rep.state.value, "epoch": self.rep.epoch, **kv}
-        self.events.append(ev)
-        _log.info(name, **{k: v for k, v in ev.items() if k not in ("n", "time", "event", "node")})
 
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
@@ -274,488 +213,10 @@ class Core:
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(0.5)
-            w = self.witness
-            if w is not None and w.connected and w.pair_epoch > self.epoch \
-                    and self.role == "primary":
-                self._demote(w.pair_epoch, "the Witness knows a newer epoch")
-            if self.journal is not None and any(p.gate or p.jpending for p in self.pipes.values()):
-                self.journal.request_commit()
-            if self.rep.state is State.SUSPENDED:
-                if w is not None and not w.lease_valid():
-                    self.raise_alarm("witness_lease", "suspended without a live Witness lease: "
-                                     "Edge writes are not acknowledged until the Witness answers")
-                else:
-                    self.clear_alarm("witness_lease")
-                self._progress_all()
-            if self.journal is not None and self.journal.failed is not None:
-                f = self.journal.failed
-                self.raise_alarm(getattr(f, "alarm", "journal_offline"), str(f))
+            self.tick()
             if self.journal is not None:
                 with contextlib.suppress(Exception):
                     self.journal.refresh_size()
-
-    # -- replication state ----------------------------------------------------------
-    @property
-    def replication(self) -> str:
-        if self.role == "primary" and not self.cfg.peer:
-            return "standalone"
-        if self.role == "primary" and not self.replication_enabled:
-            return "disabled"
-        if self.rep.state is State.REPLICA and any(p.hole for p in self.pipes.values()):
-            return State.INCONSISTENT.value  # never "replica" over a hole we know of
-        return self.rep.state.value
-
-    def _fire(self, ev: Event, *, force: bool = False, **kv: Any) -> bool:
-        """Step the state machine and carry out its effects; False if the table refuses."""
-        try:
-            nxt, effects = step(self.rep, ev, force=force)
-        except Refused as e:
-            _log.debug("replication_event_ignored", replication_event=ev.value, reason=str(e))
-            return False
-        old = self.rep
-        self.rep = nxt
-        if Effect.SAVE in effects or nxt != old:
-            self._save_state()
-        if nxt != old:
-            self.event("replication_state", from_state=old.state.value, to=nxt.state.value,
-                       from_role=old.role, cause=ev.value, **kv)
-        for eff in effects:
-            self._effect(eff)
-        return True
-
-    def _effect(self, eff: Effect) -> None:
-        if eff is Effect.JOURNAL_QUEUE:
-            self._queue_to_journal()
-        elif eff is Effect.START_RESYNC:
-            self._start_resync()
-        elif eff is Effect.STOP_RESYNC:
-            self._stop_resync()
-        elif eff is Effect.RELEASE_WITNESS and self.witness is not None:
-            asyncio.get_running_loop().create_task(self.witness.release())
-        elif eff is Effect.REFUSE_EDGES:
-            for lk in list(self.edge_links):
-                lk.refuse("not-primary", f"Core {self.name} is no longer primary (epoch "
-                          f"{self.epoch})")
-        elif eff is Effect.MIRROR:
-            for lun, p in self.pipes.items():
-                self._resend_mirror(lun, p)
-        self._check_paused()
-        self._progress_all()
-
-    def _peer_reachable(self) -> bool:
-        return (any(lk.established for lk in self.peer_out.values())
-                or any(lk.established for lk in [*self.peer_in, *self.mirror_in]))
-
-    @property
-    def mirror_links(self) -> list[Link]:
-        """Outbound links to a peer that accepted us as its primary."""
-        return [lk for lk in self.peer_out.values()
-                if lk.established and lk.welcome is not None and lk.welcome.role == "secondary"]
-
-    def _update_peer(self) -> None:
-        """Fire PEER_UP / PEER_DOWN when the set of usable links changes."""
-        up = bool(self.mirror_links) if self.role == "primary" else any(
-            lk.established for lk in self.mirror_in)
-        if up == self._peer_up:
-            return
-        self._peer_up = up
-        if up:
-            self._fire(Event.PEER_UP)
-            if self.role == "primary" and self.journal is not None:
-                if not self.peer_synced:
-                    for lun in self.pipes:
-                        self.journal.mark_all_dirty(lun)
-                    self.event("initial_sync_needed")
-                if self.rep.state is State.RUNNING and any(
-                        self.journal.dirty_count(lun) for lun in self.pipes):
-                    self._fire(Event.RESYNC_NEEDED)
-        else:
-            self._fire(Event.PEER_DOWN)
-
-    # -- link events --------------------------------------------------------------
-    def _on_close(self, link: Link, exc: BaseException | None) -> None:
-        kind = link.ctx
-        reason = link.close_reason or (str(exc) if exc else "closed")
-        if kind == "edge":
-            self.edge_links.discard(link)
-            for p in self.pipes.values():
-                if p.upstream is link:
-                    p.upstream = None
-                    p.waiting.clear()
-            self.event("edge_disconnected", peer=link.peer,
-                       edge=link.hello.node if link.hello else None, reason=reason)
-        elif kind == "mirror-in":
-            self.mirror_in.discard(link)
-            for p in self.pipes.values():
-                if p.upstream is link:
-                    p.upstream = None
-                    p.waiting.clear()
-            _log.warning("replication_link_down", direction="in", peer=link.peer, reason=reason)
-        elif kind == "peer-in":
-            self.peer_in.discard(link)
-        elif kind == "peer-out":
-            for lun, p in self.pipes.items():
-                if p.resync_on is link:
-                    self._requeue_resync(p)
-                if p.mirror_link is link:
-                    p.mirror_link = None
-                    # what was in flight on it may be lost: resend the queue on another link
-                    # at once (the peer skips what it has) rather than leave a hole behind
-                    # the next copy
-                    if self.rep.mirrors:
-                        self._resend_mirror(lun, p)
-            self._resync_wake.set()
-        self._update_peer()
-        self._check_paused()
-
-    def _on_message(self, link: Link, msg: Message) -> None:
-        if isinstance(msg, Write):
-            if link.ctx == "edge":
-                self._on_edge_write(link, msg)
-            elif link.ctx == "mirror-in":
-                self._on_mirror_write(link, msg)
-            else:
-                link.refuse("unexpected-write", f"WRITE on a {link.ctx} connection")
-        elif isinstance(msg, Ack):
-            if link.ctx == "peer-out":
-                if msg.stream == RESYNC_STREAM:
-                    self._on_resync_ack(msg)
-                else:
-                    self._on_mirror_ack(msg)
-        elif isinstance(msg, Read):
-            self._on_read(link, msg)
-        elif isinstance(msg, Hello):
-            self._on_hello(link, msg)
-        elif isinstance(msg, Welcome):
-            self._on_welcome(link, msg)
-        elif isinstance(msg, Refuse):
-            self._on_refuse(link, msg)
-        elif isinstance(msg, Control):
-            self._on_control(link, msg.body)
-
-    def _on_refuse(self, link: Link, msg: Refuse) -> None:
-        _log.error("refused_by_peer", peer=link.peer, link=link.name, code=msg.code,
-                   reason=msg.reason)
-        if msg.code == "sequence-gap" and link.ctx == "peer-out" and self.role == "primary":
-            lun, have = msg.info.get("lun"), msg.info.get("have")
-            if isinstance(lun, int) and isinstance(have, int) and msg.info.get("source") == "mirror":
-                self._peer_gap(lun, have)
-        if msg.code == "stale-primary" and link.ctx == "peer-out" and self.role == "primary":
-            newer = msg.info.get("epoch")
-            if isinstance(newer, int) and newer > self.epoch:
-                self._demote(newer, f"peer {msg.info.get('node', '?')} is primary at epoch {newer}")
-        link.close(f"refused: {msg.reason}")
-
-    def _on_hello(self, link: Link, h: Hello) -> None:
-        if h.purpose == "edge":
-            self._accept_edge(link, h)
-        elif h.purpose == "replication":
-            self._accept_peer(link, h)
-        else:
-            _log.warning("hello_refused", peer=link.peer, node=h.node, purpose=h.purpose)
-            link.refuse("bad-purpose", f"unknown connection purpose {h.purpose!r}")
-
-    def _welcome(self, link: Link, **info: Any) -> None:
-        applied = {lun: (p.stream, p.durable_seq) for lun, p in self.pipes.items()}
-        link.send(Welcome(self.name, self.role, self.epoch, applied,
-                          {"state": self.rep.state.value, "synced": self.peer_synced, **info}))
-
-    def _accept_edge(self, link: Link, h: Hello) -> None:
-        def refuse(code: str, reason: str, **info: Any) -> None:
-            _log.error("edge_refused", edge=h.node, peer=link.peer, code=code, reason=reason)
-            link.send(Refuse(code, reason, info))
-            link.close(reason)
-
-        if self.role != "primary":
-            return refuse("not-primary", f"Core {self.name} is the secondary: it serves no Edge "
-                          "(seed: the secondary Core cannot have any active Edges); "
-                          "connect to the primary Core", epoch=self.epoch)
-        for lun, size in h.luns.items():
-            pipe = self.pipes.get(lun)
-            if pipe is None:
-                return refuse("unknown-lun", f"Core {self.name} has no LUN id {lun} "
-                              f"(it has {sorted(self.pipes)})")
-            if pipe.store.size != size:
-                return refuse("lun-size-mismatch",
-                              f"Edge {h.node} exports LUN id {lun} as {size} bytes but Core "
-                              f"{self.name}'s backend {pipe.store.path} is {pipe.store.size} bytes")
-            up = pipe.upstream
-            if up is not None and up.established and up is not link:
-                return refuse("lun-busy", f"LUN id {lun} is already served to Edge "
-                              f"{up.hello.node if up.hello else up.peer}")
-        if h.epoch > self.epoch:
-            return refuse("stale-primary", f"Edge {h.node} has seen epoch {h.epoch}; this Core is "
-                          f"at epoch {self.epoch} and is no longer primary", epoch=h.epoch)
-        link.ctx = "edge"
-        self.edge_links.add(link)
-        stream = h.info.get("stream")
-        committed = h.info.get("committed")
-        committed = committed if isinstance(committed, dict) else {}
-        for lun in h.luns:
-            p = self.pipes[lun]
-            p.upstream = link
-            p.waiting.clear()
-            if isinstance(stream, int) and stream and stream != p.stream:
-                self._switch_stream(lun, p, stream)
-            c = committed.get(str(lun))
-            p.floor = 0
-            if isinstance(c, int) and c > p.received_seq:
-                # The Edge was told writes up to ``c`` are safe, and this Core lacks some.
-                # After a failover from a suspended primary that is the seed's documented
-                # loss (the old primary journaled them); anywhere else it is a bug to see.
-                p.floor = c
-                info = dict(lun=lun, edge=h.node, edge_committed=c, have=p.received_seq)
-                if h.epoch < self.epoch:
-                    self.event("edge_ahead_after_failover", **info)
-                else:
-                    self.raise_alarm(f"lun_{lun}_edge_ahead",
-                                     f"Edge {h.node} had LUN id {lun}'s writes up to seq {c} "
-                                     f"acknowledged, this Core has only up to {p.received_seq}: "
-                                     "the writes between are not on this Core")
-                    self.event("edge_ahead", **info)
-        self._welcome(link)
-        self.event("edge_connected", edge=h.node, peer=link.peer, luns=sorted(h.luns))
-        if self._reading_paused and link.transport is not None:
-            link.transport.pause_reading()
-
-    def _accept_peer(self, link: Link, h: Hello) -> None:
-        def refuse(code: str, reason: str, **info: Any) -> None:
-            _log.error("peer_refused", peer_node=h.node, peer=link.peer, code=code, reason=reason)
-            link.send(Refuse(code, reason, {"node": self.name, "epoch": self.epoch, **info}))
-            link.close(reason)
-
-        if self.rep.state is State.TERMINATED:
-            return refuse("terminated", f"replication on {self.name} was terminated")
-        if h.role == self.role == "primary":
-            if h.epoch < self.epoch:
-                return refuse("stale-primary", f"{h.node} claims primary at epoch {h.epoch}; "
-                              f"{self.name} has been primary since epoch {self.epoch}")
-            if h.epoch > self.epoch:
-                self._demote(h.epoch, f"peer {h.node} is primary at epoch {h.epoch}")
-                return refuse("role-changed", f"{self.name} stepped down; reconnect")
-            return refuse("role-conflict", f"both Cores claim the primary role at epoch "
-                          f"{h.epoch} ({h.node} and {self.name}); run failover on one")
-        if h.role == self.role:
-            return refuse("role-conflict", f"both Cores claim the {h.role} role ({h.node} and "
-                          f"{self.name}); fix the configs or run failover")
-        # seed: "If you have HA configured on the primary Cores ... you must also configure it
-        # on the secondary Cores. The HA configuration must be the same in each case."
-        peer_ha = h.info.get("ha", "none")
-        if peer_ha != self.cfg.ha:
-            return refuse("ha-mismatch", f"HA configuration differs: {h.node} has ha={peer_ha}, "
-                          f"{self.name} has ha={self.cfg.ha}; configure HA the same on both sides")
-        peer_pair = h.info.get("pair")
-        if isinstance(peer_pair, str) and peer_pair != self.cfg.pair:
-            return refuse("pair-mismatch", f"{h.node} is configured for pair {peer_pair!r}, "
-                          f"{self.name} for {self.cfg.pair!r}")
-        self.peer_info = {"name": h.node, "role": h.role, "epoch": h.epoch}
-        if h.role == "primary":  # we are the secondary: this is a mirror stream
-            if h.epoch < self.epoch:
-                return refuse("stale-primary", f"{h.node} is at epoch {h.epoch}, older than "
-                              f"this Core's {self.epoch}")
-            own = sorted(set(self.pipes) - set(h.luns))
-            if own:
-                return refuse("secondary-has-luns", f"secondary Core {self.name} has LUN ids "
-                              f"{own} that {h.node} does not replicate (seed: the secondary Core "
-                              "cannot have any active Edges or LUNs of its own)")
-            for lun, size in h.luns.items():
-                pipe = self.pipes.get(lun)
-                if pipe is None:
-                    return refuse("unknown-lun", f"replica Core {self.name} has no LUN id {lun}")
-                if pipe.store.size < size or pipe.store.size - size > GIB:
-                    return refuse("replica-size", f"replica LUN id {lun} is {pipe.store.size} "
-                                  f"bytes, primary's is {size}: it must be at least as large and "
-                                  "within 1 GiB (seed: same size within 1 GiB)")
-            if h.epoch > self.epoch:
-                self.rep = Rep(self.rep.role, self.rep.state, h.epoch)
-                self._save_state()
-            link.ctx = "mirror-in"
-            self.mirror_in.add(link)
-            self._welcome(link)
-            _log.info("replication_link_up", direction="in", peer_node=h.node, peer=link.peer)
-            self._update_peer()
-            self._send_diverged(link)
-        else:
-            link.ctx = "peer-in"
-            self.peer_in.add(link)
-            self._welcome(link)
-
-    def _on_welcome(self, link: Link, w: Welcome) -> None:
-        if link.ctx != "peer-out":
-            return
-        self.peer_info = {"name": w.node, "role": w.role, "epoch": w.epoch}
-        _log.info("replication_link_up", direction="out", peer_node=w.node, peer=link.peer,
-                  link=link.name)
-        if self.role == "primary" and w.role == "secondary":
-            if w.info.get("synced") is True and not self.peer_synced:
-                self.peer_synced = True
-                self._save_state()
-            for lun, p in self.pipes.items():
-                if not self.peer_synced:
-                    p.mark_hole()  # the initial sync brings what came before
-                stream, seq = w.applied.get(lun, (0, 0))
-                if stream == p.stream and seq > p.mirror_acked:
-                    self._mirror_acked_to(lun, p, seq)
-                if self.rep.mirrors and (p.mirror_link is None or not p.mirror_link.established):
-                    p.mirror_link = None
-                    self._resend_mirror(lun, p)
-            self._update_peer()
-            self._check_paused()
-        elif self.role == "secondary" and w.role == "primary":
-            self._send_diverged(link)
-
-    # -- primary: Edge writes ------------------------------------------------------
-    def _on_edge_write(self, link: Link, w: Write) -> None:
-        p = self.pipes.get(w.lun)
-        if p is None or p.upstream is not link:
-            link.refuse("not-your-lun", f"LUN id {w.lun} was not opened on this connection")
-            return
-        if not p.store.check_range(w.offset, len(w.data)):
-            link.refuse("out-of-range", f"write at {w.offset}+{len(w.data)} beyond LUN id "
-                        f"{w.lun} of {p.store.size} bytes")
-            return
-        if w.stream != p.stream:
-            self._switch_stream(w.lun, p, w.stream)
-        verdict = p.admit(w)
-        if verdict is Order.GAP or verdict is Order.MALFORMED:
-            self._refuse_gap(link, w.lun, p, w, "edge")
-            return
-        if verdict is Order.NEXT and p.hole is not None:
-            self._hole_filled(w.lun, p)
-        p.waiting.append(w.seq)
-        ticket = 0
-        j = self.journal
-        if j is not None and w.seq > p.applied_seq and self.replication_enabled:
-            try:
-                if self.rep.journals:
-                    must = j.mark_dirty(w.lun, w.offset, len(w.data))
-                elif self.rep.mirrors:
-                    must = j.note_inflight(w.lun, w.offset, len(w.data))
-                    self._al_lookahead(w.lun, p, w.offset + len(w.data))
-                else:
-                    must = False
-            except Exception as e:  # an offline journal must not take the Core down
-                self.raise_alarm("journal_offline", f"journal write failed: {e}")
-                must = False
-            if must:
-                ticket = j.ticket
-        if ticket or p.gate:
-            p.gate.append((ticket, w))
-            if ticket:
-                j.request_commit()
-            return
-        self._apply_write(w.lun, p, w)
-
-    def _al_lookahead(self, lun: int, p: LunPipe, end: int) -> None:
-        """Sequential stream: put the next regions in the activity log ahead of time.
-
-        They enter idle (noted, then released at once), ride along with the
-        commit already under way, and the stream's next writes then find their
-        region durable in the AL instead of waiting for a journal commit each
-        (DRBD keeps hot extents for the same reason). Extra AL regions only
-        widen a post-crash resync, never narrow it.
-        """
-        j = self.journal
-        if p.last_end and end > p.last_end and end - p.last_end <= 1 << 20:
-            ahead = min(AL_LOOKAHEAD, p.store.size - end)
-            if ahead > 0:
-                j.note_inflight(lun, end, ahead)
-                j.peer_acked(lun, end, ahead)
-        p.last_end = end
-
-    def _apply_write(self, lun: int, p: LunPipe, w: Write) -> None:
-        self._apply(lun, p, w)
-        if self.rep.mirrors and self.cfg.peer:
-            if p.wants_copy(w):
-                self._mirror(lun, p, w)
-        else:
-            if self.rep.journals:
-                p.jlimit = max(p.jlimit, w.seq)
-            p.not_mirrored(w)  # the peer will get this one by resync, not by mirror
-        self._progress(lun, p)
-
-    def _refuse_gap(self, link: Link, lun: int, p: LunPipe, w: Write, source: str) -> None:
-        """A write whose predecessor this Core never got: refuse it, never skip the hole.
-
-        Dropping the connection makes the sender resend from what this Core
-        acknowledged, which fills the hole (DESIGN invariant 6).
-        """
-        have = max(p.received_seq, p.floor) if source == "edge" else p.received_seq
-        detail = (f"LUN id {lun}: {source} write seq {w.seq} follows seq {w.prev}, but this Core "
-                  f"has only up to seq {have} of stream {p.stream:#x}")
-        p.hole = detail
-        self.raise_alarm(f"lun_{lun}_sequence_gap", f"{detail}; refused, the sender resends")
-        self.event("sequence_gap", lun=lun, source=source, seq=w.seq, prev=w.prev, have=have,
-                   peer=link.peer)
-        link.send(Refuse("sequence-gap", detail, {"lun": lun, "have": have, "source": source}))
-        link.close(detail)
-
-    def _peer_gap(self, lun: int, have: int) -> None:
-        """The secondary refused a copy: it lacks writes before it (it has up to ``have``).
-
-        A resend of the mirror queue fills the hole when the queue reaches back
-        that far. When it does not (a replica that lost acknowledged writes,
-        or one never synced), only a resync can: the next copy says so and
-        every region is queued for resync.
-        """
-        p = self.pipes.get(lun)
-        if p is None or not self.rep.mirrors:
-            return
-        if p.resend_reaches(have):
-            return  # the resend on reconnection fills it
-        p.mark_hole()
-        self.raise_alarm(f"lun_{lun}_replica_behind",
-                         f"the secondary has LUN id {lun} only up to seq {have}, older than "
-                         "anything the primary can resend: the whole LUN is resynced")
-        if self.journal is not None:
-            self.journal.mark_all_dirty(lun)
-            self.journal.request_commit()
-            self._fire(Event.RESYNC_NEEDED)
-
-    def _hole_filled(self, lun: int, p: LunPipe) -> None:
-        self.event("sequence_gap_filled", lun=lun, seq=p.received_seq)
-        p.hole = None
-        self.clear_alarm(f"lun_{lun}_sequence_gap")
-
-    def _on_journal_durable(self, durable: int) -> None:
-        more = False
-        for lun, p in self.pipes.items():
-            while p.gate and p.gate[0][0] <= durable:
-                self._apply_write(lun, p, p.gate.popleft()[1])
-            if p.jpending is not None and p.jpending[0] <= durable:
-                p.jlimit = max(p.jlimit, p.jpending[1])
-                p.jpending = None
-                self._progress(lun, p)
-            more = more or bool(p.gate) or p.jpending is not None
-        if more and self.journal is not None:
-            # records appended during that commit need the next one; this runs inside the
-            # finishing commit, so ask once it is done
-            asyncio.get_running_loop().call_soon(self.journal.request_commit)
-
-    def _switch_stream(self, lun: int, p: LunPipe, stream: int) -> None:
-        if p.stream:
-            _log.warning("lun_stream_changed", lun=lun, old=p.stream, new=stream)
-        p.switch_stream(stream)
-
-    def _apply(self, lun: int, p: LunPipe, w: Write) -> None:
-        if w.stream != p.stream:
-            self._switch_stream(lun, p, w.stream)
-        try:
-            p.apply(w)  # a resend of a write this backend already has is skipped
-        except OSError as e:
-            self.raise_alarm(f"lun_{lun}_io", f"LUN id {lun} backend write failed: {e}")
-            raise
-
-    def _on_durable(self, lun: int, target: int) -> None:
-        p = self.pipes[lun]
-        p.durable_to(target)  # its applied slot is durable already (_seal)
-        last = None
-        link = None
-        while p.resync_issued and p.resync_issued[0][0] <= target:
-            _, last, link = p.resync_issued.popleft()
-        if last is not None and link is not None:
-            link.send(Ack(lun, RESYNC_STREAM, last))
-        self._progress(lun, p)
 
     def _seal(self, lun: int, target: int) -> functools.partial[None] | None:
         """A group commit of ``lun`` starts: persist its applied seq right after the data.
@@ -767,343 +228,6 @@ class Core:
         """
         seq = self.pipes[lun].sealed_seq()
         return None if seq is None else self.applied.sealer(lun, self.pipes[lun].stream, seq)
-
-    def _ack_limit(self, p: LunPipe) -> int:
-        limit = p.durable_seq
-        if self.rep.role != "primary" or not self.cfg.peer or not self.replication_enabled:
-            return limit
-        if self.rep.journals:
-            w = self.witness
-            if w is not None and not w.lease_valid():
-                return p.acked_seq  # fenced: the Witness may be granting the peer failover
-            return min(limit, p.jlimit)
-        if self.rep.mirrors:
-            return min(limit, p.mirror_acked)
-        return limit
-
-    def _progress(self, lun: int, p: LunPipe) -> None:
-        """Acknowledge upstream everything durable here and, per state, on the peer/journal."""
-        last = p.take_acks(self._ack_limit(p))
-        if last is not None and p.upstream is not None:
-            p.upstream.send(Ack(lun, p.stream, last))
-
-    def _progress_all(self) -> None:
-        for lun, p in self.pipes.items():
-            self._progress(lun, p)
-
-    # -- primary: mirroring ---------------------------------------------------------
-    def _mirror(self, lun: int, p: LunPipe, w: Write) -> None:
-        copy = p.queue_copy(lun, w)
-        link = self._mirror_link_for(lun, p)
-        if link is not None:
-            link.send(copy)
-        self._check_paused()
-
-    def _mirror_link_for(self, lun: int, p: LunPipe) -> Link | None:
-        if p.mirror_link is not None and p.mirror_link.established:
-            return p.mirror_link
-        links = self.mirror_links
-        if not links:
-            p.mirror_link = None
-            return None
-        p.mirror_link = links[lun % len(links)]
-        return p.mirror_link
-
-    def _resend_mirror(self, lun: int, p: LunPipe) -> None:
-        link = self._mirror_link_for(lun, p)
-        if link is not None and p.mirror_q:
-            link.send_many(list(p.mirror_q))
-
-    def _on_mirror_ack(self, a: Ack) -> None:
-        p = self.pipes.get(a.lun)
-        if p is None or a.stream != p.stream:
-            return
-        if not p.ack_possible(a.seq):
-            # an ACK may only cover what was sent (a contiguous prefix of it): never release
-            # on an acknowledgement of writes the peer cannot have had
-            self.raise_alarm(f"lun_{a.lun}_bad_ack", f"the secondary acknowledged LUN id {a.lun} "
-                             f"up to seq {a.seq}, but only up to {p.mirror_top} was sent")
-            return
-        self._mirror_acked_to(a.lun, p, a.seq)
-        self._check_paused()
-
-    def _mirror_acked_to(self, lun: int, p: LunPipe, seq: int) -> None:
-        j = self.journal
-        for w in p.mirror_acked_to(seq):
-            if j is not None:
-                with contextlib.suppress(Exception):
-                    j.peer_acked(lun, w.offset, len(w.data))
-        self._progress(lun, p)
-
-    def _queue_to_journal(self) -> None:
-        """Suspension: what the peer never acknowledged becomes dirty in the journal."""
-        j = self.journal
-        if j is None:
-            return
-        with contextlib.suppress(Exception):
-            j.peer_lost()
-        for lun, p in self.pipes.items():
-            for w in p.drop_copies():
-                with contextlib.suppress(Exception):
-                    j.mark_dirty(lun, w.offset, len(w.data))
-            p.jpending = (j.ticket, p.applied_seq)
-        j.request_commit()
-        if j.durable >= j.ticket:
-            self._on_journal_durable(j.durable)
-
-    def _check_paused(self) -> None:
-        """Stop reading Edges while the mirror queue is over its window (they buffer)."""
-        total = sum(p.mirror_bytes for p in self.pipes.values())
-        want_pause = total > self.cfg.mirror_window_bytes
-        if want_pause and not self._reading_paused:
-            self._reading_paused = True
-            _log.warning("edge_intake_paused", mirror_queue_bytes=total,
-                         replication=self.replication)
-            for lk in self.edge_links:
-                if lk.transport is not None:
-                    lk.transport.pause_reading()
-        elif self._reading_paused and total <= self.cfg.mirror_window_bytes // 2:
-            self._reading_paused = False
-            _log.info("edge_intake_resumed", mirror_queue_bytes=total)
-            for lk in self.edge_links:
-                if lk.transport is not None:
-                    lk.transport.resume_reading()
-
-    # -- resync (primary) -------------------------------------------------------------
-    def _start_resync(self) -> None:
-        j = self.journal
-        if j is None:
-            return
-        self._stop_resync()
-        total = 0
-        for lun, p in self.pipes.items():
-            regions = j.dirty(lun)
-            p.resync_regions = deque(int(r) for r in regions)
-            total += j.dirty_bytes(lun)
-        self.resync = Progress(total=total, started=time.monotonic())
-        self._broadcast_peer({"op": "resync-start", "epoch": self.epoch})
-        self.event("resync_started", bytes_total=total)
-        self._resync_task = asyncio.get_running_loop().create_task(self._resync_loop())
-
-    def _requeue_resync(self, p: LunPipe) -> None:
-        """The link carrying ``p``'s resync frames is gone: copy their regions again."""
-        again: list[int] = []
-        for _, r, _, _ in p.resync_inflight:
-            if not again or again[-1] != r:
-                again.append(r)
-        p.resync_regions.extendleft(reversed(again))
-        p.resync_inflight.clear()
-        p.resync_bytes = 0
-        p.resync_on = None
-        p.rseq_prev = 0
-
-    def _stop_resync(self) -> None:
-        if self._resync_task is not None:
-            self._resync_task.cancel()
-            self._resync_task = None
-        for p in self.pipes.values():
-            p.resync_regions.clear()
-            p.resync_inflight.clear()
-            p.resync_bytes = 0
-            p.resync_on = None
-            p.rseq_prev = 0
-
-    async def _resync_loop(self) -> None:
-        """Copy each dirty region's current data to the peer, 128 KiB at a time.
-
-        A region is read and queued on the LUN's mirror link without yielding,
-        so every mirrored write is ordered either wholly before (and included
-        in the data read) or wholly after it: old resync data never lands on
-        top of a newer write.
-        """
-        j = self.journal
-        assert j is not None
-        while True:
-            progressed = False
-            for lun, p in self.pipes.items():
-                rb = j.region_bytes(lun)
-                while p.resync_regions and p.resync_bytes < RESYNC_WINDOW:
-                    link = self._mirror_link_for(lun, p)
-                    if link is None:
-                        break
-                    if link is not p.resync_on:
-                        self._requeue_resync(p)  # a new link: its chain starts from 0
-                        p.resync_on = link
-                    r = p.resync_regions.popleft()
-                    base = r * rb
-                    end = min(base + rb, p.store.size)
-                    frames = []
-                    for off in range(base, end, RESYNC_CHUNK):
-                        n = min(RESYNC_CHUNK, end - off)
-                        p.rseq += 1
-                        frames.append(Write(lun, WriteFlags.RESYNC, RESYNC_STREAM, p.rseq, off,
-                                            p.store.pread(off, n), p.rseq_prev))
-                        p.rseq_prev = p.rseq
-                        p.resync_inflight.append((p.rseq, r, off + n >= end, n))
-                        p.resync_bytes += n
-                    link.send_many(frames)  # type: ignore[arg-type]
-                    progressed = True
-                    if not link.writable:
-                        await link.drain()
-            if all(not p.resync_regions and not p.resync_inflight for p in self.pipes.values()):
-                break
-            if not progressed or any(p.resync_bytes >= RESYNC_WINDOW for p in self.pipes.values()):
-                self._resync_wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._resync_wake.wait(), 1.0)
-            else:
-                await asyncio.sleep(0)
-        remaining = sum(j.dirty_count(lun) for lun in self.pipes)
-        if remaining:  # regions dirtied again meanwhile (not expected while mirroring)
-            self._resync_task = None
-            self._start_resync()
-            return
-        await j.commit()
-        self._resync_task = None
-        self.peer_synced = True
-        self._broadcast_peer({"op": "resync-done", "epoch": self.epoch})
-        self.event("resync_done", **self.resync.view())
-        self._fire(Event.RESYNC_DONE)
-
-    def _on_resync_ack(self, a: Ack) -> None:
-        p = self.pipes.get(a.lun)
-        j = self.journal
-        if p is None or j is None:
-            return
-        done = []
-        while p.resync_inflight and p.resync_inflight[0][0] <= a.seq:
-            _, r, last, n = p.resync_inflight.popleft()
-            p.resync_bytes -= n
-            self.resync.done += n
-            if last:
-                done.append(r)
-        if done:
-            with contextlib.suppress(Exception):
-                j.clear_dirty(a.lun, done)
-        self._resync_wake.set()
-
-    def _broadcast_peer(self, body: dict[str, Any]) -> None:
-        links = self.mirror_links
-        if links:
-            links[0].send(Control(body))
-
-    # -- secondary: applying the primary's copies -----------------------------------
-    def _on_mirror_write(self, link: Link, w: Write) -> None:
-        p = self.pipes.get(w.lun)
-        if p is None or not p.store.check_range(w.offset, len(w.data)):
-            link.refuse("out-of-range", f"replicated write to LUN id {w.lun} at {w.offset} "
-                        "is outside the replica")
-            return
-        if w.flags & WriteFlags.RESYNC:
-            # Resync frames of a LUN come on one link, rseqs chained by prev from 0.
-            if link is not p.resync_link:
-                if w.prev != 0:
-                    self._refuse_gap(link, w.lun, p, w, "resync")
-                    return
-                p.resync_link = link
-                p.resync_last = 0
-            if w.prev != p.resync_last or w.seq <= w.prev:
-                self._refuse_gap(link, w.lun, p, w, "resync")
-                return
-            p.resync_last = w.seq
-            counter = p.store.pwrite(w.offset, w.data)
-            p.resync_issued.append((counter, w.seq, link))
-            p.bytes_written += len(w.data)
-            p.store.request_sync()
-            return
-        if w.stream != p.stream:
-            self._switch_stream(w.lun, p, w.stream)
-        have = p.received_seq
-        verdict = p.admit(w, resynced_hole_ok=True)
-        if verdict is Order.GAP or verdict is Order.MALFORMED:
-            self._refuse_gap(link, w.lun, p, w, "mirror")
-            return
-        if verdict is Order.NEXT and w.prev > have:
-            # the primary journaled what is missing and resyncs it: not a replica until done
-            self.event("mirror_hole_resynced", lun=w.lun, seq=w.seq, prev=w.prev, have=have)
-            self._fire(Event.RESYNC_START)
-        if verdict is Order.NEXT and p.hole is not None:
-            self._hole_filled(w.lun, p)
-        p.upstream = link
-        self._apply(w.lun, p, w)
-        p.waiting.append(w.seq)
-        self._progress(w.lun, p)
-
-    def _on_control(self, link: Link, body: dict[str, Any]) -> None:
-        op = body.get("op")
-        if op == "reply":
-            fut = getattr(link, "rpc", {}).pop(body.get("req"), None)
-            if fut is not None and not fut.done():
-                fut.set_result(body)
-            return
-        if op == "resync-start" and self.role == "secondary":
-            self._fire(Event.RESYNC_START)
-        elif op == "resync-done" and self.role == "secondary":
-            self.peer_synced = True
-            self._fire(Event.RESYNC_DONE)
-            self._save_state()
-        elif op == "hashes":
-            asyncio.get_running_loop().create_task(self._answer_hashes(link, body))
-        elif op == "diverged" and self.role == "primary":
-            self._take_diverged(link, body)
-        else:
-            _log.info("control_notice", peer=link.peer, body=body)
-
-    # -- demotion and diverged regions --------------------------------------------------
-    def _demote(self, epoch: int, why: str) -> None:
-        if self.role != "primary":
-            return
-        j = self.journal
-        if j is not None:
-            with contextlib.suppress(Exception):
-                j.peer_lost()
-            self.diverged = {lun: [int(r) for r in j.dirty(lun)] for lun in self.pipes}
-        for p in self.pipes.values():
-            p.mirror_q.clear()
-            p.mirror_bytes = 0
-            p.gate.clear()
-            p.waiting.clear()
-        if self._fire(Event.DEMOTE, why=why):
-            self.rep = Rep(self.rep.role, self.rep.state, max(self.epoch, epoch))
-            self._save_state()
-            if self.witness is not None:
-                self.witness.role = "secondary"
-            self.event("demoted", why=why, diverged_regions={
-                lun: len(v) for lun, v in self.diverged.items()})
-            for lk in list(self.peer_out.values()):
-                lk.close("role changed")
-
-    def _send_diverged(self, link: Link) -> None:
-        """Tell the new primary which regions we may hold that it lacks (DESIGN invariant 5)."""
-        if not self.diverged or self.role != "secondary":
-            return
-        j = self.journal
-        for lun, regions in self.diverged.items():
-            rb = j.region_bytes(lun) if j is not None else 1 << 20
-            link.send(Control({"op": "diverged", "lun": lun, "region_bytes": rb,
-                               "regions": regions}))
-        if j is not None:
-            for lun, regions in self.diverged.items():
-                with contextlib.suppress(Exception):
-                    j.clear_dirty(lun, regions)
-        self.event("diverged_regions_sent", regions={k: len(v) for k, v in self.diverged.items()})
-        self.diverged = {}
-
-    def _take_diverged(self, link: Link, body: dict[str, Any]) -> None:
-        j = self.journal
-        lun = body.get("lun")
-        rb = body.get("region_bytes")
-        regions = body.get("regions")
-        if j is None or lun not in self.pipes or not isinstance(rb, int) or rb <= 0 \
-                or not isinstance(regions, list):
-            _log.warning("diverged_regions_ignored", peer=link.peer)
-            return
-        size = self.pipes[lun].store.size
-        for r in regions:
-            if isinstance(r, int) and 0 <= r * rb < size:
-                j.mark_dirty(lun, r * rb, min(rb, size - r * rb))
-        j.request_commit()
-        self.event("diverged_regions_received", lun=lun, regions=len(regions))
 
     # -- verify ------------------------------------------------------------------------
     async def _rpc(self, link: Link, body: dict[str, Any], timeout: float = 60) -> dict[str, Any]:
@@ -1185,26 +309,6 @@ class Core:
             self._fire(Event.RESYNC_NEEDED)
             report["repair"] = "mismatched regions queued for resync"
         return report
-
-    # -- reads --------------------------------------------------------------------
-    def _on_read(self, link: Link, r: Read) -> None:
-        p = self.pipes.get(r.lun)
-        if link.ctx != "edge" or self.role != "primary":
-            link.send(ReadReply(r.req, ReadStatus.NOT_PRIMARY, b""))
-            return
-        if p is None:
-            link.send(ReadReply(r.req, ReadStatus.NO_SUCH_LUN, b""))
-            return
-        if not p.store.check_range(r.offset, r.length):
-            link.send(ReadReply(r.req, ReadStatus.OUT_OF_RANGE, b""))
-            return
-        try:
-            data = p.store.pread(r.offset, r.length)
-        except OSError as e:
-            self.raise_alarm(f"lun_{r.lun}_io", f"LUN id {r.lun} backend read failed: {e}")
-            link.send(ReadReply(r.req, ReadStatus.IO_ERROR, b""))
-            return
-        link.send(ReadReply(r.req, ReadStatus.OK, data))
 
     # -- outbound connections -------------------------------------------------------
     async def _peer_dialler(self, idx: int, iface: str) -> None:
@@ -1348,7 +452,7 @@ class Core:
         j = self.journal
         resync = None
         if self.rep.state is State.RESYNCING or (self._resync_task is not None):
-            resync = self.resync.view()
+            resync = self.resync.view(self.mono())
         w = self.witness
         return {
             "name": self.name, "role": self.role, "epoch": self.epoch,
@@ -1434,6 +538,7 @@ class Core:
         return {"status": status, "alarms": alarms, "suspend": suspend, "resume": resume,
                 "failover": failover, "terminate": terminate, "journal": journal,
                 "verify": verify, "verify_status": verify_status, "events": events, "stop": stop}
+
 
 
 async def run(cfg: CoreConfig) -> None:

@@ -232,6 +232,18 @@ class LunPipeline(Generic[B]):
         else:
             self.mirror_hole = True
 
+    def requeue_resync(self) -> None:
+        """The link carrying the resync frames is gone: copy their regions again."""
+        again: list[int] = []
+        for _, r, _, _ in self.resync_inflight:
+            if not again or again[-1] != r:
+                again.append(r)
+        self.resync_regions.extendleft(reversed(again))
+        self.resync_inflight.clear()
+        self.resync_bytes = 0
+        self.resync_on = None
+        self.rseq_prev = 0
+
     def resend_reaches(self, have: int) -> bool:
         """Would resending the queue give a peer that has up to ``have`` no hole?"""
         head = self.mirror_q[0].prev if self.mirror_q else self.received_seq

@@ -248,6 +248,15 @@ class Link(asyncio.BufferedProtocol):
     def writable(self) -> bool:
         return self._can_write.is_set()
 
+    def pause_reading(self) -> None:
+        """Stop reading from the peer (flow control: the Core's mirror window is full)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def refuse(self, code: str, reason: str) -> None:
         """Tell the peer why, then close once the refusal is flushed."""
         self.send(Refuse(code, reason))
