@@ -46,7 +46,7 @@ from typing import Any, Protocol
 
 from core.pipeline import LunPipeline, Order
 from core.replication import Effect, Event, Refused, Rep, State, initial, step
-from steelfusion import log
+from steelfusion import control, log
 from steelfusion.config import CoreConfig
 from steelfusion.wire import (
     Ack,
@@ -135,6 +135,11 @@ class CoreEngine:
         self.diverged: dict[int, list[int]] = {}  # regions to hand to the new primary
         self._peer_up = False
         self._reading_paused = False
+        # A secondary waiting for the Witness's answer to a failover takes no replication
+        # stream meanwhile: the primary must not start resyncing it (it would be
+        # inconsistent when the granted failover arrives, and refuse it; found by the
+        # simulation, seed 1207 --full: both Cores ended up secondary).
+        self.failover_pending = False
 
     # -- hooks: the adapter (core.node) or the simulation supplies these ------------------
     def now(self) -> float:
@@ -467,6 +472,9 @@ class CoreEngine:
 
         if self.rep.state is State.TERMINATED:
             return refuse("terminated", f"replication on {self.name} was terminated")
+        if self.failover_pending:
+            return refuse("failover-pending", f"{self.name} is waiting for the Witness's answer "
+                          "to a failover request; reconnect shortly")
         if h.role == self.role == "primary":
             if h.epoch < self.epoch:
                 return refuse("stale-primary", f"{h.node} claims primary at epoch {h.epoch}; "
@@ -535,6 +543,9 @@ class CoreEngine:
                 if not self.peer_synced:
                     p.mark_hole()  # the initial sync brings what came before
                 stream, seq = w.applied.get(lun, (0, 0))
+                # Never take the peer's word beyond what we have: writes we lost in a crash
+                # come again from the Edge and must be copied again (see resync-rewind).
+                seq = min(seq, p.received_seq)
                 if stream == p.stream and seq > p.mirror_acked:
                     self._mirror_acked_to(lun, p, seq)
                 if self.rep.mirrors and (p.mirror_link is None or not p.mirror_link.established):
@@ -542,6 +553,14 @@ class CoreEngine:
                     self._resend_mirror(lun, p)
             self._update_peer()
             self._check_paused()
+            j = self.journal
+            if w.info.get("state") == State.INCONSISTENT.value and self.rep.state is State.RUNNING \
+                    and j is not None and not any(j.dirty_count(lun) for lun in self.pipes):
+                # The secondary missed "resync-done" (it restarted just before it came): every
+                # region was copied and acknowledged durable, so tell it again. Found by the
+                # simulation (seed 19 --full): it stayed inconsistent for good.
+                link.send(Control({"op": "resync-done", "epoch": self.epoch}))
+                self.event("resync_done_resent", peer_node=w.node)
         elif self.role == "secondary" and w.role == "primary":
             self._send_diverged(link)
 
@@ -703,13 +722,31 @@ class CoreEngine:
         if self.rep.role != "primary" or not self.cfg.peer or not self.replication_enabled:
             return limit
         if self.rep.journals:
-            w = self.witness
-            if w is not None and not w.lease_valid():
-                return p.acked_seq  # fenced: the Witness may be granting the peer failover
+            if self.fenced():
+                # The Witness may be granting (or has granted) the peer: promise nothing new.
+                # Not even up to ``acked_seq``: after a restart that is the durable applied
+                # seq, writes this Core never acknowledged (found by the simulation, seed 276
+                # --full: a restarted stale primary acknowledged 18 resent writes after the
+                # failover, and they were lost).
+                return 0
             return min(limit, p.jlimit)
         if self.rep.mirrors:
             return min(limit, p.mirror_acked)
         return limit
+
+    def fenced(self) -> bool:
+        """Suspended without the Witness's backing: acknowledge nothing (DESIGN invariant 2).
+
+        The lease must be live, and the Witness must not have told us of a
+        newer epoch or taken the approval back: a lease renewed by an answer
+        that says "core-b is primary at epoch 2" is no licence to acknowledge
+        until the next housekeeping demotes us (found by the simulation, seed
+        290 --full: both Cores acknowledged for up to half a second).
+        """
+        w = self.witness
+        if w is None:
+            return False
+        return not w.lease_valid() or w.pair_epoch > self.epoch or w.holds is False
 
     def _progress(self, lun: int, p: LunPipe) -> None:
         """Acknowledge upstream everything durable here and, per state, on the peer/journal."""
@@ -723,25 +760,38 @@ class CoreEngine:
 
     # -- primary: mirroring ---------------------------------------------------------
     def _mirror(self, lun: int, p: LunPipe, w: Write) -> None:
+        link = self._mirror_link_for(lun, p)  # (a new link gets the queue first)
         copy = p.queue_copy(lun, w)
-        link = self._mirror_link_for(lun, p)
         if link is not None:
             link.send(copy)
         self._check_paused()
 
     def _mirror_link_for(self, lun: int, p: LunPipe) -> Any:
+        """The LUN's mirror link; a new one first gets every queued copy again.
+
+        Copies sent on the previous link may never have been applied (it
+        closed), and the next copy would follow a hole: the secondary would
+        refuse it. Resending the queue (it skips what it has) keeps the
+        chain whole. Found by the simulation (seed 178 --full).
+        """
         if p.mirror_link is not None and p.mirror_link.established:
             return p.mirror_link
         links = self.mirror_links
         if not links:
             p.mirror_link = None
             return None
-        p.mirror_link = links[lun % len(links)]
-        return p.mirror_link
+        link = p.mirror_link = links[lun % len(links)]
+        if p.mirror_q:
+            link.send_many(list(p.mirror_q))
+        return link
 
     def _resend_mirror(self, lun: int, p: LunPipe) -> None:
-        link = self._mirror_link_for(lun, p)
-        if link is not None and p.mirror_q:
+        """Send the queue again (a new link, or the peer asked): the peer skips what it has."""
+        had: Any = p.mirror_link
+        if had is not None and not had.established:
+            had = None
+        link: Any = self._mirror_link_for(lun, p)
+        if link is not None and link is had and p.mirror_q:
             link.send_many(list(p.mirror_q))
 
     def _on_mirror_ack(self, a: Ack) -> None:
@@ -845,6 +895,11 @@ class CoreEngine:
                 if link is not p.resync_on:
                     p.requeue_resync()  # a new link: its chain starts from 0
                     p.resync_on = link
+                    # The peer may hold writes newer than ours in what we overwrite (ours were
+                    # lost in a crash, or it is a demoted primary): it must take their copies
+                    # again rather than skip them (found by the simulation, seed 673 --full).
+                    link.send(Control({"op": "resync-rewind", "lun": lun, "stream": p.stream,
+                                       "seq": p.received_seq}))
                 r = p.resync_regions.popleft()
                 base = r * rb
                 end = min(base + rb, p.store.size)
@@ -876,7 +931,23 @@ class CoreEngine:
     def resync_committed(self) -> None:
         """The journal holds no dirty region any more: the peer is a replica again."""
         self.peer_synced = True
-        self._broadcast_peer({"op": "resync-done", "epoch": self.epoch})
+        for lun, p in self.pipes.items():
+            seq = p.covered()
+            if seq is None:
+                continue
+            link = self._mirror_link_for(lun, p)
+            if link is not None:
+                # on the LUN's mirror link, so it comes before the copies that follow the hole
+                link.send(Control({"op": "resync-covered", "lun": lun, "stream": p.stream,
+                                   "seq": seq}))
+            # Every write up to ``seq`` is on the peer now (copies it acknowledged, or regions
+            # it acknowledged durable in this resync): the Edge's writes up to there may be
+            # acknowledged, or an idle host's last writes would wait for a next write that
+            # never comes (found by the simulation, seed 181 --full).
+            self._mirror_acked_to(lun, p, seq)
+        # on every mirror link: it must come after any copy sent before it on that link
+        for link in self.mirror_links:
+            link.send(Control({"op": "resync-done", "epoch": self.epoch}))
         self.event("resync_done", **self.resync.view(self.mono()))
         self._fire(Event.RESYNC_DONE)
 
@@ -910,14 +981,13 @@ class CoreEngine:
                         "is outside the replica")
             return
         if w.flags & WriteFlags.RESYNC:
-            # Resync frames of a LUN come on one link, rseqs chained by prev from 0.
-            if link is not p.resync_link:
-                if w.prev != 0:
-                    self._refuse_gap(link, w.lun, p, w, "resync")
-                    return
+            # Resync frames of a LUN come on one link, rseqs chained by prev; a chain starts
+            # at prev 0 whenever the primary starts over (a new resync, a new link: it
+            # requeued everything unacknowledged of the old chain).
+            if w.prev == 0:
                 p.resync_link = link
                 p.resync_last = 0
-            if w.prev != p.resync_last or w.seq <= w.prev:
+            if link is not p.resync_link or w.prev != p.resync_last or w.seq <= w.prev:
                 self._refuse_gap(link, w.lun, p, w, "resync")
                 return
             p.resync_last = w.seq
@@ -952,9 +1022,26 @@ class CoreEngine:
         if op == "resync-start" and self.role == "secondary":
             self._fire(Event.RESYNC_START)
         elif op == "resync-done" and self.role == "secondary":
+            for p in self.pipes.values():
+                p.hole = None  # every region was copied: whatever the hole held is here
             self.peer_synced = True
             self._fire(Event.RESYNC_DONE)
             self._save_state()
+        elif op == "resync-rewind" and self.role == "secondary":
+            lun = body.get("lun")
+            seq = body.get("seq")
+            pipe = self.pipes.get(lun) if isinstance(lun, int) else None
+            if pipe is not None and isinstance(seq, int) and body.get("stream") == pipe.stream:
+                had = pipe.received_seq
+                if pipe.rewind(seq):
+                    self.event("resync_rewind", lun=lun, seq=seq, had=had)
+        elif op == "resync-covered" and self.role == "secondary":
+            lun = body.get("lun")
+            seq = body.get("seq")
+            pipe = self.pipes.get(lun) if isinstance(lun, int) else None
+            if pipe is not None and isinstance(seq, int) and body.get("stream") == pipe.stream \
+                    and pipe.advance(seq):
+                self.event("resync_covered", lun=body.get("lun"), seq=seq)
         elif op == "hashes":
             self._on_hashes(link, body)
         elif op == "diverged" and self.role == "primary":
@@ -983,8 +1070,7 @@ class CoreEngine:
                 self.witness.role = "secondary"
             self.event("demoted", why=why, diverged_regions={
                 lun: len(v) for lun, v in self.diverged.items()})
-            for lk in list(self.peer_out.values()):
-                lk.close("role changed")
+            self._drop_peer_links()
 
     def _send_diverged(self, link: Any) -> None:
         """Tell the new primary which regions we may hold that it lacks (DESIGN invariant 5)."""
@@ -1038,3 +1124,119 @@ class CoreEngine:
             return
         link.send(ReadReply(r.req, ReadStatus.OK, data))
 
+    # -- operator commands (the adapter asks the Witness in between) ------------------------
+    def suspend_check(self) -> dict[str, Any] | None:
+        """May this Core ask the Witness to suspend? A dict if there is nothing to do."""
+        if self.role != "primary":
+            raise control.ControlError("suspend runs on the primary Core; this Core is secondary")
+        if self.rep.state is State.SUSPENDED:
+            return {"state": self.rep.state.value, "note": "already suspended"}
+        if self.rep.state in (State.TERMINATED, State.STANDALONE):
+            raise control.ControlError(f"replication is {self.rep.state.value}: nothing to suspend")
+        if self.journal is None:
+            raise control.ControlError("no usable Journal LUN: suspension needs one to log the "
+                                       "changed regions (see alarms)")
+        if self.witness is None:
+            raise control.ControlError("no Witness configured: suspension needs the Witness's "
+                                       "approval (seed: prevents split brain)")
+        return None
+
+    def suspend_decided(self, d: Any) -> dict[str, Any]:
+        """The Witness answered a suspension request (:class:`witness.logic.Decision`)."""
+        if not d.granted:
+            self.event("suspend_refused", reason=d.reason, detail=d.detail)
+            raise control.ControlError(f"the Witness refused suspension: {d.reason}"
+                                       + (f" ({d.detail})" if d.detail else ""))
+        self._fire(Event.SUSPEND_GRANTED)
+        return {"state": self.rep.state.value}
+
+    def resume_check(self) -> None:
+        if self.role != "primary":
+            raise control.ControlError("resume runs on the primary Core; this Core is secondary")
+        if self.rep.state is State.PAUSED:
+            raise control.ControlError("replication is paused (the secondary is unreachable), "
+                                       "not suspended: it resumes by itself when the link returns")
+
+    def resume_apply(self) -> dict[str, Any]:
+        if self.rep.state is State.SUSPENDED and not self.mirror_links:
+            raise control.ControlError("the secondary is not reachable: resume when it is back "
+                                       "(status shows the replication connections)")
+        try:
+            nxt, _ = step(self.rep, Event.RESUME)
+        except Refused as e:
+            raise control.ControlError(str(e)) from None
+        if nxt != self.rep:
+            self._fire(Event.RESUME)
+        return {"state": self.rep.state.value}
+
+    def failover_check(self, force: bool) -> None:
+        """May this secondary ask the Witness to become primary?"""
+        if self.role != "secondary":
+            raise control.ControlError("failover runs on the secondary Core; this Core is already "
+                                       "primary")
+        if self.rep.state is State.TERMINATED:
+            raise control.ControlError("replication was terminated on this Core")
+        if self._peer_reachable():
+            raise control.ControlError("the primary Core is reachable from this Core: failover is "
+                                       "allowed only when neither this Core nor the Witness can "
+                                       "reach it (stop the primary first, as the seed describes)")
+        if self.rep.state is State.INCONSISTENT and not force:
+            raise control.ControlError(
+                "this replica is inconsistent (a resync was under way): promoting it would lose "
+                "data; use --force only if the primary's data is gone for good")
+
+    def failover_begin(self, force: bool) -> None:
+        """Check, then hold off the primary's links until :meth:`failover_decided`."""
+        self.failover_check(force)
+        self.failover_pending = True
+
+    def failover_decided(self, d: Any, force: bool) -> dict[str, Any]:
+        """The Witness's answer (None: no Witness configured): become primary, or refuse."""
+        self.failover_pending = False
+        new_epoch = self.epoch + 1
+        if d is not None:
+            if d.granted:
+                new_epoch = max(new_epoch, d.epoch)
+            elif not (force and d.reason in ("witness-unreachable", "witness-timeout",
+                                             "witness-disconnected")):
+                self.event("failover_refused", reason=d.reason, detail=d.detail)
+                raise control.ControlError(f"the Witness refused failover: {d.reason}"
+                                           + (f" ({d.detail})" if d.detail else ""))
+        elif not force:
+            raise control.ControlError("no Witness configured: nothing can confirm the primary "
+                                       "is down; use --force if you are sure")
+        if not self._fire(Event.FAILOVER_GRANTED, force=force):
+            raise control.ControlError(f"failover not allowed while {self.rep.state.value}")
+        self.rep = Rep(self.rep.role, self.rep.state, new_epoch)
+        self._save_state()
+        self._peer_up = False
+        for p in self.pipes.values():
+            p.upstream = None
+            p.waiting.clear()
+            p.jlimit = p.durable_seq
+        if self.witness is not None:
+            self.witness.role = "primary"
+        self.event("failed_over", epoch=new_epoch, forced=force)
+        self._drop_peer_links()
+        return {"role": self.role, "state": self.rep.state.value, "epoch": self.epoch}
+
+    def _drop_peer_links(self) -> None:
+        """Our role changed: links set up under the old roles must not carry on.
+
+        A link the old primary dialled to us while we were its secondary is a
+        mirror stream into this, now primary, Core; one we dialled as
+        secondary is no mirror link for us as primary. Closing them all makes
+        both sides dial again with their new roles and epochs, so the old
+        primary learns the new epoch from our HELLO and steps down. Found by
+        the simulation (seed 290 --full: after a failover the new primary kept
+        the links of its old role and never mirrored again).
+        """
+        for lk in [*self.peer_out.values(), *self.peer_in, *self.mirror_in]:
+            lk.close("role changed")
+
+    def terminate_apply(self) -> dict[str, Any]:
+        if not self._fire(Event.TERMINATE):
+            raise control.ControlError(f"cannot terminate while {self.rep.state.value}")
+        for lk in [*self.peer_out.values(), *self.peer_in, *self.mirror_in]:
+            lk.refuse("terminated", f"replication terminated on {self.name}")
+        return {"state": self.rep.state.value}

@@ -26,7 +26,7 @@ import numpy as np
 from core.engine import CoreEngine, Progress
 from core.lunstore import AppliedState, LunError, LunStore
 from core.pipeline import LunPipeline
-from core.replication import Event, Refused, Rep, State, step
+from core.replication import Event, State
 from steelfusion import authconfig, control, log
 from steelfusion.atomic import atomic_write
 from steelfusion.config import CoreConfig
@@ -342,101 +342,39 @@ class Core(CoreEngine):
 
     # -- operator commands ----------------------------------------------------------------
     async def cmd_suspend(self) -> dict[str, Any]:
-        if self.role != "primary":
-            raise control.ControlError("suspend runs on the primary Core; this Core is secondary")
-        if self.rep.state is State.SUSPENDED:
-            return {"state": self.rep.state.value, "note": "already suspended"}
-        if self.rep.state in (State.TERMINATED, State.STANDALONE):
-            raise control.ControlError(f"replication is {self.rep.state.value}: nothing to suspend")
-        if self.journal is None:
-            raise control.ControlError("no usable Journal LUN: suspension needs one to log the "
-                                       "changed regions (see alarms)")
-        if self.witness is None:
-            raise control.ControlError("no Witness configured: suspension needs the Witness's "
-                                       "approval (seed: prevents split brain)")
-        d = await self.witness.request_suspend()
-        if not d.granted:
-            self.event("suspend_refused", reason=d.reason, detail=d.detail)
-            raise control.ControlError(f"the Witness refused suspension: {d.reason}"
-                                       + (f" ({d.detail})" if d.detail else ""))
-        self._fire(Event.SUSPEND_GRANTED)
-        return {"state": self.rep.state.value}
+        already = self.suspend_check()
+        if already is not None:
+            return already
+        return self.suspend_decided(await self.witness.request_suspend())
 
     async def cmd_resume(self) -> dict[str, Any]:
-        if self.role != "primary":
-            raise control.ControlError("resume runs on the primary Core; this Core is secondary")
-        if self.rep.state is State.PAUSED:
-            raise control.ControlError("replication is paused (the secondary is unreachable), "
-                                       "not suspended: it resumes by itself when the link returns")
+        self.resume_check()
         if self.rep.state is State.SUSPENDED and not self.mirror_links:
             for _ in range(30):  # the links may be coming up right now
                 await asyncio.sleep(0.1)
                 if self.mirror_links:
                     break
-        if self.rep.state is State.SUSPENDED and not self.mirror_links:
-            raise control.ControlError("the secondary is not reachable: resume when it is back "
-                                       "(status shows the replication connections)")
-        try:
-            nxt, _ = step(self.rep, Event.RESUME)
-        except Refused as e:
-            raise control.ControlError(str(e)) from None
-        if nxt != self.rep:
-            self._fire(Event.RESUME)
-        return {"state": self.rep.state.value}
+        return self.resume_apply()
 
     async def cmd_failover(self, force: bool) -> dict[str, Any]:
-        if self.role != "secondary":
-            raise control.ControlError("failover runs on the secondary Core; this Core is already "
-                                       "primary")
-        if self.rep.state is State.TERMINATED:
-            raise control.ControlError("replication was terminated on this Core")
-        if self._peer_reachable():
-            raise control.ControlError("the primary Core is reachable from this Core: failover is "
-                                       "allowed only when neither this Core nor the Witness can "
-                                       "reach it (stop the primary first, as the seed describes)")
-        if self.rep.state is State.INCONSISTENT and not force:
-            raise control.ControlError(
-                "this replica is inconsistent (a resync was under way): promoting it would lose "
-                "data; use --force only if the primary's data is gone for good")
-        new_epoch = self.epoch + 1
-        if self.witness is not None:
-            d = await self.witness.request_failover(self.peer_info.get("name"))
-            if d.granted:
-                new_epoch = max(new_epoch, d.epoch)
-            elif not (force and d.reason in ("witness-unreachable", "witness-timeout",
-                                             "witness-disconnected")):
-                self.event("failover_refused", reason=d.reason, detail=d.detail)
-                raise control.ControlError(f"the Witness refused failover: {d.reason}"
-                                           + (f" ({d.detail})" if d.detail else ""))
-        elif not force:
-            raise control.ControlError("no Witness configured: nothing can confirm the primary "
-                                       "is down; use --force if you are sure")
-        if not self._fire(Event.FAILOVER_GRANTED, force=force):
-            raise control.ControlError(f"failover not allowed while {self.rep.state.value}")
-        self.rep = Rep(self.rep.role, self.rep.state, new_epoch)
-        self._save_state()
-        self._peer_up = False
-        for p in self.pipes.values():
-            p.upstream = None
-            p.waiting.clear()
-            p.jlimit = p.durable_seq
-        if self.witness is not None:
-            self.witness.role = "primary"
-        self.event("failed_over", epoch=new_epoch, forced=force)
-        return {"role": self.role, "state": self.rep.state.value, "epoch": self.epoch}
+        self.failover_begin(force)
+        d = None
+        try:
+            if self.witness is not None:
+                d = await self.witness.request_failover(self.peer_info.get("name"))
+        finally:
+            self.failover_pending = False
+        return self.failover_decided(d, force)
 
     async def cmd_terminate(self) -> dict[str, Any]:
-        if not self._fire(Event.TERMINATE):
-            raise control.ControlError(f"cannot terminate while {self.rep.state.value}")
+        out = self.terminate_apply()
         for t in self._diallers:
             t.cancel()
         self._diallers.clear()
-        for lk in [*self.peer_out.values(), *self.peer_in, *self.mirror_in]:
-            lk.refuse("terminated", f"replication terminated on {self.name}")
         if self.witness is not None:
             with contextlib.suppress(Exception):
                 await self.witness.terminate()
-        return {"state": self.rep.state.value}
+        return out
 
     # -- status ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

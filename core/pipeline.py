@@ -100,6 +100,7 @@ class LunPipeline(Generic[B]):
     mirror_link: Any = None  # sticky, so one LUN's copies never race on two links
     mirror_top: int = 0  # highest seq queued for the peer (it cannot acknowledge more)
     mirror_hole: bool = False  # writes applied but not mirrored since the last copy
+    hole_seq: int = 0  # the newest write the peer gets by resync, not by mirror
     # resync (primary side)
     resync_regions: deque[int] = field(default_factory=deque)
     resync_inflight: deque[tuple[int, int, bool, int]] = field(default_factory=deque)
@@ -186,6 +187,7 @@ class LunPipeline(Generic[B]):
         """``w`` was applied without a copy (journaled): the peer gets it by resync."""
         if w.seq > self.mirror_acked:
             self.mirror_hole = True
+            self.hole_seq = max(self.hole_seq, w.seq)
 
     def queue_copy(self, lun: int, w: Write) -> Write:
         """The copy of ``w`` for the secondary, queued until it acknowledges it."""
@@ -218,6 +220,7 @@ class LunPipeline(Generic[B]):
         out = list(self.mirror_q)
         if out:
             self.mirror_hole = True
+            self.hole_seq = max(self.hole_seq, out[-1].seq)
         self.mirror_q.clear()
         self.mirror_bytes = 0
         self.mirror_link = None
@@ -229,8 +232,63 @@ class LunPipeline(Generic[B]):
             w = self.mirror_q[0]
             self.mirror_q[0] = Write(w.lun, w.flags | WriteFlags.HOLE_RESYNCED, w.stream, w.seq,
                                      w.offset, w.data, w.prev)
+            self.hole_seq = max(self.hole_seq, w.prev)
         else:
             self.mirror_hole = True
+            self.hole_seq = max(self.hole_seq, self.received_seq)
+
+    def covered(self) -> int | None:
+        """A resync finished: the seq the peer now has everything up to, if it must be told.
+
+        Every write journaled instead of mirrored (up to :attr:`hole_seq`) is
+        in a region the resync copied, so the peer's stream may jump there;
+        writes after it reach the peer as copies, in order, as before.
+        """
+        seq = self.hole_seq
+        q = self.mirror_q
+        for i, w in enumerate(q):  # every hole before a queued copy is filled now
+            if w.flags & WriteFlags.HOLE_RESYNCED:
+                seq = max(seq, w.prev)
+                q[i] = Write(w.lun, w.flags & ~WriteFlags.HOLE_RESYNCED, w.stream, w.seq,
+                             w.offset, w.data, w.prev)
+        self.hole_seq = 0
+        self.mirror_hole = False
+        return seq or None
+
+    def advance(self, seq: int) -> bool:
+        """(Peer) everything up to ``seq`` arrived by resync: take it as applied.
+
+        Sealed with the next group commit like any applied write, so a
+        restart does not forget it.
+        """
+        if seq <= self.received_seq and seq <= self.applied_seq:
+            return False
+        self.received_seq = max(self.received_seq, seq)
+        if seq > self.applied_seq:
+            self.applied_seq = seq
+            self.issued.append((getattr(self.store, "written", 0), seq))
+            self.store.request_sync()
+        self.hole = None
+        return True
+
+    def rewind(self, seq: int) -> bool:
+        """(Peer) a resync is replacing our data with the primary's as of its ``seq``.
+
+        Writes after ``seq`` that we applied in an earlier life of the primary
+        (it lost them in a crash, or we are a demoted primary with writes it
+        never had) may be overwritten by the resync; their copies must be
+        applied again when the primary resends them, not skipped as
+        duplicates. Sealed with the next group commit, like an applied write.
+        """
+        if seq >= self.received_seq and seq >= self.applied_seq:
+            return False
+        self.received_seq = self.applied_seq = seq
+        self.durable_seq = min(self.durable_seq, seq)
+        self.issued.clear()
+        self.issued.append((getattr(self.store, "written", 0), seq))
+        self.store.request_sync()
+        self.hole = None
+        return True
 
     def requeue_resync(self) -> None:
         """The link carrying the resync frames is gone: copy their regions again."""

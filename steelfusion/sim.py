@@ -1,49 +1,65 @@
-"""Seeded, deterministic simulation of the synchronous write path (issue 9).
+"""Seeded, deterministic simulation of the whole write path (issue 9).
 
-An Edge, a primary Core and a secondary Core run **in memory** on a virtual
-clock with one ``random.Random(seed)``: the habit of FoundationDB's simulator
-and TigerBeetle's VOPR (../shared/STYLE.md). What runs is the project's own
-code for the rules that decide what is applied and acknowledged:
+An Edge, a primary and a secondary Core, a Witness and the Cores' Journal
+LUNs run **in memory** on a virtual clock with one ``random.Random(seed)``:
+the habit of FoundationDB's simulator and TigerBeetle's VOPR
+(../shared/STYLE.md). What runs is the project's own code, not a model of it:
 
-- the Edge's shipping rules (:class:`edge.shipping.Shipper`: order,
-  coalescing, ``prev`` chaining, window, resend on reconnection);
-- each Core's per-LUN stream (:class:`core.pipeline.LunPipeline`: admission
-  by ``prev``/``seq``, apply, group-committed durability with the applied
-  seq sealed in the same job, contiguous acknowledgements, mirror queue);
-- the wire codec (:mod:`steelfusion.wire`): every frame is encoded and
-  decoded by :class:`~steelfusion.wire.FrameDecoder` from arbitrary chunkings
-  (a frame split across reads, many frames in one read).
+- each Core is a :class:`core.engine.CoreEngine` — admission, the per-LUN
+  streams (:class:`core.pipeline.LunPipeline`), the replication state machine
+  and its effects, mirror queue, resync pump, journal gating, fencing,
+  demotion, operator commands — with the hooks (clock, persistence, tasks)
+  given by this module instead of asyncio;
+- the Journal LUN is the real :class:`journal.journal.Journal` on a real file,
+  committed on the virtual clock, crashed by dropping what was not committed
+  and reopened by its own recovery (crashed activity-log regions go dirty);
+- the Witness is the real :class:`witness.logic.WitnessLogic` (leases,
+  approvals, epochs, restart grace), reached with delays;
+- the Edge ships with the real :class:`edge.shipping.Shipper`;
+- every frame goes through the real codec (:mod:`steelfusion.wire`) and is
+  decoded from random chunkings (split across reads, many per read).
 
-Around them the simulation supplies a network and disks that misbehave:
-delays, connection resets, partitions of the Edge or the inter-Core link,
-crashes of any node at any point (a Core loses what it had not fsynced,
-and an unsynced write may or may not have reached the disk), and slow
-fsyncs. The node glue (which event calls which rule) is the Core's running
-state as in :mod:`core.node`; suspension, the journal and failover are not
-simulated yet.
+The simulation supplies a network and disks that misbehave: delays,
+resets, partitions of the Edge, of the inter-Core link and of the Witness,
+crashes of any node at any point (a Core loses what it had not synced, and
+each unsynced write may or may not have reached the disk), and operator
+drills (suspend, resume, failover).
 
-A checker records history and asserts DESIGN.md's invariants:
+A checker asserts DESIGN.md's invariants over the recorded history:
 
-1. every write acknowledged by the primary (committed at the Edge) is durable
-   on both Cores when the Edge learns it (running, synchronous);
-3. a Core's durable image is always the image of a prefix of the Edge's
-   write order (checked at sync points, once a crashed Core caught up);
-4. after healing, both Cores hold exactly what the host wrote, byte for byte;
-6. no Core applies past a hole (the ``prev`` chain) — checked through 1-4.
+1. no acknowledged write is lost: once healed, both Cores hold every write
+   the Edge saw acknowledged (writes acknowledged by a *suspended* primary
+   may be lost if a failover follows — the seed's documented cost — and
+   nothing else may); while running, an acknowledged write is durable on
+   both Cores when the Edge learns it;
+2. at most one Core can acknowledge Edge writes at any time;
+3. a running Core's durable image is a prefix of the Edge's write order;
+4. after healing and resync, both Cores are byte-identical;
+6. no Core applies past a hole (through 1-4, and the ``prev`` chains).
 
-A failing seed prints the command that replays it.
+A failing seed prints the command that replays it. ``--plant`` plants a
+known bug to show the checker finds it.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
+import os
 import random
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from core.engine import CoreEngine
 from core.pipeline import LunPipeline, Order
+from core.replication import State
 from edge.shipping import Shipper
+from steelfusion import control, log
+from steelfusion.config import CoreConfig, LunConfig
 from steelfusion.wire import (
     Ack,
     FrameDecoder,
@@ -55,11 +71,15 @@ from steelfusion.wire import (
     WriteFlags,
     encode_bytes,
 )
+from witness.logic import Decision, WitnessLogic
 
 BLOCK = 512
 LUN_BLOCKS = 64
 LUN_BYTES = BLOCK * LUN_BLOCKS
-STREAM = 0x5EED
+LEASE = 1.5
+PAIR = "pair-1"
+
+PLANTS = ("ack-before-fsync", "skip-gap", "lost-frames", "seal-late", "no-fence")
 
 
 class SimFailure(AssertionError):
@@ -71,10 +91,11 @@ class Clock:
 
     def __init__(self) -> None:
         self.now = 0.0
-        self._q: list[tuple[float, int, Callable[[], None]]] = []
+        self._q: list[tuple[float, int, Callable[[], object]]] = []
         self._n = 0
+        self.after: Callable[[], None] | None = None  # runs after every event (checks)
 
-    def at(self, delay: float, fn: Callable[[], None]) -> None:
+    def at(self, delay: float, fn: Callable[[], object]) -> None:
         self._n += 1
         heapq.heappush(self._q, (self.now + delay, self._n, fn))
 
@@ -83,6 +104,8 @@ class Clock:
             when, _, fn = heapq.heappop(self._q)
             self.now = when
             fn()
+            if self.after is not None:
+                self.after()
             if stop is not None and stop():
                 return
         self.now = max(self.now, t)
@@ -90,16 +113,17 @@ class Clock:
 
 # -- disk ---------------------------------------------------------------------------
 class SimDisk:
-    """A LUN with a page cache: writes are volatile until a sync covers them.
+    """A LUN with a page cache (:class:`core.pipeline.Backend`).
 
-    Implements :class:`core.pipeline.Backend`. A crash keeps what was synced
-    plus, for each unsynced write, whatever the disk had written (random).
-    The applied seq a sync seals is stored with the same durability.
+    A write is volatile until a sync that started after it completes; the
+    applied seq is sealed in the same sync (as :class:`core.lunstore.LunStore`
+    with the Core's seal). A crash keeps what was synced plus, for each
+    unsynced write, whatever the disk had written (a coin toss).
     """
 
-    def __init__(self, sim: Sim, owner: SimCore) -> None:
+    def __init__(self, sim: Sim) -> None:
         self.sim = sim
-        self.owner = owner
+        self.owner: SimCore | None = None
         self.size = LUN_BYTES
         self.image = bytearray(LUN_BYTES)  # what reads see
         self.durable = bytearray(LUN_BYTES)
@@ -108,6 +132,7 @@ class SimDisk:
         self.synced = 0
         self.syncing = False
         self.sealed = (0, 0)  # durable (stream, seq) of the applied state
+        self.future = 0  # a crash left writes up to this seq on disk, past the sealed seq
 
     def check_range(self, offset: int, length: int) -> bool:
         return offset >= 0 and offset + length <= self.size
@@ -123,17 +148,17 @@ class SimDisk:
         return bytes(self.image[offset:offset + length])
 
     def request_sync(self) -> None:
-        if self.syncing or self.synced >= self.written:
+        owner = self.owner
+        if self.syncing or self.synced >= self.written or owner is None:
             return
         self.syncing = True
         target = self.written
-        seal = self.owner.seal()  # as core.node._seal: sealed with the data, before any ack
-        life = self.owner.life
-        self.sim.clock.at(self.sim.rng.expovariate(1 / 0.002), lambda: self._synced(target, seal,
-                                                                                     life))
+        seal = owner.seal()
+        self.sim.clock.at(self.sim.rng.expovariate(1 / 0.002),
+                          lambda: self._synced(owner, target, seal))
 
-    def _synced(self, target: int, seal: tuple[int, int] | None, life: int) -> None:
-        if life != self.owner.life:
+    def _synced(self, owner: SimCore, target: int, seal: tuple[int, int] | None) -> None:
+        if owner is not self.owner:
             return  # the Core crashed meanwhile
         keep = []
         for counter, off, b in self.pending:
@@ -146,79 +171,120 @@ class SimDisk:
         if seal is not None:
             self.sealed = seal
         self.syncing = False
-        self.owner.on_durable(target)
+        if self.future and self.sealed[1] >= self.future:
+            self.future = 0
+        owner.durable_to(target)
         self.request_sync()
 
-    def crash(self) -> None:
+    def crash(self, seq_of: dict[int, int]) -> None:
         rng = self.sim.rng
-        seq_of = dict(self.owner.pipe.issued)
         for counter, off, b in self.pending:  # the disk may have written any of them
             if rng.random() < 0.5:
                 self.durable[off:off + len(b)] = b
-                self.owner.future = max(self.owner.future, seq_of.get(counter, 1 << 62))
+                self.future = max(self.future, seq_of.get(counter, 1 << 62))
         self.pending = []
         self.image = bytearray(self.durable)
         self.written = self.synced = 0
         self.syncing = False
+        self.owner = None
 
 
 # -- network ------------------------------------------------------------------------
 class End:
-    """One side of a simulated TCP connection: frames in order, reads in random chunks."""
+    """One side of a simulated TCP connection, shaped like :class:`steelfusion.link.Link`."""
 
-    def __init__(self, sim: Sim, conn: Conn, name: str,
-                 on_message: Callable[[End, Message], None]) -> None:
+    def __init__(self, sim: Sim, conn: Conn, name: str) -> None:
         self.sim = sim
         self.conn = conn
         self.name = name
-        self.on_message = on_message
-        self.peer: End | None = None
+        self.on_message: Callable[[End, Message], None] = lambda e, m: None
+        self.on_close: Callable[[End, BaseException | None], None] = lambda e, x: None
+        self.other: End | None = None
         self.decoder = FrameDecoder()
         self.ctx: Any = None
+        self.hello: Hello | None = None
+        self.welcome: Welcome | None = None
+        self.peer = name
+        self.close_reason = ""
+        self.handshaken = False
+        self.paused = False
+        self.closed_here = False
+        self.core: SimCore | None = None  # the Core this end belongs to, if any
+        self._held: list[bytes] = []
 
     @property
-    def open(self) -> bool:
-        return self.conn.open
+    def established(self) -> bool:
+        return self.handshaken and self.conn.open and not self.conn.closing
+
+    @property
+    def writable(self) -> bool:
+        return True
 
     def send(self, msg: Message) -> None:
-        if not self.conn.open or self.conn.closing or self.peer is None:
+        if not self.conn.open or self.conn.closing or self.other is None:
             return
+        if self.core is not None and isinstance(msg, Ack) and self.ctx == "edge":
+            self.sim.acked_by(self.core, msg.seq)  # history: who acknowledged, in which state
         raw = encode_bytes(msg)
-        peer = self.peer
         rng = self.sim.rng
-        # split into random chunks, delivered in order after the link's latency
         pos = 0
-        while pos < len(raw):
+        while pos < len(raw):  # random chunks, delivered in order after the link's latency
             n = len(raw) - pos if rng.random() < 0.5 else rng.randint(1, len(raw) - pos)
-            chunk = raw[pos:pos + n]
+            self.conn.deliver(self.other, raw[pos:pos + n])
             pos += n
-            self.conn.deliver(peer, chunk)
+
+    def send_many(self, msgs: list[Message]) -> None:
+        for m in msgs:
+            self.send(m)
 
     def receive(self, chunk: bytes) -> None:
+        if self.closed_here:
+            return  # like a closed transport: nothing more is read
+        if self.paused:
+            self._held.append(chunk)
+            return
         for m in self.decoder.feed(chunk):
             if not self.conn.open:
                 return
             if isinstance(m, Write) and m.flags & WriteFlags.MIRROR and self.conn.lose_next > 0:
-                self.conn.lose_next -= 1  # a receiver that drops WRITEs (the link.py bug)
+                self.conn.lose_next -= 1  # planted: a receiver that drops WRITEs (issue 9)
                 continue
+            if isinstance(m, Hello):
+                self.hello = m
+                self.handshaken = True
+            elif isinstance(m, Welcome):
+                self.welcome = m
+                self.handshaken = True
             self.on_message(self, m)
 
-    def refuse(self, code: str, reason: str, info: dict[str, Any] | None = None) -> None:
-        self.send(Refuse(code, reason, info or {}))
-        self.conn.close(f"refused: {reason}")
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        if self.paused:
+            self.paused = False
+            held, self._held = self._held, []
+            for c in held:
+                self.receive(c)
+
+    def refuse(self, code: str, reason: str) -> None:
+        self.send(Refuse(code, reason))
+        self.close(reason)
 
     def close(self, reason: str = "") -> None:
-        self.conn.close(reason)
+        self.close_reason = self.close_reason or reason
+        self.closed_here = True
+        self.conn.close()
 
 
 class Conn:
-    """A connection: two Ends; ``deliver`` keeps per-direction order."""
+    """A connection between two Ends; per-direction order, graceful or abrupt close."""
 
-    def __init__(self, sim: Sim, on_close: Callable[[Conn], None]) -> None:
+    def __init__(self, sim: Sim) -> None:
         self.sim = sim
         self.open = True
         self.closing = False  # closed by one side: what it sent still arrives, then EOF
-        self.on_close = on_close
+        self.ends: list[End] = []
         self._last: dict[int, float] = {}
         self.lose_next = 0
         if sim.planted("lost-frames") and not sim.healing and sim.rng.random() < 0.3:
@@ -234,7 +300,7 @@ class Conn:
                 to.receive(chunk)
         self.sim.clock.at(t - self.sim.clock.now, go)
 
-    def close(self, reason: str = "") -> None:
+    def close(self) -> None:
         """Graceful (what was sent is delivered first), like closing a flushed socket."""
         if self.open and not self.closing:
             self.closing = True
@@ -245,17 +311,275 @@ class Conn:
         """Gone at once (a crash, a cut cable): what is in flight is lost."""
         if self.open:
             self.open = False
-            self.sim.clock.at(0.0, lambda: self.on_close(self))
+            for e in self.ends:
+                self.sim.clock.at(0.0, functools.partial(e.on_close, e, None))
 
 
-def connect(sim: Sim, a_name: str, a_on: Callable[[End, Message], None], b_name: str,
-            b_on: Callable[[End, Message], None], on_close: Callable[[Conn], None]
-            ) -> tuple[End, End]:
-    conn = Conn(sim, on_close)
-    a = End(sim, conn, a_name, a_on)
-    b = End(sim, conn, b_name, b_on)
-    a.peer, b.peer = b, a
+def connect(sim: Sim, a_name: str, b_name: str) -> tuple[End, End]:
+    conn = Conn(sim)
+    a, b = End(sim, conn, b_name), End(sim, conn, a_name)
+    a.other, b.other = b, a
+    conn.ends = [a, b]
+    sim.conns.append(conn)
     return a, b
+
+
+# -- Witness ------------------------------------------------------------------------
+class SimWitness:
+    """The real :class:`WitnessLogic`, durable across its own restarts, reached with delays."""
+
+    def __init__(self, sim: Sim) -> None:
+        self.sim = sim
+        self.logic = WitnessLogic(LEASE, 0.0)
+        self.alive = True
+
+    def reachable(self, node: str) -> bool:
+        return self.alive and self.sim.witness_link.get(node, True)
+
+    def crash_restart(self) -> None:
+        self.logic = WitnessLogic.from_json(self.logic.to_json(), LEASE, self.sim.clock.now)
+
+
+class SimWitnessClient:
+    """What a Core sees of the Witness (:class:`witness.client.WitnessClient`'s surface)."""
+
+    def __init__(self, sim: Sim, core: SimCore) -> None:
+        self.sim = sim
+        self.core = core
+        self.node = core.name
+        self.role = core.role
+        self.lease_seconds = LEASE
+        self.pair_epoch = 0
+        self.holds: bool | None = None
+        self.holder: str | None = None
+        self._lease_from: float | None = None
+        self.registered = False
+
+    @property
+    def connected(self) -> bool:
+        return self.sim.witness.reachable(self.node)
+
+    def lease_valid(self, now: float | None = None) -> bool:
+        t = self.sim.clock.now if now is None else now
+        return self._lease_from is not None and t < self._lease_from + self.lease_seconds
+
+    def request(self, op: str, answer: Callable[[Decision | None], None], **kw: Any) -> None:
+        """Send ``op``; ``answer`` gets the Decision, or None if nothing came back."""
+        sim = self.sim
+        sent = sim.clock.now
+        life = self.core
+        d1, d2 = sim.rng.uniform(0.001, 0.02), sim.rng.uniform(0.001, 0.02)
+
+        def at_witness() -> None:
+            w = sim.witness
+            if not w.reachable(self.node):
+                sim.clock.at(0.5, lambda: answer(None) if life.alive else None)
+                return
+            now = sim.clock.now
+            lg = w.logic
+            if not self.registered:
+                lg.register(self.node, PAIR, self.role, self.core.epoch, now)
+                self.registered = True
+            lg.heartbeat(self.node, now)
+            epoch = self.core.epoch
+            if op == "heartbeat":
+                d = Decision(True, "ok", lg.epoch(PAIR), lg.holder(PAIR))
+            elif op == "suspend":
+                d = lg.request_suspend(self.node, PAIR, epoch, now)
+            elif op == "release":
+                d = lg.release_suspend(self.node, PAIR, now)
+            elif op == "failover":
+                d = lg.request_failover(self.node, PAIR, epoch, now, peer=kw.get("peer"))
+            else:
+                raise AssertionError(op)
+            holds = lg.holds(self.node, PAIR)
+
+            def back() -> None:
+                if not life.alive or not sim.witness.reachable(self.node):
+                    answer(None)
+                    return
+                self._lease_from = sent if self._lease_from is None else max(self._lease_from,
+                                                                              sent)
+                self.pair_epoch = max(self.pair_epoch, d.epoch)
+                self.holder = d.holder
+                self.holds = holds
+                answer(d)
+            sim.clock.at(d2, back)
+        sim.clock.at(d1, at_witness)
+
+    def heartbeat_loop(self) -> None:
+        if not self.core.alive:
+            return
+        self.request("heartbeat", lambda d: None)
+        self.sim.clock.at(LEASE / 3, self.heartbeat_loop)
+
+
+# -- Cores ------------------------------------------------------------------------------
+class SimCore(CoreEngine):
+    """The real :class:`CoreEngine` with the simulation's clock, disk, journal and links."""
+
+    def __init__(self, sim: Sim, name: str, role: str, disk: SimDisk, saved: dict[str, Any],
+                 journal_path: Path | None) -> None:
+        cfg = CoreConfig(name=name, role=role, listen=("sim", 0), control=("sim", 0),
+                         state_dir="", luns=(LunConfig(1, name, LUN_BYTES),), peer=("sim", 1),
+                         witness=("sim", 2) if journal_path else None,
+                         journal_path=str(journal_path) if journal_path else None,
+                         mirror_window_bytes=64 * BLOCK, initial_sync=False)
+        self.sim = sim
+        self.saved = saved
+        self.alive = True
+        super().__init__(cfg, saved)
+        self.disk = disk
+        disk.owner = self
+        stream, seq = disk.sealed
+        self.pipes[1] = LunPipeline.restarted(disk, stream, seq)
+        self.rgen = 0  # resync driver generation (a halt bumps it)
+        self.rwaiting = False
+        if journal_path is not None:
+            self.journal = sim.open_journal(self, journal_path)
+            self.journal.on_durable(self._on_journal_durable)
+            self.witness = SimWitnessClient(sim, self)
+            sim.clock.at(0.0, self.witness.heartbeat_loop)
+        self._save_state()
+        for idx in range(2):  # two replication connections, as with one interface
+            sim.clock.at(0.0, functools.partial(self.dial_peer, idx))
+        sim.clock.at(0.5, self.tick_loop)
+
+    # engine hooks
+    def now(self) -> float:
+        return self.sim.clock.now
+
+    def mono(self) -> float:
+        return self.sim.clock.now
+
+    def _persist(self, state: dict[str, Any]) -> None:
+        self.saved.clear()
+        self.saved.update(state)  # atomic replace, durable at once
+
+    def _release_witness(self) -> None:
+        if self.witness is not None:
+            self.witness.request("release", lambda d: None)
+
+    def _later(self, fn: Callable[[], None]) -> None:
+        me = self
+        self.sim.clock.at(0.0, lambda: fn() if me.alive else None)
+
+    def _resync_run(self) -> None:
+        self.rgen += 1
+        gen = self.rgen
+        self.sim.clock.at(0.0, lambda: self._drive(gen))
+
+    def _resync_halt(self) -> None:
+        self.rgen += 1
+
+    def _resync_wakeup(self) -> None:
+        if self.rwaiting:
+            self.rwaiting = False
+            gen = self.rgen
+            self.sim.clock.at(0.0, lambda: self._drive(gen))
+
+    def _drive(self, gen: int) -> None:
+        if gen != self.rgen or not self.alive:
+            return
+        what = self.resync_pump()
+        if what in ("sent", "drain"):
+            self.sim.clock.at(0.0005, lambda: self._drive(gen))
+        elif what == "wait":
+            self.rwaiting = True
+            self.sim.clock.at(1.0, lambda: self._drive(gen) if self.rwaiting else None)
+        else:
+            j = self.journal
+            ticket = j.ticket
+            j.request_commit()
+
+            def committed() -> None:
+                if gen != self.rgen or not self.alive:
+                    return
+                if j.durable < ticket:
+                    self.sim.clock.at(0.002, committed)
+                    return
+                self.rgen += 1
+                self.resync_committed()
+            self.sim.clock.at(0.002, committed)
+
+    # the sim's own plumbing
+    def seal(self) -> tuple[int, int] | None:
+        seq = self.pipes[1].sealed_seq()
+        if seq is None or self.sim.planted("seal-late"):
+            return None
+        return (self.pipes[1].stream, seq)
+
+    def durable_to(self, target: int) -> None:
+        self._on_durable(1, target)
+
+    def tick_loop(self) -> None:
+        if self.alive:
+            self.tick()
+            self.sim.clock.at(0.5, self.tick_loop)
+
+    def _ack_limit(self, p: Any) -> int:
+        if self.sim.planted("ack-before-fsync"):
+            return p.applied_seq if self.role != "primary" else min(p.applied_seq,
+                                                                    p.mirror_acked)
+        if self.sim.planted("no-fence") and self.rep.journals:
+            return min(p.durable_seq, p.jlimit)  # the bug: acks without a live Witness lease
+        return super()._ack_limit(p)
+
+    def _on_edge_write(self, link: Any, w: Write) -> None:
+        if self.sim.planted("skip-gap"):
+            p = self.pipes.get(w.lun)
+            if p is not None and p.upstream is link and p.admit(w) is Order.GAP:
+                p.received_seq = w.seq  # the bug: a gap taken for a resend
+        super()._on_edge_write(link, w)
+
+    def _on_mirror_write(self, link: Any, w: Write) -> None:
+        if self.sim.planted("skip-gap") and not w.flags & WriteFlags.RESYNC:
+            p = self.pipes.get(w.lun)
+            if p is not None and w.stream == p.stream and p.admit(w) is Order.GAP:
+                p.received_seq = w.seq
+        super()._on_mirror_write(link, w)
+
+    def dial_peer(self, idx: int) -> None:
+        if not self.alive or self.rep.state is State.TERMINATED or idx in self.peer_out:
+            return
+        sim = self.sim
+        other = sim.other(self)
+        if not other.alive or not sim.core_link_up:
+            sim.clock.at(0.05, lambda: self.dial_peer(idx))
+            return
+        a, b = connect(sim, self.name, other.name)
+        a.ctx = "peer-out"
+        self.peer_out[idx] = a
+        a.on_message = self._on_message
+
+        def closed(end: End, exc: BaseException | None) -> None:
+            if self.alive:
+                self._on_close(end, exc)
+                if self.peer_out.get(idx) is end:
+                    del self.peer_out[idx]
+                sim.clock.at(0.02, lambda: self.dial_peer(idx))
+        a.on_close = closed
+        other.accept(b)
+        a.send(Hello(self.name, self.role, "replication", self.epoch, {1: LUN_BYTES},
+                     {"interface": "sim", "index": idx, "state": self.rep.state.value,
+                      "ha": self.cfg.ha, "pair": self.cfg.pair}))
+
+    def accept(self, end: End) -> None:
+        me = self
+        end.core = self
+        end.on_message = lambda e, m: me._on_message(e, m) if me.alive else None
+        end.on_close = lambda e, x: me._on_close(e, x) if me.alive else None
+        self.sim.ends[self.name].append(end)
+
+    def can_ack(self) -> bool:
+        """Could this Core acknowledge an Edge write right now, from any Edge? (invariant 2)"""
+        if not self.alive or self.role != "primary":
+            return False
+        if self.rep.journals:
+            return not self.fenced() or self.sim.planted("no-fence")
+        if self.rep.acks_need_peer:
+            return bool(self.mirror_links) and self.rep.state is not State.PAUSED
+        return True
 
 
 # -- Edge -------------------------------------------------------------------------------
@@ -269,18 +593,21 @@ class Rec:
 
 
 class SimEdge:
-    """Host writes, acknowledged at once and kept (the blockstore's log is durable)."""
+    """Host writes, acknowledged at once and kept (the blockstore's log is durable);
+    shipped with the real :class:`Shipper`; follows whichever Core is primary."""
 
     def __init__(self, sim: Sim) -> None:
         self.sim = sim
-        self.recs: list[Rec] = []  # every write ever acknowledged to the host, in order
+        self.recs: list[Rec] = []  # every write acknowledged to the host, in order
         self.next_seq = 1
         self.committed = 0
         self.committed_saved = 0
+        self.epoch = 0  # newest epoch seen (stale primaries are refused)
         self.ship = Shipper(window_bytes=8 * BLOCK * 4)
         self.end: End | None = None
         self.alive = True
-        self.connecting = False
+        self.dialling = False
+        self.target = 0  # which Core to try next
 
     def uncommitted(self) -> list[Rec]:
         return [r for r in self.recs if r.seq > self.committed]
@@ -293,42 +620,51 @@ class SimEdge:
         blk = rng.randrange(0, LUN_BLOCKS - n + 1)
         seq = self.next_seq
         self.next_seq += 1
-        data = bytes([seq % 251 + 1]) * (n * BLOCK)
-        rec = Rec(1, seq, blk * BLOCK, n * BLOCK, data)
+        rec = Rec(1, seq, blk * BLOCK, n * BLOCK, bytes([seq % 251 + 1]) * (n * BLOCK))
         self.recs.append(rec)
-        if self.end is not None and self.end.open and self.end.ctx == "up":
+        if self.end is not None and self.end.ctx == "up":
             self.ship.append(rec)
             self.pump()
 
     def pump(self) -> None:
         end = self.end
-        if end is None or not end.open or end.ctx != "up":
+        if end is None or end.ctx != "up" or not end.established:
             return
         for f in self.ship.next_frames({1: self.committed}):
             recs: list[Rec] = f.recs  # type: ignore[assignment]
-            end.send(Write(1, 0, STREAM, f.seq, f.offset, b"".join(r.data for r in recs), f.prev))
+            end.send(Write(1, 0, self.sim.stream, f.seq, f.offset,
+                           b"".join(r.data for r in recs), f.prev))
 
     def dial(self) -> None:
-        if not self.alive or self.connecting or (self.end is not None and self.end.open):
+        if not self.alive or self.dialling or self.end is not None:
             return
-        core = self.sim.primary
-        if not core.alive or not self.sim.edge_link_up:
-            self.connecting = True
-            self.sim.clock.at(0.05, self._redial)
-            return
-        a, b = connect(self.sim, "edge", self.on_message, core.name, core.on_message,
-                       self.on_close)
-        self.end = a
-        core.accept(b)
-        a.send(Hello("edge", "edge", "edge", 1, {1: LUN_BYTES},
-                     {"stream": STREAM, "committed": {"1": self.committed}}))
+        sim = self.sim
+        core = sim.cores[self.target % 2]
+        self.target += 1
+        if not core.alive or not sim.edge_link_up:
+            self.dialling = True
 
-    def _redial(self) -> None:
-        self.connecting = False
-        self.dial()
+            def again() -> None:
+                self.dialling = False
+                self.dial()
+            sim.clock.at(0.05, again)
+            return
+        a, b = connect(sim, "edge", core.name)
+        self.end = a
+        a.on_message = self.on_message
+        a.on_close = self.on_close
+        core.accept(b)
+        a.send(Hello("edge", "edge", "edge", self.epoch, {1: LUN_BYTES},
+                     {"stream": sim.stream, "committed": {"1": self.committed}}))
 
     def on_message(self, end: End, m: Message) -> None:
+        if end is not self.end:
+            return
         if isinstance(m, Welcome):
+            if m.epoch < self.epoch:
+                end.close("stale primary")  # DESIGN invariant 2
+                return
+            self.epoch = m.epoch
             end.ctx = "up"
             self.ship.reset(self.uncommitted(), {1: self.committed})
             self.pump()
@@ -344,8 +680,8 @@ class SimEdge:
             self.sim.note(f"edge refused: {m.code} {m.reason}")
             end.close()
 
-    def on_close(self, conn: Conn) -> None:
-        if self.end is not None and self.end.conn is conn:
+    def on_close(self, end: End, exc: BaseException | None) -> None:
+        if end is self.end:
             self.end = None
             self.sim.clock.at(0.02, self.dial)
 
@@ -355,202 +691,11 @@ class SimEdge:
             self.end.conn.reset()
         self.end = None
         self.committed = self.committed_saved  # replay: the log keeps every uncommitted record
-        self.next_seq += self.sim.rng.randint(0, 50)  # sequence lease: numbers jump, never repeat
+        self.next_seq += self.sim.rng.randint(0, 50)  # sequence lease: numbers jump
 
     def restart(self) -> None:
         self.alive = True
         self.dial()
-
-
-# -- Cores ------------------------------------------------------------------------------
-class SimCore:
-    """A Core's running state around the real :class:`LunPipeline` (as :mod:`core.node`)."""
-
-    def __init__(self, sim: Sim, name: str, primary: bool) -> None:
-        self.sim = sim
-        self.name = name
-        self.primary = primary
-        self.alive = True
-        self.life = 0
-        self.future = 0  # a crash left writes up to this seq on disk, past the sealed seq
-        self.disk = SimDisk(sim, self)
-        self.pipe: LunPipeline[SimDisk] = LunPipeline.restarted(self.disk, 0, 0)
-        self.edge: End | None = None
-        self.mirror: End | None = None  # primary: to the secondary; secondary: from primary
-        self.dialling = False
-        self.ends: list[End] = []  # every connection of this process (a crash closes them)
-        self.dialled: End | None = None  # primary: the connection to the peer, welcomed or not
-
-    # durability
-    def seal(self) -> tuple[int, int] | None:
-        seq = self.pipe.sealed_seq()
-        if seq is None:
-            return None
-        if self.sim.planted("seal-late"):
-            return None
-        return (self.pipe.stream, seq)
-
-    def on_durable(self, target: int) -> None:
-        self.pipe.durable_to(target)
-        if self.future and self.disk.sealed[1] >= self.future:
-            self.future = 0
-        self.sim.check_prefix(self)
-        self.progress()
-
-    def ack_limit(self) -> int:
-        p = self.pipe
-        limit = p.applied_seq if self.sim.planted("ack-before-fsync") else p.durable_seq
-        if self.primary:
-            return min(limit, p.mirror_acked)
-        return limit
-
-    def progress(self) -> None:
-        last = self.pipe.take_acks(self.ack_limit())
-        up = self.edge if self.primary else self.mirror
-        if last is not None and up is not None:
-            up.send(Ack(1, self.pipe.stream, last))
-
-    # connections
-    def accept(self, end: End) -> None:
-        self.ends.append(end)
-        end.conn.on_close = self.on_close_of(end.conn.on_close)
-
-    def on_close_of(self, other: Callable[[Conn], None]) -> Callable[[Conn], None]:
-        def both(conn: Conn) -> None:
-            other(conn)
-            self.on_close(conn)
-        return both
-
-    def on_close(self, conn: Conn) -> None:
-        self.ends = [e for e in self.ends if e.conn is not conn]
-        if self.dialled is not None and self.dialled.conn is conn:
-            self.dialled = None
-            self.mirror = None
-            self.sim.clock.at(0.02, self.dial_peer)
-        if self.edge is not None and self.edge.conn is conn:
-            self.edge = None
-            self.pipe.waiting.clear()
-        if self.mirror is not None and self.mirror.conn is conn:
-            self.mirror = None
-            if not self.primary:
-                self.pipe.waiting.clear()
-
-    def dial_peer(self) -> None:
-        if not self.primary or not self.alive or self.dialling or self.dialled is not None:
-            return
-        sec = self.sim.secondary
-        if not sec.alive or not self.sim.core_link_up:
-            self.dialling = True
-
-            def again() -> None:
-                self.dialling = False
-                self.dial_peer()
-            self.sim.clock.at(0.05, again)
-            return
-        a, b = connect(self.sim, self.name, self.on_message, sec.name, sec.on_message,
-                       self.on_close)
-        sec.accept(b)
-        self.ends.append(a)
-        self.dialled = a
-        a.ctx = "peer-out"
-        a.send(Hello(self.name, "primary", "replication", 1, {1: LUN_BYTES}))
-
-    def on_message(self, end: End, m: Message) -> None:
-        if not self.alive:
-            return
-        p = self.pipe
-        if isinstance(m, Hello):
-            if m.purpose == "edge":
-                if self.edge is not None:
-                    self.edge.close("replaced")
-                self.edge = end
-                end.ctx = "edge"
-                stream = m.info.get("stream")
-                if isinstance(stream, int) and stream != p.stream:
-                    p.switch_stream(stream)
-                p.waiting.clear()
-                end.send(Welcome(self.name, "primary", 1, {1: (p.stream, p.durable_seq)}))
-            else:
-                if self.mirror is not None:
-                    self.mirror.close("replaced")
-                self.mirror = end
-                end.ctx = "mirror-in"
-                p.waiting.clear()
-                end.send(Welcome(self.name, "secondary", 1, {1: (p.stream, p.durable_seq)}))
-        elif isinstance(m, Welcome) and end.ctx == "peer-out":
-            self.mirror = end
-            stream, seq = m.applied.get(1, (0, 0))
-            if stream == p.stream and seq > p.mirror_acked:
-                p.mirror_acked_to(seq)
-            for w in list(p.mirror_q):
-                end.send(w)
-            self.progress()
-        elif isinstance(m, Write) and end.ctx == "edge":
-            self.edge_write(end, m)
-        elif isinstance(m, Write) and end.ctx == "mirror-in":
-            self.mirror_write(end, m)
-        elif isinstance(m, Ack) and end.ctx == "peer-out":
-            if not p.ack_possible(m.seq):
-                self.sim.fail(f"{self.name}: peer acknowledged seq {m.seq} never sent")
-            p.mirror_acked_to(m.seq)
-            self.progress()
-        elif isinstance(m, Refuse):
-            self.sim.note(f"{self.name} refused by peer: {m.code} {m.reason}")
-            if m.code == "sequence-gap" and end.ctx == "peer-out":
-                have = m.info.get("have")
-                if isinstance(have, int) and not p.resend_reaches(have):
-                    self.sim.fail(f"{self.name}: the secondary lacks seqs before {have} that "
-                                  "no resend can give it")
-            end.close()
-
-    def _admit(self, end: End, w: Write, **kw: Any) -> bool:
-        verdict = self.pipe.admit(w, **kw)
-        if self.sim.planted("skip-gap") and verdict is Order.GAP:
-            self.pipe.received_seq = w.seq  # the bug: a gap taken for a resend
-            verdict = Order.NEXT
-        if verdict is Order.GAP or verdict is Order.MALFORMED:
-            self.sim.gaps += 1
-            end.refuse("sequence-gap", f"seq {w.seq} after {w.prev}",
-                       {"lun": 1, "have": self.pipe.received_seq, "source": end.ctx})
-            return False
-        return True
-
-    def edge_write(self, end: End, w: Write) -> None:
-        p = self.pipe
-        if not self._admit(end, w):
-            return
-        p.waiting.append(w.seq)
-        p.apply(w)
-        if p.wants_copy(w):
-            copy = p.queue_copy(1, w)
-            if self.mirror is not None and self.mirror.ctx == "peer-out":
-                self.mirror.send(copy)
-        self.progress()
-
-    def mirror_write(self, end: End, w: Write) -> None:
-        p = self.pipe
-        if w.stream != p.stream:
-            p.switch_stream(w.stream)
-        if not self._admit(end, w, resynced_hole_ok=True):
-            return
-        p.waiting.append(w.seq)
-        p.apply(w)
-        self.progress()
-
-    def crash(self) -> None:
-        self.alive = False
-        self.life += 1
-        for e in list(self.ends):
-            e.conn.reset()
-        self.ends = []
-        self.edge = self.mirror = self.dialled = None
-        self.disk.crash()
-        stream, seq = self.disk.sealed
-        self.pipe = LunPipeline.restarted(self.disk, stream, seq)
-
-    def restart(self) -> None:
-        self.alive = True
-        self.dial_peer()
 
 
 # -- the simulation ---------------------------------------------------------------------
@@ -561,11 +706,22 @@ class Result:
     committed: int
     faults: list[str] = field(default_factory=list)
     gaps: int = 0
+    failovers: int = 0
     end_time: float = 0.0
 
 
+_quiet = False
+
+
 class Sim:
-    def __init__(self, seed: int, *, plant: str | None = None, writes: int = 120) -> None:
+    """One seed. ``full``: Journal LUNs, the Witness and operator drills too."""
+
+    def __init__(self, seed: int, *, plant: str | None = None, writes: int = 120,
+                 full: bool = False) -> None:
+        global _quiet
+        if not _quiet:
+            log.setup("sim", None, level="critical", tty=False)
+            _quiet = True
         self.seed = seed
         self.rng = random.Random(seed)
         self.plant = plant
@@ -573,19 +729,67 @@ class Sim:
         unknown = self.plants - set(PLANTS)
         if unknown:
             raise ValueError(f"unknown planted bug(s) {sorted(unknown)}; known: {PLANTS}")
+        self.full = full
         self.clock = Clock()
         self.writes = writes
+        self.stream = 0x5EED
         self.edge_link_up = True
         self.core_link_up = True
+        self.witness_link: dict[str, bool] = {}
         self.healing = False  # the liveness phase: no more faults
-        self.gaps = 0
         self.log: list[str] = []
-        self.primary = SimCore(self, "core-a", True)
-        self.secondary = SimCore(self, "core-b", False)
+        self.faults: list[str] = []
+        self.conns: list[Conn] = []
+        self.ends: dict[str, list[End]] = {"core-a": [], "core-b": []}
+        self.acks: list[tuple[float, str, int, bool]] = []  # (time, core, seq, journaling)
+        self.failover_times: list[float] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="sfsim-")) if full else None
+        self.witness = SimWitness(self)
+        self.disks = {"core-a": SimDisk(self), "core-b": SimDisk(self)}
+        self.saved: dict[str, dict[str, Any]] = {"core-a": {}, "core-b": {}}
+        self.cores: list[SimCore] = []
+        self.cores = [self._core("core-a", "primary"), self._core("core-b", "secondary")]
         self.edge = SimEdge(self)
+        if full:  # without failover there is one primary by construction
+            self.clock.after = self.check_split_brain
+
+    def _core(self, name: str, role: str) -> SimCore:
+        jp = self.tmp / f"{name}.journal" if self.tmp is not None else None
+        return SimCore(self, name, role, self.disks[name], self.saved[name], jp)
+
+    def open_journal(self, core: SimCore, path: Path) -> Any:
+        from journal.journal import Journal
+
+        sim = self
+
+        class SimJournal(Journal):
+            """The real journal; its commits run on the virtual clock."""
+
+            owner: SimCore
+
+            def request_commit(self) -> None:
+                if getattr(self, "_sim_pending", False) or self.durable >= self.ticket:
+                    return
+                self._sim_pending = True
+
+                def go() -> None:
+                    self._sim_pending = False
+                    if self.owner.alive and self.owner.journal is self:
+                        self.flush()
+                sim.clock.at(sim.rng.expovariate(1 / 0.002), go)
+
+        j = SimJournal.open(path, {1: LUN_BYTES}, size=3 << 30)
+        assert isinstance(j, SimJournal)
+        j.owner = core
+        crashed = int(j.crashed_al_regions(1).size)
+        if crashed:
+            core.event("journal_crash_regions", regions={1: crashed})
+        return j
+
+    def other(self, core: SimCore) -> SimCore:
+        return self.cores[1] if core is self.cores[0] else self.cores[0]
 
     def planted(self, bug: str) -> bool:
-        """A bug planted on purpose, to show the checker finds it."""
         return bug in self.plants
 
     # history and checks
@@ -593,10 +797,14 @@ class Sim:
         self.log.append(f"{self.clock.now:9.4f} {what}")
 
     def fail(self, why: str) -> None:
-        tail = "\n".join(self.log[-15:])
+        tail = "\n".join(self.log[-20:])
         plant = f" --plant {self.plant}" if self.plant else ""
+        full = " --full" if self.full else ""
         raise SimFailure(f"seed {self.seed}: {why}\n  replay: steelfusion sim --seed {self.seed}"
-                         f"{plant} -v\n  last events:\n{tail}")
+                         f"{full}{plant} -v\n  last events:\n{tail}")
+
+    def acked_by(self, core: SimCore, seq: int) -> None:
+        self.acks.append((self.clock.now, core.name, seq, core.rep.journals))
 
     def expected(self, upto: int) -> bytes:
         img = bytearray(LUN_BYTES)
@@ -605,115 +813,304 @@ class Sim:
                 img[r.offset:r.offset + r.length] = r.data
         return bytes(img)
 
+    def check_split_brain(self) -> None:
+        """Invariant 2: never two Cores that could acknowledge Edge writes."""
+        a, b = self.cores
+        if a.can_ack() and b.can_ack():
+            self.fail(f"split brain: both Cores can acknowledge Edge writes ({a.name} "
+                      f"{a.rep.state.value} epoch {a.epoch}, {b.name} {b.rep.state.value} "
+                      f"epoch {b.epoch})")
+
     def check_commit(self, seq: int) -> None:
-        """Invariant 1 (running): the primary acknowledged ``seq``: both Cores have it durable."""
-        for core in (self.primary, self.secondary):
-            stream, have = core.disk.sealed
-            if stream != STREAM or have < seq:
+        """Invariant 1 (running): an ACK the Edge receives is durable on both Cores."""
+        if self.full:
+            return  # suspension acknowledges on one Core: checked at the end instead
+        for core in self.cores:
+            disk = core.disk
+            stream, have = disk.sealed
+            if stream != self.stream or have < seq:
                 self.fail(f"Edge got ACK {seq} but {core.name}'s durable applied seq is {have}")
-            if not core.future:
-                img = bytes(core.disk.durable)
-                if img != self.expected(have):
-                    self.fail(f"Edge got ACK {seq}: {core.name}'s durable image is not the "
-                              f"host's writes up to seq {have}")
+            if not disk.future and bytes(disk.durable) != self.expected(have):
+                self.fail(f"Edge got ACK {seq}: {core.name}'s durable image is not the "
+                          f"host's writes up to seq {have}")
 
-    def check_prefix(self, core: SimCore) -> None:
-        """Invariant 3: a durable image is the Edge's writes up to some seq (after catching up)."""
-        if core.future or self.rng.random() > 0.2:
-            return
-        stream, have = core.disk.sealed
-        if stream == STREAM and bytes(core.disk.durable) != self.expected(have):
-            self.fail(f"{core.name}'s durable image is not a prefix of the Edge's writes "
-                      f"(sealed seq {have})")
-
-    # faults
+    # faults and drills
     def fault(self) -> None:
         rng = self.rng
-        kind = rng.choice(["crash-b", "crash-b", "crash-a", "crash-edge", "reset-edge",
-                           "reset-peer", "cut-peer", "cut-edge", "none"])
+        kinds = ["crash-b", "crash-b", "crash-a", "crash-edge", "reset-edge", "reset-peer",
+                 "cut-peer", "cut-edge", "none"]
+        if self.full:
+            kinds += ["suspend", "suspend", "resume", "resume", "failover", "failover",
+                      "cut-witness", "crash-witness", "isolate-primary"]
+        kind = rng.choice(kinds)
         self.note(f"fault {kind}")
         self.faults.append(kind)
         down = rng.uniform(0.05, 1.0)
-        if kind == "crash-b" and self.secondary.alive:
-            self.secondary.crash()
-            self.clock.at(down, self.secondary.restart)
-        elif kind == "crash-a" and self.primary.alive:
-            self.primary.crash()
-            self.clock.at(down, self.primary.restart)
+        a, b = self.cores
+        if kind in ("crash-a", "crash-b"):
+            self.crash(a if kind == "crash-a" else b, down)
         elif kind == "crash-edge" and self.edge.alive:
             self.edge.crash()
             self.clock.at(down, self.edge.restart)
         elif kind == "reset-edge" and self.edge.end is not None:
             self.edge.end.conn.reset()
-        elif kind == "reset-peer" and self.primary.dialled is not None:
-            self.primary.dialled.conn.reset()
+        elif kind == "reset-peer":
+            for end in list(a.peer_out.values())[:1]:
+                end.conn.reset()
         elif kind == "cut-peer":
             self.core_link_up = False
-            if self.primary.dialled is not None:
-                self.primary.dialled.conn.reset()
-
-            def heal() -> None:
-                self.core_link_up = True
-            self.clock.at(down, heal)
+            for core in self.cores:
+                for end in list(core.peer_out.values()):
+                    end.conn.reset()
+            self.clock.at(down, lambda: setattr(self, "core_link_up", True))
         elif kind == "cut-edge":
             self.edge_link_up = False
             if self.edge.end is not None:
                 self.edge.end.conn.reset()
+            self.clock.at(down, lambda: setattr(self, "edge_link_up", True))
+        elif kind == "cut-witness":
+            who = rng.choice([c.name for c in self.cores])
+            self.witness_link[who] = False
+            self.clock.at(down * 3, functools.partial(self.witness_link.pop, who, True))
+        elif kind == "isolate-primary":
+            # the split-brain drill: the primary still serves its Edge but reaches neither its
+            # peer nor the Witness; the secondary may fail over meanwhile
+            p = self.primary()
+            if p is not None:
+                self.drill_suspend()
+                self.clock.at(0.1, functools.partial(self.isolate, p, down))
+                self.clock.at(rng.uniform(LEASE, 3 * LEASE), self.drill_failover)
+        elif kind == "crash-witness":
+            self.witness.crash_restart()
+        elif kind == "suspend":
+            self.drill_suspend()
+        elif kind == "resume":
+            self.drill_resume()
+        elif kind == "failover":
+            self.drill_failover()
 
-            def heal_e() -> None:
-                self.edge_link_up = True
-            self.clock.at(down, heal_e)
+    def isolate(self, p: SimCore, down: float) -> None:
+        """The primary still serves its Edge but reaches neither its peer nor the Witness."""
+        self.note(f"isolate {p.name}")
+        self.witness_link[p.name] = False
+        self.core_link_up = False
+        for core in self.cores:
+            for end in list(core.peer_out.values()):
+                end.conn.reset()
 
-    faults: list[str]
+        def heal_isolation() -> None:
+            self.witness_link.pop(p.name, None)
+            self.core_link_up = True
+        self.clock.at(down * 4, heal_isolation)
 
+    def crash(self, core: SimCore, down: float) -> None:
+        if not core.alive:
+            return
+        core.alive = False
+        for end in list(self.ends[core.name]) + list(core.peer_out.values()):
+            end.conn.reset()
+        self.ends[core.name] = []
+        if core.journal is not None:
+            core.journal.abandon()  # what was not committed is gone
+        core.disk.crash(dict(core.pipes[1].issued))
+        idx = self.cores.index(core)
+
+        def restart() -> None:
+            if self.cores[idx] is core:
+                role = self.saved[core.name].get("role", core.role)
+                self.cores[idx] = self._core(core.name, role)
+                self.note(f"{core.name} restarted as {self.cores[idx].role} "
+                          f"{self.cores[idx].rep.state.value}")
+        self.clock.at(down, restart)
+
+    def primary(self) -> SimCore | None:
+        for c in self.cores:
+            if c.alive and c.role == "primary":
+                return c
+        return None
+
+    def drill_suspend(self) -> None:
+        c = self.primary()
+        if c is None or c.witness is None:
+            return
+        try:
+            if c.suspend_check() is not None:
+                return
+        except control.ControlError:
+            return
+
+        def answer(d: Decision | None) -> None:
+            if not c.alive:
+                return
+            with_d = d if d is not None else Decision(False, "witness-unreachable", 0)
+            try:
+                c.suspend_decided(with_d)
+                self.note(f"{c.name} suspended")
+            except control.ControlError as e:
+                self.note(f"{c.name} suspend refused: {e}")
+        c.witness.request("suspend", answer)
+
+    def drill_resume(self) -> None:
+        c = self.primary()
+        if c is None:
+            return
+        try:
+            c.resume_check()
+            c.resume_apply()
+            self.note(f"{c.name} resumed: {c.rep.state.value}")
+        except control.ControlError as e:
+            self.note(f"{c.name} resume refused: {e}")
+
+    def drill_failover(self) -> None:
+        c = next((x for x in self.cores if x.alive and x.role == "secondary"), None)
+        if c is None or c.witness is None:
+            return
+        try:
+            c.failover_begin(False)
+        except control.ControlError:
+            return
+
+        def answer(d: Decision | None) -> None:
+            if not c.alive or c.role != "secondary":
+                c.failover_pending = False
+                return
+            with_d = d if d is not None else Decision(False, "witness-unreachable", 0)
+            try:  # as core.node.Core.cmd_failover: no second check once the Witness answered
+                c.failover_decided(with_d, False)
+            except control.ControlError as e:
+                self.note(f"{c.name} failover refused: {e}")
+                return
+            self.failover_times.append(self.clock.now)
+            self.note(f"{c.name} failed over: epoch {c.epoch}")
+        c.witness.request("failover", answer, peer=self.other(c).name)
+
+    # the run
     def run(self) -> Result:
-        self.faults = []
+        try:
+            return self._run()
+        finally:
+            for core in self.cores:
+                if core.journal is not None and not core.journal.closed:
+                    core.journal.abandon()
+            if self.tmp is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _run(self) -> Result:
         rng = self.rng
-        self.primary.dial_peer()
-        self.edge.dial()
-        t = 0.0
-        for _ in range(self.writes):  # safety phase: writes and faults interleaved
-            t += rng.expovariate(1 / 0.004)
+        self.clock.at(0.01, self.edge.dial)
+        t = 0.05
+        for _ in range(self.writes):  # safety phase: writes, faults and drills interleaved
+            t += rng.expovariate(1 / (0.02 if self.full else 0.004))
             self.clock.at(t - self.clock.now, self.edge.host_write)
-            if rng.random() < 0.06:
+            if rng.random() < (0.1 if self.full else 0.06):
                 self.clock.at(t - self.clock.now + rng.uniform(0, 0.01), self.fault)
         self.clock.run_until(t + 0.01)
-        # liveness phase: heal everything, restart what is down, no more faults
+        self.heal()
+        last = self.edge.recs[-1].seq if self.edge.recs else 0
+
+        def settled() -> bool:
+            a, b = self.cores
+            return (self.edge.committed >= last and a.alive and b.alive
+                    and {a.replication, b.replication} <= {"running", "replica"}
+                    and not any(c.pipes[1].mirror_q for c in self.cores))
+        self.clock.run_until(self.clock.now + 120.0, stop=settled)
+        if not settled():
+            a, b = self.cores
+            self.fail(f"not healed after 120 s: Edge committed {self.edge.committed} of {last}; "
+                      f"{a.name} {a.role} {a.replication}, {b.name} {b.role} {b.replication}")
+        self.clock.run_until(self.clock.now + 0.5)  # let the last syncs land
+        self.check_end(last)
+        return Result(self.seed, len(self.edge.recs), self.edge.committed, self.faults,
+                      sum(1 for ln in self.log if "sequence-gap" in ln), len(self.failover_times),
+                      self.clock.now)
+
+    def heal(self) -> None:
+        """Liveness phase: every link back, every node up, the operator resumes."""
         self.healing = True
         self.edge_link_up = self.core_link_up = True
-        for node in (self.primary, self.secondary):
-            if not node.alive:
-                node.restart()
+        self.witness_link.clear()
+        self.clock.run_until(self.clock.now + 2.0)  # pending restarts happen
         if not self.edge.alive:
             self.edge.restart()
-        if self.plants & {"lost-frames"}:
+        if self.planted("lost-frames"):
             # a frame lost at the tail of a stream has no successor to reveal the gap: the
             # heal flaps every connection once, and the resend fills it
-            for end in (self.edge.end, self.primary.dialled):
-                if end is not None:
-                    end.conn.reset()
-        last = self.edge.recs[-1].seq if self.edge.recs else 0
-        self.clock.run_until(self.clock.now + 60.0, stop=lambda: self.edge.committed >= last
-                             and not self.primary.pipe.mirror_q)
-        if self.edge.committed < last:
-            self.fail(f"not healed after 60 s: Edge committed {self.edge.committed} of {last}")
-        self.clock.run_until(self.clock.now + 0.5)  # let the last syncs land
-        want = self.expected(last)
-        for core in (self.primary, self.secondary):
-            if bytes(core.disk.image) != want:
-                bad = [i for i in range(LUN_BLOCKS)
-                       if core.disk.image[i * BLOCK:(i + 1) * BLOCK] != want[i * BLOCK:(i + 1) * BLOCK]]
-                self.fail(f"after healing, {core.name} differs from what the host wrote in "
-                          f"blocks {bad}")
-        return Result(self.seed, len(self.edge.recs), self.edge.committed, self.faults,
-                      self.gaps, self.clock.now)
+            for conn in self.conns:
+                conn.reset()
+        for _ in range(20):
+            self.clock.run_until(self.clock.now + 1.0)
+            p = self.primary()
+            if p is not None and p.rep.state is State.SUSPENDED:
+                self.drill_resume()
+
+    def check_end(self, last: int) -> None:
+        """Invariants 1 and 4 once healed: both Cores hold what the host was promised."""
+        a, b = self.cores
+        if bytes(a.disk.image) != bytes(b.disk.image):
+            self.fail("after healing and resync the Cores differ")
+        # Writes a suspended primary acknowledged may be lost if a failover followed (the
+        # seed's documented cost of failing over while suspended); nothing else may be.
+        at_risk: set[int] = set()
+        for when, _core, seq, journaling in self.acks:
+            if journaling and any(f > when for f in self.failover_times):
+                at_risk.update(r.seq for r in self.edge.recs if r.seq <= seq)
+        img = bytes(a.disk.image)
+        for blk in range(LUN_BLOCKS):
+            lo, hi = blk * BLOCK, (blk + 1) * BLOCK
+            writes = [r for r in self.edge.recs if r.offset < hi and r.offset + r.length > lo]
+            if not writes:
+                if img[lo:hi] != bytes(BLOCK):
+                    self.fail(f"block {blk} holds data no host wrote")
+                continue
+            must = [i for i, r in enumerate(writes) if r.seq not in at_risk]
+            k = must[-1] if must else -1
+            allowed = {r.data[lo - r.offset:hi - r.offset] for r in writes[max(k, 0):]}
+            if k < 0:
+                allowed.add(bytes(BLOCK))
+            if img[lo:hi] not in allowed:
+                self.fail(f"block {blk}: an acknowledged write is lost (want seq "
+                          f"{writes[k].seq if k >= 0 else 'none'} or later)")
 
 
-def run_seed(seed: int, plant: str | None = None, writes: int = 120) -> Result:
-    return Sim(seed, plant=plant, writes=writes).run()
+def run_seed(seed: int, plant: str | None = None, writes: int = 120, full: bool = False
+             ) -> Result:
+    return Sim(seed, plant=plant, writes=writes, full=full).run()
 
 
-PLANTS = ("ack-before-fsync", "skip-gap", "lost-frames", "seal-late")
+def _one(args: tuple[int, str | None, int, bool]) -> tuple[int, str | None]:
+    seed, plant, writes, full = args
+    try:
+        run_seed(seed, plant, writes, full)
+    except SimFailure as e:
+        return seed, str(e)
+    return seed, None
 
 
-__all__ = ["PLANTS", "Result", "Sim", "SimFailure", "run_seed"]
+def run_many(seeds: range, plant: str | None = None, writes: int = 120, full: bool = False,
+             jobs: int = 0, stop_after: int = 5) -> tuple[int, list[str]]:
+    """Run ``seeds`` over ``jobs`` processes (0: one per CPU); (seeds run, failure texts)."""
+    import multiprocessing
+
+    jobs = jobs or os.cpu_count() or 1
+    work = [(s, plant, writes, full) for s in seeds]
+    failures: list[str] = []
+    ran = 0
+    if jobs == 1:
+        results: Any = map(_one, work)
+    else:
+        pool = multiprocessing.get_context("fork").Pool(jobs)
+        results = pool.imap(_one, work, chunksize=16)
+    try:
+        for _, err in results:
+            ran += 1
+            if err is not None:
+                failures.append(err)
+                if len(failures) >= stop_after:
+                    break
+    finally:
+        if jobs != 1:
+            pool.terminate()
+    return ran, failures
+
+
+__all__ = ["PLANTS", "Result", "Sim", "SimFailure", "run_many", "run_seed"]
