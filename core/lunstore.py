@@ -77,6 +77,7 @@ class LunStore:
         self.written = 0  # writes issued (a counter)
         self.durable = 0  # writes known durable
         self._syncing = False
+        self._force = False
         self._listeners: list[Callable[[int], None]] = []
         self.io_errors = 0
         # Called on the event loop as a group commit starts, with its target counter; what
@@ -106,16 +107,23 @@ class LunStore:
             out += bytes(length - len(out))
         return out
 
-    def request_sync(self) -> None:
-        """Start a group commit unless one is running; it loops while writes keep coming."""
-        if not self._syncing and self.durable < self.written:
+    def request_sync(self, force: bool = False) -> None:
+        """Start a group commit unless one is running; it loops while writes keep coming.
+
+        ``force``: one more commit even with no new write, so that the seal
+        (the applied seq) is persisted and the listeners hear of it — the Core
+        moves its applied seq without writing when a resync covers a stream.
+        """
+        self._force = self._force or force
+        if not self._syncing and (self.durable < self.written or self._force):
             self._syncing = True
             asyncio.get_running_loop().create_task(self._sync_loop())
 
     async def _sync_loop(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while self.durable < self.written:
+            while self.durable < self.written or self._force:
+                self._force = False
                 target = self.written
                 after = self.seal(target) if self.seal is not None else None
                 await loop.run_in_executor(None, self._sync_job, after)

@@ -60,7 +60,7 @@ class Backend(Protocol):
     def check_range(self, offset: int, length: int) -> bool: ...
     def pwrite(self, offset: int, data: bytes | memoryview) -> int: ...
     def pread(self, offset: int, length: int) -> bytes: ...
-    def request_sync(self) -> None: ...
+    def request_sync(self, force: bool = False) -> None: ...
 
 
 B = TypeVar("B", bound=Backend)
@@ -267,7 +267,7 @@ class LunPipeline(Generic[B]):
         if seq > self.applied_seq:
             self.applied_seq = seq
             self.issued.append((getattr(self.store, "written", 0), seq))
-            self.store.request_sync()
+            self.store.request_sync(force=True)
         self.hole = None
         return True
 
@@ -286,7 +286,7 @@ class LunPipeline(Generic[B]):
         self.durable_seq = min(self.durable_seq, seq)
         self.issued.clear()
         self.issued.append((getattr(self.store, "written", 0), seq))
-        self.store.request_sync()
+        self.store.request_sync(force=True)
         self.hole = None
         return True
 

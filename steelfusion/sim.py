@@ -131,6 +131,7 @@ class SimDisk:
         self.written = 0
         self.synced = 0
         self.syncing = False
+        self.force = False
         self.sealed = (0, 0)  # durable (stream, seq) of the applied state
         self.future = 0  # a crash left writes up to this seq on disk, past the sealed seq
 
@@ -147,10 +148,12 @@ class SimDisk:
     def pread(self, offset: int, length: int) -> bytes:
         return bytes(self.image[offset:offset + length])
 
-    def request_sync(self) -> None:
+    def request_sync(self, force: bool = False) -> None:
         owner = self.owner
-        if self.syncing or self.synced >= self.written or owner is None:
+        self.force = self.force or force
+        if self.syncing or (self.synced >= self.written and not self.force) or owner is None:
             return
+        self.force = False
         self.syncing = True
         target = self.written
         seal = owner.seal()
