@@ -194,6 +194,13 @@ class CoreEngine:
         if self.journal is not None and self.journal.failed is not None:
             f = self.journal.failed
             self.raise_alarm(getattr(f, "alarm", "journal_offline"), str(f))
+        if w is not None and getattr(w, "alive", True) is False:
+            # the client's reconnect loop stopped moving (issue 9): say so, loudly
+            self.raise_alarm("witness_client_stalled", "the Witness client has made no "
+                             f"progress (last error: {getattr(w, 'last_error', None)}); "
+                             "suspend and failover cannot be approved")
+        elif w is not None:
+            self.clear_alarm("witness_client_stalled")
 
     def _restart_rep(self, st: dict[str, Any]) -> Rep:
         role = st.get("role", self.cfg.role)

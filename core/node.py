@@ -69,6 +69,8 @@ class Core(CoreEngine):
         self._control: asyncio.AbstractServer | None = None
         self.started = time.time()
         self.stopping = asyncio.Event()
+        self._verify_due = time.monotonic() + cfg.verify_interval_s
+        self._verify_soon = False  # a resync just finished: check the replica
 
     # -- engine hooks ---------------------------------------------------------------------
     def now(self) -> float:
@@ -177,6 +179,7 @@ class Core(CoreEngine):
                                          key=self.auth.key if self.auth else None)
             self._tasks.append(asyncio.create_task(self.witness.start()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+        self._tasks.append(asyncio.create_task(self._verify_loop()))
         self.event("core_started", listen=format_addr(self.cfg.listen),
                    control=format_addr(self.cfg.control), luns=sorted(self.pipes),
                    peer=format_addr(self.cfg.peer) if self.cfg.peer else None)
@@ -263,10 +266,73 @@ class Core(CoreEngine):
             None, self._hash_regions, p.store.fd, p.store.size, rb, start, count)
         link.send(Control({"op": "reply", "req": body.get("req"), "digests": digests.hex()}))
 
-    async def verify(self, repair: bool) -> dict[str, Any]:
+    def resync_committed(self) -> None:
+        super().resync_committed()
+        self._verify_soon = True
+
+    async def _verify_loop(self) -> None:
+        """Online verify, periodically and after every resync (DESIGN invariant 6).
+
+        Rate-limited and off the write path; a region that differs is hashed
+        again once the mirror queue has caught up with what was applied when
+        it was first hashed (writes in flight make regions differ for a
+        moment), and only a difference that persists raises an alarm.
+        """
+        while True:
+            await asyncio.sleep(1.0)
+            due = self._verify_soon or time.monotonic() >= self._verify_due
+            if not due or (self.verify_last or {}).get("running"):
+                continue
+            if self.role != "primary" or self.rep.state is not State.RUNNING \
+                    or not self.mirror_links:
+                continue
+            self._verify_soon = False
+            self._verify_due = time.monotonic() + self.cfg.verify_interval_s
+            try:
+                await self.verify(False, background=True)
+            except (control.ControlError, TimeoutError, OSError, ConnectionError) as e:
+                self.event("verify_skipped", reason=str(e))
+            except Exception as e:  # never let the checker die silently
+                _log.exception("verify_failed", error=str(e))
+
+    async def _peer_hashes(self, lun: int, rb: int, start: int, count: int) -> np.ndarray:
+        links = self.mirror_links
+        if not links:
+            raise control.ControlError("the secondary went away during verify")
+        theirs = await self._rpc(links[0], {"op": "hashes", "lun": lun, "region_bytes": rb,
+                                            "start": start, "count": count})
+        if "digests" not in theirs:
+            raise control.ControlError(f"peer could not hash LUN {lun}: {theirs}")
+        return np.frombuffer(bytes.fromhex(theirs["digests"]), dtype=np.uint8).reshape(-1, 16)
+
+    async def _still_differ(self, lun: int, p: Any, rb: int, regions: list[int]) -> list[int]:
+        """Hash ``regions`` again on both sides once the peer has caught up; those that differ."""
+        loop = asyncio.get_running_loop()
+        for _ in range(3):
+            target = p.applied_seq
+            for _ in range(100):  # up to 10 s for the mirror queue to reach ``target``
+                if p.mirror_acked >= target or self.rep.state is not State.RUNNING:
+                    break
+                await asyncio.sleep(0.1)
+            left = []
+            for r in regions:
+                mine = await loop.run_in_executor(None, self._hash_regions, p.store.fd,
+                                                  p.store.size, rb, r, 1)
+                theirs = await self._peer_hashes(lun, rb, r, 1)
+                if np.frombuffer(mine, dtype=np.uint8).reshape(-1, 16)[:1].tobytes() \
+                        != theirs[:1].tobytes():
+                    left.append(r)
+            regions = left
+            if not regions:
+                break
+        return regions
+
+    async def verify(self, repair: bool, background: bool = False) -> dict[str, Any]:
         """Compare every region's hash here and on the peer (DESIGN invariant 4)."""
         if self.role != "primary":
             raise control.ControlError("verify runs on the primary Core")
+        if (self.verify_last or {}).get("running"):
+            raise control.ControlError("a verify is already running (coredr verify --status)")
         links = self.mirror_links
         if not links:
             raise control.ControlError("the secondary is not connected; nothing to compare with")
@@ -276,6 +342,14 @@ class Core(CoreEngine):
         prog = Progress(total=sum(p.store.size for p in self.pipes.values()),
                         started=time.monotonic())
         self.verify_last = {"running": True, "progress": prog}
+        try:
+            return await self._verify(repair, background, report, prog, rb, loop)
+        except BaseException as e:
+            self.verify_last = {"running": False, "report": None, "error": str(e)}
+            raise
+
+    async def _verify(self, repair: bool, background: bool, report: dict[str, Any],
+                      prog: Progress, rb: int, loop: asyncio.AbstractEventLoop) -> dict[str, Any]:
         for lun, p in self.pipes.items():
             nreg = (p.store.size + rb - 1) // rb
             mism: list[int] = []
@@ -283,17 +357,32 @@ class Core(CoreEngine):
                 count = min(VERIFY_BATCH, nreg - start)
                 mine_f = loop.run_in_executor(None, self._hash_regions, p.store.fd, p.store.size,
                                               rb, start, count)
-                theirs = await self._rpc(links[0], {"op": "hashes", "lun": lun, "region_bytes": rb,
-                                                    "start": start, "count": count})
-                mine = await mine_f
-                if "digests" not in theirs:
-                    raise control.ControlError(f"peer could not hash LUN {lun}: {theirs}")
+                try:
+                    b = await self._peer_hashes(lun, rb, start, count)
+                finally:
+                    mine = await mine_f
                 a = np.frombuffer(mine, dtype=np.uint8).reshape(-1, 16)
-                b = np.frombuffer(bytes.fromhex(theirs["digests"]), dtype=np.uint8).reshape(-1, 16)
                 n = min(len(a), len(b))
                 diff = np.flatnonzero((a[:n] != b[:n]).any(axis=1)) + start
                 mism.extend(int(x) for x in diff)
-                prog.done += min(count * rb, p.store.size - start * rb)
+                done = min(count * rb, p.store.size - start * rb)
+                prog.done += done
+                if background:  # stay under verify_rate_bytes
+                    ahead = prog.done / self.cfg.verify_rate_bytes - (time.monotonic()
+                                                                      - prog.started)
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+            if background and mism:
+                mism = await self._still_differ(lun, p, rb, mism)
+                key = f"lun_{lun}_replica_mismatch"
+                if mism:
+                    self.raise_alarm(key, f"online verify: LUN id {lun}'s replica differs in "
+                                     f"{len(mism)} region(s) of {rb} bytes (first: {mism[:8]}); "
+                                     "run `coredr verify --repair` to resync them")
+                else:
+                    self.clear_alarm(key)
+            elif background:
+                self.clear_alarm(f"lun_{lun}_replica_mismatch")
             report["luns"][str(lun)] = {"regions": nreg, "mismatched": len(mism),
                                         "mismatched_regions": mism[:1000]}
             if repair and mism and self.journal is not None:
@@ -303,7 +392,7 @@ class Core(CoreEngine):
         report["identical"] = all(v["mismatched"] == 0 for v in report["luns"].values())
         report["elapsed_s"] = round(time.monotonic() - prog.started, 2)
         self.verify_last = {"running": False, "report": report}
-        self.event("verify_done", identical=report["identical"],
+        self.event("verify_done", identical=report["identical"], background=background,
                    mismatched={k: v["mismatched"] for k, v in report["luns"].items()})
         if repair and not report["identical"] and self.rep.state is State.RUNNING:
             self._fire(Event.RESYNC_NEEDED)
@@ -407,7 +496,8 @@ class Core(CoreEngine):
             "witness": None if w is None else {
                 "connected": w.connected, "lease_valid": w.lease_valid(),
                 "pair": self.cfg.pair, "pair_epoch": w.pair_epoch, "holds": w.holds,
-                "holder": w.holder},
+                "holder": w.holder, "client_alive": w.alive, "attempts": w.attempts,
+                "errors": w.errors, "last_error": w.last_error},
             "journal": None if j is None else self._journal_summary(j),
             "resync": resync,
             "luns": {str(lun): {"path": p.store.path, "size": p.store.size, "stream": p.stream,
@@ -462,7 +552,7 @@ class Core(CoreEngine):
             v = self.verify_last or {}
             out = {"running": v.get("running", False), "report": v.get("report")}
             if v.get("progress") is not None and v.get("running"):
-                out["progress"] = v["progress"].view()
+                out["progress"] = v["progress"].view(self.mono())
             return out
 
         async def events(req: dict[str, Any]) -> dict[str, Any]:

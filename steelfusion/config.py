@@ -164,6 +164,8 @@ class CoreConfig:
     pair: str = "pair-1"  # the replication pair's name at the Witness
     ha: str = "none"  # Core HA role here: none | leader | follower (must match the peer's)
     initial_sync: bool = True  # a new pair copies every LUN to the replica first
+    verify_interval_s: float = 3600.0  # seconds between online verifies (and after each resync)
+    verify_rate_bytes: int = 64 << 20  # per second, so the verify stays off the write path
     source: str = ""
 
     @classmethod
@@ -195,7 +197,8 @@ class CoreConfig:
             dead_after=c.float("dead_after", 5.0),
             mirror_window_bytes=rep.size("window", 64 << 20), pair=rep.str("pair", "pair-1"),
             initial_sync=rep.bool("initial_sync", True), ha=_ha(path, rep.str("ha", "none")),
-            source=str(path))
+            verify_interval_s=rep.float("verify_interval", 3600.0),
+            verify_rate_bytes=rep.size("verify_rate", 64 << 20), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         core: dict[str, Any] = {"name": self.name, "role": self.role,
@@ -207,7 +210,9 @@ class CoreConfig:
         rep: dict[str, Any] = {"interfaces": list(self.interfaces),
                                "window": self.mirror_window_bytes, "pair": self.pair,
                                "ha": self.ha,
-                               "initial_sync": self.initial_sync}
+                               "initial_sync": self.initial_sync,
+                               "verify_interval": self.verify_interval_s,
+                               "verify_rate": self.verify_rate_bytes}
         if self.peer:
             rep["peer"] = format_addr(self.peer)
         if self.witness:

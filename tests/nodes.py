@@ -8,6 +8,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from steelfusion.config import CoreConfig, write_toml
 from steelfusion.lab import core_pair_configs, free_ports, pid_alive, spawn, wait_control
@@ -64,12 +65,13 @@ def make_witness(tmp: Path, lease: float = 1.5) -> tuple[tuple[str, int], int]:
 def make_cores(tmp: Path, luns: dict[int, int], replica_luns: dict[int, int] | None = None,
                with_peer: bool = True, witness: tuple[str, int] | None = None,
                journal_size: int | None = None, initial_sync: bool = False,
-               ha: tuple[str, str] = ("none", "none")) -> tuple[CoreProc, CoreProc]:
+               ha: tuple[str, str] = ("none", "none"), **common: Any) -> tuple[CoreProc, CoreProc]:
     """A Core pair with fast heartbeats; a journal only when ``journal_size`` is given."""
     cfgs = core_pair_configs(tmp, luns, replica_luns=replica_luns, with_peer=with_peer,
                              journal=journal_size is not None, journal_size=journal_size,
                              per_core=({"ha": ha[0]}, {"ha": ha[1]}), ping_interval=0.3,
-                             dead_after=2.0, initial_sync=initial_sync, witness=witness)
+                             dead_after=2.0, initial_sync=initial_sync, witness=witness,
+                             **common)
     out = []
     for cfg in cfgs:
         path = tmp / f"{cfg.name}.toml"

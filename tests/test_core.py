@@ -289,3 +289,56 @@ def test_core_refuses_nodes_that_cannot_authenticate(tmp_path: Path) -> None:
     finally:
         a.kill()
         b.kill()
+
+
+@pytest.mark.timeout(120)
+def test_online_verify_alarms_on_a_replica_that_differs(tmp_path: Path) -> None:
+    """Issue 9, defence in depth: a periodic online verify (here every second) finds a
+    replica that silently differs, raises an alarm, and clears it once repaired."""
+    import time
+
+    a, b = make_cores(tmp_path, {1: 8 * MiB}, journal_size=3 << 30, initial_sync=False,
+                      verify_interval_s=1.0)
+    a.start()
+    b.start()
+    try:
+        _wait_repl(a.cfg.control, "running")
+
+        async def write() -> None:
+            e = FakeEdge("edge-v", 5, {1: 8 * MiB})
+            assert await e.connect(a.cfg.listen)
+            for seq in range(1, 9):
+                e.write(1, seq, (seq - 1) * 4096, bytes([seq]) * 4096, prev=seq - 1)
+            await e.wait_acked(1, 8)
+            e.close()
+
+        asyncio.run(write())
+
+        def alarms() -> set[str]:
+            return {al["alarm"] for al in control.call(a.cfg.control, "status")["alarms"]}
+
+        time.sleep(2.5)  # verified identical at least once
+        assert "lun_1_replica_mismatch" not in alarms()
+        # silent corruption on the replica, behind the Cores' backs
+        path = next(lu.path for lu in b.cfg.luns if lu.id == 1)
+        with open(path, "r+b") as f:
+            f.seek(5 * MiB)
+            f.write(b"\xee" * 4096)
+        deadline = time.monotonic() + 30
+        while "lun_1_replica_mismatch" not in alarms():
+            assert time.monotonic() < deadline, "no alarm for a replica that differs"
+            time.sleep(0.2)
+        assert '"verify_done"' in a.log_events()
+        for _ in range(50):  # the background verify may be running right now
+            r = control.call(a.cfg.control, "verify", timeout=60, repair=True)
+            if "already running" not in str(r.get("error", "")):
+                break
+            time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while "lun_1_replica_mismatch" in alarms():
+            assert time.monotonic() < deadline, "alarm not cleared after the repair"
+            time.sleep(0.2)
+        assert a.lun_bytes(1) == b.lun_bytes(1)
+    finally:
+        a.kill()
+        b.kill()
