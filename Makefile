@@ -44,9 +44,11 @@ lint: install
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache .mypy_cache .hypothesis
 
+# make sim SEEDS=100000 (write path) ; make sim SEEDS=20000 FULL=1 (journal, Witness, drills)
 SEEDS ?= 100000
+FULL ?=
 sim: install
-	$(PY) -m steelfusion.cli sim --seeds $(SEEDS)
+	$(PY) -m steelfusion.cli sim --seeds $(SEEDS) $(if $(FULL),--full,)
 
 bench: install
 	$(PY) -m steelfusion.cli bench
