@@ -69,6 +69,7 @@ RESYNC_STREAM = 2**64 - 1  # acks of resync payloads travel on this stream id
 RESYNC_CHUNK = 128 * 1024  # seed: initial synchronization payloads are 128 KB
 RESYNC_WINDOW = 16 << 20
 AL_LOOKAHEAD = 4 << 20  # activity-log regions noted ahead of a sequential stream
+NEVER = 1 << 62  # a journal ticket no commit reaches
 
 LunPipe = LunPipeline[Any]
 
@@ -92,6 +93,17 @@ class Port(Protocol):
     def close(self, reason: str = "") -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Granted:
+    """A failover grant the Witness reported after its answer was lost."""
+
+    epoch: int
+    holder: str
+    granted: bool = True
+    reason: str = "failed-over"
+    detail: str = ""
 
 
 @dataclass(slots=True)
@@ -140,6 +152,7 @@ class CoreEngine:
         # inconsistent when the granted failover arrives, and refuse it; found by the
         # simulation, seed 1207 --full: both Cores ended up secondary).
         self.failover_pending = False
+        self._failover_doubt_until = 0.0
 
     # -- hooks: the adapter (core.node) or the simulation supplies these ------------------
     def now(self) -> float:
@@ -194,6 +207,21 @@ class CoreEngine:
         if self.journal is not None and self.journal.failed is not None:
             f = self.journal.failed
             self.raise_alarm(getattr(f, "alarm", "journal_offline"), str(f))
+        if w is not None and self.role == "secondary" and w.connected \
+                and w.pair_epoch > self.epoch and w.holder == self.name:
+            # The Witness says we are primary at a newer epoch: our failover was granted but
+            # its answer lost. Adopt it, or both Cores end up secondary (found by the
+            # simulation, seed 1407 --full).
+            self.event("failover_grant_learned", epoch=w.pair_epoch)
+            try:
+                self.failover_decided(_Granted(w.pair_epoch, self.name), False)
+            except control.ControlError as e:
+                self.raise_alarm("failover_grant_unusable", f"the Witness made this Core primary "
+                                 f"at epoch {w.pair_epoch} but it cannot take the role: {e}")
+        elif self.failover_pending and self._failover_doubt_until \
+                and self.mono() > self._failover_doubt_until:
+            self.failover_pending = False  # no grant came to light: take links again
+            self._failover_doubt_until = 0.0
         if w is not None and getattr(w, "alive", True) is False:
             # the client's reconnect loop stopped moving (issue 9): say so, loudly
             self.raise_alarm("witness_client_stalled", "the Witness client has made no "
@@ -601,10 +629,14 @@ class CoreEngine:
                     self._al_lookahead(w.lun, p, w.offset + len(w.data))
                 else:
                     must = False
-            except Exception as e:  # an offline journal must not take the Core down
+            except Exception as e:  # an offline journal must not take the Core down...
                 self.raise_alarm("journal_offline", f"journal write failed: {e}")
                 must = False
-            if must:
+                if self.rep.journals:
+                    # ...nor acknowledge a write whose region it could not record: the
+                    # resync would miss it. Gate it behind a ticket that never comes.
+                    ticket = NEVER
+            if must and not ticket:
                 ticket = j.ticket
         if ticket or p.gate:
             p.gate.append((ticket, w))
@@ -724,7 +756,26 @@ class CoreEngine:
             link.send(Ack(lun, RESYNC_STREAM, last))
         self._progress(lun, p)
 
+    def _on_store_failed(self, lun: int, err: BaseException) -> None:
+        """A backend sync failed: fail-stop this LUN (acknowledge nothing more).
+
+        After a failed fdatasync the kernel may have dropped the dirty pages
+        and a later sync would "succeed" without them (PostgreSQL's fsync
+        lesson): retrying could acknowledge writes that are gone. The applied
+        seq was not sealed past the last good sync, so a restart redoes them
+        from the Edge's and the primary's copies.
+        """
+        p = self.pipes[lun]
+        if p.failed is None:
+            p.failed = str(err)
+            self.raise_alarm(f"lun_{lun}_io", f"LUN id {lun}: backend sync failed ({err}); this "
+                             "Core acknowledges no more writes to it: fix the storage and "
+                             "restart the Core (the writes since the last good sync are redone)")
+            self.event("lun_failed", lun=lun, error=str(err))
+
     def _ack_limit(self, p: LunPipe) -> int:
+        if p.failed is not None:
+            return 0
         limit = p.durable_seq
         if self.rep.role != "primary" or not self.cfg.peer or not self.replication_enabled:
             return limit
@@ -1038,8 +1089,10 @@ class CoreEngine:
             lun = body.get("lun")
             seq = body.get("seq")
             pipe = self.pipes.get(lun) if isinstance(lun, int) else None
-            if pipe is not None and isinstance(seq, int) and body.get("stream") == pipe.stream:
+            if pipe is not None and isinstance(seq, int):
                 had = pipe.received_seq
+                if body.get("stream") != pipe.stream:
+                    seq = 0  # the primary has nothing of our stream (it lost it all)
                 if pipe.rewind(seq):
                     self.event("resync_rewind", lun=lun, seq=seq, had=had)
         elif op == "resync-covered" and self.role == "secondary":
@@ -1202,10 +1255,17 @@ class CoreEngine:
         self.failover_pending = False
         new_epoch = self.epoch + 1
         if d is not None:
+            unanswered = d.reason in ("witness-unreachable", "witness-timeout",
+                                      "witness-disconnected")
             if d.granted:
                 new_epoch = max(new_epoch, d.epoch)
-            elif not (force and d.reason in ("witness-unreachable", "witness-timeout",
-                                             "witness-disconnected")):
+            elif not (force and unanswered):
+                if unanswered:
+                    # The Witness may have granted it and the answer been lost: take no
+                    # replication stream until it tells us (tick adopts a grant it reports).
+                    self.failover_pending = True
+                    self._failover_doubt_until = self.mono() + 3 * (
+                        getattr(self.witness, "lease_seconds", None) or 3.0)
                 self.event("failover_refused", reason=d.reason, detail=d.detail)
                 raise control.ControlError(f"the Witness refused failover: {d.reason}"
                                            + (f" ({d.detail})" if d.detail else ""))

@@ -79,6 +79,8 @@ class LunStore:
         self._syncing = False
         self._force = False
         self._listeners: list[Callable[[int], None]] = []
+        self._failure_listeners: list[Callable[[OSError], None]] = []
+        self.failed: OSError | None = None  # a sync failed: fail-stop (see CoreEngine)
         self.io_errors = 0
         # Called on the event loop as a group commit starts, with its target counter; what
         # it returns runs in the worker right after the data's fdatasync (the Core persists
@@ -87,6 +89,10 @@ class LunStore:
 
     def on_durable(self, fn: Callable[[int], None]) -> None:
         self._listeners.append(fn)
+
+    def on_failure(self, fn: Callable[[OSError], None]) -> None:
+        """``fn(error)`` once, when a sync fails; no durability is reported after it."""
+        self._failure_listeners.append(fn)
 
     def check_range(self, offset: int, length: int) -> bool:
         return offset >= 0 and length >= 0 and offset + length <= self.size
@@ -115,6 +121,8 @@ class LunStore:
         moves its applied seq without writing when a resync covers a stream.
         """
         self._force = self._force or force
+        if self.failed is not None:
+            return
         if not self._syncing and (self.durable < self.written or self._force):
             self._syncing = True
             asyncio.get_running_loop().create_task(self._sync_loop())
@@ -130,9 +138,11 @@ class LunStore:
                 self.durable = target
                 for fn in self._listeners:
                     fn(target)
-        except OSError:
+        except OSError as e:
             self.io_errors += 1
-            raise
+            self.failed = e
+            for fail in self._failure_listeners:
+                fail(e)
         finally:
             self._syncing = False
 

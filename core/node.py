@@ -55,6 +55,7 @@ class Core(CoreEngine):
             stream, seq = self.applied.get(lc.id)
             self.pipes[lc.id] = LunPipeline.restarted(store, stream, seq)
             store.on_durable(functools.partial(self._on_durable, lc.id))  # called with target
+            store.on_failure(functools.partial(self._on_store_failed, lc.id))
             store.seal = functools.partial(self._seal, lc.id)
         if cfg.journal_path:
             self._open_journal()

@@ -91,6 +91,7 @@ class LunPipeline(Generic[B]):
     received_seq: int = 0  # highest seq admitted (applied, or gated behind the journal)
     floor: int = 0  # an Edge's acknowledged seq this Core lacks (after a failover): no gap
     hole: str | None = None  # a gap refused in the upstream stream, until it is filled
+    failed: str | None = None  # the backend's sync failed: nothing more is acknowledged
     gate: deque[tuple[int, Write]] = field(default_factory=deque)  # (journal ticket, write)
     jlimit: int = 0  # suspended: highest seq whose journal records are durable
     jpending: tuple[int, int] | None = None  # (journal ticket, seq) for queue-to-journal

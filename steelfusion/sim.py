@@ -132,6 +132,8 @@ class SimDisk:
         self.synced = 0
         self.syncing = False
         self.force = False
+        self.fail_next = False  # planted by the fault "fsync-fail"
+        self.failed = False
         self.sealed = (0, 0)  # durable (stream, seq) of the applied state
         self.future = 0  # a crash left writes up to this seq on disk, past the sealed seq
 
@@ -151,7 +153,8 @@ class SimDisk:
     def request_sync(self, force: bool = False) -> None:
         owner = self.owner
         self.force = self.force or force
-        if self.syncing or (self.synced >= self.written and not self.force) or owner is None:
+        if self.syncing or (self.synced >= self.written and not self.force) or owner is None \
+                or self.failed:
             return
         self.force = False
         self.syncing = True
@@ -163,6 +166,16 @@ class SimDisk:
     def _synced(self, owner: SimCore, target: int, seal: tuple[int, int] | None) -> None:
         if owner is not self.owner:
             return  # the Core crashed meanwhile
+        if self.fail_next:
+            # fdatasync says EIO; the kernel may drop those dirty pages (they stay readable
+            # until evicted, but never reach the disk): a later sync would "succeed" without
+            self.fail_next = False
+            self.failed = True
+            self.syncing = False
+            self.pending = [x for x in self.pending if x[0] > target]
+            self.sim.note(f"{owner.name}: fdatasync EIO, unsynced writes dropped")
+            owner._on_store_failed(1, OSError(5, "simulated fdatasync EIO"))
+            return
         keep = []
         for counter, off, b in self.pending:
             if counter <= target:
@@ -189,6 +202,7 @@ class SimDisk:
         self.image = bytearray(self.durable)
         self.written = self.synced = 0
         self.syncing = False
+        self.failed = self.fail_next = False  # the operator fixed the storage
         self.owner = None
 
 
@@ -506,6 +520,11 @@ class SimCore(CoreEngine):
             self.sim.clock.at(0.002, committed)
 
     # the sim's own plumbing
+    def event(self, name: str, **kv: Any) -> None:
+        super().event(name, **kv)
+        if name == "failed_over":  # however it came about (an answer, or a grant learned)
+            self.sim.failover_times.append(self.sim.clock.now)
+
     def seal(self) -> tuple[int, int] | None:
         seq = self.pipes[1].sealed_seq()
         if seq is None or self.sim.planted("seal-late"):
@@ -761,6 +780,7 @@ class Sim:
         return SimCore(self, name, role, self.disks[name], self.saved[name], jp)
 
     def open_journal(self, core: SimCore, path: Path) -> Any:
+        from journal.errors import JournalOffline
         from journal.journal import Journal
 
         sim = self
@@ -771,14 +791,19 @@ class Sim:
             owner: SimCore
 
             def request_commit(self) -> None:
-                if getattr(self, "_sim_pending", False) or self.durable >= self.ticket:
+                if getattr(self, "_sim_pending", False) or self.durable >= self.ticket \
+                        or self.failed is not None:
                     return
                 self._sim_pending = True
 
                 def go() -> None:
                     self._sim_pending = False
-                    if self.owner.alive and self.owner.journal is self:
-                        self.flush()
+                    if not self.owner.alive or self.owner.journal is not self:
+                        return
+                    if getattr(self, "_sim_broken", False):  # the fault "journal-fail"
+                        self._fail(JournalOffline(f"Journal LUN {self.path}: simulated EIO"))
+                        return
+                    self.flush()
                 sim.clock.at(sim.rng.expovariate(1 / 0.002), go)
 
         j = SimJournal.open(path, {1: LUN_BYTES}, size=3 << 30)
@@ -841,10 +866,11 @@ class Sim:
     def fault(self) -> None:
         rng = self.rng
         kinds = ["crash-b", "crash-b", "crash-a", "crash-edge", "reset-edge", "reset-peer",
-                 "cut-peer", "cut-edge", "none"]
+                 "cut-peer", "cut-edge", "fsync-fail", "none"]
         if self.full:
             kinds += ["suspend", "suspend", "resume", "resume", "failover", "failover",
-                      "cut-witness", "crash-witness", "isolate-primary"]
+                      "cut-witness", "crash-witness", "isolate-primary", "fsync-fail",
+                      "journal-fail"]
         kind = rng.choice(kinds)
         self.note(f"fault {kind}")
         self.faults.append(kind)
@@ -885,6 +911,14 @@ class Sim:
                 self.clock.at(rng.uniform(LEASE, 3 * LEASE), self.drill_failover)
         elif kind == "crash-witness":
             self.witness.crash_restart()
+        elif kind == "fsync-fail":
+            victim = rng.choice(self.cores)
+            victim.disk.fail_next = True
+            self.note(f"  next sync of {victim.name} fails")
+        elif kind == "journal-fail":
+            j = rng.choice(self.cores).journal
+            if j is not None:
+                j._sim_broken = True
         elif kind == "suspend":
             self.drill_suspend()
         elif kind == "resume":
@@ -983,7 +1017,6 @@ class Sim:
             except control.ControlError as e:
                 self.note(f"{c.name} failover refused: {e}")
                 return
-            self.failover_times.append(self.clock.now)
             self.note(f"{c.name} failed over: epoch {c.epoch}")
         c.witness.request("failover", answer, peer=self.other(c).name)
 
@@ -1032,7 +1065,18 @@ class Sim:
         self.healing = True
         self.edge_link_up = self.core_link_up = True
         self.witness_link.clear()
+        for disk in self.disks.values():
+            disk.fail_next = False  # no more faults
+        for core in self.cores:
+            if core.journal is not None:
+                core.journal._sim_broken = False
         self.clock.run_until(self.clock.now + 2.0)  # pending restarts happen
+        for core in list(self.cores):
+            broken = core.journal is not None and core.journal.failed is not None
+            if core.alive and (core.disk.failed or broken):
+                self.note(f"operator restarts {core.name} (storage failed)")
+                self.crash(core, 0.1)  # the documented recovery: fix the storage, restart
+        self.clock.run_until(self.clock.now + 1.0)
         if not self.edge.alive:
             self.edge.restart()
         if self.planted("lost-frames"):
