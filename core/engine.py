@@ -1158,9 +1158,16 @@ class CoreEngine:
             _log.warning("diverged_regions_ignored", peer=link.peer)
             return
         size = self.pipes[lun].store.size
-        for r in regions:
-            if isinstance(r, int) and 0 <= r * rb < size:
-                j.mark_dirty(lun, r * rb, min(rb, size - r * rb))
+        try:
+            for r in regions:
+                if isinstance(r, int) and 0 <= r * rb < size:
+                    j.mark_dirty(lun, r * rb, min(rb, size - r * rb))
+        except Exception as e:  # a full or offline journal: say so, keep serving
+            self.raise_alarm(getattr(e, "alarm", "journal_offline"),
+                             f"cannot record the regions {link.peer} may hold that this Core "
+                             f"lacks (LUN id {lun}): {e}; the replica may differ there until "
+                             "`coredr verify --repair`")
+            return
         j.request_commit()
         self.event("diverged_regions_received", lun=lun, regions=len(regions))
 

@@ -780,7 +780,7 @@ class Sim:
         return SimCore(self, name, role, self.disks[name], self.saved[name], jp)
 
     def open_journal(self, core: SimCore, path: Path) -> Any:
-        from journal.errors import JournalOffline
+        from journal.errors import JournalFull, JournalOffline
         from journal.journal import Journal
 
         sim = self
@@ -789,6 +789,11 @@ class Sim:
             """The real journal; its commits run on the virtual clock."""
 
             owner: SimCore
+
+            def mark_dirty(self, lun: int, offset: int, length: int) -> bool:
+                if getattr(self, "_sim_full", False):  # the fault "journal-full"
+                    raise JournalFull(f"Journal LUN {self.path}: simulated full")
+                return super().mark_dirty(lun, offset, length)
 
             def request_commit(self) -> None:
                 if getattr(self, "_sim_pending", False) or self.durable >= self.ticket \
@@ -870,7 +875,7 @@ class Sim:
         if self.full:
             kinds += ["suspend", "suspend", "resume", "resume", "failover", "failover",
                       "cut-witness", "crash-witness", "isolate-primary", "fsync-fail",
-                      "journal-fail"]
+                      "journal-fail", "journal-full"]
         kind = rng.choice(kinds)
         self.note(f"fault {kind}")
         self.faults.append(kind)
@@ -915,10 +920,12 @@ class Sim:
             victim = rng.choice(self.cores)
             victim.disk.fail_next = True
             self.note(f"  next sync of {victim.name} fails")
-        elif kind == "journal-fail":
+        elif kind in ("journal-fail", "journal-full"):
             j = rng.choice(self.cores).journal
-            if j is not None:
+            if j is not None and kind == "journal-fail":
                 j._sim_broken = True
+            elif j is not None:
+                j._sim_full = True
         elif kind == "suspend":
             self.drill_suspend()
         elif kind == "resume":
@@ -1072,7 +1079,8 @@ class Sim:
                 core.journal._sim_broken = False
         self.clock.run_until(self.clock.now + 2.0)  # pending restarts happen
         for core in list(self.cores):
-            broken = core.journal is not None and core.journal.failed is not None
+            j = core.journal
+            broken = j is not None and (j.failed is not None or getattr(j, "_sim_full", False))
             if core.alive and (core.disk.failed or broken):
                 self.note(f"operator restarts {core.name} (storage failed)")
                 self.crash(core, 0.1)  # the documented recovery: fix the storage, restart
@@ -1130,6 +1138,12 @@ def _one(args: tuple[int, str | None, int, bool]) -> tuple[int, str | None]:
         run_seed(seed, plant, writes, full)
     except SimFailure as e:
         return seed, str(e)
+    except Exception:  # an exception out of the code under test is a finding too
+        import traceback
+
+        replay = f"steelfusion sim --seed {seed}{' --full' if full else ''}" + (
+            f" --plant {plant}" if plant else "")
+        return seed, f"seed {seed}: raised\n  replay: {replay} -v\n{traceback.format_exc()}"
     return seed, None
 
 
