@@ -194,7 +194,14 @@ class CoreEngine:
         w = self.witness
         if w is not None and w.connected and w.pair_epoch > self.epoch \
                 and self.role == "primary":
-            self._demote(w.pair_epoch, "the Witness knows a newer epoch")
+            if w.holder == self.name:
+                # the newer epoch is ours (a grant whose answer we did not act on): take it
+                # rather than step down from our own role (simulation seed 2019987 --full)
+                self.rep = Rep(self.rep.role, self.rep.state, w.pair_epoch)
+                self._save_state()
+                self.event("epoch_adopted", epoch=w.pair_epoch)
+            else:
+                self._demote(w.pair_epoch, "the Witness knows a newer epoch")
         if self.journal is not None and any(p.gate or p.jpending for p in self.pipes.values()):
             self.journal.request_commit()
         if self.rep.state is State.SUSPENDED:
@@ -1254,6 +1261,10 @@ class CoreEngine:
 
     def failover_begin(self, force: bool) -> None:
         """Check, then hold off the primary's links until :meth:`failover_decided`."""
+        if self.failover_pending:
+            # a second request would be granted a second epoch this Core never takes
+            raise control.ControlError("a failover request is already waiting for the "
+                                       "Witness's answer")
         self.failover_check(force)
         self.failover_pending = True
 
