@@ -885,13 +885,28 @@ class CoreEngine:
         j = self.journal
         if j is None:
             return
-        with contextlib.suppress(Exception):
+        lost: BaseException | None = None
+        try:
             j.peer_lost()
+        except Exception as e:
+            lost = e
         for lun, p in self.pipes.items():
+            failed = lost
             for w in p.drop_copies():
-                with contextlib.suppress(Exception):
+                try:
                     j.mark_dirty(lun, w.offset, len(w.data))
-            p.jpending = (j.ticket, p.applied_seq)
+                except Exception as e:
+                    failed = e
+            if failed is None:
+                p.jpending = (j.ticket, p.applied_seq)
+            else:
+                # Regions the resync must copy could not be recorded: acknowledging those
+                # writes would let the replica miss them for good (simulation seed 2020834
+                # --full). Nothing up to here is acknowledged; the alarm says why.
+                p.jpending = (NEVER, p.applied_seq)
+                self.raise_alarm(getattr(failed, "alarm", "journal_offline"),
+                                 f"suspension could not record LUN id {lun}'s unmirrored "
+                                 f"regions: {failed}; its writes are not acknowledged")
         j.request_commit()
         if j.durable >= j.ticket:
             self._on_journal_durable(j.durable)
