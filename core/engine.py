@@ -983,6 +983,12 @@ class CoreEngine:
                 r = p.resync_regions.popleft()
                 base = r * rb
                 end = min(base + rb, p.store.size)
+                # The data read now holds every write up to ``applied_seq``: a copy of an
+                # older write that reaches the peer after it (a gated resend) must not be
+                # laid over it (simulation seed 2020834 --full).
+                link.send(Control({"op": "resync-region", "lun": lun, "region": r,
+                                   "region_bytes": rb, "stream": p.stream,
+                                   "seq": p.applied_seq}))
                 frames = []
                 for off in range(base, end, RESYNC_CHUNK):
                     n = min(RESYNC_CHUNK, end - off)
@@ -1090,9 +1096,19 @@ class CoreEngine:
         if verdict is Order.NEXT and p.hole is not None:
             self._hole_filled(w.lun, p)
         p.upstream = link
-        self._apply(w.lun, p, w)
+        if p.resync_floor and self._resync_newer(p, w):
+            p.skip_apply(w)  # the region already holds newer data from the resync
+        else:
+            self._apply(w.lun, p, w)
         p.waiting.append(w.seq)
         self._progress(w.lun, p)
+
+    @staticmethod
+    def _resync_newer(p: LunPipe, w: Write) -> bool:
+        """Does every region ``w`` touches hold resync data at least as new as ``w``?"""
+        rb = p.resync_rb
+        first, last = w.offset // rb, (w.offset + len(w.data) - 1) // rb
+        return all(p.resync_floor.get(r, 0) >= w.seq for r in range(first, last + 1))
 
     def _on_control(self, link: Any, body: dict[str, Any]) -> None:
         op = body.get("op")
@@ -1104,6 +1120,7 @@ class CoreEngine:
         elif op == "resync-done" and self.role == "secondary":
             for p in self.pipes.values():
                 p.hole = None  # every region was copied: whatever the hole held is here
+                p.resync_floor.clear()
             self.peer_synced = True
             self._fire(Event.RESYNC_DONE)
             self._save_state()
@@ -1117,6 +1134,15 @@ class CoreEngine:
                     seq = 0  # the primary has nothing of our stream (it lost it all)
                 if pipe.rewind(seq):
                     self.event("resync_rewind", lun=lun, seq=seq, had=had)
+        elif op == "resync-region" and self.role == "secondary":
+            lun, r, rb, seq = (body.get(k) for k in ("lun", "region", "region_bytes", "seq"))
+            pipe = self.pipes.get(lun) if isinstance(lun, int) else None
+            if pipe is not None and isinstance(r, int) and isinstance(rb, int) and rb > 0 \
+                    and isinstance(seq, int) and body.get("stream") == pipe.stream:
+                if pipe.resync_rb != rb:
+                    pipe.resync_floor.clear()
+                    pipe.resync_rb = rb
+                pipe.resync_floor[r] = max(pipe.resync_floor.get(r, 0), seq)
         elif op == "resync-covered" and self.role == "secondary":
             lun = body.get("lun")
             seq = body.get("seq")

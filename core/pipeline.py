@@ -112,6 +112,9 @@ class LunPipeline(Generic[B]):
     # resync (secondary side): (store counter, rseq, link)
     resync_issued: deque[tuple[int, int, Any]] = field(default_factory=deque)
     resync_link: Any = None  # where resync frames for this LUN come from
+    # region -> the primary's applied seq when it read that region for this resync
+    resync_floor: dict[int, int] = field(default_factory=dict)
+    resync_rb: int = 1 << 20
     resync_last: int = 0  # last rseq received on ``resync_link``
     writes: int = 0
     bytes_written: int = 0
@@ -160,6 +163,18 @@ class LunPipeline(Generic[B]):
         self.bytes_written += len(w.data)
         self.store.request_sync()
         return True
+
+    def skip_apply(self, w: Write) -> None:
+        """(Peer) ``w`` is older than what a resync already wrote there: count it, skip it.
+
+        Acknowledged with the next group commit, which also covers the resync
+        data written before it.
+        """
+        if w.seq <= self.applied_seq:
+            return
+        self.applied_seq = w.seq
+        self.issued.append((getattr(self.store, "written", 0), w.seq))
+        self.store.request_sync(force=True)
 
     def durable_to(self, target: int) -> None:
         """The backend's group commit reached write counter ``target``."""
