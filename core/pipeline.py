@@ -170,10 +170,18 @@ class LunPipeline(Generic[B]):
         Acknowledged with the next group commit, which also covers the resync
         data written before it.
         """
-        if w.seq <= self.applied_seq:
-            return
-        self.applied_seq = w.seq
-        self.issued.append((getattr(self.store, "written", 0), w.seq))
+        if w.seq > self.applied_seq:
+            self._applied_without_write(w.seq)
+
+    def _applied_without_write(self, seq: int) -> None:
+        """Take ``seq`` as applied with no backend write of its own.
+
+        It becomes durable, and is sealed, with the next group commit (forced:
+        there may be no write to trigger one), which covers every write
+        issued before it.
+        """
+        self.applied_seq = seq
+        self.issued.append((getattr(self.store, "written", 0), seq))
         self.store.request_sync(force=True)
 
     def durable_to(self, target: int) -> None:
@@ -281,9 +289,7 @@ class LunPipeline(Generic[B]):
             return False
         self.received_seq = max(self.received_seq, seq)
         if seq > self.applied_seq:
-            self.applied_seq = seq
-            self.issued.append((getattr(self.store, "written", 0), seq))
-            self.store.request_sync(force=True)
+            self._applied_without_write(seq)
         self.hole = None
         return True
 
@@ -298,11 +304,10 @@ class LunPipeline(Generic[B]):
         """
         if seq >= self.received_seq and seq >= self.applied_seq:
             return False
-        self.received_seq = self.applied_seq = seq
+        self.received_seq = seq
         self.durable_seq = min(self.durable_seq, seq)
         self.issued.clear()
-        self.issued.append((getattr(self.store, "written", 0), seq))
-        self.store.request_sync(force=True)
+        self._applied_without_write(seq)
         self.hole = None
         return True
 
