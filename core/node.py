@@ -72,6 +72,7 @@ class Core(CoreEngine):
         self.stopping = asyncio.Event()
         self._verify_due = time.monotonic() + cfg.verify_interval_s
         self._verify_soon = False  # a resync just finished: check the replica
+        self._bg_verify: asyncio.Task[dict[str, Any]] | None = None
 
     # -- engine hooks ---------------------------------------------------------------------
     def now(self) -> float:
@@ -289,12 +290,17 @@ class Core(CoreEngine):
                 continue
             self._verify_soon = False
             self._verify_due = time.monotonic() + self.cfg.verify_interval_s
-            try:
-                await self.verify(False, background=True)
-            except (control.ControlError, TimeoutError, OSError, ConnectionError) as e:
+            bg = self._bg_verify = asyncio.create_task(self.verify(False, background=True))
+            await asyncio.wait({bg})  # not cancelled with it: an operator's verify may stop it
+            self._bg_verify = None
+            if bg.cancelled():
+                self.event("verify_skipped", reason="an operator's verify took over")
+                continue
+            e = bg.exception()
+            if isinstance(e, control.ControlError | TimeoutError | OSError | ConnectionError):
                 self.event("verify_skipped", reason=str(e))
-            except Exception as e:  # never let the checker die silently
-                _log.exception("verify_failed", error=str(e))
+            elif e is not None:  # never let the checker die silently
+                _log.error("verify_failed", error=repr(e))
 
     async def _peer_hashes(self, lun: int, rb: int, start: int, count: int) -> np.ndarray:
         links = self.mirror_links
@@ -333,7 +339,11 @@ class Core(CoreEngine):
         if self.role != "primary":
             raise control.ControlError("verify runs on the primary Core")
         if (self.verify_last or {}).get("running"):
-            raise control.ControlError("a verify is already running (coredr verify --status)")
+            bg = self._bg_verify
+            if background or bg is None or bg.done():
+                raise control.ControlError("a verify is already running (coredr verify --status)")
+            bg.cancel()  # the operator's verify replaces the background one
+            await asyncio.wait({bg})
         links = self.mirror_links
         if not links:
             raise control.ControlError("the secondary is not connected; nothing to compare with")
