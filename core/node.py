@@ -326,8 +326,7 @@ class Core(CoreEngine):
                 mine = await loop.run_in_executor(None, self._hash_regions, p.store.fd,
                                                   p.store.size, rb, r, 1)
                 theirs = await self._peer_hashes(lun, rb, r, 1)
-                if np.frombuffer(mine, dtype=np.uint8).reshape(-1, 16)[:1].tobytes() \
-                        != theirs[:1].tobytes():
+                if mine[:16] != theirs[:1].tobytes():  # one 16-byte digest each
                     left.append(r)
             regions = left
             if not regions:
