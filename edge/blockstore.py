@@ -48,8 +48,9 @@ On disk, under the blockstore directory:
     recognised by (stream, seq) and acknowledged at once, the rest are
     resent in order. Nothing acknowledged to a host is lost.
 ``state.json``
-    The blockstore's stream id, per-LUN sequence leases and per-LUN
-    committed seqs (atomic replace).
+    The blockstore's stream id, per-LUN sequence leases, newest Core epoch
+    seen and per-LUN committed seqs (atomic replace; magic, format and CRC32C
+    by :mod:`steelfusion.statefile`: a damaged file refuses the start).
 ``cache-<lun>.img`` / ``cache-<lun>.map``
     Sparse cache file per LUN and, after a clean shutdown only, the map of
     which regions it holds. After a crash the map is absent, so every region
@@ -61,7 +62,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import json
 import os
 import random
 import struct
@@ -73,7 +73,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from steelfusion import log
+from steelfusion import log, statefile
 from steelfusion.atomic import atomic_write, fsync_dir
 from steelfusion.wire import crc32c
 
@@ -741,6 +741,33 @@ class RegionCache:
         os.close(self.fd)
 
 
+BLOCKSTORE_STATE_KIND = "blockstore-state"
+BLOCKSTORE_STATE_FORMAT = 2  # format 1: a bare object with "version": 1 (migrated on load)
+
+
+def _check_state(st: dict) -> None:
+    """A ``state.json`` body that passed its CRC but cannot be right (a bug, a hand edit)."""
+    stream = st.get("stream")
+    if not isinstance(stream, int) or isinstance(stream, bool) or not 0 < stream < 1 << 63:
+        raise ValueError(f"stream {stream!r} is not a stream id")
+    epoch = st.get("epoch", 0)
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise ValueError(f"epoch {epoch!r} is not a whole number")
+    for key in ("lease", "committed"):
+        m = st.get(key, {})
+        if not isinstance(m, dict) or not all(
+                k.isdigit() and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                for k, v in m.items()):
+            raise ValueError(f"{key} {m!r} is not a map of LUN -> sequence number")
+
+
+def _legacy_state(st: dict) -> dict:
+    """Format 1 (``{"version": 1, "stream": ...}``, no magic, no CRC) -> format 2."""
+    if st.get("version", 1) != 1:
+        raise ValueError(f"version {st.get('version')!r} without a magic (corrupt)")
+    return {k: v for k, v in st.items() if k != "version"}
+
+
 class Blockstore:
     """Write reserve + caches of one Edge; single-threaded, owned by the event loop.
 
@@ -802,15 +829,23 @@ class Blockstore:
 
     # -- state --------------------------------------------------------------------
     def _load_state(self) -> dict:
+        """``state.json`` (steelfusion/statefile.py); a damaged one refuses the start.
+
+        Without its committed seqs, replay could put old data in the cache;
+        without its leases, sequence numbers could go backwards. A file from
+        before the envelope (``"version": 1``, no magic) is migrated once.
+        """
+        remedy = (f"restore it from a backup, or, accepting that writes the Core has not "
+                  f"committed are lost, move {self.dir} away and start with an empty "
+                  "blockstore (the Edge fetches every region from the Core again)")
         try:
-            st = json.loads(self.state_path.read_text())
-            if not isinstance(st, dict) or not isinstance(st.get("stream"), int):
-                raise BlockstoreError(f"{self.state_path}: malformed")
-            return st
-        except FileNotFoundError:
+            st = statefile.load(self.state_path, BLOCKSTORE_STATE_KIND, BLOCKSTORE_STATE_FORMAT,
+                                remedy=remedy, check=_check_state, legacy=_legacy_state)
+        except statefile.StateFileError as e:
+            raise BlockstoreError(str(e)) from None
+        if st is None:
             return {"stream": random.SystemRandom().getrandbits(63) | 1, "lease": {}}
-        except ValueError as e:
-            raise BlockstoreError(f"{self.state_path}: unreadable: {e}") from None
+        return st
 
     def _renew_leases(self, force: bool = False) -> None:
         """Persist sequence leases so numbers never go backwards after a restart."""
@@ -824,10 +859,11 @@ class Blockstore:
 
     def _save_state(self, committed: dict[int, int] | None = None) -> None:
         committed = self._committed_saved if committed is None else committed
-        atomic_write(self.state_path, json.dumps(
-            {"version": 1, "stream": self.stream, "epoch": self.epoch,
+        atomic_write(self.state_path, statefile.encode(
+            BLOCKSTORE_STATE_KIND, BLOCKSTORE_STATE_FORMAT,
+            {"stream": self.stream, "epoch": self.epoch,
              "lease": {str(k): v for k, v in self.lease.items()},
-             "committed": {str(k): v for k, v in committed.items()}}).encode())
+             "committed": {str(k): v for k, v in committed.items()}}))
 
     def _persist_committed(self) -> bool:
         """Persist committed seqs before a segment is retired (``WriteLog.may_retire``).

@@ -1820,8 +1820,12 @@ class LogicalUnit:
         except (ValueError, KeyError, TypeError) as e:
             # Refuse to guess: an unreadable PR file must not silently drop
             # a cluster's reservations.
-            raise ValueError(f"{self.pr_path}: unreadable persistent-reservation "
-                             f"state: {e}") from e
+            from steelfusion.statefile import StateFileError
+
+            raise StateFileError(self.pr_path, f"unreadable persistent-reservation state: {e}",
+                                 "restore it from a backup, or move it away: the LU then "
+                                 "starts with no reservations and the hosts must register "
+                                 "again") from e
 
     # ------------------------------------------------------------------ REPORT SUPPORTED ...
 

@@ -269,7 +269,10 @@ def test_registrations_survive_a_restart(tmp_path: Path, ) -> None:
     assert cmd(again, N2, rw10(0x2A, 0, 1), bytes(BS)).status == RESERVATION_CONFLICT
     assert cmd(again, N2, rw10(0x28, 0, 1)).status == GOOD
     path.write_bytes(b"garbage")
-    with pytest.raises(ValueError, match="unreadable"):
+    from steelfusion.statefile import StateFileError
+
+    # one line naming the file and what to do (the CLI prints it; issue 13)
+    with pytest.raises(StateFileError, match=r"unreadable persistent-reservation.*move it away"):
         LogicalUnit(mem, pr_state_path=path)
 
 

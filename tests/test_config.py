@@ -1,0 +1,340 @@
+"""Node configs (issue 13, item 5): a typo or a wrong value is one line naming file, table, key.
+
+A storage appliance that silently ignores ``windw = 1`` runs with a default
+the operator did not choose; every loader here must refuse it, say where, and
+suggest the key that was meant. What the lab writes (``to_dict()`` plus
+``[auth]``) must still load unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from steelfusion.config import (
+    ConfigError,
+    CoreConfig,
+    EdgeConfig,
+    EdgeLunConfig,
+    InitiatorChapConfig,
+    LunConfig,
+    TargetConfig,
+    WitnessConfig,
+    write_toml,
+)
+
+KEY: dict[str, str] = {}  # the key file of the running test (see the autouse fixture)
+
+
+@pytest.fixture(autouse=True)
+def key_file(tmp_path: Path) -> str:
+    """[auth] key_file must exist: the loaders read it (a missing key is a config error)."""
+    from steelfusion.authconfig import make_key_file
+
+    KEY["path"] = make_key_file(tmp_path / "node.key")
+    return KEY["path"]
+
+
+def auth() -> dict[str, Any]:
+    return {"auth": {"key_file": KEY["path"], "key_id": "lab"}}
+
+
+def core_doc() -> dict[str, Any]:
+    return {
+        "core": {"name": "core-a", "role": "primary", "listen": "127.0.0.1:7001",
+                 "control": "127.0.0.1:7101", "state_dir": "/tmp/sf/core-a",
+                 "log_file": "/tmp/sf/core-a.log", "ping_interval": 0.5, "dead_after": 3.0},
+        "replication": {"peer": "127.0.0.1:7002", "interfaces": ["127.0.0.1"],
+                        "witness": "127.0.0.1:7000", "window": "64M", "pair": "pair-1",
+                        "ha": "none", "initial_sync": True, "verify_interval": 60.0,
+                        "verify_rate": "8M"},
+        "journal": {"path": "/tmp/sf/core-a/journal.img", "size": "3G"},
+        "lun": [{"id": 1, "path": "/tmp/sf/core-a/lun-1.img", "size": "16M"},
+                {"id": 2, "path": "/tmp/sf/core-a/lun-2.img", "size": "16M"}],
+        **auth(),
+    }
+
+
+def edge_doc() -> dict[str, Any]:
+    return {
+        "edge": {"name": "edge-1", "portal": "127.0.0.1:3260", "control": "127.0.0.1:7201",
+                 "blockstore": "/tmp/sf/edge-1", "cores": ["127.0.0.1:7001", "127.0.0.1:7002"],
+                 "reserve": "256M", "cache_region": "64K", "window": "32M", "read_timeout": 30.0,
+                 "log_file": "/tmp/sf/edge-1.log", "advertise": "127.0.0.1",
+                 "ping_interval": 1.0, "dead_after": 5.0,
+                 "discovery_chap_user": "disc", "discovery_chap_secret": "discovery-secret"},
+        "target": [{"iqn": "iqn.2026-11.io.steelfusion:edge-1", "alias": "edge one",
+                    "chap_user": "alice", "chap_secret": "alice-password-1",
+                    "initiators": ["iqn.a", "iqn.b"],
+                    "lun": [{"lun": 0, "lun_id": 1, "size": "16M"},
+                            {"lun": 1, "lun_id": 2, "size": "16M"}],
+                    "initiator": [{"name": "iqn.b", "chap_user": "bob",
+                                   "chap_secret": "bob-password-333"}]}],
+        "witness": {"listen": "127.0.0.1:7300", "state_dir": "/tmp/sf/edge-1-witness"},
+        **auth(),
+    }
+
+
+def witness_doc() -> dict[str, Any]:
+    return {"witness": {"name": "witness", "listen": "127.0.0.1:7000",
+                        "control": "127.0.0.1:7010", "state_dir": "/tmp/sf/witness",
+                        "lease_seconds": 5.0, "log_file": "/tmp/sf/witness.log"},
+            **auth()}
+
+
+LOADERS: dict[str, tuple[Any, Any]] = {"core": (CoreConfig, core_doc), "edge": (EdgeConfig, edge_doc),
+           "witness": (WitnessConfig, witness_doc)}
+
+
+def _refusal(tmp_path: Path, kind: str, doc: dict[str, Any], name: str = "") -> str:
+    cls, _ = LOADERS[kind]
+    path = tmp_path / (name or f"{kind}-x.toml")
+    path.write_text(tomli_w.dumps(doc))
+    with pytest.raises(ConfigError) as info:
+        cls.load(path)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: "), msg
+    return msg
+
+
+def _set(doc: dict[str, Any], where: tuple[Any, ...], key: str, value: Any) -> dict[str, Any]:
+    t: Any = doc
+    for w in where:
+        t = t[w]
+    t[key] = value
+    return doc
+
+
+@pytest.mark.parametrize("kind", sorted(LOADERS))
+def test_the_full_documents_load(tmp_path: Path, kind: str) -> None:
+    cls, doc = LOADERS[kind]
+    path = tmp_path / f"{kind}.toml"
+    path.write_text(tomli_w.dumps(doc()))
+    cls.load(path)
+
+
+# (kind, path to the table, typo, the key it should suggest)
+TYPOS = [
+    ("core", ("core",), "nmae", "name"),
+    ("core", ("core",), "stat_dir", "state_dir"),
+    ("core", ("replication",), "windw", "window"),
+    ("core", ("replication",), "witnes", "witness"),
+    ("core", ("journal",), "sise", "size"),
+    ("core", ("lun", 1), "pth", "path"),
+    ("core", ("auth",), "key_fil", "key_file"),
+    ("edge", ("edge",), "portl", "portal"),
+    ("edge", ("edge",), "reserv", "reserve"),
+    ("edge", ("target", 0), "chap_usr", "chap_user"),
+    ("edge", ("target", 0, "lun", 1), "lun_di", "lun_id"),
+    ("edge", ("target", 0, "initiator", 0), "nam", "name"),
+    ("edge", ("witness",), "lissen", "listen"),
+    ("edge", ("auth",), "keyid", "key_id"),
+    ("witness", ("witness",), "lease_second", "lease_seconds"),
+    ("witness", ("witness",), "contrl", "control"),
+    ("witness", ("auth",), "key_fil", "key_file"),
+]
+
+
+@pytest.mark.parametrize(("kind", "where", "typo", "meant"), TYPOS)
+def test_unknown_key_names_file_table_key_and_suggests(tmp_path: Path, kind: str,
+                                                      where: tuple[Any, ...], typo: str,
+                                                      meant: str) -> None:
+    doc = _set(LOADERS[kind][1](), where, typo, 1)
+    msg = _refusal(tmp_path, kind, doc, f"{kind}-a.toml")
+    assert f"unknown key '{typo}'" in msg, msg
+    assert f"(did you mean '{meant}'?)" in msg, msg
+    table = where[0] if len(where) == 1 else None
+    if table is not None:
+        assert f"in [{table}]" in msg, msg
+    assert f"{kind}-a.toml" in msg
+
+
+def test_the_issue_example_line(tmp_path: Path) -> None:
+    doc = _set(core_doc(), ("replication",), "windw", 1)
+    msg = _refusal(tmp_path, "core", doc, "core-a.toml")
+    assert msg == f"{tmp_path / 'core-a.toml'}: unknown key 'windw' in [replication] " \
+                  "(did you mean 'window'?)"
+
+
+def test_arrays_of_tables_say_which_entry(tmp_path: Path) -> None:
+    msg = _refusal(tmp_path, "core", _set(core_doc(), ("lun", 1), "pth", "x"))
+    assert "[[lun]] #2" in msg, msg
+    msg = _refusal(tmp_path, "edge", _set(edge_doc(), ("target", 0, "lun", 1), "lun_di", 1))
+    assert "[[target.lun]] #2" in msg and "[[target]] #1" in msg, msg
+
+
+@pytest.mark.parametrize(("kind", "table", "meant"), [
+    ("core", "replicaton", "replication"), ("core", "jornal", "journal"),
+    ("edge", "witnes", "witness"), ("edge", "auht", "auth"), ("witness", "witnss", "witness"),
+])
+def test_unknown_table(tmp_path: Path, kind: str, table: str, meant: str) -> None:
+    doc = LOADERS[kind][1]()
+    doc[table] = {"x": 1}
+    msg = _refusal(tmp_path, kind, doc)
+    assert f"unknown table [{table}]" in msg and f"(did you mean [{meant}]?)" in msg, msg
+
+
+def test_unknown_array_table_and_top_level_key(tmp_path: Path) -> None:
+    doc = core_doc()
+    doc["luns"] = doc.pop("lun")
+    msg = _refusal(tmp_path, "core", doc)
+    assert "unknown table [[luns]]" in msg and "(did you mean [[lun]]?)" in msg, msg
+    doc = edge_doc()
+    doc["name"] = "edge-1"  # a key written above [edge]
+    msg = _refusal(tmp_path, "edge", doc)
+    assert "unknown key 'name' at the top level" in msg, msg
+
+
+def test_no_suggestion_when_nothing_is_close(tmp_path: Path) -> None:
+    msg = _refusal(tmp_path, "witness", _set(witness_doc(), ("witness",), "zzzzzz", 1))
+    assert msg.endswith("unknown key 'zzzzzz' in [witness]"), msg
+
+
+# (kind, path to the table, key, bad value, words the line must hold)
+BAD_VALUES = [
+    ("core", ("core",), "ping_interval", "1s", ["[core] ping_interval", "number"]),
+    ("core", ("core",), "role", "master", ["[core] role", "primary"]),
+    ("core", ("core",), "listen", "127.0.0.1", ["[core] listen", "port"]),
+    ("core", ("core",), "listen", "127.0.0.1:70000", ["[core] listen", "range"]),
+    ("core", ("core",), "control", "300.1.2.3:7101", ["[core] control", "300.1.2.3"]),
+    ("core", ("core",), "control", "bad host:7101", ["[core] control", "bad host"]),
+    ("core", ("core",), "name", 7, ["[core] name", "string"]),
+    ("core", ("core",), "dead_after", 0.2, ["[core] dead_after", "ping_interval"]),
+    ("core", ("replication",), "window", -1, ["[replication] window", "negative"]),
+    ("core", ("replication",), "window", 0, ["[replication] window", "positive"]),
+    ("core", ("replication",), "window", "lots", ["[replication] window", "size"]),
+    ("core", ("replication",), "initial_sync", "yes", ["[replication] initial_sync", "true"]),
+    ("core", ("replication",), "interfaces", "127.0.0.1", ["[replication] interfaces", "list"]),
+    ("core", ("replication",), "interfaces", [], ["[replication] interfaces", "at least"]),
+    ("core", ("replication",), "interfaces", ["eth 0"], ["[replication] interfaces", "eth 0"]),
+    ("core", ("replication",), "peer", "127.0.0.1:0", ["[replication] peer", "port 0"]),
+    ("core", ("replication",), "peer", "127.0.0.1:7001", ["[replication] peer", "listen"]),
+    ("core", ("replication",), "ha", "boss", ["[replication] ha", "leader"]),
+    ("core", ("replication",), "verify_rate", 0, ["[replication] verify_rate", "positive"]),
+    ("core", ("journal",), "size", "5 gigs", ["[journal] size", "size"]),
+    ("core", ("journal",), "path", "/tmp/sf/core-a/lun-1.img", ["[journal] path", "[[lun]]"]),
+    ("core", ("lun", 0), "id", "1", ["[[lun]] #1 id", "integer"]),
+    ("core", ("lun", 0), "id", -1, ["[[lun]] #1 id", "integer"]),
+    ("core", ("lun", 0), "size", 1000, ["[[lun]] #1 size", "512"]),
+    ("core", ("lun", 1), "id", 1, ["[[lun]] #2 id", "twice"]),
+    ("core", ("lun", 1), "path", "/tmp/sf/core-a/lun-1.img", ["[[lun]] #2 path", "#1"]),
+    ("core", ("auth",), "key_file", 5, ["[auth] key_file", "string"]),
+    ("core", ("auth",), "key_id", "", ["[auth] key_id", "string"]),
+    ("edge", ("edge",), "portal", "localhost", ["[edge] portal", "port"]),
+    ("edge", ("edge",), "control", "127.0.0.1:3260", ["[edge] control", "portal"]),
+    ("edge", ("edge",), "cores", ["127.0.0.1:x"], ["[edge] cores", "port"]),
+    ("edge", ("edge",), "cores", ["127.0.0.1:0"], ["[edge] cores", "port 0"]),
+    ("edge", ("edge",), "cores", [], ["[edge] cores", "at least one"]),
+    ("edge", ("edge",), "cache_region", "1000", ["[edge] cache_region", "512"]),
+    ("edge", ("edge",), "advertise", "300.1.1.1", ["[edge] advertise", "300.1.1.1"]),
+    ("edge", ("edge",), "cores", ["127.0.0.1:7001", "127.0.0.1:7001"], ["[edge] cores", "twice"]),
+    ("edge", ("target", 0, "initiator", 0), "name", "", ["[[target.initiator]] #1", "name"]),
+    ("core", ("auth",), "key_file", "/nonexistent/node.key", ["[auth] key_file", "No such"]),
+    ("edge", ("edge",), "window", 0, ["[edge] window", "positive"]),
+    ("edge", ("edge",), "read_timeout", -3, ["[edge] read_timeout", "positive"]),
+    ("edge", ("target", 0), "iqn", "edge-1", ["[[target]] #1 iqn", "iqn."]),
+    ("edge", ("target", 0), "initiators", ["iqn.a", ""], ["[[target]] #1 initiators", "empty"]),
+    ("edge", ("target", 0, "lun", 0), "size", "1000", ["[[target.lun]] #1", "size", "4096"]),
+    ("edge", ("target", 0, "lun", 0), "lun", 256, ["[[target.lun]] #1", "lun", "255"]),
+    ("edge", ("target", 0, "lun", 1), "lun", 0, ["[[target.lun]] #2", "lun", "twice"]),
+    ("edge", ("target", 0, "lun", 1), "lun_id", 1, ["[[target.lun]] #2", "lun_id", "twice"]),
+    ("edge", ("target", 0, "initiator", 0), "chap_secret", "short",
+     ["[[target.initiator]] #1", "chap_secret", "12"]),
+    ("edge", ("witness",), "listen", "127.0.0.1:3260", ["[witness] listen", "portal"]),
+    ("witness", ("witness",), "lease_seconds", "5", ["[witness] lease_seconds", "number"]),
+    ("witness", ("witness",), "listen", ":x", ["[witness] listen", "port"]),
+    ("witness", ("witness",), "control", "127.0.0.1:7000", ["[witness] control", "listen"]),
+    ("witness", ("witness",), "state_dir", "", ["[witness] state_dir", "string"]),
+]
+
+
+@pytest.mark.parametrize(("kind", "where", "key", "value", "words"), BAD_VALUES)
+def test_bad_values_are_one_line_naming_table_and_key(tmp_path: Path, kind: str,
+                                                      where: tuple[Any, ...], key: str,
+                                                      value: Any, words: list[str]) -> None:
+    msg = _refusal(tmp_path, kind, _set(LOADERS[kind][1](), where, key, value))
+    for w in words:
+        assert w in msg, (w, msg)
+    assert "short" not in msg or key != "chap_secret"  # secrets never echoed
+
+
+@pytest.mark.parametrize(("kind", "table", "key"), [
+    ("core", "core", "name"), ("core", "core", "listen"), ("core", "core", "state_dir"),
+    ("core", "lun", "path"), ("core", "auth", "key_file"), ("edge", "edge", "blockstore"),
+    ("edge", "target", "iqn"), ("witness", "witness", "listen"),
+])
+def test_missing_required_key(tmp_path: Path, kind: str, table: str, key: str) -> None:
+    doc = LOADERS[kind][1]()
+    t = doc[table][0] if isinstance(doc[table], list) else doc[table]
+    del t[key]
+    msg = _refusal(tmp_path, kind, doc)
+    assert key in msg and table in msg and "required" in msg, msg
+
+
+def test_missing_or_mistyped_tables(tmp_path: Path) -> None:
+    doc = core_doc()
+    del doc["core"]
+    assert "missing table [core]" in _refusal(tmp_path, "core", doc)
+    doc = core_doc()
+    doc["replication"] = 5
+    assert "[replication] must be a table" in _refusal(tmp_path, "core", doc)
+    doc = core_doc()
+    doc["lun"] = doc["lun"][0]  # [lun] instead of [[lun]]
+    assert "[[lun]]" in _refusal(tmp_path, "core", doc)
+    path = tmp_path / "broken.toml"
+    path.write_text("[core\nname = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        CoreConfig.load(path)
+    with pytest.raises(ConfigError, match="no such config file"):
+        CoreConfig.load(tmp_path / "absent.toml")
+
+
+def test_what_the_lab_writes_still_loads(tmp_path: Path) -> None:
+    """``write_toml(path, {**cfg.to_dict(), **auth})`` round-trips for every node kind."""
+    from steelfusion.lab import core_pair_configs
+
+    a, b = core_pair_configs(tmp_path, {1: 16 << 20, 2: 8 << 20}, witness=("127.0.0.1", 7000),
+                             initial_sync=True)
+    edge = EdgeConfig(
+        name="edge-1", portal=("127.0.0.1", 3260), control=("127.0.0.1", 3261),
+        blockstore=str(tmp_path / "bs"), cores=(a.listen, b.listen),
+        targets=(TargetConfig("iqn.2026-11.io.steelfusion:edge-1",
+                              (EdgeLunConfig(0, 1, 16 << 20), EdgeLunConfig(1, 2, 8 << 20)),
+                              alias="one", chap_user="alice", chap_secret="alice-password-1",
+                              mutual_user="edge", mutual_secret="edge-password-22",
+                              initiators=("iqn.a",),
+                              initiator_chap=(InitiatorChapConfig("iqn.a", "bob",
+                                                                  "bob-password-333"),)),),
+        log_file=str(tmp_path / "edge.log"), advertise="127.0.0.1",
+        witness=("127.0.0.1", 3270), witness_state_dir=str(tmp_path / "w"),
+        discovery_chap_user="disc", discovery_chap_secret="discovery-secret")
+    witness = WitnessConfig(name="witness", listen=("127.0.0.1", 7000),
+                            control=("127.0.0.1", 7001), state_dir=str(tmp_path / "wd"),
+                            log_file=str(tmp_path / "w.log"))
+    for cfg in (a, b, edge, witness):
+        path = tmp_path / f"{cfg.name}.toml"
+        write_toml(path, {**cfg.to_dict(), **auth()})
+        again = type(cfg).load(path)
+        assert again.to_dict() == cfg.to_dict()
+    bare = CoreConfig(name="c", role="secondary", listen=("127.0.0.1", 7001),
+                      control=("127.0.0.1", 7002), state_dir=str(tmp_path / "c"),
+                      luns=(LunConfig(1, str(tmp_path / "l"), 0),))
+    write_toml(tmp_path / "c.toml", bare.to_dict())
+    assert CoreConfig.load(tmp_path / "c.toml").to_dict() == bare.to_dict()
+
+
+def test_the_readme_examples_load(tmp_path: Path) -> None:
+    """The Core and Edge configs the README shows are accepted as written."""
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    core = next(b for b in blocks if b.startswith("[core]"))
+    edge = next(b for b in blocks if b.startswith("[edge]"))
+    for cls, text in ((CoreConfig, core), (EdgeConfig, edge)):
+        path = tmp_path / "readme.toml"
+        path.write_text(text)
+        cls.load(path)
