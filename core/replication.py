@@ -158,7 +158,7 @@ TABLE: dict[tuple[str, State, Event], _T] = {
 }
 
 REASONS: dict[tuple[str, Event], str] = {
-    ("primary", Event.RESUME): "replication is not suspended",
+    ("primary", Event.RESUME): "replication is not suspended: there is nothing to resume",
     ("secondary", Event.SUSPEND_GRANTED): "suspend runs on the primary Core",
     ("secondary", Event.RESUME): "resume runs on the primary Core",
     ("primary", Event.FAILOVER_GRANTED): "failover runs on the secondary Core",

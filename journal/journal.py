@@ -869,7 +869,7 @@ def too_small(path: str | Path, size: int, luns: int) -> JournalTooSmall:
     need = L.required_size(luns)
     return JournalTooSmall(
         f"Journal LUN {path} is {size / L.GIB:.1f} GiB; {luns} protected LUN(s) need at least "
-        f"{need / L.GIB:.0f} GiB (1 GiB + 2 GiB per LUN, seed 002 'Journal LUN metrics'); grow "
+        f"{need / L.GIB:.0f} GiB (1 GiB + 2 GiB per LUN); grow "
         "the Journal LUN - the replication service does not start until it is large enough",
         size=size, need=need, luns=luns)
 

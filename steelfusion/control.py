@@ -3,13 +3,19 @@
 Used by ``coredr``, ``steelfusion lab status`` and tests to ask a node for
 status or to run an operator command. Each request is
 ``{"cmd": NAME, ...args}``; each reply is ``{"ok": true, ...}`` or
-``{"ok": false, "error": "reason"}``. Unknown commands and malformed lines
-get an error reply; the server keeps serving.
+``{"ok": false, "error": "reason", "code": CODE}`` where ``CODE`` is a short
+stable word scripts can test (``coredr``'s README section lists them). Unknown
+commands and malformed lines get an error reply; the server keeps serving.
+
+The client side tells an operator who typed the wrong port what is there
+instead: a node protocol port answers with a binary frame (``SF`` magic), an
+iSCSI portal drops a request that is not a Login PDU, a closed port refuses.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections.abc import Awaitable, Callable
@@ -22,9 +28,58 @@ _log = log.get("control")
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_LINE = 1 << 20
 
+#: The ``code`` of a refused command: a small fixed set scripts can test (``coredr
+#: --json`` prints ``{"refused": CODE, "reason": ...}``; the README lists them).
+CODES: dict[str, str] = {
+    "wrong-role": "the command runs on the other Core (suspend, resume, verify: the primary; "
+                  "failover: the secondary)",
+    "terminated": "replication was terminated on this Core",
+    "no-peer": "this Core has no peer configured",
+    "no-journal": "no usable Journal LUN (suspend, journal status)",
+    "no-witness": "no Witness configured (suspend; failover without --force)",
+    "witness-unreachable": "the Witness did not answer",
+    "witness-lease-live": "failover: the Witness still holds the primary's lease; `retry_in` "
+                          "says for how long, `coredr failover --wait` retries",
+    "witness-refused": "the Witness said no; the reason says why",
+    "peer-reachable": "failover: this Core still reaches the primary",
+    "peer-unreachable": "resume, verify: the secondary is not connected",
+    "peer-error": "verify: the secondary could not hash a LUN",
+    "paused": "resume: replication is paused, not suspended; it resumes by itself",
+    "inconsistent": "failover: this replica is inconsistent; --force promotes it anyway",
+    "busy": "a failover or a verify is already under way",
+    "bad-state": "the replication state does not allow it now",
+    "unknown-command": "the node has no such command (an old Core?)",
+    "bad-request": "the request was malformed",
+    "internal-error": "the node failed to run the command; see its log",
+    "refused": "any other refusal (the reason says why)",
+}
+
 
 class ControlError(Exception):
-    """A command was refused; the message is the reason, shown to the operator."""
+    """A command was refused; the message is the reason, shown to the operator.
+
+    ``code`` is a stable machine word for scripts (``coredr --json`` shows it);
+    ``extra`` fields go into the reply as they are (``retry_in`` seconds).
+    """
+
+    def __init__(self, message: str, code: str = "refused", **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.extra = extra
+
+
+class NotControlPort(ControlError):
+    """HOST:PORT answers, but not as a control port; the message says what it is."""
+
+    def __init__(self, message: str, code: str = "not-a-control-port") -> None:
+        super().__init__(message, code)
+
+
+class ControlClosed(ControlError):
+    """The node closed the control connection before it answered."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "closed")
 
 
 async def serve(host: str, port: int, handlers: dict[str, Handler]) -> asyncio.Server:
@@ -42,17 +97,19 @@ async def serve(host: str, port: int, handlers: dict[str, Handler]) -> asyncio.S
                     h = handlers.get(cmd) if isinstance(cmd, str) else None
                     if h is None:
                         reply: dict[str, Any] = {
-                            "ok": False, "error": f"unknown command {cmd!r}; known: "
+                            "ok": False, "code": "unknown-command",
+                            "error": f"unknown command {cmd!r}; known: "
                             + ", ".join(sorted(handlers))}
                     else:
                         reply = {"ok": True, **(await h(req))}
                 except ControlError as e:
-                    reply = {"ok": False, "error": str(e)}
+                    reply = {**e.extra, "ok": False, "error": str(e), "code": e.code}
                 except ValueError as e:
-                    reply = {"ok": False, "error": f"bad request: {e}"}
+                    reply = {"ok": False, "error": f"bad request: {e}", "code": "bad-request"}
                 except Exception as e:  # the channel must survive a handler bug
                     _log.exception("control_handler_failed", error=str(e))
-                    reply = {"ok": False, "error": f"internal error: {e}"}
+                    reply = {"ok": False, "error": f"internal error: {e}",
+                             "code": "internal-error"}
                 writer.write(json.dumps(reply, default=str).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
@@ -64,37 +121,107 @@ async def serve(host: str, port: int, handlers: dict[str, Handler]) -> asyncio.S
     return await asyncio.start_server(on_client, host, port, limit=MAX_LINE, reuse_address=True)
 
 
+def _request(cmd: str, args: dict[str, Any]) -> bytes:
+    """One request line, padded to 64 bytes with JSON whitespace.
+
+    An iSCSI portal reads a 48-byte header first: a padded request gets the
+    connection dropped at once instead of a portal waiting for the rest.
+    """
+    line = json.dumps({"cmd": cmd, **args}).encode()
+    return line + b" " * max(0, 63 - len(line)) + b"\n"
+
+
+def _where(addr: tuple[str, int]) -> str:
+    return f"{addr[0]}:{addr[1]}"
+
+
+def _frame_needs(buf: bytes | bytearray) -> int | None:
+    """Bytes a node protocol frame at the start of ``buf`` needs, if it is one."""
+    from steelfusion import wire
+
+    if buf[:2] != wire.MAGIC:
+        return None
+    if len(buf) < wire.HEADER_SIZE:
+        return wire.HEADER_SIZE
+    length = wire.HEADER.unpack_from(buf)[4]
+    return wire.HEADER_SIZE + min(length, MAX_LINE)
+
+
+def describe_reply(addr: tuple[str, int], buf: bytes) -> str:
+    """What answered at ``addr``, said for an operator who expected a control port."""
+    from steelfusion import wire
+
+    where = _where(addr)
+    hint = "; `steelfusion lab status` lists the control addresses"
+    if buf[:2] == wire.MAGIC:
+        listener = None
+        try:
+            msg = wire.FrameDecoder().feed(buf)
+            if msg and isinstance(msg[0], wire.Refuse):
+                listener = (msg[0].info or {}).get("listener")
+        except (wire.WireError, ValueError, AttributeError):
+            pass
+        what = {"witness": "a Witness port (Cores and Edges connect there)",
+                "core-listen": "a Core's node port (Edges and the peer Core connect there)",
+                }.get(str(listener),
+                      "a node protocol port (a Core's node port or a Witness port)")
+        return f"{where} is not a Core control port: it is {what}{hint}"
+    return (f"{where} is not a Core control port: it answered something other than the "
+            f"control protocol ({bytes(buf[:16])!r}...){hint}")
+
+
 async def call_async(addr: tuple[str, int], cmd: str, timeout: float = 10.0,
                      **args: Any) -> dict[str, Any]:
     reader, writer = await asyncio.wait_for(asyncio.open_connection(*addr, limit=MAX_LINE),
                                             timeout)
     try:
-        writer.write(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        writer.write(_request(cmd, args))
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
     finally:
         writer.close()
     if not line:
-        raise ControlError(f"{addr[0]}:{addr[1]} closed the control connection")
-    reply = json.loads(line)
-    assert isinstance(reply, dict)
+        raise ControlClosed(f"{_where(addr)} closed the control connection")
+    return _decode(addr, line)
+
+
+def _decode(addr: tuple[str, int], buf: bytes) -> dict[str, Any]:
+    try:
+        reply = json.loads(buf)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise NotControlPort(describe_reply(addr, buf)) from None
+    if not isinstance(reply, dict):
+        raise NotControlPort(describe_reply(addr, buf))
     return reply
 
 
 def call(addr: tuple[str, int], cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
-    """Blocking client for CLIs and tests. Raises OSError if the node is down."""
+    """Blocking client for CLIs and tests.
+
+    Raises OSError if nothing listens or the node does not answer within
+    ``timeout`` (TimeoutError), :class:`NotControlPort` if something else
+    answers, :class:`ControlClosed` if the connection ends before a reply.
+    """
     with socket.create_connection(addr, timeout=timeout) as s:
-        s.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(_request(cmd, args))  # a port that talks first may hang up early
         buf = bytearray()
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
+        while True:
+            need = _frame_needs(buf)
+            if (need is None and buf.endswith(b"\n")) or (need is not None and len(buf) >= need):
+                break
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                chunk = b""  # said what it had to say, or nothing: judged below
             if not chunk:
                 break
             buf += chunk
             if len(buf) > MAX_LINE:
-                raise ControlError("control reply too long")
+                raise NotControlPort(f"{_where(addr)} sent more than {MAX_LINE} bytes without "
+                                     "a line end: not a control reply")
     if not buf:
-        raise ControlError(f"{addr[0]}:{addr[1]} closed the control connection")
-    reply = json.loads(buf)
-    assert isinstance(reply, dict)
-    return reply
+        raise ControlClosed(f"{_where(addr)} closed the connection without answering")
+    if buf[:1] == b"{" and not buf.endswith(b"\n"):
+        raise ControlClosed(f"{_where(addr)} closed the connection in the middle of its reply")
+    return _decode(addr, bytes(buf))

@@ -1,44 +1,228 @@
 """``coredr``: the operator's replication CLI, talking to a Core's control address.
 
-Human tables by default, ``--json`` for scripts; a refused command exits
-non-zero with the Core's reason.
+Human tables by default, ``--json`` for scripts. One vocabulary (issue 13):
+
+* done: ``replication suspended``, exit 0;
+* nothing to do, the end state already holds: ``replication already suspended``,
+  exit 0 (``"already": true`` in JSON);
+* refused by the Core: ``refused: REASON`` on stderr, exit 1; with ``--json``
+  also ``{"refused": CODE, "reason": REASON}`` on stdout, CODE from
+  :data:`steelfusion.control.CODES`;
+* could not ask (nothing listens, the wrong kind of port, the Core went away):
+  one ``Error:`` line, exit 1; with ``--json`` ``{"error": CODE, "reason": ...}``;
+* bad input (no or a malformed ``--core``): one ``Error:`` line, exit 2.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import socket
+import sys
+import time
+from typing import IO, Any
 
 import click
 
 from steelfusion import control
 from steelfusion.units import format_size, parse_addr
 
+PROBE_TIMEOUT = 5.0  # a control port answers ``status`` at once; some ports say nothing
+HINT = "`steelfusion lab status` lists the control addresses"
+#: failover refusals that time lifts (the primary's lease, its links): ``--wait`` retries
+FAILOVER_RETRY = frozenset({"witness-lease-live", "peer-reachable"})
 
-def _call(ctx: click.Context, cmd: str, **args: Any) -> dict[str, Any]:
-    addr = ctx.obj["core"]
+
+class BadInput(click.ClickException):
+    """The operator's input is wrong: one line, exit 2 like click's usage errors."""
+
+    exit_code = 2
+
+
+class Refused(click.ClickException):
+    """The Core refused the command; shown as ``refused: REASON``."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"refused: {self.message}", err=True)
+
+
+def _root(ctx: click.Context) -> dict[str, Any]:
+    obj: dict[str, Any] = ctx.find_root().obj
+    return obj
+
+
+def _addr(ctx: click.Context) -> tuple[str, int]:
+    """``--core`` parsed when a command needs it, so ``--help`` needs no Core (item 7)."""
+    obj = _root(ctx)
+    if obj.get("addr") is None:
+        text = obj.get("core")
+        if not text:
+            raise BadInput("no Core given: use --core HOST:PORT (the Core's control address) "
+                           "or set $COREDR_CORE")
+        try:
+            addr = parse_addr(text)
+        except ValueError as e:
+            why = str(e).replace(f"address {text.strip()!r}: ", "").replace(
+                f"address {text.strip()!r} ", "")
+            raise BadInput(f"--core {text!r}: {why}; give the Core's control address as "
+                           "HOST:PORT") from None
+        if addr[1] == 0:
+            raise BadInput(f"--core {text}: port 0 is not a control port; {HINT}")
+        obj["addr"] = addr
+    addr_: tuple[str, int] = obj["addr"]
+    return addr_
+
+
+def _where(addr: tuple[str, int]) -> str:
+    return f"{addr[0]}:{addr[1]}"
+
+
+def _fail(ctx: click.Context, code: str, reason: str) -> click.ClickException:
+    """Could not ask the Core: one line on stderr, and JSON on stdout for ``--json``."""
+    if _root(ctx).get("json"):
+        click.echo(json.dumps({"error": code, "reason": reason}))
+    return click.ClickException(reason)
+
+
+def _explain(ctx: click.Context, e: BaseException, timeout: float) -> click.ClickException:
+    """One line for a failure to talk to ``--core``, before or after it answered once."""
+    addr = _addr(ctx)
+    where = _where(addr)
+    lost = _root(ctx).get("checked")  # it answered as a Core before: it went away since
+    if isinstance(e, control.NotControlPort):
+        return _fail(ctx, "not-a-core", str(e))
+    if isinstance(e, control.ControlClosed):
+        if lost:
+            return _fail(ctx, "closed", f"lost the Core at {where}: it closed the connection "
+                         "before answering (did it stop? see its log)")
+        return _fail(ctx, "not-a-core", f"{where} is not a Core control port: it closed the "
+                     f"connection without answering (an iSCSI portal?); {HINT}")
+    if isinstance(e, socket.gaierror):
+        return _fail(ctx, "unreachable", f"cannot resolve host {addr[0]!r} (--core {where}): "
+                     f"{e.strerror or e}")
+    if isinstance(e, ConnectionRefusedError):
+        if lost:
+            return _fail(ctx, "closed", f"lost the Core at {where}: nothing listens there any "
+                         "more (did it stop? see its log)")
+        return _fail(ctx, "unreachable", f"nothing listens on {where} (is the Core running? "
+                     f"{HINT})")
+    if isinstance(e, TimeoutError):
+        if lost:
+            return _fail(ctx, "no-answer", f"lost the Core at {where}: no answer within "
+                         f"{timeout:g} s")
+        return _fail(ctx, "no-answer", f"no answer from {where} within {timeout:g} s: not a "
+                     f"Core control port (an iSCSI portal or something else?), or the Core is "
+                     f"stuck; {HINT}")
+    if isinstance(e, ConnectionError):
+        return _fail(ctx, "closed", f"lost the connection to {where}: {e.strerror or e}")
+    if isinstance(e, OSError):
+        return _fail(ctx, "unreachable", f"cannot reach {where}: {e.strerror or e}")
+    return _fail(ctx, "unreachable", f"{where}: {e}")
+
+
+def _ask(ctx: click.Context, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+    """The Core's reply to ``cmd``, refused or not; the first call checks it is a Core."""
+    _check(ctx)
+    return _raw(ctx, cmd, timeout, **args)
+
+
+def _raw(ctx: click.Context, cmd: str, timeout: float, **args: Any) -> dict[str, Any]:
     try:
-        reply = control.call(addr, cmd, **args)
-    except OSError as e:
-        raise click.ClickException(f"cannot reach Core at {addr[0]}:{addr[1]}: {e}") from None
-    except control.ControlError as e:
-        raise click.ClickException(str(e)) from None
+        return control.call(_addr(ctx), cmd, timeout=timeout, **args)
+    except (OSError, control.ControlError) as e:
+        raise _explain(ctx, e, timeout) from None
+
+
+def _check(ctx: click.Context) -> dict[str, Any] | None:
+    """Is ``--core`` a Core's control port? Says what it is instead (item 4).
+
+    Returns the ``status`` reply of that first call (the ``status`` command
+    shows it), or None once checked.
+    """
+    obj = _root(ctx)
+    if obj.get("checked"):
+        return None
+    where = _where(_addr(ctx))
+    st = _raw(ctx, "status", PROBE_TIMEOUT)
+    if not st.get("ok"):
+        raise _fail(ctx, "not-a-core", f"{where} is not a Core control port: it refused "
+                    f"`status` ({st.get('error')}); {HINT}")
+    kind = st.get("kind") or ("witness" if st.get("role") == "witness" else
+                              "core" if "replication" in st and "epoch" in st else
+                              "edge" if "portal" in st else None)
+    if kind != "core":
+        what = {"witness": "a Witness control port", "edge": "an Edge control port"}.get(
+            str(kind), "a control port of something else")
+        name = f" ({st['name']})" if isinstance(st.get("name"), str) else ""
+        raise _fail(ctx, "not-a-core", f"{where} is not a Core control port: it is {what}{name}; "
+                    f"{HINT}")
+    obj["checked"] = True
+    return st
+
+
+def _done(ctx: click.Context, reply: dict[str, Any]) -> dict[str, Any]:
+    """A successful reply without ``ok``; a refusal raises :class:`Refused`."""
     if not reply.get("ok"):
-        raise click.ClickException(f"refused: {reply.get('error')}")
-    reply.pop("ok", None)
-    return reply
+        code = str(reply.get("code") or "refused")
+        reason = str(reply.get("error"))
+        if _root(ctx).get("json"):
+            extra = {k: v for k, v in reply.items() if k not in ("ok", "error", "code")}
+            click.echo(json.dumps({"refused": code, "reason": reason, **extra}))
+        raise Refused(reason)
+    out = dict(reply)
+    out.pop("ok", None)
+    return out
 
 
-@click.group()
-@click.option("--core", "core", required=True, envvar="COREDR_CORE",
-              help="The Core's control address HOST:PORT (or $COREDR_CORE).")
+def _call(ctx: click.Context, cmd: str, timeout: float = 10.0, **args: Any) -> dict[str, Any]:
+    return _done(ctx, _ask(ctx, cmd, timeout, **args))
+
+
+def _json_mode(ctx: click.Context, as_json: bool) -> None:
+    _root(ctx)["json"] = as_json
+
+
+def _tty() -> bool:
+    """Progress bars only on a terminal: piped, click would print their label alone."""
+    return sys.stdout.isatty()
+
+
+class _OneLineGroup(click.Group):
+    """Click's usage errors (a bad option, a missing command) in one line, like ours."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+
+def _one_line(e: click.UsageError) -> click.ClickException:
+    if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: its help is the answer
+        return e
+    where = e.ctx.command_path if e.ctx is not None else "coredr"
+    return BadInput(f"{e.format_message()} (`{where} --help` says more)")
+
+
+@click.group(cls=_OneLineGroup)
+@click.option("--core", "core", envvar="COREDR_CORE", metavar="HOST:PORT",
+              help="The Core's control address (or $COREDR_CORE); not needed for --help.")
 @click.pass_context
-def main(ctx: click.Context, core: str) -> None:
+def main(ctx: click.Context, core: str | None) -> None:
     """Replication (FusionSync) operations on a Core."""
-    try:
-        ctx.obj = {"core": parse_addr(core)}
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--core") from None
+    ctx.obj = {"core": core}
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    """Columns as wide as their widest cell, two spaces apart."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 @main.command()
@@ -46,28 +230,40 @@ def main(ctx: click.Context, core: str) -> None:
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Name, role, epoch, replication state, peer, connections, LUNs, alarms."""
-    st = _call(ctx, "status")
+    _json_mode(ctx, as_json)
+    first = _check(ctx)
+    st = _done(ctx, first) if first is not None else _call(ctx, "status")
     if as_json:
         click.echo(json.dumps(st, indent=2))
         return
     peer = st.get("peer") or {}
     conns = st.get("connections") or {}
     repl = conns.get("replication", [])
-    click.echo(f"Core        {st['name']}")
-    click.echo(f"Role        {st['role']}   epoch {st['epoch']}")
-    click.echo(f"Replication {st['replication']}")
-    click.echo(f"Peer        {peer.get('name') or '-'} ({peer.get('address') or 'none'})")
-    click.echo(f"Connections edges {len(conns.get('edges', []))}, replication "
-               f"{sum(1 for c in repl if c['established'])} established "
-               f"(outbound expected {conns.get('replication_expected_out', 0)}), witness "
-               f"{'up' if conns.get('witness') else 'down'}")
-    click.echo("LUN   size        applied     durable     acked       mirror-q   edge")
+    fields = [("Core", st["name"]), ("Role", st["role"]), ("Epoch", str(st["epoch"])),
+              ("Replication", st["replication"]),
+              ("Peer", f"{peer.get('name') or '-'} ({peer.get('address') or 'none'})"),
+              ("Connections", f"edges {len(conns.get('edges', []))}, replication "
+                              f"{sum(1 for c in repl if c['established'])} established "
+                              f"(outbound expected {conns.get('replication_expected_out', 0)}), "
+                              f"witness {'up' if conns.get('witness') else 'down'}")]
+    prog = st.get("resync")
+    if prog:
+        fields.append(("Resync", f"{format_size(prog['bytes_done'])}/"
+                                 f"{format_size(prog['bytes_total'])} ({prog['percent']}%)"))
+    width = max(len(k) for k, _ in [*fields, ("Alarms", "")]) + 2
+    for k, v in fields:
+        click.echo(f"{k:<{width}}{v}")
+    # on a secondary the seqs are the primary's stream as this Core has it: applied,
+    # durable here, acknowledged to the primary
+    rows = [["LUN", "size", "applied", "durable", "acked", "mirror-q", "edge"]]
     for lun, info in sorted(st.get("luns", {}).items(), key=lambda kv: int(kv[0])):
-        click.echo(f"{lun:<5} {format_size(info['size']):<11} {info['applied_seq']:<11} "
-                   f"{info['durable_seq']:<11} {info['acked_seq']:<11} "
-                   f"{format_size(info['mirror_queue_bytes']):<10} {info.get('edge') or '-'}")
+        rows.append([lun, format_size(info["size"]), str(info["applied_seq"]),
+                     str(info["durable_seq"]), str(info["acked_seq"]),
+                     format_size(info["mirror_queue_bytes"]), info.get("edge") or "-"])
+    for line in _table(rows):
+        click.echo(line)
     alarms = st.get("alarms") or []
-    click.echo("Alarms      " + ("none" if not alarms else ""))
+    click.echo(f"{'Alarms':<{width}}" + ("none" if not alarms else str(len(alarms))))
     for a in alarms:
         click.echo(f"  {a['alarm']}: {a['message']}")
 
@@ -77,6 +273,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def alarms(ctx: click.Context, as_json: bool) -> None:
     """Active alarms."""
+    _json_mode(ctx, as_json)
     al = _call(ctx, "alarms")["alarms"]
     if as_json:
         click.echo(json.dumps(al, indent=2))
@@ -88,10 +285,15 @@ def alarms(ctx: click.Context, as_json: bool) -> None:
 
 
 def _simple(ctx: click.Context, cmd: str, as_json: bool, **args: Any) -> dict[str, Any]:
+    _json_mode(ctx, as_json)
     out = _call(ctx, cmd, **args)
     if as_json:
         click.echo(json.dumps(out, indent=2))
     return out
+
+
+def _said(out: dict[str, Any]) -> str:
+    return f"replication {'already ' if out.get('already') else ''}{out['state']}"
 
 
 @main.command()
@@ -101,63 +303,104 @@ def suspend(ctx: click.Context, as_json: bool) -> None:
     """Suspend replication (the Witness must approve); writes are journaled."""
     out = _simple(ctx, "suspend", as_json)
     if not as_json:
-        click.echo(f"replication {out['state']}" + (f" ({out['note']})" if out.get("note") else ""))
+        click.echo(_said(out))
 
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--wait/--no-wait", default=True, show_default=True,
-              help="Show resync progress until replication is running again.")
+              help="Wait (with a progress bar on a terminal) until the resync is done.")
 @click.pass_context
 def resume(ctx: click.Context, as_json: bool, wait: bool) -> None:
     """Resume after suspension: resync the journaled regions, then run."""
     out = _simple(ctx, "resume", as_json)
     if as_json:
         return
-    click.echo(f"replication {out['state']}")
+    click.echo(_said(out))
     if wait and out["state"] == "resyncing":
-        _progress(ctx, "resync")
+        _resync_progress(ctx, out.get("resync"))
 
 
-def _progress(ctx: click.Context, what: str) -> None:
-    """A progress bar fed by status polls (resync bytes done/total, rate, ETA)."""
-    import time
+def _resync_progress(ctx: click.Context, start: dict[str, Any] | None) -> None:
+    """Until the resync ends: a bar on a terminal (bytes, rate, ETA), silence otherwise.
 
-    with click.progressbar(length=1000, label=what, show_eta=False,
-                           item_show_func=lambda x: x) as bar:
-        shown = 0
+    Ends at the real totals (the bar used to stop at the last poll's figures,
+    "100% 414.0 MiB/500.0 MiB"), and fails if the resync stopped instead.
+    """
+    last = start
+    bar = click.progressbar(length=1000, label="resync", show_eta=False,
+                            item_show_func=lambda x: x) if _tty() else None
+    shown = 0
+    state = "resyncing"
+    try:
+        if bar is not None:
+            bar.__enter__()
         while True:
             st = _call(ctx, "status")
+            state = st["replication"]
             prog = st.get("resync")
-            if st["replication"] != "resyncing" and not prog:
-                bar.update(1000 - shown)
-                break
-            if prog:
-                pos = int(10 * (prog.get("percent") or 0))
-                rate = format_size(prog.get("rate_bytes_s") or 0) + "/s"
-                eta = prog.get("eta_s")
-                bar.update(max(0, pos - shown),
-                           f"{format_size(prog['bytes_done'])}/{format_size(prog['bytes_total'])}"
-                           f" {rate} ETA {eta if eta is not None else '?'}s")
-                shown = max(shown, pos)
-            if st["replication"] != "resyncing":
-                bar.update(1000 - shown)
+            if prog and state == "resyncing":
+                last = prog
+                if bar is not None:
+                    pos = min(999, int(10 * (prog.get("percent") or 0)))
+                    eta = prog.get("eta_s")
+                    bar.update(max(0, pos - shown),
+                               f"{format_size(prog['bytes_done'])}/"
+                               f"{format_size(prog['bytes_total'])} "
+                               f"{format_size(prog.get('rate_bytes_s') or 0)}/s "
+                               f"ETA {eta if eta is not None else '?'}s")
+                    shown = max(shown, pos)
+            if state != "resyncing":
                 break
             time.sleep(0.2)
-    st = _call(ctx, "status")
-    click.echo(f"replication {st['replication']}")
+        if bar is not None and state == "running":
+            total = format_size(last["bytes_total"]) if last else "?"
+            bar.update(1000 - shown, f"{total}/{total} done")
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    if state != "running":
+        raise _fail(ctx, "resync-stopped", f"the resync stopped: replication is {state} now "
+                    "(the secondary went away?); `coredr resume` again when it is back")
+    click.echo(f"replication {state}")
 
 
 @main.command()
 @click.option("--force", is_flag=True,
               help="Promote even an inconsistent replica, or without the Witness's answer. "
                    "Data the old primary had and this Core lacks is then lost.")
+@click.option("--wait", "wait", type=float, is_flag=False, flag_value=60.0, default=None,
+              metavar="[SECONDS]",
+              help="While the primary may still be alive (the Witness holds its lease, this "
+                   "Core still reaches it), ask again until it is not, for at most SECONDS "
+                   "(60 without a value), saying what it waits for.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def failover(ctx: click.Context, force: bool, as_json: bool) -> None:
+def failover(ctx: click.Context, force: bool, wait: float | None, as_json: bool) -> None:
     """Make this secondary the primary (only when neither it nor the Witness reach the primary)."""
-    out = _simple(ctx, "failover", as_json, force=force)
-    if not as_json:
+    _json_mode(ctx, as_json)
+    if wait is not None and not 0 <= wait <= 86400:
+        raise BadInput(f"--wait {wait:g}: give seconds from 0 to 86400")
+    deadline = time.monotonic() + (wait or 0)
+    said = ""
+    while True:
+        reply = _ask(ctx, "failover", force=force)
+        left = deadline - time.monotonic()
+        if reply.get("ok") or wait is None or reply.get("code") not in FAILOVER_RETRY \
+                or left <= 0:
+            break
+        why = str(reply.get("error")).split(": ", 1)[0]
+        if why != said:
+            click.echo(f"waiting: {why} (asking again for up to {left:.0f} s more)",
+                       err=as_json)
+            said = why
+        retry = reply.get("retry_in")
+        pause = retry + 0.1 if isinstance(retry, int | float) and retry > 0 else 0.5
+        time.sleep(max(0.1, min(pause, left)))
+    out = _done(ctx, reply)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
         click.echo(f"now {out['role']} at epoch {out['epoch']}, replication {out['state']}; "
                    "Edges move here automatically")
 
@@ -168,15 +411,21 @@ def failover(ctx: click.Context, force: bool, as_json: bool) -> None:
 @click.pass_context
 def terminate(ctx: click.Context, yes: bool, as_json: bool) -> None:
     """End the replication pairing on this Core."""
+    _json_mode(ctx, as_json)
+    _check(ctx)  # the wrong port is said before the question, not after
     if not yes and not as_json:
-        click.confirm("Terminate replication? The pair must be set up again afterwards",
-                      abort=True)
+        try:
+            click.confirm("Terminate replication? The pair must be set up again afterwards",
+                          abort=True)
+        except click.Abort:
+            raise click.ClickException("not confirmed: replication not terminated (--yes "
+                                       "skips the question, for scripts)") from None
     out = _simple(ctx, "terminate", as_json)
     if not as_json:
-        click.echo(f"replication {out['state']}")
+        click.echo(_said(out))
 
 
-@main.group()
+@main.group(cls=_OneLineGroup)
 def journal() -> None:
     """The Journal LUN."""
 
@@ -186,22 +435,27 @@ def journal() -> None:
 @click.pass_context
 def journal_status(ctx: click.Context, as_json: bool) -> None:
     """Size, log use, dirty regions and activity log per LUN."""
-    j = _call(ctx.find_root(), "journal")["journal"]
+    _json_mode(ctx, as_json)
+    j = _call(ctx, "journal")["journal"]
     if as_json:
         click.echo(json.dumps(j, indent=2))
         return
-    click.echo(f"Journal     {j['path']}")
-    click.echo(f"Size        {format_size(j['size'])} (needs {format_size(j['required_size'])})")
-    click.echo(f"Log         {format_size(j['used_log_bytes'])} of {format_size(j['log_bytes'])}")
-    click.echo(f"AL          {j['al_regions']} regions ({j['al_busy_regions']} busy), "
-               f"max {j['al_regions_max']}")
+    fields = [("Journal", j["path"]),
+              ("Size", f"{format_size(j['size'])} (needs {format_size(j['required_size'])})"),
+              ("Log", f"{format_size(j['used_log_bytes'])} of {format_size(j['log_bytes'])}"),
+              ("AL", f"{j['al_regions']} regions ({j['al_busy_regions']} busy), "
+                     f"max {j['al_regions_max']}")]
     if j.get("offline"):
-        click.echo(f"OFFLINE     {j['offline']['alarm']}: {j['offline']['message']}")
-    click.echo("LUN   regions   dirty     dirty bytes   AL   crashed-AL")
-    for lu in j["luns"]:
-        click.echo(f"{lu['lun']:<5} {lu['regions']:<9} {lu['dirty_regions']:<9} "
-                   f"{format_size(lu['dirty_bytes']):<13} {lu['al_regions']:<4} "
-                   f"{lu['crashed_al_regions']}")
+        fields.append(("OFFLINE", f"{j['offline']['alarm']}: {j['offline']['message']}"))
+    width = max(len(k) for k, _ in fields) + 2
+    for k, v in fields:
+        click.echo(f"{k:<{width}}{v}")
+    rows = [["LUN", "regions", "dirty", "dirty bytes", "AL", "crashed-AL"]]
+    rows += [[str(lu["lun"]), str(lu["regions"]), str(lu["dirty_regions"]),
+              format_size(lu["dirty_bytes"]), str(lu["al_regions"]),
+              str(lu["crashed_al_regions"])] for lu in j["luns"]]
+    for line in _table(rows):
+        click.echo(line)
 
 
 @main.command()
@@ -209,32 +463,30 @@ def journal_status(ctx: click.Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def verify(ctx: click.Context, repair: bool, as_json: bool) -> None:
-    """Compare primary and replica by block hashes, region by region."""
+    """Compare primary and replica by block hashes, region by region (exit 3 if they differ)."""
     import threading
 
+    _json_mode(ctx, as_json)
+    _check(ctx)
+    addr = _addr(ctx)
     result: dict[str, Any] = {}
     err: list[BaseException] = []
-    root = ctx.find_root()
 
     def run() -> None:
         try:
-            addr = root.obj["core"]
-            reply = control.call(addr, "verify", timeout=3600, repair=repair)
-            result.update(reply)
-        except BaseException as e:  # shown below
+            result.update(control.call(addr, "verify", timeout=3600, repair=repair))
+        except (OSError, control.ControlError) as e:  # said below, in the main thread
             err.append(e)
 
     t = threading.Thread(target=run, daemon=True)
     t.start()
-    if not as_json:
-        import time
-
+    if not as_json and _tty():
         with click.progressbar(length=1000, label="verify") as bar:
             shown = 0
             while t.is_alive():
                 t.join(0.3)
                 try:
-                    v = control.call(root.obj["core"], "verify_status", timeout=5)
+                    v = control.call(addr, "verify_status", timeout=5)
                 except (OSError, control.ControlError):
                     continue
                 prog = v.get("progress")
@@ -242,23 +494,21 @@ def verify(ctx: click.Context, repair: bool, as_json: bool) -> None:
                     pos = int(10 * prog["percent"])
                     bar.update(max(0, pos - shown))
                     shown = max(shown, pos)
-                time.sleep(0.1)
-            bar.update(1000 - shown)
+            if result.get("ok"):
+                bar.update(1000 - shown)
     t.join()
     if err:
-        raise click.ClickException(str(err[0]))
-    if not result.get("ok"):
-        raise click.ClickException(f"refused: {result.get('error')}")
-    result.pop("ok", None)
+        raise _explain(ctx, err[0], 3600)
+    out = _done(ctx, result)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(out, indent=2))
     else:
-        for lun, v in sorted(result["luns"].items()):
+        for lun, v in sorted(out["luns"].items()):
             click.echo(f"LUN {lun}: {v['regions']} regions, {v['mismatched']} mismatched"
                        + (f" {v['mismatched_regions'][:20]}" if v["mismatched"] else ""))
-        click.echo("IDENTICAL" if result["identical"] else "MISMATCH"
-                   + (f" — {result['repair']}" if result.get("repair") else ""))
-    if not result["identical"] and not repair:
+        click.echo("IDENTICAL" if out["identical"] else "MISMATCH"
+                   + (f" — {out['repair']}" if out.get("repair") else ""))
+    if not out["identical"] and not repair:
         ctx.exit(3)
 
 
@@ -267,8 +517,6 @@ def verify(ctx: click.Context, repair: bool, as_json: bool) -> None:
 @click.pass_context
 def events(ctx: click.Context, follow: bool) -> None:
     """State changes as JSON lines (like DRBD's events2)."""
-    import time
-
     since = 0
     while True:
         evs = _call(ctx, "events", since=since)["events"]

@@ -242,7 +242,7 @@ class WitnessClient:
         r = await self._request(op, epoch=epoch, peer=peer)
         if isinstance(r, str):
             return Decision(False, r, self.pair_epoch, self.holder)
-        return Decision(r.granted, r.reason, r.epoch, r.holder, r.detail)
+        return Decision(r.granted, r.reason, r.epoch, r.holder, r.detail, r.retry_in)
 
     async def _request(self, op: str, epoch: int | None = None,
                        peer: str | None = None) -> WireReply | str:

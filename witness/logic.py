@@ -177,6 +177,9 @@ class Decision:
     epoch: int
     holder: str | None = None
     detail: str = ""
+    #: refused for now: seconds until asking again may succeed (a live lease, the restart
+    #: grace), so an operator hears when failover becomes possible, not only why not yet
+    retry_in: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -454,10 +457,10 @@ class WitnessLogic:
         new_rec = rec if rec is not None else PairRecord(pair_id)
 
         def verdict(granted: bool, reason: str, detail: str = "",
-                    out: PairRecord | None = None) -> Verdict:
+                    out: PairRecord | None = None, retry_in: float | None = None) -> Verdict:
             r = out if out is not None else new_rec
             changed = r != rec and not (rec is None and r == PairRecord(pair_id))
-            return Verdict(req, Decision(granted, reason, r.epoch, r.holder, detail),
+            return Verdict(req, Decision(granted, reason, r.epoch, r.holder, detail, retry_in),
                            base.with_pair(r) if changed else None, base.version)
 
         if rec is None and req.op in (Op.RELEASE, Op.TERMINATE):
@@ -549,13 +552,17 @@ class WitnessLogic:
             others.add(rec.holder)
         for other in sorted(others):
             if self.can_reach(other, now):
+                left = self.leases[other] - now
+                heard = self.lease_seconds - left
                 return verdict(False, PEER_REACHABLE,
-                               f"the Witness can still reach {other} (lease live)")
+                               f"the Witness holds {other}'s lease for {left:.1f} s more "
+                               f"(it heard from {other} {heard:.1f} s ago)",
+                               retry_in=round(left, 3))
             if self.in_grace(now):
                 wait = self.boot + self.lease_seconds - now
                 return verdict(False, PEER_UNKNOWN,
                                f"the Witness restarted; {other}'s lease is unknown for "
-                               f"another {wait:.1f}s")
+                               f"{wait:.1f} s more", retry_in=round(wait, 3))
         new_epoch = max(rec.epoch, epoch if epoch is not None else 0) + 1
         if new_epoch > MAX_EPOCH:
             raise WitnessError("epoch space exhausted")

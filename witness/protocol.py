@@ -21,8 +21,10 @@ renews the sender's lease. Replies::
 
     {"op": "reply", "req": N, "granted": bool, "reason": CODE, "detail": TEXT,
      "epoch": PAIR_EPOCH, "holder": NAME|null, "holds": bool,
-     "reachable": bool|null, "known": bool|null}
+     "reachable": bool|null, "known": bool|null, "retry_in": SECONDS (refusals only)}
 
+``retry_in``, on a refusal that time will lift (the peer's lease is still live, the
+Witness's restart grace), says in how many seconds asking again may succeed.
 ``holds`` tells the Core whether it holds the approval now, so a Core whose
 approval was revoked by a failover learns it on its next heartbeat.
 
@@ -78,11 +80,15 @@ class WireReply:
     holds: bool = False
     reachable: bool | None = None
     known: bool | None = None
+    retry_in: float | None = None
 
     def body(self) -> dict[str, Any]:
-        return {"op": "reply", "req": self.req, "granted": self.granted, "reason": self.reason,
-                "detail": self.detail, "epoch": self.epoch, "holder": self.holder,
-                "holds": self.holds, "reachable": self.reachable, "known": self.known}
+        out = {"op": "reply", "req": self.req, "granted": self.granted, "reason": self.reason,
+               "detail": self.detail, "epoch": self.epoch, "holder": self.holder,
+               "holds": self.holds, "reachable": self.reachable, "known": self.known}
+        if self.retry_in is not None:
+            out["retry_in"] = self.retry_in
+        return out
 
 
 def _opt_text(body: dict[str, Any], key: str) -> str | None:
@@ -143,9 +149,14 @@ def parse_reply(body: Any) -> WireReply:
     reachable = body.get("reachable")
     known = body.get("known")
     detail = body.get("detail", "")
+    retry_in = body.get("retry_in")
+    if not (isinstance(retry_in, int | float) and not isinstance(retry_in, bool)
+            and 0 <= retry_in < 86400):
+        retry_in = None  # advice only: a bad value is dropped, not a protocol error
     return WireReply(req=req, granted=granted, reason=reason, epoch=epoch,
                      detail=detail if isinstance(detail, str) else "",
                      holder=holder if isinstance(holder, str) else None,
                      holds=body.get("holds") is True,
                      reachable=reachable if isinstance(reachable, bool) else None,
-                     known=known if isinstance(known, bool) else None)
+                     known=known if isinstance(known, bool) else None,
+                     retry_in=None if retry_in is None else float(retry_in))
