@@ -7,7 +7,7 @@ import gc
 import json
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 import click
@@ -55,6 +55,34 @@ def _load(kind: _Loadable, path: str) -> Any:
         return kind.load(path)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:  # unreadable, a directory, ...
+        raise click.ClickException(f"{path}: cannot read the config file: "
+                                   f"{e.strerror or e}") from None
+
+
+def _serve(role: str, cfg: Any, quiet: bool, main: Callable[[], Coroutine[Any, Any, None]],
+           known: tuple[type[BaseException], ...] = ()) -> None:
+    """Run a node; a failed start is one line naming the port or path (and its config key),
+    also written to the node's log as ``<role>_start_failed``, and a non-zero exit."""
+    from steelfusion.startup import StartupError, explain
+
+    try:
+        log.setup(cfg.name, cfg.log_file, level="warning" if quiet else "info")
+    except OSError as e:
+        raise click.ClickException(f"{role} {cfg.name}: cannot start: {explain(e, cfg)}"
+                                   ) from None
+    from steelfusion.statefile import StateFileError
+
+    errors: tuple[type[BaseException], ...] = (StartupError, ConfigError, OSError,
+                                               StateFileError, *known)
+    try:
+        _run(main())
+    except errors as e:
+        msg = f"{role} {cfg.name}: cannot start: {explain(e, cfg)}"
+        # the event to the log file only: the operator gets the one line below
+        log.setup(cfg.name, None, tty=False)
+        log.get(role).error(f"{role}_start_failed", error=msg)
+        raise click.ClickException(msg) from None
 
 
 class SizeType(click.ParamType):
@@ -68,6 +96,22 @@ class SizeType(click.ParamType):
 
 
 SIZE = SizeType()
+
+
+class LunSizeType(SizeType):
+    """A LUN size: its examples are ones a LUN may have (a whole number of 4 KiB blocks)."""
+
+    name = "lun-size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        try:
+            return parse_size(value)
+        except ValueError:
+            self.fail(f"not a size: {value!r} (a multiple of 4K, e.g. 64M, 1G, 2T)", param, ctx)
+
+
+LUN_SIZE = LunSizeType()
+LUN_SIZE_HELP = "Size of each LUN: a multiple of 4K (e.g. 64M, 1G, 2T)."
 
 
 @click.group()
@@ -91,12 +135,7 @@ def core_run(config: str, quiet: bool) -> None:
     from core.node import run
 
     cfg = _load(CoreConfig, config)
-    log.setup(cfg.name, cfg.log_file, level="warning" if quiet else "info")
-    try:
-        _run(run(cfg))
-    except LunError as e:
-        log.get("core").error("core_start_failed", error=str(e))
-        raise click.ClickException(str(e)) from None
+    _serve("core", cfg, quiet, lambda: run(cfg), (LunError,))
 
 
 @main.group()
@@ -107,7 +146,7 @@ def edge() -> None:
 @edge.command("run")
 @click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
 @click.option("--witness", "witness", default=None,
-              help="Also run a Witness inside this Edge on HOST:PORT (seed: the Witness is a "
+              help="Also run a Witness inside this Edge on HOST:PORT (the Witness may be a "
                    "role assigned to one of the Edges).")
 @click.option("--quiet", is_flag=True)
 def edge_run(config: str, witness: str | None, quiet: bool) -> None:
@@ -117,6 +156,7 @@ def edge_run(config: str, witness: str | None, quiet: bool) -> None:
     from edge.blockstore import BlockstoreError
     from edge.node import run
     from steelfusion.units import parse_addr
+    from witness.logic import WitnessStateError
 
     cfg = _load(EdgeConfig, config)
     if witness:
@@ -124,12 +164,8 @@ def edge_run(config: str, witness: str | None, quiet: bool) -> None:
             cfg = dataclasses.replace(cfg, witness=parse_addr(witness))
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--witness") from None
-    log.setup(cfg.name, cfg.log_file, level="warning" if quiet else "info")
-    try:
-        _run(run(cfg))
-    except BlockstoreError as e:
-        log.get("edge").error("edge_start_failed", error=str(e))
-        raise click.ClickException(str(e)) from None
+    key = "--witness" if witness else "[witness] listen"
+    _serve("edge", cfg, quiet, lambda: run(cfg, key), (BlockstoreError, WitnessStateError))
 
 
 @main.group()
@@ -145,8 +181,7 @@ def witness_run(config: str, quiet: bool) -> None:
     from witness.node import run
 
     cfg = _load(WitnessConfig, config)
-    log.setup(cfg.name, cfg.log_file, level="warning" if quiet else "info")
-    _run(run(cfg))
+    _serve("witness", cfg, quiet, lambda: run(cfg))
 
 
 # -- lab ---------------------------------------------------------------------------
@@ -176,18 +211,18 @@ def _lab_errors(fn: Any) -> Any:
     return wrapper
 
 
-WORKDIR = click.option("--workdir", required=True, type=click.Path(file_okay=False),
+WORKDIR = click.option("--workdir", required=True, type=click.Path(),
                        help="Folder holding the lab's configs, LUN files, logs and lab.json.")
 
 
 @lab.command("up")
 @WORKDIR
-@click.option("--luns", default=1, show_default=True, help="LUNs per Edge.")
-@click.option("--lun-size", default="1G", show_default=True, type=SIZE,
-              help="Size of each LUN (K/M/G/T).")
+@click.option("--luns", default=1, show_default=True, help="LUNs per Edge (1..256).")
+@click.option("--lun-size", default="1G", show_default=True, type=LUN_SIZE, help=LUN_SIZE_HELP)
 @click.option("--edges", default=1, show_default=True, help="Number of Edges.")
 @click.option("--reserve", default="256M", show_default=True, type=SIZE,
-              help="Each Edge's write reserve.")
+              help="Each Edge's write reserve: uncommitted bytes before host writes wait "
+                   "(at least 4M).")
 @click.option("--witness-in-edge", is_flag=True,
               help="Run the Witness inside edge-1 instead of as its own process.")
 @click.option("--json", "as_json", is_flag=True, help="Print lab.json.")
@@ -204,11 +239,12 @@ def lab_up(workdir: str, luns: int, lun_size: int, edges: int, reserve: int,
     click.echo(f"lab up in {lab_.dir}")
     w = data["witness"]
     where = f"inside {w['embedded_in']}" if w.get("embedded_in") else f"pid {w['pid']}"
-    click.echo(f"  witness  {w['address']}  {where}")
+    click.echo(f"  witness  {w['address']}  control {w['control']}  {where}")
     for c in data["cores"]:
         click.echo(f"  {c['name']:<8} {c['role']:<9} control {c['control']}  pid {c['pid']}")
     for e in data["edges"]:
-        click.echo(f"  {e['name']:<8} portal {e['portal']}  pid {e['pid']}")
+        click.echo(f"  {e['name']:<8} portal {e['portal']}  control {e['control']}  "
+                   f"pid {e['pid']}")
         for t in e["targets"]:
             click.echo(f"           {t['url']}  (LUN id {t['lun_id']}, "
                        f"{format_size(t['size'])})")
@@ -224,17 +260,48 @@ def lab_status(workdir: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
         return
+    click.echo("\n".join(_status_lines(st)))
+
+
+def _alarms(node: dict[str, Any]) -> str:
+    names = [a.get("alarm", "?") for a in node.get("alarms") or [] if isinstance(a, dict)]
+    return ", ".join(names) or "-"
+
+
+def _status_lines(st: dict[str, Any]) -> list[str]:
+    """One line per node; each column as wide as its longest value (``disconnected``)."""
+    def word(running: Any) -> str:
+        return "up" if running else "DOWN"
+
+    rows: list[list[str]] = []
     w = st["witness"]
-    click.echo(f"witness  {'up' if w.get('running') else 'DOWN'}")
+    if w:
+        where = (f"inside {w['embedded_in']} (kill/start {w['embedded_in']} to stop/start it)"
+                 if w.get("embedded_in") else f"pid {w.get('pid')}")
+        rows.append(["witness", word(w.get("running")), f"listen={w.get('address')}",
+                     f"control={w.get('control')}", f"alarms={_alarms(w)}", where])
+    cores = []
     for c in st["cores"]:
-        alarms = ", ".join(a["alarm"] for a in c.get("alarms") or []) or "-"
-        click.echo(f"{c['name']:<8} {'up' if c['running'] else 'DOWN':<5} role={c['role']:<9} "
-                   f"replication={c['replication']:<10} epoch={c['epoch']} alarms={alarms}")
+        epoch = c["epoch"] if c["epoch"] is not None else "-"
+        cores.append([c["name"], word(c["running"]), f"role={c['role']}",
+                      f"replication={c['replication']}", f"epoch={epoch}",
+                      f"control={c.get('control')}", f"alarms={_alarms(c)}"])
+    edges = []
     for e in st["edges"]:
         ub = e.get("uncommitted_bytes")
-        click.echo(f"{e['name']:<8} {'up' if e['running'] else 'DOWN':<5} "
-                   f"core={e.get('core') or '-':<8} "
-                   f"uncommitted={format_size(ub) if ub is not None else '?'}")
+        edges.append([e["name"], word(e["running"]), f"core={e.get('core') or '-'}",
+                      f"uncommitted={format_size(ub) if ub is not None else '?'}",
+                      f"control={e.get('control')}", f"portal={e['portal']}",
+                      f"alarms={_alarms(e)}"])
+    name_w = max(len(r[0]) for r in [*rows, *cores, *edges, ["witness"]])
+    out = []
+    for group in (rows, cores, edges):
+        widths = [max(len(r[i]) for r in group) for i in range(len(group[0]))] if group else []
+        for r in group:
+            cells = [r[0].ljust(name_w), *(v.ljust(widths[i]) for i, v in enumerate(r) if i)]
+            cells[1] = r[1].ljust(4)
+            out.append(" ".join(cells).rstrip())
+    return out
 
 
 @lab.command("kill")
@@ -244,7 +311,8 @@ def lab_status(workdir: str, as_json: bool) -> None:
 def lab_kill(node: str, workdir: str) -> None:
     """SIGKILL one node (a crash, not a shutdown)."""
     n = _lab(workdir).kill(node, signal.SIGKILL)
-    click.echo(f"killed {node} (pid {n['pid']})")
+    click.echo(f"killed {node} (pid {n['pid']})" if n.get("killed")
+               else f"{node} was not running (pid {n['pid']} is gone); nothing to kill")
 
 
 @lab.command("start")
@@ -268,7 +336,8 @@ def lab_down(workdir: str) -> None:
 
 @lab.command("wait-committed")
 @WORKDIR
-@click.option("--timeout", default=120.0, show_default=True)
+@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait.")
 @_lab_errors
 def lab_wait_committed(workdir: str, timeout: float) -> None:
     """Return when every Edge holds nothing uncommitted."""
@@ -277,11 +346,12 @@ def lab_wait_committed(workdir: str, timeout: float) -> None:
 
 
 @main.command()
-@click.option("--workdir", default=None, type=click.Path(file_okay=False),
+@click.option("--workdir", default=None, type=click.Path(),
               help="Lab folder (default: a new temporary folder, removed afterwards).")
 @click.option("--size", "size", default="64M", show_default=True, type=SIZE,
               help="How much random data the host writes.")
-@click.option("--lun-size", default="256M", show_default=True, type=SIZE)
+@click.option("--lun-size", default="256M", show_default=True, type=LUN_SIZE,
+              help=LUN_SIZE_HELP)
 @click.option("--keep", is_flag=True, help="Leave the lab running.")
 def demo(workdir: str | None, size: int, lun_size: int, keep: bool) -> None:
     """Lab up, a real workload through qemu-img, prove three copies identical, lab down."""
@@ -294,7 +364,8 @@ def demo(workdir: str | None, size: int, lun_size: int, keep: bool) -> None:
 @click.option("--workdir", default=None, type=click.Path(file_okay=False))
 @click.option("--rounds", default=3, show_default=True, help="Alternating A/B rounds.")
 @click.option("--quick", is_flag=True, help="A short smoke run (1/20 of the I/O).")
-@click.option("--lun-size", default="1G", show_default=True, type=SIZE)
+@click.option("--lun-size", default="1G", show_default=True, type=LUN_SIZE,
+              help=LUN_SIZE_HELP)
 @click.option("--workload", "only", multiple=True,
               help="Run only this workload (repeatable), e.g. '4K write QD32'.")
 @click.option("--json", "as_json", is_flag=True)
@@ -341,7 +412,8 @@ def bench_path(count: int, quick: bool, as_json: bool) -> None:
 @click.option("--full", is_flag=True, help="Journal LUNs, the Witness and operator drills "
               "(suspend, resume, failover, partitions) too.")
 @click.option("--plant", default=None, help="Plant bugs on purpose (comma-separated): "
-              "ack-before-fsync, skip-gap, lost-frames, seal-late, no-fence.")
+              "ack-before-fsync, skip-gap, lost-frames, seal-late, no-fence, "
+              "ack-unjournaled.")
 @click.option("--jobs", default=0, show_default=True, help="Processes (0: one per CPU).")
 @click.option("-v", "--verbose", is_flag=True, help="Replay one seed and print its events.")
 def sim(seeds: int, first: int, writes: int, full: bool, plant: str | None, jobs: int,

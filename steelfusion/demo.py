@@ -39,20 +39,34 @@ def _sha(path: Path, limit: int) -> str:
 
 
 def run_demo(workdir: str | None, size: int, lun_size: int, keep: bool) -> int:
+    """The demo; a refusal (bad option, a lab already running there) changes nothing and
+    only a lab this demo started is taken down."""
+    try:
+        Lab.check_options(luns=1, lun_size=lun_size, edges=1)
+    except LabError as e:
+        raise click.ClickException(str(e)) from None
+    if size > lun_size:
+        raise click.ClickException(f"--size {format_size(size)} is larger than the LUN "
+                                   f"({format_size(lun_size)})")
+    if size <= 0:
+        raise click.ClickException("--size must be more than 0 bytes")
     tmp = None
     if workdir is None:
         tmp = tempfile.mkdtemp(prefix="steelfusion-demo-")
         workdir = tmp
     wd = Path(workdir)
     lab = Lab(wd)
-    if size > lun_size:
-        raise click.ClickException(f"--size {format_size(size)} is larger than the LUN "
-                                   f"({format_size(lun_size)})")
+    click.echo(f"[1/5] lab up in {wd} (Witness, 2 Cores, 1 Edge; LUN {format_size(lun_size)})")
+    t0 = time.monotonic()
+    try:
+        data = lab.up(luns=1, lun_size=lun_size, edges=1)
+    except LabError as e:
+        # refused, or failed and already stopped what it started: nothing of ours runs
+        if tmp is not None and not any(Path(tmp).glob("*.log")):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise click.ClickException(str(e)) from None
     ok = False
     try:
-        click.echo(f"[1/5] lab up in {wd} (Witness, 2 Cores, 1 Edge; LUN {format_size(lun_size)})")
-        t0 = time.monotonic()
-        data = lab.up(luns=1, lun_size=lun_size, edges=1)
         click.echo(f"      ready in {time.monotonic() - t0:.1f}s")
         target = data["edges"][0]["targets"][0]
         url = target["url"]
@@ -102,8 +116,7 @@ def run_demo(workdir: str | None, size: int, lun_size: int, keep: bool) -> int:
         back.unlink(missing_ok=True)
         src.unlink(missing_ok=True)
     except (LabError, InitiatorError) as e:
-        click.echo(f"demo failed: {e}", err=True)
-        click.echo(f"logs: {wd}/*.log", err=True)
+        click.echo(f"demo failed: {e} (logs: {wd}/*.log)", err=True)
         ok = False
     finally:
         if not keep:

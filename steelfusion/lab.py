@@ -4,14 +4,24 @@
 starts a Witness, the primary Core, the secondary Core and the Edges (in that
 order), waits until every Edge is connected to the primary and the Cores are
 replicating, and records what it started in ``lab.json``. Every node's log is
-a JSON-lines file in the same folder.
+a JSON-lines file in the same folder; its ``.out`` file holds the same events
+(info and above) as readable lines, and the one-line error of a failed start.
+
+What can be checked before a node starts is (options, the folder, whether the
+file system holds a LUN that large, LUN files of an earlier lab); a refusal
+changes nothing. A node that fails to start stops every node started before
+it, puts back the lab files it had replaced and reports the node's own
+one-line error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,6 +36,7 @@ from steelfusion import control
 from steelfusion.atomic import atomic_write
 from steelfusion.authconfig import make_key_file
 from steelfusion.config import (
+    EDGE_RESERVE_MIN,
     CoreConfig,
     EdgeConfig,
     EdgeLunConfig,
@@ -34,9 +45,12 @@ from steelfusion.config import (
     WitnessConfig,
     write_toml,
 )
-from steelfusion.units import format_addr, parse_addr
+from steelfusion.nodeauth import read_key_file
+from steelfusion.units import format_addr, format_size, parse_addr
 
 IQN_PREFIX = "iqn.2026-11.io.steelfusion"
+LUN_BLOCK = 4096  # an exported LUN is a whole number of 4 KiB blocks
+MAX_LUNS_PER_EDGE = 256  # SCSI LUN numbers 0..255 in one target
 
 
 class LabError(Exception):
@@ -61,11 +75,22 @@ def _python() -> str:
     return sys.executable
 
 
+def size_arg(n: int) -> str:
+    """``n`` bytes as a ``--lun-size`` argument: 8M, 1G, 12K (the largest exact unit)."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
 def spawn(role: str, config: Path, workdir: Path, name: str) -> int:
-    """Start one node detached from this process (so ``lab up`` can return)."""
+    """Start one node detached from this process (so ``lab up`` can return).
+
+    Its stdout/stderr go to ``<name>.out``: readable log lines (info and up) and,
+    when it cannot start, its one-line error last."""
     out = open(workdir / f"{name}.out", "ab")  # noqa: SIM115 - handed to the child
     proc = subprocess.Popen(
-        [_python(), "-m", "steelfusion.cli", role, "run", "--config", str(config), "--quiet"],
+        [_python(), "-m", "steelfusion.cli", role, "run", "--config", str(config)],
         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         start_new_session=True, cwd=str(workdir), env={**os.environ, "PYTHONUNBUFFERED": "1"})
     out.close()
@@ -87,16 +112,44 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def last_error(workdir: Path, name: str) -> str:
+    """The line a node that stopped left last in its ``.out`` (its one-line error)."""
+    try:
+        with open(workdir / f"{name}.out", "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return f"no output (see {workdir / (name + '.log')})"
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        return f"no output (see {workdir / (name + '.log')})"
+    line = lines[-1]
+    return line[len("Error: "):] if line.startswith("Error: ") else line
+
+
+def node_alive(node: dict[str, Any]) -> bool:
+    """The pid ``lab.json`` records still runs that node (after a reboot, or long after
+    ``lab down``, the pid may belong to another process: never signal that one)."""
+    pid = node["pid"]
+    if not pid_alive(pid):
+        return False
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc to ask: trust the pid
+    want = str(node.get("config") or "").encode()
+    return b"steelfusion.cli" in cmd and (not want or want in cmd)
+
+
 def wait_control(addr: tuple[str, int], pid: int, timeout: float, name: str,
                  workdir: Path) -> dict[str, Any]:
+    """Until the node answers ``status`` on its control port; its own error if it exits."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
         if not pid_alive(pid):
-            tail = ""
-            with contextlib.suppress(OSError):
-                tail = (workdir / f"{name}.out").read_text()[-2000:]
-            raise LabError(f"{name} (pid {pid}) exited during start-up; its output:\n{tail}")
+            raise LabError(f"{name} (pid {pid}) exited during start-up: "
+                           f"{last_error(workdir, name)}")
         try:
             reply = control.call(addr, "status", timeout=2)
             if reply.get("ok"):
@@ -145,11 +198,24 @@ class Lab:
 
     # -- description ----------------------------------------------------------
     def load(self) -> dict[str, Any]:
+        if self.dir.exists() and not self.dir.is_dir():
+            raise LabError(f"--workdir {self.dir} is not a directory (give the lab's folder)")
         try:
-            data = json.loads(self.file.read_text())
+            text = self.file.read_text()
         except FileNotFoundError:
             raise LabError(f"no lab in {self.dir} (no lab.json); run `steelfusion lab up "
                            f"--workdir {self.dir}` first") from None
+        except OSError as e:
+            raise LabError(f"cannot read {self.file}: {e.strerror or e}") from None
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise LabError(f"{self.file} is not valid JSON ({e}); stop any node of that lab by "
+                           f"hand (see `ps`), then remove {self.file}") from None
+        if not _well_formed(data):
+            raise LabError(f"{self.file} does not describe a lab (no witness, cores and edges "
+                           f"with names and pids); stop any node of that lab by hand (see "
+                           f"`ps`), then remove {self.file}")
         assert isinstance(data, dict)
         return data
 
@@ -161,14 +227,38 @@ class Lab:
         standalone = [w] if w and not w.get("embedded_in") else []
         return [*standalone, *data.get("cores", []), *data.get("edges", [])]
 
-    def node(self, data: dict[str, Any], name: str) -> dict[str, Any]:
+    def node(self, data: dict[str, Any], name: str, cmd: str = "") -> dict[str, Any]:
         for n in self.nodes(data):
             if n["name"] == name:
                 return n
+        w = data.get("witness") or {}
+        if name == "witness" and w.get("embedded_in"):
+            edge = w["embedded_in"]
+            raise LabError(f"the Witness runs inside {edge} in this lab (--witness-in-edge); "
+                           f"`steelfusion lab {cmd or 'kill'} {edge} --workdir {self.dir}` "
+                           f"{cmd or 'kill'}s it with its Edge")
         names = ", ".join(n["name"] for n in self.nodes(data))
         raise LabError(f"no node {name!r} in this lab (nodes: {names})")
 
     # -- up -----------------------------------------------------------------------
+    @staticmethod
+    def check_options(luns: int = 1, lun_size: int = 1 << 30, edges: int = 1,
+                      reserve: int = 256 << 20) -> None:
+        """Refuse what no lab can run with, before anything is written or started."""
+        if luns < 1:
+            raise LabError(f"--luns must be at least 1 (LUNs per Edge), got {luns}")
+        if luns > MAX_LUNS_PER_EDGE:
+            raise LabError(f"--luns must be at most {MAX_LUNS_PER_EDGE} (an Edge target has "
+                           f"SCSI LUNs 0..{MAX_LUNS_PER_EDGE - 1}), got {luns}")
+        if edges < 1:
+            raise LabError(f"--edges must be at least 1, got {edges}")
+        if lun_size <= 0 or lun_size % LUN_BLOCK:
+            raise LabError(f"--lun-size must be a positive multiple of 4 KiB (e.g. 64M, 1G), "
+                           f"got {lun_size} bytes")
+        if reserve < EDGE_RESERVE_MIN:
+            raise LabError(f"--reserve must be at least {size_arg(EDGE_RESERVE_MIN)} (room for "
+                           f"a few 512 KiB writes in flight), got {format_size(reserve)}")
+
     def up(self, luns: int = 1, lun_size: int = 1 << 30, edges: int = 1,
            reserve: int = 256 << 20, host: str = "127.0.0.1",
            timeout: float = 60.0, witness_lease: float = 3.0,
@@ -183,18 +273,116 @@ class Lab:
         target require CHAP, ``mutual_chap`` gives the targets credentials for
         mutual CHAP, ``initiators`` is an IQN allow-list for every target and
         ``discovery_chap`` protects discovery sessions.  Secrets go only into
-        the 0600 node configs, never into ``lab.json``."""
-        if self.file.exists():
-            prev = self.load()
-            alive = [n["name"] for n in self.nodes(prev) if pid_alive(n["pid"])]
-            if alive:
-                raise LabError(f"a lab is already running in {self.dir} ({', '.join(alive)}); "
-                               "run `steelfusion lab down` first")
-        if luns < 1 or edges < 1:
-            raise LabError("a lab needs at least one Edge and one LUN per Edge")
-        if lun_size <= 0 or lun_size % 4096:
-            raise LabError(f"LUN size must be a positive multiple of 4 KiB, got {lun_size}")
-        self.dir.mkdir(parents=True, exist_ok=True)
+        the 0600 node configs, never into ``lab.json``.
+
+        A refusal changes nothing; a failed start stops every node it started,
+        restores the lab files it replaced, and raises :class:`LabError` with
+        the failing node's own one-line error."""
+        self.check_options(luns, lun_size, edges, reserve)
+        d = self.dir
+        if d.exists() and not d.is_dir():
+            raise LabError(f"--workdir {d} is not a directory (give a folder for the lab)")
+        if d.exists() and self.file.exists():
+            self._check_previous(self.load(), luns, lun_size, edges)
+        created = not d.exists()
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise LabError(f"cannot create --workdir {d}: {e.strerror or e} (choose another "
+                           "folder)") from None
+        with self._lock():
+            try:
+                if self.file.exists():  # again, now that no other `lab up` can start one
+                    self._check_previous(self.load(), luns, lun_size, edges)
+                lun_ids = list(range(1, luns * edges + 1))
+                self._check_lun_files(lun_ids, lun_size)
+                self._probe(lun_size, "--lun-size", "choose a smaller --lun-size")
+                jsize = required_size(len(lun_ids))
+                self._probe(jsize, f"the Journal LUN ({format_size(jsize)}: 1 GiB + 2 GiB "
+                                   "per LUN)", "use fewer --luns or --edges")
+            except LabError:
+                if created:  # a refusal leaves no trace, not even the folder
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+                raise
+            return self._up(luns, lun_size, edges, reserve, host, timeout, witness_lease,
+                            witness_in_edge, chap, mutual_chap, initiators, discovery_chap)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """One ``lab up`` at a time per folder (a lock on the folder itself)."""
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise LabError(f"another `steelfusion lab up` is starting a lab in {self.dir}; "
+                               "wait for it") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def _check_previous(self, prev: dict[str, Any], luns: int, lun_size: int,
+                        edges: int) -> None:
+        """Refuse to start over a running lab, or over a stopped one of another shape."""
+        alive = [n["name"] for n in self.nodes(prev) if node_alive(n)]
+        if alive:
+            raise LabError(f"a lab is already running (or starting) in {self.dir} "
+                           f"({', '.join(alive)}); run `steelfusion lab down --workdir "
+                           f"{self.dir}` first")
+        try:
+            was = (len(prev["edges"]), len(prev["edges"][0]["targets"]),
+                   int(prev["edges"][0]["targets"][0]["size"]))
+        except (LookupError, TypeError, ValueError):
+            return  # an up that failed before its Edges: nothing to keep consistent with
+        if was != (edges, luns, lun_size):
+            raise LabError(f"{self.dir} holds a stopped lab made with --edges {was[0]} --luns "
+                           f"{was[1]} --lun-size {size_arg(was[2])}; start it again with those "
+                           f"options, or use another --workdir (or delete {self.dir})")
+
+    def _check_lun_files(self, lun_ids: list[int], lun_size: int) -> None:
+        """LUN files an earlier lab left must have this size (a Core never resizes one)."""
+        for name in ("core-a", "core-b"):
+            for lid in lun_ids:
+                path = self.dir / name / f"lun-{lid}.img"
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    raise LabError(f"cannot use {path}: {e.strerror or e}") from None
+                if not path.is_file():
+                    raise LabError(f"{path} is in the way (not a LUN file); remove it or use "
+                                   "another --workdir")
+                if st.st_size != lun_size:
+                    raise LabError(f"{path} holds a {format_size(st.st_size)} LUN of an earlier "
+                                   f"lab; use --lun-size {size_arg(st.st_size)}, or another "
+                                   f"--workdir (or delete {self.dir})")
+
+    def _probe(self, size: int, what: str, todo: str) -> None:
+        """Can this folder's file system hold a (sparse) file of ``size`` bytes?"""
+        probe = self.dir / f".size-probe-{os.getpid()}"
+        try:
+            fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            if e.errno == errno.EFBIG:
+                raise LabError(f"{what} {format_size(size)} does not fit: the file system of "
+                               f"{self.dir} cannot hold a file that large (or a file size "
+                               f"limit is set: ulimit -f); {todo}") from None
+            raise LabError(f"cannot write in {self.dir}: {e.strerror or e}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+
+    def _up(self, luns: int, lun_size: int, edges: int, reserve: int, host: str,
+            timeout: float, witness_lease: float, witness_in_edge: bool,
+            chap: tuple[str, str] | None, mutual_chap: tuple[str, str] | None,
+            initiators: Sequence[str] | None,
+            discovery_chap: tuple[str, str] | None) -> dict[str, Any]:
         d = self.dir
         nports = 2 + 2 * 2 + 2 * edges
         ports = iter(free_ports(nports, host))
@@ -231,13 +419,48 @@ class Lab:
                 witness=witness.listen if embed else None,
                 witness_state_dir=str(d / "witness") if embed else None))
 
+        # What this start replaces or creates, to put back if it fails.
+        names = ["witness", *(c.name for c in cores), *(e.name for e in edge_cfgs)]
+        files = [self.file, d / "node.key", *(d / f"{n}.toml" for n in names)]
+        before = {f: _read_or_none(f) for f in files}
+        new_dirs = [d / n for n in names if not (d / n).exists()]
+        started: list[tuple[str, int]] = []
+        try:
+            return self._start(d, witness, cores, edge_cfgs, witness_in_edge, timeout, started)
+        except BaseException as e:
+            stopped = _stop_pids(started)
+            for f, content in before.items():
+                with contextlib.suppress(OSError):
+                    if content is None:
+                        f.unlink(missing_ok=True)
+                    else:
+                        atomic_write(f, content, mode=0o600 if f.suffix != ".json" else 0o644)
+            for nd in new_dirs:
+                shutil.rmtree(nd, ignore_errors=True)
+            for tmp in d.glob(f".*.tmp.{os.getpid()}"):  # an atomic write cut short (^C)
+                tmp.unlink(missing_ok=True)
+            if isinstance(e, LabError):
+                raise LabError(f"lab up failed: {e}; stopped {', '.join(stopped) or 'nothing'} "
+                               f"and left {d} as it was (logs: {d}/*.log)") from None
+            raise
+
+    def _start(self, d: Path, witness: WitnessConfig, cores: tuple[CoreConfig, CoreConfig],
+               edge_cfgs: list[EdgeConfig], witness_in_edge: bool, timeout: float,
+               started: list[tuple[str, int]]) -> dict[str, Any]:
         data: dict[str, Any] = {"version": 1, "workdir": str(d), "created": time.time()}
-        # every node proves one shared key to the others (steelfusion/nodeauth.py)
-        auth = {"auth": {"key_file": make_key_file(d / "node.key"), "key_id": "lab"}}
+        # every node proves one shared key to the others (steelfusion/nodeauth.py); a
+        # stopped lab started again keeps its key
+        key = d / "node.key"
+        try:
+            read_key_file(key)
+        except (OSError, ValueError):
+            make_key_file(key)
+        auth = {"auth": {"key_file": str(key), "key_id": "lab"}}
         if not witness_in_edge:
             wpath = d / "witness.toml"
             write_toml(wpath, {**witness.to_dict(), **auth})
             wpid = spawn("witness", wpath, d, "witness")
+            started.append(("witness", wpid))
             data["witness"] = {"name": "witness", "pid": wpid,
                                "address": format_addr(witness.listen),
                                "control": format_addr(witness.control or witness.listen),
@@ -249,6 +472,7 @@ class Lab:
             path = d / f"{c.name}.toml"
             write_toml(path, {**c.to_dict(), **auth})
             pid = spawn("core", path, d, c.name)
+            started.append((c.name, pid))
             data["cores"].append({"name": c.name, "pid": pid, "control": format_addr(c.control),
                                   "listen": format_addr(c.listen), "role": c.role,
                                   "config": str(path), "log": c.log_file,
@@ -261,6 +485,7 @@ class Lab:
             path = d / f"{ec.name}.toml"
             write_toml(path, {**ec.to_dict(), **auth})
             pid = spawn("edge", path, d, ec.name)
+            started.append((ec.name, pid))
             data["edges"].append({
                 "name": ec.name, "pid": pid, "portal": format_addr(ec.portal),
                 "control": format_addr(ec.control), "config": str(path), "log": ec.log_file,
@@ -285,6 +510,10 @@ class Lab:
         why = ""
         while time.monotonic() < deadline:
             st = self.status(data)
+            down = [n["name"] for n in [*st["cores"], *st["edges"]] if not n.get("running")]
+            if down:
+                name = down[0]
+                raise LabError(f"{name} exited during start-up: {last_error(self.dir, name)}")
             prim = [c for c in st["cores"] if c.get("role") == "primary"]
             edges_ok = all(e.get("core_connected") for e in st["edges"])
             repl_ok = bool(prim) and prim[0].get("replication") == "running"
@@ -299,7 +528,7 @@ class Lab:
         data = data or self.load()
 
         def ask(node: dict[str, Any]) -> dict[str, Any]:
-            if not pid_alive(node["pid"]):
+            if not node_alive(node):
                 return {"name": node["name"], "running": False, "pid": node["pid"]}
             try:
                 reply = control.call(parse_addr(node["control"]), "status", timeout=3)
@@ -314,9 +543,12 @@ class Lab:
             s = ask(c)
             cores.append({"name": c["name"], "pid": c["pid"], "running": s.get("running"),
                           "role": s.get("role", c.get("role")),
-                          "replication": s.get("replication", "down"),
+                          "replication": s.get("replication",
+                                               "no-answer" if s.get("running") else "down"),
                           "epoch": s.get("epoch"), "connections": s.get("connections"),
-                          "alarms": s.get("alarms", []), "luns": s.get("luns", {})})
+                          "alarms": s.get("alarms", []), "luns": s.get("luns", {}),
+                          "control": c.get("control"), "listen": c.get("listen"),
+                          **({"error": s["error"]} if "error" in s else {})})
         edges = []
         for e in data.get("edges", []):
             s = ask(e)
@@ -325,16 +557,28 @@ class Lab:
                           "uncommitted_bytes": s.get("uncommitted_bytes"),
                           "core_connected": bool(core.get("connected")),
                           "core": core.get("core"), "blockstore": s.get("blockstore"),
-                          "portal": e["portal"]})
+                          "portal": e["portal"], "control": e.get("control"),
+                          "witness": s.get("witness"), "alarms": s.get("alarms", []),
+                          **({"error": s["error"]} if "error" in s else {})})
         w = data.get("witness")
-        witness = ask(w) if w else {}
+        witness: dict[str, Any] = {}
+        if w and w.get("embedded_in"):
+            host = next((e for e in edges if e["name"] == w["embedded_in"]), None)
+            inner = (host or {}).get("witness") or {}
+            witness = {**inner, "name": "witness", "embedded_in": w["embedded_in"],
+                       "pid": w["pid"], "running": bool(host and host["running"] and inner),
+                       "address": w.get("address"), "control": w.get("control")}
+        elif w:
+            witness = {**ask(w), "address": w.get("address"), "control": w.get("control")}
         return {"workdir": str(self.dir), "witness": witness, "cores": cores, "edges": edges}
 
     # -- kill / start / down -------------------------------------------------------
     def kill(self, name: str, sig: int = signal.SIGKILL) -> dict[str, Any]:
+        """Signal one node and wait until it is gone; ``killed`` says whether it ran."""
         data = self.load()
-        node = self.node(data, name)
-        if pid_alive(node["pid"]):
+        node = self.node(data, name, "kill")
+        node["killed"] = node_alive(node)
+        if node["killed"]:
             os.kill(node["pid"], sig)
             deadline = time.monotonic() + 10
             while pid_alive(node["pid"]) and time.monotonic() < deadline:
@@ -343,41 +587,82 @@ class Lab:
 
     def start(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
         data = self.load()
-        node = self.node(data, name)
-        if pid_alive(node["pid"]):
-            raise LabError(f"{name} is already running (pid {node['pid']})")
+        node = self.node(data, name, "start")
+        if node_alive(node):
+            raise LabError(f"{name} is already running (pid {node['pid']}); `steelfusion lab "
+                           f"kill {name} --workdir {self.dir}` first to restart it")
         role = "core" if node in data["cores"] else "edge" if node in data["edges"] else "witness"
         node["pid"] = spawn(role, Path(node["config"]), self.dir, name)
+        w = data.get("witness")
+        if w and w.get("embedded_in") == name:
+            w["pid"] = node["pid"]
         self.save(data)
         wait_control(parse_addr(node["control"]), node["pid"], timeout, name, self.dir)
         return node
 
     def down(self, timeout: float = 15.0) -> list[str]:
         data = self.load()
-        stopped = []
-        for node in reversed(self.nodes(data)):  # Edges first, so they flush to the Core
-            if pid_alive(node["pid"]):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(node["pid"], signal.SIGTERM)
-                stopped.append(node["name"])
-        deadline = time.monotonic() + timeout
-        for node in self.nodes(data):
-            while pid_alive(node["pid"]) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if pid_alive(node["pid"]):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(node["pid"], signal.SIGKILL)
-        return stopped
+        # Edges first, so they flush to the Core
+        return _stop_pids([(n["name"], n["pid"]) for n in self.nodes(data) if node_alive(n)],
+                          timeout)
 
     def wait_committed(self, timeout: float = 120.0, edges: list[str] | None = None) -> float:
         """Wait until the Edges hold nothing uncommitted; returns the seconds it took."""
         t0 = time.monotonic()
         while True:
             st = self.status()
-            pending = {e["name"]: e["uncommitted_bytes"] for e in st["edges"]
-                       if (edges is None or e["name"] in edges)}
+            mine = [e for e in st["edges"] if edges is None or e["name"] in edges]
+            down = [e["name"] for e in mine if not e["running"]]
+            if down:
+                raise LabError(f"{', '.join(down)} not running: nothing can commit its writes; "
+                               f"`steelfusion lab start {down[0]} --workdir {self.dir}` first")
+            pending = {e["name"]: e["uncommitted_bytes"] for e in mine}
             if all(v == 0 for v in pending.values()):
                 return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
                 raise LabError(f"still uncommitted after {timeout:.0f}s: {pending}")
             time.sleep(0.05)
+
+
+def _well_formed(data: Any) -> bool:
+    """lab.json as :meth:`Lab.up` writes it: nodes with a name and a pid."""
+    if not isinstance(data, dict):
+        return False
+    nodes = [*data.get("cores", []), *data.get("edges", [])]
+    w = data.get("witness")
+    if w is not None:
+        nodes.append(w)
+    return (isinstance(data.get("cores", []), list) and isinstance(data.get("edges", []), list)
+            and all(isinstance(n, dict) and isinstance(n.get("name"), str)
+                    and isinstance(n.get("pid"), int) and isinstance(n.get("control"), str)
+                    for n in nodes))
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _stop_pids(nodes: list[tuple[str, int]], timeout: float = 15.0) -> list[str]:
+    """SIGTERM, last started first (Edges flush to the Cores), then SIGKILL after
+    ``timeout``; returns the names of those that were running."""
+    stopped = []
+    for name, pid in reversed(nodes):
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            stopped.append(name)
+    deadline = time.monotonic() + timeout
+    for _, pid in nodes:
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for _, pid in nodes:  # gone before we return (a SIGKILLed one too)
+        end = time.monotonic() + 5
+        while pid_alive(pid) and time.monotonic() < end:
+            time.sleep(0.02)
+    return stopped
