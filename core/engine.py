@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -70,6 +70,13 @@ RESYNC_CHUNK = 128 * 1024  # seed: initial synchronization payloads are 128 KB
 RESYNC_WINDOW = 16 << 20
 AL_LOOKAHEAD = 4 << 20  # activity-log regions noted ahead of a sequential stream
 NEVER = 1 << 62  # a journal ticket no commit reaches
+# the Witness client's reasons when no answer came (witness.client): nothing was decided
+WITNESS_UNANSWERED = frozenset({"witness-unreachable", "witness-timeout", "witness-disconnected"})
+WITNESS_ALARM_AFTER = 3.0  # seconds without the Witness before alarm witness_unreachable
+# refusals of a pairing that only an operator can fix (configs differ): alarm pairing_refused
+PAIRING_CODES = frozenset({"ha-mismatch", "pair-mismatch", "secondary-has-luns", "unknown-lun",
+                           "replica-size", "role-conflict", "terminated"})
+IMPOSTOR_QUIET = 30.0  # a duplicate_node_* alarm clears this long after the last refused copy
 
 LunPipe = LunPipeline[Any]
 
@@ -153,6 +160,8 @@ class CoreEngine:
         # simulation, seed 1207 --full: both Cores ended up secondary).
         self.failover_pending = False
         self._failover_doubt_until = 0.0
+        self._impostors: dict[str, float] = {}  # node name -> mono() of the last refused copy
+        self._witness_lost_at: float | None = None
 
     # -- hooks: the adapter (core.node) or the simulation supplies these ------------------
     def now(self) -> float:
@@ -236,6 +245,41 @@ class CoreEngine:
                              "suspend and failover cannot be approved")
         elif w is not None:
             self.clear_alarm("witness_client_stalled")
+        self._watch_witness(w)
+        now = self.mono()
+        for node, seen in list(self._impostors.items()):
+            if now - seen > IMPOSTOR_QUIET:
+                del self._impostors[node]
+                self.clear_alarm(f"duplicate_node_{node}")
+
+    def _watch_witness(self, w: Any) -> None:
+        """Alarm while the Witness is out of reach (issue 13: it was only seen on suspend).
+
+        Without a Witness nothing can be suspended or failed over, so a storage admin
+        must hear of it before the day they need it, not from a refused command.
+        """
+        if w is None:
+            return
+        if w.connected:
+            self._witness_lost_at = None
+            self.clear_alarm("witness_unreachable")
+            self.clear_alarm("duplicate_node")
+            return
+        now = self.mono()
+        if self._witness_lost_at is None:
+            self._witness_lost_at = now
+        ref = getattr(w, "last_refusal", None)
+        if ref is not None and ref.code == "duplicate-node":
+            self.raise_alarm("duplicate_node", f"the Witness refused this Core: {ref.reason}")
+        if now - self._witness_lost_at >= WITNESS_ALARM_AFTER:
+            addr = getattr(w, "addr", None)
+            where = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "its address"
+            why = (f"refused: {ref.code}: {ref.reason}" if ref is not None
+                   else getattr(w, "last_error", None) or "no connection")
+            self.raise_alarm("witness_unreachable",
+                             f"cannot reach the Witness at {where} for "
+                             f"{now - self._witness_lost_at:.0f} s ({why}); suspend and failover "
+                             "cannot be approved until it is back")
 
     def _restart_rep(self, st: dict[str, Any]) -> Rep:
         role = st.get("role", self.cfg.role)
@@ -424,6 +468,11 @@ class CoreEngine:
     def _on_refuse(self, link: Any, msg: Refuse) -> None:
         _log.error("refused_by_peer", peer=link.peer, link=link.name, code=msg.code,
                    reason=msg.reason)
+        if msg.code == "duplicate-node":
+            self.raise_alarm("duplicate_node", f"the peer Core refused this Core: {msg.reason}")
+        elif msg.code in PAIRING_CODES and link.ctx == "peer-out":
+            self.raise_alarm("pairing_refused", f"peer Core {msg.info.get('node', link.peer)} "
+                             f"refused replication: {msg.code}: {msg.reason}")
         if msg.code == "sequence-gap" and link.ctx == "peer-out" and self.role == "primary":
             lun, have = msg.info.get("lun"), msg.info.get("have")
             if isinstance(lun, int) and isinstance(have, int) and msg.info.get("source") == "mirror":
@@ -454,9 +503,13 @@ class CoreEngine:
             link.send(Refuse(code, reason, info))
             link.close(reason)
 
+        if self._impostor(link, h, self.edge_links):
+            return refuse("duplicate-node", f"Edge {h.node} is already connected to {self.name} "
+                          "from another process; stop the copy (two Edges started with one "
+                          "config?)")
         if self.role != "primary":
             return refuse("not-primary", f"Core {self.name} is the secondary: it serves no Edge "
-                          "(seed: the secondary Core cannot have any active Edges); "
+                          "(a secondary Core has no active Edges); "
                           "connect to the primary Core", epoch=self.epoch)
         for lun, size in h.luns.items():
             pipe = self.pipes.get(lun)
@@ -506,12 +559,37 @@ class CoreEngine:
         if self._reading_paused:
             link.pause_reading()
 
+    def _impostor(self, link: Any, h: Hello, links: Iterable[Any]) -> bool:
+        """A live link from another process already holds ``h.node``: alarm, and refuse ``h``.
+
+        First come, first served: replacing the holder let two copies of one node take
+        each other's links every heartbeat (issue 13). A holder that died is dropped by
+        its link's dead-peer timer, and then the newcomer's next try is accepted.
+        """
+        for lk in links:
+            if lk is not link and lk.established and h.impostor_of(lk.hello):
+                self.raise_alarm(f"duplicate_node_{h.node}",
+                                 f"a second process calls itself {h.node} (from {link.peer}) "
+                                 f"while {h.node} is connected from {lk.peer}: refused; stop the "
+                                 "copy")
+                self._impostors[h.node] = self.mono()
+                self.event("duplicate_node_refused", peer_node=h.node, peer=link.peer,
+                           holder=lk.peer)
+                return True
+        return False
+
     def _accept_peer(self, link: Any, h: Hello) -> None:
         def refuse(code: str, reason: str, **info: Any) -> None:
             _log.error("peer_refused", peer_node=h.node, peer=link.peer, code=code, reason=reason)
+            if code in PAIRING_CODES:
+                self.raise_alarm("pairing_refused", f"refused replication from {h.node}: "
+                                 f"{code}: {reason}")
             link.send(Refuse(code, reason, {"node": self.name, "epoch": self.epoch, **info}))
             link.close(reason)
 
+        if self._impostor(link, h, [*self.mirror_in, *self.peer_in]):
+            return refuse("duplicate-node", f"{h.node} is already connected to {self.name} from "
+                          "another process; stop the copy (two nodes started with one config?)")
         if self.rep.state is State.TERMINATED:
             return refuse("terminated", f"replication on {self.name} was terminated")
         if self.failover_pending:
@@ -547,8 +625,8 @@ class CoreEngine:
             own = sorted(set(self.pipes) - set(h.luns))
             if own:
                 return refuse("secondary-has-luns", f"secondary Core {self.name} has LUN ids "
-                              f"{own} that {h.node} does not replicate (seed: the secondary Core "
-                              "cannot have any active Edges or LUNs of its own)")
+                              f"{own} that {h.node} does not replicate (a secondary Core "
+                              "has no active Edges or LUNs of its own)")
             for lun, size in h.luns.items():
                 pipe = self.pipes.get(lun)
                 if pipe is None:
@@ -556,12 +634,13 @@ class CoreEngine:
                 if pipe.store.size < size or pipe.store.size - size > GIB:
                     return refuse("replica-size", f"replica LUN id {lun} is {pipe.store.size} "
                                   f"bytes, primary's is {size}: it must be at least as large and "
-                                  "within 1 GiB (seed: same size within 1 GiB)")
+                                  "within 1 GiB of it")
             if h.epoch > self.epoch:
                 self.rep = Rep(self.rep.role, self.rep.state, h.epoch)
                 self._save_state()
             link.ctx = "mirror-in"
             self.mirror_in.add(link)
+            self.clear_alarm("pairing_refused")
             self._welcome(link)
             _log.info("replication_link_up", direction="in", peer_node=h.node, peer=link.peer)
             self._update_peer()
@@ -574,6 +653,9 @@ class CoreEngine:
     def _on_welcome(self, link: Any, w: Welcome) -> None:
         if link.ctx != "peer-out":
             return
+        if self.witness is None or self.witness.connected:
+            self.clear_alarm("duplicate_node")
+        self.clear_alarm("pairing_refused")
         self.peer_info = {"name": w.node, "role": w.role, "epoch": w.epoch}
         _log.info("replication_link_up", direction="out", peer_node=w.node, peer=link.peer,
                   link=link.name)
@@ -1146,9 +1228,19 @@ class CoreEngine:
         elif op == "resync-covered" and self.role == "secondary":
             lun = body.get("lun")
             seq = body.get("seq")
+            stream = body.get("stream")
             pipe = self.pipes.get(lun) if isinstance(lun, int) else None
-            if pipe is not None and isinstance(seq, int) and body.get("stream") == pipe.stream \
+            if pipe is not None and isinstance(lun, int) and isinstance(seq, int) \
+                    and isinstance(stream, int) and stream > 0 and stream != pipe.stream:
+                # Every write of this stream so far came by resync, none as a copy (suspended
+                # from the start): it is this replica's stream now, as a first copy would make
+                # it. Ignoring it left status at seq 0 over a full replica and refused the next
+                # copy as a gap (issue 13).
+                self._switch_stream(lun, pipe, stream)
+            if pipe is not None and isinstance(seq, int) and stream == pipe.stream \
                     and pipe.advance(seq):
+                # the primary sends this once this Core acknowledged every resynced region
+                pipe.acked_seq = max(pipe.acked_seq, seq)
                 self.event("resync_covered", lun=body.get("lun"), seq=seq)
         elif op == "hashes":
             self._on_hashes(link, body)
@@ -1240,72 +1332,97 @@ class CoreEngine:
         link.send(ReadReply(r.req, ReadStatus.OK, data))
 
     # -- operator commands (the adapter asks the Witness in between) ------------------------
+    # Refusals carry a code from control.CODES (scripts test it, README lists it); a
+    # command whose end state already holds answers {"state": ..., "already": True}.
+    def _refuse_on_role_or_end(self, cmd: str, want: str) -> None:
+        """Refusals every operator command shares: wrong role, terminated, no peer."""
+        if self.role != want:
+            raise control.ControlError(
+                f"this Core is already primary (epoch {self.epoch}): {cmd} runs on the "
+                "secondary Core" if want == "secondary" else
+                f"{cmd} runs on the {want} Core; this Core is {self.role}", "wrong-role")
+        if self.rep.state is State.TERMINATED:
+            raise control.ControlError(f"replication was terminated on this Core: {cmd} has no "
+                                       "pairing to act on (the pair must be set up again)",
+                                       "terminated")
+        if self.rep.state is State.STANDALONE:
+            raise control.ControlError(f"this Core has no peer ([replication] peer in its "
+                                       f"config): there is no replication to {cmd}", "no-peer")
+
     def suspend_check(self) -> dict[str, Any] | None:
         """May this Core ask the Witness to suspend? A dict if there is nothing to do."""
-        if self.role != "primary":
-            raise control.ControlError("suspend runs on the primary Core; this Core is secondary")
-        if self.rep.state is State.SUSPENDED:
-            return {"state": self.rep.state.value, "note": "already suspended"}
-        if self.rep.state in (State.TERMINATED, State.STANDALONE):
-            raise control.ControlError(f"replication is {self.rep.state.value}: nothing to suspend")
+        if self.role == "primary" and self.rep.state is State.SUSPENDED:
+            return {"state": self.rep.state.value, "already": True}
+        self._refuse_on_role_or_end("suspend", "primary")
         if self.journal is None:
-            raise control.ControlError("no usable Journal LUN: suspension needs one to log the "
-                                       "changed regions (see alarms)")
+            raise control.ControlError(
+                ("no usable Journal LUN (see `coredr alarms`)" if self.cfg.journal_path else
+                 "no Journal LUN configured ([journal] path in this Core's config)")
+                + ": suspension needs one to log the changed regions", "no-journal")
         if self.witness is None:
-            raise control.ControlError("no Witness configured: suspension needs the Witness's "
-                                       "approval (seed: prevents split brain)")
+            raise control.ControlError("no Witness configured ([replication] witness in this "
+                                       "Core's config): suspension needs the Witness's approval, "
+                                       "so that both Cores never run alone", "no-witness")
         return None
 
     def suspend_decided(self, d: Any) -> dict[str, Any]:
         """The Witness answered a suspension request (:class:`witness.logic.Decision`)."""
         if not d.granted:
             self.event("suspend_refused", reason=d.reason, detail=d.detail)
-            raise control.ControlError(f"the Witness refused suspension: {d.reason}"
-                                       + (f" ({d.detail})" if d.detail else ""))
+            if d.reason in WITNESS_UNANSWERED:
+                raise control.ControlError(
+                    f"the Witness did not answer ({d.reason}): suspension needs its approval; "
+                    "check that it runs and that this Core reaches it (`coredr status`)",
+                    "witness-unreachable")
+            raise control.ControlError(f"the Witness refused suspension ({d.reason})"
+                                       + (f": {d.detail}" if d.detail else ""), "witness-refused")
         self._fire(Event.SUSPEND_GRANTED)
         return {"state": self.rep.state.value}
 
     def resume_check(self) -> None:
-        if self.role != "primary":
-            raise control.ControlError("resume runs on the primary Core; this Core is secondary")
+        self._refuse_on_role_or_end("resume", "primary")
         if self.rep.state is State.PAUSED:
             raise control.ControlError("replication is paused (the secondary is unreachable), "
-                                       "not suspended: it resumes by itself when the link returns")
+                                       "not suspended: it resumes by itself when the link returns",
+                                       "paused")
 
     def resume_apply(self) -> dict[str, Any]:
+        if self.rep.state in (State.RUNNING, State.RESYNCING):
+            return {"state": self.rep.state.value, "already": True}
         if self.rep.state is State.SUSPENDED and not self.mirror_links:
             raise control.ControlError("the secondary is not reachable: resume when it is back "
-                                       "(status shows the replication connections)")
+                                       "(`coredr status` shows the replication connections)",
+                                       "peer-unreachable")
         try:
             nxt, _ = step(self.rep, Event.RESUME)
         except Refused as e:
-            raise control.ControlError(str(e)) from None
+            raise control.ControlError(str(e), "bad-state") from None
         if nxt != self.rep:
             self._fire(Event.RESUME)
-        return {"state": self.rep.state.value}
+        out: dict[str, Any] = {"state": self.rep.state.value}
+        if self.rep.state is State.RESYNCING:  # the totals, should it end before a status poll
+            out["resync"] = self.resync.view(self.mono())
+        return out
 
     def failover_check(self, force: bool) -> None:
         """May this secondary ask the Witness to become primary?"""
-        if self.role != "secondary":
-            raise control.ControlError("failover runs on the secondary Core; this Core is already "
-                                       "primary")
-        if self.rep.state is State.TERMINATED:
-            raise control.ControlError("replication was terminated on this Core")
+        self._refuse_on_role_or_end("failover", "secondary")
         if self._peer_reachable():
-            raise control.ControlError("the primary Core is reachable from this Core: failover is "
-                                       "allowed only when neither this Core nor the Witness can "
-                                       "reach it (stop the primary first, as the seed describes)")
+            raise control.ControlError(
+                f"the primary Core {self._peer_name} is still reachable from this Core: failover "
+                "is allowed only when neither this Core nor the Witness reach it; stop the "
+                "primary first (`coredr failover --wait` waits until then)", "peer-reachable")
         if self.rep.state is State.INCONSISTENT and not force:
             raise control.ControlError(
                 "this replica is inconsistent (a resync was under way): promoting it would lose "
-                "data; use --force only if the primary's data is gone for good")
+                "data; use --force only if the primary's data is gone for good", "inconsistent")
 
     def failover_begin(self, force: bool) -> None:
         """Check, then hold off the primary's links until :meth:`failover_decided`."""
         if self.failover_pending:
             # a second request would be granted a second epoch this Core never takes
             raise control.ControlError("a failover request is already waiting for the "
-                                       "Witness's answer")
+                                       "Witness's answer", "busy")
         self.failover_check(force)
         self.failover_pending = True
 
@@ -1314,8 +1431,7 @@ class CoreEngine:
         self.failover_pending = False
         new_epoch = self.epoch + 1
         if d is not None:
-            unanswered = d.reason in ("witness-unreachable", "witness-timeout",
-                                      "witness-disconnected")
+            unanswered = d.reason in WITNESS_UNANSWERED
             if d.granted:
                 new_epoch = max(new_epoch, d.epoch)
             elif not (force and unanswered):
@@ -1326,13 +1442,14 @@ class CoreEngine:
                     self._failover_doubt_until = self.mono() + 3 * (
                         getattr(self.witness, "lease_seconds", None) or 3.0)
                 self.event("failover_refused", reason=d.reason, detail=d.detail)
-                raise control.ControlError(f"the Witness refused failover: {d.reason}"
-                                           + (f" ({d.detail})" if d.detail else ""))
+                self._failover_refused(d)
         elif not force:
             raise control.ControlError("no Witness configured: nothing can confirm the primary "
-                                       "is down; use --force if you are sure")
+                                       "is down; use --force if you are sure it is down for good",
+                                       "no-witness")
         if not self._fire(Event.FAILOVER_GRANTED, force=force):
-            raise control.ControlError(f"failover not allowed while {self.rep.state.value}")
+            raise control.ControlError(f"failover is not allowed while this Core is "
+                                       f"{self.rep.state.value}", "bad-state")
         self.rep = Rep(self.rep.role, self.rep.state, new_epoch)
         self._save_state()
         self._peer_up = False
@@ -1345,6 +1462,27 @@ class CoreEngine:
         self.event("failed_over", epoch=new_epoch, forced=force)
         self._drop_peer_links()
         return {"role": self.role, "state": self.rep.state.value, "epoch": self.epoch}
+
+    @property
+    def _peer_name(self) -> str:
+        return str(self.peer_info.get("name") or "(the peer)")
+
+    def _failover_refused(self, d: Any) -> None:
+        """Say why the Witness said no, and when asking again may work (``retry_in``)."""
+        peer = self._peer_name
+        if d.reason in WITNESS_UNANSWERED:
+            raise control.ControlError(
+                f"the Witness did not answer ({d.reason}): nothing confirms {peer} is down; "
+                f"check the Witness, or use --force if you are sure {peer} is down for good",
+                "witness-unreachable")
+        if d.reason in ("peer-reachable", "peer-unknown"):
+            raise control.ControlError(
+                f"{d.detail or 'the Witness still reaches ' + peer}: {peer} may still be alive; "
+                "failover becomes possible when that lease ends (`coredr failover --wait` "
+                "retries until then)", "witness-lease-live",
+                retry_in=getattr(d, "retry_in", None))
+        raise control.ControlError(f"the Witness refused failover ({d.reason})"
+                                   + (f": {d.detail}" if d.detail else ""), "witness-refused")
 
     def _drop_peer_links(self) -> None:
         """Our role changed: links set up under the old roles must not carry on.
@@ -1361,8 +1499,14 @@ class CoreEngine:
             lk.close("role changed")
 
     def terminate_apply(self) -> dict[str, Any]:
+        if self.rep.state is State.TERMINATED:
+            return {"state": self.rep.state.value, "already": True}
+        if self.rep.state is State.STANDALONE:
+            raise control.ControlError("this Core has no peer ([replication] peer in its config): "
+                                       "there is no pairing to terminate", "no-peer")
         if not self._fire(Event.TERMINATE):
-            raise control.ControlError(f"cannot terminate while {self.rep.state.value}")
+            raise control.ControlError(f"cannot terminate while {self.rep.state.value}",
+                                       "bad-state")
         for lk in [*self.peer_out.values(), *self.peer_in, *self.mirror_in]:
             lk.refuse("terminated", f"replication terminated on {self.name}")
         return {"state": self.rep.state.value}

@@ -23,6 +23,7 @@ would take the sender's next frame for a gap (the sender freed that write).
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import os
 import stat
@@ -52,8 +53,20 @@ def open_backend(path: str, size: int, create: bool = True) -> tuple[int, int]:
         if not create or size <= 0:
             raise LunError(f"backend {path} does not exist")
         p.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.ftruncate(fd, size)
+        # Made whole beside it, then renamed: a failed grow (a LUN larger than the file
+        # system allows) or a crash must not leave a 0-byte LUN that the next start
+        # reports as the wrong size (issue 13).
+        tmp = p.with_name(f".{p.name}.creating")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            os.rename(tmp, p)
+        except OSError as e:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise LunError(f"cannot create backend {path} of {size} bytes: "
+                           f"{e.strerror or e} (choose a smaller LUN or another file "
+                           "system)") from None
         return fd, size
     fd = os.open(path, os.O_RDWR)
     st = os.fstat(fd)
@@ -77,6 +90,7 @@ class LunStore:
         self.written = 0  # writes issued (a counter)
         self.durable = 0  # writes known durable
         self._syncing = False
+        self._sync_task: asyncio.Task[None] | None = None  # held: asyncio keeps weak refs only
         self._force = False
         self._listeners: list[Callable[[int], None]] = []
         self._failure_listeners: list[Callable[[OSError], None]] = []
@@ -125,7 +139,7 @@ class LunStore:
             return
         if not self._syncing and (self.durable < self.written or self._force):
             self._syncing = True
-            asyncio.get_running_loop().create_task(self._sync_loop())
+            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
 
     async def _sync_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -138,11 +152,15 @@ class LunStore:
                 self.durable = target
                 for fn in self._listeners:
                     fn(target)
-        except OSError as e:
+        except Exception as e:  # every failure is fail-stop and reported
+            # Not only EIO: a bug in the seal or a listener must not end the group commit
+            # silently either, with acknowledgements stopped and no alarm (issue 13).
+            err = e if isinstance(e, OSError) else OSError(
+                errno.EIO, f"group commit failed: {e!r}")
             self.io_errors += 1
-            self.failed = e
+            self.failed = err
             for fail in self._failure_listeners:
-                fail(e)
+                fail(err)
         finally:
             self._syncing = False
 
@@ -168,16 +186,21 @@ class AppliedState:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        new = not self.path.exists()
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        if new or os.fstat(self.fd).st_size < len(STATE_MAGIC):
+        self.corrupt_slots = 0
+        head = os.pread(self.fd, len(STATE_MAGIC), 0)
+        if len(head) < len(STATE_MAGIC):
+            if not STATE_MAGIC.startswith(head):
+                # not a torn creation (a prefix of the magic): something else was here.
+                # Starting over only lags (writes get re-applied in order), but say so.
+                self.corrupt_slots = 1
             os.pwrite(self.fd, STATE_MAGIC.ljust(SLOT.size, b"\0"), 0)
             os.fsync(self.fd)
-        elif os.pread(self.fd, len(STATE_MAGIC), 0) != STATE_MAGIC:
-            raise LunError(f"{self.path}: not an applied-state file (bad magic)")
+        elif head != STATE_MAGIC:
+            raise LunError(f"{self.path}: not an applied-state file (bad magic); restore it, "
+                           "or move it away (the Core then re-applies the writes it is sent)")
         self.slots: dict[int, int] = {}  # lun -> slot index
         self.values: dict[int, tuple[int, int]] = {}
-        self.corrupt_slots = 0
         size = os.fstat(self.fd).st_size
         for i in range(1, min(size // SLOT.size, MAX_SLOTS + 1)):
             raw = os.pread(self.fd, SLOT.size, i * SLOT.size)

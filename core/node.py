@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import json
 import os
 import signal
 import time
@@ -27,16 +26,37 @@ from core.engine import CoreEngine, Progress
 from core.lunstore import AppliedState, LunError, LunStore
 from core.pipeline import LunPipeline
 from core.replication import Event, State
-from steelfusion import authconfig, control, log
-from steelfusion.atomic import atomic_write
+from steelfusion import authconfig, control, log, statefile
 from steelfusion.config import CoreConfig
 from steelfusion.link import Link, dial, listen
+from steelfusion.startup import listening
+from steelfusion.tasks import Background
 from steelfusion.units import format_addr
 from steelfusion.wire import Control, Hello
 
 _log = log.get("core")
 
 VERIFY_BATCH = 64  # regions per hash request
+CORE_STATE_KIND, CORE_STATE_FORMAT = "core-state", 1  # core-state.json (steelfusion/statefile.py)
+
+
+def _check_core_state(cfg: CoreConfig, st: dict[str, Any]) -> None:
+    """A ``core-state.json`` body that passed its CRC but cannot be this Core's: refuse it."""
+    if st.get("role") not in ("primary", "secondary"):
+        raise ValueError(f"role {st.get('role')!r} is not primary or secondary")
+    epoch = st.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        raise ValueError(f"epoch {epoch!r} is not a whole number")
+    if "state" in st:
+        try:
+            State(st["state"])
+        except ValueError:
+            raise ValueError(f"replication state {st['state']!r} is unknown") from None
+    if "synced" in st and not isinstance(st["synced"], bool):
+        raise ValueError(f"synced {st['synced']!r} is not true or false")
+    if st.get("name", cfg.name) != cfg.name:
+        raise ValueError(f"it belongs to Core {st['name']!r}, not {cfg.name!r} (two Cores "
+                         "sharing or copying one state_dir?)")
 
 
 class Core(CoreEngine):
@@ -45,13 +65,19 @@ class Core(CoreEngine):
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = self.state_dir / "core-state.json"
-        super().__init__(cfg, self._load_state())
+        super().__init__(cfg, self._load_state(cfg))
+        # before applied.state exists: a first start cut short between the two must not look
+        # like a Core that lost its core-state.json
+        self._save_state()
         self.applied = AppliedState(self.state_dir / "applied.state")
         if self.applied.corrupt_slots:
             self.raise_alarm("applied_state_corrupt", f"{self.applied.corrupt_slots} slot(s) of "
                              "applied.state failed their CRC; resent writes will be re-applied")
         for lc in cfg.luns:
-            store = LunStore(lc.id, lc.path, lc.size)
+            try:
+                store = LunStore(lc.id, lc.path, lc.size)
+            except OSError as e:  # name the LUN's path (ftruncate's EFBIG has none)
+                raise OSError(e.errno, e.strerror, e.filename or lc.path) from None
             stream, seq = self.applied.get(lc.id)
             self.pipes[lc.id] = LunPipeline.restarted(store, stream, seq)
             store.on_durable(functools.partial(self._on_durable, lc.id))  # called with target
@@ -64,6 +90,8 @@ class Core(CoreEngine):
         self._resync_task: asyncio.Task[None] | None = None
         self._resync_wake = asyncio.Event()
         self._rpc_no = 0
+        # every background task is held and its failure raised as an alarm (issue 13)
+        self._bg = Background(self._task_failed)
         self._tasks: list[asyncio.Task[None]] = []
         self._diallers: list[asyncio.Task[None]] = []
         self._server: asyncio.AbstractServer | None = None
@@ -82,18 +110,23 @@ class Core(CoreEngine):
         return time.monotonic()
 
     def _persist(self, state: dict[str, Any]) -> None:
-        atomic_write(self.state_file, json.dumps(state).encode())
+        statefile.save(self.state_file, CORE_STATE_KIND, CORE_STATE_FORMAT, state)
+
+    def _task_failed(self, name: str, exc: BaseException) -> None:
+        """A background task ended with an exception: say so, it will not run again."""
+        self.raise_alarm(f"task_{name}_failed", f"background task {name} stopped: {exc!r}; "
+                         "restart the Core (and report the bug with its log)")
 
     def _release_witness(self) -> None:
         if self.witness is not None:
-            asyncio.get_running_loop().create_task(self.witness.release())
+            self._bg.spawn(self.witness.release(), "witness-release")
 
     def _later(self, fn: Callable[[], None]) -> None:
         asyncio.get_running_loop().call_soon(fn)
 
     def _resync_run(self) -> None:
         self._resync_halt()
-        self._resync_task = asyncio.get_running_loop().create_task(self._resync_loop())
+        self._resync_task = self._bg.spawn(self._resync_loop(), "resync")
 
     def _resync_halt(self) -> None:
         if self._resync_task is not None:
@@ -104,7 +137,7 @@ class Core(CoreEngine):
         self._resync_wake.set()
 
     def _on_hashes(self, link: Any, body: dict[str, Any]) -> None:
-        asyncio.get_running_loop().create_task(self._answer_hashes(link, body))
+        self._bg.spawn(self._answer_hashes(link, body), "answer-hashes")
 
     def _on_reply(self, link: Any, body: dict[str, Any]) -> None:
         fut = getattr(link, "rpc", {}).pop(body.get("req"), None)
@@ -120,8 +153,10 @@ class Core(CoreEngine):
                 await self.resync_drain.drain()
             elif what == "wait":
                 self._resync_wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._resync_wake.wait(), 1.0)
+                # asyncio.timeout, not wait_for: a halt (cancel) must never be swallowed
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._resync_wake.wait()
             elif what == "sent":
                 await asyncio.sleep(0)
             else:
@@ -131,14 +166,32 @@ class Core(CoreEngine):
                 return
 
     # -- persistent role/state/epoch ------------------------------------------------
-    def _load_state(self) -> dict[str, Any]:
+    def _load_state(self, cfg: CoreConfig) -> dict[str, Any]:
+        """Role, state and epoch as last made durable (``core-state.json``).
+
+        Never a guess: a corrupt file, or a missing one on a primary that has
+        run before (``applied.state`` exists), refuses the start (LunError,
+        one line for ``steelfusion core run``). Coming back primary at a
+        default epoch after a demotion is how split brain starts. A file
+        from before the envelope (no magic) is migrated once.
+        """
+        remedy = ("restore it from a backup, or, only if the peer Core is primary (coredr "
+                  "status), move it away and set role = \"secondary\" in "
+                  f"{cfg.source or 'the config'}: this Core then takes its epoch from the peer")
         try:
-            data = json.loads(self.state_file.read_text())
-            return data if isinstance(data, dict) else {}
-        except FileNotFoundError:
-            return {}
-        except ValueError as e:
-            raise LunError(f"{self.state_file}: unreadable state file: {e}") from None
+            st = statefile.load(self.state_file, CORE_STATE_KIND, CORE_STATE_FORMAT,
+                                remedy=remedy, check=functools.partial(_check_core_state, cfg),
+                                legacy=dict)
+        except statefile.StateFileError as e:
+            raise LunError(str(e)) from None
+        if st is not None:
+            return st
+        applied = self.state_dir / "applied.state"
+        if cfg.role == "primary" and applied.is_file() and applied.stat().st_size:
+            raise LunError(f"{self.state_file}: missing, but {applied.name} shows this Core has "
+                           "run before: its role and epoch are lost (it may have been failed "
+                           f"over since); {remedy.replace('move it away and ', '')}")
+        return {}
 
     def _open_journal(self) -> None:
         from journal.errors import JournalError
@@ -166,12 +219,15 @@ class Core(CoreEngine):
     # -- lifecycle ---------------------------------------------------------------
     async def start(self) -> None:
         host, port = self.cfg.listen
-        self._server = await listen(host, port, self._on_message, self._on_close,
-                                    name="core-listen", ping_interval=self.cfg.ping_interval,
-                                    dead_after=self.cfg.dead_after,
-                                    keyring=self.auth.keyring if self.auth else None,
-                                    local_name=self.name)
-        self._control = await control.serve(*self.cfg.control, self._control_handlers())
+        src = self.cfg.source
+        self._server = await listening(
+            listen(host, port, self._on_message, self._on_close, name="core-listen",
+                   ping_interval=self.cfg.ping_interval, dead_after=self.cfg.dead_after,
+                   keyring=self.auth.keyring if self.auth else None, local_name=self.name),
+            self.cfg.listen, "[core] listen", src)
+        self._control = await listening(control.serve(*self.cfg.control,
+                                                      self._control_handlers()),
+                                        self.cfg.control, "[core] control", src)
         self._start_diallers()
         if self.cfg.witness:
             from witness.client import WitnessClient
@@ -179,9 +235,9 @@ class Core(CoreEngine):
             self.witness = WitnessClient(self.cfg.witness, self.name, self.role, self.cfg.pair,
                                          lambda: self.epoch,
                                          key=self.auth.key if self.auth else None)
-            self._tasks.append(asyncio.create_task(self.witness.start()))
-        self._tasks.append(asyncio.create_task(self._housekeeping()))
-        self._tasks.append(asyncio.create_task(self._verify_loop()))
+            self._tasks.append(self._bg.spawn(self.witness.start(), "witness-client"))
+        self._tasks.append(self._bg.spawn(self._housekeeping(), "housekeeping"))
+        self._tasks.append(self._bg.spawn(self._verify_loop(), "verify-loop"))
         self.event("core_started", listen=format_addr(self.cfg.listen),
                    control=format_addr(self.cfg.control), luns=sorted(self.pipes),
                    peer=format_addr(self.cfg.peer) if self.cfg.peer else None)
@@ -191,7 +247,8 @@ class Core(CoreEngine):
             for i, iface in enumerate(self.cfg.interfaces):
                 for j in range(2):  # seed: two TCP replication connections per interface
                     idx = 2 * i + j
-                    self._diallers.append(asyncio.create_task(self._peer_dialler(idx, iface)))
+                    self._diallers.append(self._bg.spawn(self._peer_dialler(idx, iface),
+                                                         f"peer-dialler-{idx}"))
 
     async def stop(self) -> None:
         for t in [*self._tasks, *self._diallers]:
@@ -243,7 +300,8 @@ class Core(CoreEngine):
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         link.rpc[req] = fut  # type: ignore[attr-defined]
         link.send(Control({**body, "req": req}))
-        return await asyncio.wait_for(fut, timeout)
+        async with asyncio.timeout(timeout):
+            return await fut
 
     @staticmethod
     def _hash_regions(fd: int, size: int, rb: int, start: int, count: int) -> bytes:
@@ -305,11 +363,17 @@ class Core(CoreEngine):
     async def _peer_hashes(self, lun: int, rb: int, start: int, count: int) -> np.ndarray:
         links = self.mirror_links
         if not links:
-            raise control.ControlError("the secondary went away during verify")
-        theirs = await self._rpc(links[0], {"op": "hashes", "lun": lun, "region_bytes": rb,
-                                            "start": start, "count": count})
+            raise control.ControlError("the secondary went away during verify: run it again "
+                                       "when it is back", "peer-unreachable")
+        try:
+            theirs = await self._rpc(links[0], {"op": "hashes", "lun": lun, "region_bytes": rb,
+                                                "start": start, "count": count})
+        except TimeoutError:
+            raise control.ControlError(f"the secondary did not answer for LUN id {lun}'s hashes "
+                                       "within 60 s: verify stopped", "peer-unreachable") from None
         if "digests" not in theirs:
-            raise control.ControlError(f"peer could not hash LUN {lun}: {theirs}")
+            raise control.ControlError(f"the secondary could not hash LUN id {lun}: "
+                                       f"{theirs.get('error', theirs)}", "peer-error")
         return np.frombuffer(bytes.fromhex(theirs["digests"]), dtype=np.uint8).reshape(-1, 16)
 
     async def _still_differ(self, lun: int, p: Any, rb: int, regions: list[int]) -> list[int]:
@@ -336,16 +400,20 @@ class Core(CoreEngine):
     async def verify(self, repair: bool, background: bool = False) -> dict[str, Any]:
         """Compare every region's hash here and on the peer (DESIGN invariant 4)."""
         if self.role != "primary":
-            raise control.ControlError("verify runs on the primary Core")
+            raise control.ControlError("verify runs on the primary Core; this Core is secondary",
+                                       "wrong-role")
         if (self.verify_last or {}).get("running"):
             bg = self._bg_verify
             if background or bg is None or bg.done():
-                raise control.ControlError("a verify is already running (coredr verify --status)")
+                raise control.ControlError("an operator's verify is already running on this "
+                                           "Core: wait for it to finish", "busy")
             bg.cancel()  # the operator's verify replaces the background one
             await asyncio.wait({bg})
         links = self.mirror_links
         if not links:
-            raise control.ControlError("the secondary is not connected; nothing to compare with")
+            raise control.ControlError("the secondary is not connected: nothing to compare with "
+                                       "(`coredr status` shows the replication connections)",
+                                       "peer-unreachable")
         loop = asyncio.get_running_loop()
         rb = self.journal.region_bytes(next(iter(self.pipes))) if self.journal else 1 << 20
         report: dict[str, Any] = {"region_bytes": rb, "luns": {}, "started": time.time()}
@@ -492,6 +560,7 @@ class Core(CoreEngine):
             resync = self.resync.view(self.mono())
         w = self.witness
         return {
+            "kind": "core",  # which node's control port this is (coredr checks it)
             "name": self.name, "role": self.role, "epoch": self.epoch,
             "replication": self.replication, "pid": os.getpid(),
             "peer": {"address": format_addr(self.cfg.peer) if self.cfg.peer else None,
@@ -516,6 +585,7 @@ class Core(CoreEngine):
                                 "mirror_queue_bytes": p.mirror_bytes, "writes": p.writes,
                                 "bytes_written": p.bytes_written, "gated_writes": len(p.gate),
                                 "received_seq": p.received_seq, "hole": p.hole,
+                                "io_errors": p.store.io_errors, "failed": p.failed,
                                 "edge": (p.upstream.hello.node if p.upstream is not None
                                          and p.upstream.hello is not None and p.upstream.ctx == "edge"
                                          else None)}
@@ -551,8 +621,11 @@ class Core(CoreEngine):
 
         async def journal(_: dict[str, Any]) -> dict[str, Any]:
             if self.journal is None:
-                raise control.ControlError("no Journal LUN is open"
-                                           + (f": {', '.join(self.alarms)}" if self.alarms else ""))
+                raise control.ControlError(
+                    ("this Core's Journal LUN is not open (see `coredr alarms`)"
+                     if self.cfg.journal_path else
+                     "this Core has no Journal LUN configured ([journal] path in its config)"),
+                    "no-journal")
             return {"journal": self.journal.usage()}
 
         async def verify(req: dict[str, Any]) -> dict[str, Any]:
@@ -580,8 +653,14 @@ class Core(CoreEngine):
 
 
 async def run(cfg: CoreConfig) -> None:
+    """``steelfusion core run``; a failed start stops whatever it had started, then raises."""
     core = Core(cfg)
-    await core.start()
+    try:
+        await core.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await core.stop()
+        raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, core.stopping.set)

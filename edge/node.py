@@ -19,6 +19,7 @@ from edge.blockstore import Blockstore
 from edge.uplink import CoreUplink
 from steelfusion import control, log
 from steelfusion.config import EdgeConfig
+from steelfusion.startup import listening
 from steelfusion.units import format_addr
 
 _log = log.get("edge")
@@ -137,12 +138,12 @@ class Edge:
         self._control: asyncio.AbstractServer | None = None
         self.stopping = asyncio.Event()
         self.started = time.time()
+        self.witness_key = "[witness] listen"  # where the embedded Witness's address came from
 
     async def start(self) -> None:
         from edge.target import IscsiTarget
         from edge.target import TargetConfig as IscsiTargetConfig
 
-        self.uplink.start()
         # Persistent reservations live beside the blockstore; a host write of
         # up to RECORD_MAX is one CRC-checked log record, hence crash-atomic
         # (what WRITE ATOMIC promises).
@@ -159,8 +160,10 @@ class Edge:
         # Appends are queued; the target drains them before any response leaves,
         # so a write is in the log before the host hears it is done.
         self.target.barrier = self.bs.drain
-        await self.target.start()
-        self._control = await control.serve(*self.cfg.control, self._handlers())
+        src = self.cfg.source
+        await listening(self.target.start(), self.cfg.portal, "[edge] portal", src)
+        self._control = await listening(control.serve(*self.cfg.control, self._handlers()),
+                                        self.cfg.control, "[edge] control", src)
         if self.cfg.witness:
             from witness.node import Witness
 
@@ -168,8 +171,12 @@ class Edge:
             self.witness = Witness(self.cfg.name + "-witness", self.cfg.witness,
                                    self.cfg.witness_state_dir or
                                    os.path.join(self.cfg.blockstore, "witness"),
-                                   keyring=auth.keyring if auth else None)
+                                   keyring=auth.keyring if auth else None,
+                                   listen_key=self.witness_key, source=src)
             await self.witness.start()
+        # Last: every port is ours by now, so a failed bind leaves no uplink task running
+        # (one dialling a Core could swallow the cancel and keep the process alive).
+        self.uplink.start()
         _log.info("edge_started", portal=format_addr(self.cfg.portal),
                   control=format_addr(self.cfg.control),
                   targets=[t.iqn for t in self.cfg.targets],
@@ -191,6 +198,7 @@ class Edge:
     def status(self) -> dict[str, Any]:
         bs = self.bs.status()
         return {
+            "kind": "edge",  # which node's control port this is (coredr checks it)
             "name": self.cfg.name, "pid": os.getpid(), "portal": format_addr(self.cfg.portal),
             "uncommitted_bytes": bs["uncommitted_bytes"], "blockstore": bs,
             "core": self.uplink.status(),
@@ -202,6 +210,8 @@ class Edge:
             "iscsi": {"connections": self.target.connections if self.target is not None else 0},
             "witness": self.witness.status() if self.witness is not None else None,
             "uptime_s": round(time.time() - self.started, 1),
+            "alarms": [*self.uplink.alarms(),
+                       *(self.witness.status().get("alarms", []) if self.witness else [])],
         }
 
     def _handlers(self) -> dict[str, control.Handler]:
@@ -219,9 +229,16 @@ class Edge:
         return {"status": status, "flush": flush, "stop": stop}
 
 
-async def run(cfg: EdgeConfig) -> None:
+async def run(cfg: EdgeConfig, witness_key: str = "[witness] listen") -> None:
+    """``steelfusion edge run``; a failed start stops whatever it had started, then raises."""
     edge = Edge(cfg)
-    await edge.start()
+    edge.witness_key = witness_key
+    try:
+        await edge.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await edge.stop()
+        raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, edge.stopping.set)

@@ -105,14 +105,25 @@ class CoreUplink:
             if not fut.done():
                 fut.set_exception(ConnectionError(link.close_reason or "closed"))
 
+        link: Link | None = None
         try:
-            link = await dial(*addr, hello, on_message, on_close, name="core",
-                              ping_interval=self.cfg.ping_interval, dead_after=self.cfg.dead_after,
-                              key=self.auth.key if self.auth else None)
-            answer = await asyncio.wait_for(fut, 5.0)
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that
+            # lands as the answer arrives (CPython gh-86296), and the Edge then never stopped
+            async with asyncio.timeout(5.0):
+                link = await dial(*addr, hello, on_message, on_close, name="core",
+                                  ping_interval=self.cfg.ping_interval,
+                                  dead_after=self.cfg.dead_after,
+                                  key=self.auth.key if self.auth else None)
+                answer = await fut
         except (TimeoutError, OSError, ConnectionError) as e:
             _log.debug("core_dial_failed", core=format_addr(addr), error=str(e))
+            if link is not None:
+                link.close("no answer to HELLO")
             return None
+        except asyncio.CancelledError:
+            if link is not None:
+                link.close("edge stopping")
+            raise
         if isinstance(answer, Refuse):
             key = format_addr(addr)
             prev = self.refusals.get(key)
@@ -241,7 +252,8 @@ class CoreUplink:
                                       "to read uncached data")
             if self.link is None:
                 try:
-                    await asyncio.wait_for(self.connected.wait(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self.connected.wait()
                 except TimeoutError:
                     continue
             link = self.link
@@ -252,12 +264,24 @@ class CoreUplink:
             self._reads[req] = fut
             link.send(ReadMsg(req, lun, offset, length))
             try:
-                return await asyncio.wait_for(fut, max(0.1, deadline - loop.time()))
+                async with asyncio.timeout(max(0.1, deadline - loop.time())):
+                    return await fut
             except ConnectionError:
                 continue
             except TimeoutError:
                 self._reads.pop(req, None)
                 continue
+
+    def alarms(self) -> list[dict[str, Any]]:
+        """Refusals an operator must act on (a secondary's ``not-primary`` is routine)."""
+        out = []
+        for addr, r in sorted(self.refusals.items()):
+            if r["code"] == "not-primary":
+                continue
+            key = "duplicate_node" if r["code"] == "duplicate-node" else "core_refused_edge"
+            out.append({"alarm": key, "message": f"Core at {addr} refused this Edge: "
+                        f"{r['code']}: {r['reason']}"})
+        return out
 
     def status(self) -> dict[str, Any]:
         return {"connected": self.link is not None and self.link.established,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import socket
 from collections.abc import Callable
 from typing import Any, cast
@@ -35,6 +36,10 @@ _log = log.get("link")
 Handler = Callable[["Link", Message], None]
 
 CORK_BYTES = 1 << 20  # flush at once past this much queued output
+
+# This process's id in every HELLO it sends: a node name held by a live link from another
+# instance is a duplicate node, refused (see Hello.impostor_of).
+INSTANCE = secrets.token_hex(8)
 
 # what _auth_gate did with a frame
 _PASS = object()  # hand it to the role
@@ -139,7 +144,9 @@ class Link(asyncio.BufferedProtocol):
         _log.warning("wire_protocol_error", peer=self.peer, link=self.name,
                      code=e.code, error=str(e))
         with contextlib.suppress(Exception):
-            self.send(Refuse(e.code, str(e)))
+            # a listener names itself, so `coredr` pointed here can say whose port this is
+            self.send(Refuse(e.code, str(e),
+                             {} if self.machine.dialler else {"listener": self.name}))
             self.flush()  # abort() drops what is still queued: the REFUSE would never leave
         self.abort(f"protocol error: {e}")
 
@@ -304,15 +311,14 @@ async def dial(host: str, port: int, hello: Hello, on_message: Handler,
     """
     loop = asyncio.get_running_loop()
     auth = ClientHandshake(key, hello.node, hello.purpose) if key is not None else None
-    if auth is not None:
-        hello = Hello(hello.node, hello.role, hello.purpose, hello.epoch, hello.luns,
-                      {**hello.info, **auth.hello_info()})
-    _, proto = await asyncio.wait_for(
-        loop.create_connection(
+    hello = Hello(hello.node, hello.role, hello.purpose, hello.epoch, hello.luns,
+                  {"instance": INSTANCE, **hello.info,
+                   **(auth.hello_info() if auth is not None else {})})
+    async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel on 3.11
+        _, proto = await loop.create_connection(
             lambda: Link(on_message, on_close, dialler=True, name=name,
                          ping_interval=ping_interval, dead_after=dead_after),
-            host, port, local_addr=local_addr),
-        timeout)
+            host, port, local_addr=local_addr)
     assert isinstance(proto, Link)
     proto.auth_client = auth
     proto.send(hello)

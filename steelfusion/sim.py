@@ -79,7 +79,8 @@ LUN_BYTES = BLOCK * LUN_BLOCKS
 LEASE = 1.5
 PAIR = "pair-1"
 
-PLANTS = ("ack-before-fsync", "skip-gap", "lost-frames", "seal-late", "no-fence")
+PLANTS = ("ack-before-fsync", "skip-gap", "lost-frames", "seal-late", "no-fence",
+          "ack-unjournaled")
 
 
 class SimFailure(AssertionError):
@@ -792,6 +793,8 @@ class Sim:
 
             def mark_dirty(self, lun: int, offset: int, length: int) -> bool:
                 if getattr(self, "_sim_full", False):  # the fault "journal-full"
+                    if sim.planted("ack-unjournaled"):
+                        return False  # planted: the region goes unrecorded, the write on
                     raise JournalFull(f"Journal LUN {self.path}: simulated full")
                 return super().mark_dirty(lun, offset, length)
 

@@ -106,6 +106,23 @@ class Hello:
     info: dict[str, Any] = field(default_factory=dict)
     TYPE: ClassVar[MsgType] = MsgType.HELLO
 
+    @property
+    def instance(self) -> str | None:
+        """The calling process's random id (``info.instance``), set by ``link.dial``."""
+        v = self.info.get("instance")
+        return v if isinstance(v, str) else None
+
+    def impostor_of(self, held: Hello | None) -> bool:
+        """True if ``held`` is the same node name from another process.
+
+        Two processes with one config (a copy started by mistake, a node
+        restarted on a second host) prove the same key, so authentication
+        cannot tell them apart; the per-process instance id can. Issue 13:
+        accepting both let them take each other's links every heartbeat.
+        """
+        return (held is not None and held.node == self.node and self.instance is not None
+                and held.instance is not None and held.instance != self.instance)
+
 
 @dataclass(frozen=True, slots=True)
 class Welcome:

@@ -10,13 +10,40 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steelfusion import control
 from steelfusion.config import CoreConfig, write_toml
 from steelfusion.lab import core_pair_configs, free_ports, pid_alive, spawn, wait_control
 from steelfusion.link import Link, dial
+from steelfusion.units import parse_addr
 from steelfusion.wire import Ack, Hello, Message, Refuse, Welcome, Write
 
 MiB = 1 << 20
 SPAWNED: list[int] = []  # every node process a test started; conftest kills leftovers at the end
+
+
+def status(addr: str | tuple[str, int]) -> dict[str, Any]:
+    """A node's status over its control port (HOST:PORT or a tuple)."""
+    return control.call(parse_addr(addr) if isinstance(addr, str) else addr, "status")
+
+
+def alarms(addr: str | tuple[str, int]) -> set[str]:
+    return {a["alarm"] for a in status(addr).get("alarms") or []}
+
+
+def wait_for(pred: Any, timeout: float = 30, what: str = "", every: float = 0.1) -> Any:
+    """Poll ``pred`` until it is truthy; a node that does not answer yet counts as not yet."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = pred()
+        except (OSError, control.ControlError) as e:
+            last = e
+        if last and not isinstance(last, Exception):
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+        time.sleep(every)
 
 
 @dataclass

@@ -214,9 +214,19 @@ def test_replica_smaller_than_primary_is_refused(tmp_path: Path) -> None:
     try:
         import time
 
-        time.sleep(1.0)
-        st = control.call(a.cfg.control, "status")
-        assert st["replication"] == "paused"
+        # Both sides say why, as an alarm an operator sees (not only a log line), and
+        # replication does not start.
+        deadline = time.monotonic() + 20
+        while True:
+            sa = control.call(a.cfg.control, "status")
+            sb = control.call(b.cfg.control, "status")
+            why = [x["message"] for x in sa["alarms"] + sb["alarms"]
+                   if x["alarm"] == "pairing_refused"]
+            if len(why) == 2 and all("replica-size" in m for m in why):
+                break
+            assert time.monotonic() < deadline, f"no pairing_refused alarm: {why}"
+            time.sleep(0.1)
+        assert sa["replication"] != "running"
         assert "replica-size" in b.log_events()
     finally:
         a.kill()

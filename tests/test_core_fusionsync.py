@@ -168,8 +168,15 @@ def test_pairing_checks_refuse_with_reason(tmp_path: Path, case: str) -> None:
     a.start()
     b.start()
     try:
-        time.sleep(1.0)
-        assert st(a)["replication"] == "paused"
+        deadline = time.monotonic() + 20
+        while True:
+            refusals = [x["message"] for x in st(a)["alarms"] + st(b)["alarms"]
+                        if x["alarm"] == "pairing_refused"]
+            if len(refusals) == 2 and all(code in m for m in refusals):
+                break
+            assert time.monotonic() < deadline, f"no pairing_refused alarm with {code}"
+            time.sleep(0.1)
+        assert st(a)["replication"] != "running"
         assert code in b.log_events()
     finally:
         a.kill()

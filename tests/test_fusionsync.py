@@ -21,6 +21,7 @@ from steelfusion.initiator import qemu_read, qemu_write
 from steelfusion.lab import Lab
 from steelfusion.units import parse_addr
 from tests.conftest import tool
+from tests.nodes import status, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 MiB = 1 << 20
@@ -33,21 +34,6 @@ def coredr(addr: str, *args: str, check: bool = True) -> subprocess.CompletedPro
     if check and p.returncode != 0:
         raise AssertionError(f"coredr {' '.join(args)} failed: {p.stdout}{p.stderr}")
     return p
-
-
-def status(addr: str) -> dict[str, Any]:
-    return control.call(parse_addr(addr), "status")
-
-
-def wait_for(pred: Any, timeout: float = 30, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture

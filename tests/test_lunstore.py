@@ -55,3 +55,63 @@ def test_applied_state_sealer_writes_and_syncs(tmp_path: Path) -> None:
     job()
     a.close()
     assert AppliedState(tmp_path / "applied.state").get(3) == (77, 12)
+
+
+def test_a_bug_in_the_group_commit_is_fail_stop_and_reported(tmp_path: Path) -> None:
+    """Not only EIO: any exception in the commit task (here the seal) must reach the failure
+    listeners (the Core raises alarm lun_N_io), never die in an unwatched task (issue 13)."""
+
+    async def main() -> None:
+        st = LunStore(1, str(tmp_path / "lun"), 1 << 20)
+        durable: list[int] = []
+        failed: list[OSError] = []
+        st.on_durable(durable.append)
+        st.on_failure(failed.append)
+
+        def broken_seal(target: int) -> None:
+            raise RuntimeError("seal bug")
+
+        st.seal = broken_seal
+        st.pwrite(0, b"a" * 4096)
+        st.request_sync()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if failed:
+                break
+        assert len(failed) == 1 and "seal bug" in str(failed[0])
+        assert st.failed is failed[0] and st.io_errors == 1 and durable == []
+        st.close()
+
+    asyncio.run(main())
+
+
+def test_applied_state_short_file(tmp_path: Path) -> None:
+    """A torn creation (a prefix of the magic) starts clean; other short content is counted
+    as corrupt (the Core raises applied_state_corrupt) instead of being silently reset."""
+    from core.lunstore import STATE_MAGIC
+
+    torn = tmp_path / "torn.state"
+    torn.write_bytes(STATE_MAGIC[:3])
+    a = AppliedState(torn)
+    assert a.corrupt_slots == 0 and a.get(1) == (0, 0)
+    a.close()
+    junk = tmp_path / "junk.state"
+    junk.write_bytes(b"xy")
+    b = AppliedState(junk)
+    assert b.corrupt_slots == 1
+    b.set(1, 7, 9)
+    b.close()
+    assert AppliedState(junk).get(1) == (7, 9)
+
+
+def test_a_lun_the_file_system_cannot_hold_leaves_no_file(tmp_path: Path) -> None:
+    """ext4 and others refuse files past their limit (EFBIG): one clear error, and no
+    0-byte LUN left for the next start to misreport as the wrong size."""
+    import pytest
+
+    from core.lunstore import LunError
+
+    path = tmp_path / "lun-1.img"
+    with pytest.raises(LunError, match="cannot create backend"):
+        LunStore(1, str(path), 1 << 62)
+    assert not path.exists() and list(tmp_path.iterdir()) == []

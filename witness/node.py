@@ -27,6 +27,7 @@ inside an Edge (``Witness(name, addr, state_dir)``, ``start``, ``stop``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -39,6 +40,7 @@ from steelfusion.atomic import atomic_write
 from steelfusion.config import WitnessConfig
 from steelfusion.link import Link, listen
 from steelfusion.nodeauth import Keyring
+from steelfusion.startup import StartupError, listening
 from steelfusion.units import format_addr
 from steelfusion.wire import Control, Hello, Message, Welcome
 from witness.logic import (
@@ -58,6 +60,7 @@ _log = log.get("witness")
 
 STATE_FILE = "witness-state.json"
 PERSIST_FAILED = "persist-failed"
+DUPLICATE_QUIET = 30.0  # a duplicate_node_* alarm clears this long after the last refused copy
 _OPS = {"suspend": Op.SUSPEND, "release": Op.RELEASE, "failover": Op.FAILOVER,
         "terminate": Op.TERMINATE}
 
@@ -90,8 +93,11 @@ class Witness:
     """One Witness: pairs, approvals and leases, served over the node protocol."""
 
     def __init__(self, name: str, addr: tuple[str, int], state_dir: str,
-                 lease_seconds: float = 5.0, keyring: Keyring | None = None) -> None:
+                 lease_seconds: float = 5.0, keyring: Keyring | None = None, *,
+                 listen_key: str = "[witness] listen", source: str = "") -> None:
         self.name = name
+        self.listen_key = listen_key  # the config key (and file) a failed bind names
+        self.source = source
         self.keyring = keyring  # node authentication: Cores must prove the shared key
         self.addr = addr
         self.state_dir = Path(state_dir)
@@ -102,6 +108,7 @@ class Witness:
         self.last_seen: dict[str, float] = {}  # wall clock, for people reading status
         self.logic: WitnessLogic | None = None
         self.persist_failures = 0
+        self.duplicates: dict[str, dict[str, Any]] = {}  # node -> the last copy refused
         self._server: asyncio.AbstractServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.started = time.time()
@@ -113,13 +120,18 @@ class Witness:
             state = load_state(self.state_path)
         except WitnessStateError as e:
             _log.error("witness_state_corrupt", path=str(self.state_path), error=str(e))
-            raise
+            # Starting empty could approve both Cores of a pair: an operator must look.
+            # Said here, so a Witness inside an Edge says it too.
+            raise StartupError(f"{e} ({self.state_path}; move it away only if no Core holds "
+                               "an approval)") from None
         # Leases start unknown: nobody counts as unreachable for one lease period.
         self.logic = WitnessLogic(self.lease_seconds, self._now(), state)
         ping = max(0.05, min(1.0, self.lease_seconds / 3))
-        self._server = await listen(*self.addr, self._on_message, self._on_close, name="witness",
-                                    ping_interval=ping, dead_after=max(2.0, 2 * self.lease_seconds),
-                                    keyring=self.keyring, local_name=self.name)
+        self._server = await listening(
+            listen(*self.addr, self._on_message, self._on_close, name="witness",
+                   ping_interval=ping, dead_after=max(2.0, 2 * self.lease_seconds),
+                   keyring=self.keyring, local_name=self.name),
+            self.addr, self.listen_key, self.source)
         _log.info("witness_started", listen=format_addr(self.addr), state=str(self.state_path),
                   pairs=len(state.pairs), state_version=state.version,
                   lease_seconds=self.lease_seconds,
@@ -174,6 +186,20 @@ class Witness:
         if pair is not None and (not isinstance(pair, str) or not pair):
             link.refuse("bad-hello", "info.pair must be a non-empty string")
             return
+        old = self.links.get(msg.node)
+        if old is not None and old is not link and old.established \
+                and msg.impostor_of(old.hello):
+            # First come, first served: replacing the holder made the Witness's view of a
+            # node flip between two copies every heartbeat (issue 13).
+            since = self.duplicates.get(msg.node, {}).get("since", time.time())
+            self.duplicates[msg.node] = {"node": msg.node, "from": link.peer,
+                                         "holder": old.peer, "since": since,
+                                         "last_mono": self._now()}
+            _log.error("duplicate_node_refused", node=msg.node, peer=link.peer, holder=old.peer)
+            link.refuse("duplicate-node", f"{msg.node} is already connected to Witness "
+                        f"{self.name} from {old.peer} (another process); stop the copy "
+                        "(two nodes started with one config?)")
+            return
         logic = self._logic()
         now = self._now()
         try:
@@ -182,7 +208,6 @@ class Witness:
             link.refuse("bad-hello", str(e))
             return
         peer = _Peer(msg.node, msg.role, pair, msg.epoch)
-        old = self.links.get(msg.node)
         link.ctx = peer
         self.links[msg.node] = link
         self.last_seen[msg.node] = time.time()
@@ -287,11 +312,13 @@ class Witness:
                                         detail=str(e)).body()))
             return
         link.send(Control(WireReply(wr.req, d.granted, d.reason, d.epoch, detail=d.detail,
-                                    holder=d.holder, holds=d.holder == peer.node).body()))
+                                    holder=d.holder, holds=d.holder == peer.node,
+                                    retry_in=d.retry_in).body()))
 
     # -- status ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
+            "kind": "witness",  # which node's control port this is (coredr checks it)
             "name": self.name, "role": "witness", "pid": os.getpid(),
             "address": format_addr(self.addr), "state_file": str(self.state_path),
             "uptime_seconds": round(time.time() - self.started, 3),
@@ -310,6 +337,15 @@ class Witness:
                             else None,
                             "last_seen": self.last_seen.get(n)}
         out["nodes"] = nodes
+        now = self._now()
+        for node, d in list(self.duplicates.items()):
+            if now - d["last_mono"] > DUPLICATE_QUIET:
+                del self.duplicates[node]
+        out["alarms"] = [
+            {"alarm": f"duplicate_node_{n}", "since": d["since"],
+             "message": f"a second process calls itself {n} (from {d['from']}) while {n} is "
+                        f"connected from {d['holder']}: refused; stop the copy"}
+            for n, d in sorted(self.duplicates.items())]
         return out
 
 
@@ -319,14 +355,7 @@ async def run(cfg: WitnessConfig) -> None:
 
     auth = authconfig.load(cfg.source)
     w = Witness(cfg.name, cfg.listen, cfg.state_dir, cfg.lease_seconds,
-                keyring=auth.keyring if auth else None)
-    try:
-        await w.start()
-    except WitnessStateError as e:
-        # Starting empty could approve both Cores of a pair: an operator must look.
-        raise SystemExit(f"witness {cfg.name}: cannot start: {e} "
-                         f"({w.state_path}; move it away only if no Core holds an approval)"
-                         ) from None
+                keyring=auth.keyring if auth else None, source=cfg.source)
     stopping = asyncio.Event()
 
     async def status(_: dict[str, Any]) -> dict[str, Any]:
@@ -337,7 +366,15 @@ async def run(cfg: WitnessConfig) -> None:
         return {"stopping": True}
 
     ctl_addr = cfg.control or (cfg.listen[0], cfg.listen[1] + 1)
-    ctl = await control.serve(*ctl_addr, {"status": status, "stop": stop})
+    ctl_key = "[witness] control" if cfg.control else "[witness] control (unset: listen port + 1)"
+    try:
+        await w.start()
+        ctl = await listening(control.serve(*ctl_addr, {"status": status, "stop": stop}),
+                              ctl_addr, ctl_key, cfg.source)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await w.stop()  # nothing it started outlives a failed start
+        raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
