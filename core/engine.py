@@ -220,6 +220,8 @@ class CoreEngine:
             else:
                 self.clear_alarm("witness_lease")
             self._progress_all()
+        else:
+            self.clear_alarm("witness_lease")  # it concerns a suspension only (stayed for good)
         if self.journal is not None and self.journal.failed is not None:
             f = self.journal.failed
             self.raise_alarm(getattr(f, "alarm", "journal_offline"), str(f))

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from steelfusion import control
 from steelfusion.config import write_toml
 from steelfusion.lab import Lab, free_ports
 from steelfusion.units import format_addr, parse_addr
@@ -116,12 +117,18 @@ def test_witness_down_is_an_alarm_until_it_returns(lab: tuple[Lab, dict[str, Any
     lab_, data = lab
     cores = [c["control"] for c in data["cores"]]
     assert not any("witness_unreachable" in alarms(c) for c in cores)
+    a = cores[0]
+    assert control.call(parse_addr(a), "suspend")["state"] == "suspended"
     lab_.kill("witness")
     for c in cores:
         wait_for(lambda c=c: "witness_unreachable" in alarms(c), what=f"{c} witness alarm")
-    msg = next(x["message"] for x in status(cores[0])["alarms"]
-               if x["alarm"] == "witness_unreachable")
+    wait_for(lambda: "witness_lease" in alarms(a), what="suspended without a lease")
+    msg = next(x["message"] for x in status(a)["alarms"] if x["alarm"] == "witness_unreachable")
     assert format_addr(parse_addr(data["witness"]["address"])) in msg
+    # resuming needs no Witness; the lease alarm concerned the suspension only
+    control.call(parse_addr(a), "resume")
+    wait_for(lambda: status(a)["replication"] == "running", what="running again")
     lab_.start("witness")
     for c in cores:
-        wait_for(lambda c=c: "witness_unreachable" not in alarms(c), what=f"{c} alarm cleared")
+        wait_for(lambda c=c: not {"witness_unreachable", "witness_lease"} & alarms(c),
+                 what=f"{c} alarms cleared")
