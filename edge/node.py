@@ -210,7 +210,7 @@ class Edge:
             "iscsi": {"connections": self.target.connections if self.target is not None else 0},
             "witness": self.witness.status() if self.witness is not None else None,
             "uptime_s": round(time.time() - self.started, 1),
-            "alarms": [*self.uplink.alarms(),
+            "alarms": [*self.uplink.alarms(), *_blockstore_alarms(bs),
                        *(self.witness.status().get("alarms", []) if self.witness else [])],
         }
 
@@ -227,6 +227,26 @@ class Edge:
             return {"stopping": True}
 
         return {"status": status, "flush": flush, "stop": stop}
+
+
+RESERVE_ALARM_PCT = 90.0  # alarm reserve_high above this much of the write reserve in use
+
+
+def _blockstore_alarms(bs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The blockstore's state as alarms: a full reserve stalls hosts, a failure stops them."""
+    out = []
+    if bs["reserve_used_pct"] >= RESERVE_ALARM_PCT:
+        out.append({"alarm": "reserve_high", "message": (
+            f"write reserve {bs['reserve_used_pct']:.0f}% full ({bs['uncommitted_bytes']} of "
+            f"{bs['reserve_bytes']} bytes uncommitted): host writes wait once it is full; "
+            "check the Core connection (core_unreachable) or enlarge [edge] reserve")})
+    if bs.get("failed"):
+        out.append({"alarm": "blockstore_failed", "message": f"blockstore failed: {bs['failed']}; "
+                    "host writes are refused until the Edge is restarted on working storage"})
+    if bs.get("corrupt"):
+        out.append({"alarm": "blockstore_corrupt", "message": f"write-log segments failed their "
+                    f"CRC at start: {bs['corrupt']} (see the log)"})
+    return out
 
 
 async def run(cfg: EdgeConfig, witness_key: str = "[witness] listen") -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from typing import Any
 
 from edge.backends import BackendNotReady
@@ -24,6 +25,7 @@ from edge.shipping import COALESCE_BYTES, Shipper
 from steelfusion import authconfig, log
 from steelfusion.config import EdgeConfig
 from steelfusion.link import Link, dial
+from steelfusion.tasks import Background
 from steelfusion.units import format_addr
 from steelfusion.wire import (
     Ack,
@@ -39,6 +41,8 @@ from steelfusion.wire import (
 from steelfusion.wire import Read as ReadMsg
 
 _log = log.get("uplink")
+
+CORE_ALARM_AFTER = 5.0  # seconds without a primary Core before alarm core_unreachable
 
 SHIP_GATHER_S = 0.002  # seed: replication payloads are "as large as 512 KB"
 SHIP_GATHER_STEPS = 5  # at most 10 ms from the first unshipped write to its shipping
@@ -60,14 +64,17 @@ class CoreUplink:
         self._req = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self.refusals: dict[str, dict[str, Any]] = {}  # core address -> last refusal
+        self.down_since: float | None = time.monotonic()  # no primary since (None: connected)
+        self.task_failures: dict[str, str] = {}
+        self._bg = Background(lambda name, e: self.task_failures.__setitem__(name, repr(e)))
         self.connects = 0
         self.writes_sent = 0
         self.bytes_sent = 0
         bs.on_append = self._on_append
 
     def start(self) -> None:
-        self._tasks.append(asyncio.create_task(self._connector()))
-        self._tasks.append(asyncio.create_task(self._pump()))
+        self._tasks.append(self._bg.spawn(self._connector(), "connector"))
+        self._tasks.append(self._bg.spawn(self._pump(), "pump"))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -151,6 +158,7 @@ class CoreUplink:
         self.primary_name = answer.node
         self.primary_addr = addr
         self.connects += 1
+        self.down_since = None
         # Resend everything uncommitted, in the hosts' acknowledgement order.
         self.ship.reset(self.bs.uncommitted(), self.bs.committed_seq)
         self.connected.set()
@@ -163,6 +171,7 @@ class CoreUplink:
     def _on_lost(self, link: Link) -> None:
         if self.link is link:
             self.link = None
+            self.down_since = time.monotonic()
             self.connected.clear()
             _log.warning("core_disconnected", core=self.primary_name,
                          reason=link.close_reason or "connection closed",
@@ -273,8 +282,19 @@ class CoreUplink:
                 continue
 
     def alarms(self) -> list[dict[str, Any]]:
-        """Refusals an operator must act on (a secondary's ``not-primary`` is routine)."""
+        """What an operator must hear of: no primary for a while, a task that died,
+        refusals (a secondary's ``not-primary`` is routine)."""
         out = []
+        down = self.down_since
+        if down is not None and time.monotonic() - down >= CORE_ALARM_AFTER:
+            out.append({"alarm": "core_unreachable", "message": (
+                f"no primary Core reachable for {time.monotonic() - down:.0f} s (tried "
+                + ", ".join(format_addr(a) for a in self.cfg.cores)
+                + f"); {self.bs.uncommitted_bytes} bytes uncommitted: host writes are "
+                "acknowledged until the write reserve is full")})
+        for name, err in sorted(self.task_failures.items()):
+            out.append({"alarm": f"task_{name}_failed", "message": f"background task {name} "
+                        f"stopped: {err}; restart the Edge (and report the bug with its log)"})
         for addr, r in sorted(self.refusals.items()):
             if r["code"] == "not-primary":
                 continue

@@ -1,5 +1,6 @@
-"""Issue 13 item 6 and 8: a second process with a node's name is refused (and alarmed) by
-every role, and a Core that cannot reach its Witness raises an alarm.
+"""Issue 13: no silent failures. A second process with a node's name is refused (and
+alarmed) by every role; a Core that cannot reach its Witness, and an Edge with no primary
+or a filling write reserve, raise alarms that clear when the cause is gone.
 
 Real processes over loopback: the lab, plus a copy of one node's config started beside it
 (other ports, other files: the mistake of starting one config twice).
@@ -132,3 +133,30 @@ def test_witness_down_is_an_alarm_until_it_returns(lab: tuple[Lab, dict[str, Any
     for c in cores:
         wait_for(lambda c=c: not {"witness_unreachable", "witness_lease"} & alarms(c),
                  what=f"{c} alarms cleared")
+
+
+def test_edge_alarms_when_no_core_and_reserve_fills(tmp_path: Path) -> None:
+    """An Edge says when it has no primary and when its write reserve fills (issue 13: no
+    silent failures), and clears both once the Cores are back and the data is committed."""
+    from steelfusion.initiator import qemu_write
+    from tests.conftest import tool
+
+    tool("qemu-img")
+    lab_ = Lab(tmp_path / "lab")
+    data = lab_.up(luns=1, lun_size=8 * MiB, edges=1, reserve=4 * MiB)
+    try:
+        e = data["edges"][0]
+        assert not alarms(e["control"])
+        lab_.kill("core-a")
+        lab_.kill("core-b")
+        wait_for(lambda: "core_unreachable" in alarms(e["control"]), what="core_unreachable")
+        src = tmp_path / "data.img"
+        src.write_bytes(os.urandom(3840 * 1024))  # 94% of the reserve, acknowledged at once
+        qemu_write(src, e["targets"][0]["url"], timeout=60)
+        wait_for(lambda: "reserve_high" in alarms(e["control"]), what="reserve_high")
+        lab_.start("core-a")
+        lab_.start("core-b")
+        lab_.wait_committed(60)
+        wait_for(lambda: not alarms(e["control"]), what="Edge alarms cleared")
+    finally:
+        lab_.down()
