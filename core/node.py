@@ -546,7 +546,7 @@ class Core(CoreEngine):
     # -- status ---------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         def linfo(lk: Link, direction: str) -> dict[str, Any]:
-            return {"direction": direction, "peer": lk.peer, "name": lk.name,
+            return {"direction": direction, "peer": lk.peer, "local": lk.local, "name": lk.name,
                     "node": (lk.hello.node if lk.hello else (lk.welcome.node if lk.welcome else None)),
                     "established": lk.established, "rtt_ms": (round(lk.machine.rtt * 1000, 3)
                                                               if lk.machine.rtt is not None else None),
@@ -554,6 +554,13 @@ class Core(CoreEngine):
 
         repl = [linfo(lk, "out") for lk in self.peer_out.values()]
         repl += [linfo(lk, "in") for lk in [*self.mirror_in, *self.peer_in]]
+        # seed: two replication connections per interface; per interface, what this Core
+        # dialled and holds (the peer's own dial-ins are counted on the peer)
+        per_iface = {iface: {"established": sum(
+            1 for lk in self.peer_out.values()
+            if lk.established and lk.local.rsplit(":", 1)[0] == iface),
+            "expected": 2 if self.cfg.peer and self.replication_enabled else 0}
+            for iface in self.cfg.interfaces}
         j = self.journal
         resync = None
         if self.rep.state is State.RESYNCING or (self._resync_task is not None):
@@ -570,6 +577,7 @@ class Core(CoreEngine):
                 "replication": repl,
                 "replication_expected_out": (2 * len(self.cfg.interfaces)
                                              if self.cfg.peer and self.replication_enabled else 0),
+                "replication_interfaces": per_iface,
                 "witness": bool(w is not None and w.connected),
             },
             "witness": None if w is None else {

@@ -15,6 +15,7 @@ Human tables by default, ``--json`` for scripts. One vocabulary (issue 13):
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import sys
@@ -28,6 +29,7 @@ from steelfusion.units import format_size, parse_addr
 
 PROBE_TIMEOUT = 5.0  # a control port answers ``status`` at once; some ports say nothing
 HINT = "`steelfusion lab status` lists the control addresses"
+HINT_NS = "`steelfusion lab status` prints each lab Core's coredr command line"
 #: failover refusals that time lifts (the primary's lease, its links): ``--wait`` retries
 FAILOVER_RETRY = frozenset({"witness-lease-live", "peer-reachable"})
 
@@ -50,9 +52,36 @@ def _root(ctx: click.Context) -> dict[str, Any]:
     return obj
 
 
+def _enter_netns(ctx: click.Context) -> None:
+    """Move into ``--netns`` before the first connection (this thread, and the threads it
+    starts afterwards), until the command ends; only when a command needs the Core, so
+    ``--help`` works anywhere."""
+    obj = _root(ctx)
+    name = obj.get("netns")
+    if not name or obj.get("in_netns"):
+        return
+    if "/" in name or name in (".", "..") or "\0" in name:
+        raise BadInput(f"--netns {name!r} is not a namespace name; {HINT_NS}")
+    from steelfusion import netns
+
+    try:
+        ctx.find_root().with_resource(netns.in_netns(name))
+    except netns.NetnsError as e:
+        if e.errno == errno.ENOENT:
+            raise BadInput(f"--netns {name}: no such network namespace (no "
+                           f"{netns.path(name)}); {HINT_NS}") from None
+        raise click.ClickException(f"--netns {name}: {e}") from None
+    except OSError as e:
+        why = " (coredr --netns needs root)" if e.errno in (errno.EPERM, errno.EACCES) else ""
+        raise click.ClickException(f"--netns {name}: cannot enter the network namespace: "
+                                   f"{e.strerror or e}{why}") from None
+    obj["in_netns"] = True
+
+
 def _addr(ctx: click.Context) -> tuple[str, int]:
     """``--core`` parsed when a command needs it, so ``--help`` needs no Core (item 7)."""
     obj = _root(ctx)
+    _enter_netns(ctx)
     if obj.get("addr") is None:
         text = obj.get("core")
         if not text:
@@ -213,10 +242,13 @@ def _one_line(e: click.UsageError) -> click.ClickException:
 @click.group(cls=_OneLineGroup)
 @click.option("--core", "core", envvar="COREDR_CORE", metavar="HOST:PORT",
               help="The Core's control address (or $COREDR_CORE); not needed for --help.")
+@click.option("--netns", "netns", envvar="COREDR_NETNS", metavar="NAME",
+              help="Reach the Core from inside this network namespace (or $COREDR_NETNS; "
+                   "root): a netns lab's Core, e.g. sf1a2b3c-dc-a.")
 @click.pass_context
-def main(ctx: click.Context, core: str | None) -> None:
+def main(ctx: click.Context, core: str | None, netns: str | None) -> None:
     """Replication (FusionSync) operations on a Core."""
-    ctx.obj = {"core": core}
+    ctx.obj = {"core": core, "netns": netns or None}
 
 
 def _table(rows: list[list[str]]) -> list[str]:
@@ -246,6 +278,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
                               f"{sum(1 for c in repl if c['established'])} established "
                               f"(outbound expected {conns.get('replication_expected_out', 0)}), "
                               f"witness {'up' if conns.get('witness') else 'down'}")]
+    for iface, n in (conns.get("replication_interfaces") or {}).items():
+        if n.get("expected"):
+            fields.append((f"  via {iface}", f"{n['established']}/{n['expected']} "
+                                             "outbound replication connections"))
     prog = st.get("resync")
     if prog:
         fields.append(("Resync", f"{format_size(prog['bytes_done'])}/"

@@ -68,6 +68,7 @@ class Link(asyncio.BufferedProtocol):
                                    ping_interval=ping_interval, dead_after=dead_after)
         self.transport: asyncio.Transport | None = None
         self.peer: str = "?"
+        self.local: str = "?"  # our end's address: which interface carries this link
         self.hello: Hello | None = None  # what the peer said about itself
         self.welcome: Welcome | None = None
         self.closed = asyncio.Event()
@@ -101,6 +102,8 @@ class Link(asyncio.BufferedProtocol):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         pn = transport.get_extra_info("peername")
         self.peer = f"{pn[0]}:{pn[1]}" if pn else "?"
+        sn = transport.get_extra_info("sockname")
+        self.local = f"{sn[0]}:{sn[1]}" if sn else "?"
         tr.set_write_buffer_limits(high=8 * 1024 * 1024)
         self._arm()
 

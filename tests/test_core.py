@@ -352,3 +352,19 @@ def test_online_verify_alarms_on_a_replica_that_differs(tmp_path: Path) -> None:
     finally:
         a.kill()
         b.kill()
+
+
+def test_status_counts_replication_connections_per_interface(pair) -> None:  # type: ignore[no-untyped-def]
+    """Seed: two TCP replication connections per interface; status says how many each holds."""
+    from tests.nodes import wait_for
+
+    a, _ = pair
+    _wait_repl(a.cfg.control, "running")
+    def per_iface() -> dict:
+        return control.call(a.cfg.control, "status")["connections"]["replication_interfaces"]
+
+    wait_for(lambda: per_iface()["127.0.0.1"]["established"] == 2, what="2 on 127.0.0.1")
+    assert per_iface() == {"127.0.0.1": {"established": 2, "expected": 2}}
+    out = [c for c in control.call(a.cfg.control, "status")["connections"]["replication"]
+           if c["direction"] == "out"]
+    assert len(out) == 2 and all(c["local"].startswith("127.0.0.1:") for c in out)
