@@ -82,6 +82,8 @@ def paths_of(cfg: Any) -> list[tuple[str, str]]:
     elif kind == "WitnessConfig":
         add(cfg.state_dir, "[witness] state_dir")
         add(cfg.log_file, "[witness] log_file")
+    elif kind == "WanConfig":
+        add(cfg.log_file, "log_file")
     return out
 
 
