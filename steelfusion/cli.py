@@ -184,10 +184,56 @@ def witness_run(config: str, quiet: bool) -> None:
     _serve("witness", cfg, quiet, lambda: run(cfg))
 
 
-# -- lab ---------------------------------------------------------------------------
 @main.group()
+def wan() -> None:
+    """The netns lab's WAN link emulator: a TUN device per site port (root)."""
+
+
+@wan.command("run")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--quiet", is_flag=True)
+def wan_run(config: str, quiet: bool) -> None:
+    """Run the WAN emulator from its JSON config until SIGTERM or `stop`."""
+    from steelfusion.wanemu import WanConfig, run
+
+    cfg = _load(WanConfig, config)
+    _serve("wan", cfg, quiet, lambda: run(cfg))
+
+
+# -- lab ---------------------------------------------------------------------------
+class _LabGroup(click.Group):
+    """Usage errors of ``steelfusion lab ...`` (a missing argument, an unknown option) in
+    one line, like every other refusal of the lab commands."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:
+            raise _lab_usage(e) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _lab_usage(e) from None
+
+
+class _LabUsage(click.ClickException):
+    exit_code = 2
+
+
+def _lab_usage(e: click.UsageError) -> click.ClickException:
+    if type(e).__name__ == "NoArgsIsHelpError":  # a bare group: its help is the answer
+        return e
+    where = e.ctx.command_path if e.ctx is not None else "steelfusion lab"
+    return _LabUsage(f"{e.format_message()} (`{where} --help` says more)")
+
+
+@main.group(cls=_LabGroup)
 def lab() -> None:
-    """The embedded default: Witness, two Cores and Edges on loopback."""
+    """The embedded default: Witness, two Cores and Edges on loopback (or, with
+    `lab up --netns`, sites in network namespaces joined by emulated WAN links)."""
 
 
 def _lab(workdir: str) -> Any:
@@ -225,29 +271,44 @@ WORKDIR = click.option("--workdir", required=True, type=click.Path(),
                    "(at least 4M).")
 @click.option("--witness-in-edge", is_flag=True,
               help="Run the Witness inside edge-1 instead of as its own process.")
+@click.option("--netns", is_flag=True,
+              help="Root: each site (branch, dc-a, dc-b, witness) in its own network "
+                   "namespace, joined by emulated WAN links (`lab link`, `lab port`).")
 @click.option("--json", "as_json", is_flag=True, help="Print lab.json.")
 @_lab_errors
 def lab_up(workdir: str, luns: int, lun_size: int, edges: int, reserve: int,
-           witness_in_edge: bool, as_json: bool) -> None:
+           witness_in_edge: bool, netns: bool, as_json: bool) -> None:
     """Start a lab and return when every node is ready."""
     lab_ = _lab(workdir)
     data = lab_.up(luns=luns, lun_size=lun_size, edges=edges, reserve=reserve,
-                   witness_in_edge=witness_in_edge)
+                   witness_in_edge=witness_in_edge, netns=netns)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    click.echo(f"lab up in {lab_.dir}")
+    click.echo(f"lab up in {lab_.dir}" + (" (sites in network namespaces)" if netns else ""))
+
+    def ns(n: dict[str, Any]) -> str:
+        return f"  netns {n['netns']}" if n.get("netns") else ""
+
     w = data["witness"]
     where = f"inside {w['embedded_in']}" if w.get("embedded_in") else f"pid {w['pid']}"
-    click.echo(f"  witness  {w['address']}  control {w['control']}  {where}")
+    click.echo(f"  witness  {w['address']}  control {w['control']}  {where}{ns(w)}")
     for c in data["cores"]:
-        click.echo(f"  {c['name']:<8} {c['role']:<9} control {c['control']}  pid {c['pid']}")
+        click.echo(f"  {c['name']:<8} {c['role']:<9} control {c['control']}  pid {c['pid']}"
+                   f"{ns(c)}")
     for e in data["edges"]:
         click.echo(f"  {e['name']:<8} portal {e['portal']}  control {e['control']}  "
-                   f"pid {e['pid']}")
+                   f"pid {e['pid']}{ns(e)}")
         for t in e["targets"]:
             click.echo(f"           {t['url']}  (LUN id {t['lun_id']}, "
                        f"{format_size(t['size'])})")
+    if data.get("netns"):
+        wan = data["wan"]
+        click.echo(f"  wan      control {wan['control']}  pid {wan['pid']}  (the WAN emulator; "
+                   f"`steelfusion lab link` changes its links)")
+        branch = data["sites"]["branch"]["netns"]
+        click.echo(f"  hosts reach the portals from namespace {branch}, e.g. "
+                   f"`ip netns exec {branch} qemu-img info URL`")
 
 
 @lab.command("status")
@@ -260,7 +321,74 @@ def lab_status(workdir: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
         return
-    click.echo("\n".join(_status_lines(st)))
+    click.echo("\n".join([*_status_lines(st), *_wan_lines(st), *_coredr_lines(st)]))
+
+
+def _coredr_lines(st: dict[str, Any]) -> list[str]:
+    """The exact coredr command line for each Core (a netns lab's with --netns)."""
+    cmds = [c["coredr"] for c in st["cores"] if c.get("coredr")]
+    if not cmds:
+        return []
+    width = max(len(c) for c in cmds)
+    return ["coredr, per Core:", *(f"  {cmd:<{width}}  # {c['name']}" for c, cmd in
+                                   zip(st["cores"], cmds, strict=True))]
+
+
+def _wan_lines(st: dict[str, Any]) -> list[str]:
+    """A netns lab's WAN: the emulator, each link's settings (one line per site pair when
+    both directions agree), ports that are down."""
+    from steelfusion.lab import format_duration, format_rate
+
+    if not st.get("netns"):
+        return []
+    wan = st.get("wan") or {}
+    name_w = max(len(n["name"]) for n in [*st["cores"], *st["edges"], {"name": "witness"}])
+    head = (f"{'wan':<{name_w}} {'up' if wan.get('running') else 'DOWN':<4} "
+            f"control={wan.get('control')} pid {wan.get('pid')}")
+    if not wan.get("running"):
+        return [head + " (links are gone while it is down: `steelfusion lab start wan`)"]
+    if wan.get("error"):
+        return [f"{head} error={wan['error']}"]
+    out = [head]
+
+    def settings(ln: dict[str, Any]) -> str:
+        if ln.get("cut"):
+            return "CUT"
+        parts = [f"delay={format_duration(ln.get('delay') or 0)}"]
+        if ln.get("jitter"):
+            parts.append(f"jitter={format_duration(ln['jitter'])}")
+        parts.append(f"rate={format_rate(ln.get('rate') or 0)}")
+        parts.append(f"loss={(ln.get('loss') or 0) * 100:g}%")
+        return " ".join(parts)
+
+    def traffic(ln: dict[str, Any]) -> str:
+        dropped = sum((ln.get("dropped") or {}).values())
+        return (f"{ln.get('forwarded', 0)} pkts {format_size(ln.get('bytes', 0))}"
+                + (f", dropped {dropped}" if dropped else ""))
+
+    links = {(ln["src"], ln["dst"]): ln for ln in wan.get("links") or []
+             if isinstance(ln, dict) and "src" in ln and "dst" in ln}
+    rows = []
+    done: set[tuple[str, str]] = set()
+    for (a, b), ln in links.items():
+        if (a, b) in done:
+            continue
+        back = links.get((b, a))
+        done |= {(a, b), (b, a)}
+        if back is not None and settings(back) == settings(ln):
+            rows.append([f"  link {a} <-> {b}", settings(ln),
+                         f"({traffic(ln)} / {traffic(back)})"])
+        else:
+            rows.append([f"  link {a} -> {b}", settings(ln), f"({traffic(ln)})"])
+            if back is not None:
+                rows.append([f"  link {b} -> {a}", settings(back), f"({traffic(back)})"])
+    if rows:
+        widths = [max(len(r[i]) for r in rows) for i in range(2)]
+        out += [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows]
+    for name, p in (wan.get("ports") or {}).items():
+        if isinstance(p, dict) and not p.get("up", True):
+            out.append(f"  port {name} ({p.get('address')}) DOWN")
+    return out
 
 
 def _alarms(node: dict[str, Any]) -> str:
@@ -293,6 +421,12 @@ def _status_lines(st: dict[str, Any]) -> list[str]:
                       f"uncommitted={format_size(ub) if ub is not None else '?'}",
                       f"control={e.get('control')}", f"portal={e['portal']}",
                       f"alarms={_alarms(e)}"])
+    if st.get("netns"):  # where each node runs: its site's namespace
+        for row, node in ((rows[0], w) if rows else (None, None),
+                          *zip(cores, st["cores"], strict=True),
+                          *zip(edges, st["edges"], strict=True)):
+            if row is not None and node is not None:
+                row.insert(2, f"netns={node.get('netns') or '-'}")
     name_w = max(len(r[0]) for r in [*rows, *cores, *edges, ["witness"]])
     out = []
     for group in (rows, cores, edges):
@@ -329,9 +463,72 @@ def lab_start(node: str, workdir: str) -> None:
 @WORKDIR
 @_lab_errors
 def lab_down(workdir: str) -> None:
-    """Stop every node of the lab (SIGTERM, then SIGKILL after 15 s)."""
+    """Stop every node of the lab (SIGTERM, then SIGKILL after 15 s); a netns lab's
+    WAN emulator and namespaces too."""
     stopped = _lab(workdir).down()
     click.echo("stopped " + (", ".join(stopped) if stopped else "nothing (no node was running)"))
+
+
+@lab.command("link")
+@click.argument("a", metavar="SITE_A")
+@click.argument("b", metavar="SITE_B")
+@WORKDIR
+@click.option("--delay", default=None, help="One-way delay, e.g. 30ms, 0.2s.")
+@click.option("--jitter", default=None, help="Random extra delay up to this, e.g. 5ms.")
+@click.option("--rate", default=None,
+              help="Bandwidth: bit, kbit, mbit, gbit (bits/s) or bps, kbps, mbps, gbps "
+                   "(bytes/s), e.g. 100mbit; 0 or unlimited for no limit.")
+@click.option("--loss", default=None, help="Packets lost at random, e.g. 0.5%.")
+@click.option("--cut", is_flag=True, help="Pass nothing (a partition).")
+@click.option("--heal", is_flag=True, help="Back to the defaults: no delay, limit or loss, "
+                                           "not cut.")
+@click.option("--one-way", is_flag=True, help="Only SITE_A -> SITE_B (default: both ways).")
+@_lab_errors
+def lab_link(a: str, b: str, workdir: str, delay: str | None, jitter: str | None,
+             rate: str | None, loss: str | None, cut: bool, heal: bool, one_way: bool) -> None:
+    """Change (or, with no setting, show) the WAN link between two sites of a netns lab."""
+    from steelfusion.lab import parse_duration, parse_loss, parse_rate
+
+    lab_ = _lab(workdir)
+    args = {"delay": parse_duration(delay, "--delay") if delay is not None else None,
+            "jitter": parse_duration(jitter, "--jitter") if jitter is not None else None,
+            "rate": parse_rate(rate) if rate is not None else None,
+            "loss": parse_loss(loss) if loss is not None else None}
+    if not cut and not heal and all(v is None for v in args.values()):
+        for ln in lab_.links(a, b):  # nothing to change: show it
+            dropped = sum((ln.get("dropped") or {}).values())
+            click.echo(f"link {ln['src']} -> {ln['dst']}: {_link_words(ln)} "
+                       f"({ln.get('forwarded', 0)} packets, {format_size(ln.get('bytes', 0))}"
+                       f"{f', {dropped} dropped' if dropped else ''})")
+        return
+    out = lab_.link(a, b, cut=cut, heal=heal, one_way=one_way, **args)
+    for ln in out.get("links", []):
+        click.echo(f"link {ln['src']} -> {ln['dst']}: " + _link_words(ln))
+
+
+def _link_words(ln: dict[str, Any]) -> str:
+    from steelfusion.lab import format_duration, format_rate
+
+    if ln.get("cut"):
+        return "cut"
+    return (f"delay {format_duration(ln.get('delay') or 0)}, jitter "
+            f"{format_duration(ln.get('jitter') or 0)}, rate {format_rate(ln.get('rate') or 0)}"
+            f", loss {(ln.get('loss') or 0) * 100:g}%")
+
+
+@lab.command("port")
+@click.argument("port", metavar="SITE/N")
+@WORKDIR
+@click.option("--down", is_flag=True, help="Take the interface down.")
+@click.option("--up", is_flag=True, help="Bring it back up.")
+@_lab_errors
+def lab_port(port: str, workdir: str, down: bool, up: bool) -> None:
+    """Take one site interface of a netns lab down or up (dc-a/1: core-a's second
+    replication interface)."""
+    if down == up:
+        raise _LabUsage(f"lab port {port}: say either --down or --up")
+    out = _lab(workdir).port(port, up)
+    click.echo(f"port {out.get('port', port)} {'up' if out.get('up', up) else 'down'}")
 
 
 @lab.command("wait-committed")

@@ -116,6 +116,8 @@ def _explain(ctx: click.Context, e: BaseException, timeout: float) -> click.Clic
     """One line for a failure to talk to ``--core``, before or after it answered once."""
     addr = _addr(ctx)
     where = _where(addr)
+    if _root(ctx).get("netns"):
+        where += f" in network namespace {_root(ctx)['netns']}"
     lost = _root(ctx).get("checked")  # it answered as a Core before: it went away since
     if isinstance(e, control.NotControlPort):
         return _fail(ctx, "not-a-core", str(e))

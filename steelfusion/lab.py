@@ -12,22 +12,33 @@ file system holds a LUN that large, LUN files of an earlier lab); a refusal
 changes nothing. A node that fails to start stops every node started before
 it, puts back the lab files it had replaced and reports the node's own
 one-line error.
+
+``lab up --netns`` (root) puts the sites in network namespaces instead: the
+Edges (and the hosts) in ``branch``, core-a in ``dc-a``, core-b in ``dc-b`` and
+the Witness in ``witness``, each with private addresses 10.99.SITE.PORT, the
+Cores with two replication interfaces each. The sites reach each other only
+through the userspace WAN emulator (``steelfusion wan run``, the lab node
+``wan``, steelfusion/wanemu.py), so ``lab link`` and ``lab port`` can delay,
+limit, lose or cut what crosses between them. Every other command works the
+same on both kinds of lab.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +62,112 @@ from steelfusion.units import format_addr, format_size, parse_addr
 IQN_PREFIX = "iqn.2026-11.io.steelfusion"
 LUN_BLOCK = 4096  # an exported LUN is a whole number of 4 KiB blocks
 MAX_LUNS_PER_EDGE = 256  # SCSI LUN numbers 0..255 in one target
+
+# -- the netns lab's address plan (/tmp/netns_contract.md): site s, port k -> 10.99.s.(k+1)
+SITES: dict[str, int] = {"branch": 0, "dc-a": 1, "dc-b": 2, "witness": 3}
+SITE_PORTS: dict[str, int] = {"branch": 1, "dc-a": 2, "dc-b": 2, "witness": 1}
+CORE_SITES: dict[str, str] = {"core-a": "dc-a", "core-b": "dc-b"}
+WAN_MTU = 9000
+# Fixed ports: every namespace is new, so nothing else holds them. Distinct across the
+# lab all the same, so an address alone names one node.
+NS_LISTEN = {"witness": 7000, "core-a": 7001, "core-b": 7002}
+NS_CONTROL = {"witness": 7100, "core-a": 7101, "core-b": 7102}
+NS_EDGE_CONTROL = 7110  # + Edge index
+NS_PORTAL = 3260  # + Edge index
+#: a namespace of this project: "sf" + the labid (6 hex) + "-" + site
+NS_PATTERN = re.compile(r"^sf[0-9a-f]{6}-")
+
+
+MAX_DELAY = 60.0  # seconds: longer is a cut, not a slow link
+MAX_RATE = 1e12 / 8  # bytes/s (1000gbit): faster is "unlimited"
+MIN_RATE = 1000.0  # bytes/s (8kbit): below it one 9000-byte packet takes longer than 9 s
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+_DURATION = re.compile(rf"^\s*{_NUMBER}\s*(us|ms|s)?\s*$", re.IGNORECASE)
+_RATE = re.compile(rf"^\s*{_NUMBER}\s*([a-z]+)?\s*$", re.IGNORECASE)
+_LOSS = re.compile(rf"^\s*{_NUMBER}\s*(%)?\s*$")
+_DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
+#: bits per second (tc's words, SI: 1 kbit = 1000 bit) and bytes per second
+RATE_UNITS: dict[str, float] = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8,
+                                "gbit": 1e9 / 8, "bps": 1.0, "kbps": 1e3, "mbps": 1e6,
+                                "gbps": 1e9, "bytes": 1.0}
+
+
+def parse_duration(text: str, option: str = "--delay") -> float:
+    """``30ms``, ``0.5s``, ``250us`` -> seconds; a unit is required (except for 0)."""
+    m = _DURATION.match(text)
+    if not m:
+        raise LabError(f"{option} {text!r} is not a duration: give a number with a unit, "
+                       f"e.g. 30ms, 0.5s (0 for none)")
+    value = float(m.group(1))
+    if m.group(2) is None and value != 0:
+        raise LabError(f"{option} {text!r} needs a unit: {text}ms or {text}s?")
+    seconds = value * _DURATION_UNITS[(m.group(2) or "s").lower()]
+    if seconds > MAX_DELAY:
+        raise LabError(f"{option} {text!r} is more than {MAX_DELAY:g}s; for a link that "
+                       f"passes nothing use --cut")
+    return seconds
+
+
+def parse_rate(text: str, option: str = "--rate") -> float:
+    """``100mbit``, ``2gbit``, ``500kbps`` (bytes/s, tc's word) -> bytes/s; ``0`` or
+    ``unlimited`` -> 0 (no limit)."""
+    if text.strip().lower() in ("0", "unlimited", "none"):
+        return 0.0
+    m = _RATE.match(text)
+    unit = (m.group(2) or "").lower() if m else ""
+    if not m or unit not in RATE_UNITS:
+        if m and not unit:
+            raise LabError(f"{option} {text!r} needs a unit: e.g. {m.group(1)}mbit "
+                           f"(bits/s: bit, kbit, mbit, gbit; bytes/s: bps, kbps, mbps, gbps)")
+        raise LabError(f"{option} {text!r} is not a rate: give a number with a unit: bit, "
+                       f"kbit, mbit, gbit (bits/s) or bps, kbps, mbps, gbps (bytes/s), e.g. "
+                       f"100mbit; 0 or unlimited for no limit")
+    rate = float(m.group(1)) * RATE_UNITS[unit]
+    if rate == 0:
+        return 0.0
+    if rate > MAX_RATE:
+        raise LabError(f"{option} {text!r} is more than 1000gbit; 0 or unlimited for no limit")
+    if rate < MIN_RATE:
+        raise LabError(f"{option} {text!r} is below 8kbit (1000 bytes/s), slower than any "
+                       f"link can carry a 9000-byte packet in time; use --cut for none")
+    return rate
+
+
+def parse_loss(text: str, option: str = "--loss") -> float:
+    """``0.5%`` -> 0.005; a percentage from 0% to 100%."""
+    m = _LOSS.match(text)
+    if not m:
+        raise LabError(f"{option} {text!r} is not a percentage: e.g. 0.5% (0% to 100%)")
+    value = float(m.group(1))
+    if m.group(2) is None and value != 0:
+        raise LabError(f"{option} {text!r} needs a % sign: {text}% (0% to 100%)")
+    if value > 100:
+        raise LabError(f"{option} {text!r} is more than 100%")
+    return value / 100
+
+
+def format_rate(rate: float) -> str:
+    """Bytes/s as the operator writes it: 100mbit; 0 -> unlimited."""
+    if not rate:
+        return "unlimited"
+    bits = rate * 8
+    for unit, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
+        if bits >= scale:
+            return f"{bits / scale:g}{unit}"
+    return f"{bits:g}bit"
+
+
+def format_duration(seconds: float) -> str:
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+def site_address(site: str, port: int = 0) -> str:
+    """The address of ``site``'s port ``port`` (``dc-a``, 1 -> 10.99.1.2)."""
+    return f"10.99.{SITES[site]}.{port + 1}"
+
+
+def site_addresses(site: str) -> list[str]:
+    return [site_address(site, k) for k in range(SITE_PORTS[site])]
 
 
 class LabError(Exception):
@@ -83,18 +200,53 @@ def size_arg(n: int) -> str:
     return str(n)
 
 
-def spawn(role: str, config: Path, workdir: Path, name: str) -> int:
+def spawn(role: str, config: Path, workdir: Path, name: str, netns: str | None = None) -> int:
     """Start one node detached from this process (so ``lab up`` can return).
 
     Its stdout/stderr go to ``<name>.out``: readable log lines (info and up) and,
-    when it cannot start, its one-line error last."""
+    when it cannot start, its one-line error last. With ``netns`` the node runs
+    inside that network namespace (it must exist)."""
+    enter: Callable[[], None] | None = None
+    if netns:
+        from steelfusion import netns as ns_mod
+
+        try:
+            enter = ns_mod.preexec(netns)
+        except OSError as e:
+            raise LabError(f"cannot start {name}: {e}; the lab's namespaces are gone (`lab "
+                           f"down` removes them): run `steelfusion lab up --netns --workdir "
+                           f"{workdir}` again") from None
     out = open(workdir / f"{name}.out", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen(
-        [_python(), "-m", "steelfusion.cli", role, "run", "--config", str(config)],
-        stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        start_new_session=True, cwd=str(workdir), env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    out.close()
+    try:
+        proc = subprocess.Popen(
+            [_python(), "-m", "steelfusion.cli", role, "run", "--config", str(config)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, cwd=str(workdir), preexec_fn=enter,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.SubprocessError as e:  # the preexec (setns) failed in the child
+        raise LabError(f"cannot start {name} in network namespace {netns}: {e}") from None
+    finally:
+        out.close()
     return proc.pid
+
+
+@contextlib.contextmanager
+def _entered(netns: str | None) -> Iterator[None]:
+    """This thread inside ``netns`` for the block (nothing to do without one)."""
+    if not netns:
+        yield
+        return
+    from steelfusion import netns as ns_mod
+
+    with ns_mod.in_netns(netns):
+        yield
+
+
+def call_node(node: dict[str, Any], cmd: str, timeout: float = 3.0,
+              **args: Any) -> dict[str, Any]:
+    """A control command to a lab node, from inside its namespace in a netns lab."""
+    with _entered(node.get("netns")):
+        return control.call(parse_addr(node["control"]), cmd, timeout=timeout, **args)
 
 
 def pid_alive(pid: int) -> bool:
@@ -142,8 +294,9 @@ def node_alive(node: dict[str, Any]) -> bool:
 
 
 def wait_control(addr: tuple[str, int], pid: int, timeout: float, name: str,
-                 workdir: Path) -> dict[str, Any]:
-    """Until the node answers ``status`` on its control port; its own error if it exits."""
+                 workdir: Path, netns: str | None = None) -> dict[str, Any]:
+    """Until the node answers ``status`` on its control port (from inside ``netns``);
+    its own error if it exits."""
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -151,7 +304,8 @@ def wait_control(addr: tuple[str, int], pid: int, timeout: float, name: str,
             raise LabError(f"{name} (pid {pid}) exited during start-up: "
                            f"{last_error(workdir, name)}")
         try:
-            reply = control.call(addr, "status", timeout=2)
+            with _entered(netns):
+                reply = control.call(addr, "status", timeout=2)
             if reply.get("ok"):
                 return reply
             last = str(reply.get("error"))
@@ -223,12 +377,27 @@ class Lab:
         atomic_write(self.file, json.dumps(data, indent=2).encode())
 
     def nodes(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        """The replication nodes (Witness, Cores, Edges), not the WAN emulator."""
         w = data.get("witness")
         standalone = [w] if w and not w.get("embedded_in") else []
         return [*standalone, *data.get("cores", []), *data.get("edges", [])]
 
+    def processes(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every process of the lab: the WAN emulator of a netns lab first, then the nodes."""
+        wan = data.get("wan")
+        return [*([wan] if isinstance(wan, dict) else []), *self.nodes(data)]
+
+    def labid(self, data: dict[str, Any] | None = None) -> str:
+        """The 6 hex characters in the names of this lab's namespaces."""
+        from steelfusion import netns as ns_mod
+
+        lid = (data or {}).get("labid")
+        if isinstance(lid, str) and NS_PATTERN.match(f"sf{lid}-"):
+            return lid
+        return ns_mod.labid_for(self.dir)
+
     def node(self, data: dict[str, Any], name: str, cmd: str = "") -> dict[str, Any]:
-        for n in self.nodes(data):
+        for n in self.processes(data):
             if n["name"] == name:
                 return n
         w = data.get("witness") or {}
@@ -237,7 +406,7 @@ class Lab:
             raise LabError(f"the Witness runs inside {edge} in this lab (--witness-in-edge); "
                            f"`steelfusion lab {cmd or 'kill'} {edge} --workdir {self.dir}` "
                            f"{cmd or 'kill'}s it with its Edge")
-        names = ", ".join(n["name"] for n in self.nodes(data))
+        names = ", ".join(n["name"] for n in self.processes(data))
         raise LabError(f"no node {name!r} in this lab (nodes: {names})")
 
     # -- up -----------------------------------------------------------------------
@@ -265,9 +434,13 @@ class Lab:
            witness_in_edge: bool = False, *, chap: tuple[str, str] | None = None,
            mutual_chap: tuple[str, str] | None = None,
            initiators: Sequence[str] | None = None,
-           discovery_chap: tuple[str, str] | None = None) -> dict[str, Any]:
+           discovery_chap: tuple[str, str] | None = None,
+           netns: bool = False) -> dict[str, Any]:
         """Start the lab. ``witness_in_edge`` runs the Witness inside edge-1 (seed: "A role
         assigned to one of the Edges") instead of as its own process.
+
+        ``netns`` (root) puts each site in its own network namespace, joined by the
+        WAN emulator (``host`` is then unused: the sites have their own addresses).
 
         iSCSI security (RFC 7143 §12): ``chap`` (user, secret) makes every Edge
         target require CHAP, ``mutual_chap`` gives the targets credentials for
@@ -279,6 +452,14 @@ class Lab:
         restores the lab files it replaced, and raises :class:`LabError` with
         the failing node's own one-line error."""
         self.check_options(luns, lun_size, edges, reserve)
+        if netns:
+            from steelfusion import netns as ns_mod
+
+            why = ns_mod.available()
+            if why is not None:
+                raise LabError(f"lab up --netns needs root with network namespaces and "
+                               f"/dev/net/tun: {why}; run it as root, or leave out --netns "
+                               f"for the loopback lab")
         d = self.dir
         if d.exists() and not d.is_dir():
             raise LabError(f"--workdir {d} is not a directory (give a folder for the lab)")
@@ -305,8 +486,13 @@ class Lab:
                     with contextlib.suppress(OSError):
                         d.rmdir()
                 raise
+            if self.file.exists() and not netns and self.load().get("netns"):
+                # a netns lab of this folder that crashed (none of its processes runs:
+                # checked above) may have left its namespaces; a netns start replaces them
+                _remove_namespaces(self.labid(self.load()))
             return self._up(luns, lun_size, edges, reserve, host, timeout, witness_lease,
-                            witness_in_edge, chap, mutual_chap, initiators, discovery_chap)
+                            witness_in_edge, chap, mutual_chap, initiators, discovery_chap,
+                            netns)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -325,7 +511,7 @@ class Lab:
     def _check_previous(self, prev: dict[str, Any], luns: int, lun_size: int,
                         edges: int) -> None:
         """Refuse to start over a running lab, or over a stopped one of another shape."""
-        alive = [n["name"] for n in self.nodes(prev) if node_alive(n)]
+        alive = [n["name"] for n in self.processes(prev) if node_alive(n)]
         if alive:
             raise LabError(f"a lab is already running (or starting) in {self.dir} "
                            f"({', '.join(alive)}); run `steelfusion lab down --workdir "
@@ -382,7 +568,7 @@ class Lab:
             timeout: float, witness_lease: float, witness_in_edge: bool,
             chap: tuple[str, str] | None, mutual_chap: tuple[str, str] | None,
             initiators: Sequence[str] | None,
-            discovery_chap: tuple[str, str] | None) -> dict[str, Any]:
+            discovery_chap: tuple[str, str] | None, netns: bool = False) -> dict[str, Any]:
         d = self.dir
         nports = 2 + 2 * 2 + 2 * edges
         ports = iter(free_ports(nports, host))
@@ -418,17 +604,26 @@ class Lab:
                 log_file=str(d / f"{name}.log"),
                 witness=witness.listen if embed else None,
                 witness_state_dir=str(d / "witness") if embed else None))
+        net: dict[str, Any] | None = None
+        if netns:
+            net = self._net_plan()
+            witness, cores, edge_cfgs = _netns_configs(witness, cores, edge_cfgs,
+                                                       witness_in_edge)
 
         # What this start replaces or creates, to put back if it fails.
         names = ["witness", *(c.name for c in cores), *(e.name for e in edge_cfgs)]
-        files = [self.file, d / "node.key", *(d / f"{n}.toml" for n in names)]
+        files = [self.file, d / "node.key", d / "wan.json",
+                 *(d / f"{n}.toml" for n in names)]
         before = {f: _read_or_none(f) for f in files}
         new_dirs = [d / n for n in names if not (d / n).exists()]
         started: list[tuple[str, int]] = []
         try:
-            return self._start(d, witness, cores, edge_cfgs, witness_in_edge, timeout, started)
+            return self._start(d, witness, cores, edge_cfgs, witness_in_edge, timeout, started,
+                               net)
         except BaseException as e:
             stopped = _stop_pids(started)
+            if net is not None:
+                _remove_namespaces(net["labid"])
             for f, content in before.items():
                 with contextlib.suppress(OSError):
                     if content is None:
@@ -440,14 +635,67 @@ class Lab:
             for tmp in d.glob(f".*.tmp.{os.getpid()}"):  # an atomic write cut short (^C)
                 tmp.unlink(missing_ok=True)
             if isinstance(e, LabError):
-                raise LabError(f"lab up failed: {e}; stopped {', '.join(stopped) or 'nothing'} "
-                               f"and left {d} as it was (logs: {d}/*.log)") from None
+                gone = " and removed its network namespaces" if net is not None else ""
+                raise LabError(f"lab up failed: {e}; stopped {', '.join(stopped) or 'nothing'}"
+                               f"{gone} and left {d} as it was (logs: {d}/*.log)") from None
             raise
+
+    def _net_plan(self) -> dict[str, Any]:
+        """The namespaces, addresses and emulator config of this folder's netns lab."""
+        from steelfusion import netns as ns_mod
+
+        labid = ns_mod.labid_for(self.dir)
+        sites = {site: {"netns": ns_mod.ns_name(labid, site), "addresses": site_addresses(site),
+                        "ports": {f"{site}/{k}": a for k, a in enumerate(site_addresses(site))}}
+                 for site in SITES}
+        control_addr = ("127.0.0.1", free_ports(1)[0])
+        wan = {"name": "wan", "control": format_addr(control_addr), "mtu": WAN_MTU, "seed": 0,
+               "log_file": str(self.dir / "wan.log"),
+               "sites": {s: {"netns": v["netns"], "ports": v["addresses"]}
+                         for s, v in sites.items()},
+               "links": []}
+        return {"labid": labid, "sites": sites, "wan": wan}
+
+    def _start_wan(self, d: Path, net: dict[str, Any], data: dict[str, Any], timeout: float,
+                   started: list[tuple[str, int]]) -> None:
+        """Create the site namespaces and start the emulator that joins them."""
+        from steelfusion import netns as ns_mod
+
+        for site in net["sites"].values():
+            try:
+                ns_mod.remove(site["netns"])  # a crashed lab's: replaced by a clean one
+                ns_mod.create(site["netns"])
+            except OSError as e:
+                raise LabError(str(e)) from None
+        data.update({"netns": True, "labid": net["labid"], "sites": net["sites"]})
+        path = d / "wan.json"
+        atomic_write(path, json.dumps(net["wan"], indent=2).encode(), mode=0o644)
+        pid = spawn("wan", path, d, "wan")
+        started.append(("wan", pid))
+        data["wan"] = {"name": "wan", "pid": pid, "control": net["wan"]["control"],
+                       "config": str(path), "role": "wan", "log": net["wan"]["log_file"],
+                       "netns": None, "mtu": net["wan"]["mtu"]}
+        self.save(data)
+        wait_control(parse_addr(net["wan"]["control"]), pid, timeout, "wan", d)
 
     def _start(self, d: Path, witness: WitnessConfig, cores: tuple[CoreConfig, CoreConfig],
                edge_cfgs: list[EdgeConfig], witness_in_edge: bool, timeout: float,
-               started: list[tuple[str, int]]) -> dict[str, Any]:
-        data: dict[str, Any] = {"version": 1, "workdir": str(d), "created": time.time()}
+               started: list[tuple[str, int]],
+               net: dict[str, Any] | None = None) -> dict[str, Any]:
+        data: dict[str, Any] = {"version": 1, "workdir": str(d), "created": time.time(),
+                                "netns": False}
+
+        def where(site: str) -> dict[str, Any]:
+            """A node's namespace and site in ``lab.json`` (None on loopback)."""
+            if net is None:
+                return {"netns": None}
+            return {"netns": net["sites"][site]["netns"], "site": site}
+
+        def ns(site: str) -> str | None:
+            return net["sites"][site]["netns"] if net is not None else None
+
+        if net is not None:
+            self._start_wan(d, net, data, timeout, started)
         # every node proves one shared key to the others (steelfusion/nodeauth.py); a
         # stopped lab started again keeps its key
         key = d / "node.key"
@@ -459,47 +707,51 @@ class Lab:
         if not witness_in_edge:
             wpath = d / "witness.toml"
             write_toml(wpath, {**witness.to_dict(), **auth})
-            wpid = spawn("witness", wpath, d, "witness")
+            wpid = spawn("witness", wpath, d, "witness", ns("witness"))
             started.append(("witness", wpid))
             data["witness"] = {"name": "witness", "pid": wpid,
                                "address": format_addr(witness.listen),
                                "control": format_addr(witness.control or witness.listen),
-                               "config": str(wpath), "role": "witness"}
+                               "config": str(wpath), "role": "witness", **where("witness")}
             self.save(data)
-            wait_control(witness.control or witness.listen, wpid, timeout, "witness", d)
+            wait_control(witness.control or witness.listen, wpid, timeout, "witness", d,
+                         ns("witness"))
         data["cores"] = []
         for c in cores:
             path = d / f"{c.name}.toml"
             write_toml(path, {**c.to_dict(), **auth})
-            pid = spawn("core", path, d, c.name)
+            site = CORE_SITES.get(c.name, "dc-a")
+            pid = spawn("core", path, d, c.name, ns(site))
             started.append((c.name, pid))
             data["cores"].append({"name": c.name, "pid": pid, "control": format_addr(c.control),
                                   "listen": format_addr(c.listen), "role": c.role,
                                   "config": str(path), "log": c.log_file,
                                   "luns": {str(lu.id): lu.path for lu in c.luns},
-                                  "journal": c.journal_path})
+                                  "journal": c.journal_path,
+                                  "interfaces": list(c.interfaces), **where(site)})
             self.save(data)
-            wait_control(c.control, pid, timeout, c.name, d)
+            wait_control(c.control, pid, timeout, c.name, d, ns(site))
         data["edges"] = []
         for ec in edge_cfgs:
             path = d / f"{ec.name}.toml"
             write_toml(path, {**ec.to_dict(), **auth})
-            pid = spawn("edge", path, d, ec.name)
+            pid = spawn("edge", path, d, ec.name, ns("branch"))
             started.append((ec.name, pid))
             data["edges"].append({
                 "name": ec.name, "pid": pid, "portal": format_addr(ec.portal),
                 "control": format_addr(ec.control), "config": str(path), "log": ec.log_file,
-                "role": "edge",
+                "role": "edge", **where("branch"),
                 "targets": [{"iqn": t.iqn, "lun": lu.lun, "lun_id": lu.lun_id, "size": lu.size,
                              "url": f"iscsi://{format_addr(ec.portal)}/{t.iqn}/{lu.lun}"}
                             for t in ec.targets for lu in t.luns]})
             self.save(data)
-            wait_control(ec.control, pid, timeout, ec.name, d)
+            wait_control(ec.control, pid, timeout, ec.name, d, ns("branch"))
             if ec.witness:
                 data["witness"] = {"name": ec.name, "pid": pid,
                                    "address": format_addr(ec.witness),
                                    "control": format_addr(ec.control), "config": str(path),
-                                   "role": "witness", "embedded_in": ec.name}
+                                   "role": "witness", "embedded_in": ec.name,
+                                   **where("branch")}
                 self.save(data)
         self.wait_ready(data, timeout)
         return data
@@ -531,7 +783,7 @@ class Lab:
             if not node_alive(node):
                 return {"name": node["name"], "running": False, "pid": node["pid"]}
             try:
-                reply = control.call(parse_addr(node["control"]), "status", timeout=3)
+                reply = call_node(node, "status", timeout=3)
             except (OSError, ValueError, control.ControlError) as e:
                 return {"name": node["name"], "running": True, "pid": node["pid"],
                         "error": str(e)}
@@ -548,6 +800,9 @@ class Lab:
                           "epoch": s.get("epoch"), "connections": s.get("connections"),
                           "alarms": s.get("alarms", []), "luns": s.get("luns", {}),
                           "control": c.get("control"), "listen": c.get("listen"),
+                          "netns": c.get("netns"), "site": c.get("site"),
+                          "interfaces": c.get("interfaces"),
+                          "coredr": coredr_command(c),
                           **({"error": s["error"]} if "error" in s else {})})
         edges = []
         for e in data.get("edges", []):
@@ -559,6 +814,7 @@ class Lab:
                           "core": core.get("core"), "blockstore": s.get("blockstore"),
                           "portal": e["portal"], "control": e.get("control"),
                           "witness": s.get("witness"), "alarms": s.get("alarms", []),
+                          "netns": e.get("netns"), "site": e.get("site"),
                           **({"error": s["error"]} if "error" in s else {})})
         w = data.get("witness")
         witness: dict[str, Any] = {}
@@ -567,10 +823,121 @@ class Lab:
             inner = (host or {}).get("witness") or {}
             witness = {**inner, "name": "witness", "embedded_in": w["embedded_in"],
                        "pid": w["pid"], "running": bool(host and host["running"] and inner),
-                       "address": w.get("address"), "control": w.get("control")}
+                       "address": w.get("address"), "control": w.get("control"),
+                       "netns": w.get("netns"), "site": w.get("site")}
         elif w:
-            witness = {**ask(w), "address": w.get("address"), "control": w.get("control")}
-        return {"workdir": str(self.dir), "witness": witness, "cores": cores, "edges": edges}
+            witness = {**ask(w), "address": w.get("address"), "control": w.get("control"),
+                       "netns": w.get("netns"), "site": w.get("site")}
+        out = {"workdir": str(self.dir), "netns": bool(data.get("netns")), "witness": witness,
+               "cores": cores, "edges": edges}
+        if data.get("netns"):
+            out["sites"] = data.get("sites", {})
+            out["wan"] = self._wan_status(data)
+        return out
+
+    def _wan_status(self, data: dict[str, Any]) -> dict[str, Any]:
+        """The emulator's own status (links, ports, counters), or why there is none."""
+        wan = data.get("wan") or {}
+        base = {"name": "wan", "pid": wan.get("pid"), "control": wan.get("control")}
+        if not wan or not node_alive(wan):
+            return {**base, "running": False}
+        try:
+            reply = call_node(wan, "status", timeout=3)
+        except (OSError, ValueError, control.ControlError) as e:
+            return {**base, "running": True, "error": str(e)}
+        reply.pop("ok", None)
+        return {**reply, **base, "running": True}
+
+    # -- WAN links (netns lab) ---------------------------------------------------------
+    def _wan(self, data: dict[str, Any], what: str) -> dict[str, Any]:
+        if not data.get("netns"):
+            raise LabError(f"{what}: the lab in {self.dir} runs on loopback, where there are no "
+                           f"WAN links; links exist only in a lab started with `steelfusion lab "
+                           f"up --netns`")
+        wan = data.get("wan")
+        if not isinstance(wan, dict) or not node_alive(wan):
+            self._check_namespaces(data, what)
+            raise LabError(f"{what}: the WAN emulator (wan) is not running; `steelfusion lab "
+                           f"start wan --workdir {self.dir}` first")
+        return wan
+
+    def _check_namespaces(self, data: dict[str, Any], what: str) -> None:
+        """A netns lab's namespaces exist (``lab down`` removes them)."""
+        from steelfusion import netns as ns_mod
+
+        missing = [s["netns"] for s in (data.get("sites") or {}).values()
+                   if isinstance(s, dict) and not ns_mod.exists(str(s.get("netns")))]
+        if missing:
+            raise LabError(f"{what}: the lab in {self.dir} is down (its network namespace "
+                           f"{missing[0]} is gone: `lab down` removes them); `steelfusion lab "
+                           f"up --netns --workdir {self.dir}` starts it again")
+
+    def _wan_call(self, wan: dict[str, Any], what: str, cmd: str,
+                  **args: Any) -> dict[str, Any]:
+        try:
+            reply = call_node(wan, cmd, timeout=5, **args)
+        except (OSError, ValueError, control.ControlError) as e:
+            raise LabError(f"{what}: the WAN emulator at {wan.get('control')} did not answer: "
+                           f"{e}") from None
+        if not reply.get("ok"):
+            raise LabError(f"{what}: refused by the WAN emulator: {reply.get('error')}")
+        reply.pop("ok", None)
+        return reply
+
+    def link(self, a: str, b: str, *, delay: float | None = None, jitter: float | None = None,
+             rate: float | None = None, loss: float | None = None, cut: bool = False,
+             heal: bool = False, one_way: bool = False) -> dict[str, Any]:
+        """Change the link between sites ``a`` and ``b`` (both directions unless
+        ``one_way``: then only a -> b); returns the emulator's reply.
+
+        Settings left out keep their value; ``heal`` puts every setting back to
+        its default (no delay, no limit, no loss, not cut)."""
+        what = f"lab link {a} {b}"
+        wan = self._link_check(a, b, what)
+        if heal and (cut or any(v is not None for v in (delay, jitter, rate, loss))):
+            raise LabError(f"{what}: --heal puts every setting back to its default; give it "
+                           f"alone (with --one-way at most)")
+        args: dict[str, Any] = {"a": a, "b": b, "one_way": one_way}
+        for k, v in (("delay", delay), ("jitter", jitter), ("rate", rate), ("loss", loss)):
+            if v is not None:
+                args[k] = v
+        if cut:
+            args["cut"] = True
+        if heal:
+            args["heal"] = True
+        return self._wan_call(wan, what, "link", **args)
+
+    def _link_check(self, a: str, b: str, what: str) -> dict[str, Any]:
+        """The emulator of this netns lab, once ``a`` and ``b`` are two of its sites."""
+        data = self.load()
+        wan = self._wan(data, what)
+        sites = list(data.get("sites") or SITES)
+        for s in (a, b):
+            if s not in sites:
+                raise LabError(f"{what}: no site {s!r} in this lab (sites: {', '.join(sites)})")
+        if a == b:
+            raise LabError(f"{what}: a link joins two different sites (sites: "
+                           f"{', '.join(sites)})")
+        return wan
+
+    def links(self, a: str, b: str) -> list[dict[str, Any]]:
+        """Both directions of the link between ``a`` and ``b``: settings and traffic."""
+        what = f"lab link {a} {b}"
+        wan = self._link_check(a, b, what)
+        st = self._wan_call(wan, what, "status")
+        order = {(a, b): 0, (b, a): 1}
+        out = [ln for ln in st.get("links", []) if (ln.get("src"), ln.get("dst")) in order]
+        return sorted(out, key=lambda ln: order[(ln["src"], ln["dst"])])
+
+    def port(self, port: str, up: bool) -> dict[str, Any]:
+        """Take one site interface (``dc-a/1``) down or up again."""
+        data = self.load()
+        what = f"lab port {port}"
+        wan = self._wan(data, what)
+        ports = [p for s in (data.get("sites") or {}).values() for p in s.get("ports", {})]
+        if port not in ports:
+            raise LabError(f"{what}: no port {port!r} in this lab (ports: {', '.join(ports)})")
+        return self._wan_call(wan, what, "port", port=port, up=up)
 
     # -- kill / start / down -------------------------------------------------------
     def kill(self, name: str, sig: int = signal.SIGKILL) -> dict[str, Any]:
@@ -591,20 +958,32 @@ class Lab:
         if node_alive(node):
             raise LabError(f"{name} is already running (pid {node['pid']}); `steelfusion lab "
                            f"kill {name} --workdir {self.dir}` first to restart it")
-        role = "core" if node in data["cores"] else "edge" if node in data["edges"] else "witness"
-        node["pid"] = spawn(role, Path(node["config"]), self.dir, name)
+        role = ("core" if node in data["cores"] else "edge" if node in data["edges"]
+                else "wan" if node is data.get("wan") else "witness")
+        if data.get("netns"):
+            self._check_namespaces(data, f"cannot start {name}")
+        node["pid"] = spawn(role, Path(node["config"]), self.dir, name, node.get("netns"))
         w = data.get("witness")
         if w and w.get("embedded_in") == name:
             w["pid"] = node["pid"]
         self.save(data)
-        wait_control(parse_addr(node["control"]), node["pid"], timeout, name, self.dir)
+        wait_control(parse_addr(node["control"]), node["pid"], timeout, name, self.dir,
+                     node.get("netns"))
         return node
 
     def down(self, timeout: float = 15.0) -> list[str]:
+        """Stop every node, then the WAN emulator (the Edges flush to the Cores through
+        it), then remove the lab's own namespaces."""
         data = self.load()
         # Edges first, so they flush to the Core
-        return _stop_pids([(n["name"], n["pid"]) for n in self.nodes(data) if node_alive(n)],
-                          timeout)
+        stopped = _stop_pids([(n["name"], n["pid"]) for n in self.nodes(data) if node_alive(n)],
+                             timeout)
+        wan = data.get("wan")
+        if isinstance(wan, dict) and node_alive(wan):
+            stopped += _stop_pids([("wan", wan["pid"])], timeout)
+        if data.get("netns"):
+            _remove_namespaces(self.labid(data))
+        return stopped
 
     def wait_committed(self, timeout: float = 120.0, edges: list[str] | None = None) -> float:
         """Wait until the Edges hold nothing uncommitted; returns the seconds it took."""
@@ -629,13 +1008,102 @@ def _well_formed(data: Any) -> bool:
     if not isinstance(data, dict):
         return False
     nodes = [*data.get("cores", []), *data.get("edges", [])]
-    w = data.get("witness")
-    if w is not None:
-        nodes.append(w)
+    for extra in (data.get("witness"), data.get("wan")):
+        if extra is not None:
+            nodes.append(extra)
     return (isinstance(data.get("cores", []), list) and isinstance(data.get("edges", []), list)
             and all(isinstance(n, dict) and isinstance(n.get("name"), str)
                     and isinstance(n.get("pid"), int) and isinstance(n.get("control"), str)
                     for n in nodes))
+
+
+def coredr_command(core: dict[str, Any]) -> str:
+    """The coredr command line that reaches this lab Core (from the root namespace)."""
+    ns = f" --netns {core['netns']}" if core.get("netns") else ""
+    return f"coredr{ns} --core {core.get('control')} status"
+
+
+def _netns_configs(witness: WitnessConfig, cores: tuple[CoreConfig, CoreConfig],
+                   edge_cfgs: list[EdgeConfig], witness_in_edge: bool
+                   ) -> tuple[WitnessConfig, tuple[CoreConfig, CoreConfig], list[EdgeConfig]]:
+    """The loopback lab's configs moved onto the sites' addresses (the address plan).
+
+    Node ports face the WAN on their site's address; control ports stay on the
+    namespace's own 127.0.0.1. Each Core replicates over both its site's ports.
+    """
+    w_addr = ((site_address("branch"), NS_LISTEN["witness"]) if witness_in_edge
+              else (site_address("witness"), NS_LISTEN["witness"]))
+    witness = dataclasses.replace(witness, listen=w_addr,
+                                  control=("127.0.0.1", NS_CONTROL["witness"]))
+    listen = {c.name: (site_address(CORE_SITES[c.name]), NS_LISTEN[c.name]) for c in cores}
+    a, b = (dataclasses.replace(
+        c, listen=listen[c.name], control=("127.0.0.1", NS_CONTROL[c.name]),
+        peer=listen[other.name] if c.peer is not None else None,
+        interfaces=tuple(site_addresses(CORE_SITES[c.name])),
+        witness=w_addr if c.witness is not None else None)
+        for c, other in ((cores[0], cores[1]), (cores[1], cores[0])))
+    edge_out = [dataclasses.replace(
+        ec, portal=(site_address("branch"), NS_PORTAL + i),
+        control=("127.0.0.1", NS_EDGE_CONTROL + i), cores=(a.listen, b.listen),
+        witness=w_addr if ec.witness is not None else None)
+        for i, ec in enumerate(edge_cfgs)]
+    return witness, (a, b), edge_out
+
+
+def _remove_namespaces(labid: str) -> list[str]:
+    """Remove the namespaces of the lab ``labid`` (only its own: ``sf{labid}-*``)."""
+    from steelfusion import netns as ns_mod
+
+    prefix = ns_mod.lab_prefix(labid)
+    if not NS_PATTERN.match(prefix):
+        return []
+    return ns_mod.remove_all(prefix)
+
+
+def stale_namespaces(min_age: float = 120.0) -> list[str]:
+    """Namespaces of this project that nothing uses any more (a crashed lab's or test's).
+
+    A namespace counts as stale when its name is ``sf`` + 6 hex + ``-``, it is
+    older than ``min_age`` seconds (a lab being started has it empty for a
+    moment), no process runs in it and it holds no device but ``lo`` (a live
+    emulator keeps its TUN devices there).
+    """
+    from steelfusion import netns as ns_mod
+
+    in_use: set[int] = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                in_use.add(os.stat(p / "ns" / "net").st_ino)
+    out = []
+    now = time.time()
+    for name in ns_mod.listing("sf"):
+        if not NS_PATTERN.match(name):
+            continue
+        try:
+            st = os.stat(ns_mod.path(name))
+        except OSError:
+            continue
+        if st.st_ino in in_use or now - st.st_ctime < min_age:
+            continue
+        try:
+            with ns_mod.in_netns(name):
+                devices = [n for _, n in socket.if_nameindex() if n != "lo"]
+        except OSError:
+            continue
+        if not devices:
+            out.append(name)
+    return out
+
+
+def remove_stale_namespaces(min_age: float = 120.0) -> list[str]:
+    """Remove what :func:`stale_namespaces` finds; returns their names."""
+    from steelfusion import netns as ns_mod
+
+    names = stale_namespaces(min_age)
+    for n in names:
+        ns_mod.remove(n)
+    return names
 
 
 def _read_or_none(path: Path) -> bytes | None:
