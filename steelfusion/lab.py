@@ -905,7 +905,22 @@ class Lab:
             args["cut"] = True
         if heal:
             args["heal"] = True
-        return self._wan_call(wan, what, "link", **args)
+        out = self._wan_call(wan, what, "link", **args)
+        self._keep_links(wan, what)
+        return out
+
+    def _keep_links(self, wan: dict[str, Any], what: str) -> None:
+        """Write the emulator's links into its config, so a restarted emulator (``lab start
+        wan``, a crash) keeps the partitions and WAN settings an operator or drill set."""
+        from steelfusion.wanemu import PARAM_KEYS
+
+        st = self._wan_call(wan, what, "status")
+        path = Path(wan["config"])
+        cfg = json.loads(path.read_text())
+        cfg["links"] = [{"a": ln["src"], "b": ln["dst"], "one_way": True,
+                         **{k: ln[k] for k in PARAM_KEYS if k in ln}}
+                        for ln in st.get("links", [])]
+        atomic_write(path, json.dumps(cfg, indent=2).encode(), mode=0o644)
 
     def _link_check(self, a: str, b: str, what: str) -> dict[str, Any]:
         """The emulator of this netns lab, once ``a`` and ``b`` are two of its sites."""

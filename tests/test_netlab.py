@@ -256,11 +256,16 @@ def test_lab_down_and_a_failed_up_leave_no_namespace_and_no_process(lab: Lab) ->
     data = lab.up(luns=1, lun_size=8 * MiB, netns=True, timeout=60)
     pids = [n["pid"] for n in [data["wan"], *lab.nodes(data)]]
     assert len(lab_namespaces(lab)) == 4
-    # kill and start work the same as on loopback, the emulator too
+    # kill and start work the same as on loopback, the emulator too; a restarted emulator
+    # keeps the links that were set (a partition must not heal by itself)
+    lab.link("witness", "dc-b", delay=0.02, one_way=True)
     assert ok(cli("lab", "kill", "wan", "--workdir", wd)).startswith("killed wan")
     refused(cli("lab", "link", "dc-a", "dc-b", "--cut", "--workdir", wd), "not running",
             "lab start wan")
     ok(cli("lab", "start", "wan", "--workdir", wd))
+    kept = lab.links("witness", "dc-b")
+    assert kept[0]["delay"] == 0.02 and kept[1]["delay"] == 0.0, kept
+    lab.link("witness", "dc-b", heal=True, one_way=True)
     ok(cli("lab", "kill", "core-b", "--workdir", wd))
     ok(cli("lab", "start", "core-b", "--workdir", wd))
     lab.wait_ready(lab.load(), 30)
