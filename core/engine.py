@@ -509,7 +509,7 @@ class CoreEngine:
             return refuse("duplicate-node", f"Edge {h.node} is already connected to {self.name} "
                           "from another process; stop the copy (two Edges started with one "
                           "config?)")
-        if self.role != "primary":
+        if not self.rep.accepts_edges:
             return refuse("not-primary", f"Core {self.name} is the secondary: it serves no Edge "
                           "(a secondary Core has no active Edges); "
                           "connect to the primary Core", epoch=self.epoch)

@@ -729,10 +729,6 @@ class RegionCache:
             self.drain_hook()
         return os.pread(self.fd, length, offset)
 
-    def invalidate(self) -> None:
-        self.state[:] = ABSENT
-        self.masks.clear()
-
     def close(self, save: bool) -> None:
         """Save the map (clean shutdown) or drop what is queued (a failed blockstore)."""
         if save:

@@ -214,7 +214,7 @@ class CoreUplink:
             # Hosts were acknowledged already, so a short gather costs them nothing: it lets
             # contiguous writes coalesce into full frames and spares the Cores per-frame
             # work (and wakeups, which cost a busy 2-CPU host more than the bytes). Ship
-            # once a frame's worth is queued, or after SHIP_GATHER_MAX_S at the latest.
+            # once a frame's worth is queued, or after SHIP_GATHER_STEPS x SHIP_GATHER_S at the latest.
             for _ in range(SHIP_GATHER_STEPS):
                 await asyncio.sleep(SHIP_GATHER_S)
                 if self.ship.unshipped_bytes >= COALESCE_BYTES or self.link is None:

@@ -170,21 +170,6 @@ def describe_reply(addr: tuple[str, int], buf: bytes) -> str:
             f"control protocol ({bytes(buf[:16])!r}...){hint}")
 
 
-async def call_async(addr: tuple[str, int], cmd: str, timeout: float = 10.0,
-                     **args: Any) -> dict[str, Any]:
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(*addr, limit=MAX_LINE),
-                                            timeout)
-    try:
-        writer.write(_request(cmd, args))
-        await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
-    finally:
-        writer.close()
-    if not line:
-        raise ControlClosed(f"{_where(addr)} closed the control connection")
-    return _decode(addr, line)
-
-
 def _decode(addr: tuple[str, int], buf: bytes) -> dict[str, Any]:
     try:
         reply = json.loads(buf)

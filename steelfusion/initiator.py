@@ -84,14 +84,6 @@ def qemu_read(url: str, dst: str | Path, timeout: float = 600,
     return Transfer(Path(dst).stat().st_size, time.monotonic() - t0)
 
 
-def qemu_info_size(url: str, timeout: float = 60, netns: str | None = None) -> int:
-    out = _run([need("qemu-img"), "info", "--output=json", url], timeout, netns).stdout
-    m = re.search(r'"virtual-size":\s*(\d+)', out)
-    if not m:
-        raise InitiatorError(f"qemu-img info gave no size: {out[:500]}")
-    return int(m.group(1))
-
-
 @dataclass(frozen=True)
 class BenchResult:
     workload: str

@@ -75,9 +75,6 @@ class LinkMachine:
             self.rtt = max(0.0, now - msg.sent)
         return []
 
-    def accept(self) -> None:
-        """We sent WELCOME (listener side) — nothing to change; kept for symmetry."""
-
     def close(self) -> None:
         self.state = LinkState.CLOSED
 

@@ -332,10 +332,6 @@ class Verdict:
     new_state: DurableState | None
     base_version: int
 
-    @property
-    def must_persist(self) -> bool:
-        return self.new_state is not None
-
 
 @dataclass(frozen=True, slots=True)
 class Reach:
@@ -412,10 +408,6 @@ class WitnessLogic:
         live = exp is not None and now < exp
         return Reach(reachable=live, known=live or not self.in_grace(now),
                      expires_in=None if exp is None else round(exp - now, 3))
-
-    def confirmed_unreachable(self, node: str, now: float) -> bool:
-        """The lease is over *and* we are past the restart grace: safe to fail over."""
-        return not self.can_reach(node, now) and not self.in_grace(now)
 
     # -- queries --------------------------------------------------------------------
     def pair(self, pair: str) -> PairRecord | None:
