@@ -538,7 +538,6 @@ class EdgeConfig:
     witness: tuple[str, int] | None = None  # run a Witness inside this Edge on this address
     witness_state_dir: str | None = None
     source: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
     discovery_chap_user: str | None = None  # discovery sessions must use CHAP
     discovery_chap_secret: str | None = field(default=None, repr=False)
     discovery_mutual_user: str | None = None

@@ -1,9 +1,11 @@
 """Thin asyncio adapter over :mod:`steelfusion.wire` and :mod:`steelfusion.linkstate`.
 
-One :class:`Link` per TCP connection. It owns no protocol rules: it lends the
-decoder's buffers to the transport, feeds messages to the state machine, and
+One :class:`Link` per TCP connection. It lends the decoder's buffers to the
+transport, feeds messages to the state machine (handshake order, heartbeats,
+dead peers: :mod:`steelfusion.linkstate`), runs the node-authentication
+handshake (:mod:`steelfusion.nodeauth`) before the role sees a frame, and
 hands everything else to the role's handler (``on_message``), which runs in
-the event loop.
+the event loop. The replication rules live in the roles.
 """
 
 from __future__ import annotations
