@@ -50,15 +50,14 @@ full pair, peer still reachable for a failover) are checked in
 from __future__ import annotations
 
 import enum
-import json
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import crc32c as _crc32c
+from steelfusion import statefile
 
-STATE_MAGIC = "steelfusion-witness-state"
+STATE_KIND = "witness-state"  # magic "steelfusion-witness-state"
 STATE_FORMAT = 1
 MAX_MEMBERS = 2  # a replication pair is one primary and one secondary Core (seed 002)
 MAX_NAME = 256
@@ -257,10 +256,6 @@ def _i(v: Any) -> int:
     return v
 
 
-def _crc(data: bytes) -> int:
-    return int(_crc32c.crc32c(data))
-
-
 @dataclass(frozen=True, slots=True)
 class DurableState:
     """Everything the Witness must remember across a restart.
@@ -276,30 +271,17 @@ class DurableState:
         return DurableState(self.version + 1, {**self.pairs, rec.pair: rec})
 
     def to_json(self) -> bytes:
-        """Versioned, checksummed JSON (STYLE.md: magic, format, checksum on every record)."""
+        """The state file (steelfusion/statefile.py: magic, format, CRC32C of the body)."""
         body = {"version": self.version,
                 "pairs": {p: r.to_obj() for p, r in sorted(self.pairs.items())}}
-        canon = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-        env = {"magic": STATE_MAGIC, "format": STATE_FORMAT, "crc32c": _crc(canon), "state": body}
-        return json.dumps(env, sort_keys=True, indent=1).encode() + b"\n"
+        return statefile.encode(STATE_KIND, STATE_FORMAT, body)
 
     @classmethod
     def from_json(cls, data: bytes) -> DurableState:
         try:
-            env = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise WitnessStateError(f"witness state is not JSON: {e}") from None
-        if not isinstance(env, dict) or env.get("magic") != STATE_MAGIC:
-            raise WitnessStateError("not a witness state file (bad magic)")
-        if env.get("format") != STATE_FORMAT:
-            raise WitnessStateError(f"witness state format {env.get('format')!r}, "
-                                    f"this Witness reads {STATE_FORMAT}")
-        body = env.get("state")
-        if not isinstance(body, dict):
-            raise WitnessStateError("witness state has no 'state' object")
-        canon = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-        if _crc(canon) != env.get("crc32c"):
-            raise WitnessStateError("witness state checksum mismatch")
+            body = statefile.decode(data, STATE_KIND, STATE_FORMAT)
+        except ValueError as e:
+            raise WitnessStateError(f"witness state: {e}") from None
         pairs = body.get("pairs")
         if not isinstance(pairs, dict):
             raise WitnessStateError("witness state has no 'pairs' object")
