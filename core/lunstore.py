@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from steelfusion.fileio import pread_full, pwrite_all
 from steelfusion.wire import crc32c
 
 BLOCK = 512
@@ -113,19 +114,12 @@ class LunStore:
 
     def pwrite(self, offset: int, data: bytes | memoryview) -> int:
         """Write now (page cache); return the write's counter for :meth:`sync`."""
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view = view[n:]
-            offset += n
+        pwrite_all(self.fd, data, offset)
         self.written += 1
         return self.written
 
     def pread(self, offset: int, length: int) -> bytes:
-        out = os.pread(self.fd, length, offset)
-        if len(out) < length:  # past EOF of a sparse file reads as zeros
-            out += bytes(length - len(out))
-        return out
+        return pread_full(self.fd, length, offset)
 
     def request_sync(self, force: bool = False) -> None:
         """Start a group commit unless one is running; it loops while writes keep coming.

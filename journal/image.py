@@ -34,6 +34,7 @@ from journal.errors import (
     JournalUnreachable,
     JournalUnsupported,
 )
+from steelfusion.fileio import pwrite_all
 
 
 def io_error(e: OSError, path: str | Path, action: str) -> JournalError:
@@ -282,9 +283,3 @@ def format_fd(fd: int, size: int, region_bytes: int, log_bytes: int) -> L.Superb
     return sb
 
 
-def pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view = view[n:]
-        offset += n

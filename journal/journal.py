@@ -71,9 +71,9 @@ from journal.image import (
     format_fd,
     io_error,
     load,
-    pwrite_all,
 )
 from steelfusion import log
+from steelfusion.fileio import pwrite_all
 
 _log = log.get("journal")
 
