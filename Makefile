@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEBS := python3-venv libiscsi-bin qemu-utils e2fsprogs tgt iproute2
 PYTEST_ARGS ?=
 
-.PHONY: install debs venv demo test lint bench sim clean
+.PHONY: install debs venv demo test test-fast lint bench sim clean
 
 install: debs venv
 
@@ -36,6 +36,10 @@ test: install
 	$(PY) -m ruff check .
 	$(PY) -m mypy steelfusion core edge witness journal
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# everything that starts no process (codecs, state machines, the simulation): under 2 minutes
+test-fast: install
+	$(PY) -m pytest -q -m "not lab" $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check .

@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,22 @@ def steelfusion_cmd() -> list[str]:
 def _quiet_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
     os.environ.setdefault("STEELFUSION_TEST", "1")
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_in_lab_tests(request: pytest.FixtureRequest,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A test that starts a process must be marked ``lab``: ``make test-fast`` runs the
+    others and must stay fast and self-contained (issue 14: test hygiene)."""
+    if request.node.get_closest_marker("lab") is not None:
+        return
+    import subprocess
+
+    def refuse(self: Any, args: Any, *a: Any, **k: Any) -> None:
+        raise AssertionError(f"{request.node.nodeid} starts a process ({str(args)[:80]}) but "
+                             "is not marked lab: add pytest.mark.lab")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 def pytest_configure(config: pytest.Config) -> None:

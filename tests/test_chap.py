@@ -276,6 +276,7 @@ CREDS = {"LIBISCSI_CHAP_USERNAME": USER, "LIBISCSI_CHAP_PASSWORD": PASSWORD}
 
 
 @pytest.mark.initiator
+@pytest.mark.lab
 def test_libiscsi_chap_login(chap_target: Standalone) -> None:
     r = run("iscsi-inq", chap_target.url(), env=CREDS)
     assert r.returncode == 0 and "DIRECT_ACCESS" in r.stdout, r.stderr
@@ -286,6 +287,7 @@ def test_libiscsi_chap_login(chap_target: Standalone) -> None:
 
 
 @pytest.mark.initiator
+@pytest.mark.lab
 def test_libiscsi_mutual_chap(chap_target: Standalone) -> None:
     env = {**CREDS, "LIBISCSI_CHAP_TARGET_USERNAME": TUSER,
            "LIBISCSI_CHAP_TARGET_PASSWORD": TPASSWORD}
@@ -297,6 +299,7 @@ def test_libiscsi_mutual_chap(chap_target: Standalone) -> None:
 
 
 @pytest.mark.initiator
+@pytest.mark.lab
 def test_wrong_password_and_no_password_refused(chap_target: Standalone) -> None:
     r = run("iscsi-inq", chap_target.url(),
             env={"LIBISCSI_CHAP_USERNAME": USER, "LIBISCSI_CHAP_PASSWORD": "wrong-password-9"})
@@ -309,6 +312,7 @@ def test_wrong_password_and_no_password_refused(chap_target: Standalone) -> None
 
 
 @pytest.mark.initiator
+@pytest.mark.lab
 def test_initiator_not_on_the_acl_refused(chap_target: Standalone) -> None:
     r = run("iscsi-readcapacity16", chap_target.url(), env=CREDS)
     assert r.returncode != 0 and "Authorization failure" in r.stderr
@@ -317,6 +321,7 @@ def test_initiator_not_on_the_acl_refused(chap_target: Standalone) -> None:
 
 
 @pytest.mark.initiator
+@pytest.mark.lab
 def test_iscsi_ls_discovery_with_chap(chap_target: Standalone) -> None:
     r = run("iscsi-ls", "-s", f"iscsi://127.0.0.1:{chap_target.port}", env=CREDS)
     assert r.returncode == 0 and CHAP_IQN in r.stdout and "Lun:0" in r.stdout, r.stderr
@@ -325,6 +330,7 @@ def test_iscsi_ls_discovery_with_chap(chap_target: Standalone) -> None:
 
 
 @pytest.mark.initiator
+@pytest.mark.lab
 def test_qemu_img_with_chap(chap_target: Standalone, tmp_path: Path) -> None:
     tool("qemu-img")
     src = tmp_path / "src.raw"

@@ -12,7 +12,7 @@ from steelfusion import control
 from steelfusion.wire import Message
 from tests.nodes import FakeEdge, MiB, make_cores
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(120)]  # real node processes
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from journal import required_size
 from steelfusion import control
 from tests.nodes import CoreProc, FakeEdge, MiB, make_cores, make_witness
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(120)]  # real node processes
 
 
 def st(c: CoreProc) -> dict[str, Any]:

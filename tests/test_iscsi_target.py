@@ -189,6 +189,7 @@ class RawClient:
 # --------------------------------------------------------------------------- real initiators
 
 
+@pytest.mark.lab
 def test_iscsi_ls_discovery(target: TargetThread) -> None:
     r = run("iscsi-ls", "-s", f"iscsi://127.0.0.1:{target.port}")
     assert r.returncode == 0, r.stderr
@@ -196,6 +197,7 @@ def test_iscsi_ls_discovery(target: TargetThread) -> None:
     assert re.search(r"Lun:0\s+Type:DIRECT_ACCESS", r.stdout)
 
 
+@pytest.mark.lab
 def test_iscsi_inq(target: TargetThread) -> None:
     r = run("iscsi-inq", target.url)
     assert r.returncode == 0, r.stderr
@@ -209,6 +211,7 @@ def test_iscsi_inq(target: TargetThread) -> None:
         assert expect in r.stdout, (page, r.stdout)
 
 
+@pytest.mark.lab
 def test_iscsi_readcapacity16(target: TargetThread) -> None:
     r = run("iscsi-readcapacity16", target.url)
     assert r.returncode == 0, r.stderr
@@ -218,6 +221,7 @@ def test_iscsi_readcapacity16(target: TargetThread) -> None:
     assert f"Total size:{LUN_BYTES}" in r.stdout
 
 
+@pytest.mark.lab
 def test_qemu_img_convert_in_and_out(target: TargetThread, tmp_path: Path) -> None:
     src = tmp_path / "in.raw"
     src.write_bytes(os.urandom(8 * 1024 * 1024))
@@ -231,6 +235,7 @@ def test_qemu_img_convert_in_and_out(target: TargetThread, tmp_path: Path) -> No
     assert got[:8 * 1024 * 1024] == src.read_bytes()
 
 
+@pytest.mark.lab
 def test_qemu_img_info(target: TargetThread) -> None:
     r = run("qemu-img", "info", target.url)
     assert r.returncode == 0, r.stderr
@@ -238,6 +243,7 @@ def test_qemu_img_info(target: TargetThread) -> None:
 
 
 @pytest.mark.parametrize("args", [["-w"], []], ids=["write", "read"])
+@pytest.mark.lab
 def test_qemu_img_bench(target: TargetThread, args: list[str]) -> None:
     r = run("qemu-img", "bench", *args, "-t", "none", "-c", "3000", "-d", "32", "-s", "4k",
             "-f", "raw", target.url)
@@ -245,6 +251,7 @@ def test_qemu_img_bench(target: TargetThread, args: list[str]) -> None:
     assert "Run completed" in r.stdout
 
 
+@pytest.mark.lab
 def test_header_digest_with_qemu(target: TargetThread, tmp_path: Path) -> None:
     """libiscsi (via qemu's header-digest option) with CRC32C header digests."""
     src = tmp_path / "hd.raw"
@@ -258,6 +265,7 @@ def test_header_digest_with_qemu(target: TargetThread, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.lab
 def test_login_logout_events_logged(target: TargetThread) -> None:
     with structlog.testing.capture_logs() as logs:
         assert run("iscsi-inq", target.url).returncode == 0
@@ -283,6 +291,7 @@ MALFORMED = {
 
 
 @pytest.mark.parametrize("kind", [*MALFORMED, "after_login"])
+@pytest.mark.lab
 def test_malformed_pdu_drops_only_that_connection(target: TargetThread, tmp_path: Path,
                                                   kind: str) -> None:
     good = RawClient(target.port)
@@ -365,6 +374,7 @@ def test_login_timeout_and_target_close(tmp_path: Path) -> None:
     asyncio.run(go())
 
 
+@pytest.mark.lab
 def test_standalone_entry_point(tmp_path: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "edge.target", "--file", str(tmp_path / "s.img"), "--size", "4M",
@@ -420,6 +430,7 @@ def test_portal_with_port() -> None:
     assert portal_with_port("edge.example", 3260) == "edge.example:3260"
 
 
+@pytest.mark.lab
 def test_advertised_portal_in_send_targets(tmp_path: Path) -> None:
     """Listening on one address, advertising another (e.g. behind 0.0.0.0)."""
     async def go() -> tuple[int, str]:

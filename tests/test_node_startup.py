@@ -30,7 +30,7 @@ from steelfusion.config import (
 )
 from steelfusion.lab import core_pair_configs, free_ports
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(120)]  # real node processes
 TIMEOUT = 30  # a node that hangs instead of exiting fails the test here
 
 

@@ -241,6 +241,7 @@ def test_core_state_of_another_core_is_refused(tmp_path: Path) -> None:
         _core(_core_cfg(tmp_path, name="core-a"))
 
 
+@pytest.mark.lab
 def test_core_run_with_a_corrupt_state_file_exits_with_one_line(tmp_path: Path) -> None:
     """The real command: `steelfusion core run` exits != 0, one line, no traceback."""
     from steelfusion.config import write_toml

@@ -25,6 +25,8 @@ import pytest
 from steelfusion import control, netns
 from tests.nodes import SPAWNED, wait_for
 
+pytestmark = pytest.mark.lab  # the emulator process, namespaces
+
 SITES = {"branch": ["10.99.0.1"], "dc-a": ["10.99.1.1", "10.99.1.2"], "dc-b": ["10.99.2.1"]}
 PORT = 5000
 
