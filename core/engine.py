@@ -39,6 +39,7 @@ can reach the primary; a primary that learns a newer epoch becomes secondary.
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -79,6 +80,15 @@ PAIRING_CODES = frozenset({"ha-mismatch", "pair-mismatch", "secondary-has-luns",
 IMPOSTOR_QUIET = 30.0  # a duplicate_node_* alarm clears this long after the last refused copy
 
 LunPipe = LunPipeline[Any]
+
+
+class LinkKind(enum.StrEnum):
+    """What a connection is to this Core (``link.ctx``), set when it is accepted or dialled."""
+
+    EDGE = "edge"  # an Edge's write stream (primary)
+    MIRROR_IN = "mirror-in"  # the primary's copies arriving here (secondary)
+    PEER_IN = "peer-in"  # the peer dialled us and is not our primary
+    PEER_OUT = "peer-out"  # we dialled the peer
 
 
 class Port(Protocol):
@@ -410,7 +420,7 @@ class CoreEngine:
     def _on_close(self, link: Any, exc: BaseException | None) -> None:
         kind = link.ctx
         reason = link.close_reason or (str(exc) if exc else "closed")
-        if kind == "edge":
+        if kind == LinkKind.EDGE:
             self.edge_links.discard(link)
             for p in self.pipes.values():
                 if p.upstream is link:
@@ -418,16 +428,16 @@ class CoreEngine:
                     p.waiting.clear()
             self.event("edge_disconnected", peer=link.peer,
                        edge=link.hello.node if link.hello else None, reason=reason)
-        elif kind == "mirror-in":
+        elif kind == LinkKind.MIRROR_IN:
             self.mirror_in.discard(link)
             for p in self.pipes.values():
                 if p.upstream is link:
                     p.upstream = None
                     p.waiting.clear()
             _log.warning("replication_link_down", direction="in", peer=link.peer, reason=reason)
-        elif kind == "peer-in":
+        elif kind == LinkKind.PEER_IN:
             self.peer_in.discard(link)
-        elif kind == "peer-out":
+        elif kind == LinkKind.PEER_OUT:
             for lun, p in self.pipes.items():
                 if p.resync_on is link:
                     p.requeue_resync()
@@ -444,14 +454,14 @@ class CoreEngine:
 
     def _on_message(self, link: Any, msg: Message) -> None:
         if isinstance(msg, Write):
-            if link.ctx == "edge":
+            if link.ctx == LinkKind.EDGE:
                 self._on_edge_write(link, msg)
-            elif link.ctx == "mirror-in":
+            elif link.ctx == LinkKind.MIRROR_IN:
                 self._on_mirror_write(link, msg)
             else:
                 link.refuse("unexpected-write", f"WRITE on a {link.ctx} connection")
         elif isinstance(msg, Ack):
-            if link.ctx == "peer-out":
+            if link.ctx == LinkKind.PEER_OUT:
                 if msg.stream == RESYNC_STREAM:
                     self._on_resync_ack(msg)
                 else:
@@ -472,14 +482,14 @@ class CoreEngine:
                    reason=msg.reason)
         if msg.code == "duplicate-node":
             self.raise_alarm("duplicate_node", f"the peer Core refused this Core: {msg.reason}")
-        elif msg.code in PAIRING_CODES and link.ctx == "peer-out":
+        elif msg.code in PAIRING_CODES and link.ctx == LinkKind.PEER_OUT:
             self.raise_alarm("pairing_refused", f"peer Core {msg.info.get('node', link.peer)} "
                              f"refused replication: {msg.code}: {msg.reason}")
-        if msg.code == "sequence-gap" and link.ctx == "peer-out" and self.role == "primary":
+        if msg.code == "sequence-gap" and link.ctx == LinkKind.PEER_OUT and self.role == "primary":
             lun, have = msg.info.get("lun"), msg.info.get("have")
             if isinstance(lun, int) and isinstance(have, int) and msg.info.get("source") == "mirror":
                 self._peer_gap(lun, have)
-        if msg.code == "stale-primary" and link.ctx == "peer-out" and self.role == "primary":
+        if msg.code == "stale-primary" and link.ctx == LinkKind.PEER_OUT and self.role == "primary":
             newer = msg.info.get("epoch")
             if isinstance(newer, int) and newer > self.epoch:
                 self._demote(newer, f"peer {msg.info.get('node', '?')} is primary at epoch {newer}")
@@ -529,7 +539,7 @@ class CoreEngine:
         if h.epoch > self.epoch:
             return refuse("stale-primary", f"Edge {h.node} has seen epoch {h.epoch}; this Core is "
                           f"at epoch {self.epoch} and is no longer primary", epoch=h.epoch)
-        link.ctx = "edge"
+        link.ctx = LinkKind.EDGE
         self.edge_links.add(link)
         stream = h.info.get("stream")
         committed = h.info.get("committed")
@@ -640,7 +650,7 @@ class CoreEngine:
             if h.epoch > self.epoch:
                 self.rep = Rep(self.rep.role, self.rep.state, h.epoch)
                 self._save_state()
-            link.ctx = "mirror-in"
+            link.ctx = LinkKind.MIRROR_IN
             self.mirror_in.add(link)
             self.clear_alarm("pairing_refused")
             self._welcome(link)
@@ -648,12 +658,12 @@ class CoreEngine:
             self._update_peer()
             self._send_diverged(link)
         else:
-            link.ctx = "peer-in"
+            link.ctx = LinkKind.PEER_IN
             self.peer_in.add(link)
             self._welcome(link)
 
     def _on_welcome(self, link: Any, w: Welcome) -> None:
-        if link.ctx != "peer-out":
+        if link.ctx != LinkKind.PEER_OUT:
             return
         if self.witness is None or self.witness.connected:
             self.clear_alarm("duplicate_node")
@@ -1316,7 +1326,7 @@ class CoreEngine:
     # -- reads --------------------------------------------------------------------
     def _on_read(self, link: Any, r: Read) -> None:
         p = self.pipes.get(r.lun)
-        if link.ctx != "edge" or self.role != "primary":
+        if link.ctx != LinkKind.EDGE or self.role != "primary":
             link.send(ReadReply(r.req, ReadStatus.NOT_PRIMARY, b""))
             return
         if p is None:

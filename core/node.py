@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from core.engine import CoreEngine, Progress
+from core.engine import CoreEngine, LinkKind, Progress
 from core.lunstore import AppliedState, LunError, LunStore
 from core.pipeline import LunPipeline
 from core.replication import Event, State
@@ -498,7 +498,7 @@ class Core(CoreEngine):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
-            link.ctx = "peer-out"
+            link.ctx = LinkKind.PEER_OUT
             self.peer_out[idx] = link
             await link.closed.wait()
             self.peer_out.pop(idx, None)
@@ -595,7 +595,7 @@ class Core(CoreEngine):
                                 "received_seq": p.received_seq, "hole": p.hole,
                                 "io_errors": p.store.io_errors, "failed": p.failed,
                                 "edge": (p.upstream.hello.node if p.upstream is not None
-                                         and p.upstream.hello is not None and p.upstream.ctx == "edge"
+                                         and p.upstream.hello is not None and p.upstream.ctx == LinkKind.EDGE
                                          else None)}
                      for lun, p in self.pipes.items()},
             "alarms": list(self.alarms.values()),

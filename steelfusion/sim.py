@@ -54,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.engine import CoreEngine
+from core.engine import CoreEngine, LinkKind
 from core.pipeline import LunPipeline, Order
 from core.replication import State
 from edge.shipping import Shipper
@@ -241,7 +241,7 @@ class End:
     def send(self, msg: Message) -> None:
         if not self.conn.open or self.conn.closing or self.other is None:
             return
-        if self.core is not None and isinstance(msg, Ack) and self.ctx == "edge":
+        if self.core is not None and isinstance(msg, Ack) and self.ctx == LinkKind.EDGE:
             self.sim.acked_by(self.core, msg.seq)  # history: who acknowledged, in which state
         raw = encode_bytes(msg)
         rng = self.sim.rng
@@ -571,7 +571,7 @@ class SimCore(CoreEngine):
             sim.clock.at(0.05, lambda: self.dial_peer(idx))
             return
         a, b = connect(sim, self.name, other.name)
-        a.ctx = "peer-out"
+        a.ctx = LinkKind.PEER_OUT
         self.peer_out[idx] = a
         a.on_message = self._on_message
 
