@@ -14,33 +14,38 @@ a data segment padded to a 4-byte boundary and an optional CRC32C data digest
     bytes 16-19 Initiator Task Tag
     bytes 20-47 opcode-specific
 
-It is parsed with one ``struct.unpack_from`` per PDU.  Each opcode family is
-a slotted dataclass (not frozen: a frozen one pays an ``object.__setattr__``
-per field in ``__init__``, which shows up on the per-command path) with ``encode()`` (one ``bytes``) and ``encode_parts()``
-(a list of buffers for ``writelines``, so large Data-In payloads go out as
-memoryview slices without a copy).  :class:`PduDecoder` turns a byte stream
-into PDUs and raises only :class:`IscsiProtocolError`.
+Each opcode is a slotted dataclass whose fields are its layout: each says
+where it sits in the BHS (:func:`~steelfusion.iscsi.bhs.at`), and that one
+list builds both ``header()`` and the decoder (:mod:`steelfusion.iscsi.bhs`).
+Fields several opcodes share (the sequence numbers of every target PDU, what
+Login, Text and Data PDUs have in common in each direction) are placed once,
+in a field group the classes inherit.
+``encode()`` gives one ``bytes``, ``encode_parts()`` a list of buffers for
+``writelines``, so large Data-In payloads go out as memoryview slices without
+a copy.  What a target does per command (decode a SCSI Command or Data-Out,
+send Data-In, SCSI Response, R2T) has hand-packed coders, one struct call
+each, held to the layouts by a property test.  :class:`PduDecoder` turns a
+byte stream into PDUs and raises only :class:`IscsiProtocolError`.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
 from enum import IntEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import crc32c as _crc32c_mod
 
+from steelfusion.iscsi.bhs import BHS_LEN, PADDING, Buffer, Fixed, Pdu, at, pdu_class, pdu_fields
+from steelfusion.iscsi.bhs import digest as digest  # re-exported: users of PDUs import from here
+from steelfusion.iscsi.bhs import frame as frame
 from steelfusion.membuf import uninitialized
 
 _crc32c = _crc32c_mod.crc32c
 
-BHS_LEN = 48
 RESERVED_TAG = 0xFFFFFFFF
 """ITT/TTT value meaning "none" (RFC 7143 §11.18, §11.19)."""
-
-Buffer = bytes | bytearray | memoryview
 
 
 class Opcode(IntEnum):
@@ -105,10 +110,6 @@ class IscsiProtocolError(Exception):
         self.header = header
 
 
-# One generic layout for the BHS and one for the SCSI Command (CDB at 32..47).
-_BHS = struct.Struct(">BBBBIQI7I")
-_CMD = struct.Struct(">BBBBIQIIII16s")
-_PADS = (b"", b"\0", b"\0\0", b"\0\0\0")
 _U32 = struct.Struct(">I")
 _AHS_HDR = struct.Struct(">HBB")
 
@@ -116,659 +117,143 @@ AHS_EXTENDED_CDB = 1
 AHS_BIDI_READ_LENGTH = 2
 
 
-def _u32(v: int, name: str) -> int:
-    if not 0 <= v <= 0xFFFFFFFF:
-        raise ValueError(f"{name} out of range: {v}")
-    return v
+# Fields common to most layouts, named once.  Offsets are the BHS byte
+# numbers of RFC 7143 §11; the F bit of byte 1 is 0x80, the I bit of byte 0 0x40.
+_F = Fixed(1, "B", 0x80)
+"""F (final) bit set: for the PDUs where it is always 1."""
+_NO_ITT = Fixed(16, "I", RESERVED_TAG)
+"""ITT 0xffffffff: PDUs that answer no task (Async Message, Reject)."""
 
 
-def digest(data: Buffer, value: int = 0) -> int:
-    """CRC32C as iSCSI uses it (RFC 7143 §13.1, generator 0x11EDC6F41)."""
-    return _crc32c(data, value)
+# Field groups several opcodes share, each placed once (RFC 7143 §11).
 
 
-def frame(header: bytes, data: Buffer, header_digest: bool, data_digest: bool) -> list[Buffer]:
-    """BHS+AHS [+HD], data, pad [+DD] as a buffer list (RFC 7143 §11.2)."""
-    if header_digest:
-        header = header + _crc32c(header).to_bytes(4, "little")
-    n = len(data)
-    if not n:
-        return [header]
-    pad = (-n) & 3
-    if data_digest:
-        c = _crc32c(data)
-        if pad:
-            c = _crc32c(_PADS[pad], c)
-        return [header, data, _PADS[pad] + c.to_bytes(4, "little")]
-    if pad:
-        return [header, data, _PADS[pad]]
-    return [header, data]
-
-
-class Pdu:
-    """Base of all PDU classes: framing shared by every opcode."""
+@pdu_fields
+class InitiatorPdu(Pdu):
+    """An initiator PDU that takes a command number: CmdSN and ExpStatSN at
+    bytes 24-31 (RFC 7143 §4.2.2.1, §4.2.2.2).  Data-Out and SNACK carry only
+    ExpStatSN, so they are plain :class:`Pdu`."""
 
     __slots__ = ()
-    opcode: ClassVar[int]
-
-    def header(self) -> bytes:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def payload(self) -> Buffer:
-        return getattr(self, "data", b"")
-
-    def encode_parts(self, header_digest: bool = False, data_digest: bool = False) -> list[Buffer]:
-        """Buffers to hand to ``transport.writelines`` (data is not copied)."""
-        return frame(self.header(), self.payload(), header_digest, data_digest)
-
-    def encode(self, header_digest: bool = False, data_digest: bool = False) -> bytes:
-        return b"".join(self.encode_parts(header_digest, data_digest))
+    cmdsn: int = at(24, "I", default=0)
+    exp_statsn: int = at(28, "I", default=0)
 
 
-def _len_word(ahs_len: int, data: Buffer) -> int:
-    n = len(data)
-    if n > 0xFFFFFF:
-        raise ValueError("data segment longer than 2**24-1")
-    return (ahs_len // 4) << 24 | n
+@pdu_fields
+class TargetPdu(Pdu):
+    """Every target PDU: StatSN, ExpCmdSN and MaxCmdSN at bytes 24-35
+    (RFC 7143 §4.2.2.1, §4.2.2.2)."""
+
+    __slots__ = ()
+    statsn: int = at(24, "I", default=0)
+    exp_cmdsn: int = at(28, "I", default=0)
+    max_cmdsn: int = at(32, "I", default=0)
+
+
+@pdu_fields
+class LoginFields:
+    """What Login Request and Login Response share (RFC 7143 §11.12, §11.13):
+    the stage bits T, C, CSG, NSG, Version-max, ISID, TSIH and ITT."""
+
+    __slots__ = ()
+    transit: bool = at(1, "B", 0x80, default=False)
+    cont: bool = at(1, "B", 0x40, default=False)
+    csg: int = at(1, "B", 0x0C, default=0)
+    nsg: int = at(1, "B", 0x03, default=0)
+    version_max: int = at(2, "B", default=0)
+    isid: int = at(8, "Q", 0xFFFF_FFFF_FFFF_0000, default=0)
+    tsih: int = at(8, "Q", 0xFFFF, default=0)
+    itt: int = at(16, "I")
+    data: Buffer = b""
+
+
+@pdu_fields
+class DataFields:
+    """What Data-Out and Data-In share (RFC 7143 §11.7, §11.8): the F bit,
+    LUN, ITT, TTT, DataSN and Buffer Offset."""
+
+    __slots__ = ()
+    final: bool = at(1, "B", 0x80, default=False)
+    lun: int = at(8, "Q", default=0)
+    itt: int = at(16, "I")
+    ttt: int = at(20, "I", default=RESERVED_TAG)
+    datasn: int = at(36, "I", default=0)
+    buffer_offset: int = at(40, "I", default=0)
+    data: Buffer = b""
+
+
+@pdu_fields
+class TextFields:
+    """What Text Request and Text Response share (RFC 7143 §11.10, §11.11)."""
+
+    __slots__ = ()
+    final: bool = at(1, "B", 0x80, default=True)
+    cont: bool = at(1, "B", 0x40, default=False)
+    lun: int = at(8, "Q", default=0)
+    itt: int = at(16, "I")
+    ttt: int = at(20, "I", default=RESERVED_TAG)
+    data: Buffer = b""
 
 
 # --------------------------------------------------------------------------- initiator PDUs
 
 
-@dataclass(slots=True, kw_only=True)
-class NopOut(Pdu):
+@pdu_class
+class NopOut(InitiatorPdu):
     """NOP-Out (RFC 7143 §11.18): ping, or answer to a target NOP-In."""
 
     opcode: ClassVar[int] = Opcode.NOP_OUT
-    itt: int
-    ttt: int = RESERVED_TAG
-    lun: int = 0
-    cmdsn: int = 0
-    exp_statsn: int = 0
-    immediate: bool = False
+    fixed = (_F,)
+    immediate: bool = at(0, "B", 0x40, default=False)
+    lun: int = at(8, "Q", default=0)
+    itt: int = at(16, "I")
+    ttt: int = at(20, "I", default=RESERVED_TAG)
     data: Buffer = b""
 
-    def header(self) -> bytes:
-        return _BHS.pack(self.opcode | (0x40 if self.immediate else 0), 0x80, 0, 0,
-                         _len_word(0, self.data), self.lun, self.itt, self.ttt, self.cmdsn,
-                         self.exp_statsn, 0, 0, 0, 0)
 
-
-@dataclass(slots=True, kw_only=True)
-class ScsiCommand(Pdu):
+@pdu_class
+class ScsiCommand(InitiatorPdu):
     """SCSI Command (RFC 7143 §11.3).  CDBs longer than 16 bytes travel in an
     Extended CDB AHS (§11.3.5); bidirectional commands carry a Bidirectional
     Read Expected Data Transfer Length AHS (§11.3.6)."""
 
     opcode: ClassVar[int] = Opcode.SCSI_COMMAND
-    itt: int
-    lun: int = 0
-    cmdsn: int = 0
-    exp_statsn: int = 0
-    expected_length: int = 0
-    cdb: bytes = bytes(16)
-    final: bool = True
-    read: bool = False
-    write: bool = False
-    attr: int = 0
-    immediate: bool = False
+    ahs_fields = ("bidi_read_length",)
+    immediate: bool = at(0, "B", 0x40, default=False)
+    final: bool = at(1, "B", 0x80, default=True)
+    read: bool = at(1, "B", 0x40, default=False)
+    write: bool = at(1, "B", 0x20, default=False)
+    attr: int = at(1, "B", 0x07, default=0)
+    lun: int = at(8, "Q", default=0)
+    itt: int = at(16, "I")
+    expected_length: int = at(20, "I", default=0)
+    cdb: bytes = at(32, "16s", default=bytes(16))
+    """The whole CDB: its first 16 bytes in the BHS, the rest in an AHS."""
     bidi_read_length: int | None = None
     data: Buffer = b""
 
-    def _ahs(self) -> bytes:
+    def ahs_bytes(self) -> bytes:
         out = b""
         if len(self.cdb) > 16:
             ext = self.cdb[16:]
             body = _AHS_HDR.pack(len(ext) + 1, AHS_EXTENDED_CDB, 0) + ext
-            out += body + _PADS[(-len(body)) & 3]
+            out += body + PADDING[(-len(body)) & 3]
         if self.bidi_read_length is not None:
+            if not 0 <= self.bidi_read_length <= 0xFFFFFFFF:
+                raise ValueError(f"ScsiCommand.bidi_read_length = {self.bidi_read_length} "
+                                 "does not fit in 32 bits")
             out += _AHS_HDR.pack(5, AHS_BIDI_READ_LENGTH, 0) + _U32.pack(self.bidi_read_length)
         return out
 
-    def header(self) -> bytes:
-        ahs = self._ahs()
-        cdb = self.cdb[:16].ljust(16, b"\0")
-        b1 = ((0x80 if self.final else 0) | (0x40 if self.read else 0)
-              | (0x20 if self.write else 0) | (self.attr & 7))
-        return _CMD.pack(self.opcode | (0x40 if self.immediate else 0), b1, 0, 0,
-                         _len_word(len(ahs), self.data), self.lun, self.itt,
-                         self.expected_length, self.cmdsn, self.exp_statsn, cdb) + ahs
-
-
-@dataclass(slots=True, kw_only=True)
-class TaskMgmtRequest(Pdu):
-    """Task Management Function Request (RFC 7143 §11.5)."""
-
-    opcode: ClassVar[int] = Opcode.TASK_MGMT_REQUEST
-    itt: int
-    function: int
-    lun: int = 0
-    ref_task_tag: int = RESERVED_TAG
-    cmdsn: int = 0
-    exp_statsn: int = 0
-    ref_cmdsn: int = 0
-    exp_datasn: int = 0
-    immediate: bool = True
-
-    def header(self) -> bytes:
-        return _BHS.pack(self.opcode | (0x40 if self.immediate else 0), 0x80 | (self.function & 0x7F),
-                         0, 0, 0, self.lun, self.itt, self.ref_task_tag, self.cmdsn,
-                         self.exp_statsn, self.ref_cmdsn, self.exp_datasn, 0, 0)
-
-
-@dataclass(slots=True, kw_only=True)
-class LoginRequest(Pdu):
-    """Login Request (RFC 7143 §11.12); always immediate."""
-
-    opcode: ClassVar[int] = Opcode.LOGIN_REQUEST
-    itt: int
-    isid: int = 0
-    tsih: int = 0
-    cid: int = 0
-    cmdsn: int = 0
-    exp_statsn: int = 0
-    transit: bool = False
-    cont: bool = False
-    csg: int = 0
-    nsg: int = 0
-    version_max: int = 0
-    version_min: int = 0
-    data: Buffer = b""
-
-    def header(self) -> bytes:
-        b1 = ((0x80 if self.transit else 0) | (0x40 if self.cont else 0)
-              | (self.csg & 3) << 2 | (self.nsg & 3))
-        return _BHS.pack(self.opcode | 0x40, b1, self.version_max, self.version_min,
-                         _len_word(0, self.data), (self.isid & 0xFFFFFFFFFFFF) << 16 | self.tsih,
-                         self.itt, self.cid << 16, self.cmdsn, self.exp_statsn, 0, 0, 0, 0)
-
-
-@dataclass(slots=True, kw_only=True)
-class TextRequest(Pdu):
-    """Text Request (RFC 7143 §11.10)."""
-
-    opcode: ClassVar[int] = Opcode.TEXT_REQUEST
-    itt: int
-    ttt: int = RESERVED_TAG
-    lun: int = 0
-    cmdsn: int = 0
-    exp_statsn: int = 0
-    final: bool = True
-    cont: bool = False
-    immediate: bool = False
-    data: Buffer = b""
-
-    def header(self) -> bytes:
-        b1 = (0x80 if self.final else 0) | (0x40 if self.cont else 0)
-        return _BHS.pack(self.opcode | (0x40 if self.immediate else 0), b1, 0, 0,
-                         _len_word(0, self.data), self.lun, self.itt, self.ttt, self.cmdsn,
-                         self.exp_statsn, 0, 0, 0, 0)
-
-
-@dataclass(slots=True, kw_only=True)
-class DataOut(Pdu):
-    """SCSI Data-Out (RFC 7143 §11.7)."""
-
-    opcode: ClassVar[int] = Opcode.DATA_OUT
-    itt: int
-    ttt: int = RESERVED_TAG
-    lun: int = 0
-    exp_statsn: int = 0
-    datasn: int = 0
-    buffer_offset: int = 0
-    final: bool = False
-    data: Buffer = b""
-
-    def header(self) -> bytes:
-        return _BHS.pack(self.opcode, 0x80 if self.final else 0, 0, 0, _len_word(0, self.data),
-                         self.lun, self.itt, self.ttt, 0, self.exp_statsn, 0, self.datasn,
-                         self.buffer_offset, 0)
-
-
-@dataclass(slots=True, kw_only=True)
-class LogoutRequest(Pdu):
-    """Logout Request (RFC 7143 §11.14)."""
-
-    opcode: ClassVar[int] = Opcode.LOGOUT_REQUEST
-    itt: int
-    reason: int = 0
-    cid: int = 0
-    cmdsn: int = 0
-    exp_statsn: int = 0
-    immediate: bool = False
-
-    def header(self) -> bytes:
-        return _BHS.pack(self.opcode | (0x40 if self.immediate else 0), 0x80 | (self.reason & 0x7F),
-                         0, 0, 0, 0, self.itt, self.cid << 16, self.cmdsn, self.exp_statsn,
-                         0, 0, 0, 0)
-
-
-@dataclass(slots=True, kw_only=True)
-class SnackRequest(Pdu):
-    """SNACK Request (RFC 7143 §11.16); needs ErrorRecoveryLevel > 0."""
-
-    opcode: ClassVar[int] = Opcode.SNACK_REQUEST
-    itt: int
-    snack_type: int = 0
-    lun: int = 0
-    ttt: int = RESERVED_TAG
-    exp_statsn: int = 0
-    begrun: int = 0
-    runlength: int = 0
-
-    def header(self) -> bytes:
-        return _BHS.pack(self.opcode, 0x80 | (self.snack_type & 0x0F), 0, 0, 0, self.lun,
-                         self.itt, self.ttt, 0, self.exp_statsn, 0, 0, self.begrun,
-                         self.runlength)
-
-
-# --------------------------------------------------------------------------- target PDUs
-
-
-@dataclass(slots=True, kw_only=True)
-class NopIn(Pdu):
-    """NOP-In (RFC 7143 §11.19): answer to a NOP-Out, or a target ping
-    (TTT != 0xffffffff)."""
-
-    opcode: ClassVar[int] = Opcode.NOP_IN
-    itt: int = RESERVED_TAG
-    ttt: int = RESERVED_TAG
-    lun: int = 0
-    statsn: int = 0
-    exp_cmdsn: int = 0
-    max_cmdsn: int = 0
-    data: Buffer = b""
-
-    def header(self) -> bytes:
-        return _BHS.pack(self.opcode, 0x80, 0, 0, _len_word(0, self.data), self.lun, self.itt,
-                         self.ttt, self.statsn, self.exp_cmdsn, self.max_cmdsn, 0, 0, 0)
-
-
-@dataclass(slots=True, kw_only=True)
-class ScsiResponse(Pdu):
-    """SCSI Response (RFC 7143 §11.4).  ``data`` is SenseLength (2 bytes) +
-    sense data, see :func:`sense_segment`."""
-
-    opcode: ClassVar[int] = Opcode.SCSI_RESPONSE
-    itt: int
-    status: int = 0
-    response: int = 0
-    statsn: int = 0
-    exp_cmdsn: int = 0
-    max_cmdsn: int = 0
-    exp_datasn: int = 0
-    overflow: bool = False
-    underflow: bool = False
-    bidi_overflow: bool = False
-    bidi_underflow: bool = False
-    residual_count: int = 0
-    bidi_residual_count: int = 0
-    snack_tag: int = 0
-    data: Buffer = b""
-
-    def header(self) -> bytes:
-        b1 = (0x80 | (0x10 if self.bidi_overflow else 0) | (0x08 if self.bidi_underflow else 0)
-              | (0x04 if self.overflow else 0) | (0x02 if self.underflow else 0))
-        return scsi_response_header(b1, self.response, self.status, _len_word(0, self.data),
-                                    self.itt, self.snack_tag, self.statsn, self.exp_cmdsn,
-                                    self.max_cmdsn, self.exp_datasn, self.bidi_residual_count,
-                                    self.residual_count)
-
-
-def scsi_response_header(b1: int, response: int, status: int, length: int, itt: int,
-                         snack_tag: int, statsn: int, exp_cmdsn: int, max_cmdsn: int,
-                         exp_datasn: int, bidi_residual: int, residual: int) -> bytes:
-    """A SCSI Response BHS from its fields (``b1``: 1 0 0 o u O U 0 bits),
-    without building a :class:`ScsiResponse`: a target sends one per WRITE."""
-    return _BHS.pack(Opcode.SCSI_RESPONSE, b1, response, status, length, 0, itt, snack_tag,
-                     statsn, exp_cmdsn, max_cmdsn, exp_datasn, bidi_residual, residual)
-
-
-@dataclass(slots=True, kw_only=True)
-class TaskMgmtResponse(Pdu):
-    """Task Management Function Response (RFC 7143 §11.6)."""
-
-    opcode: ClassVar[int] = Opcode.TASK_MGMT_RESPONSE
-    itt: int
-    response: int = 0
-    statsn: int = 0
-    exp_cmdsn: int = 0
-    max_cmdsn: int = 0
-
-    def header(self) -> bytes:
-        return _BHS.pack(self.opcode, 0x80, self.response, 0, 0, 0, self.itt, 0, self.statsn,
-                         self.exp_cmdsn, self.max_cmdsn, 0, 0, 0)
-
-
-@dataclass(slots=True, kw_only=True)
-class LoginResponse(Pdu):
-    """Login Response (RFC 7143 §11.13)."""
-
-    opcode: ClassVar[int] = Opcode.LOGIN_RESPONSE
-    itt: int
-    isid: int = 0
-    tsih: int = 0
-    statsn: int = 0
-    exp_cmdsn: int = 0
-    max_cmdsn: int = 0
-    status_class: int = 0
-    status_detail: int = 0
-    transit: bool = False
-    cont: bool = False
-    csg: int = 0
-    nsg: int = 0
-    version_max: int = 0
-    version_active: int = 0
-    data: Buffer = b""
-
-    def header(self) -> bytes:
-        b1 = ((0x80 if self.transit else 0) | (0x40 if self.cont else 0)
-              | (self.csg & 3) << 2 | (self.nsg & 3))
-        return _BHS.pack(self.opcode, b1, self.version_max, self.version_active,
-                         _len_word(0, self.data), (self.isid & 0xFFFFFFFFFFFF) << 16 | self.tsih,
-                         self.itt, 0, self.statsn, self.exp_cmdsn, self.max_cmdsn,
-                         (self.status_class << 24) | (self.status_detail << 16), 0, 0)
-
-
-@dataclass(slots=True, kw_only=True)
-class TextResponse(Pdu):
-    """Text Response (RFC 7143 §11.11)."""
-
-    opcode: ClassVar[int] = Opcode.TEXT_RESPONSE
-    itt: int
-    ttt: int = RESERVED_TAG
-    lun: int = 0
-    statsn: int = 0
-    exp_cmdsn: int = 0
-    max_cmdsn: int = 0
-    final: bool = True
-    cont: bool = False
-    data: Buffer = b""
-
-    def header(self) -> bytes:
-        b1 = (0x80 if self.final else 0) | (0x40 if self.cont else 0)
-        return _BHS.pack(self.opcode, b1, 0, 0, _len_word(0, self.data), self.lun, self.itt,
-                         self.ttt, self.statsn, self.exp_cmdsn, self.max_cmdsn, 0, 0, 0)
-
-
-@dataclass(slots=True, kw_only=True)
-class DataIn(Pdu):
-    """SCSI Data-In (RFC 7143 §11.8).  With ``status_present`` (S bit) it also
-    carries the command status and residuals, saving a SCSI Response."""
-
-    opcode: ClassVar[int] = Opcode.DATA_IN
-    itt: int
-    ttt: int = RESERVED_TAG
-    lun: int = 0
-    statsn: int = 0
-    exp_cmdsn: int = 0
-    max_cmdsn: int = 0
-    datasn: int = 0
-    buffer_offset: int = 0
-    residual_count: int = 0
-    final: bool = False
-    ack: bool = False
-    overflow: bool = False
-    underflow: bool = False
-    status_present: bool = False
-    status: int = 0
-    data: Buffer = b""
-
-    def header(self) -> bytes:
-        b1 = ((0x80 if self.final else 0) | (0x40 if self.ack else 0)
-              | (0x04 if self.overflow else 0) | (0x02 if self.underflow else 0)
-              | (0x01 if self.status_present else 0))
-        return data_in_header(b1, self.status if self.status_present else 0,
-                              _len_word(0, self.data), self.lun, self.itt, self.ttt,
-                              self.statsn, self.exp_cmdsn, self.max_cmdsn, self.datasn,
-                              self.buffer_offset, self.residual_count)
-
-
-def data_in_header(b1: int, status: int, length: int, lun: int, itt: int, ttt: int,
-                   statsn: int, exp_cmdsn: int, max_cmdsn: int, datasn: int, offset: int,
-                   residual: int) -> bytes:
-    """A Data-In BHS from its fields (``b1``: F A 0 0 0 O U S bits, ``length``
-    the data segment length), without building a :class:`DataIn`: a target
-    sends one or more per READ, so its per-command path calls this directly."""
-    return _BHS.pack(Opcode.DATA_IN, b1, 0, status, length, lun, itt, ttt, statsn,
-                     exp_cmdsn, max_cmdsn, datasn, offset, residual)
-
-
-@dataclass(slots=True, kw_only=True)
-class LogoutResponse(Pdu):
-    """Logout Response (RFC 7143 §11.15)."""
-
-    opcode: ClassVar[int] = Opcode.LOGOUT_RESPONSE
-    itt: int
-    response: int = 0
-    statsn: int = 0
-    exp_cmdsn: int = 0
-    max_cmdsn: int = 0
-    time2wait: int = 0
-    time2retain: int = 0
-
-    def header(self) -> bytes:
-        return _BHS.pack(self.opcode, 0x80, self.response, 0, 0, 0, self.itt, 0, self.statsn,
-                         self.exp_cmdsn, self.max_cmdsn, 0,
-                         (self.time2wait & 0xFFFF) << 16 | (self.time2retain & 0xFFFF), 0)
-
-
-@dataclass(slots=True, kw_only=True)
-class R2T(Pdu):
-    """Ready To Transfer (RFC 7143 §11.9): solicits one Data-Out sequence."""
-
-    opcode: ClassVar[int] = Opcode.R2T
-    itt: int
-    ttt: int
-    lun: int = 0
-    statsn: int = 0
-    exp_cmdsn: int = 0
-    max_cmdsn: int = 0
-    r2tsn: int = 0
-    buffer_offset: int = 0
-    desired_length: int = 0
-
-    def header(self) -> bytes:
-        return _BHS.pack(self.opcode, 0x80, 0, 0, 0, self.lun, self.itt, self.ttt, self.statsn,
-                         self.exp_cmdsn, self.max_cmdsn, self.r2tsn, self.buffer_offset,
-                         self.desired_length)
-
-
-@dataclass(slots=True, kw_only=True)
-class AsyncMessage(Pdu):
-    """Asynchronous Message (RFC 7143 §11.9.1)."""
-
-    opcode: ClassVar[int] = Opcode.ASYNC_MESSAGE
-    lun: int = 0
-    statsn: int = 0
-    exp_cmdsn: int = 0
-    max_cmdsn: int = 0
-    event: int = 0
-    vcode: int = 0
-    parameter1: int = 0
-    parameter2: int = 0
-    parameter3: int = 0
-    data: Buffer = b""
-
-    def header(self) -> bytes:
-        return _BHS.pack(self.opcode, 0x80, 0, 0, _len_word(0, self.data), self.lun,
-                         RESERVED_TAG, 0, self.statsn, self.exp_cmdsn, self.max_cmdsn,
-                         (self.event & 0xFF) << 24 | (self.vcode & 0xFF) << 16
-                         | (self.parameter1 & 0xFFFF),
-                         (self.parameter2 & 0xFFFF) << 16 | (self.parameter3 & 0xFFFF), 0)
-
-
-@dataclass(slots=True, kw_only=True)
-class Reject(Pdu):
-    """Reject (RFC 7143 §11.17); ``data`` is the rejected PDU's header."""
-
-    opcode: ClassVar[int] = Opcode.REJECT
-    reason: int
-    statsn: int = 0
-    exp_cmdsn: int = 0
-    max_cmdsn: int = 0
-    datasn_r2tsn: int = 0
-    data: Buffer = b""
-
-    def header(self) -> bytes:
-        return _BHS.pack(self.opcode, 0x80, self.reason, 0, _len_word(0, self.data), 0,
-                         RESERVED_TAG, 0, self.statsn, self.exp_cmdsn, self.max_cmdsn,
-                         self.datasn_r2tsn, 0, 0)
-
-
-AnyPdu = (NopOut | ScsiCommand | TaskMgmtRequest | LoginRequest | TextRequest | DataOut
-          | LogoutRequest | SnackRequest | NopIn | ScsiResponse | TaskMgmtResponse
-          | LoginResponse | TextResponse | DataIn | LogoutResponse | R2T | AsyncMessage | Reject)
-
-
-def sense_segment(sense: Buffer) -> bytes:
-    """SCSI Response data segment: SenseLength then the sense bytes
-    (RFC 7143 §11.4.7.2)."""
-    return len(sense).to_bytes(2, "big") + bytes(sense) if sense else b""
-
-
-def parse_sense_segment(data: Buffer) -> bytes:
-    """Inverse of :func:`sense_segment` (for initiators and tests)."""
-    if len(data) < 2:
-        return b""
-    n = int.from_bytes(data[:2], "big")
-    return bytes(data[2:2 + n])
-
-
-# --------------------------------------------------------------------------- decoding
-
-_Fields = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int, int]
-
-
-def _dec_nop_out(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    return NopOut(itt=f[6], ttt=f[7], lun=f[5], cmdsn=f[8], exp_statsn=f[9],
-                  immediate=bool(f[0] & 0x40), data=data)
-
-
-def _dec_task_mgmt_req(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    return TaskMgmtRequest(itt=f[6], function=f[1] & 0x7F, lun=f[5], ref_task_tag=f[7],
-                           cmdsn=f[8], exp_statsn=f[9], ref_cmdsn=f[10], exp_datasn=f[11],
-                           immediate=bool(f[0] & 0x40))
-
-
-def _dec_login_req(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    b1 = f[1]
-    return LoginRequest(itt=f[6], isid=f[5] >> 16, tsih=f[5] & 0xFFFF, cid=f[7] >> 16,
-                        cmdsn=f[8], exp_statsn=f[9], transit=bool(b1 & 0x80),
-                        cont=bool(b1 & 0x40), csg=(b1 >> 2) & 3, nsg=b1 & 3,
-                        version_max=f[2], version_min=f[3], data=data)
-
-
-def _dec_text_req(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    return TextRequest(itt=f[6], ttt=f[7], lun=f[5], cmdsn=f[8], exp_statsn=f[9],
-                       final=bool(f[1] & 0x80), cont=bool(f[1] & 0x40),
-                       immediate=bool(f[0] & 0x40), data=data)
-
-
-def _dec_data_out(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    return DataOut(itt=f[6], ttt=f[7], lun=f[5], exp_statsn=f[9], datasn=f[11],
-                   buffer_offset=f[12], final=bool(f[1] & 0x80), data=data)
-
-
-def _dec_logout_req(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    return LogoutRequest(itt=f[6], reason=f[1] & 0x7F, cid=f[7] >> 16, cmdsn=f[8],
-                         exp_statsn=f[9], immediate=bool(f[0] & 0x40))
-
-
-def _dec_snack(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    return SnackRequest(itt=f[6], snack_type=f[1] & 0x0F, lun=f[5], ttt=f[7], exp_statsn=f[9],
-                        begrun=f[12], runlength=f[13])
-
-
-def _dec_nop_in(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    return NopIn(itt=f[6], ttt=f[7], lun=f[5], statsn=f[8], exp_cmdsn=f[9], max_cmdsn=f[10],
-                 data=data)
-
-
-def _dec_scsi_resp(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    b1 = f[1]
-    return ScsiResponse(itt=f[6], status=f[3], response=f[2], statsn=f[8], exp_cmdsn=f[9],
-                        max_cmdsn=f[10], exp_datasn=f[11], overflow=bool(b1 & 0x04),
-                        underflow=bool(b1 & 0x02), bidi_overflow=bool(b1 & 0x10),
-                        bidi_underflow=bool(b1 & 0x08), residual_count=f[13],
-                        bidi_residual_count=f[12], snack_tag=f[7], data=data)
-
-
-def _dec_tmf_resp(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    return TaskMgmtResponse(itt=f[6], response=f[2], statsn=f[8], exp_cmdsn=f[9],
-                            max_cmdsn=f[10])
-
-
-def _dec_login_resp(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    b1 = f[1]
-    return LoginResponse(itt=f[6], isid=f[5] >> 16, tsih=f[5] & 0xFFFF, statsn=f[8],
-                         exp_cmdsn=f[9], max_cmdsn=f[10], status_class=f[11] >> 24,
-                         status_detail=(f[11] >> 16) & 0xFF, transit=bool(b1 & 0x80),
-                         cont=bool(b1 & 0x40), csg=(b1 >> 2) & 3, nsg=b1 & 3,
-                         version_max=f[2], version_active=f[3], data=data)
-
-
-def _dec_text_resp(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    return TextResponse(itt=f[6], ttt=f[7], lun=f[5], statsn=f[8], exp_cmdsn=f[9],
-                        max_cmdsn=f[10], final=bool(f[1] & 0x80), cont=bool(f[1] & 0x40),
-                        data=data)
-
-
-def _dec_data_in(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    b1 = f[1]
-    s = bool(b1 & 0x01)
-    return DataIn(itt=f[6], ttt=f[7], lun=f[5], statsn=f[8], exp_cmdsn=f[9], max_cmdsn=f[10],
-                  datasn=f[11], buffer_offset=f[12], residual_count=f[13],
-                  final=bool(b1 & 0x80), ack=bool(b1 & 0x40), overflow=bool(b1 & 0x04),
-                  underflow=bool(b1 & 0x02), status_present=s, status=f[3] if s else 0,
-                  data=data)
-
-
-def _dec_logout_resp(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    return LogoutResponse(itt=f[6], response=f[2], statsn=f[8], exp_cmdsn=f[9],
-                          max_cmdsn=f[10], time2wait=f[12] >> 16, time2retain=f[12] & 0xFFFF)
-
-
-def _dec_r2t(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    return R2T(itt=f[6], ttt=f[7], lun=f[5], statsn=f[8], exp_cmdsn=f[9], max_cmdsn=f[10],
-               r2tsn=f[11], buffer_offset=f[12], desired_length=f[13])
-
-
-def _dec_async(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    return AsyncMessage(lun=f[5], statsn=f[8], exp_cmdsn=f[9], max_cmdsn=f[10],
-                        event=f[11] >> 24, vcode=(f[11] >> 16) & 0xFF,
-                        parameter1=f[11] & 0xFFFF, parameter2=f[12] >> 16,
-                        parameter3=f[12] & 0xFFFF, data=data)
-
-
-def _dec_reject(f: _Fields, ahs: bytes, data: Buffer) -> Pdu:
-    return Reject(reason=f[2], statsn=f[8], exp_cmdsn=f[9], max_cmdsn=f[10],
-                  datasn_r2tsn=f[11], data=data)
-
-
-_DECODERS: dict[int, Callable[[_Fields, bytes, Buffer], Pdu]] = {
-    Opcode.NOP_OUT: _dec_nop_out,
-    Opcode.TASK_MGMT_REQUEST: _dec_task_mgmt_req,
-    Opcode.LOGIN_REQUEST: _dec_login_req,
-    Opcode.TEXT_REQUEST: _dec_text_req,
-    Opcode.DATA_OUT: _dec_data_out,
-    Opcode.LOGOUT_REQUEST: _dec_logout_req,
-    Opcode.SNACK_REQUEST: _dec_snack,
-    Opcode.NOP_IN: _dec_nop_in,
-    Opcode.SCSI_RESPONSE: _dec_scsi_resp,
-    Opcode.TASK_MGMT_RESPONSE: _dec_tmf_resp,
-    Opcode.LOGIN_RESPONSE: _dec_login_resp,
-    Opcode.TEXT_RESPONSE: _dec_text_resp,
-    Opcode.DATA_IN: _dec_data_in,
-    Opcode.LOGOUT_RESPONSE: _dec_logout_resp,
-    Opcode.R2T: _dec_r2t,
-    Opcode.ASYNC_MESSAGE: _dec_async,
-    Opcode.REJECT: _dec_reject,
-}
-
-
-def _dec_scsi_command(buf: Buffer, pos: int, ahs: bytes, data: Buffer) -> ScsiCommand:
-    b0, b1, _b2, _b3, _lw, lun, itt, edtl, cmdsn, expstatsn, cdb = _CMD.unpack_from(buf, pos)
+    @classmethod
+    def take_ahs(cls, ahs: bytes, fields: dict[str, Any]) -> None:
+        if ahs:
+            fields["cdb"], fields["bidi_read_length"] = _command_ahs(fields["cdb"], ahs)
+
+
+def _command_ahs(cdb: bytes, ahs: bytes) -> tuple[bytes, int | None]:
+    """The CDB extended by an Extended CDB AHS and the Bidirectional Read
+    Expected Data Transfer Length, from a SCSI Command's AHS (§11.2.2)."""
     bidi: int | None = None
     i = 0
     while i < len(ahs):
@@ -786,10 +271,295 @@ def _dec_scsi_command(buf: Buffer, pos: int, ahs: bytes, data: Buffer) -> ScsiCo
             raise IscsiProtocolError(f"unsupported AHS type {atype}",
                                      RejectReason.INVALID_PDU_FIELD)
         i = end + ((-(3 + alen)) & 3)
+    return cdb, bidi
+
+
+@pdu_class
+class TaskMgmtRequest(InitiatorPdu):
+    """Task Management Function Request (RFC 7143 §11.5)."""
+
+    opcode: ClassVar[int] = Opcode.TASK_MGMT_REQUEST
+    fixed = (_F,)
+    immediate: bool = at(0, "B", 0x40, default=True)
+    function: int = at(1, "B", 0x7F)
+    lun: int = at(8, "Q", default=0)
+    itt: int = at(16, "I")
+    ref_task_tag: int = at(20, "I", default=RESERVED_TAG)
+    ref_cmdsn: int = at(32, "I", default=0)
+    exp_datasn: int = at(36, "I", default=0)
+
+
+@pdu_class
+class LoginRequest(InitiatorPdu, LoginFields):
+    """Login Request (RFC 7143 §11.12); always immediate."""
+
+    opcode: ClassVar[int] = Opcode.LOGIN_REQUEST
+    fixed = (Fixed(0, "B", 0x40),)
+    version_min: int = at(3, "B", default=0)
+    cid: int = at(20, "H", default=0)
+
+
+@pdu_class
+class TextRequest(InitiatorPdu, TextFields):
+    """Text Request (RFC 7143 §11.10)."""
+
+    opcode: ClassVar[int] = Opcode.TEXT_REQUEST
+    immediate: bool = at(0, "B", 0x40, default=False)
+
+
+@pdu_class
+class DataOut(Pdu, DataFields):
+    """SCSI Data-Out (RFC 7143 §11.7).  A target decodes one per solicited
+    burst, with :func:`decode_data_out`."""
+
+    opcode: ClassVar[int] = Opcode.DATA_OUT
+    exp_statsn: int = at(28, "I", default=0)
+
+
+@pdu_class
+class LogoutRequest(InitiatorPdu):
+    """Logout Request (RFC 7143 §11.14)."""
+
+    opcode: ClassVar[int] = Opcode.LOGOUT_REQUEST
+    fixed = (_F,)
+    immediate: bool = at(0, "B", 0x40, default=False)
+    reason: int = at(1, "B", 0x7F, default=0)
+    itt: int = at(16, "I")
+    cid: int = at(20, "H", default=0)
+
+
+@pdu_class
+class SnackRequest(Pdu):
+    """SNACK Request (RFC 7143 §11.16); needs ErrorRecoveryLevel > 0."""
+
+    opcode: ClassVar[int] = Opcode.SNACK_REQUEST
+    fixed = (_F,)
+    snack_type: int = at(1, "B", 0x0F, default=0)
+    lun: int = at(8, "Q", default=0)
+    itt: int = at(16, "I")
+    ttt: int = at(20, "I", default=RESERVED_TAG)
+    exp_statsn: int = at(28, "I", default=0)
+    begrun: int = at(40, "I", default=0)
+    runlength: int = at(44, "I", default=0)
+
+
+# --------------------------------------------------------------------------- target PDUs
+
+
+@pdu_class
+class NopIn(TargetPdu):
+    """NOP-In (RFC 7143 §11.19): answer to a NOP-Out, or a target ping
+    (TTT != 0xffffffff)."""
+
+    opcode: ClassVar[int] = Opcode.NOP_IN
+    fixed = (_F,)
+    lun: int = at(8, "Q", default=0)
+    itt: int = at(16, "I", default=RESERVED_TAG)
+    ttt: int = at(20, "I", default=RESERVED_TAG)
+    data: Buffer = b""
+
+
+@pdu_class
+class ScsiResponse(TargetPdu):
+    """SCSI Response (RFC 7143 §11.4).  ``data`` is SenseLength (2 bytes) +
+    sense data, see :func:`sense_segment`.  A target sends one per WRITE, with
+    :func:`scsi_response_header`."""
+
+    opcode: ClassVar[int] = Opcode.SCSI_RESPONSE
+    fixed = (_F,)
+    bidi_overflow: bool = at(1, "B", 0x10, default=False)
+    bidi_underflow: bool = at(1, "B", 0x08, default=False)
+    overflow: bool = at(1, "B", 0x04, default=False)
+    underflow: bool = at(1, "B", 0x02, default=False)
+    response: int = at(2, "B", default=0)
+    status: int = at(3, "B", default=0)
+    itt: int = at(16, "I")
+    snack_tag: int = at(20, "I", default=0)
+    exp_datasn: int = at(36, "I", default=0)
+    bidi_residual_count: int = at(40, "I", default=0)
+    residual_count: int = at(44, "I", default=0)
+    data: Buffer = b""
+
+
+@pdu_class
+class TaskMgmtResponse(TargetPdu):
+    """Task Management Function Response (RFC 7143 §11.6)."""
+
+    opcode: ClassVar[int] = Opcode.TASK_MGMT_RESPONSE
+    fixed = (_F,)
+    response: int = at(2, "B", default=0)
+    itt: int = at(16, "I")
+
+
+@pdu_class
+class LoginResponse(TargetPdu, LoginFields):
+    """Login Response (RFC 7143 §11.13)."""
+
+    opcode: ClassVar[int] = Opcode.LOGIN_RESPONSE
+    version_active: int = at(3, "B", default=0)
+    status_class: int = at(36, "B", default=0)
+    status_detail: int = at(37, "B", default=0)
+
+
+@pdu_class
+class TextResponse(TargetPdu, TextFields):
+    """Text Response (RFC 7143 §11.11)."""
+
+    opcode: ClassVar[int] = Opcode.TEXT_RESPONSE
+
+
+@pdu_class
+class DataIn(TargetPdu, DataFields):
+    """SCSI Data-In (RFC 7143 §11.8).  With ``status_present`` (S bit) it also
+    carries the command status and residuals, saving a SCSI Response.  A
+    target sends one or more per READ, with :func:`data_in_header`."""
+
+    opcode: ClassVar[int] = Opcode.DATA_IN
+    ack: bool = at(1, "B", 0x40, default=False)
+    overflow: bool = at(1, "B", 0x04, default=False)
+    underflow: bool = at(1, "B", 0x02, default=False)
+    status_present: bool = at(1, "B", 0x01, default=False)
+    status: int = at(3, "B", when="status_present", default=0)
+    residual_count: int = at(44, "I", default=0)
+
+
+@pdu_class
+class LogoutResponse(TargetPdu):
+    """Logout Response (RFC 7143 §11.15)."""
+
+    opcode: ClassVar[int] = Opcode.LOGOUT_RESPONSE
+    fixed = (_F,)
+    response: int = at(2, "B", default=0)
+    itt: int = at(16, "I")
+    time2wait: int = at(40, "H", default=0)
+    time2retain: int = at(42, "H", default=0)
+
+
+@pdu_class
+class R2T(TargetPdu):
+    """Ready To Transfer (RFC 7143 §11.9): solicits one Data-Out sequence.
+
+    ``header()`` is hand-packed, a target sends one per solicited burst; it is
+    held to the layout like the other hot-path coders (below)."""
+
+    opcode: ClassVar[int] = Opcode.R2T
+    fixed = (_F,)
+    lun: int = at(8, "Q", default=0)
+    itt: int = at(16, "I")
+    ttt: int = at(20, "I")
+    r2tsn: int = at(36, "I", default=0)
+    buffer_offset: int = at(40, "I", default=0)
+    desired_length: int = at(44, "I", default=0)
+
+    def header(self) -> bytes:
+        return _BHS.pack(Opcode.R2T, 0x80, 0, 0, 0, self.lun, self.itt, self.ttt, self.statsn,
+                         self.exp_cmdsn, self.max_cmdsn, self.r2tsn, self.buffer_offset,
+                         self.desired_length)
+
+
+@pdu_class
+class AsyncMessage(TargetPdu):
+    """Asynchronous Message (RFC 7143 §11.9.1)."""
+
+    opcode: ClassVar[int] = Opcode.ASYNC_MESSAGE
+    fixed = (_F, _NO_ITT)
+    lun: int = at(8, "Q", default=0)
+    event: int = at(36, "B", default=0)
+    vcode: int = at(37, "B", default=0)
+    parameter1: int = at(38, "H", default=0)
+    parameter2: int = at(40, "H", default=0)
+    parameter3: int = at(42, "H", default=0)
+    data: Buffer = b""
+
+
+@pdu_class
+class Reject(TargetPdu):
+    """Reject (RFC 7143 §11.17); ``data`` is the rejected PDU's header."""
+
+    opcode: ClassVar[int] = Opcode.REJECT
+    fixed = (_F, _NO_ITT)
+    reason: int = at(2, "B")
+    datasn_r2tsn: int = at(36, "I", default=0)
+    data: Buffer = b""
+
+
+AnyPdu = (NopOut | ScsiCommand | TaskMgmtRequest | LoginRequest | TextRequest | DataOut
+          | LogoutRequest | SnackRequest | NopIn | ScsiResponse | TaskMgmtResponse
+          | LoginResponse | TextResponse | DataIn | LogoutResponse | R2T | AsyncMessage | Reject)
+
+PDU_CLASSES: tuple[type[Pdu], ...] = (
+    NopOut, ScsiCommand, TaskMgmtRequest, LoginRequest, TextRequest, DataOut, LogoutRequest,
+    SnackRequest, NopIn, ScsiResponse, TaskMgmtResponse, LoginResponse, TextResponse, DataIn,
+    LogoutResponse, R2T, AsyncMessage, Reject)
+"""One class per opcode of :class:`Opcode`."""
+
+
+def sense_segment(sense: Buffer) -> bytes:
+    """SCSI Response data segment: SenseLength then the sense bytes
+    (RFC 7143 §11.4.7.2)."""
+    return len(sense).to_bytes(2, "big") + bytes(sense) if sense else b""
+
+
+def parse_sense_segment(data: Buffer) -> bytes:
+    """Inverse of :func:`sense_segment` (for initiators and tests)."""
+    if len(data) < 2:
+        return b""
+    n = int.from_bytes(data[:2], "big")
+    return bytes(data[2:2 + n])
+
+
+# --------------------------------------------------------------------------- the hot path
+# Hand-packed coders for what a target does per command: decode a SCSI Command
+# or a Data-Out, answer with Data-In, SCSI Response or R2T (above).  Each does
+# in one struct call what its class's layout does in a loop, and each is held
+# to that layout by tests/test_iscsi_spec.py: same bytes out, same PDU in.
+
+_BHS = struct.Struct(">BBBBIQI7I")
+_CMD = struct.Struct(">BBBBIQIIII16s")
+
+
+def scsi_response_header(b1: int, response: int, status: int, length: int, itt: int,
+                         snack_tag: int, statsn: int, exp_cmdsn: int, max_cmdsn: int,
+                         exp_datasn: int, bidi_residual: int, residual: int) -> bytes:
+    """A SCSI Response BHS from its fields (``b1``: 1 0 0 o u O U 0 bits),
+    without building a :class:`ScsiResponse`: a target sends one per WRITE."""
+    return _BHS.pack(Opcode.SCSI_RESPONSE, b1, response, status, length, 0, itt, snack_tag,
+                     statsn, exp_cmdsn, max_cmdsn, exp_datasn, bidi_residual, residual)
+
+
+def data_in_header(b1: int, status: int, length: int, lun: int, itt: int, ttt: int,
+                   statsn: int, exp_cmdsn: int, max_cmdsn: int, datasn: int, offset: int,
+                   residual: int) -> bytes:
+    """A Data-In BHS from its fields (``b1``: F A 0 0 0 O U S bits, ``length``
+    the data segment length), without building a :class:`DataIn`: a target
+    sends one or more per READ, so its per-command path calls this directly."""
+    return _BHS.pack(Opcode.DATA_IN, b1, 0, status, length, lun, itt, ttt, statsn,
+                     exp_cmdsn, max_cmdsn, datasn, offset, residual)
+
+
+def decode_scsi_command(buf: Buffer, pos: int, ahs: bytes, data: Buffer) -> ScsiCommand:
+    """The SCSI Command whose BHS starts at ``buf[pos]``: one per host I/O."""
+    b0, b1, _b2, _b3, _lw, lun, itt, edtl, cmdsn, expstatsn, cdb = _CMD.unpack_from(buf, pos)
+    bidi = None
+    if ahs:
+        cdb, bidi = _command_ahs(cdb, ahs)
     return ScsiCommand(itt=itt, lun=lun, cmdsn=cmdsn, exp_statsn=expstatsn,
                        expected_length=edtl, cdb=cdb, final=bool(b1 & 0x80),
                        read=bool(b1 & 0x40), write=bool(b1 & 0x20), attr=b1 & 7,
                        immediate=bool(b0 & 0x40), bidi_read_length=bidi, data=data)
+
+
+def decode_data_out(buf: Buffer, pos: int, ahs: bytes, data: Buffer) -> DataOut:
+    """The Data-Out whose BHS starts at ``buf[pos]``: one per solicited burst."""
+    f = _BHS.unpack_from(buf, pos)
+    return DataOut(itt=f[6], ttt=f[7], lun=f[5], exp_statsn=f[9], datasn=f[11],
+                   buffer_offset=f[12], final=bool(f[1] & 0x80), data=data)
+
+
+# Opcode -> decoder: the layout's, or the hot path's for what a target decodes per command.
+_DECODERS: Mapping[int, Callable[[Buffer, int, bytes, Buffer], Pdu]] = {
+    cls.opcode: cls.layout.decode for cls in PDU_CLASSES} | {
+    Opcode.SCSI_COMMAND: decode_scsi_command, Opcode.DATA_OUT: decode_data_out}
 
 
 DEFAULT_MAX_DATA_SEGMENT = 262144 + 4096
@@ -830,8 +600,7 @@ class PduDecoder:
         self.max_data_segment_length = max_data_segment_length
         self.header_digest = header_digest
         self.data_digest = data_digest
-        self._accept = frozenset(_DECODERS) | {Opcode.SCSI_COMMAND} if accept is None \
-            else frozenset(accept)
+        self._accept = frozenset(_DECODERS) if accept is None else frozenset(accept)
         self._buf: bytes | bytearray = b""
         self._mv: memoryview | None = None
         self._pos = 0
@@ -944,13 +713,13 @@ class PduDecoder:
                 and not self.data_digest:
             # The per-command case (no AHS, no digests): straight to its decoder.
             self._pos = end
-            at = pos + BHS_LEN
+            start = pos + BHS_LEN
             if not dsl:
-                return _dec_scsi_command(buf, pos, b"", b"")
+                return decode_scsi_command(buf, pos, b"", b"")
             if zero_copy:
                 assert self._mv is not None
-                return _dec_scsi_command(buf, pos, b"", self._mv[at:at + dsl])
-            return _dec_scsi_command(buf, pos, b"", bytes(buf[at:at + dsl]))
+                return decode_scsi_command(buf, pos, b"", self._mv[start:start + dsl])
+            return decode_scsi_command(buf, pos, b"", bytes(buf[start:start + dsl]))
         mv = self._mv if zero_copy else memoryview(buf)
         assert mv is not None
         try:
@@ -992,12 +761,10 @@ class PduDecoder:
         else:
             data = b""
         ahs = bytes(mv[pos + BHS_LEN:hend]) if ahs_len else b""
-        if opcode == Opcode.SCSI_COMMAND:
-            return _dec_scsi_command(buf, pos, ahs, data)
-        if ahs:
+        if ahs and opcode != Opcode.SCSI_COMMAND:
             raise IscsiProtocolError("AHS on a PDU that takes none",
                                      RejectReason.INVALID_PDU_FIELD, bytes(mv[pos:pos + 48]))
-        return _DECODERS[opcode](_BHS.unpack_from(buf, pos), ahs, data)
+        return _DECODERS[opcode](buf, pos, ahs, data)
 
     def _compact(self) -> None:
         """Drop consumed bytes; keep the partial PDU at the buffer start."""
