@@ -37,6 +37,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from edge.scsi.cdb import decode_lun
+from edge.scsi.sense import CHECK_CONDITION, GOOD, SenseKey, fixed_sense
 from steelfusion.iscsi.pdu import (
     INITIATOR_OPCODES,
     R2T,
@@ -80,12 +82,10 @@ from steelfusion.iscsi.text import (
 
 _M = 0xFFFFFFFF
 
-# SAM status and sense used for transport-level failures (RFC 7143 §11.4.7.2).
-_GOOD = 0x00
-_CHECK_CONDITION = 0x02
-_ABORTED_COMMAND = 0x0B
-_ILLEGAL_REQUEST = 0x05
-_SENSE_ABORTED_COMMAND = bytes((0x70, 0, _ABORTED_COMMAND, 0, 0, 0, 0, 10)) + bytes(10)
+# Sense for transport-level failures (RFC 7143 §11.4.7.2).
+_ABORTED_COMMAND = SenseKey.ABORTED_COMMAND
+_ILLEGAL_REQUEST = SenseKey.ILLEGAL_REQUEST
+_SENSE_ABORTED_COMMAND = fixed_sense(_ABORTED_COMMAND, 0x00, 0x00)
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -95,27 +95,6 @@ def sn_lt(a: int, b: int) -> bool:
 
 def sn_gt(a: int, b: int) -> bool:
     return a != b and ((a - b) & _M) < 0x80000000
-
-
-def decode_lun(raw: int) -> int:
-    """LUN number from the 8-byte LUN field (SAM-5 §4.7): single-level
-    peripheral (00b) or flat (01b) addressing; -1 for anything else."""
-    method = raw >> 62
-    rest = raw & 0x0000FFFFFFFFFFFF
-    if rest:
-        return -1
-    if method == 0:
-        return -1 if (raw >> 56) & 0x3F else (raw >> 48) & 0xFF
-    if method == 1:
-        return (raw >> 48) & 0x3FFF
-    return -1
-
-
-def encode_lun(lun: int) -> int:
-    """Inverse of :func:`decode_lun`, as the 64-bit LUN field."""
-    if lun < 256:
-        return lun << 48
-    return (0x4000 | lun) << 48
 
 
 class TmfFunction(enum.IntEnum):
@@ -425,10 +404,14 @@ class TargetConnection:
 
     ``portal`` is the "host:port" we advertise in SendTargets for this
     connection, ``tsih`` the session handle to give the session if it logs
-    in (unique per target portal group, nonzero).
+    in (unique per target portal group, nonzero).  ``fast(lun, cdb, data)``
+    is the adapter's fast lane: it returns ``(status, data_in, sense,
+    transfer_length)`` for a command it finished at once, or None to take
+    the normal path (a :class:`ScsiCommandReady` event).
     """
 
-    def __init__(self, config: SessionConfig, *, portal: str, tsih: int, now: float = 0.0) -> None:
+    def __init__(self, config: SessionConfig, *, portal: str, tsih: int, now: float = 0.0,
+                 fast: FastLane | None = None) -> None:
         if not 0 < tsih <= 0xFFFF:
             raise ValueError("tsih must be 1..65535")
         self.config = config
@@ -479,10 +462,7 @@ class TargetConnection:
         self._text_buf = bytearray()
         self._text_more: list[bytes] = []
         self._text_ttt = RESERVED_TAG
-        self.fast: FastLane | None = None
-        """Set by the adapter once logged in: ``fast(lun, cdb, data)`` returns
-        ``(status, data_in, sense, transfer_length)`` for a command it finished
-        at once, or None to take the normal path (a ScsiCommandReady event)."""
+        self.fast = fast
         self._handlers = {
             ScsiCommand: self._on_scsi_command, DataOut: self._on_data_out,
             NopOut: self._on_nop_out, TextRequest: self._on_text,
@@ -570,7 +550,7 @@ class TargetConnection:
         that was not aborted ends with CHECK CONDITION, ABORTED COMMAND, so
         the initiator is never left waiting.  Returns events, as
         :meth:`complete` does."""
-        return self.complete(task_tag, _CHECK_CONDITION, sense=_SENSE_ABORTED_COMMAND)
+        return self.complete(task_tag, CHECK_CONDITION, sense=_SENSE_ABORTED_COMMAND)
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` next needs to run (login timeout)."""
@@ -903,11 +883,10 @@ class TargetConnection:
         still in flight for it is dropped quietly."""
         self._finish(task)
         self._remember_discard(task.itt)
-        sense = bytes((0x70, 0, key, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0))
-        self._send(ScsiResponse(itt=task.itt, status=_CHECK_CONDITION,
+        self._send(ScsiResponse(itt=task.itt, status=CHECK_CONDITION,
                                 statsn=self._take_statsn(), exp_cmdsn=self._exp_cmdsn,
                                 max_cmdsn=self._maxsn(), exp_datasn=task.r2tsn,
-                                data=sense_segment(sense)))
+                                data=sense_segment(fixed_sense(key, asc, ascq))))
 
     def _remember_discard(self, itt: int) -> None:
         self._discard[itt] = None
@@ -1042,9 +1021,9 @@ class TargetConnection:
         datasn = 0
         if send:
             datasn = self._send_data_in(itt, lun_raw, data, send, status,
-                                        not sense and status == _GOOD, overflow, underflow,
+                                        not sense and status == GOOD, overflow, underflow,
                                         residual)
-            if not sense and status == _GOOD:
+            if not sense and status == GOOD:
                 return
         seg = sense_segment(sense)
         head = scsi_response_header(

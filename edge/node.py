@@ -141,25 +141,23 @@ class Edge:
         self.witness_key = "[witness] listen"  # where the embedded Witness's address came from
 
     async def start(self) -> None:
-        from edge.target import IscsiTarget
-        from edge.target import TargetConfig as IscsiTargetConfig
+        from edge.target import IscsiTarget, TargetNode
 
         # Persistent reservations live beside the blockstore; a host write of
         # up to RECORD_MAX is one CRC-checked log record, hence crash-atomic
         # (what WRITE ATOMIC promises).
-        targets = [IscsiTargetConfig(iqn=t.iqn, luns={lu.lun: self.luns[lu.lun_id] for lu in t.luns},
-                                     alias=t.alias,
-                                     state_dir=os.path.join(self.cfg.blockstore, "scsi"),
-                                     atomic_write_max_bytes=RECORD_MAX)
+        targets = [TargetNode(iqn=t.iqn, luns={lu.lun: self.luns[lu.lun_id] for lu in t.luns},
+                              alias=t.alias, state_dir=os.path.join(self.cfg.blockstore, "scsi"),
+                              atomic_write_max_bytes=RECORD_MAX)
                    for t in self.cfg.targets]
         host, port = self.cfg.portal
         from edge.auth import from_edge_config
 
-        self.target = IscsiTarget(targets, host, port, portal_address=self.cfg.advertise,
-                                  authenticator=from_edge_config(self.cfg))
         # Appends are queued; the target drains them before any response leaves,
         # so a write is in the log before the host hears it is done.
-        self.target.barrier = self.bs.drain
+        self.target = IscsiTarget(targets, host, port, portal_address=self.cfg.advertise,
+                                  authenticator=from_edge_config(self.cfg),
+                                  barrier=self.bs.drain)
         src = self.cfg.source
         await listening(self.target.start(), self.cfg.portal, "[edge] portal", src)
         self._control = await listening(control.serve(*self.cfg.control, self._handlers()),

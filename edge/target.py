@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from edge import scsi
+from edge.aio import StartedCoroutine
 from edge.backends import BlockBackend, FileBackend
 from edge.iscsi_session import (
     Authenticator,
@@ -44,22 +45,27 @@ from edge.iscsi_session import (
     TasksAborted,
     TmfFunction,
 )
+from edge.scsi.lu import CopyResolver
 from steelfusion import log
 from steelfusion.iscsi.pdu import Buffer, IscsiProtocolError
 from steelfusion.iscsi.text import TargetLimits
+from steelfusion.units import parse_size
 
 ISCSI_PORT = 3260
 
 
 @dataclass
-class TargetConfig:
-    """One iSCSI target node: its IQN, its LUNs and an optional alias.
+class TargetNode:
+    """One iSCSI target node as it runs: its IQN, its LUNs' backends (and,
+    once an :class:`IscsiTarget` serves it, their logical units) and an
+    optional alias.  Built from a ``steelfusion.config.TargetConfig`` section
+    by the Edge, or directly by the standalone target and tests.
 
     ``state_dir`` keeps each LU's persistent reservations
     (``pr-<NAA>.json``, atomic replace) so they survive restarts; None keeps
     them in memory.  ``atomic_write_max_bytes`` is how much the backend can
-    write crash-atomically (WRITE ATOMIC is offered only when nonzero; None
-    asks the backend)."""
+    write crash-atomically (WRITE ATOMIC is offered only when it is set and
+    nonzero)."""
 
     iqn: str
     luns: dict[int, BlockBackend]
@@ -99,7 +105,7 @@ def _fmt_addr(addr: Any) -> str:
 
 
 class IscsiTarget:
-    """An iSCSI target portal serving one or more :class:`TargetConfig`.
+    """An iSCSI target portal serving one or more :class:`TargetNode`.
 
     ``host``/``port`` is where to listen (``port=0`` picks a free port; read
     :attr:`port` after :meth:`start`).  ``portal_address`` is the
@@ -107,16 +113,20 @@ class IscsiTarget:
     advertises the local address it arrived on, which is right even when
     listening on 0.0.0.0.  ``max_inflight_per_session`` bounds commands
     executing at once per connection; the CmdSN window (``cmd_window``)
-    bounds what the initiator may queue.
+    bounds what the initiator may queue.  ``barrier`` is called before any
+    response leaves: what a command did must be stored before it is
+    acknowledged (the Edge passes ``Blockstore.drain``, which writes the
+    queued appends to its log).
     """
 
-    def __init__(self, targets: TargetConfig | Iterable[TargetConfig], host: str = "0.0.0.0",
+    def __init__(self, targets: TargetNode | Iterable[TargetNode], host: str = "0.0.0.0",
                  port: int = ISCSI_PORT, *, portal_address: str | None = None,
                  portal_group_tag: int = 1, limits: TargetLimits | None = None,
                  cmd_window: int = 128, max_inflight_per_session: int = 128,
                  login_timeout_s: float = 15.0,
-                 authenticator: Authenticator | None = None) -> None:
-        self.targets = [targets] if isinstance(targets, TargetConfig) else list(targets)
+                 authenticator: Authenticator | None = None,
+                 barrier: Callable[[], None] | None = None) -> None:
+        self.targets = [targets] if isinstance(targets, TargetNode) else list(targets)
         self.host = host
         self._port = port
         self._advertise = portal_address
@@ -130,11 +140,10 @@ class IscsiTarget:
                 n: scsi.LogicalUnit(b, vendor=t.vendor, product=t.product,
                                     max_transfer_bytes=t.max_transfer_bytes,
                                     read_only=t.read_only, pr_state_path=t.pr_path(b),
-                                    atomic_write_max_bytes=t.atomic_write_max_bytes)
+                                    atomic_write_max_bytes=t.atomic_write_max_bytes,
+                                    on_abort=self._preempt_abort,
+                                    copy_resolver=self._resolver(t))
                 for n, b in t.luns.items()}
-            for lu in t.logical_units.values():
-                lu.on_abort = self._preempt_abort
-                lu.copy_resolver = self._resolver(t)
         max_xfer = max((t.max_transfer_bytes for t in self.targets), default=8 << 20)
         self.session_config = SessionConfig(
             targets=infos, limits=limits or TargetLimits(), portal_group_tag=portal_group_tag,
@@ -142,9 +151,7 @@ class IscsiTarget:
             max_command_bytes=max(max_xfer, 1 << 20) + 65536, authenticator=authenticator,
             defer_resets=True)
         self.max_inflight_per_session = max_inflight_per_session
-        self.barrier: Callable[[], None] | None = None
-        """Called before any response leaves: what a command did must be
-        stored before it is acknowledged (the Edge drains its write log here)."""
+        self.barrier = barrier
         self._by_iqn = {t.iqn: t for t in self.targets}
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Connection] = set()
@@ -216,7 +223,7 @@ class IscsiTarget:
         if key is not None and self._sessions.get(key) is conn:
             del self._sessions[key]
 
-    def _resolver(self, target: TargetConfig) -> Any:
+    def _resolver(self, target: TargetNode) -> CopyResolver:
         """EXTENDED COPY may name any LU of the same target node by NAA."""
         def resolve(designator: bytes) -> scsi.LogicalUnit | None:
             for lu in target.logical_units.values():
@@ -265,7 +272,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.session_key: tuple[str, int, str | None] | None = None
         self.luns: Mapping[int, scsi.LogicalUnit] = {}
         self.lun_ids: tuple[int, ...] = ()
-        self.target: TargetConfig | None = None
+        self.target: TargetNode | None = None
         self.nexus: scsi.ItNexus | None = None
         self.running: dict[int, tuple[asyncio.Task[None], int]] = {}
         self.closing = False
@@ -288,7 +295,8 @@ class _Connection(asyncio.BufferedProtocol):
         portal = self.server.portal_address or _fmt_addr(transport.get_extra_info("sockname"))
         self.log = log.get("iscsi").bind(peer=self.peer)
         self.conn = TargetConnection(self.server.session_config, portal=portal,
-                                     tsih=self.server._alloc_tsih(), now=self.loop.time())
+                                     tsih=self.server._alloc_tsih(), now=self.loop.time(),
+                                     fast=self._fast_lane)
         self.server._connections.add(self)
         deadline = self.conn.get_timer()
         if deadline is not None:
@@ -374,7 +382,7 @@ class _Connection(asyncio.BufferedProtocol):
                     yielded = coro.send(None)
                 except StopIteration:
                     continue
-                task = self.loop.create_task(scsi.StartedCoroutine(coro, yielded))
+                task = self.loop.create_task(StartedCoroutine(coro, yielded))
                 self.tasks.add(task)
                 self.running[ev.task_tag] = (task, ev.lun)
                 task.add_done_callback(functools.partial(self._task_done, ev.task_tag))
@@ -454,8 +462,6 @@ class _Connection(asyncio.BufferedProtocol):
                                       next(self.server._session_ids))
             for lu in self.luns.values():
                 lu.attach(self.nexus)
-            if self.conn is not None:
-                self.conn.fast = self._fast_lane
         p = ev.params
         self.log = self.log.bind(initiator=ev.initiator_name, target=ev.target_name)
         self.log.info("iscsi_login", session_type=ev.session_type, tsih=ev.tsih,
@@ -472,7 +478,7 @@ class _Connection(asyncio.BufferedProtocol):
         for them: a read stuck on an unreachable Core or a write queued behind
         a sanitize would hold the TMF answer back for as long.  Each unwinds
         at its next await (range locks and backend writes in flight are
-        finished or released on the way out, see ``scsi.to_the_end``), and
+        finished or released on the way out, see ``edge.aio.to_the_end``), and
         :meth:`_task_done` then tells the session, which answers the TMF."""
         running = self.running
         for itt in task_tags:
@@ -610,13 +616,35 @@ class _Connection(asyncio.BufferedProtocol):
 # --------------------------------------------------------------------------- standalone mode
 
 
-def parse_size(text: str) -> int:
-    """'64M', '1G', '512K', '4096' → bytes (binary units)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+def _size_arg(text: str) -> int:
+    """``--size`` as ``steelfusion.units.parse_size`` reads sizes everywhere."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _port_arg(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (0-65535; 0 picks one)")
+    return port
+
+
+def _block_size_arg(text: str) -> int:
+    """A logical block of 512 bytes to 64 KiB, a power of two (what the Block
+    Limits and copy pages can describe)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 512 <= n <= 65536 or n & (n - 1):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a block size: give a power of two from 512 to 65536")
+    return n
 
 
 def default_state_dir(path: str) -> str | None:
@@ -630,7 +658,7 @@ def default_state_dir(path: str) -> str | None:
     return f"{path}.state"
 
 
-def _authenticator(args: argparse.Namespace) -> Any:
+def _authenticator(args: argparse.Namespace) -> Authenticator | None:
     """CHAP/ACL from the command line; secrets may come from the environment
     (STEELFUSION_CHAP_SECRET, STEELFUSION_MUTUAL_SECRET, ...) to keep them
     out of ``ps``."""
@@ -659,36 +687,54 @@ def _authenticator(args: argparse.Namespace) -> Any:
     return auth.ChapAuthenticator({args.iqn: access}, discovery)
 
 
+class _Refused(Exception):
+    """A bad --file or --host/--port: one line for the operator, exit 1."""
+
+
 async def _main_async(args: argparse.Namespace) -> None:
-    backend = FileBackend(args.file, parse_size(args.size) if args.size else None,
-                          block_size=args.block_size)
-    state_dir = args.state_dir if args.state_dir is not None else default_state_dir(args.file)
-    target = IscsiTarget(TargetConfig(args.iqn, {0: backend}, alias=args.alias,
-                                      state_dir=state_dir or None),
-                         host=args.host, port=args.port, portal_address=args.portal_address,
-                         authenticator=_authenticator(args))
-    await target.start()
-    print(f"iscsi://{args.portal_address or '127.0.0.1'}:{target.port}/{args.iqn}/0",
-          file=sys.stderr, flush=True)
     try:
-        await target.serve_forever()
+        backend = FileBackend(args.file, args.size, block_size=args.block_size)
+    except OSError as e:
+        raise _Refused(f"cannot open --file {args.file}: {e.strerror}; give a regular file "
+                       "(in an existing folder) or a block device") from None
+    try:
+        if not backend.size_bytes:
+            raise _Refused(f"--file {args.file} holds no whole {args.block_size}-byte block: "
+                           "give --size (e.g. --size 64M) to create or extend it")
+        state_dir = args.state_dir if args.state_dir is not None \
+            else default_state_dir(args.file)
+        target = IscsiTarget(TargetNode(args.iqn, {0: backend}, alias=args.alias,
+                                        state_dir=state_dir or None),
+                             host=args.host, port=args.port, portal_address=args.portal_address,
+                             authenticator=_authenticator(args))
+        try:
+            await target.start()
+        except OSError as e:
+            raise _Refused(f"cannot listen on {args.host}:{args.port}: {e.strerror}; pick "
+                           "another --port (0 picks a free one) or --host") from None
+        print(f"iscsi://{args.portal_address or '127.0.0.1'}:{target.port}/{args.iqn}/0",
+              file=sys.stderr, flush=True)
+        try:
+            await target.serve_forever()
+        finally:
+            await target.close()
     finally:
-        await target.close()
         backend.close()
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m edge.target",
                                  description="Serve a file as an iSCSI LUN 0.")
     ap.add_argument("--file", required=True, help="backing file or block device")
-    ap.add_argument("--size", help="create/extend the file to this size (e.g. 64M)")
+    ap.add_argument("--size", type=_size_arg,
+                    help="create/extend the file to this size (e.g. 64M)")
     ap.add_argument("--host", default="0.0.0.0")
-    ap.add_argument("--port", type=int, default=ISCSI_PORT)
+    ap.add_argument("--port", type=_port_arg, default=ISCSI_PORT)
     ap.add_argument("--iqn", default="iqn.2024-01.io.steelfusion:edge")
     ap.add_argument("--alias", default=None)
     ap.add_argument("--portal-address", default=None,
                     help="host[:port] to advertise in SendTargets")
-    ap.add_argument("--block-size", type=int, default=512)
+    ap.add_argument("--block-size", type=_block_size_arg, default=512)
     ap.add_argument("--chap-user", default=None, help="initiators must log in with CHAP")
     ap.add_argument("--chap-secret", default=None, help="or $STEELFUSION_CHAP_SECRET")
     ap.add_argument("--mutual-user", default=None, help="target name for mutual CHAP")
@@ -704,7 +750,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--log-file", default=None)
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--no-uvloop", action="store_true")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     log.setup("edge-target", args.log_file, level=args.log_level)
     run: Any = asyncio.run
     if not args.no_uvloop:
@@ -714,8 +764,12 @@ def main(argv: list[str] | None = None) -> None:
             run = uvloop.run
         except ImportError:
             pass
-    with contextlib.suppress(KeyboardInterrupt):
-        run(_main_async(args))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            run(_main_async(args))
+    except _Refused as e:
+        print(f"python -m edge.target: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

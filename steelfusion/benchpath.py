@@ -26,7 +26,7 @@ from typing import Any
 
 from edge.blockstore import FULL, Blockstore
 from edge.node import EdgeLun
-from edge.target import IscsiTarget, TargetConfig, _Connection
+from edge.target import IscsiTarget, TargetNode, _Connection
 from steelfusion.iscsi.pdu import LoginRequest, ScsiCommand
 from steelfusion.iscsi.text import encode_text
 
@@ -95,8 +95,7 @@ async def _run(write: bool, count: int, depth: int, block: int, folder: str) -> 
     os.pwrite(cache.fd, bytes(SPAN_BYTES), 0)  # reads hit cached pages, as in a warm Edge
     cache.state[: SPAN_BYTES // cache.region] = FULL
     lun = EdgeLun("bench-path", 0, LUN_BYTES, bs, None)  # type: ignore[arg-type]  # no uplink
-    target = IscsiTarget(TargetConfig(IQN, {0: lun}), "127.0.0.1", 0)
-    target.barrier = bs.drain
+    target = IscsiTarget(TargetNode(IQN, {0: lun}), "127.0.0.1", 0, barrier=bs.drain)
     conn = _Connection(target)
     transport = _CountingTransport()
     conn.connection_made(transport)  # type: ignore[arg-type]

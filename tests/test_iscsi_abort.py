@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from edge import scsi
-from edge.iscsi_session import encode_lun
+from edge.aio import StartedCoroutine, to_the_end
 from edge.scsi import CHECK_CONDITION, GOOD, LogicalUnit
-from edge.target import IscsiTarget, TargetConfig
+from edge.scsi.cdb import encode_lun
+from edge.target import IscsiTarget, TargetNode
 from steelfusion.iscsi.pdu import (
     DataIn,
     NopIn,
@@ -149,7 +149,7 @@ def test_a_command_cancelled_before_its_task_ran_cleans_up() -> None:
         assert holder is not None
         coro = lu.execute(write10(0, 1), bytes(BS), (0,), A)
         yielded = coro.send(None)
-        task = asyncio.get_running_loop().create_task(scsi.StartedCoroutine(coro, yielded))
+        task = asyncio.get_running_loop().create_task(StartedCoroutine(coro, yielded))
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -172,7 +172,7 @@ def test_started_coroutine_runs_like_a_task() -> None:
         yielded = coro.send(None)
         assert yielded is None  # sleep(0) yields bare
         assert await asyncio.get_running_loop().create_task(
-            scsi.StartedCoroutine(coro, yielded)) == 7
+            StartedCoroutine(coro, yielded)) == 7
 
     asyncio.run(go())
 
@@ -181,7 +181,7 @@ def test_to_the_end_costs_nothing_when_the_io_does_not_wait() -> None:
     async def go() -> None:
         mem = MemBackend()
         before = len(asyncio.all_tasks())
-        await scsi.to_the_end(mem.write(0, b"x" * BS))
+        await to_the_end(mem.write(0, b"x" * BS))
         assert len(asyncio.all_tasks()) == before and mem.buf[:BS] == b"x" * BS
 
     asyncio.run(go())
@@ -197,7 +197,7 @@ class StuckTarget:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.backend = StuckBackend()
-        self.target = IscsiTarget(TargetConfig(IQN, {0: self.backend}), "127.0.0.1", 0)
+        self.target = IscsiTarget(TargetNode(IQN, {0: self.backend}), "127.0.0.1", 0)
 
     def call(self, coro: Any, timeout: float = 10) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -390,8 +390,8 @@ def test_a_stopped_sanitize_operation_leaves_failure_mode() -> None:
         cmd = asyncio.create_task(lu.execute(
             struct.pack(">BB5xHB", 0x48, 0x01, len(plist), 0), plist, (0,), A))
         await asyncio.sleep(0.01)
-        assert lu.sanitizing and lu._sanitize_task is not None
-        lu._sanitize_task.cancel()
+        assert lu.sanitizing and lu.sanitize_task is not None
+        lu.sanitize_task.cancel()
         await asyncio.sleep(0.01)
         assert not cmd.done()  # the write in flight finishes first
         mem.hold_writes = False

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.iscsi_session import ScsiCommandReady, State, TargetConnection, encode_lun
+from edge.iscsi_session import ScsiCommandReady, State, TargetConnection
+from edge.scsi.cdb import encode_lun
 from steelfusion.iscsi.pdu import (
     INITIATOR_OPCODES,
     RESERVED_TAG,

@@ -13,6 +13,7 @@ import pytest
 from edge.iscsi_session import (
     CloseConnection,
     Event,
+    FastLane,
     LoginComplete,
     LoginFailed,
     LogoutComplete,
@@ -23,9 +24,8 @@ from edge.iscsi_session import (
     TargetConnection,
     TargetInfo,
     TasksAborted,
-    decode_lun,
-    encode_lun,
 )
+from edge.scsi.cdb import decode_lun, encode_lun
 from steelfusion.iscsi.pdu import (
     R2T,
     RESERVED_TAG,
@@ -77,8 +77,9 @@ def make_config(**kw: Any) -> SessionConfig:
 class Initiator:
     """Just enough of an initiator to drive TargetConnection in memory."""
 
-    def __init__(self, conn: TargetConnection | None = None, **cfg: Any) -> None:
-        self.conn = conn or TargetConnection(make_config(**cfg), portal=PORTAL, tsih=7)
+    def __init__(self, conn: TargetConnection | None = None, *, fast: FastLane | None = None,
+                 **cfg: Any) -> None:
+        self.conn = conn or TargetConnection(make_config(**cfg), portal=PORTAL, tsih=7, fast=fast)
         self.dec = PduDecoder(accept=TARGET_OPCODES, max_data_segment_length=1 << 24)
         self.hd = self.dd = False
         self.itt = 0x100
@@ -133,8 +134,8 @@ class Initiator:
         return itt, self.send(pdu)
 
 
-def logged_in(**cfg: Any) -> Initiator:
-    ini = Initiator(**cfg)
+def logged_in(*, fast: FastLane | None = None, **cfg: Any) -> Initiator:
+    ini = Initiator(fast=fast, **cfg)
     resp = ini.login()
     assert resp.status_class == 0 and resp.transit
     assert ini.conn.state is State.FULL_FEATURE
@@ -975,8 +976,7 @@ def test_fast_lane_answers_inline_with_the_same_pdus_as_the_normal_path() -> Non
             return 0, b"", b"", 4096
         return None
 
-    fast_ini, slow_ini = logged_in(), logged_in()
-    fast_ini.conn.fast = fast
+    fast_ini, slow_ini = logged_in(fast=fast), logged_in()
     for ini in (fast_ini, slow_ini):
         _, ev = ini.command(READ10, edtl=4096, read=True)
         if ini is slow_ini:
@@ -1002,14 +1002,13 @@ def test_fast_lane_answers_inline_with_the_same_pdus_as_the_normal_path() -> Non
 def test_fast_lane_steps_aside() -> None:
     """Declined (None), waiting for Data-Out, bidirectional or unexpected data: the normal
     path runs as before."""
-    ini = logged_in()
     seen: list[int] = []
 
     def fast(lun: int, cdb: bytes, data: Any) -> None:
         seen.append(cdb[0])
         return None
 
-    ini.conn.fast = fast
+    ini = logged_in(fast=fast)
     _, ev = ini.command(READ10, edtl=4096, read=True)
     assert len(_ready(ev)) == 1 and seen == [0x28]  # declined: an event as usual
     _, ev = ini.command(WRITE10, edtl=8192, write=True, data=b"w" * 4096, final=False)

@@ -24,8 +24,8 @@ import pytest
 import structlog
 
 from edge.backends import FileBackend
-from edge.iscsi_session import encode_lun
-from edge.target import IscsiTarget, TargetConfig, parse_size, portal_with_port
+from edge.scsi.cdb import encode_lun
+from edge.target import IscsiTarget, TargetNode, portal_with_port
 from steelfusion.iscsi.pdu import (
     TARGET_OPCODES,
     DataIn,
@@ -79,7 +79,7 @@ class TargetThread:
 
         async def up() -> None:
             self.backend = FileBackend(self.path, self.size)
-            self.target = IscsiTarget(TargetConfig(IQN, {0: self.backend}, alias="pytest lun"),
+            self.target = IscsiTarget(TargetNode(IQN, {0: self.backend}, alias="pytest lun"),
                                       "127.0.0.1", 0)
             await self.target.start()
         self.call(up())
@@ -360,7 +360,7 @@ def test_pipelined_reads_on_one_connection(target: TargetThread) -> None:
 def test_login_timeout_and_target_close(tmp_path: Path) -> None:
     async def go() -> None:
         with FileBackend(tmp_path / "t.img", 1 << 20) as be:
-            t = IscsiTarget(TargetConfig(IQN, {0: be}), "127.0.0.1", 0, login_timeout_s=0.2)
+            t = IscsiTarget(TargetNode(IQN, {0: be}), "127.0.0.1", 0, login_timeout_s=0.2)
             await t.start()
             r, w = await asyncio.open_connection("127.0.0.1", t.port)
             assert await asyncio.wait_for(r.read(), 5) == b""  # dropped: never logged in
@@ -398,12 +398,50 @@ def test_standalone_entry_point(tmp_path: Path) -> None:
     assert (tmp_path / "s.img").stat().st_size == 4 * 1024 * 1024
 
 
-def test_parse_size() -> None:
-    assert parse_size("64M") == 64 << 20
-    assert parse_size("1G") == 1 << 30
-    assert parse_size("512k") == 512 << 10
-    assert parse_size("1MiB") == 1 << 20
-    assert parse_size("4096") == 4096
+@pytest.mark.parametrize(("option", "value"), [
+    ("--size", "abc"), ("--size", "0.3K"), ("--size", "12Q"), ("--size", ""),
+    ("--block-size", "0"), ("--block-size", "1000"), ("--block-size", "x"),
+    ("--port", "99999"), ("--port", "abc")])
+def test_standalone_bad_option_is_one_line(tmp_path: Path, option: str, value: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The standalone target's options are checked before anything starts: a bad
+    one is one line naming the option and the value, exit 2, no traceback, no
+    file (sizes read as the configs read them, ``steelfusion.units``)."""
+    from edge.target import main
+
+    args = {"--file": str(tmp_path / "s.img"), "--size": "1M", "--host": "127.0.0.1",
+            "--port": "0", "--no-uvloop": None, option: value}
+    with pytest.raises(SystemExit) as e:
+        main([x for k, v in args.items() for x in (k, v) if x is not None])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert option in err.splitlines()[-1] and repr(value) in err.splitlines()[-1], err
+    assert "Traceback" not in err and not (tmp_path / "s.img").exists()
+
+
+def test_standalone_refusals_name_the_file_or_port(tmp_path: Path) -> None:
+    """A --file that cannot be a LUN, or a port already taken: one line that names
+    it and says what to do (``main`` prints it and exits 1), the file closed."""
+    from edge.target import _main_async, _parser, _Refused
+
+    def refusal(*argv: str) -> str:
+        args = _parser().parse_args(["--host", "127.0.0.1", "--port", "0", *argv])
+        with pytest.raises(_Refused) as e:
+            asyncio.run(_main_async(args))
+        return str(e.value)
+
+    assert refusal("--file", str(tmp_path / "no" / "s.img"), "--size", "1M") == (
+        f"cannot open --file {tmp_path / 'no' / 's.img'}: No such file or directory; "
+        "give a regular file (in an existing folder) or a block device")
+    assert "cannot open --file" in refusal("--file", str(tmp_path), "--size", "1M")
+    assert refusal("--file", str(tmp_path / "empty.img")).startswith(
+        f"--file {tmp_path / 'empty.img'} holds no whole 512-byte block: give --size")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        why = refusal("--file", str(tmp_path / "s.img"), "--size", "1M", "--port", str(port))
+    assert why.startswith(f"cannot listen on 127.0.0.1:{port}: ") and "--port" in why
 
 
 def test_session_reinstatement_replaces_old_connection(target: TargetThread) -> None:
@@ -435,7 +473,7 @@ def test_advertised_portal_in_send_targets(tmp_path: Path) -> None:
     """Listening on one address, advertising another (e.g. behind 0.0.0.0)."""
     async def go() -> tuple[int, str]:
         with FileBackend(tmp_path / "a.img", 1 << 20) as be:
-            t = IscsiTarget(TargetConfig(IQN, {0: be}), "127.0.0.1", 0,
+            t = IscsiTarget(TargetNode(IQN, {0: be}), "127.0.0.1", 0,
                             portal_address="192.0.2.10")
             await t.start()
             try:
@@ -481,7 +519,7 @@ def test_reservations_are_shared_and_survive_a_restart(tmp_path: Path) -> None:
     and after a target restart the registration and reservation are back."""
     import struct
 
-    from edge.pr import PrType, Sa
+    from edge.scsi.pr import PrType, Sa
 
     state = tmp_path / "state"
 
@@ -491,8 +529,8 @@ def test_reservations_are_shared_and_survive_a_restart(tmp_path: Path) -> None:
 
             async def up() -> None:
                 self.backend = FileBackend(self.path, self.size)
-                self.target = IscsiTarget(TargetConfig(IQN, {0: self.backend},
-                                                       state_dir=str(state)), "127.0.0.1", 0)
+                self.target = IscsiTarget(TargetNode(IQN, {0: self.backend},
+                                                     state_dir=str(state)), "127.0.0.1", 0)
                 await self.target.start()
             self.call(up())
 

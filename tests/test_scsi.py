@@ -10,7 +10,8 @@ import pytest
 
 from edge import scsi
 from edge.backends import BackendNotReady, BlockBackend, FileBackend, make_naa, make_serial
-from edge.scsi import CHECK_CONDITION, GOOD, LogicalUnit, ScsiError, ScsiResult, check_range
+from edge.scsi import CHECK_CONDITION, GOOD, LogicalUnit, ScsiError, ScsiResult
+from edge.scsi.cdb import check_range
 
 BS = 512
 BLOCKS = 2048  # 1 MiB

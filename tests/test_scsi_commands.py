@@ -14,17 +14,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge import scsi
+from edge.aio import RangeLock
 from edge.backends import FileBackend
 from edge.scsi import (
     CHECK_CONDITION,
-    COMMANDS,
     GOOD,
     RESERVATION_CONFLICT,
     ItNexus,
     LogicalUnit,
-    RangeLock,
     ScsiResult,
 )
+from edge.scsi.commands import COMMANDS
+from edge.scsi.xcopy import XCOPY_MAX_TARGETS
 from tests.test_scsi import BLOCKS, BS, MemBackend, rw10, rw16, sense_of
 
 A = ItNexus("iqn.2024-01.test:a", 0x1, "iqn.2024-01.test:t", 1, session_id=1)
@@ -451,7 +452,7 @@ def test_extended_copy_and_copy_status(lu: LogicalUnit, mem: MemBackend) -> None
     assert st[4] == 0x01 and int.from_bytes(st[5:7], "big") == 1
     assert run(lu, rcr(0, 1), nexus=B).status == CHECK_CONDITION  # held per I_T nexus
     op = bytes(run(lu, rcr(3)).data)
-    assert int.from_bytes(op[8:10], "big") == scsi.XCOPY_MAX_TARGETS and op[43] == 2
+    assert int.from_bytes(op[8:10], "big") == XCOPY_MAX_TARGETS and op[43] == 2
     # overlapping copy within one LU comes out right
     mem.buf[0:16 * BS] = b"".join(bytes([i]) * BS for i in range(16))
     cdb, plist = xcopy([ident_target(mem.naa_id)], [b2b(0, 0, 12, 0, 4)], usage=3)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge import scsi
+from edge.aio import RangeLock
 from edge.scsi import GOOD, ItNexus, LogicalUnit, ScsiResult
 from tests.test_scsi import BLOCKS, BS, MemBackend
 
@@ -127,11 +128,11 @@ def test_fast_path_steps_aside_for_special_state() -> None:
     # FUA and write cache off need a flush: slow path
     assert lu.try_fast(rw(0x2A, 0, 1, 0x08), data, NEXUS) is None
     # an SPC-2 reservation held by another nexus
-    lu._spc2_holder = OTHER.session_id
+    lu.spc2_holder = OTHER.session_id
     assert lu.try_fast(w, data, NEXUS) is None
-    lu._spc2_holder = NEXUS.session_id
+    lu.spc2_holder = NEXUS.session_id
     assert lu.try_fast(w, data, NEXUS) is not None
-    lu._spc2_holder = None
+    lu.spc2_holder = None
     # any persistent reservation
     lu.pr.type = 1
     assert lu.try_fast(w, data, NEXUS) is None
@@ -156,7 +157,7 @@ def test_shared_free_agrees_with_try_acquire(held: list[tuple[int, int, bool]],
     """try_fast skips taking the shared lock; RangeLock.shared_free must say exactly
     when try_acquire would have granted it."""
     async def go() -> None:
-        locks = scsi.RangeLock()
+        locks = RangeLock()
         for s, k, x in held:
             locks._grant(s, s + k, x)
         loop = asyncio.get_running_loop()

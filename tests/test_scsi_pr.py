@@ -8,13 +8,13 @@ import asyncio
 import json
 import struct
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.pr import (
+from edge.scsi import GOOD, RESERVATION_CONFLICT, ItNexus, LogicalUnit, ScsiResult
+from edge.scsi.pr import (
     Access,
     PersistentReservations,
     PrError,
@@ -24,7 +24,6 @@ from edge.pr import (
     iscsi_transport_id,
     load_state,
 )
-from edge.scsi import GOOD, RESERVATION_CONFLICT, ItNexus, LogicalUnit, ScsiResult
 from tests.test_scsi import BS, MemBackend, rw10, sense_of
 
 I1, I2, I3 = "iqn.a,i,0x1|iqn.t,t,0x0001", "iqn.b,i,0x2|iqn.t,t,0x0001", \
@@ -276,18 +275,16 @@ def test_registrations_survive_a_restart(tmp_path: Path, ) -> None:
         LogicalUnit(mem, pr_state_path=path)
 
 
-def test_failed_persist_rolls_back(tmp_path: Path, monkeypatch: Any) -> None:
-    lu = LogicalUnit(MemBackend(), pr_state_path=tmp_path / "pr.json")
-
-    def boom(*a: Any, **k: Any) -> None:
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(lu, "_save_pr", boom)
+def test_failed_persist_rolls_back(tmp_path: Path) -> None:
+    lu = LogicalUnit(MemBackend(), pr_state_path=tmp_path / "state" / "pr.json")
+    (tmp_path / "state").write_bytes(b"")  # a file where the state folder should be
     assert sense_of(prout(lu, N1, Sa.REGISTER, 0, 5)) == (4, 0x44, 0)
     assert lu.pr.registrations == {}
 
 
 def test_prout_checks_and_unit_attentions() -> None:
-    lu = LogicalUnit(MemBackend())
+    aborted: list[set[str]] = []
+    lu = LogicalUnit(MemBackend(), on_abort=lambda unit, ids: aborted.append(ids))
     lu.attach(N1)
     lu.attach(N2)
     assert sense_of(prout(lu, N1, Sa.REGISTER, 0, 1, plen=20)) == (5, 0x1A, 0)
@@ -296,8 +293,6 @@ def test_prout_checks_and_unit_attentions() -> None:
     assert prout(lu, N2, Sa.REGISTER, 0, 2).status == GOOD
     # SPC-2 RESERVE is refused while persistent registrations exist
     assert cmd(lu, N1, bytes((0x16, 0, 0, 0, 0, 0))).status == RESERVATION_CONFLICT
-    aborted: list[set[str]] = []
-    lu.on_abort = lambda unit, ids: aborted.append(ids)
     assert prout(lu, N2, Sa.RESERVE, 2, pr_type=PrType.EXCLUSIVE_ACCESS).status == GOOD
     assert cmd(lu, N1, rw10(0x28, 0, 1)).status == RESERVATION_CONFLICT
     assert prout(lu, N1, Sa.PREEMPT_AND_ABORT, 1, 2, PrType.EXCLUSIVE_ACCESS).status == GOOD
