@@ -18,6 +18,8 @@ import stat
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from steelfusion.fileio import pread_full, pwrite_all
+
 NAA_COMPANY_ID = 0x0A5F1D
 """24-bit IEEE company id placed in our NAA-6 designators (SPC-4 §7.8.6.6.4).
 An emulator value, not a registered one; only uniqueness per LUN matters."""
@@ -144,26 +146,10 @@ class FileBackend:
         self.inline_io_max = inline_io_max
 
     def _pread(self, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd, length, offset)
-        if len(data) == length:
-            return data
-        parts = [data]
-        got = len(data)
-        while got < length:
-            chunk = os.pread(self._fd, length - got, offset + got)
-            if not chunk:  # past EOF of a shrunken file: zeros
-                parts.append(bytes(length - got))
-                break
-            parts.append(chunk)
-            got += len(chunk)
-        return b"".join(parts)
+        return pread_full(self._fd, length, offset)  # past EOF of a shrunken file: zeros
 
     def _pwrite(self, offset: int, data: bytes | memoryview) -> None:
-        mv = memoryview(data)
-        while mv:
-            n = os.pwrite(self._fd, mv, offset)
-            mv = mv[n:]
-            offset += n
+        pwrite_all(self._fd, data, offset)
 
     async def read(self, offset: int, length: int) -> bytes:
         if length <= self.inline_io_max:
