@@ -37,7 +37,7 @@ class EdgeLun:
     target drains before any answer (the TMF's included) leaves. So ABORT TASK and
     resets answer at once even when writes wait for a full reserve."""
 
-    def __init__(self, edge_name: str, lun_id: int, size: int, bs: Blockstore,
+    def __init__(self, lun_id: int, size: int, bs: Blockstore,
                  uplink: CoreUplink) -> None:
         self.lun_id = lun_id
         self.size_bytes = size
@@ -131,7 +131,7 @@ class Edge:
         luns = {lu.lun_id: lu.size for t in cfg.targets for lu in t.luns}
         self.bs = Blockstore(cfg.blockstore, luns, cfg.reserve_bytes, cfg.cache_region_bytes)
         self.uplink = CoreUplink(cfg, self.bs)
-        self.luns = {lid: EdgeLun(cfg.name, lid, size, self.bs, self.uplink)
+        self.luns = {lid: EdgeLun(lid, size, self.bs, self.uplink)
                      for lid, size in luns.items()}
         self.target: Any = None
         self.witness: Any = None

@@ -94,7 +94,7 @@ async def _run(write: bool, count: int, depth: int, block: int, folder: str) -> 
     cache = bs.caches[0]
     os.pwrite(cache.fd, bytes(SPAN_BYTES), 0)  # reads hit cached pages, as in a warm Edge
     cache.state[: SPAN_BYTES // cache.region] = FULL
-    lun = EdgeLun("bench-path", 0, LUN_BYTES, bs, None)  # type: ignore[arg-type]  # no uplink
+    lun = EdgeLun(0, LUN_BYTES, bs, None)  # type: ignore[arg-type]  # no uplink
     target = IscsiTarget(TargetNode(IQN, {0: lun}), "127.0.0.1", 0, barrier=bs.drain)
     conn = _Connection(target)
     transport = _CountingTransport()

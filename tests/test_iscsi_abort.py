@@ -120,7 +120,7 @@ def test_an_edge_write_waiting_for_reserve_room_is_cancelled_at_once(tmp_path: A
 
     async def go() -> None:
         bs = Blockstore(tmp_path / "bs", {1: 1 << 20}, reserve_bytes=2 * BS)
-        lun = EdgeLun("e", 1, 1 << 20, bs, None)  # type: ignore[arg-type]  # no uplink needed
+        lun = EdgeLun(1, 1 << 20, bs, None)  # type: ignore[arg-type]  # no uplink needed
         lu = LogicalUnit(lun)
         lu.attach(A)
         lu._sessions[A.session_id].ua.clear()
