@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.blockstore import FULL, SEG_HEADER, Blockstore, RegionCache
+from edge.blockstore import FULL, SEG_HEADER, Blockstore, RegionCache, wal
 
 MiB = 1 << 20
 
@@ -76,12 +76,17 @@ def test_seq_never_reused_after_everything_committed(tmp_path: Path) -> None:
     assert bs2.stream == bs.stream
 
 
-def test_torn_tail_is_ignored(tmp_path: Path) -> None:
-    bs = _bs(tmp_path)
+def _two_records(tmp: Path) -> tuple[Blockstore, Path]:
+    """A blockstore with writes "a" and "b" in the log, and the path of their segment."""
+    bs = _bs(tmp)
     bs.append(1, 0, b"a" * 4096)
     bs.append(1, 4096, b"b" * 4096)
     bs.drain()
-    seg = bs.log._path(bs.log.active_seg)
+    return bs, bs.log._path(bs.log.active_seg)
+
+
+def test_torn_tail_is_ignored(tmp_path: Path) -> None:
+    bs, seg = _two_records(tmp_path)
     with open(seg, "r+b") as f:  # the segment is preallocated: write after the last record
         f.seek(bs.log.active_pos)
         f.write(b"SFWR" + b"\x00" * 20)  # a record header cut short by a crash
@@ -90,11 +95,7 @@ def test_torn_tail_is_ignored(tmp_path: Path) -> None:
 
 
 def test_corrupt_record_detected(tmp_path: Path) -> None:
-    bs = _bs(tmp_path)
-    bs.append(1, 0, b"a" * 4096)
-    bs.append(1, 4096, b"b" * 4096)
-    bs.drain()
-    seg = bs.log._path(bs.log.active_seg)
+    _, seg = _two_records(tmp_path)
     raw = bytearray(seg.read_bytes())
     raw[SEG_HEADER.size + 44 + 10] ^= 0xFF  # flip a data byte of the first record
     seg.write_bytes(bytes(raw))
@@ -104,9 +105,7 @@ def test_corrupt_record_detected(tmp_path: Path) -> None:
 
 
 def test_segments_deleted_when_committed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import edge.blockstore as mod
-
-    monkeypatch.setattr(mod, "SEG_BYTES", 64 * 1024)
+    monkeypatch.setattr(wal, "SEG_BYTES", 64 * 1024)
     bs = _bs(tmp_path)
     recs = [bs.append(1, i * 8192, os.urandom(8192)) for i in range(40)]
     bs.drain()

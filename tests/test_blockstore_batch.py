@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import edge.blockstore as mod
 from edge.blockstore import (
     ABSENT,
     FULL,
@@ -25,7 +24,10 @@ from edge.blockstore import (
     BlockstoreError,
     Record,
     RegionCache,
+    store,
+    wal,
 )
+from steelfusion import fileio
 from steelfusion.wire import crc32c
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -59,12 +61,12 @@ def _files(d: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def small_segments(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mod, "SEG_BYTES", 256 * KiB)
+    monkeypatch.setattr(wal, "SEG_BYTES", 256 * KiB)
 
 
 def test_batched_drain_matches_one_drain_per_write(tmp_path: Path, small_segments: None,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mod, "IOV_MAX", 7)  # several pwritev calls per run
+    monkeypatch.setattr(fileio, "IOV_MAX", 7)  # several pwritev calls per run
     work = _workload(3, 400)
     one = _bs(tmp_path / "one")
     for lun, off, data in work:
@@ -94,7 +96,7 @@ def test_batched_drain_matches_one_drain_per_write(tmp_path: Path, small_segment
 
 
 def test_reads_see_queued_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mod, "MEM_DATA_MAX", 0)  # data_of must read the log
+    monkeypatch.setattr(store, "MEM_DATA_MAX", 0)  # data_of must read the log
     bs = _bs(tmp_path)
     cache = bs.caches[1]
     rec = bs.append(1, 8192, b"n" * 4096)
@@ -158,7 +160,7 @@ def test_recycled_segment_never_replays_its_previous_life(tmp_path: Path,
         if i % 10 == 9:
             bs.commit(1, appended[-4][0].seq)  # keep a few uncommitted
     # files were reused: a few files served many segments
-    assert len(inodes) > 6 and len(set(inodes.values())) <= 2 + mod.SPARES_MAX
+    assert len(inodes) > 6 and len(set(inodes.values())) <= 2 + wal.SPARES_MAX
     bs2 = _bs(tmp_path)  # crash
     assert [(r.seq, bytes(bs2.data_of(r))) for r in bs2.uncommitted()] == _live(bs, appended)
     assert bs2.log.corrupt == []
@@ -195,7 +197,7 @@ def test_sealed_segments_replay_without_corruption(tmp_path: Path, small_segment
     pos = SEG_HEADER.size
     while True:  # walk to the seal
         flags, length = REC.unpack_from(raw, pos)[2], REC.unpack_from(raw, pos)[7]
-        if flags & mod.FLAG_SEAL:
+        if flags & wal.FLAG_SEAL:
             break
         pos += REC.size + length
     for _ in range(3):  # crash, restart (which seals the last segment), and again
@@ -314,7 +316,7 @@ def test_commit_before_drain_keeps_segment_until_written(tmp_path: Path,
     bs.commit(1, recs[-1].seq)
     bs.drain()  # writes into the committed segments, then recycles them
     assert bs.log.segments() == [bs.log.active_seg]
-    assert 0 < len(bs.log.spares) <= mod.SPARES_MAX
+    assert 0 < len(bs.log.spares) <= wal.SPARES_MAX
     bs.append(1, 0, b"k" * 512)
     bs.drain()
     bs2 = _bs(tmp_path)

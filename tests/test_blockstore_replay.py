@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import edge.blockstore as mod
-from edge.blockstore import FULL, Blockstore, BlockstoreError
+from edge.blockstore import FULL, Blockstore, BlockstoreError, store, wal
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -37,7 +36,7 @@ def test_older_committed_write_never_replays_over_a_retired_newer_one(
     """X then Y at offset 0, both committed; Y's segment is retired, X's is kept
     alive by an uncommitted write of another LUN. After a restart, offset 0 must
     read Y (from the cache or the Core), never X."""
-    monkeypatch.setattr(mod, "SEG_BYTES", 64 * KiB)
+    monkeypatch.setattr(wal, "SEG_BYTES", 64 * KiB)
     luns = {1: 4 * MiB, 2: 1 * MiB}
     bs = Blockstore(tmp_path, luns, 1 << 30, region_bytes=4096)
     x = bs.append(1, 0, b"X" * 4096)
@@ -66,15 +65,15 @@ def test_older_committed_write_never_replays_over_a_retired_newer_one(
 
 def test_committed_seqs_persisted_per_retired_segment_not_per_write(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mod, "SEG_BYTES", 64 * KiB)
+    monkeypatch.setattr(wal, "SEG_BYTES", 64 * KiB)
     saves: list[Path] = []
-    real = mod.atomic_write
+    real = store.atomic_write
 
     def counted(path: Path, data: bytes) -> None:
         saves.append(path)
         real(path, data)
 
-    monkeypatch.setattr(mod, "atomic_write", counted)
+    monkeypatch.setattr(store, "atomic_write", counted)
     bs = Blockstore(tmp_path, {1: 4 * MiB}, 1 << 30)
     saves.clear()
     for i in range(64):  # about eight segments' worth, each write committed at once
@@ -92,7 +91,7 @@ def test_committed_seqs_persisted_per_retired_segment_not_per_write(
 
 
 def test_failed_persist_keeps_the_segment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mod, "SEG_BYTES", 64 * KiB)
+    monkeypatch.setattr(wal, "SEG_BYTES", 64 * KiB)
     bs = Blockstore(tmp_path, {1: 4 * MiB}, 1 << 30)
     _fill_segment(bs, 1, 0)
     bs.drain()
@@ -100,7 +99,7 @@ def test_failed_persist_keeps_the_segment(tmp_path: Path, monkeypatch: pytest.Mo
     def broken(*_: object) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(mod, "atomic_write", broken)
+    monkeypatch.setattr(store, "atomic_write", broken)
     first = bs.log.segments()[0]
     bs.commit(1, bs.next_seq[1] - 1)
     assert first in bs.log.segments()  # kept: replaying it is safe
@@ -123,7 +122,7 @@ def test_random_crashes_never_expose_stale_data(tmp_path: Path, monkeypatch: pyt
     must read that overlaid by every acknowledged (drained) uncommitted write,
     and by appended, undrained writes until a crash drops them.
     """
-    monkeypatch.setattr(mod, "SEG_BYTES", 16 * KiB)  # rolls and recycles every few writes
+    monkeypatch.setattr(wal, "SEG_BYTES", 16 * KiB)  # rolls and recycles every few writes
     rng = random.Random(seed)
     core = {lun: bytearray(size) for lun, size in LUNS.items()}
     drained: dict[int, list[tuple[int, int, bytes]]] = {lun: [] for lun in LUNS}
@@ -281,7 +280,7 @@ def test_cache_write_error_fails_the_blockstore(tmp_path: Path,
 
 
 def test_queued_cache_writes_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mod, "QUEUE_BYTES_MAX", 64 * KiB)
+    monkeypatch.setattr(store, "QUEUE_BYTES_MAX", 64 * KiB)
     bs = Blockstore(tmp_path, {1: 4 * MiB}, 1 << 30)
     for i in range(40):
         bs.append(1, i * 4096, b"q" * 4096)
