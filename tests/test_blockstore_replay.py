@@ -286,3 +286,29 @@ def test_queued_cache_writes_are_bounded(tmp_path: Path, monkeypatch: pytest.Mon
         bs.append(1, i * 4096, b"q" * 4096)
         bs.drain()
         assert bs.caches[1].queued * 4096 <= 64 * KiB + 4096
+
+
+def test_uncommitted_writes_of_a_removed_or_shrunk_lun_refuse_the_start(tmp_path: Path) -> None:
+    """A LUN taken out of the config (or made smaller) while the Edge still holds writes of it
+    the Core has not got: they were acknowledged to a host, so replay must not drop them (the
+    segment would then be recycled and they were gone for good). The start is refused with
+    what to do; put back, the LUN still has them."""
+    luns = {1: 1 * MiB, 2: 1 * MiB}
+    bs = Blockstore(tmp_path, luns, 1 << 30, region_bytes=4096)
+    bs.append(1, 0, b"A" * 4096)
+    bs.commit(1, 1)
+    bs.append(2, 8192, b"B" * 4096)  # never committed
+    bs.drain()
+    bs.close()
+    with pytest.raises(BlockstoreError, match=r"LUN id\(s\) 2 \(1 writes\).*put the LUN back"):
+        Blockstore(tmp_path, {1: 1 * MiB}, 1 << 30, region_bytes=4096)
+    with pytest.raises(BlockstoreError, match=r"LUN id\(s\) 2"):
+        Blockstore(tmp_path, {1: 1 * MiB, 2: 8192}, 1 << 30, region_bytes=4096)
+    back = Blockstore(tmp_path, luns, 1 << 30, region_bytes=4096)
+    assert [r.seq for r in back.pending[2]] == [1]
+    assert back.caches[2].read(8192, 4096) == b"B" * 4096
+    back.commit(2, 1)
+    back.drain()
+    back.close()
+    # once the Core has them, the LUN may go: its committed records are dropped quietly
+    Blockstore(tmp_path, {1: 1 * MiB}, 1 << 30, region_bytes=4096).close()

@@ -105,6 +105,9 @@ class Blockstore:
         self._committed_saved: dict[int, int] = {lun: int(saved.get(str(lun), 0))
                                                  for lun in self.luns}
         self.committed_seq: dict[int, int] = dict(self._committed_saved)
+        # every LUN's, configured or not: replay must tell a removed LUN's committed records
+        # (safe to drop) from its uncommitted ones (acknowledged to a host: never dropped)
+        self._committed_any: dict[int, int] = {int(k): int(v) for k, v in saved.items()}
         self.log = WriteLog(self.dir / "wal", drain_hook=self.drain,
                             may_retire=self._persist_committed)
         self.caches = {lun: RegionCache(self.dir / f"cache-{lun}.img", size, region_bytes,
@@ -213,14 +216,13 @@ class Blockstore:
             raise BlockstoreError(f"{e}{self._or_start_empty()}") from None
         committed = self._committed_saved
         skipped = 0
+        stranded: dict[int, int] = {}  # LUN id -> uncommitted records the config cannot hold
         for rec, data in records:
-            if rec.lun not in self.luns:
-                _log.error("write_log_unknown_lun", lun=rec.lun, seq=rec.seq)
-                continue
+            if rec.lun not in self.luns or rec.offset + rec.length > self.caches[rec.lun].size:
+                if rec.seq > self._committed_any.get(rec.lun, 0):
+                    stranded[rec.lun] = stranded.get(rec.lun, 0) + 1
+                continue  # a removed or shrunk LUN's committed record: the Core has it
             cache = self.caches[rec.lun]
-            if rec.offset + rec.length > cache.size:
-                _log.error("write_log_out_of_range", lun=rec.lun, seq=rec.seq)
-                continue
             self.next_seq[rec.lun] = max(self.next_seq[rec.lun], rec.seq + 1)
             self.gseq = max(self.gseq, rec.gseq)
             if rec.seq <= committed[rec.lun]:
@@ -228,6 +230,15 @@ class Blockstore:
                 continue
             cache.write(rec.offset, data)
             self._track(rec, data)
+        if stranded:
+            # Acknowledged to a host and not yet on the Core: dropping them would lose data
+            # without a word (the segment would then be recycled).
+            _log.error("write_log_stranded", luns=stranded)
+            raise BlockstoreError(
+                f"{self.dir}: the write log holds uncommitted writes of LUN id(s) "
+                + ", ".join(f"{lun} ({n} writes)" for lun, n in sorted(stranded.items()))
+                + " that the config no longer has (removed, or made smaller): put the LUN "
+                "back as it was so they reach the Core, then change it" + self._or_start_empty())
         if records:
             _log.info("write_log_replayed", records=len(records) - skipped,
                       committed_skipped=skipped, uncommitted_bytes=self.uncommitted_bytes)
