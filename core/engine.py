@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from core.pipeline import LunPipeline, Order
-from core.replication import Effect, Event, Refused, Rep, State, initial, step
+from core.replication import Effect, Event, Refused, Rep, State, adopt_epoch, initial, step
 from steelfusion import control, log
 from steelfusion.config import CoreConfig
 from steelfusion.wire import (
@@ -216,8 +216,7 @@ class CoreEngine:
             if w.holder == self.name:
                 # the newer epoch is ours (a grant whose answer we did not act on): take it
                 # rather than step down from our own role (simulation seed 2019987 --full)
-                self.rep = Rep(self.rep.role, self.rep.state, w.pair_epoch)
-                self._save_state()
+                self._adopt_epoch(w.pair_epoch)
                 self.event("epoch_adopted", epoch=w.pair_epoch)
             else:
                 self._demote(w.pair_epoch, "the Witness knows a newer epoch")
@@ -308,6 +307,11 @@ class CoreEngine:
         if saved in (State.SUSPENDED, State.TERMINATED, State.INCONSISTENT):
             return Rep(role, saved, epoch)
         return rep
+
+    def _adopt_epoch(self, epoch: int) -> None:
+        """Take a newer epoch (the replication table's rule) and make it durable at once."""
+        self.rep = adopt_epoch(self.rep, epoch)
+        self._save_state()
 
     def _save_state(self) -> None:
         self._persist({"role": self.rep.role, "state": self.rep.state.value,
@@ -648,8 +652,7 @@ class CoreEngine:
                                   f"bytes, primary's is {size}: it must be at least as large and "
                                   "within 1 GiB of it")
             if h.epoch > self.epoch:
-                self.rep = Rep(self.rep.role, self.rep.state, h.epoch)
-                self._save_state()
+                self._adopt_epoch(h.epoch)
             link.ctx = LinkKind.MIRROR_IN
             self.mirror_in.add(link)
             self.clear_alarm("pairing_refused")
@@ -1276,8 +1279,7 @@ class CoreEngine:
             p.gate.clear()
             p.waiting.clear()
         if self._fire(Event.DEMOTE, why=why):
-            self.rep = Rep(self.rep.role, self.rep.state, max(self.epoch, epoch))
-            self._save_state()
+            self._adopt_epoch(epoch)
             if self.witness is not None:
                 self.witness.role = "secondary"
             self.event("demoted", why=why, diverged_regions={
@@ -1425,9 +1427,11 @@ class CoreEngine:
                 "is allowed only when neither this Core nor the Witness reach it; stop the "
                 "primary first (`coredr failover --wait` waits until then)", "peer-reachable")
         if self.rep.state is State.INCONSISTENT and not force:
-            raise control.ControlError(
-                "this replica is inconsistent (a resync was under way): promoting it would lose "
-                "data; use --force only if the primary's data is gone for good", "inconsistent")
+            # the table's own refusal (core/replication.py), asked, not copied
+            try:
+                step(self.rep, Event.FAILOVER_GRANTED)
+            except Refused as e:
+                raise control.ControlError(str(e), "inconsistent") from None
 
     def failover_begin(self, force: bool) -> None:
         """Check, then hold off the primary's links until :meth:`failover_decided`."""
@@ -1462,8 +1466,7 @@ class CoreEngine:
         if not self._fire(Event.FAILOVER_GRANTED, force=force):
             raise control.ControlError(f"failover is not allowed while this Core is "
                                        f"{self.rep.state.value}", "bad-state")
-        self.rep = Rep(self.rep.role, self.rep.state, new_epoch)
-        self._save_state()
+        self._adopt_epoch(new_epoch)
         self._peer_up = False
         for p in self.pipes.values():
             p.upstream = None

@@ -191,6 +191,16 @@ def step(rep: Rep, event: Event, *, force: bool = False) -> tuple[Rep, tuple[Eff
     return replace(rep, role=role, state=nxt, epoch=epoch), effects
 
 
+def adopt_epoch(rep: Rep, epoch: int) -> Rep:
+    """A newer epoch learned from the peer, the Witness or a failover grant; role and state
+    stay as the table left them. Epochs never go backwards (DESIGN.md invariant 2): an older
+    one is a bug upstream, refused rather than taken."""
+    if epoch < rep.epoch:
+        raise Refused(f"epoch {epoch} is older than this Core's epoch {rep.epoch}: epochs never "
+                      "go backwards")
+    return replace(rep, epoch=epoch)
+
+
 def initial(role: str, has_peer: bool, epoch: int = 1) -> Rep:
     if role == "primary":
         return Rep("primary", State.PAUSED if has_peer else State.STANDALONE, epoch)

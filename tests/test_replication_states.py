@@ -85,3 +85,14 @@ def test_unfenced_primary_is_caught_as_split_brain() -> None:
 # real engines and Witness logic are the simulation's ``--full`` seeds (tests/test_sim.py),
 # which check "never two acknowledging Cores" after every event; the hand-written model of
 # the Core that used to stand here is gone.
+
+
+def test_epochs_are_adopted_forward_only() -> None:
+    """Every epoch change goes through the table module; an older epoch is refused."""
+    from core.replication import Refused, Rep, State, adopt_epoch
+
+    rep = Rep("secondary", State.REPLICA, 3)
+    assert adopt_epoch(rep, 5) == Rep("secondary", State.REPLICA, 5)
+    assert adopt_epoch(rep, 3) == rep
+    with pytest.raises(Refused, match="never go backwards"):
+        adopt_epoch(rep, 2)
