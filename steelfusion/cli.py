@@ -560,26 +560,55 @@ def demo(workdir: str | None, size: int, lun_size: int, keep: bool) -> None:
 @main.command()
 @click.option("--workdir", default=None, type=click.Path(file_okay=False))
 @click.option("--rounds", default=3, show_default=True, help="Alternating A/B rounds.")
-@click.option("--quick", is_flag=True, help="A short smoke run (1/20 of the I/O).")
+@click.option("--quick", is_flag=True, help="A short smoke run (1/20 of the I/O; --wan: 1/4 "
+                                              "of the time per run).")
 @click.option("--lun-size", default="1G", show_default=True, type=LUN_SIZE,
               help=LUN_SIZE_HELP)
 @click.option("--workload", "only", multiple=True,
               help="Run only this workload (repeatable), e.g. '4K write QD32'.")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--precondition/--no-precondition", default=True, show_default=True,
+@click.option("--precondition/--no-precondition", default=None,
               help="Write both LUNs once before measuring (no first-touch allocation in "
-                   "any round).")
+                   "any round). Default: on, except with --wan (it would warm the Edge's "
+                   "cache).")
+@click.option("--wan", "wan", default=None, metavar="DELAY",
+              help="The WAN benchmark (root): the branch in its own network namespace, the "
+                   "data centers DELAY away one way (e.g. 30ms); the Edge at the branch "
+                   "beside tgt in dc-a reached over that WAN.")
+@click.option("--rate", default=None, help="With --wan: the branch links' rate, e.g. 100mbit "
+                                           "(default unlimited).")
+@click.option("--jitter", default=None, help="With --wan: delay varies by up to this, e.g. "
+                                             "2ms.")
+@click.option("--loss", default=None, help="With --wan: packets lost on the branch links, "
+                                           "e.g. 0.1%.")
+@click.option("--dc-delay", default=None,
+              help="With --wan: one-way delay between dc-a and dc-b (default 1ms, metro).")
 def bench(workdir: str | None, rounds: int, quick: bool, lun_size: int, only: tuple[str, ...],
-          as_json: bool, precondition: bool) -> None:
-    """qemu-img bench against a lab Edge (with replication) and tgt, side by side."""
+          as_json: bool, precondition: bool | None, wan: str | None, rate: str | None,
+          jitter: str | None, loss: str | None, dc_delay: str | None) -> None:
+    """qemu-img bench against a lab Edge (with replication) and tgt, side by side; with
+    --wan, across an emulated WAN (the benchmark SteelFusion exists for)."""
+    from steelfusion.bench import BenchError, main_wan, parse_wan_options
     from steelfusion.bench import main as bench_main
     from steelfusion.initiator import InitiatorError
     from steelfusion.lab import LabError
 
     try:
-        sys.exit(bench_main(workdir, rounds, quick, lun_size, as_json, list(only) or None,
-                            precondition))
-    except (InitiatorError, LabError) as e:
+        if wan is None:
+            given = [n for n, v in (("--rate", rate), ("--jitter", jitter), ("--loss", loss),
+                                    ("--dc-delay", dc_delay)) if v is not None]
+            if given:
+                raise BenchError(f"{given[0]} applies only to the WAN benchmark: add --wan "
+                                 f"DELAY (e.g. steelfusion bench --wan 30ms {given[0]} ...)")
+            sys.exit(bench_main(workdir, rounds, quick, lun_size, as_json, list(only) or None,
+                                precondition is not False))
+        if precondition:
+            raise BenchError("--precondition does not apply with --wan: writing the LUN "
+                             "through the Edge would put it all in the Edge's cache (no "
+                             "cold reads left); leave it out")
+        spec = parse_wan_options(wan, rate, jitter, loss, dc_delay)
+        sys.exit(main_wan(workdir, spec, rounds, quick, lun_size, as_json, list(only) or None))
+    except (InitiatorError, LabError, BenchError) as e:
         raise click.ClickException(str(e)) from None
 
 
@@ -659,6 +688,56 @@ def sim(seeds: int, first: int, writes: int, full: bool, plant: str | None, jobs
                f"seeds {first}..{first + seeds - 1}{', planted ' + plant if plant else ''})")
     if failures:
         sys.exit(1)
+
+
+class _OneLineCommand(click.Command):
+    """Usage errors (a bad or unknown option) in one line, like every other refusal."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as e:
+            raise _lab_usage(e) from None
+
+
+@main.command(cls=_OneLineCommand)
+@click.option("--workdir", required=True, type=click.Path(),
+              help="The drill's own folder (new, empty, or an earlier drill's): lab, logs, "
+                   "history.")
+@click.option("--seed", default=None, type=int, help="Seed of the fault schedule and the "
+              "workload (default: a random one, printed).")
+@click.option("--duration", default="5m", show_default=True, help="How long faults are "
+              "injected, e.g. 2m, 90s, 1h.")
+@click.option("--faults", default="kill,stop,partition,isolate,wan,operator",
+              show_default=True, help="Fault kinds to inject (comma-separated, or all).")
+@click.option("--luns", default=2, show_default=True, help="LUNs per Edge (one writer each).")
+@click.option("--edges", default=1, show_default=True, help="Number of Edges.")
+@click.option("--lun-size", default="64M", show_default=True, type=LUN_SIZE, help=LUN_SIZE_HELP)
+@click.option("--report", default=None, type=click.Path(dir_okay=False),
+              help="HTML report (default: WORKDIR-report.html next to the folder).")
+@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+              help="JSON report (default: WORKDIR-report.json next to the folder).")
+@click.option("--keep", is_flag=True, help="Leave the lab running afterwards.")
+def drill(workdir: str, seed: int | None, duration: str, faults: str, luns: int, edges: int,
+          lun_size: int, report: str | None, json_path: str | None, keep: bool) -> None:
+    """A failover drill (root): a netns lab, a seeded schedule of faults under a real
+    workload, the runbook's operator actions, then a check of every copy; exit 0 on PASS."""
+    import random
+    from pathlib import Path
+
+    from steelfusion.drill import DrillError, Options, parse_duration, parse_faults, run
+
+    try:
+        opts = Options(workdir=Path(workdir),
+                       seed=seed if seed is not None else random.randrange(1, 1_000_000),
+                       duration=parse_duration(duration), faults=parse_faults(faults),
+                       luns=luns, edges=edges, lun_size=lun_size,
+                       report=Path(report) if report else None,
+                       json_path=Path(json_path) if json_path else None, keep=keep)
+        sys.exit(run(opts, click.echo))
+    except DrillError as e:
+        raise click.ClickException(str(e)) from None
 
 
 if __name__ == "__main__":

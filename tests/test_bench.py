@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -39,3 +40,199 @@ def test_bench_path_quick_reports_each_workload() -> None:
     res = json.loads(p.stdout)
     assert [r["workload"] for r in res] == ["4K read QD32", "4K write QD32", "128K write QD8"]
     assert all(r["cpu_us_per_command"] > 0 and r["commands"] > 0 for r in res)
+
+
+# -- the WAN benchmark (issue 10 item 4) ------------------------------------------------------
+
+WAN_NAMES = ["4K write QD1", "4K write QD32", "128K write QD8", "4K read QD1 cold",
+             "4K read QD1 warm", "128K read QD8 cold", "128K read QD8 warm"]
+
+
+def _why_no_netns() -> str | None:
+    import os
+
+    if os.geteuid() != 0:
+        return "needs root"
+    from steelfusion import netns
+
+    return netns.available()
+
+
+def _one_line_refusal(p: subprocess.CompletedProcess[str], *want: str) -> str:
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode != 0, (p.args, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    assert len(lines) == 1, p.stderr
+    for w in want:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def _bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "steelfusion.cli", "bench", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _tgtd_pids_naming(text: str) -> list[int]:
+    """Live tgtd processes whose command line contains ``text``."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "tgtd" in cmd and text in cmd:
+            out.append(int(p.name))
+    return out
+
+
+@pytest.mark.skipif(_why_no_netns() is not None, reason=f"no netns lab: {_why_no_netns()}")
+@pytest.mark.timeout(150)
+def test_wan_bench_quick_measures_both_targets_across_the_wan(tmp_path: Path) -> None:
+    """Both targets measured from the branch; the WAN delay really on the path (lower
+    bounds only: a QD1 write to tgt and a cold read at the Edge each cross it); everything
+    stopped and the namespaces removed afterwards."""
+    import json
+
+    from steelfusion import netns
+    from steelfusion.lab import Lab, pid_alive
+
+    for t in ("qemu-img", "tgtd", "tgtadm", "ss"):
+        tool(t)
+    wd = tmp_path / "wb"
+    p = _bench("--wan", "30ms", "--quick", "--rounds", "1", "--json", "--workdir", str(wd),
+               timeout=140)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout)
+    assert res["mode"] == "wan" and res["rounds"] == 1 and res["quick"] is True
+    assert res["wan"]["delay_s"] == 0.03 and res["wan"]["dc_delay_s"] == 0.001
+    # a TCP connect across the WAN: one round trip (the emulator stamps a packet when its
+    # batch is read, so a delay can come out some microseconds short; undelayed it is ~0.1 ms)
+    assert res["wan"]["measured_rtt_s"] >= 0.95 * 0.06, res["wan"]
+    for pair in ("branch<->dc-a", "branch<->dc-b"):
+        assert res["wan"]["links"][pair]["delay"] == 0.03, res["wan"]["links"]
+    assert res["wan"]["links"]["dc-a<->dc-b"]["delay"] == 0.001
+    assert res["tgt"]["portal"].startswith("10.99.1.1:") and res["tgt"]["netns"].endswith("-dc-a")
+    assert res["edge"]["portal"].startswith("10.99.0.1:")
+    assert res["edge"]["netns"].endswith("-branch")
+    rows = {w["workload"]: w for w in res["workloads"]}
+    assert list(rows) == WAN_NAMES
+    for w in rows.values():
+        for side in ("edge", "tgt"):
+            s = w[side]
+            assert s["iops"] > 0 and s["mb_s"] > 0 and s["latency_ms"] > 0, (w, side)
+            assert len(s["runs_iops"]) == 1 and s["ops"][0] >= 8
+        if w["write"]:
+            assert w["commit_lag_s"] is not None and w["commit_lag_s"] >= 0
+        else:
+            assert w["commit_lag_s"] is None
+    # a QD1 write to tgt in the data center waits for the WAN: at least one round trip
+    assert rows["4K write QD1"]["tgt"]["latency_ms"] >= 2 * 30, rows["4K write QD1"]
+    # a cold read at the Edge is fetched from the Core across the WAN: at least one too
+    assert rows["4K read QD1 cold"]["edge"]["latency_ms"] >= 2 * 30, rows["4K read QD1 cold"]
+    assert res["replication"] == {"core-a": "running", "core-b": "replica"}  # synchronous
+    # nothing left: no node, no tgtd, no namespace of this lab
+    lab = Lab(wd / "lab")
+    data = json.loads(lab.file.read_text())
+    assert [n["name"] for n in lab.processes(data) if pid_alive(n["pid"])] == []
+    assert _tgtd_pids_naming(res["tgt"]["portal"]) == []
+    assert netns.listing(netns.lab_prefix(data["labid"])) == []
+
+
+def test_wan_bench_refuses_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not root: one line saying so, before anything starts (no process: this test is not
+    marked lab, so starting one would fail it)."""
+    import os
+
+    from click.testing import CliRunner
+
+    from steelfusion.cli import main
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    r = CliRunner().invoke(main, ["bench", "--wan", "30ms", "--quick"])
+    assert r.exit_code != 0
+    out = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(out) == 1 and "needs root" in out[0] and "--wan" in out[0], r.output
+
+
+@pytest.mark.parametrize(("args", "want"), [
+    (["--rate", "100mbit"], ["--rate", "--wan"]),
+    (["--dc-delay", "2ms"], ["--dc-delay", "--wan"]),
+    (["--wan", "30"], ["--wan", "unit"]),
+    (["--wan", "fast"], ["--wan", "duration"]),
+    (["--wan", "90s"], ["--wan", "60s"]),
+    (["--wan", "30ms", "--rate", "100"], ["--rate", "unit"]),
+    (["--wan", "30ms", "--jitter", "40ms"], ["--jitter", "--wan"]),
+    (["--wan", "30ms", "--loss", "60%"], ["--loss"]),
+    (["--wan", "30ms", "--precondition"], ["--precondition", "--wan"]),
+    (["--wan", "30ms", "--workload", "4K write QD64"], ["'4K write QD64'", "4K read QD1 cold"]),
+    (["--workload", "4K write QD64"], ["'4K write QD64'", "4K write QD32"]),
+    (["--rounds", "0"], ["--rounds"]),
+    (["--wan", "30ms", "--rounds", "0"], ["--rounds"]),
+])
+def test_bench_refuses_bad_options_in_one_line(args: list[str], want: list[str]) -> None:
+    """Each bad option: one line naming it, exit != 0, before any lab or tgt starts."""
+    p = _bench(*args)
+    _one_line_refusal(p, *want)
+
+
+@pytest.mark.skipif(_why_no_netns() is not None, reason=f"no netns lab: {_why_no_netns()}")
+def test_wan_bench_stopped_by_sigterm_leaves_nothing_running(tmp_path: Path) -> None:
+    """SIGTERM mid-run (``timeout``, a CI job cancelled) ends it like ^C: one line, exit
+    != 0, the lab's nodes, the emulator and tgtd stopped, the namespaces removed."""
+    import json
+    import re
+    import signal
+
+    from steelfusion import netns
+    from steelfusion.lab import Lab, pid_alive
+
+    wd = tmp_path / "wb"
+    p = subprocess.Popen([sys.executable, "-m", "steelfusion.cli", "bench", "--wan", "30ms",
+                          "--quick", "--workdir", str(wd)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        portal = None
+        for line in p.stdout:  # progress lines; tgtd is the last thing started
+            m = re.search(r"tgt in dc-a at (\S+);", line)
+            if m:
+                portal = m.group(1)
+                break
+        assert portal is not None, p.communicate(timeout=60)
+        assert _tgtd_pids_naming(f"portal={portal}") != []
+        data = json.loads((wd / "lab" / "lab.json").read_text())
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode != 0 and len(lines) == 1, err
+    assert "interrupted (SIGTERM)" in lines[0] and "Traceback" not in err, err
+    lab = Lab(wd / "lab")
+    assert [n["name"] for n in lab.processes(data) if pid_alive(n["pid"])] == []
+    assert _tgtd_pids_naming(f"portal={portal}") == []
+    assert netns.listing(netns.lab_prefix(data["labid"])) == []
+
+
+@pytest.mark.parametrize("wan", [[], ["--wan", "30ms"]], ids=["loopback", "wan"])
+def test_bench_on_a_folder_with_a_running_lab_leaves_that_lab_alone(
+        tmp_path: Path, wan: list[str]) -> None:
+    """`bench --workdir DIR` where DIR/lab is a running lab: refused in one line, and that
+    lab keeps running (the benchmark stops only a lab it started)."""
+    from steelfusion.lab import Lab, pid_alive
+
+    if wan and _why_no_netns() is not None:
+        pytest.skip(f"no netns lab: {_why_no_netns()}")
+    lab = Lab(tmp_path / "lab")
+    data = lab.up(luns=1, lun_size=64 << 20, edges=1)
+    try:
+        p = _bench(*wan, "--quick", "--workdir", str(tmp_path))
+        _one_line_refusal(p, str(tmp_path / "lab"))
+        assert [n["name"] for n in lab.nodes(data) if not pid_alive(n["pid"])] == []
+    finally:
+        lab.down()
