@@ -1,0 +1,1132 @@
+"""`steelfusion drill`: a failover drill on a netns lab (issue 10, item 3), the runner.
+
+A drill is what an operator rehearses before the day a data center goes away: a real
+workload, a seeded schedule of faults, the runbook's operator actions, then proof that no
+acknowledged write was lost. The runner here does the I/O and the timing; what is checked
+and reported lives in steelfusion/drillcheck.py and steelfusion/drillreport.py (sans-IO, fed
+the :class:`~steelfusion.drillcheck.History` this module records).
+
+1. **Lab.** ``Lab.up(netns=True)`` in the drill's own folder (root): the sites branch, dc-a,
+   dc-b and witness in network namespaces, joined by the userspace WAN emulator.
+2. **Workload.** One writer thread per LUN, each driving one interactive ``qemu-io`` (libiscsi)
+   in the branch namespace: random 1..16-block writes of self-describing blocks
+   (:func:`drillcheck.payloads`), at most :data:`WRITE_RATE` a second so the data volume stays
+   bounded; each write's start, answer (ok / failed) and latency go into the history. A write
+   with no answer within :data:`STALL_LIMIT` is indeterminate: that qemu-io is killed and a new
+   one started.
+3. **Samplers.** Every :data:`SAMPLE_EVERY` seconds each Core's status (from inside its
+   namespace: control ports are namespace-local, so a partition never blinds the runner):
+   role, epoch, replication state, and whether it acknowledged Edge writes since the previous
+   sample (its ``acked_seq`` grew, same process, same stream): the checker's split-brain and
+   RTO evidence. The Edges are sampled too (connected or not), for the timeline.
+4. **Faults.** :func:`build_schedule` draws every fault from ``random.Random(seed)`` before
+   anything runs, so the same seed replays the same schedule (the system's timing varies, of
+   course). Targets are roles (the primary, the primary's site), resolved when the fault
+   starts: after a failover "the primary" is the other Core. One fault at a time; each is
+   healed, then the runner acts as the operator would (resume a suspended primary once its
+   peer is back).
+5. **End.** Heal everything, start what is down, resume, wait until replication runs and the
+   Edges hold nothing uncommitted, stop the writers, read every LUN back through its Edge,
+   check the Edge's read-back and both Cores' LUN files, write the reports, print the replay
+   command.
+
+The runbook's rules the schedule keeps (documented behaviour, not bugs): a suspended primary
+is never killed or isolated (writes it acknowledged are only in its journal: a failover then
+loses them by design), and a failover is only run on a consistent replica.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import html
+import itertools
+import json
+import os
+import random
+import re
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from steelfusion import control, drillcheck, drillreport, log
+from steelfusion.drillcheck import BLOCK, Copy, History
+from steelfusion.lab import CORE_SITES, Lab, LabError, call_node, node_alive, size_arg
+from steelfusion.units import format_size
+
+_log = log.get("drill")
+
+FAULT_KINDS = ("kill", "stop", "partition", "isolate", "wan", "operator")
+"""What a drill can inject (``--faults``): SIGKILL then restart; SIGSTOP then SIGCONT; a cut
+between two sites (or one way, or one Core interface down); the primary isolated from its
+peer and the Witness while its Edges still reach it, with the runbook's failover; a slow,
+lossy link; an operator's suspend then resume."""
+
+WRITE_RATE = 100.0
+"""Writes a second per writer at most (qemu-io does ~1300 at QD1 here): bounds the data."""
+MAX_WRITE_BLOCKS = 16
+STALL_LIMIT = 120.0
+"""Seconds without an answer before a write is indeterminate (well above any healed fault)."""
+OPEN_TIMEOUT = 30.0
+SAMPLE_EVERY = 0.25
+STATUS_TIMEOUT = 1.0
+GAP = (4.0, 10.0)
+"""Seconds from one fault's start to the next one's (when the previous one is over)."""
+HOLD = (2.0, 8.0)
+"""Seconds a fault lasts before it is healed."""
+MIN_GAP = 1.0
+"""At least this long between a fault's recovery and the next fault."""
+FAILOVER_WAIT = 30
+SETTLE_TIMEOUT = 60.0
+END_TIMEOUT = 240.0
+COREDR_TIMEOUT = 300.0
+
+PROMPT = b"qemu-io> "
+_WROTE = re.compile(rb"wrote (\d+)/(\d+) bytes at offset (\d+)")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(s|sec|m|min|h)?\s*$", re.IGNORECASE)
+_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
+MIN_DURATION = 10.0
+MAX_DURATION = 7 * 86400.0
+
+#: site pairs a partition cuts: role-relative, resolved when the fault starts
+PARTITION_PAIRS = (("primary-site", "secondary-site"), ("primary-site", "witness"),
+                   ("secondary-site", "witness"), ("branch", "primary-site"))
+#: links a WAN fault degrades
+WAN_PAIRS = (("branch", "primary-site"), ("branch", "secondary-site"),
+             ("primary-site", "secondary-site"), ("primary-site", "witness"),
+             ("secondary-site", "witness"))
+WAN_RATES = (0.0, 100e6 / 8, 50e6 / 8, 20e6 / 8)  # bytes/s; 0: unlimited
+
+
+class DrillError(Exception):
+    """The drill cannot start or went wrong; the message is one line saying what to do."""
+
+
+# --- options -----------------------------------------------------------------------------
+
+
+def parse_duration(text: str) -> float:
+    """``5m``, ``90s``, ``120`` (seconds), ``1h`` -> seconds."""
+    m = _DURATION.match(text)
+    if not m:
+        raise DrillError(f"--duration {text!r} is not a duration: give e.g. 5m, 90s or 1h")
+    seconds = float(m.group(1)) * _UNITS[(m.group(2) or "s").lower()]
+    if not MIN_DURATION <= seconds <= MAX_DURATION:
+        raise DrillError(f"--duration {text!r}: give {MIN_DURATION:g}s to 7 days (a drill "
+                         f"injects a fault every {GAP[0]:g}-{GAP[1]:g} s)")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as ``--duration`` takes them back: 2m, 90s."""
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}m"
+    return f"{seconds:g}s"
+
+
+def parse_faults(text: str) -> tuple[str, ...]:
+    """``kill,partition`` -> the kinds, in :data:`FAULT_KINDS` order; ``all`` for every kind."""
+    words = [w.strip().lower() for w in text.split(",") if w.strip()]
+    if words == ["all"]:
+        return FAULT_KINDS
+    bad = [w for w in words if w not in FAULT_KINDS]
+    if bad or not words:
+        what = f"{bad[0]!r} is not a fault kind" if bad else "no fault kind given"
+        raise DrillError(f"--faults {text!r}: {what}; choose from {','.join(FAULT_KINDS)} "
+                         f"(comma-separated) or all")
+    return tuple(k for k in FAULT_KINDS if k in words)
+
+
+def refusal(euid: int | None = None) -> str | None:
+    """Why this process cannot run a drill (one line), or None when it can."""
+    uid = os.geteuid() if euid is None else euid
+    if uid != 0:
+        return ("steelfusion drill needs root: it puts the sites in network namespaces joined "
+                "by an emulated WAN (lab up --netns); run it as root")
+    from steelfusion import netns
+
+    why = netns.available()
+    if why is not None:
+        return (f"steelfusion drill needs network namespaces and /dev/net/tun: {why}; run it "
+                f"as root on a host (or container) that has them")
+    for tool in ("qemu-io", "qemu-img"):
+        if shutil.which(tool) is None:
+            return (f"steelfusion drill needs {tool} (the hosts' initiator): install the "
+                    f"Debian package qemu-utils (`make install` does it)")
+    return None
+
+
+# --- the schedule --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """One planned fault. ``target`` is a role or node (``primary``, ``secondary``,
+    ``witness``, ``edge-2``) or, for partition and wan, ``SITE|SITE`` with role-relative sites
+    (``primary-site``); ``iface`` marks a partition that takes the site's second interface
+    down instead of cutting a link."""
+
+    n: int
+    at: float
+    kind: str
+    target: str
+    hold: float
+    one_way: bool = False
+    iface: bool = False
+    delay: float = 0.0
+    jitter: float = 0.0
+    loss: float = 0.0
+    rate: float = 0.0
+
+    def describe(self) -> str:
+        a, _, b = self.target.partition("|")
+        if self.kind == "kill":
+            return f"SIGKILL {self.target}, start it again after {self.hold:g} s"
+        if self.kind == "stop":
+            return f"SIGSTOP {self.target}, SIGCONT after {self.hold:g} s"
+        if self.kind == "partition" and self.iface:
+            return f"{a} interface 1 down for {self.hold:g} s"
+        if self.kind == "partition":
+            how = f"{a} -> {b} (one way)" if self.one_way else f"{a} <-> {b}"
+            return f"cut {how} for {self.hold:g} s"
+        if self.kind == "isolate":
+            return (f"isolate the primary from its peer and the Witness (Edges still reach it), "
+                    f"coredr failover on the secondary, heal {self.hold:g} s later, resume")
+        if self.kind == "wan":
+            rate = "unlimited" if not self.rate else f"{self.rate * 8 / 1e6:g}mbit"
+            return (f"degrade {a} <-> {b}: delay {self.delay * 1000:.0f}ms jitter "
+                    f"{self.jitter * 1000:.0f}ms loss {self.loss * 100:.2f}% rate {rate} for "
+                    f"{self.hold:g} s")
+        return f"coredr suspend on the primary, resume after {self.hold:g} s"
+
+
+def build_schedule(seed: int, duration: float, kinds: Sequence[str],
+                   edges: int = 1) -> list[Fault]:
+    """Every fault of a drill, drawn from ``random.Random(seed)`` alone: the same arguments give
+    the same schedule. Faults are planned every U(4, 10) s from the start while before
+    ``duration``; each draws the same number of values whatever its kind, so the kinds
+    enabled change which faults come but not how the rest of the stream is consumed."""
+    if not kinds:
+        raise ValueError("no fault kinds")
+    rng = random.Random(seed)
+    nodes = ("witness", "primary", "secondary", *(f"edge-{i + 1}" for i in range(edges)))
+    out: list[Fault] = []
+    at = rng.uniform(*GAP)
+    while at < duration:
+        kind = kinds[rng.randrange(len(kinds))]
+        hold = round(rng.uniform(*HOLD), 1)
+        node = nodes[rng.randrange(len(nodes))]
+        pair = PARTITION_PAIRS[rng.randrange(len(PARTITION_PAIRS))]
+        wan = WAN_PAIRS[rng.randrange(len(WAN_PAIRS))]
+        r_one_way, r_swap, r_iface = rng.random(), rng.random(), rng.random()
+        delay = round(rng.uniform(0.010, 0.050), 3)
+        jitter = round(rng.uniform(0.0, 0.010), 3)
+        loss = round(rng.uniform(0.001, 0.02), 4)
+        rate = WAN_RATES[rng.randrange(len(WAN_RATES))]
+        f = Fault(len(out) + 1, round(at, 1), kind, node, hold)
+        if kind == "partition":
+            if r_iface < 0.15:
+                site = ("primary-site", "secondary-site")[r_swap < 0.5]
+                f = dataclasses.replace(f, target=f"{site}|", iface=True)
+            else:
+                a, b = pair if r_swap < 0.5 else pair[::-1]
+                f = dataclasses.replace(f, target=f"{a}|{b}", one_way=r_one_way < 0.3)
+        elif kind == "wan":
+            f = dataclasses.replace(f, target="|".join(wan), delay=delay, jitter=jitter,
+                                    loss=loss, rate=rate)
+        elif kind in ("isolate", "operator"):
+            f = dataclasses.replace(f, target="primary")
+        out.append(f)
+        at += rng.uniform(*GAP)
+    return out
+
+
+# --- recording -----------------------------------------------------------------------------
+
+
+class Recorder:
+    """The history, shared by the writer, sampler and fault threads (one lock)."""
+
+    def __init__(self) -> None:
+        self.h = History()
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        fn = getattr(self.h, name)
+
+        def locked(*a: Any, **k: Any) -> Any:
+            with self.lock:
+                return fn(*a, **k)
+
+        return locked
+
+
+# --- workload ------------------------------------------------------------------------------
+
+
+class _Stall(Exception):
+    pass
+
+
+class _Gone(Exception):
+    pass
+
+
+class QemuIo:
+    """One interactive ``qemu-io -f raw URL`` in a namespace; commands end at its prompt."""
+
+    live: set[QemuIo] = set()
+    """Every qemu-io not yet reaped (the runner's cleanup kills what is left)."""
+    _live_lock = threading.Lock()
+
+    def __init__(self, url: str, netns_name: str) -> None:
+        from steelfusion import netns
+
+        self.proc = subprocess.Popen(
+            [shutil.which("qemu-io") or "qemu-io", "-f", "raw", url], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            preexec_fn=netns.preexec(netns_name))
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        self.fd = self.proc.stdout.fileno()
+        self.stdin = self.proc.stdin
+        self.buf = b""
+        with QemuIo._live_lock:
+            QemuIo.live.add(self)
+
+    @classmethod
+    def kill_all(cls) -> None:
+        with cls._live_lock:
+            left = list(cls.live)
+        for q in left:
+            q.kill()
+
+    def until_prompt(self, timeout: float) -> bytes:
+        """Output up to the next prompt; :class:`_Stall` after ``timeout`` s, :class:`_Gone`
+        if qemu-io exits."""
+        deadline = time.monotonic() + timeout
+        while PROMPT not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Stall()
+            r, _, _ = select.select([self.fd], [], [], min(left, 1.0))
+            if r:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    raise _Gone(self.buf.decode(errors="replace").strip()[-300:])
+                self.buf += chunk
+        out, _, self.buf = self.buf.partition(PROMPT)
+        return out
+
+    def send(self, line: str) -> None:
+        self.stdin.write(line.encode() + b"\n")
+        self.stdin.flush()
+
+    def close(self, grace: float = 5.0) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.send("quit")
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._reap()
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        self._reap()
+
+    def _reap(self) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+        with QemuIo._live_lock:
+            QemuIo.live.discard(self)
+        for f in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                if f is not None:
+                    f.close()
+
+
+class Writer(threading.Thread):
+    """Writes one LUN through one qemu-io, one write at a time, into the history."""
+
+    def __init__(self, drill: Drill, lun: int, url: str, size: int) -> None:
+        super().__init__(name=f"writer-lun{lun}", daemon=True)
+        self.d = drill
+        self.lun = lun
+        self.url = url
+        self.blocks = size // BLOCK
+        self.rng = random.Random(f"{drill.seed}/writer/{lun}")
+        self.file = Path(f"/dev/shm/sf-drill-{os.getpid()}-{lun}.blk")
+        self.q: QemuIo | None = None
+        self.stats: Counter[str] = Counter()
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except Exception as e:  # a runner bug: stop the drill, say where
+            self.error = f"writer of LUN {self.lun}: {type(e).__name__}: {e}"
+            _log.error("writer_failed", lun=self.lun, error=self.error,
+                       traceback=traceback.format_exc())
+            self.d.abort.set()
+        finally:
+            if self.q is not None:
+                self.q.close()
+                self.q = None
+            self.file.unlink(missing_ok=True)
+
+    def _open(self) -> QemuIo | None:
+        while not self.d.stop_writes.is_set() and not self.d.abort.is_set():
+            q = QemuIo(self.url, self.d.branch_ns)
+            try:
+                q.until_prompt(OPEN_TIMEOUT)
+                self.stats["opens"] += 1
+                return q
+            except (_Stall, _Gone) as e:
+                self.stats["open_failures"] += 1
+                _log.info("qemu_io_open_failed", lun=self.lun, why=str(e) or "timeout")
+                q.kill()
+                self.d.stop_writes.wait(1.0)
+        return None
+
+    def _loop(self) -> None:
+        fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.close(fd)
+        period = 1.0 / WRITE_RATE
+        next_at = time.monotonic()
+        while not self.d.stop_writes.is_set() and not self.d.abort.is_set():
+            if self.q is None:
+                self.q = self._open()
+                if self.q is None:
+                    return
+            now = time.monotonic()
+            if next_at > now:
+                time.sleep(next_at - now)
+            next_at = max(next_at + period, time.monotonic() - 1.0)
+            self._write_one(self.q)
+
+    def _write_one(self, q: QemuIo) -> None:
+        n = self.rng.randint(1, min(MAX_WRITE_BLOCKS, self.blocks))
+        first = self.rng.randrange(0, self.blocks - n + 1)
+        wid = self.d.next_id()
+        data = drillcheck.payloads(self.d.seed, wid, self.lun, first, n)
+        self.file.write_bytes(data)
+        off, length = first * BLOCK, n * BLOCK
+        t0 = time.time()
+        try:
+            q.send(f"write -s {self.file} {off} {length}")
+        except OSError:  # qemu-io is gone: nothing was sent
+            self.q = None
+            q.kill()
+            return
+        rec = self.d.rec
+        rec.write_started(wid, self.lun, first, n, t0)
+        try:
+            out = q.until_prompt(STALL_LIMIT)
+        except (_Stall, _Gone) as e:
+            rec.write_ended(wid, time.time(), "indeterminate")
+            self.stats["indeterminate"] += 1
+            why = "no answer" if isinstance(e, _Stall) else f"qemu-io exited: {e}"
+            _log.warning("write_indeterminate", lun=self.lun, write=wid, why=why)
+            self.d.say(f"LUN {self.lun}: write {wid} indeterminate ({why}); new qemu-io",
+                       quiet=True)
+            self.q = None
+            q.kill()
+            return
+        t1 = time.time()
+        m = _WROTE.search(out)
+        if m and int(m.group(1)) == int(m.group(2)) == length and int(m.group(3)) == off:
+            rec.write_ended(wid, t1, "ok")
+            rec.write_latency(t1, t1 - t0, self.lun)
+            self.stats["ok"] += 1
+            return
+        rec.write_ended(wid, t1, "failed")
+        self.stats["failed"] += 1
+        text = out.decode(errors="replace").strip()
+        _log.info("write_failed", lun=self.lun, write=wid, output=text[-300:])
+        if b"failed" not in out and b"error" not in out.lower():
+            raise RuntimeError(f"unexpected qemu-io answer to a write: {text[-300:]!r}")
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+
+class Sampler(threading.Thread):
+    """Samples one node's status into the history every :data:`SAMPLE_EVERY` seconds."""
+
+    def __init__(self, drill: Drill, node: dict[str, Any], kind: str) -> None:
+        super().__init__(name=f"sampler-{node['name']}", daemon=True)
+        self.d = drill
+        self.node = node
+        self.kind = kind
+        self.prev: tuple[float, Any, dict[str, tuple[int, int]]] | None = None
+        self.count = 0
+
+    def run(self) -> None:
+        try:
+            while not self.d.stop_sampling.wait(SAMPLE_EVERY):
+                self.sample()
+        except Exception as e:
+            _log.error("sampler_failed", node=self.node["name"], error=repr(e),
+                       traceback=traceback.format_exc())
+            self.d.abort.set()
+
+    def sample(self) -> None:
+        name = self.node["name"]
+        t0 = time.time()
+        try:
+            st: dict[str, Any] | None = call_node(self.node, "status", timeout=STATUS_TIMEOUT)
+            if st is not None and not st.get("ok"):
+                st = None
+            why = "no-answer"
+        except (OSError, ValueError, control.ControlError) as e:
+            st = None
+            why = "down" if isinstance(e, ConnectionRefusedError) else "no-answer"
+        t1 = time.time()
+        self.count += 1
+        rec = self.d.rec
+        if st is None:
+            rec.node_state(t1, name, None, None, why, False)
+            return
+        if self.kind == "edge":
+            core = st.get("core") or {}
+            # "running" (green on the timeline): connected to a primary Core
+            rec.node_state(t1, name, "edge", None,
+                           "running" if core.get("connected") else "disconnected", False)
+            return
+        acked = {lun: (int(v.get("stream") or 0), int(v.get("acked_seq") or 0))
+                 for lun, v in (st.get("luns") or {}).items()}
+        role = st.get("role")
+        acking = False
+        since = t0
+        if self.prev is not None:
+            p_t0, p_pid, p_acked = self.prev
+            since = p_t0
+            acking = role == "primary" and p_pid == st.get("pid") and any(
+                lun in p_acked and p_acked[lun][0] == s and a > p_acked[lun][1]
+                for lun, (s, a) in acked.items())
+        self.prev = (t0, st.get("pid"), acked)
+        rec.node_state(t1, name, role, st.get("epoch"), st.get("replication"), acking,
+                       since=since)
+
+
+# --- the drill -----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Options:
+    workdir: Path
+    seed: int
+    duration: float
+    faults: tuple[str, ...]
+    luns: int = 2
+    edges: int = 1
+    lun_size: int = 64 << 20
+    report: Path | None = None
+    json_path: Path | None = None
+    keep: bool = False
+
+    def replay(self) -> str:
+        return (f"steelfusion drill --workdir {self.workdir} --seed {self.seed} --duration "
+                f"{format_duration(self.duration)} --faults {','.join(self.faults)} --luns "
+                f"{self.luns} --edges {self.edges} --lun-size {size_arg(self.lun_size)}")
+
+
+class _Skip(Exception):
+    """A planned fault the runbook's rules forbid now (the message says why)."""
+
+
+class Drill:
+    """One drill run: :meth:`run` returns the exit code (0 PASS, 1 FAIL)."""
+
+    def __init__(self, opts: Options, echo: Callable[[str], None] = print) -> None:
+        self.o = opts
+        self.seed = opts.seed
+        self.echo = echo
+        self.lab = Lab(opts.workdir)
+        self.rec = Recorder()
+        self.abort = threading.Event()
+        self.stop_writes = threading.Event()
+        self.stop_sampling = threading.Event()
+        self._ids = itertools.count(1)
+        self._id_lock = threading.Lock()
+        self.t0 = time.time()
+        self.writers: list[Writer] = []
+        self.samplers: list[Sampler] = []
+        self.stopped: dict[str, int] = {}  # SIGSTOPped node -> pid
+        self.done: list[tuple[Fault, str]] = []  # (fault, what it hit)
+        self.skipped: list[tuple[Fault, str]] = []
+        self.problems: list[str] = []
+        self.data: dict[str, Any] = {}
+        self.branch_ns = ""
+        self.log_path = opts.workdir / "drill.log"
+
+    # -- output ------------------------------------------------------------------------
+    def say(self, text: str, quiet: bool = False) -> None:
+        line = f"[{time.time() - self.t0:7.1f}s] {text}"
+        _log.info("drill", message=text)
+        if not quiet:
+            self.echo(line)
+
+    def next_id(self) -> int:
+        with self._id_lock:
+            return next(self._ids)
+
+    # -- nodes -------------------------------------------------------------------------
+    def node(self, name: str) -> dict[str, Any]:
+        data = self.lab.load()
+        return self.lab.node(data, name)
+
+    def core_status(self, name: str, timeout: float = 3.0) -> dict[str, Any] | None:
+        try:
+            st = call_node(self.node(name), "status", timeout=timeout)
+        except (OSError, ValueError, control.ControlError, LabError):
+            return None
+        return st if st.get("ok") else None
+
+    def cores(self) -> dict[str, dict[str, Any] | None]:
+        return {c["name"]: self.core_status(c["name"]) for c in self.data["cores"]}
+
+    def roles(self) -> tuple[str, str, dict[str, dict[str, Any] | None]]:
+        """(primary, secondary, statuses): the primary is the highest-epoch Core claiming the
+        role (an isolated old primary still claims it at its old epoch)."""
+        st = self.cores()
+        prims = sorted((s["epoch"] or 0, n) for n, s in st.items()
+                       if s is not None and s.get("role") == "primary")
+        names = [c["name"] for c in self.data["cores"]]
+        # none answers as primary (killed, stopped): the last one known
+        last = self.last_primary if self.last_primary in names and self.last_primary else names[0]
+        p: str = prims[-1][1] if prims else last
+        self.last_primary = p
+        other = next(n for n in names if n != p)
+        return p, other, st
+
+    last_primary: str | None = None
+
+    def site_of(self, role_site: str, p: str, s: str) -> str:
+        if role_site == "primary-site":
+            return CORE_SITES[p]
+        if role_site == "secondary-site":
+            return CORE_SITES[s]
+        return role_site
+
+    def coredr(self, core: str, *args: str, timeout: float = COREDR_TIMEOUT
+               ) -> tuple[int, str]:
+        """Run ``coredr --netns NS --core CONTROL ARGS`` as an operator would."""
+        n = self.node(core)
+        cmd = [sys.executable, "-m", "steelfusion.coredr", "--netns", n["netns"], "--core",
+               n["control"], *args]
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                               check=False)
+        except subprocess.TimeoutExpired:
+            return 124, f"no answer within {timeout:.0f} s"
+        text = " | ".join(ln.strip() for ln in (p.stdout + p.stderr).splitlines() if ln.strip())
+        _log.info("coredr", core=core, args=list(args), rc=p.returncode, output=text)
+        return p.returncode, text
+
+    def sleep(self, seconds: float) -> None:
+        if self.abort.wait(max(0.0, seconds)):
+            raise DrillError(self._abort_reason())
+
+    def _abort_reason(self) -> str:
+        errs = [w.error for w in self.writers if w.error]
+        return (errs[0] if errs else "a sampler failed") + f" (see {self.log_path})"
+
+    def wait_for(self, pred: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = pred()
+            if got or time.monotonic() > deadline:
+                return got
+            self.sleep(every)
+
+    # -- the run -----------------------------------------------------------------------
+    def run(self) -> int:
+        o = self.o
+        schedule = build_schedule(o.seed, o.duration, o.faults, o.edges)
+        self.echo(f"drill seed {o.seed}: {len(schedule)} faults planned over "
+                  f"{format_duration(o.duration)} ({', '.join(o.faults)}); {o.edges} Edge(s) x "
+                  f"{o.luns} LUN(s) of {format_size(o.lun_size)}")
+        for f in schedule:
+            self.echo(f"  {f.n:3d}  +{f.at:6.1f}s  {f.kind:<9} {f.describe()}")
+        self.echo(f"replay: {o.replay()}")
+        self._save_marker(schedule)  # first: a lab that fails to start leaves a drill's folder
+        self.say(f"lab up --netns in {o.workdir}")
+        self.data = self.lab.up(luns=o.luns, lun_size=o.lun_size, edges=o.edges, netns=True,
+                                timeout=90)
+        self.branch_ns = self.data["sites"]["branch"]["netns"]
+        self.t0 = time.time()
+        for c in self.data["cores"]:
+            self.samplers.append(Sampler(self, c, "core"))
+        for e in self.data["edges"]:
+            self.samplers.append(Sampler(self, e, "edge"))
+        for s in self.samplers:
+            s.start()
+        for e in self.data["edges"]:
+            for t in e["targets"]:
+                self.writers.append(Writer(self, int(t["lun_id"]), t["url"], int(t["size"])))
+        for w in self.writers:
+            w.start()
+        self.say(f"workload: {len(self.writers)} writers (qemu-io in {self.branch_ns}), at most "
+                 f"{WRITE_RATE:g} writes/s each")
+        deadline = self.t0 + o.duration
+        for f in schedule:
+            start = max(self.t0 + f.at, time.time() + MIN_GAP)
+            if start >= deadline:
+                left = len(schedule) - f.n + 1
+                self.say(f"--duration reached: {left} planned fault(s) not run")
+                break
+            self.sleep(start - time.time())
+            self.inject(f)
+            self.operator_after_heal()
+        self.sleep(deadline - time.time())
+        return self.finish()
+
+    def _save_marker(self, schedule: list[Fault]) -> None:
+        """``drill.json``: marks the folder as a drill's (a later drill may reuse it) and keeps
+        what the runner planned."""
+        info = {"seed": self.o.seed, "duration": self.o.duration, "faults": list(self.o.faults),
+                "replay": self.o.replay(), "schedule": [dataclasses.asdict(f) for f in schedule]}
+        (self.o.workdir / "drill.json").write_text(json.dumps(info, indent=2))
+
+    # -- faults ------------------------------------------------------------------------
+    def inject(self, f: Fault) -> None:
+        try:
+            hit = getattr(self, f"_fault_{f.kind}")(f)
+        except _Skip as e:
+            self.skipped.append((f, str(e)))
+            self.say(f"fault {f.n} ({f.kind}) skipped: {e}")
+            return
+        self.done.append((f, hit))
+
+    def _primary_ok(self, target: str) -> tuple[str, str]:
+        """The Cores now; refuse a fault on a suspended primary (the runbook's rule)."""
+        p, s, st = self.roles()
+        if target == "primary":
+            ps = st.get(p)
+            if ps is not None and ps.get("replication") == "suspended":
+                self.operator_after_heal()
+                p, s, st = self.roles()
+                ps = st.get(p)
+                if ps is not None and ps.get("replication") == "suspended":
+                    raise _Skip(f"the primary {p} is suspended (a suspended primary is not "
+                                f"killed or isolated: its journaled writes are only there)")
+        return p, s
+
+    def _resolve(self, f: Fault) -> tuple[str, str, str]:
+        p, s = self._primary_ok(f.target if f.kind in ("kill", "isolate") else "")
+        name = {"primary": p, "secondary": s}.get(f.target, f.target)
+        return name, p, s
+
+    def _fault_kill(self, f: Fault) -> str:
+        name, _, _ = self._resolve(f)
+        self.rec.event(time.time(), "kill", f"SIGKILL {name} ({f.target})", node=name)
+        self.say(f"fault {f.n}: SIGKILL {name} ({f.target})")
+        self.lab.kill(name, signal.SIGKILL)
+        self.sleep(f.hold)
+        self._start(name)
+        return name
+
+    def _start(self, name: str) -> None:
+        n = self.lab.start(name, timeout=90)
+        self.rec.event(time.time(), "heal", f"lab start {name} (pid {n['pid']})", node=name)
+        self.say(f"heal: started {name} again (pid {n['pid']})")
+
+    def _fault_stop(self, f: Fault) -> str:
+        name, _, _ = self._resolve(f)
+        node = self.node(name)
+        if not node_alive(node):
+            raise _Skip(f"{name} is not running")
+        pid = int(node["pid"])
+        self.rec.event(time.time(), "stop", f"SIGSTOP {name} ({f.target})", node=name)
+        self.say(f"fault {f.n}: SIGSTOP {name} ({f.target}, pid {pid})")
+        self.stopped[name] = pid
+        os.kill(pid, signal.SIGSTOP)
+        self.sleep(f.hold)
+        self._cont(name)
+        return name
+
+    def _cont(self, name: str) -> None:
+        pid = self.stopped.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+        self.rec.event(time.time(), "heal", f"SIGCONT {name}", node=name)
+        self.say(f"heal: SIGCONT {name}")
+
+    def _fault_partition(self, f: Fault) -> str:
+        _, p, s = self._resolve(f)
+        ra, _, rb = f.target.partition("|")
+        a = self.site_of(ra, p, s)
+        if f.iface:
+            port = f"{a}/1"
+            self.rec.event(time.time(), "partition", f"port {port} down ({ra})", node=None)
+            self.say(f"fault {f.n}: port {port} down ({ra})")
+            self.lab.port(port, False)
+            self.sleep(f.hold)
+            self.lab.port(port, True)
+            self.rec.event(time.time(), "heal", f"port {port} up")
+            self.say(f"heal: port {port} up")
+            return port
+        b = self.site_of(rb, p, s)
+        arrow = "->" if f.one_way else "<->"
+        what = f"{a} {arrow} {b} ({ra} {arrow} {rb})"
+        self.rec.event(time.time(), "partition", f"cut {what}")
+        self.say(f"fault {f.n}: cut {what}")
+        self.lab.link(a, b, cut=True, one_way=f.one_way)
+        self.sleep(f.hold)
+        self.lab.link(a, b, heal=True, one_way=f.one_way)
+        self.rec.event(time.time(), "heal", f"heal {a} {arrow} {b}")
+        self.say(f"heal: {a} {arrow} {b}")
+        return f"{a}|{b}"
+
+    def _fault_wan(self, f: Fault) -> str:
+        _, p, s = self._resolve(f)
+        ra, _, rb = f.target.partition("|")
+        a, b = self.site_of(ra, p, s), self.site_of(rb, p, s)
+        what = f.describe().split(": ", 1)[1].rsplit(" for ", 1)[0]
+        self.rec.event(time.time(), "wan", f"{a} <-> {b}: {what}")
+        self.say(f"fault {f.n}: {a} <-> {b}: {what}")
+        self.lab.link(a, b, delay=f.delay, jitter=f.jitter, loss=f.loss, rate=f.rate)
+        self.sleep(f.hold)
+        self.lab.link(a, b, heal=True)
+        self.rec.event(time.time(), "heal", f"heal {a} <-> {b}")
+        self.say(f"heal: {a} <-> {b}")
+        return f"{a}|{b}"
+
+    def _fault_operator(self, f: Fault) -> str:
+        p, _, _ = self.roles()
+        t = time.time()
+        rc, out = self.coredr(p, "suspend")
+        if rc != 0:
+            raise _Skip(f"coredr suspend on {p} refused: {out}")
+        self.rec.event(t, "suspend", f"coredr suspend on {p}", node=p)
+        self.say(f"fault {f.n}: coredr suspend on {p}: {out}")
+        self.sleep(f.hold)
+        self.resume(p, deadline=SETTLE_TIMEOUT)
+        return p
+
+    def resume(self, core: str, deadline: float) -> bool:
+        """``coredr resume`` on ``core`` until it runs (retrying while its peer is still
+        away); False if it never did."""
+        end = time.monotonic() + deadline
+        while True:
+            t = time.time()
+            rc, out = self.coredr(core, "resume")
+            if rc == 0:
+                self.rec.event(t, "resume", f"coredr resume on {core}", node=core)
+                self.say(f"operator: coredr resume on {core}: {out}")
+                return True
+            if time.monotonic() > end:
+                self.say(f"operator: coredr resume on {core} still refused after "
+                         f"{deadline:.0f} s: {out}")
+                return False
+            self.sleep(1.0)
+
+    def _fault_isolate(self, f: Fault) -> str:
+        p, s = self._primary_ok("primary")
+        # a failover promotes a consistent replica only: wait for running (resync done)
+        def running() -> bool:
+            st = self.cores()
+            return bool(st.get(p) and st[p].get("replication") == "running"  # type: ignore[union-attr]
+                        and st.get(s) and st[s].get("replication") == "replica")  # type: ignore[union-attr]
+        if not self.wait_for(running, SETTLE_TIMEOUT):
+            raise _Skip(f"replication is not running between {p} and {s} after "
+                        f"{SETTLE_TIMEOUT:.0f} s: the replica is not consistent for a failover")
+        before = self.core_status(p) or {}
+        epoch = int(before.get("epoch") or 0)
+        psite, ssite = CORE_SITES[p], CORE_SITES[s]
+        t_cut = time.time()
+        self.lab.link(psite, ssite, cut=True)
+        self.lab.link(psite, "witness", cut=True)
+        cause = self.rec.event(t_cut, "partition", f"isolate {p}: cut {psite} <-> {ssite} and "
+                               f"{psite} <-> witness (branch still reaches it)", node=p)
+        self.say(f"fault {f.n}: isolate primary {p}: cut {psite} <-> {ssite}, {psite} <-> "
+                 f"witness")
+        kind = "failback" if s == self.data["cores"][0]["name"] else "failover"
+        t_cmd = time.time()
+        rc, out = self.coredr(s, "failover", "--wait", str(FAILOVER_WAIT),
+                              timeout=FAILOVER_WAIT + 60)
+        if rc == 0:
+            self.rec.event(t_cmd, kind, f"coredr failover --wait {FAILOVER_WAIT} on {s}",
+                           node=s, cause=cause)
+            self.say(f"operator: coredr failover on {s} ({kind}): {out}")
+        else:
+            self.problem(f"fault {f.n}: coredr failover on {s} failed while {p} was isolated "
+                         f"from it and the Witness: {out}")
+        self.sleep(f.hold)
+        self.lab.link(psite, ssite, heal=True)
+        self.lab.link(psite, "witness", heal=True)
+        self.rec.event(time.time(), "heal", f"heal {psite} <-> {ssite} and {psite} <-> witness")
+        self.say(f"heal: {psite} <-> {ssite}, {psite} <-> witness")
+        if rc != 0:
+            return p
+        # the old primary learns the newer epoch and rejoins as secondary
+        def rejoined() -> bool:
+            st = self.core_status(p)
+            return bool(st and st.get("role") == "secondary" and int(st.get("epoch") or 0) > epoch)
+        if not self.wait_for(rejoined, SETTLE_TIMEOUT):
+            st = self.core_status(p) or {}
+            self.problem(f"fault {f.n}: {p} did not rejoin as secondary within "
+                         f"{SETTLE_TIMEOUT:.0f} s of the heal (role {st.get('role')}, epoch "
+                         f"{st.get('epoch')}, replication {st.get('replication')})")
+        else:
+            self.say(f"{p} rejoined as secondary")
+        if not self.resume(s, deadline=SETTLE_TIMEOUT):
+            self.problem(f"fault {f.n}: coredr resume on the new primary {s} did not succeed")
+        self.last_primary = s
+        return p
+
+    def problem(self, text: str) -> None:
+        """Something the runbook says must work did not (makes the drill FAIL)."""
+        self.problems.append(text)
+        self.say(f"PROBLEM: {text}")
+        _log.error("drill_problem", problem=text)
+
+    def operator_after_heal(self) -> None:
+        """What the operator does after a fault: resume a suspended primary once its peer is
+        back (a new primary starts suspended)."""
+        p, _, st = self.roles()
+        ps = st.get(p)
+        if ps is not None and ps.get("replication") == "suspended":
+            self.resume(p, deadline=SETTLE_TIMEOUT)
+
+    # -- the end -----------------------------------------------------------------------
+    def heal_all(self) -> None:
+        data = self.lab.load()
+        for name in list(self.stopped):
+            self._cont(name)
+        sites = list(data.get("sites") or {})
+        for a, b in itertools.combinations(sites, 2):
+            self.lab.link(a, b, heal=True)
+        for site in (data.get("sites") or {}).values():
+            for port in site.get("ports", {}):
+                self.lab.port(port, True)
+        for n in self.lab.processes(data):
+            if not node_alive(n):
+                self._start(n["name"])
+
+    def wait_healthy(self, timeout: float) -> bool:
+        def healthy() -> bool:
+            p, s, st = self.roles()
+            ps, ss = st.get(p), st.get(s)
+            if ps is not None and ps.get("replication") == "suspended":
+                self.resume(p, deadline=10)
+                return False
+            return bool(ps and ss and ps.get("replication") == "running"
+                        and ss.get("replication") == "replica")
+        return bool(self.wait_for(healthy, timeout, every=1.0))
+
+    def finish(self) -> int:
+        o = self.o
+        self.say("end: healing everything")
+        self.heal_all()
+        if not self.wait_healthy(END_TIMEOUT):
+            self.problem(f"replication did not return to running within {END_TIMEOUT:.0f} s "
+                         f"after healing: {self._states()}")
+        self.say("end: stopping the writers (in-flight writes finish)")
+        self.stop_writes.set()
+        for w in self.writers:
+            w.join(STALL_LIMIT + 30)
+        try:
+            took = self.lab.wait_committed(timeout=END_TIMEOUT)
+            self.say(f"end: every Edge holds nothing uncommitted ({took:.1f} s)")
+        except LabError as e:
+            self.problem(f"the Edges did not drain: {e}")
+        if not self.wait_healthy(END_TIMEOUT):
+            self.problem(f"replication is not running at the end: {self._states()}")
+        time.sleep(SAMPLE_EVERY * 4)  # a few more samples of the healed state
+        self.stop_sampling.set()
+        for s in self.samplers:
+            s.join(10)
+        copies = self.read_back()
+        self.say("end: checking every copy")
+        result = drillcheck.check(self.rec.h, copies, o.seed, replay=o.replay())
+        return self.report(result, copies)
+
+    def _states(self) -> str:
+        st = self.cores()
+        return ", ".join(f"{n} {s.get('role')} {s.get('replication')} epoch {s.get('epoch')}"
+                         if s else f"{n} no answer" for n, s in st.items())
+
+    def read_back(self) -> list[Copy]:
+        from steelfusion.initiator import qemu_read
+
+        copies = []
+        data = self.lab.load()
+        for e in data["edges"]:
+            images: dict[int, str] = {}
+            for t in e["targets"]:
+                dst = self.o.workdir / f"readback-{e['name']}-lun{t['lun_id']}.img"
+                self.say(f"end: reading LUN {t['lun_id']} back through {e['name']}")
+                qemu_read(t["url"], dst, timeout=600, netns=self.branch_ns)
+                images[int(t["lun_id"])] = str(dst)
+            copies.append(Copy(e["name"], "edge", images))
+        for c in data["cores"]:
+            copies.append(Copy(c["name"], "core", {int(k): v for k, v in c["luns"].items()}))
+        return copies
+
+    def report(self, result: drillcheck.Result, copies: list[Copy]) -> int:
+        o = self.o
+        wd = o.workdir
+        html_path = o.report or wd.parent / f"{wd.name}-report.html"
+        json_path = o.json_path or wd.parent / f"{wd.name}-report.json"
+        if not result.counts.get("writes_ok"):
+            self.problem("no write was acknowledged: the workload never ran (see the Edges' "
+                         "logs and drill.log)")
+        page = drillreport.render_html(result, self.rec.h, title=f"steelfusion drill seed {o.seed}")
+        if self.problems:  # what the runbook says must work and did not: above the timeline
+            items = "".join(f"<li>{html.escape(p)}</li>" for p in self.problems)
+            page = page.replace("<h2>Timeline</h2>", f'<h2>Runner problems</h2><ul class="finding">'
+                                f"{items}</ul><h2>Timeline</h2>", 1)
+        html_path.write_text(page)
+        json_path.write_text(drillreport.to_json(result))
+        (wd / "history.json").write_text(json.dumps(self.rec.h.to_dict()))
+        info = json.loads((wd / "drill.json").read_text())
+        info.update({"injected": [dict(dataclasses.asdict(f), hit=hit) for f, hit in self.done],
+                     "skipped": [dict(dataclasses.asdict(f), why=why)
+                                 for f, why in self.skipped],
+                     "problems": self.problems, "passed": result.passed and not self.problems,
+                     "elapsed": time.time() - self.t0})
+        (wd / "drill.json").write_text(json.dumps(info, indent=2))
+        self.echo(drillreport.render_text(result))
+        self.echo("  writers: " + "; ".join(
+            f"LUN {w.lun} " + ", ".join(f"{k} {v}" for k, v in sorted(w.stats.items()))
+            for w in self.writers))
+        for text in self.problems:
+            self.echo(f"  PROBLEM: {text}")
+        self.echo(self.summary(result))
+        passed = result.passed and not self.problems
+        if passed:  # the read-back images are only worth their space for a failure
+            for c in copies:
+                if c.kind == "edge":
+                    for img in c.images.values():
+                        Path(str(img)).unlink(missing_ok=True)
+        self.echo(f"report: {html_path} (HTML), {json_path} (JSON); history and logs in {wd}")
+        self.echo(f"replay: {o.replay()}")
+        return 0 if passed else 1
+
+    def summary(self, result: drillcheck.Result) -> str:
+        kinds = Counter(f.kind for f, _ in self.done)
+        rs = drillreport.rto_summary(result.rto)
+        med, mx = rs["median_from_failure"], rs["max_from_failure"]
+        rto = (f"RTO median {med:.1f} s max {mx:.1f} s ({rs['failovers']} failovers)"
+               if med is not None and mx is not None else
+               f"RTO - ({rs['failovers']} failovers)")
+        verdict = "PASS" if result.passed and not self.problems else "FAIL"
+        skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
+        return (f"{verdict} seed {self.o.seed}: {len(self.done)} faults injected ("
+                + ", ".join(f"{k} {kinds[k]}" for k in FAULT_KINDS if kinds[k])
+                + f"{skipped}); RPO {result.rpo}; {rto}; {result.counts.get('writes_ok', 0)} "
+                f"writes acknowledged; {time.time() - self.t0:.0f} s")
+
+    # -- cleanup -----------------------------------------------------------------------
+    def cleanup(self) -> None:
+        """Nothing left running: writers, samplers, stopped nodes; the lab unless --keep."""
+        self.abort.set()
+        self.stop_writes.set()
+        self.stop_sampling.set()
+        QemuIo.kill_all()
+        for w in self.writers:
+            w.join(10)
+        QemuIo.kill_all()  # one a writer opened meanwhile
+        for w in self.writers:  # a writer still stuck (daemon) does not get to its finally
+            w.file.unlink(missing_ok=True)
+        for name, pid in list(self.stopped.items()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+            self.stopped.pop(name, None)
+        if not self.lab.file.exists():
+            return
+        if self.o.keep:
+            self.echo(f"lab left running in {self.o.workdir}; stop it with: steelfusion lab "
+                      f"down --workdir {self.o.workdir}")
+            return
+        with contextlib.suppress(LabError):
+            self.lab.down()
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def prepare_workdir(workdir: Path) -> None:
+    """The drill's own folder: absent, empty, or an earlier drill's (emptied now). A running
+    lab, or anything else in it, is refused and left alone."""
+    if workdir.exists() and not workdir.is_dir():
+        raise DrillError(f"--workdir {workdir} is not a directory (give a folder for the drill)")
+    lab = Lab(workdir)
+    if lab.file.exists():
+        try:
+            data = lab.load()
+        except LabError as e:
+            raise DrillError(str(e)) from None
+        alive = [n["name"] for n in lab.processes(data) if node_alive(n)]
+        if alive:
+            raise DrillError(f"a lab is already running in {workdir} ({', '.join(alive)}); "
+                             f"run `steelfusion lab down --workdir {workdir}` first, or give "
+                             f"the drill another --workdir")
+    if workdir.is_dir() and any(workdir.iterdir()):
+        if not (workdir / "drill.json").exists():
+            raise DrillError(f"--workdir {workdir} is not empty and is not an earlier drill's "
+                             f"folder (no drill.json); give an empty or new folder")
+        if lab.file.exists():  # a stopped drill lab: its namespaces go with it
+            with contextlib.suppress(LabError):
+                lab.down()
+        for p in workdir.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DrillError(f"cannot create --workdir {workdir}: {e.strerror or e}") from None
+
+
+def run(opts: Options, echo: Callable[[str], None] = print) -> int:
+    """``steelfusion drill``: 0 PASS, 1 FAIL; :class:`DrillError` for a refusal."""
+    try:
+        Lab.check_options(luns=opts.luns, lun_size=opts.lun_size, edges=opts.edges)
+    except LabError as e:
+        raise DrillError(str(e)) from None
+    if opts.lun_size < MAX_WRITE_BLOCKS * BLOCK:
+        raise DrillError(f"--lun-size {format_size(opts.lun_size)} is too small for the drill's "
+                         f"writes (up to {MAX_WRITE_BLOCKS} blocks of 4K): give at least "
+                         f"{size_arg(MAX_WRITE_BLOCKS * BLOCK)}")
+    why = refusal()
+    if why is not None:
+        raise DrillError(why)
+    opts = dataclasses.replace(opts, workdir=opts.workdir.resolve())
+    prepare_workdir(opts.workdir)
+    log.setup("drill", opts.workdir / "drill.log", tty=False)
+    d = Drill(opts, echo)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a CI job cancelled, `kill`) cleans up like ^C: nothing left running
+        signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        return d.run()
+    except LabError as e:
+        raise DrillError(f"{e} (logs: {opts.workdir}/*.log)") from None
+    except DrillError:
+        raise
+    except KeyboardInterrupt:
+        raise DrillError(f"interrupted: no report; the lab is taken down unless --keep (logs: "
+                         f"{opts.workdir})") from None
+    except Exception as e:
+        _log.error("drill_failed", error=repr(e), traceback=traceback.format_exc())
+        raise DrillError(f"the drill runner failed: {type(e).__name__}: {e} (traceback in "
+                         f"{d.log_path})") from None
+    finally:
+        d.cleanup()
+
