@@ -15,6 +15,7 @@ free the reserve.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from typing import Any
@@ -42,6 +43,9 @@ from steelfusion.wire import Read as ReadMsg
 
 _log = log.get("uplink")
 
+PROBE_AFTER = 3.0  # seconds without an acknowledgement before looking for a newer primary
+PROBE_EVERY = 1.0  # first look; then every 2, 4 ... PROBE_MAX seconds while still stalled
+PROBE_MAX = 8.0
 CORE_ALARM_AFTER = 5.0  # seconds without a primary Core before alarm core_unreachable
 
 SHIP_GATHER_S = 0.002  # seed: replication payloads are "as large as 512 KB"
@@ -65,6 +69,7 @@ class CoreUplink:
         self._tasks: list[asyncio.Task[None]] = []
         self.refusals: dict[str, dict[str, Any]] = {}  # core address -> last refusal
         self.down_since: float | None = time.monotonic()  # no primary since (None: connected)
+        self.last_ack = time.monotonic()  # the primary's last acknowledgement (probe timing)
         self.task_failures: dict[str, str] = {}
         self._bg = Background(lambda name, e: self.task_failures.__setitem__(name, repr(e)))
         self.connects = 0
@@ -86,17 +91,58 @@ class CoreUplink:
     async def _connector(self) -> None:
         delay = 0.2
         while True:
-            for addr in self.cfg.cores:
-                link = await self._try_core(addr)
-                if link is None:
+            if self.link is None:
+                for addr in self.cfg.cores:
+                    if await self._try_core(addr) is not None:
+                        break
+                else:
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
                     continue
-                delay = 0.2
-                await link.closed.wait()
+            delay = 0.2
+            link = self.link
+            assert link is not None
+            await self._hold(link)
+            if link.closed.is_set():
                 self._on_lost(link)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
-    async def _try_core(self, addr: tuple[str, int]) -> Link | None:
+    async def _hold(self, link: Link) -> None:
+        """Stay with ``link`` until it closes, or until another Core turns out to be primary
+        at a newer epoch while this one has acknowledged nothing for a while.
+
+        A primary cut off from its peer and the Witness stays reachable from its branch but
+        acknowledges nothing, and the secondary may fail over meanwhile. Without a look at
+        the other Cores the Edges learnt of the new primary only when the partition healed:
+        RTO was the whole partition (issue 10, found by ``steelfusion drill``). A secondary
+        refuses the probe (``not-primary``) and nothing changes; an Edge making progress
+        never probes."""
+        wait = PROBE_EVERY
+        while not link.closed.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await link.closed.wait()
+                return
+            if not self._stalled():
+                wait = PROBE_EVERY
+                continue
+            for addr in self.cfg.cores:
+                if addr == self.primary_addr or link.closed.is_set():
+                    continue
+                if await self._try_core(addr, newer_than=self.bs.epoch) is not None:
+                    _log.warning("moved_to_newer_primary", old=link.hello.node if link.hello
+                                 else None, new=self.primary_name, epoch=self.bs.epoch)
+                    link.close(f"Core {self.primary_name} is primary at a newer epoch")
+                    self._fail_reads("moved to a newer primary")
+                    return
+            wait = min(wait * 2, PROBE_MAX)
+
+    def _stalled(self) -> bool:
+        """Writes wait for the Core and none was acknowledged for :data:`PROBE_AFTER` s."""
+        return (self.bs.uncommitted_bytes > 0
+                and time.monotonic() - self.last_ack >= PROBE_AFTER)
+
+    async def _try_core(self, addr: tuple[str, int],
+                        newer_than: int | None = None) -> Link | None:
         hello = Hello(self.cfg.name, "edge", "edge", self.bs.epoch, dict(self.luns),
                       {"stream": self.bs.stream,
                        "committed": {str(k): v for k, v in self.bs.committed_seq.items()}})
@@ -111,6 +157,8 @@ class CoreUplink:
         def on_close(link: Link, exc: BaseException | None) -> None:
             if not fut.done():
                 fut.set_exception(ConnectionError(link.close_reason or "closed"))
+            else:
+                self._on_lost(link)  # at once: the connector may be busy probing
 
         link: Link | None = None
         try:
@@ -152,8 +200,12 @@ class CoreUplink:
             self.refusals[key] = {"code": "stale-primary", "reason": reason}
             link.close("stale primary")
             return None
+        if newer_than is not None and answer.epoch <= newer_than:
+            link.close("not a newer primary")  # a probe: the current primary stays
+            return None
         self.bs.see_epoch(answer.epoch)
         self.refusals.pop(format_addr(addr), None)
+        self.last_ack = time.monotonic()
         self.link = link
         self.primary_name = answer.node
         self.primary_addr = addr
@@ -176,15 +228,20 @@ class CoreUplink:
             _log.warning("core_disconnected", core=self.primary_name,
                          reason=link.close_reason or "connection closed",
                          uncommitted_bytes=self.bs.uncommitted_bytes)
-            for fut in self._reads.values():
-                if not fut.done():
-                    fut.set_exception(ConnectionError("Core connection lost"))
-            self._reads.clear()
+            self._fail_reads("Core connection lost")
+
+    def _fail_reads(self, why: str) -> None:
+        """Reads in flight on a connection that is gone: their callers ask again."""
+        for fut in self._reads.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError(why))
+        self._reads.clear()
 
     # -- messages -------------------------------------------------------------------
     def _on_message(self, link: Link, msg: Message) -> None:
         if isinstance(msg, Ack):
             if msg.stream == self.bs.stream:
+                self.last_ack = time.monotonic()
                 self.ship.on_ack(msg.lun, msg.seq)
                 self.bs.commit(msg.lun, msg.seq)
                 self._kick.set()
