@@ -527,6 +527,7 @@ class CoreEngine:
             return refuse("not-primary", f"Core {self.name} is the secondary: it serves no Edge "
                           "(a secondary Core has no active Edges); "
                           "connect to the primary Core", epoch=self.epoch)
+        stale: list[Any] = []
         for lun, size in h.luns.items():
             pipe = self.pipes.get(lun)
             if pipe is None:
@@ -538,11 +539,20 @@ class CoreEngine:
                               f"{self.name}'s backend {pipe.store.path} is {pipe.store.size} bytes")
             up = pipe.upstream
             if up is not None and up.established and up is not link:
-                return refuse("lun-busy", f"LUN id {lun} is already served to Edge "
-                              f"{up.hello.node if up.hello else up.peer}")
+                if h.instance is not None and up.hello is not None \
+                        and up.hello.node == h.node and up.hello.instance == h.instance:
+                    stale.append(up)  # the same Edge process again: its old link is stale
+                else:
+                    return refuse("lun-busy", f"LUN id {lun} is already served to Edge "
+                                  f"{up.hello.node if up.hello else up.peer}")
         if h.epoch > self.epoch:
             return refuse("stale-primary", f"Edge {h.node} has seen epoch {h.epoch}; this Core is "
                           f"at epoch {self.epoch} and is no longer primary", epoch=h.epoch)
+        for old in set(stale):
+            # The Edge reconnected (it moved, or its old connection died on its side first);
+            # refusing it until the old one times out here only delayed its writes (a race
+            # seen as a refused reconnect in tests/test_core.py under load).
+            old.close("replaced by a newer connection from the same Edge")
         link.ctx = LinkKind.EDGE
         self.edge_links.add(link)
         stream = h.info.get("stream")

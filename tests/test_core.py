@@ -94,6 +94,28 @@ def test_secondary_down_pauses_then_resumes(pair) -> None:  # type: ignore[no-un
     assert b.lun_bytes(1)[:8192] == b"1" * 4096 + b"2" * 4096
 
 
+def test_a_reconnecting_edge_replaces_its_own_stale_link(pair) -> None:  # type: ignore[no-untyped-def]
+    """The same Edge process (same instance id) dialling again while its old connection still
+    looks alive here: the new one is taken and the old one closed, not refused ``lun-busy``
+    until a dead-peer timer runs out (a race that refused reconnects under load). Another
+    process with the same name stays refused (tests/test_alarms.py)."""
+    a, _ = pair
+    _wait_repl(a.cfg.control, "running")
+
+    async def main() -> None:
+        e = FakeEdge("edge-x", 9, {1: 8 * MiB, 2: 4 * MiB})
+        assert await e.connect(a.cfg.listen)
+        e2 = FakeEdge("edge-x", 9, {1: 8 * MiB, 2: 4 * MiB})  # e still connected
+        assert await e2.connect(a.cfg.listen), e2.refused
+        assert e.link is not None
+        await asyncio.wait_for(e.link.closed.wait(), 5)
+        e2.write(1, 1, 0, b"A" * 4096)
+        await e2.wait_acked(1, 1)
+        e2.close()
+
+    asyncio.run(main())
+
+
 def test_resend_is_not_applied_twice(pair) -> None:  # type: ignore[no-untyped-def]
     a, b = pair
     _wait_repl(a.cfg.control, "running")
