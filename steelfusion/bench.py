@@ -580,21 +580,8 @@ def select(names: list[str], only: list[str] | None) -> list[str]:
 def bench_at(url: str, *, write: bool, block: int, depth: int, count: int, offset: int = 0,
              step: int = 0, netns: str | None = None, timeout: float = 600) -> BenchResult:
     """``qemu-img bench`` at ``offset``, a read or write every ``step`` bytes (0: contiguous)."""
-    from steelfusion.initiator import _run
-
-    cmd = [need("qemu-img"), "bench", "-f", "raw", "-t", "none", "-n", "-c", str(count),
-           "-d", str(depth), "-s", str(block), "-o", str(offset)]
-    if step:
-        cmd += ["-S", str(step)]
-    if write:
-        cmd += ["-w", "--pattern=0x5a"]
-    cmd.append(url)
-    out = _run(cmd, timeout, netns).stdout
-    m = re.search(r"Run completed in ([\d.]+) seconds", out)
-    if not m:
-        raise InitiatorError(f"unexpected qemu-img bench output: {out[-500:]}")
-    return BenchResult(f"{'write' if write else 'read'} {block // 1024}K QD{depth}", count,
-                       float(m.group(1)), block)
+    return qemu_bench(url, write=write, block=block, depth=depth, count=count, offset=offset,
+                      step=step, netns=netns, timeout=timeout)
 
 
 _ADDR = re.compile(r"(\d+\.\d+\.\d+\.\d+):(\d+)")

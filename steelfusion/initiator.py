@@ -101,10 +101,16 @@ class BenchResult:
 
 
 def qemu_bench(url: str, *, write: bool, block: int, depth: int, count: int,
-               timeout: float = 600, netns: str | None = None) -> BenchResult:
-    """``qemu-img bench`` through libiscsi; returns what it measured."""
+               timeout: float = 600, netns: str | None = None, offset: int = 0,
+               step: int = 0) -> BenchResult:
+    """``qemu-img bench`` through libiscsi at ``offset``, one I/O every ``step`` bytes
+    (0: contiguous); returns what it measured."""
     cmd = [need("qemu-img"), "bench", "-f", "raw", "-t", "none", "-n", "-c", str(count),
            "-d", str(depth), "-s", str(block)]
+    if offset:
+        cmd += ["-o", str(offset)]
+    if step:
+        cmd += ["-S", str(step)]
     if write:
         cmd += ["-w", "--pattern=0x5a"]
     cmd.append(url)
