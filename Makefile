@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBS := python3-venv libiscsi-bin qemu-utils e2fsprogs tgt iproute2
+DEBS := python3-venv libiscsi-bin qemu-utils e2fsprogs tgt iproute2 libfuse3-3
 PYTEST_ARGS ?=
 
 .PHONY: install debs venv demo test test-fast lint bench sim clean
@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 install: debs venv
 
 # Debian packages: real initiators (libiscsi-bin, qemu-utils), mkfs (e2fsprogs), tgt for the
-# side-by-side benchmark. Installed when missing and we are root; otherwise say what to install.
+# side-by-side benchmark, libfuse3-3 for the lab's failing Journal disk (steelfusion/faultdisk.py).
+# Installed when missing and we are root; otherwise say what to install.
 debs:
 	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -845,6 +845,39 @@ class CoreEngine:
             # finishing commit, so ask once it is done
             self._later(self.journal.request_commit)
 
+    def replace_journal(self, j: Any) -> None:
+        """Take over a reopened Journal LUN from one that failed (forward recovery).
+
+        What the failed journal could not record is unknown (its last
+        commit's records, regions of writes whose mark failed), so a primary
+        marks every LUN dirty and the resync copies all of it, as DRBD does
+        when its metadata device comes back. Writes held behind the old
+        journal's tickets wait for the new journal's next commit, then are
+        applied and acknowledged: none was acknowledged before, none is lost.
+        """
+        old = self.journal
+        self.journal = j
+        j.on_durable(self._on_journal_durable)
+        if old is not None and old.failed is not None:
+            self.clear_alarm(getattr(old.failed, "alarm", "journal_offline"))
+        self.clear_alarm("journal_offline")
+        primary = self.role == "primary"
+        if primary:
+            for lun in self.pipes:
+                j.mark_all_dirty(lun)
+        ticket = j.ticket
+        held = 0
+        for p in self.pipes.values():
+            held += len(p.gate)
+            p.gate = deque((ticket, w) for _, w in p.gate)
+            if p.jpending is not None:
+                p.jpending = (ticket, p.jpending[1])
+        self.event("journal_reopened", path=str(j.path), held_writes=held,
+                   resync="every region" if primary else "none")
+        j.request_commit()
+        if primary and self.rep.mirrors:
+            self._fire(Event.RESYNC_NEEDED)
+
     def _switch_stream(self, lun: int, p: LunPipe, stream: int) -> None:
         if p.stream:
             _log.warning("lun_stream_changed", lun=lun, old=p.stream, new=stream)

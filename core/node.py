@@ -26,6 +26,8 @@ from core.engine import CoreEngine, LinkKind, Progress
 from core.lunstore import AppliedState, LunError, LunStore
 from core.pipeline import LunPipeline
 from core.replication import Event, State
+from journal.errors import JournalError
+from journal.journal import Journal
 from steelfusion import authconfig, control, log, statefile
 from steelfusion.config import CoreConfig
 from steelfusion.link import Link, dial, listen
@@ -37,6 +39,7 @@ from steelfusion.wire import Control, Hello
 _log = log.get("core")
 
 VERIFY_BATCH = 64  # regions per hash request
+JOURNAL_RETRY_S = 5.0  # a failed Journal LUN is tried again this often
 CORE_STATE_KIND, CORE_STATE_FORMAT = "core-state", 1  # core-state.json (steelfusion/statefile.py)
 
 
@@ -160,6 +163,7 @@ class Core(CoreEngine):
             elif what == "sent":
                 await asyncio.sleep(0)
             else:
+                j = self.journal  # the Journal LUN may have been reopened meanwhile
                 await j.commit()
                 self._resync_task = None
                 self.resync_committed()
@@ -193,18 +197,17 @@ class Core(CoreEngine):
                            f"over since); {remedy.replace('move it away and ', '')}")
         return {}
 
-    def _open_journal(self) -> None:
-        from journal.errors import JournalError
-        from journal.journal import Journal
-
+    def _journal_open(self) -> Journal:
         path = self.cfg.journal_path
         if path is None:
             raise RuntimeError(f"{self.cfg.name}: _open_journal called without journal_path")
+        return Journal.open(path, {lu.id: p.store.size for lu, p in
+                                   zip(self.cfg.luns, self.pipes.values(), strict=True)},
+                            size=self.cfg.journal_size)
+
+    def _open_journal(self) -> None:
         try:
-            self.journal = Journal.open(path,
-                                        {lu.id: p.store.size for lu, p in
-                                         zip(self.cfg.luns, self.pipes.values(), strict=True)},
-                                        size=self.cfg.journal_size)
+            self.journal = self._journal_open()
         except (JournalError, ValueError, OSError) as e:
             alarm = getattr(e, "alarm", "journal_error")
             self.raise_alarm(alarm, str(e))
@@ -273,12 +276,37 @@ class Core(CoreEngine):
         _log.info("core_stopped")
 
     async def _housekeeping(self) -> None:
+        next_reopen = 0.0
         while True:
             await asyncio.sleep(0.5)
             self.tick()
-            if self.journal is not None:
+            j = self.journal
+            if j is None:
+                continue
+            if j.failed is None:
                 with contextlib.suppress(Exception):
-                    self.journal.refresh_size()
+                    j.refresh_size()
+            elif time.monotonic() >= next_reopen:
+                next_reopen = time.monotonic() + JOURNAL_RETRY_S
+                self._reopen_journal(j)
+
+    def _reopen_journal(self, old: Journal) -> None:
+        """Try the failed Journal LUN again: space freed, the path back, the LUN grown back.
+
+        The old descriptor is let go first (its lock would refuse the new
+        one). On success the engine takes the new journal over
+        (:meth:`CoreEngine.replace_journal`); on failure the alarm stays and
+        the next try is ``JOURNAL_RETRY_S`` later.
+        """
+        old.abandon()
+        try:
+            new = self._journal_open()
+        except (JournalError, ValueError, OSError) as e:
+            alarm = getattr(e, "alarm", "journal_error")
+            self.raise_alarm(alarm, f"{e} (retried every {JOURNAL_RETRY_S:.0f} s)")
+            _log.warning("journal_reopen_failed", alarm=alarm, error=str(e))
+            return
+        self.replace_journal(new)
 
     def _seal(self, lun: int, target: int) -> functools.partial[None] | None:
         """A group commit of ``lun`` starts: persist its applied seq right after the data.

@@ -200,6 +200,26 @@ def wan_run(config: str, quiet: bool) -> None:
     _serve("wan", cfg, quiet, lambda: run(cfg))
 
 
+@main.group()
+def disk() -> None:
+    """The lab's fault-injecting disk: a FUSE file system for Journal LUNs (root)."""
+
+
+@disk.command("run")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--quiet", is_flag=True)
+def disk_run(config: str, quiet: bool) -> None:
+    """Serve a folder through FUSE until SIGTERM; `lab journal CORE --full` makes it fail."""
+    from steelfusion.faultdisk import DiskConfig, serve
+
+    cfg = _load(DiskConfig, config)
+    try:
+        log.setup(cfg.name, cfg.log_file, level="warning" if quiet else "info")
+        serve(cfg)
+    except (OSError, RuntimeError) as e:
+        raise click.ClickException(f"disk {cfg.name}: cannot start: {e}") from None
+
+
 # -- lab ---------------------------------------------------------------------------
 class _LabGroup(click.Group):
     """Usage errors of ``steelfusion lab ...`` (a missing argument, an unknown option) in
@@ -274,14 +294,18 @@ WORKDIR = click.option("--workdir", required=True, type=click.Path(),
 @click.option("--netns", is_flag=True,
               help="Root: each site (branch, dc-a, dc-b, witness) in its own network "
                    "namespace, joined by emulated WAN links (`lab link`, `lab port`).")
+@click.option("--journal-faults", is_flag=True,
+              help="Root: each Core's Journal LUN on a FUSE disk that `lab journal CORE "
+                   "--full/--offline` makes fail.")
 @click.option("--json", "as_json", is_flag=True, help="Print lab.json.")
 @_lab_errors
 def lab_up(workdir: str, luns: int, lun_size: int, edges: int, reserve: int,
-           witness_in_edge: bool, netns: bool, as_json: bool) -> None:
+           witness_in_edge: bool, netns: bool, journal_faults: bool, as_json: bool) -> None:
     """Start a lab and return when every node is ready."""
     lab_ = _lab(workdir)
     data = lab_.up(luns=luns, lun_size=lun_size, edges=edges, reserve=reserve,
-                   witness_in_edge=witness_in_edge, netns=netns)
+                   witness_in_edge=witness_in_edge, netns=netns,
+                   journal_faults=journal_faults)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -296,6 +320,9 @@ def lab_up(workdir: str, luns: int, lun_size: int, edges: int, reserve: int,
     for c in data["cores"]:
         click.echo(f"  {c['name']:<8} {c['role']:<9} control {c['control']}  pid {c['pid']}"
                    f"{ns(c)}")
+    for k in data.get("disks", []):
+        click.echo(f"  {k['name']}  {k['mount']}  pid {k['pid']}  (`steelfusion lab journal "
+                   f"{k['core']} --full` makes it fail)")
     for e in data["edges"]:
         click.echo(f"  {e['name']:<8} portal {e['portal']}  control {e['control']}  "
                    f"pid {e['pid']}{ns(e)}")
@@ -321,7 +348,23 @@ def lab_status(workdir: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
         return
-    click.echo("\n".join([*_status_lines(st), *_wan_lines(st), *_coredr_lines(st)]))
+    click.echo("\n".join([*_status_lines(st), *_wan_lines(st), *_disk_lines(st),
+                          *_coredr_lines(st)]))
+
+
+def _disk_lines(st: dict[str, Any]) -> list[str]:
+    out = []
+    for k in st.get("disks") or []:
+        if not k.get("running"):
+            state = "DOWN (the Journal LUN on it is unreachable: `steelfusion lab start " \
+                    f"{k['name']}`)"
+        elif k.get("error"):
+            state = f"up error={k['error']}"
+        else:
+            failed = f", {k['failed_calls']} calls failed" if k.get("failed_calls") else ""
+            state = f"up mode={k.get('mode')} for {k.get('seconds')} s{failed}"
+        out.append(f"{k['name']:<12} {state}  ({k['core']}'s Journal LUN, {k['mount']})")
+    return out
 
 
 def _coredr_lines(st: dict[str, Any]) -> list[str]:
@@ -531,6 +574,23 @@ def lab_port(port: str, workdir: str, down: bool, up: bool) -> None:
     click.echo(f"port {out.get('port', port)} {'up' if out.get('up', up) else 'down'}")
 
 
+@lab.command("journal")
+@click.argument("core", metavar="CORE")
+@WORKDIR
+@click.option("--full", "mode", flag_value="full",
+              help="Writes fail ENOSPC: a thin Journal LUN out of space.")
+@click.option("--offline", "mode", flag_value="offline",
+              help="Every I/O fails EIO: a Journal LUN whose paths are gone.")
+@click.option("--heal", "mode", flag_value="ok", help="Back to working.")
+@_lab_errors
+def lab_journal(core: str, workdir: str, mode: str | None) -> None:
+    """Make a Core's Journal LUN fail, or work again (a lab started with --journal-faults)."""
+    if mode is None:
+        raise _LabUsage(f"lab journal {core}: say --full, --offline or --heal")
+    out = _lab(workdir).journal_fault(core, mode)
+    click.echo(f"{out['core']}'s Journal LUN ({out['disk']}): {out['mode']}")
+
+
 @lab.command("wait-committed")
 @WORKDIR
 @click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=0),
@@ -588,8 +648,9 @@ def bench(workdir: str | None, rounds: int, quick: bool, lun_size: int, only: tu
           jitter: str | None, loss: str | None, dc_delay: str | None) -> None:
     """qemu-img bench against a lab Edge (with replication) and tgt, side by side; with
     --wan, across an emulated WAN (the benchmark SteelFusion exists for)."""
-    from steelfusion.bench import BenchError, main_wan, parse_wan_options
+    from steelfusion.bench import BenchError
     from steelfusion.bench import main as bench_main
+    from steelfusion.benchwan import main_wan, parse_wan_options
     from steelfusion.initiator import InitiatorError
     from steelfusion.lab import LabError
 

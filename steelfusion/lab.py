@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from journal import required_size
-from steelfusion import control
+from steelfusion import control, faultdisk
 from steelfusion.atomic import atomic_write
 from steelfusion.authconfig import make_key_file
 from steelfusion.config import (
@@ -319,13 +319,15 @@ def core_pair_configs(d: Path, luns: dict[int, int], *, names: tuple[str, str] =
                       host: str = "127.0.0.1", ports: Iterator[int] | None = None,
                       replica_luns: dict[int, int] | None = None, with_peer: bool = True,
                       journal: bool = True, journal_size: int | None = None,
+                      journal_dir: str | None = None,
                       per_core: tuple[dict[str, Any], dict[str, Any]] = ({}, {}),
                       **common: Any) -> tuple[CoreConfig, CoreConfig]:
     """A primary and a secondary Core peered on loopback, their files under ``d``.
 
     ``luns`` maps LUN id -> size (``replica_luns`` overrides it for the
     secondary); each Core gets a sparse journal of the seed's required size
-    unless ``journal`` is off; ``common`` and ``per_core`` are CoreConfig fields.
+    unless ``journal`` is off (in ``<core>/<journal_dir>/`` when given: the lab's
+    failing disk is mounted there); ``common`` and ``per_core`` are CoreConfig fields.
     """
     it = ports if ports is not None else iter(free_ports(4, host))
     addrs = [((host, next(it)), (host, next(it))) for _ in names]
@@ -337,7 +339,8 @@ def core_pair_configs(d: Path, luns: dict[int, int], *, names: tuple[str, str] =
             control=addrs[i][1], state_dir=str(d / name),
             luns=tuple(LunConfig(k, str(d / name / f"lun-{k}.img"), v) for k, v in sizes.items()),
             peer=addrs[1 - i][0] if with_peer else None, interfaces=(host,),
-            journal_path=str(d / name / "journal.img") if journal else None,
+            journal_path=(str(d / name / (journal_dir or ".") / "journal.img")
+                          if journal else None),
             journal_size=(journal_size or required_size(len(sizes))) if journal else 0,
             log_file=str(d / f"{name}.log"), **common, **per_core[i]))
     return out[0], out[1]
@@ -383,9 +386,11 @@ class Lab:
         return [*standalone, *data.get("cores", []), *data.get("edges", [])]
 
     def processes(self, data: dict[str, Any]) -> list[dict[str, Any]]:
-        """Every process of the lab: the WAN emulator of a netns lab first, then the nodes."""
+        """Every process of the lab: the WAN emulator of a netns lab and the Journal disks of
+        a ``--journal-faults`` lab first, then the nodes."""
         wan = data.get("wan")
-        return [*([wan] if isinstance(wan, dict) else []), *self.nodes(data)]
+        return [*([wan] if isinstance(wan, dict) else []), *data.get("disks", []),
+                *self.nodes(data)]
 
     def labid(self, data: dict[str, Any] | None = None) -> str:
         """The 6 hex characters in the names of this lab's namespaces."""
@@ -435,12 +440,16 @@ class Lab:
            mutual_chap: tuple[str, str] | None = None,
            initiators: Sequence[str] | None = None,
            discovery_chap: tuple[str, str] | None = None,
-           netns: bool = False) -> dict[str, Any]:
+           netns: bool = False, journal_faults: bool = False) -> dict[str, Any]:
         """Start the lab. ``witness_in_edge`` runs the Witness inside edge-1 (seed: "A role
         assigned to one of the Edges") instead of as its own process.
 
         ``netns`` (root) puts each site in its own network namespace, joined by the
         WAN emulator (``host`` is then unused: the sites have their own addresses).
+
+        ``journal_faults`` (root) serves each Core's Journal LUN through a FUSE
+        disk (:mod:`steelfusion.faultdisk`) that :meth:`journal_fault` makes
+        fail: out of space, or offline.
 
         iSCSI security (RFC 7143 §12): ``chap`` (user, secret) makes every Edge
         target require CHAP, ``mutual_chap`` gives the targets credentials for
@@ -452,6 +461,11 @@ class Lab:
         restores the lab files it replaced, and raises :class:`LabError` with
         the failing node's own one-line error."""
         self.check_options(luns, lun_size, edges, reserve)
+        if journal_faults:
+            why = faultdisk.available()
+            if why is not None:
+                raise LabError(f"lab up --journal-faults needs root and FUSE: {why}; leave out "
+                               "--journal-faults for plain Journal LUN files")
         if netns:
             from steelfusion import netns as ns_mod
 
@@ -464,7 +478,7 @@ class Lab:
         if d.exists() and not d.is_dir():
             raise LabError(f"--workdir {d} is not a directory (give a folder for the lab)")
         if d.exists() and self.file.exists():
-            self._check_previous(self.load(), luns, lun_size, edges)
+            self._check_previous(self.load(), luns, lun_size, edges, journal_faults)
         created = not d.exists()
         try:
             d.mkdir(parents=True, exist_ok=True)
@@ -474,7 +488,7 @@ class Lab:
         with self._lock():
             try:
                 if self.file.exists():  # again, now that no other `lab up` can start one
-                    self._check_previous(self.load(), luns, lun_size, edges)
+                    self._check_previous(self.load(), luns, lun_size, edges, journal_faults)
                 lun_ids = list(range(1, luns * edges + 1))
                 self._check_lun_files(lun_ids, lun_size)
                 self._probe(lun_size, "--lun-size", "choose a smaller --lun-size")
@@ -492,7 +506,7 @@ class Lab:
                 _remove_namespaces(self.labid(self.load()))
             return self._up(luns, lun_size, edges, reserve, host, timeout, witness_lease,
                             witness_in_edge, chap, mutual_chap, initiators, discovery_chap,
-                            netns)
+                            netns, journal_faults)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -509,13 +523,19 @@ class Lab:
             os.close(fd)
 
     def _check_previous(self, prev: dict[str, Any], luns: int, lun_size: int,
-                        edges: int) -> None:
+                        edges: int, journal_faults: bool = False) -> None:
         """Refuse to start over a running lab, or over a stopped one of another shape."""
         alive = [n["name"] for n in self.processes(prev) if node_alive(n)]
         if alive:
             raise LabError(f"a lab is already running (or starting) in {self.dir} "
                            f"({', '.join(alive)}); run `steelfusion lab down --workdir "
                            f"{self.dir}` first")
+        if bool(prev.get("journal_faults")) != journal_faults and prev.get("cores"):
+            # the Journal LUNs live elsewhere with and without it: a Core would start on a
+            # blank journal and forget the regions its suspension logged
+            flag = "with" if prev.get("journal_faults") else "without"
+            raise LabError(f"{self.dir} holds a stopped lab made {flag} --journal-faults; "
+                           f"start it again {flag} it, or use another --workdir")
         try:
             was = (len(prev["edges"]), len(prev["edges"][0]["targets"]),
                    int(prev["edges"][0]["targets"][0]["size"]))
@@ -568,7 +588,8 @@ class Lab:
             timeout: float, witness_lease: float, witness_in_edge: bool,
             chap: tuple[str, str] | None, mutual_chap: tuple[str, str] | None,
             initiators: Sequence[str] | None,
-            discovery_chap: tuple[str, str] | None, netns: bool = False) -> dict[str, Any]:
+            discovery_chap: tuple[str, str] | None, netns: bool = False,
+            journal_faults: bool = False) -> dict[str, Any]:
         d = self.dir
         nports = 2 + 2 * 2 + 2 * edges
         ports = iter(free_ports(nports, host))
@@ -580,7 +601,7 @@ class Lab:
             d, dict.fromkeys(lun_ids, lun_size), host=host, ports=ports,
             witness=witness.listen, pair="lab-pair",
             # both LUN files are created empty (all zeros) together: already in sync
-            initial_sync=False)
+            initial_sync=False, journal_dir="jdisk" if journal_faults else None)
         edge_cfgs = []
         for e in range(edges):
             name = f"edge-{e + 1}"
@@ -619,9 +640,10 @@ class Lab:
         started: list[tuple[str, int]] = []
         try:
             return self._start(d, witness, cores, edge_cfgs, witness_in_edge, timeout, started,
-                               net)
+                               net, journal_faults)
         except BaseException as e:
             stopped = _stop_pids(started)
+            _unmount_disks(cores)
             if net is not None:
                 _remove_namespaces(net["labid"])
             for f, content in before.items():
@@ -681,9 +703,10 @@ class Lab:
     def _start(self, d: Path, witness: WitnessConfig, cores: tuple[CoreConfig, CoreConfig],
                edge_cfgs: list[EdgeConfig], witness_in_edge: bool, timeout: float,
                started: list[tuple[str, int]],
-               net: dict[str, Any] | None = None) -> dict[str, Any]:
+               net: dict[str, Any] | None = None,
+               journal_faults: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {"version": 1, "workdir": str(d), "created": time.time(),
-                                "netns": False}
+                                "netns": False, "journal_faults": journal_faults}
 
         def where(site: str) -> dict[str, Any]:
             """A node's namespace and site in ``lab.json`` (None on loopback)."""
@@ -716,6 +739,8 @@ class Lab:
             self.save(data)
             wait_control(witness.control or witness.listen, wpid, timeout, "witness", d,
                          ns("witness"))
+        if journal_faults:
+            self._start_disks(d, cores, data, timeout, started)
         data["cores"] = []
         for c in cores:
             path = d / f"{c.name}.toml"
@@ -755,6 +780,47 @@ class Lab:
                 self.save(data)
         self.wait_ready(data, timeout)
         return data
+
+    def _start_disks(self, d: Path, cores: tuple[CoreConfig, CoreConfig], data: dict[str, Any],
+                     timeout: float, started: list[tuple[str, int]]) -> None:
+        """One failing disk per Core, mounted where its Journal LUN lives."""
+        data["disks"] = []
+        for c in cores:
+            assert c.journal_path is not None
+            mount = Path(c.journal_path).parent
+            name = f"jdisk-{c.name}"
+            cfg = faultdisk.DiskConfig(name=name, backing=str(mount.parent / "jdisk.data"),
+                                       mount=str(mount), log_file=str(d / f"{name}.log"))
+            path = d / f"{name}.json"
+            atomic_write(path, json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
+                                           if k != "source"}, indent=2).encode(), mode=0o644)
+            pid = spawn("disk", path, d, name)
+            started.append((name, pid))
+            node = {"name": name, "pid": pid, "role": "disk", "core": c.name,
+                    "config": str(path), "mount": cfg.mount, "backing": cfg.backing,
+                    "log": cfg.log_file, "netns": None}
+            data["disks"].append(node)
+            self.save(data)
+            wait_mounted(node, timeout, d)
+
+    def journal_fault(self, core: str, mode: str) -> dict[str, Any]:
+        """Make ``core``'s Journal LUN fail (``full``, ``offline``) or work again (``ok``)."""
+        data = self.load()
+        disk = next((n for n in data.get("disks", []) if n.get("core") == core), None)
+        if disk is None:
+            cores = [c["name"] for c in data.get("cores", [])]
+            if core not in cores:
+                raise LabError(f"no Core {core!r} in this lab (Cores: {', '.join(cores)})")
+            raise LabError("the Journal LUNs of this lab are plain files: start it with "
+                           "`steelfusion lab up --journal-faults` to make them fail")
+        if not node_alive(disk):
+            raise LabError(f"{disk['name']} (the disk under {core}'s Journal LUN) is not "
+                           f"running: `steelfusion lab start {disk['name']} --workdir "
+                           f"{self.dir}`")
+        try:
+            return {"core": core, "disk": disk["name"], **faultdisk.set_mode(disk["mount"], mode)}
+        except (OSError, ValueError) as e:
+            raise LabError(f"cannot set {disk['name']} to {mode}: {e}") from None
 
     def wait_ready(self, data: dict[str, Any], timeout: float = 60.0) -> None:
         """Until every Edge is connected to a Core and the primary is replicating."""
@@ -833,6 +899,8 @@ class Lab:
         if data.get("netns"):
             out["sites"] = data.get("sites", {})
             out["wan"] = self._wan_status(data)
+        if data.get("disks"):
+            out["disks"] = [disk_status(n) for n in data["disks"]]
         return out
 
     def _wan_status(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -974,7 +1042,8 @@ class Lab:
             raise LabError(f"{name} is already running (pid {node['pid']}); `steelfusion lab "
                            f"kill {name} --workdir {self.dir}` first to restart it")
         role = ("core" if node in data["cores"] else "edge" if node in data["edges"]
-                else "wan" if node is data.get("wan") else "witness")
+                else "wan" if node is data.get("wan")
+                else "disk" if node in data.get("disks", []) else "witness")
         if data.get("netns"):
             self._check_namespaces(data, f"cannot start {name}")
         node["pid"] = spawn(role, Path(node["config"]), self.dir, name, node.get("netns"))
@@ -982,6 +1051,9 @@ class Lab:
         if w and w.get("embedded_in") == name:
             w["pid"] = node["pid"]
         self.save(data)
+        if role == "disk":
+            wait_mounted(node, timeout, self.dir)
+            return node
         wait_control(parse_addr(node["control"]), node["pid"], timeout, name, self.dir,
                      node.get("netns"))
         return node
@@ -996,6 +1068,11 @@ class Lab:
         wan = data.get("wan")
         if isinstance(wan, dict) and node_alive(wan):
             stopped += _stop_pids([("wan", wan["pid"])], timeout)
+        disks = data.get("disks", [])
+        stopped += _stop_pids([(n["name"], n["pid"]) for n in disks if node_alive(n)], timeout)
+        for n in disks:  # one killed earlier left its mount behind
+            with contextlib.suppress(OSError):
+                faultdisk.unmount(n["mount"])
         if data.get("netns"):
             _remove_namespaces(self.labid(data))
         return stopped
@@ -1119,6 +1196,39 @@ def remove_stale_namespaces(min_age: float = 120.0) -> list[str]:
     for n in names:
         ns_mod.remove(n)
     return names
+
+
+def wait_mounted(disk: dict[str, Any], timeout: float, workdir: Path) -> None:
+    """Until the disk answers on its control file; its own error if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(disk["pid"]):
+            raise LabError(f"{disk['name']} exited: {last_error(workdir, disk['name'])}")
+        with contextlib.suppress(OSError, ValueError):
+            faultdisk.read_mode(disk["mount"])
+            return
+        time.sleep(0.05)
+    raise LabError(f"{disk['name']} did not mount {disk['mount']} within {timeout:.0f}s "
+                   f"(see {workdir / (disk['name'] + '.out')})")
+
+
+def disk_status(disk: dict[str, Any]) -> dict[str, Any]:
+    out = {"name": disk["name"], "core": disk.get("core"), "pid": disk["pid"],
+           "mount": disk["mount"], "running": node_alive(disk)}
+    if out["running"]:
+        try:
+            out.update(faultdisk.read_mode(disk["mount"]))
+        except (OSError, ValueError) as e:
+            out["error"] = str(e)
+    return out
+
+
+def _unmount_disks(cores: Sequence[CoreConfig]) -> None:
+    """After a failed start: no mount of ours stays behind (a killed disk leaves one)."""
+    for c in cores:
+        if c.journal_path and Path(c.journal_path).parent.name == "jdisk":
+            with contextlib.suppress(OSError):
+                faultdisk.unmount(Path(c.journal_path).parent)
 
 
 def _read_or_none(path: Path) -> bytes | None:
