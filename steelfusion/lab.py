@@ -1103,10 +1103,15 @@ def _well_formed(data: Any) -> bool:
     for extra in (data.get("witness"), data.get("wan")):
         if extra is not None:
             nodes.append(extra)
+    disks = data.get("disks", [])
     return (isinstance(data.get("cores", []), list) and isinstance(data.get("edges", []), list)
             and all(isinstance(n, dict) and isinstance(n.get("name"), str)
                     and isinstance(n.get("pid"), int) and isinstance(n.get("control"), str)
-                    for n in nodes))
+                    for n in nodes)
+            and isinstance(disks, list)
+            and all(isinstance(n, dict) and isinstance(n.get("name"), str)
+                    and isinstance(n.get("pid"), int) and isinstance(n.get("mount"), str)
+                    for n in disks))
 
 
 def coredr_command(core: dict[str, Any]) -> str:
