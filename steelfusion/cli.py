@@ -770,7 +770,7 @@ class _OneLineCommand(click.Command):
               "workload (default: a random one, printed).")
 @click.option("--duration", default="5m", show_default=True, help="How long faults are "
               "injected, e.g. 2m, 90s, 1h.")
-@click.option("--faults", default="kill,stop,partition,isolate,wan,operator",
+@click.option("--faults", default="kill,stop,partition,isolate,wan,operator,journal,outage",
               show_default=True, help="Fault kinds to inject (comma-separated, or all).")
 @click.option("--luns", default=2, show_default=True, help="LUNs per Edge (one writer each).")
 @click.option("--edges", default=1, show_default=True, help="Number of Edges.")

@@ -65,11 +65,14 @@ from steelfusion.units import format_size
 
 _log = log.get("drill")
 
-FAULT_KINDS = ("kill", "stop", "partition", "isolate", "wan", "operator")
+FAULT_KINDS = ("kill", "stop", "partition", "isolate", "wan", "operator", "journal", "outage")
 """What a drill can inject (``--faults``): SIGKILL then restart; SIGSTOP then SIGCONT; a cut
 between two sites (or one way, or one Core interface down); the primary isolated from its
 peer and the Witness while its Edges still reach it, with the runbook's failover; a slow,
-lossy link; an operator's suspend then resume."""
+lossy link; an operator's suspend then resume; a Core's Journal LUN out of space or offline
+(on the lab's failing disk, :mod:`steelfusion.faultdisk`), on a suspended primary or not; the
+branch cut from both data centers for a minute or more (the Edges' reserve fills and host
+writes stall)."""
 
 WRITE_RATE = 100.0
 """Writes a second per writer at most (qemu-io does ~1300 at QD1 here): bounds the data."""
@@ -83,6 +86,15 @@ GAP = (4.0, 10.0)
 """Seconds from one fault's start to the next one's (when the previous one is over)."""
 HOLD = (2.0, 8.0)
 """Seconds a fault lasts before it is healed."""
+OUTAGE = (60.0, 100.0)
+"""Seconds a branch outage lasts: long enough to fill the drill's reserve, short enough that
+no stalled host write reaches STALL_LIMIT."""
+OUTAGE_EVERY = 600.0
+"""At most one branch outage in this many seconds of schedule (others become partitions)."""
+DRILL_RESERVE = 64 << 20
+"""Each Edge's write reserve in a drill: small, so that an outage fills it."""
+JOURNAL_REOPEN_WAIT = 30.0
+"""Seconds for a Core to reopen its Journal LUN once the disk works again (it retries every 5)."""
 MIN_GAP = 1.0
 """At least this long between a fault's recovery and the next fault."""
 FAILOVER_WAIT = 30
@@ -186,6 +198,8 @@ class Fault:
     jitter: float = 0.0
     loss: float = 0.0
     rate: float = 0.0
+    mode: str = ""  # journal: full or offline
+    suspend: bool = False  # journal: coredr suspend first, so the journal is in use
 
     def describe(self) -> str:
         a, _, b = self.target.partition("|")
@@ -201,6 +215,14 @@ class Fault:
         if self.kind == "isolate":
             return (f"isolate the primary from its peer and the Witness (Edges still reach it), "
                     f"coredr failover on the secondary, heal {self.hold:g} s later, resume")
+        if self.kind == "journal":
+            how = "out of space" if self.mode == "full" else "offline"
+            first = "coredr suspend on the primary, then " if self.suspend else ""
+            return (f"{first}{self.target}'s Journal LUN {how} for {self.hold:g} s, then back"
+                    + (", resume" if self.suspend else ""))
+        if self.kind == "outage":
+            return (f"cut the branch from both data centers for {self.hold:g} s (the Edges "
+                    f"buffer, then host writes stall)")
         if self.kind == "wan":
             rate = "unlimited" if not self.rate else f"{self.rate * 8 / 1e6:g}mbit"
             return (f"degrade {a} <-> {b}: delay {self.delay * 1000:.0f}ms jitter "
@@ -220,6 +242,7 @@ def build_schedule(seed: int, duration: float, kinds: Sequence[str],
     rng = random.Random(seed)
     nodes = ("witness", "primary", "secondary", *(f"edge-{i + 1}" for i in range(edges)))
     out: list[Fault] = []
+    last_outage = -OUTAGE_EVERY
     at = rng.uniform(*GAP)
     while at < duration:
         kind = kinds[rng.randrange(len(kinds))]
@@ -245,6 +268,17 @@ def build_schedule(seed: int, duration: float, kinds: Sequence[str],
                                     loss=loss, rate=rate)
         elif kind in ("isolate", "operator"):
             f = dataclasses.replace(f, target="primary")
+        elif kind == "journal":
+            target = "primary" if r_swap < 0.7 else "secondary"
+            f = dataclasses.replace(f, target=target, mode="full" if r_one_way < 0.5
+                                    else "offline", suspend=target == "primary" and r_iface < 0.6)
+        elif kind == "outage" and at - last_outage >= OUTAGE_EVERY:
+            last_outage = at
+            span = (hold - HOLD[0]) / (HOLD[1] - HOLD[0])
+            f = dataclasses.replace(f, target="branch|data-centers",
+                                    hold=round(OUTAGE[0] + span * (OUTAGE[1] - OUTAGE[0]), 1))
+        elif kind == "outage":  # one long outage per OUTAGE_EVERY: a short cut instead
+            f = dataclasses.replace(f, kind="partition", target="branch|primary-site")
         out.append(f)
         at += rng.uniform(*GAP)
     return out
@@ -664,7 +698,8 @@ class Drill:
         self._save_marker(schedule)  # first: a lab that fails to start leaves a drill's folder
         self.say(f"lab up --netns in {o.workdir}")
         self.data = self.lab.up(luns=o.luns, lun_size=o.lun_size, edges=o.edges, netns=True,
-                                timeout=90)
+                                timeout=90, reserve=DRILL_RESERVE,
+                                journal_faults="journal" in o.faults)
         self.branch_ns = self.data["sites"]["branch"]["netns"]
         self.t0 = time.time()
         for c in self.data["cores"]:
@@ -687,6 +722,11 @@ class Drill:
                 left = len(schedule) - f.n + 1
                 self.say(f"--duration reached: {left} planned fault(s) not run")
                 break
+            if f.kind == "outage" and start + f.hold > deadline:
+                self.skipped.append((f, "it would outlast --duration"))
+                self.say(f"fault {f.n} (outage of {f.hold:g} s) skipped: it would outlast "
+                         f"--duration")
+                continue
             self.sleep(start - time.time())
             self.inject(f)
             self.operator_after_heal()
@@ -816,6 +856,56 @@ class Drill:
         self.resume(p, deadline=SETTLE_TIMEOUT)
         return p
 
+    def _fault_journal(self, f: Fault) -> str:
+        p, s, _ = self.roles()
+        core = p if f.target == "primary" else s
+        suspended = False
+        if f.suspend:
+            t = time.time()
+            rc, out = self.coredr(core, "suspend")
+            if rc == 0:
+                suspended = True
+                self.rec.event(t, "suspend", f"coredr suspend on {core}", node=core)
+                self.say(f"fault {f.n}: coredr suspend on {core}: {out}")
+            else:
+                self.say(f"fault {f.n}: coredr suspend on {core} refused ({out}); the journal "
+                         f"fails anyway")
+        how = "out of space" if f.mode == "full" else "offline"
+        self.rec.event(time.time(), "journal", f"{core}'s Journal LUN {how}", node=core)
+        self.say(f"fault {f.n}: {core}'s Journal LUN {how}")
+        self.lab.journal_fault(core, f.mode)
+        self.sleep(f.hold)
+        self.lab.journal_fault(core, "ok")
+        self.rec.event(time.time(), "heal", f"{core}'s Journal LUN works again", node=core)
+        self.say(f"heal: {core}'s Journal LUN works again")
+
+        def reopened() -> bool:
+            st = self.core_status(core)
+            return bool(st) and not any(str(a.get("alarm", "")).startswith("journal_")
+                                        for a in st.get("alarms") or [])  # type: ignore[union-attr]
+        if not self.wait_for(reopened, JOURNAL_REOPEN_WAIT):
+            st = self.core_status(core) or {}
+            self.problem(f"fault {f.n}: {core} still has a journal alarm "
+                         f"{JOURNAL_REOPEN_WAIT:.0f} s after its Journal LUN works again: "
+                         f"{[a.get('alarm') for a in st.get('alarms') or []]}")
+        if suspended:
+            self.resume(core, deadline=SETTLE_TIMEOUT)
+        return core
+
+    def _fault_outage(self, f: Fault) -> str:
+        dcs = [CORE_SITES[c["name"]] for c in self.data["cores"]]
+        what = f"branch <-> {' and '.join(dcs)}"
+        self.rec.event(time.time(), "partition", f"cut {what} (branch outage)")
+        self.say(f"fault {f.n}: cut {what} for {f.hold:g} s (branch outage)")
+        for dc in dcs:
+            self.lab.link("branch", dc, cut=True)
+        self.sleep(f.hold)
+        for dc in dcs:
+            self.lab.link("branch", dc, heal=True)
+        self.rec.event(time.time(), "heal", f"heal {what}")
+        self.say(f"heal: {what}")
+        return "branch"
+
     def resume(self, core: str, deadline: float) -> bool:
         """``coredr resume`` on ``core`` until it runs (retrying while its peer is still
         away); False if it never did."""
@@ -915,6 +1005,8 @@ class Drill:
         for n in self.lab.processes(data):
             if not node_alive(n):
                 self._start(n["name"])
+        for k in data.get("disks", []):
+            self.lab.journal_fault(k["core"], "ok")
 
     def wait_healthy(self, timeout: float) -> bool:
         def healthy() -> bool:

@@ -21,10 +21,11 @@ from steelfusion import drill
 from steelfusion.drill import FAULT_KINDS, GAP, HOLD, build_schedule, parse_duration
 from steelfusion.drillreport import from_json
 
-# Seed 2 over 2m plans 16 faults of every kind, four of them isolations of the primary; the
-# first three fit in the two minutes (a failover, the failback, a failover again): the
-# drill's whole runbook in two minutes (15 faults injected here).
-DRILL_SEED = 2
+# Seed 117 over 2m plans 18 faults of every kind; about the first 10 fit in the two minutes:
+# two isolations of the primary (a failover, then the failback), a Journal LUN out of space
+# on a suspended primary, kills, stops, cuts, a slow link and an operator's suspend: the
+# drill's whole runbook in two minutes.
+DRILL_SEED = 117
 
 
 def _why_not() -> str | None:
@@ -58,7 +59,7 @@ def test_the_same_seed_gives_the_same_schedule() -> None:
     for prev, f in zip([None, *a], a, strict=False):
         gap = f.at - (prev.at if prev else 0.0)
         assert GAP[0] - 0.11 <= gap <= GAP[1] + 0.11 and f.at < 300, f
-        assert HOLD[0] <= f.hold <= HOLD[1], f
+        assert HOLD[0] <= f.hold <= HOLD[1] or f.kind == "outage", f
         assert f.n == (prev.n + 1 if prev else 1)
     targets = {f.target for f in a if f.kind in ("kill", "stop")}
     assert targets <= {"witness", "primary", "secondary", "edge-1", "edge-2"}
@@ -73,6 +74,16 @@ def test_the_same_seed_gives_the_same_schedule() -> None:
     planned = build_schedule(DRILL_SEED, 120, FAULT_KINDS)
     assert {f.kind for f in planned} == set(FAULT_KINDS)
     assert sum(f.kind == "isolate" for f in planned) >= 2
+    assert any(f.kind == "journal" and f.suspend for f in planned[:10])
+    # a branch outage lasts a minute or more, and one per ten minutes of schedule at most
+    long = build_schedule(7, 3600, FAULT_KINDS)
+    outages = [f for f in long if f.kind == "outage"]
+    assert outages and all(60 <= f.hold <= 100 for f in outages)
+    assert all(b.at - a.at >= 600 for a, b in zip(outages, outages[1:], strict=False))
+    journal = [f for f in long if f.kind == "journal"]
+    assert {f.mode for f in journal} == {"full", "offline"}
+    assert {f.suspend for f in journal} == {True, False}
+    assert not any(f.suspend for f in journal if f.target == "secondary")
 
 
 @pytest.mark.lab
