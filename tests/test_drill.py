@@ -155,6 +155,8 @@ def test_a_seeded_two_minute_drill_passes_with_rpo_0_and_identical_cores(
     assert result.counts["writes_ok"] > 1000
     info = json.loads((wd / "drill.json").read_text())
     assert len(info["injected"]) >= 8, info["injected"]
+    # the Journal LUN of the suspended primary ran out of space, and the Core reopened it
+    assert any(i["kind"] == "journal" and i["suspend"] for i in info["injected"])
     assert info["problems"] == [] and info["passed"] is True
     # failovers happened and each recovered (writes acknowledged on the new primary)
     assert len(result.rto) >= 2 and all(r.from_failure is not None for r in result.rto)
