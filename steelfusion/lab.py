@@ -48,6 +48,7 @@ from steelfusion.atomic import atomic_write
 from steelfusion.authconfig import make_key_file
 from steelfusion.config import (
     EDGE_RESERVE_MIN,
+    ConfigError,
     CoreConfig,
     EdgeConfig,
     EdgeLunConfig,
@@ -440,12 +441,18 @@ class Lab:
            mutual_chap: tuple[str, str] | None = None,
            initiators: Sequence[str] | None = None,
            discovery_chap: tuple[str, str] | None = None,
-           netns: bool = False, journal_faults: bool = False) -> dict[str, Any]:
+           netns: bool = False, journal_faults: bool = False,
+           links: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
         """Start the lab. ``witness_in_edge`` runs the Witness inside edge-1 (seed: "A role
         assigned to one of the Edges") instead of as its own process.
 
         ``netns`` (root) puts each site in its own network namespace, joined by the
         WAN emulator (``host`` is then unused: the sites have their own addresses).
+
+        ``links`` (with ``netns``) are the WAN links' settings from the start, each
+        ``{"a": SITE, "b": SITE, "delay": s, "jitter": s, "rate": bytes/s, "loss": p,
+        "cut": bool, "one_way": bool}``: nodes connect over them, so TCP learns the
+        real RTT at once (no settling, as after a later ``lab link``).
 
         ``journal_faults`` (root) serves each Core's Journal LUN through a FUSE
         disk (:mod:`steelfusion.faultdisk`) that :meth:`journal_fault` makes
@@ -461,6 +468,9 @@ class Lab:
         restores the lab files it replaced, and raises :class:`LabError` with
         the failing node's own one-line error."""
         self.check_options(luns, lun_size, edges, reserve)
+        if links and not netns:
+            raise LabError("WAN link settings need a netns lab (--netns): the loopback lab has "
+                           "no links between sites")
         if journal_faults:
             why = faultdisk.available()
             if why is not None:
@@ -506,7 +516,7 @@ class Lab:
                 _remove_namespaces(self.labid(self.load()))
             return self._up(luns, lun_size, edges, reserve, host, timeout, witness_lease,
                             witness_in_edge, chap, mutual_chap, initiators, discovery_chap,
-                            netns, journal_faults)
+                            netns, journal_faults, tuple(links))
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -589,7 +599,8 @@ class Lab:
             chap: tuple[str, str] | None, mutual_chap: tuple[str, str] | None,
             initiators: Sequence[str] | None,
             discovery_chap: tuple[str, str] | None, netns: bool = False,
-            journal_faults: bool = False) -> dict[str, Any]:
+            journal_faults: bool = False,
+            links: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
         d = self.dir
         nports = 2 + 2 * 2 + 2 * edges
         ports = iter(free_ports(nports, host))
@@ -627,7 +638,7 @@ class Lab:
                 witness_state_dir=str(d / "witness") if embed else None))
         net: dict[str, Any] | None = None
         if netns:
-            net = self._net_plan()
+            net = self._net_plan(links)
             witness, cores, edge_cfgs = _netns_configs(witness, cores, edge_cfgs,
                                                        witness_in_edge)
 
@@ -662,9 +673,10 @@ class Lab:
                                f"{gone} and left {d} as it was (logs: {d}/*.log)") from None
             raise
 
-    def _net_plan(self) -> dict[str, Any]:
+    def _net_plan(self, links: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
         """The namespaces, addresses and emulator config of this folder's netns lab."""
         from steelfusion import netns as ns_mod
+        from steelfusion.wanemu import WanConfig
 
         labid = ns_mod.labid_for(self.dir)
         sites = {site: {"netns": ns_mod.ns_name(labid, site), "addresses": site_addresses(site),
@@ -675,7 +687,11 @@ class Lab:
                "log_file": str(self.dir / "wan.log"),
                "sites": {s: {"netns": v["netns"], "ports": v["addresses"]}
                          for s, v in sites.items()},
-               "links": []}
+               "links": [dict(ln) for ln in links]}
+        try:  # the emulator would refuse a bad link at start: refuse it before anything runs
+            WanConfig.parse(wan, "the links given to lab up")
+        except ConfigError as e:
+            raise LabError(str(e)) from None
         return {"labid": labid, "sites": sites, "wan": wan}
 
     def _start_wan(self, d: Path, net: dict[str, Any], data: dict[str, Any], timeout: float,
