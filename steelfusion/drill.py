@@ -8,24 +8,12 @@ the :class:`~steelfusion.drillcheck.History` this module records).
 
 1. **Lab.** ``Lab.up(netns=True)`` in the drill's own folder (root): the sites branch, dc-a,
    dc-b and witness in network namespaces, joined by the userspace WAN emulator.
-2. **Workload.** One writer thread per LUN, each driving one interactive ``qemu-io`` (libiscsi)
-   in the branch namespace: random 1..16-block writes of self-describing blocks
-   (:func:`drillcheck.payloads`), at most :data:`WRITE_RATE` a second so the data volume stays
-   bounded; each write's start, answer (ok / failed) and latency go into the history. A write
-   with no answer within :data:`STALL_LIMIT` is indeterminate: that qemu-io is killed and a new
-   one started.
-3. **Samplers.** Every :data:`SAMPLE_EVERY` seconds each Core's status (from inside its
-   namespace: control ports are namespace-local, so a partition never blinds the runner):
-   role, epoch, replication state, and whether it acknowledged Edge writes since the previous
-   sample (its ``acked_seq`` grew, same process, same stream): the checker's split-brain and
-   RTO evidence. The Edges are sampled too (connected or not), for the timeline.
-4. **Faults.** :func:`build_schedule` draws every fault from ``random.Random(seed)`` before
-   anything runs, so the same seed replays the same schedule (the system's timing varies, of
-   course). Targets are roles (the primary, the primary's site), resolved when the fault
-   starts: after a failover "the primary" is the other Core. One fault at a time; each is
-   healed, then the runner acts as the operator would (resume a suspended primary once its
-   peer is back).
-5. **End.** Heal everything, start what is down, resume, wait until replication runs and the
+2. **Workload.** One qemu-io writer per LUN in the branch namespace, and a status sampler per
+   node (steelfusion/drillwork.py), all recording into one history.
+3. **Faults.** The schedule, drawn from the seed before anything runs
+   (steelfusion/drillplan.py), one fault at a time; each is healed, then the runner acts as
+   the operator would (resume a suspended primary once its peer is back).
+4. **End.** Heal everything, start what is down, resume, wait until replication runs and the
    Edges hold nothing uncommitted, stop the writers, read every LUN back through its Edge,
    check the Edge's read-back and both Cores' LUN files, write the reports, print the replay
    command.
@@ -43,9 +31,6 @@ import html
 import itertools
 import json
 import os
-import random
-import re
-import select
 import shutil
 import signal
 import subprocess
@@ -54,43 +39,54 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from steelfusion import control, drillcheck, drillreport, log
-from steelfusion.drillcheck import BLOCK, Copy, History
+from steelfusion.drillcheck import BLOCK, Copy
+from steelfusion.drillplan import (
+    FAULT_KINDS,
+    GAP,
+    HOLD,
+    DrillError,
+    Fault,
+    build_schedule,
+    format_duration,
+    parse_duration,
+    parse_faults,
+)
+from steelfusion.drillwork import (
+    MAX_WRITE_BLOCKS,
+    SAMPLE_EVERY,
+    STALL_LIMIT,
+    WRITE_RATE,
+    QemuIo,
+    Recorder,
+    Sampler,
+    Writer,
+)
 from steelfusion.lab import CORE_SITES, Lab, LabError, call_node, node_alive, size_arg
 from steelfusion.units import format_size
 
+__all__ = [
+    "FAULT_KINDS",
+    "GAP",
+    "HOLD",
+    "Drill",
+    "DrillError",
+    "Fault",
+    "Options",
+    "build_schedule",
+    "format_duration",
+    "parse_duration",
+    "parse_faults",
+    "refusal",
+    "run",
+]
+
 _log = log.get("drill")
 
-FAULT_KINDS = ("kill", "stop", "partition", "isolate", "wan", "operator", "journal", "outage")
-"""What a drill can inject (``--faults``): SIGKILL then restart; SIGSTOP then SIGCONT; a cut
-between two sites (or one way, or one Core interface down); the primary isolated from its
-peer and the Witness while its Edges still reach it, with the runbook's failover; a slow,
-lossy link; an operator's suspend then resume; a Core's Journal LUN out of space or offline
-(on the lab's failing disk, :mod:`steelfusion.faultdisk`), on a suspended primary or not; the
-branch cut from both data centers for a minute or more (the Edges' reserve fills and host
-writes stall)."""
-
-WRITE_RATE = 100.0
-"""Writes a second per writer at most (qemu-io does ~1300 at QD1 here): bounds the data."""
-MAX_WRITE_BLOCKS = 16
-STALL_LIMIT = 120.0
-"""Seconds without an answer before a write is indeterminate (well above any healed fault)."""
-OPEN_TIMEOUT = 30.0
-SAMPLE_EVERY = 0.25
-STATUS_TIMEOUT = 1.0
-GAP = (4.0, 10.0)
-"""Seconds from one fault's start to the next one's (when the previous one is over)."""
-HOLD = (2.0, 8.0)
-"""Seconds a fault lasts before it is healed."""
-OUTAGE = (60.0, 100.0)
-"""Seconds a branch outage lasts: long enough to fill the drill's reserve, short enough that
-no stalled host write reaches STALL_LIMIT."""
-OUTAGE_EVERY = 600.0
-"""At most one branch outage in this many seconds of schedule (others become partitions)."""
 DRILL_RESERVE = 64 << 20
 """Each Edge's write reserve in a drill: small, so that an outage fills it."""
 JOURNAL_REOPEN_WAIT = 30.0
@@ -101,61 +97,6 @@ FAILOVER_WAIT = 30
 SETTLE_TIMEOUT = 60.0
 END_TIMEOUT = 240.0
 COREDR_TIMEOUT = 300.0
-
-PROMPT = b"qemu-io> "
-_WROTE = re.compile(rb"wrote (\d+)/(\d+) bytes at offset (\d+)")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*(s|sec|m|min|h)?\s*$", re.IGNORECASE)
-_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
-MIN_DURATION = 10.0
-MAX_DURATION = 7 * 86400.0
-
-#: site pairs a partition cuts: role-relative, resolved when the fault starts
-PARTITION_PAIRS = (("primary-site", "secondary-site"), ("primary-site", "witness"),
-                   ("secondary-site", "witness"), ("branch", "primary-site"))
-#: links a WAN fault degrades
-WAN_PAIRS = (("branch", "primary-site"), ("branch", "secondary-site"),
-             ("primary-site", "secondary-site"), ("primary-site", "witness"),
-             ("secondary-site", "witness"))
-WAN_RATES = (0.0, 100e6 / 8, 50e6 / 8, 20e6 / 8)  # bytes/s; 0: unlimited
-
-
-class DrillError(Exception):
-    """The drill cannot start or went wrong; the message is one line saying what to do."""
-
-
-# --- options -----------------------------------------------------------------------------
-
-
-def parse_duration(text: str) -> float:
-    """``5m``, ``90s``, ``120`` (seconds), ``1h`` -> seconds."""
-    m = _DURATION.match(text)
-    if not m:
-        raise DrillError(f"--duration {text!r} is not a duration: give e.g. 5m, 90s or 1h")
-    seconds = float(m.group(1)) * _UNITS[(m.group(2) or "s").lower()]
-    if not MIN_DURATION <= seconds <= MAX_DURATION:
-        raise DrillError(f"--duration {text!r}: give {MIN_DURATION:g}s to 7 days (a drill "
-                         f"injects a fault every {GAP[0]:g}-{GAP[1]:g} s)")
-    return seconds
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds as ``--duration`` takes them back: 2m, 90s."""
-    if seconds >= 60 and seconds % 60 == 0:
-        return f"{seconds / 60:g}m"
-    return f"{seconds:g}s"
-
-
-def parse_faults(text: str) -> tuple[str, ...]:
-    """``kill,partition`` -> the kinds, in :data:`FAULT_KINDS` order; ``all`` for every kind."""
-    words = [w.strip().lower() for w in text.split(",") if w.strip()]
-    if words == ["all"]:
-        return FAULT_KINDS
-    bad = [w for w in words if w not in FAULT_KINDS]
-    if bad or not words:
-        what = f"{bad[0]!r} is not a fault kind" if bad else "no fault kind given"
-        raise DrillError(f"--faults {text!r}: {what}; choose from {','.join(FAULT_KINDS)} "
-                         f"(comma-separated) or all")
-    return tuple(k for k in FAULT_KINDS if k in words)
 
 
 def refusal(euid: int | None = None) -> str | None:
@@ -175,383 +116,6 @@ def refusal(euid: int | None = None) -> str | None:
             return (f"steelfusion drill needs {tool} (the hosts' initiator): install the "
                     f"Debian package qemu-utils (`make install` does it)")
     return None
-
-
-# --- the schedule --------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Fault:
-    """One planned fault. ``target`` is a role or node (``primary``, ``secondary``,
-    ``witness``, ``edge-2``) or, for partition and wan, ``SITE|SITE`` with role-relative sites
-    (``primary-site``); ``iface`` marks a partition that takes the site's second interface
-    down instead of cutting a link."""
-
-    n: int
-    at: float
-    kind: str
-    target: str
-    hold: float
-    one_way: bool = False
-    iface: bool = False
-    delay: float = 0.0
-    jitter: float = 0.0
-    loss: float = 0.0
-    rate: float = 0.0
-    mode: str = ""  # journal: full or offline
-    suspend: bool = False  # journal: coredr suspend first, so the journal is in use
-
-    def describe(self) -> str:
-        a, _, b = self.target.partition("|")
-        if self.kind == "kill":
-            return f"SIGKILL {self.target}, start it again after {self.hold:g} s"
-        if self.kind == "stop":
-            return f"SIGSTOP {self.target}, SIGCONT after {self.hold:g} s"
-        if self.kind == "partition" and self.iface:
-            return f"{a} interface 1 down for {self.hold:g} s"
-        if self.kind == "partition":
-            how = f"{a} -> {b} (one way)" if self.one_way else f"{a} <-> {b}"
-            return f"cut {how} for {self.hold:g} s"
-        if self.kind == "isolate":
-            return (f"isolate the primary from its peer and the Witness (Edges still reach it), "
-                    f"coredr failover on the secondary, heal {self.hold:g} s later, resume")
-        if self.kind == "journal":
-            how = "out of space" if self.mode == "full" else "offline"
-            first = "coredr suspend on the primary, then " if self.suspend else ""
-            return (f"{first}{self.target}'s Journal LUN {how} for {self.hold:g} s, then back"
-                    + (", resume" if self.suspend else ""))
-        if self.kind == "outage":
-            return (f"cut the branch from both data centers for {self.hold:g} s (the Edges "
-                    f"buffer, then host writes stall)")
-        if self.kind == "wan":
-            rate = "unlimited" if not self.rate else f"{self.rate * 8 / 1e6:g}mbit"
-            return (f"degrade {a} <-> {b}: delay {self.delay * 1000:.0f}ms jitter "
-                    f"{self.jitter * 1000:.0f}ms loss {self.loss * 100:.2f}% rate {rate} for "
-                    f"{self.hold:g} s")
-        return f"coredr suspend on the primary, resume after {self.hold:g} s"
-
-
-def build_schedule(seed: int, duration: float, kinds: Sequence[str],
-                   edges: int = 1) -> list[Fault]:
-    """Every fault of a drill, drawn from ``random.Random(seed)`` alone: the same arguments give
-    the same schedule. Faults are planned every U(4, 10) s from the start while before
-    ``duration``; each draws the same number of values whatever its kind, so the kinds
-    enabled change which faults come but not how the rest of the stream is consumed."""
-    if not kinds:
-        raise ValueError("no fault kinds")
-    rng = random.Random(seed)
-    nodes = ("witness", "primary", "secondary", *(f"edge-{i + 1}" for i in range(edges)))
-    out: list[Fault] = []
-    last_outage = -OUTAGE_EVERY
-    at = rng.uniform(*GAP)
-    while at < duration:
-        kind = kinds[rng.randrange(len(kinds))]
-        hold = round(rng.uniform(*HOLD), 1)
-        node = nodes[rng.randrange(len(nodes))]
-        pair = PARTITION_PAIRS[rng.randrange(len(PARTITION_PAIRS))]
-        wan = WAN_PAIRS[rng.randrange(len(WAN_PAIRS))]
-        r_one_way, r_swap, r_iface = rng.random(), rng.random(), rng.random()
-        delay = round(rng.uniform(0.010, 0.050), 3)
-        jitter = round(rng.uniform(0.0, 0.010), 3)
-        loss = round(rng.uniform(0.001, 0.02), 4)
-        rate = WAN_RATES[rng.randrange(len(WAN_RATES))]
-        f = Fault(len(out) + 1, round(at, 1), kind, node, hold)
-        if kind == "partition":
-            if r_iface < 0.15:
-                site = ("primary-site", "secondary-site")[r_swap < 0.5]
-                f = dataclasses.replace(f, target=f"{site}|", iface=True)
-            else:
-                a, b = pair if r_swap < 0.5 else pair[::-1]
-                f = dataclasses.replace(f, target=f"{a}|{b}", one_way=r_one_way < 0.3)
-        elif kind == "wan":
-            f = dataclasses.replace(f, target="|".join(wan), delay=delay, jitter=jitter,
-                                    loss=loss, rate=rate)
-        elif kind in ("isolate", "operator"):
-            f = dataclasses.replace(f, target="primary")
-        elif kind == "journal":
-            target = "primary" if r_swap < 0.7 else "secondary"
-            f = dataclasses.replace(f, target=target, mode="full" if r_one_way < 0.5
-                                    else "offline", suspend=target == "primary" and r_iface < 0.6)
-        elif kind == "outage" and at - last_outage >= OUTAGE_EVERY:
-            last_outage = at
-            span = (hold - HOLD[0]) / (HOLD[1] - HOLD[0])
-            f = dataclasses.replace(f, target="branch|data-centers",
-                                    hold=round(OUTAGE[0] + span * (OUTAGE[1] - OUTAGE[0]), 1))
-        elif kind == "outage":  # one long outage per OUTAGE_EVERY: a short cut instead
-            f = dataclasses.replace(f, kind="partition", target="branch|primary-site")
-        out.append(f)
-        at += rng.uniform(*GAP)
-    return out
-
-
-# --- recording -----------------------------------------------------------------------------
-
-
-class Recorder:
-    """The history, shared by the writer, sampler and fault threads (one lock)."""
-
-    def __init__(self) -> None:
-        self.h = History()
-        self.lock = threading.Lock()
-
-    def __getattr__(self, name: str) -> Callable[..., Any]:
-        fn = getattr(self.h, name)
-
-        def locked(*a: Any, **k: Any) -> Any:
-            with self.lock:
-                return fn(*a, **k)
-
-        return locked
-
-
-# --- workload ------------------------------------------------------------------------------
-
-
-class _Stall(Exception):
-    pass
-
-
-class _Gone(Exception):
-    pass
-
-
-class QemuIo:
-    """One interactive ``qemu-io -f raw URL`` in a namespace; commands end at its prompt."""
-
-    live: set[QemuIo] = set()
-    """Every qemu-io not yet reaped (the runner's cleanup kills what is left)."""
-    _live_lock = threading.Lock()
-
-    def __init__(self, url: str, netns_name: str) -> None:
-        from steelfusion import netns
-
-        self.proc = subprocess.Popen(
-            [shutil.which("qemu-io") or "qemu-io", "-f", "raw", url], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            preexec_fn=netns.preexec(netns_name))
-        assert self.proc.stdout is not None and self.proc.stdin is not None
-        self.fd = self.proc.stdout.fileno()
-        self.stdin = self.proc.stdin
-        self.buf = b""
-        with QemuIo._live_lock:
-            QemuIo.live.add(self)
-
-    @classmethod
-    def kill_all(cls) -> None:
-        with cls._live_lock:
-            left = list(cls.live)
-        for q in left:
-            q.kill()
-
-    def until_prompt(self, timeout: float) -> bytes:
-        """Output up to the next prompt; :class:`_Stall` after ``timeout`` s, :class:`_Gone`
-        if qemu-io exits."""
-        deadline = time.monotonic() + timeout
-        while PROMPT not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise _Stall()
-            r, _, _ = select.select([self.fd], [], [], min(left, 1.0))
-            if r:
-                chunk = os.read(self.fd, 65536)
-                if not chunk:
-                    raise _Gone(self.buf.decode(errors="replace").strip()[-300:])
-                self.buf += chunk
-        out, _, self.buf = self.buf.partition(PROMPT)
-        return out
-
-    def send(self, line: str) -> None:
-        self.stdin.write(line.encode() + b"\n")
-        self.stdin.flush()
-
-    def close(self, grace: float = 5.0) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                self.send("quit")
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self._reap()
-
-    def kill(self) -> None:
-        with contextlib.suppress(OSError):
-            self.proc.kill()
-        self._reap()
-
-    def _reap(self) -> None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(5)
-        with QemuIo._live_lock:
-            QemuIo.live.discard(self)
-        for f in (self.proc.stdin, self.proc.stdout):
-            with contextlib.suppress(OSError):
-                if f is not None:
-                    f.close()
-
-
-class Writer(threading.Thread):
-    """Writes one LUN through one qemu-io, one write at a time, into the history."""
-
-    def __init__(self, drill: Drill, lun: int, url: str, size: int) -> None:
-        super().__init__(name=f"writer-lun{lun}", daemon=True)
-        self.d = drill
-        self.lun = lun
-        self.url = url
-        self.blocks = size // BLOCK
-        self.rng = random.Random(f"{drill.seed}/writer/{lun}")
-        self.file = Path(f"/dev/shm/sf-drill-{os.getpid()}-{lun}.blk")
-        self.q: QemuIo | None = None
-        self.stats: Counter[str] = Counter()
-        self.error: str | None = None
-
-    def run(self) -> None:
-        try:
-            self._loop()
-        except Exception as e:  # a runner bug: stop the drill, say where
-            self.error = f"writer of LUN {self.lun}: {type(e).__name__}: {e}"
-            _log.error("writer_failed", lun=self.lun, error=self.error,
-                       traceback=traceback.format_exc())
-            self.d.abort.set()
-        finally:
-            if self.q is not None:
-                self.q.close()
-                self.q = None
-            self.file.unlink(missing_ok=True)
-
-    def _open(self) -> QemuIo | None:
-        while not self.d.stop_writes.is_set() and not self.d.abort.is_set():
-            q = QemuIo(self.url, self.d.branch_ns)
-            try:
-                q.until_prompt(OPEN_TIMEOUT)
-                self.stats["opens"] += 1
-                return q
-            except (_Stall, _Gone) as e:
-                self.stats["open_failures"] += 1
-                _log.info("qemu_io_open_failed", lun=self.lun, why=str(e) or "timeout")
-                q.kill()
-                self.d.stop_writes.wait(1.0)
-        return None
-
-    def _loop(self) -> None:
-        fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.close(fd)
-        period = 1.0 / WRITE_RATE
-        next_at = time.monotonic()
-        while not self.d.stop_writes.is_set() and not self.d.abort.is_set():
-            if self.q is None:
-                self.q = self._open()
-                if self.q is None:
-                    return
-            now = time.monotonic()
-            if next_at > now:
-                time.sleep(next_at - now)
-            next_at = max(next_at + period, time.monotonic() - 1.0)
-            self._write_one(self.q)
-
-    def _write_one(self, q: QemuIo) -> None:
-        n = self.rng.randint(1, min(MAX_WRITE_BLOCKS, self.blocks))
-        first = self.rng.randrange(0, self.blocks - n + 1)
-        wid = self.d.next_id()
-        data = drillcheck.payloads(self.d.seed, wid, self.lun, first, n)
-        self.file.write_bytes(data)
-        off, length = first * BLOCK, n * BLOCK
-        t0 = time.time()
-        try:
-            q.send(f"write -s {self.file} {off} {length}")
-        except OSError:  # qemu-io is gone: nothing was sent
-            self.q = None
-            q.kill()
-            return
-        rec = self.d.rec
-        rec.write_started(wid, self.lun, first, n, t0)
-        try:
-            out = q.until_prompt(STALL_LIMIT)
-        except (_Stall, _Gone) as e:
-            rec.write_ended(wid, time.time(), "indeterminate")
-            self.stats["indeterminate"] += 1
-            why = "no answer" if isinstance(e, _Stall) else f"qemu-io exited: {e}"
-            _log.warning("write_indeterminate", lun=self.lun, write=wid, why=why)
-            self.d.say(f"LUN {self.lun}: write {wid} indeterminate ({why}); new qemu-io",
-                       quiet=True)
-            self.q = None
-            q.kill()
-            return
-        t1 = time.time()
-        m = _WROTE.search(out)
-        if m and int(m.group(1)) == int(m.group(2)) == length and int(m.group(3)) == off:
-            rec.write_ended(wid, t1, "ok")
-            rec.write_latency(t1, t1 - t0, self.lun)
-            self.stats["ok"] += 1
-            return
-        rec.write_ended(wid, t1, "failed")
-        self.stats["failed"] += 1
-        text = out.decode(errors="replace").strip()
-        _log.info("write_failed", lun=self.lun, write=wid, output=text[-300:])
-        if b"failed" not in out and b"error" not in out.lower():
-            raise RuntimeError(f"unexpected qemu-io answer to a write: {text[-300:]!r}")
-
-
-# --- sampling ------------------------------------------------------------------------------
-
-
-class Sampler(threading.Thread):
-    """Samples one node's status into the history every :data:`SAMPLE_EVERY` seconds."""
-
-    def __init__(self, drill: Drill, node: dict[str, Any], kind: str) -> None:
-        super().__init__(name=f"sampler-{node['name']}", daemon=True)
-        self.d = drill
-        self.node = node
-        self.kind = kind
-        self.prev: tuple[float, Any, dict[str, tuple[int, int]]] | None = None
-        self.count = 0
-
-    def run(self) -> None:
-        try:
-            while not self.d.stop_sampling.wait(SAMPLE_EVERY):
-                self.sample()
-        except Exception as e:
-            _log.error("sampler_failed", node=self.node["name"], error=repr(e),
-                       traceback=traceback.format_exc())
-            self.d.abort.set()
-
-    def sample(self) -> None:
-        name = self.node["name"]
-        t0 = time.time()
-        try:
-            st: dict[str, Any] | None = call_node(self.node, "status", timeout=STATUS_TIMEOUT)
-            if st is not None and not st.get("ok"):
-                st = None
-            why = "no-answer"
-        except (OSError, ValueError, control.ControlError) as e:
-            st = None
-            why = "down" if isinstance(e, ConnectionRefusedError) else "no-answer"
-        t1 = time.time()
-        self.count += 1
-        rec = self.d.rec
-        if st is None:
-            rec.node_state(t1, name, None, None, why, False)
-            return
-        if self.kind == "edge":
-            core = st.get("core") or {}
-            # "running" (green on the timeline): connected to a primary Core
-            rec.node_state(t1, name, "edge", None,
-                           "running" if core.get("connected") else "disconnected", False)
-            return
-        acked = {lun: (int(v.get("stream") or 0), int(v.get("acked_seq") or 0))
-                 for lun, v in (st.get("luns") or {}).items()}
-        role = st.get("role")
-        acking = False
-        since = t0
-        if self.prev is not None:
-            p_t0, p_pid, p_acked = self.prev
-            since = p_t0
-            acking = role == "primary" and p_pid == st.get("pid") and any(
-                lun in p_acked and p_acked[lun][0] == s and a > p_acked[lun][1]
-                for lun, (s, a) in acked.items())
-        self.prev = (t0, st.get("pid"), acked)
-        rec.node_state(t1, name, role, st.get("epoch"), st.get("replication"), acking,
-                       since=since)
 
 
 # --- the drill -----------------------------------------------------------------------------
