@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from steelfusion import control, drillcheck, drillreport, log
-from steelfusion.drillcheck import BLOCK, Copy
+from steelfusion.drillcheck import Copy
+from steelfusion.drillpayload import BLOCK
 from steelfusion.drillplan import (
     FAULT_KINDS,
     GAP,

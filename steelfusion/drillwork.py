@@ -2,7 +2,7 @@
 
 Writers: one thread per LUN, each driving one interactive ``qemu-io`` (libiscsi) in the
 branch namespace: random 1..16-block writes of self-describing blocks
-(:func:`steelfusion.drillcheck.payloads`), at most :data:`WRITE_RATE` a second so the data
+(:func:`steelfusion.drillpayload.payloads`), at most :data:`WRITE_RATE` a second so the data
 volume stays bounded; each write's start, answer (ok / failed) and latency go into the
 history. A write with no answer within :data:`STALL_LIMIT` is indeterminate: that qemu-io
 is killed and a new one started.
@@ -33,8 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from steelfusion import control, drillcheck, log
-from steelfusion.drillcheck import BLOCK, History
+from steelfusion import control, log
+from steelfusion.drillcheck import History
+from steelfusion.drillpayload import BLOCK, payloads
 from steelfusion.lab import call_node
 
 _log = log.get("drill")
@@ -235,7 +236,7 @@ class Writer(threading.Thread):
         n = self.rng.randint(1, min(MAX_WRITE_BLOCKS, self.blocks))
         first = self.rng.randrange(0, self.blocks - n + 1)
         wid = self.d.next_id()
-        data = drillcheck.payloads(self.d.seed, wid, self.lun, first, n)
+        data = payloads(self.d.seed, wid, self.lun, first, n)
         self.file.write_bytes(data)
         off, length = first * BLOCK, n * BLOCK
         t0 = time.time()

@@ -31,14 +31,10 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +44,6 @@ from steelfusion.atomic import atomic_write
 from steelfusion.authconfig import make_key_file
 from steelfusion.config import (
     EDGE_RESERVE_MIN,
-    ConfigError,
     CoreConfig,
     EdgeConfig,
     EdgeLunConfig,
@@ -57,140 +52,47 @@ from steelfusion.config import (
     WitnessConfig,
     write_toml,
 )
+from steelfusion.labnet import (
+    CORE_SITES,
+    NS_PATTERN,
+    SITES,
+    WanLinks,
+    format_duration,
+    format_rate,
+    netns_configs,
+    parse_duration,
+    parse_loss,
+    parse_rate,
+    remove_namespaces,
+    remove_stale_namespaces,
+    stale_namespaces,
+)
+from steelfusion.labproc import (
+    LabError,
+    call_node,
+    disk_status,
+    free_ports,
+    last_error,
+    node_alive,
+    pid_alive,
+    read_or_none,
+    spawn,
+    stop_pids,
+    wait_control,
+    wait_mounted,
+)
 from steelfusion.nodeauth import read_key_file
 from steelfusion.units import format_addr, format_size, parse_addr
+
+# the lab's whole surface in one import: its processes (labproc) and network (labnet) too
+__all__ = ["CORE_SITES", "SITES", "Lab", "LabError", "call_node", "core_pair_configs",
+           "format_duration", "format_rate", "free_ports", "node_alive", "parse_duration",
+           "parse_loss", "parse_rate", "pid_alive", "remove_stale_namespaces", "size_arg",
+           "spawn", "stale_namespaces", "wait_control"]
 
 IQN_PREFIX = "iqn.2026-11.io.steelfusion"
 LUN_BLOCK = 4096  # an exported LUN is a whole number of 4 KiB blocks
 MAX_LUNS_PER_EDGE = 256  # SCSI LUN numbers 0..255 in one target
-
-# -- the netns lab's address plan (/tmp/netns_contract.md): site s, port k -> 10.99.s.(k+1)
-SITES: dict[str, int] = {"branch": 0, "dc-a": 1, "dc-b": 2, "witness": 3}
-SITE_PORTS: dict[str, int] = {"branch": 1, "dc-a": 2, "dc-b": 2, "witness": 1}
-CORE_SITES: dict[str, str] = {"core-a": "dc-a", "core-b": "dc-b"}
-WAN_MTU = 9000
-# Fixed ports: every namespace is new, so nothing else holds them. Distinct across the
-# lab all the same, so an address alone names one node.
-NS_LISTEN = {"witness": 7000, "core-a": 7001, "core-b": 7002}
-NS_CONTROL = {"witness": 7100, "core-a": 7101, "core-b": 7102}
-NS_EDGE_CONTROL = 7110  # + Edge index
-NS_PORTAL = 3260  # + Edge index
-#: a namespace of this project: "sf" + the labid (6 hex) + "-" + site
-NS_PATTERN = re.compile(r"^sf[0-9a-f]{6}-")
-
-
-MAX_DELAY = 60.0  # seconds: longer is a cut, not a slow link
-MAX_RATE = 1e12 / 8  # bytes/s (1000gbit): faster is "unlimited"
-MIN_RATE = 1000.0  # bytes/s (8kbit): below it one 9000-byte packet takes longer than 9 s
-_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
-_DURATION = re.compile(rf"^\s*{_NUMBER}\s*(us|ms|s)?\s*$", re.IGNORECASE)
-_RATE = re.compile(rf"^\s*{_NUMBER}\s*([a-z]+)?\s*$", re.IGNORECASE)
-_LOSS = re.compile(rf"^\s*{_NUMBER}\s*(%)?\s*$")
-_DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0}
-#: bits per second (tc's words, SI: 1 kbit = 1000 bit) and bytes per second
-RATE_UNITS: dict[str, float] = {"bit": 1 / 8, "kbit": 1e3 / 8, "mbit": 1e6 / 8,
-                                "gbit": 1e9 / 8, "bps": 1.0, "kbps": 1e3, "mbps": 1e6,
-                                "gbps": 1e9, "bytes": 1.0}
-
-
-def parse_duration(text: str, option: str = "--delay") -> float:
-    """``30ms``, ``0.5s``, ``250us`` -> seconds; a unit is required (except for 0)."""
-    m = _DURATION.match(text)
-    if not m:
-        raise LabError(f"{option} {text!r} is not a duration: give a number with a unit, "
-                       f"e.g. 30ms, 0.5s (0 for none)")
-    value = float(m.group(1))
-    if m.group(2) is None and value != 0:
-        raise LabError(f"{option} {text!r} needs a unit: {text}ms or {text}s?")
-    seconds = value * _DURATION_UNITS[(m.group(2) or "s").lower()]
-    if seconds > MAX_DELAY:
-        raise LabError(f"{option} {text!r} is more than {MAX_DELAY:g}s; for a link that "
-                       f"passes nothing use --cut")
-    return seconds
-
-
-def parse_rate(text: str, option: str = "--rate") -> float:
-    """``100mbit``, ``2gbit``, ``500kbps`` (bytes/s, tc's word) -> bytes/s; ``0`` or
-    ``unlimited`` -> 0 (no limit)."""
-    if text.strip().lower() in ("0", "unlimited", "none"):
-        return 0.0
-    m = _RATE.match(text)
-    unit = (m.group(2) or "").lower() if m else ""
-    if not m or unit not in RATE_UNITS:
-        if m and not unit:
-            raise LabError(f"{option} {text!r} needs a unit: e.g. {m.group(1)}mbit "
-                           f"(bits/s: bit, kbit, mbit, gbit; bytes/s: bps, kbps, mbps, gbps)")
-        raise LabError(f"{option} {text!r} is not a rate: give a number with a unit: bit, "
-                       f"kbit, mbit, gbit (bits/s) or bps, kbps, mbps, gbps (bytes/s), e.g. "
-                       f"100mbit; 0 or unlimited for no limit")
-    rate = float(m.group(1)) * RATE_UNITS[unit]
-    if rate == 0:
-        return 0.0
-    if rate > MAX_RATE:
-        raise LabError(f"{option} {text!r} is more than 1000gbit; 0 or unlimited for no limit")
-    if rate < MIN_RATE:
-        raise LabError(f"{option} {text!r} is below 8kbit (1000 bytes/s), slower than any "
-                       f"link can carry a 9000-byte packet in time; use --cut for none")
-    return rate
-
-
-def parse_loss(text: str, option: str = "--loss") -> float:
-    """``0.5%`` -> 0.005; a percentage from 0% to 100%."""
-    m = _LOSS.match(text)
-    if not m:
-        raise LabError(f"{option} {text!r} is not a percentage: e.g. 0.5% (0% to 100%)")
-    value = float(m.group(1))
-    if m.group(2) is None and value != 0:
-        raise LabError(f"{option} {text!r} needs a % sign: {text}% (0% to 100%)")
-    if value > 100:
-        raise LabError(f"{option} {text!r} is more than 100%")
-    return value / 100
-
-
-def format_rate(rate: float) -> str:
-    """Bytes/s as the operator writes it: 100mbit; 0 -> unlimited."""
-    if not rate:
-        return "unlimited"
-    bits = rate * 8
-    for unit, scale in (("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)):
-        if bits >= scale:
-            return f"{bits / scale:g}{unit}"
-    return f"{bits:g}bit"
-
-
-def format_duration(seconds: float) -> str:
-    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
-
-
-def site_address(site: str, port: int = 0) -> str:
-    """The address of ``site``'s port ``port`` (``dc-a``, 1 -> 10.99.1.2)."""
-    return f"10.99.{SITES[site]}.{port + 1}"
-
-
-def site_addresses(site: str) -> list[str]:
-    return [site_address(site, k) for k in range(SITE_PORTS[site])]
-
-
-class LabError(Exception):
-    """The lab could not be started, found or changed; the message says what to do."""
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports the kernel hands out now (held together so they are distinct)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((host, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _python() -> str:
-    return sys.executable
 
 
 def size_arg(n: int) -> str:
@@ -199,121 +101,6 @@ def size_arg(n: int) -> str:
         if n and n % (1 << shift) == 0:
             return f"{n >> shift}{unit}"
     return str(n)
-
-
-def spawn(role: str, config: Path, workdir: Path, name: str, netns: str | None = None) -> int:
-    """Start one node detached from this process (so ``lab up`` can return).
-
-    Its stdout/stderr go to ``<name>.out``: readable log lines (info and up) and,
-    when it cannot start, its one-line error last. With ``netns`` the node runs
-    inside that network namespace (it must exist)."""
-    enter: Callable[[], None] | None = None
-    if netns:
-        from steelfusion import netns as ns_mod
-
-        try:
-            enter = ns_mod.preexec(netns)
-        except OSError as e:
-            raise LabError(f"cannot start {name}: {e}; the lab's namespaces are gone (`lab "
-                           f"down` removes them): run `steelfusion lab up --netns --workdir "
-                           f"{workdir}` again") from None
-    out = open(workdir / f"{name}.out", "ab")  # noqa: SIM115 - handed to the child
-    try:
-        proc = subprocess.Popen(
-            [_python(), "-m", "steelfusion.cli", role, "run", "--config", str(config)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, cwd=str(workdir), preexec_fn=enter,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    except subprocess.SubprocessError as e:  # the preexec (setns) failed in the child
-        raise LabError(f"cannot start {name} in network namespace {netns}: {e}") from None
-    finally:
-        out.close()
-    return proc.pid
-
-
-@contextlib.contextmanager
-def _entered(netns: str | None) -> Iterator[None]:
-    """This thread inside ``netns`` for the block (nothing to do without one)."""
-    if not netns:
-        yield
-        return
-    from steelfusion import netns as ns_mod
-
-    with ns_mod.in_netns(netns):
-        yield
-
-
-def call_node(node: dict[str, Any], cmd: str, timeout: float = 3.0,
-              **args: Any) -> dict[str, Any]:
-    """A control command to a lab node, from inside its namespace in a netns lab."""
-    with _entered(node.get("netns")):
-        return control.call(parse_addr(node["control"]), cmd, timeout=timeout, **args)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie child of ours counts as dead
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return False
-
-
-def last_error(workdir: Path, name: str) -> str:
-    """The line a node that stopped left last in its ``.out`` (its one-line error)."""
-    try:
-        with open(workdir / f"{name}.out", "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
-            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
-    except OSError:
-        return f"no output (see {workdir / (name + '.log')})"
-    lines = [ln for ln in lines if ln]
-    if not lines:
-        return f"no output (see {workdir / (name + '.log')})"
-    line = lines[-1]
-    return line[len("Error: "):] if line.startswith("Error: ") else line
-
-
-def node_alive(node: dict[str, Any]) -> bool:
-    """The pid ``lab.json`` records still runs that node (after a reboot, or long after
-    ``lab down``, the pid may belong to another process: never signal that one)."""
-    pid = node["pid"]
-    if not pid_alive(pid):
-        return False
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return True  # no /proc to ask: trust the pid
-    want = str(node.get("config") or "").encode()
-    return b"steelfusion.cli" in cmd and (not want or want in cmd)
-
-
-def wait_control(addr: tuple[str, int], pid: int, timeout: float, name: str,
-                 workdir: Path, netns: str | None = None) -> dict[str, Any]:
-    """Until the node answers ``status`` on its control port (from inside ``netns``);
-    its own error if it exits."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if not pid_alive(pid):
-            raise LabError(f"{name} (pid {pid}) exited during start-up: "
-                           f"{last_error(workdir, name)}")
-        try:
-            with _entered(netns):
-                reply = control.call(addr, "status", timeout=2)
-            if reply.get("ok"):
-                return reply
-            last = str(reply.get("error"))
-        except (OSError, ValueError, control.ControlError) as e:
-            last = str(e)
-        time.sleep(0.05)
-    raise LabError(f"{name} did not answer on {format_addr(addr)} within {timeout:.0f}s ({last})")
 
 
 def core_pair_configs(d: Path, luns: dict[int, int], *, names: tuple[str, str] = ("core-a", "core-b"),
@@ -347,9 +134,8 @@ def core_pair_configs(d: Path, luns: dict[int, int], *, names: tuple[str, str] =
     return out[0], out[1]
 
 
-class Lab:
+class Lab(WanLinks):
     """A lab folder: its ``lab.json`` and the nodes it describes."""
-
     def __init__(self, workdir: str | Path) -> None:
         self.dir = Path(workdir).resolve()
         self.file = self.dir / "lab.json"
@@ -376,23 +162,19 @@ class Lab:
                            f"`ps`), then remove {self.file}")
         assert isinstance(data, dict)
         return data
-
     def save(self, data: dict[str, Any]) -> None:
         atomic_write(self.file, json.dumps(data, indent=2).encode())
-
     def nodes(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         """The replication nodes (Witness, Cores, Edges), not the WAN emulator."""
         w = data.get("witness")
         standalone = [w] if w and not w.get("embedded_in") else []
         return [*standalone, *data.get("cores", []), *data.get("edges", [])]
-
     def processes(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         """Every process of the lab: the WAN emulator of a netns lab and the Journal disks of
         a ``--journal-faults`` lab first, then the nodes."""
         wan = data.get("wan")
         return [*([wan] if isinstance(wan, dict) else []), *data.get("disks", []),
                 *self.nodes(data)]
-
     def labid(self, data: dict[str, Any] | None = None) -> str:
         """The 6 hex characters in the names of this lab's namespaces."""
         from steelfusion import netns as ns_mod
@@ -401,7 +183,6 @@ class Lab:
         if isinstance(lid, str) and NS_PATTERN.match(f"sf{lid}-"):
             return lid
         return ns_mod.labid_for(self.dir)
-
     def node(self, data: dict[str, Any], name: str, cmd: str = "") -> dict[str, Any]:
         for n in self.processes(data):
             if n["name"] == name:
@@ -433,7 +214,6 @@ class Lab:
         if reserve < EDGE_RESERVE_MIN:
             raise LabError(f"--reserve must be at least {size_arg(EDGE_RESERVE_MIN)} (room for "
                            f"a few 512 KiB writes in flight), got {format_size(reserve)}")
-
     def up(self, luns: int = 1, lun_size: int = 1 << 30, edges: int = 1,
            reserve: int = 256 << 20, host: str = "127.0.0.1",
            timeout: float = 60.0, witness_lease: float = 3.0,
@@ -513,7 +293,7 @@ class Lab:
             if self.file.exists() and not netns and self.load().get("netns"):
                 # a netns lab of this folder that crashed (none of its processes runs:
                 # checked above) may have left its namespaces; a netns start replaces them
-                _remove_namespaces(self.labid(self.load()))
+                remove_namespaces(self.labid(self.load()))
             return self._up(luns, lun_size, edges, reserve, host, timeout, witness_lease,
                             witness_in_edge, chap, mutual_chap, initiators, discovery_chap,
                             netns, journal_faults, tuple(links))
@@ -531,7 +311,6 @@ class Lab:
             yield
         finally:
             os.close(fd)
-
     def _check_previous(self, prev: dict[str, Any], luns: int, lun_size: int,
                         edges: int, journal_faults: bool = False) -> None:
         """Refuse to start over a running lab, or over a stopped one of another shape."""
@@ -555,7 +334,6 @@ class Lab:
             raise LabError(f"{self.dir} holds a stopped lab made with --edges {was[0]} --luns "
                            f"{was[1]} --lun-size {size_arg(was[2])}; start it again with those "
                            f"options, or use another --workdir (or delete {self.dir})")
-
     def _check_lun_files(self, lun_ids: list[int], lun_size: int) -> None:
         """LUN files an earlier lab left must have this size (a Core never resizes one)."""
         for name in ("core-a", "core-b"):
@@ -574,7 +352,6 @@ class Lab:
                     raise LabError(f"{path} holds a {format_size(st.st_size)} LUN of an earlier "
                                    f"lab; use --lun-size {size_arg(st.st_size)}, or another "
                                    f"--workdir (or delete {self.dir})")
-
     def _probe(self, size: int, what: str, todo: str) -> None:
         """Can this folder's file system hold a (sparse) file of ``size`` bytes?"""
         probe = self.dir / f".size-probe-{os.getpid()}"
@@ -593,7 +370,6 @@ class Lab:
         finally:
             with contextlib.suppress(OSError):
                 probe.unlink()
-
     def _up(self, luns: int, lun_size: int, edges: int, reserve: int, host: str,
             timeout: float, witness_lease: float, witness_in_edge: bool,
             chap: tuple[str, str] | None, mutual_chap: tuple[str, str] | None,
@@ -639,24 +415,24 @@ class Lab:
         net: dict[str, Any] | None = None
         if netns:
             net = self._net_plan(links)
-            witness, cores, edge_cfgs = _netns_configs(witness, cores, edge_cfgs,
+            witness, cores, edge_cfgs = netns_configs(witness, cores, edge_cfgs,
                                                        witness_in_edge)
 
         # What this start replaces or creates, to put back if it fails.
         names = ["witness", *(c.name for c in cores), *(e.name for e in edge_cfgs)]
         files = [self.file, d / "node.key", d / "wan.json",
                  *(d / f"{n}.toml" for n in names)]
-        before = {f: _read_or_none(f) for f in files}
+        before = {f: read_or_none(f) for f in files}
         new_dirs = [d / n for n in names if not (d / n).exists()]
         started: list[tuple[str, int]] = []
         try:
             return self._start(d, witness, cores, edge_cfgs, witness_in_edge, timeout, started,
                                net, journal_faults)
         except BaseException as e:
-            stopped = _stop_pids(started)
+            stopped = stop_pids(started)
             _unmount_disks(cores)
             if net is not None:
-                _remove_namespaces(net["labid"])
+                remove_namespaces(net["labid"])
             for f, content in before.items():
                 with contextlib.suppress(OSError):
                     if content is None:
@@ -672,49 +448,6 @@ class Lab:
                 raise LabError(f"lab up failed: {e}; stopped {', '.join(stopped) or 'nothing'}"
                                f"{gone} and left {d} as it was (logs: {d}/*.log)") from None
             raise
-
-    def _net_plan(self, links: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
-        """The namespaces, addresses and emulator config of this folder's netns lab."""
-        from steelfusion import netns as ns_mod
-        from steelfusion.wanemu import WanConfig
-
-        labid = ns_mod.labid_for(self.dir)
-        sites = {site: {"netns": ns_mod.ns_name(labid, site), "addresses": site_addresses(site),
-                        "ports": {f"{site}/{k}": a for k, a in enumerate(site_addresses(site))}}
-                 for site in SITES}
-        control_addr = ("127.0.0.1", free_ports(1)[0])
-        wan = {"name": "wan", "control": format_addr(control_addr), "mtu": WAN_MTU, "seed": 0,
-               "log_file": str(self.dir / "wan.log"),
-               "sites": {s: {"netns": v["netns"], "ports": v["addresses"]}
-                         for s, v in sites.items()},
-               "links": [dict(ln) for ln in links]}
-        try:  # the emulator would refuse a bad link at start: refuse it before anything runs
-            WanConfig.parse(wan, "the links given to lab up")
-        except ConfigError as e:
-            raise LabError(str(e)) from None
-        return {"labid": labid, "sites": sites, "wan": wan}
-
-    def _start_wan(self, d: Path, net: dict[str, Any], data: dict[str, Any], timeout: float,
-                   started: list[tuple[str, int]]) -> None:
-        """Create the site namespaces and start the emulator that joins them."""
-        from steelfusion import netns as ns_mod
-
-        for site in net["sites"].values():
-            try:
-                ns_mod.remove(site["netns"])  # a crashed lab's: replaced by a clean one
-                ns_mod.create(site["netns"])
-            except OSError as e:
-                raise LabError(str(e)) from None
-        data.update({"netns": True, "labid": net["labid"], "sites": net["sites"]})
-        path = d / "wan.json"
-        atomic_write(path, json.dumps(net["wan"], indent=2).encode(), mode=0o644)
-        pid = spawn("wan", path, d, "wan")
-        started.append(("wan", pid))
-        data["wan"] = {"name": "wan", "pid": pid, "control": net["wan"]["control"],
-                       "config": str(path), "role": "wan", "log": net["wan"]["log_file"],
-                       "netns": None, "mtu": net["wan"]["mtu"]}
-        self.save(data)
-        wait_control(parse_addr(net["wan"]["control"]), pid, timeout, "wan", d)
 
     def _start(self, d: Path, witness: WitnessConfig, cores: tuple[CoreConfig, CoreConfig],
                edge_cfgs: list[EdgeConfig], witness_in_edge: bool, timeout: float,
@@ -796,7 +529,6 @@ class Lab:
                 self.save(data)
         self.wait_ready(data, timeout)
         return data
-
     def _start_disks(self, d: Path, cores: tuple[CoreConfig, CoreConfig], data: dict[str, Any],
                      timeout: float, started: list[tuple[str, int]]) -> None:
         """One failing disk per Core, mounted where its Journal LUN lives."""
@@ -818,7 +550,6 @@ class Lab:
             data["disks"].append(node)
             self.save(data)
             wait_mounted(node, timeout, d)
-
     def journal_fault(self, core: str, mode: str) -> dict[str, Any]:
         """Make ``core``'s Journal LUN fail (``full``, ``offline``) or work again (``ok``)."""
         data = self.load()
@@ -837,7 +568,6 @@ class Lab:
             return {"core": core, "disk": disk["name"], **faultdisk.set_mode(disk["mount"], mode)}
         except (OSError, ValueError) as e:
             raise LabError(f"cannot set {disk['name']} to {mode}: {e}") from None
-
     def wait_ready(self, data: dict[str, Any], timeout: float = 60.0) -> None:
         """Until every Edge is connected to a Core and the primary is replicating."""
         deadline = time.monotonic() + timeout
@@ -919,125 +649,6 @@ class Lab:
             out["disks"] = [disk_status(n) for n in data["disks"]]
         return out
 
-    def _wan_status(self, data: dict[str, Any]) -> dict[str, Any]:
-        """The emulator's own status (links, ports, counters), or why there is none."""
-        wan = data.get("wan") or {}
-        base = {"name": "wan", "pid": wan.get("pid"), "control": wan.get("control")}
-        if not wan or not node_alive(wan):
-            return {**base, "running": False}
-        try:
-            reply = call_node(wan, "status", timeout=3)
-        except (OSError, ValueError, control.ControlError) as e:
-            return {**base, "running": True, "error": str(e)}
-        reply.pop("ok", None)
-        return {**reply, **base, "running": True}
-
-    # -- WAN links (netns lab) ---------------------------------------------------------
-    def _wan(self, data: dict[str, Any], what: str) -> dict[str, Any]:
-        if not data.get("netns"):
-            raise LabError(f"{what}: the lab in {self.dir} runs on loopback, where there are no "
-                           f"WAN links; links exist only in a lab started with `steelfusion lab "
-                           f"up --netns`")
-        wan = data.get("wan")
-        if not isinstance(wan, dict) or not node_alive(wan):
-            self._check_namespaces(data, what)
-            raise LabError(f"{what}: the WAN emulator (wan) is not running; `steelfusion lab "
-                           f"start wan --workdir {self.dir}` first")
-        return wan
-
-    def _check_namespaces(self, data: dict[str, Any], what: str) -> None:
-        """A netns lab's namespaces exist (``lab down`` removes them)."""
-        from steelfusion import netns as ns_mod
-
-        missing = [s["netns"] for s in (data.get("sites") or {}).values()
-                   if isinstance(s, dict) and not ns_mod.exists(str(s.get("netns")))]
-        if missing:
-            raise LabError(f"{what}: the lab in {self.dir} is down (its network namespace "
-                           f"{missing[0]} is gone: `lab down` removes them); `steelfusion lab "
-                           f"up --netns --workdir {self.dir}` starts it again")
-
-    def _wan_call(self, wan: dict[str, Any], what: str, cmd: str,
-                  **args: Any) -> dict[str, Any]:
-        try:
-            reply = call_node(wan, cmd, timeout=5, **args)
-        except (OSError, ValueError, control.ControlError) as e:
-            raise LabError(f"{what}: the WAN emulator at {wan.get('control')} did not answer: "
-                           f"{e}") from None
-        if not reply.get("ok"):
-            raise LabError(f"{what}: refused by the WAN emulator: {reply.get('error')}")
-        reply.pop("ok", None)
-        return reply
-
-    def link(self, a: str, b: str, *, delay: float | None = None, jitter: float | None = None,
-             rate: float | None = None, loss: float | None = None, cut: bool = False,
-             heal: bool = False, one_way: bool = False) -> dict[str, Any]:
-        """Change the link between sites ``a`` and ``b`` (both directions unless
-        ``one_way``: then only a -> b); returns the emulator's reply.
-
-        Settings left out keep their value; ``heal`` puts every setting back to
-        its default (no delay, no limit, no loss, not cut)."""
-        what = f"lab link {a} {b}"
-        wan = self._link_check(a, b, what)
-        if heal and (cut or any(v is not None for v in (delay, jitter, rate, loss))):
-            raise LabError(f"{what}: --heal puts every setting back to its default; give it "
-                           f"alone (with --one-way at most)")
-        args: dict[str, Any] = {"a": a, "b": b, "one_way": one_way}
-        for k, v in (("delay", delay), ("jitter", jitter), ("rate", rate), ("loss", loss)):
-            if v is not None:
-                args[k] = v
-        if cut:
-            args["cut"] = True
-        if heal:
-            args["heal"] = True
-        out = self._wan_call(wan, what, "link", **args)
-        self._keep_links(wan, what)
-        return out
-
-    def _keep_links(self, wan: dict[str, Any], what: str) -> None:
-        """Write the emulator's links into its config, so a restarted emulator (``lab start
-        wan``, a crash) keeps the partitions and WAN settings an operator or drill set."""
-        from steelfusion.wanemu import PARAM_KEYS
-
-        st = self._wan_call(wan, what, "status")
-        path = Path(wan["config"])
-        cfg = json.loads(path.read_text())
-        cfg["links"] = [{"a": ln["src"], "b": ln["dst"], "one_way": True,
-                         **{k: ln[k] for k in PARAM_KEYS if k in ln}}
-                        for ln in st.get("links", [])]
-        atomic_write(path, json.dumps(cfg, indent=2).encode(), mode=0o644)
-
-    def _link_check(self, a: str, b: str, what: str) -> dict[str, Any]:
-        """The emulator of this netns lab, once ``a`` and ``b`` are two of its sites."""
-        data = self.load()
-        wan = self._wan(data, what)
-        sites = list(data.get("sites") or SITES)
-        for s in (a, b):
-            if s not in sites:
-                raise LabError(f"{what}: no site {s!r} in this lab (sites: {', '.join(sites)})")
-        if a == b:
-            raise LabError(f"{what}: a link joins two different sites (sites: "
-                           f"{', '.join(sites)})")
-        return wan
-
-    def links(self, a: str, b: str) -> list[dict[str, Any]]:
-        """Both directions of the link between ``a`` and ``b``: settings and traffic."""
-        what = f"lab link {a} {b}"
-        wan = self._link_check(a, b, what)
-        st = self._wan_call(wan, what, "status")
-        order = {(a, b): 0, (b, a): 1}
-        out = [ln for ln in st.get("links", []) if (ln.get("src"), ln.get("dst")) in order]
-        return sorted(out, key=lambda ln: order[(ln["src"], ln["dst"])])
-
-    def port(self, port: str, up: bool) -> dict[str, Any]:
-        """Take one site interface (``dc-a/1``) down or up again."""
-        data = self.load()
-        what = f"lab port {port}"
-        wan = self._wan(data, what)
-        ports = [p for s in (data.get("sites") or {}).values() for p in s.get("ports", {})]
-        if port not in ports:
-            raise LabError(f"{what}: no port {port!r} in this lab (ports: {', '.join(ports)})")
-        return self._wan_call(wan, what, "port", port=port, up=up)
-
     # -- kill / start / down -------------------------------------------------------
     def kill(self, name: str, sig: int = signal.SIGKILL) -> dict[str, Any]:
         """Signal one node and wait until it is gone; ``killed`` says whether it ran."""
@@ -1050,7 +661,6 @@ class Lab:
             while pid_alive(node["pid"]) and time.monotonic() < deadline:
                 time.sleep(0.02)
         return node
-
     def start(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
         data = self.load()
         node = self.node(data, name, "start")
@@ -1073,26 +683,24 @@ class Lab:
         wait_control(parse_addr(node["control"]), node["pid"], timeout, name, self.dir,
                      node.get("netns"))
         return node
-
     def down(self, timeout: float = 15.0) -> list[str]:
         """Stop every node, then the WAN emulator (the Edges flush to the Cores through
         it), then remove the lab's own namespaces."""
         data = self.load()
         # Edges first, so they flush to the Core
-        stopped = _stop_pids([(n["name"], n["pid"]) for n in self.nodes(data) if node_alive(n)],
+        stopped = stop_pids([(n["name"], n["pid"]) for n in self.nodes(data) if node_alive(n)],
                              timeout)
         wan = data.get("wan")
         if isinstance(wan, dict) and node_alive(wan):
-            stopped += _stop_pids([("wan", wan["pid"])], timeout)
+            stopped += stop_pids([("wan", wan["pid"])], timeout)
         disks = data.get("disks", [])
-        stopped += _stop_pids([(n["name"], n["pid"]) for n in disks if node_alive(n)], timeout)
+        stopped += stop_pids([(n["name"], n["pid"]) for n in disks if node_alive(n)], timeout)
         for n in disks:  # one killed earlier left its mount behind
             with contextlib.suppress(OSError):
                 faultdisk.unmount(n["mount"])
         if data.get("netns"):
-            _remove_namespaces(self.labid(data))
+            remove_namespaces(self.labid(data))
         return stopped
-
     def wait_committed(self, timeout: float = 120.0, edges: list[str] | None = None) -> float:
         """Wait until the Edges hold nothing uncommitted; returns the seconds it took."""
         t0 = time.monotonic()
@@ -1136,114 +744,6 @@ def coredr_command(core: dict[str, Any]) -> str:
     return f"coredr{ns} --core {core.get('control')} status"
 
 
-def _netns_configs(witness: WitnessConfig, cores: tuple[CoreConfig, CoreConfig],
-                   edge_cfgs: list[EdgeConfig], witness_in_edge: bool
-                   ) -> tuple[WitnessConfig, tuple[CoreConfig, CoreConfig], list[EdgeConfig]]:
-    """The loopback lab's configs moved onto the sites' addresses (the address plan).
-
-    Node ports face the WAN on their site's address; control ports stay on the
-    namespace's own 127.0.0.1. Each Core replicates over both its site's ports.
-    """
-    w_addr = ((site_address("branch"), NS_LISTEN["witness"]) if witness_in_edge
-              else (site_address("witness"), NS_LISTEN["witness"]))
-    witness = dataclasses.replace(witness, listen=w_addr,
-                                  control=("127.0.0.1", NS_CONTROL["witness"]))
-    listen = {c.name: (site_address(CORE_SITES[c.name]), NS_LISTEN[c.name]) for c in cores}
-    a, b = (dataclasses.replace(
-        c, listen=listen[c.name], control=("127.0.0.1", NS_CONTROL[c.name]),
-        peer=listen[other.name] if c.peer is not None else None,
-        interfaces=tuple(site_addresses(CORE_SITES[c.name])),
-        witness=w_addr if c.witness is not None else None)
-        for c, other in ((cores[0], cores[1]), (cores[1], cores[0])))
-    edge_out = [dataclasses.replace(
-        ec, portal=(site_address("branch"), NS_PORTAL + i),
-        control=("127.0.0.1", NS_EDGE_CONTROL + i), cores=(a.listen, b.listen),
-        witness=w_addr if ec.witness is not None else None)
-        for i, ec in enumerate(edge_cfgs)]
-    return witness, (a, b), edge_out
-
-
-def _remove_namespaces(labid: str) -> list[str]:
-    """Remove the namespaces of the lab ``labid`` (only its own: ``sf{labid}-*``)."""
-    from steelfusion import netns as ns_mod
-
-    prefix = ns_mod.lab_prefix(labid)
-    if not NS_PATTERN.match(prefix):
-        return []
-    return ns_mod.remove_all(prefix)
-
-
-def stale_namespaces(min_age: float = 120.0) -> list[str]:
-    """Namespaces of this project that nothing uses any more (a crashed lab's or test's).
-
-    A namespace counts as stale when its name is ``sf`` + 6 hex + ``-``, it is
-    older than ``min_age`` seconds (a lab being started has it empty for a
-    moment), no process runs in it and it holds no device but ``lo`` (a live
-    emulator keeps its TUN devices there).
-    """
-    from steelfusion import netns as ns_mod
-
-    in_use: set[int] = set()
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            with contextlib.suppress(OSError):
-                in_use.add(os.stat(p / "ns" / "net").st_ino)
-    out = []
-    now = time.time()
-    for name in ns_mod.listing("sf"):
-        if not NS_PATTERN.match(name):
-            continue
-        try:
-            st = os.stat(ns_mod.path(name))
-        except OSError:
-            continue
-        if st.st_ino in in_use or now - st.st_ctime < min_age:
-            continue
-        try:
-            with ns_mod.in_netns(name):
-                devices = [n for _, n in socket.if_nameindex() if n != "lo"]
-        except OSError:
-            continue
-        if not devices:
-            out.append(name)
-    return out
-
-
-def remove_stale_namespaces(min_age: float = 120.0) -> list[str]:
-    """Remove what :func:`stale_namespaces` finds; returns their names."""
-    from steelfusion import netns as ns_mod
-
-    names = stale_namespaces(min_age)
-    for n in names:
-        ns_mod.remove(n)
-    return names
-
-
-def wait_mounted(disk: dict[str, Any], timeout: float, workdir: Path) -> None:
-    """Until the disk answers on its control file; its own error if it exits."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pid_alive(disk["pid"]):
-            raise LabError(f"{disk['name']} exited: {last_error(workdir, disk['name'])}")
-        with contextlib.suppress(OSError, ValueError):
-            faultdisk.read_mode(disk["mount"])
-            return
-        time.sleep(0.05)
-    raise LabError(f"{disk['name']} did not mount {disk['mount']} within {timeout:.0f}s "
-                   f"(see {workdir / (disk['name'] + '.out')})")
-
-
-def disk_status(disk: dict[str, Any]) -> dict[str, Any]:
-    out = {"name": disk["name"], "core": disk.get("core"), "pid": disk["pid"],
-           "mount": disk["mount"], "running": node_alive(disk)}
-    if out["running"]:
-        try:
-            out.update(faultdisk.read_mode(disk["mount"]))
-        except (OSError, ValueError) as e:
-            out["error"] = str(e)
-    return out
-
-
 def _unmount_disks(cores: Sequence[CoreConfig]) -> None:
     """After a failed start: no mount of ours stays behind (a killed disk leaves one)."""
     for c in cores:
@@ -1252,31 +752,3 @@ def _unmount_disks(cores: Sequence[CoreConfig]) -> None:
                 faultdisk.unmount(Path(c.journal_path).parent)
 
 
-def _read_or_none(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except OSError:
-        return None
-
-
-def _stop_pids(nodes: list[tuple[str, int]], timeout: float = 15.0) -> list[str]:
-    """SIGTERM, last started first (Edges flush to the Cores), then SIGKILL after
-    ``timeout``; returns the names of those that were running."""
-    stopped = []
-    for name, pid in reversed(nodes):
-        if pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            stopped.append(name)
-    deadline = time.monotonic() + timeout
-    for _, pid in nodes:
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-    for _, pid in nodes:  # gone before we return (a SIGKILLed one too)
-        end = time.monotonic() + 5
-        while pid_alive(pid) and time.monotonic() < end:
-            time.sleep(0.02)
-    return stopped

@@ -1,10 +1,12 @@
-"""Test helpers: start real Core processes and speak the wire protocol as an Edge would."""
+"""Test helpers: start real Core processes and speak the wire protocol as an Edge would;
+wait for a condition; check a CLI's one-line refusal and that nothing a test started is left."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,52 @@ def wait_for(pred: Any, timeout: float = 30, what: str = "", every: float = 0.1)
         time.sleep(every)
 
 
+def why_no_netns() -> str | None:
+    """Why the netns lab cannot run here (not root, no namespaces or /dev/net/tun), or None."""
+    if os.geteuid() != 0:
+        return "needs root"
+    from steelfusion import netns
+
+    return netns.available()
+
+
+def refused(p: subprocess.CompletedProcess[str], *want: str) -> str:
+    """Exit != 0, exactly one line on stderr (no traceback), naming what was wanted."""
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode != 0, (p.args, p.stdout, p.stderr)
+    assert "Traceback" not in p.stderr, p.stderr
+    assert len(lines) == 1, p.stderr
+    for w in want:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+def procs_in(d: Path) -> list[str]:
+    """Live processes whose command line names ``d`` (a lab's nodes and emulator), as
+    ``"PID: command line"``."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (p / "stat").read_text().split(") ", 1)[1][:1]
+        except OSError:
+            continue
+        if str(d) in cmd and state != "Z":
+            out.append(f"{p.name}: {cmd}")
+    return out
+
+
+def kill_and_wait(pid: int, sig: int = signal.SIGKILL, timeout: float = 10) -> None:
+    """Signal ``pid`` (if it is alive) and wait up to ``timeout`` seconds for it to end."""
+    if pid and pid_alive(pid):
+        os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
 @dataclass
 class CoreProc:
     name: str
@@ -60,11 +108,7 @@ class CoreProc:
         wait_control(self.cfg.control, self.pid, 30, self.name, self.workdir)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.pid and pid_alive(self.pid):
-            os.kill(self.pid, sig)
-            deadline = time.monotonic() + 10
-            while pid_alive(self.pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
+        kill_and_wait(self.pid, sig)
 
     def lun_bytes(self, lun: int) -> bytes:
         return Path(next(lu.path for lu in self.cfg.luns if lu.id == lun)).read_bytes()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tool
+from tests.nodes import refused, why_no_netns
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 
@@ -48,26 +49,6 @@ WAN_NAMES = ["4K write QD1", "4K write QD32", "128K write QD8", "4K read QD1 col
              "4K read QD1 warm", "128K read QD8 cold", "128K read QD8 warm"]
 
 
-def _why_no_netns() -> str | None:
-    import os
-
-    if os.geteuid() != 0:
-        return "needs root"
-    from steelfusion import netns
-
-    return netns.available()
-
-
-def _one_line_refusal(p: subprocess.CompletedProcess[str], *want: str) -> str:
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert p.returncode != 0, (p.args, p.stdout, p.stderr)
-    assert "Traceback" not in p.stderr, p.stderr
-    assert len(lines) == 1, p.stderr
-    for w in want:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
-
-
 def _bench(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "steelfusion.cli", "bench", *args],
                           capture_output=True, text=True, timeout=timeout)
@@ -88,7 +69,7 @@ def _tgtd_pids_naming(text: str) -> list[int]:
     return out
 
 
-@pytest.mark.skipif(_why_no_netns() is not None, reason=f"no netns lab: {_why_no_netns()}")
+@pytest.mark.skipif(why_no_netns() is not None, reason=f"no netns lab: {why_no_netns()}")
 @pytest.mark.timeout(150)
 def test_wan_bench_quick_measures_both_targets_across_the_wan(tmp_path: Path) -> None:
     """Both targets measured from the branch; the WAN delay really on the path (lower
@@ -175,10 +156,10 @@ def test_wan_bench_refuses_without_root(monkeypatch: pytest.MonkeyPatch) -> None
 def test_bench_refuses_bad_options_in_one_line(args: list[str], want: list[str]) -> None:
     """Each bad option: one line naming it, exit != 0, before any lab or tgt starts."""
     p = _bench(*args)
-    _one_line_refusal(p, *want)
+    refused(p, *want)
 
 
-@pytest.mark.skipif(_why_no_netns() is not None, reason=f"no netns lab: {_why_no_netns()}")
+@pytest.mark.skipif(why_no_netns() is not None, reason=f"no netns lab: {why_no_netns()}")
 def test_wan_bench_stopped_by_sigterm_leaves_nothing_running(tmp_path: Path) -> None:
     """SIGTERM mid-run (``timeout``, a CI job cancelled) ends it like ^C: one line, exit
     != 0, the lab's nodes, the emulator and tgtd stopped, the namespaces removed."""
@@ -226,13 +207,13 @@ def test_bench_on_a_folder_with_a_running_lab_leaves_that_lab_alone(
     lab keeps running (the benchmark stops only a lab it started)."""
     from steelfusion.lab import Lab, pid_alive
 
-    if wan and _why_no_netns() is not None:
-        pytest.skip(f"no netns lab: {_why_no_netns()}")
+    if wan and why_no_netns() is not None:
+        pytest.skip(f"no netns lab: {why_no_netns()}")
     lab = Lab(tmp_path / "lab")
     data = lab.up(luns=1, lun_size=64 << 20, edges=1)
     try:
         p = _bench(*wan, "--quick", "--workdir", str(tmp_path))
-        _one_line_refusal(p, str(tmp_path / "lab"))
+        refused(p, str(tmp_path / "lab"))
         assert [n["name"] for n in lab.nodes(data) if not pid_alive(n["pid"])] == []
     finally:
         lab.down()

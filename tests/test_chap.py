@@ -28,6 +28,7 @@ from edge.iscsi_session import LoginFailed, State
 from steelfusion.iscsi.pdu import LoginRequest, LoginResponse
 from steelfusion.iscsi.text import decode_text, encode_text
 from tests.conftest import tool
+from tests.nodes import wait_for
 from tests.test_iscsi_session import INITIATOR, IQN, LIBISCSI_KEYS, Initiator
 
 SECRET = b"initiator-secret-1"
@@ -306,9 +307,9 @@ def test_wrong_password_and_no_password_refused(chap_target: Standalone) -> None
     assert r.returncode != 0 and "Authentication failure" in r.stderr
     r = run("iscsi-inq", chap_target.url())
     assert r.returncode != 0 and "Authentication failure" in r.stderr
-    time.sleep(0.2)
-    log = chap_target.log.read_text()
-    assert "iscsi_login_failed" in log and "CHAP name or response mismatch" in log
+    wait_for(lambda: all(w in chap_target.log.read_text()
+                         for w in ("iscsi_login_failed", "CHAP name or response mismatch")),
+             10, what="the refused logins in the target's log")
 
 
 @pytest.mark.initiator
@@ -316,8 +317,8 @@ def test_wrong_password_and_no_password_refused(chap_target: Standalone) -> None
 def test_initiator_not_on_the_acl_refused(chap_target: Standalone) -> None:
     r = run("iscsi-readcapacity16", chap_target.url(), env=CREDS)
     assert r.returncode != 0 and "Authorization failure" in r.stderr
-    time.sleep(0.2)
-    assert "initiator not on the access list" in chap_target.log.read_text()
+    wait_for(lambda: "initiator not on the access list" in chap_target.log.read_text(), 10,
+             what="the refusal in the target's log")
 
 
 @pytest.mark.initiator
@@ -348,10 +349,13 @@ def test_qemu_img_with_chap(chap_target: Standalone, tmp_path: Path) -> None:
     assert back.read_bytes()[:1 << 20] == src.read_bytes()
     r = run("qemu-img", "info", "--object", f"secret,id=sec0,data={PASSWORD}", *opts)
     assert r.returncode == 0, r.stderr
-    time.sleep(0.2)
-    logins = [line for line in chap_target.log.read_text().splitlines()
-              if '"iscsi_login"' in line and QEMU_INITIATOR in line]
-    assert any('"header_digest": true' in line for line in logins)  # CHAP + CRC32C
+
+    def logins() -> list[str]:
+        return [line for line in chap_target.log.read_text().splitlines()
+                if '"iscsi_login"' in line and QEMU_INITIATOR in line]
+
+    wait_for(lambda: any('"header_digest": true' in line for line in logins()),  # CHAP + CRC32C
+             10, what="qemu-img's login with CHAP and a CRC32C header digest in the log")
     r = run("qemu-img", "info", chap_target.url(f"{USER}%wrong-password-9@"))
     assert r.returncode != 0
 

@@ -1,4 +1,5 @@
-"""The drill's checker and report (steelfusion/drillcheck.py, drillreport.py; issue 10 item 3).
+"""The drill's payloads, checker and report (steelfusion/drillpayload.py, drillcheck.py,
+drillreport.py; issue 10 item 3).
 
 Hand-built histories and images, no processes: every check is shown to pass a history that
 is fine and to report the fault it exists for (a checker that cannot fail proves nothing)."""
@@ -15,7 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from steelfusion.drillcheck import (
+from steelfusion.drillcheck import Copy, History, Result, check, ranges
+from steelfusion.drillpayload import (
     BAD,
     BLOCK,
     FOREIGN,
@@ -23,14 +25,9 @@ from steelfusion.drillcheck import (
     TORN,
     VALID,
     ZERO,
-    Copy,
-    History,
-    Result,
-    check,
     identify,
     payload,
     payloads,
-    ranges,
     scan,
 )
 from steelfusion.drillreport import from_json, render_html, render_text, to_json

@@ -15,6 +15,7 @@ import pytest
 from steelfusion.initiator import qemu_read, qemu_write
 from steelfusion.lab import Lab
 from tests.conftest import tool
+from tests.nodes import wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 MiB = 1 << 20
@@ -110,8 +111,8 @@ def test_malformed_pdu_costs_only_its_connection(lab: Lab, tmp_path: Path) -> No
     back = tmp_path / "b.raw"
     qemu_read(url, back)
     assert _prefix(back, 4 * MiB) == src.read_bytes()
-    time.sleep(0.2)
-    assert "iscsi_protocol_error" in Path(edge["log"]).read_text()
+    wait_for(lambda: "iscsi_protocol_error" in Path(edge["log"]).read_text(), 10,
+             what="iscsi_protocol_error in the Edge's log")
 
 
 def test_full_reserve_stalls_host_writes_never_fails_them(lab: Lab, tmp_path: Path) -> None:

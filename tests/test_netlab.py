@@ -12,8 +12,7 @@ import os
 import secrets
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +21,12 @@ import pytest
 from steelfusion.initiator import qemu_read, qemu_write
 from steelfusion.lab import Lab, pid_alive, remove_stale_namespaces, stale_namespaces
 from tests.conftest import tool
+from tests.nodes import procs_in, refused, wait_for, why_no_netns
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(180)]
 MiB = 1 << 20
 CORE_A_IFACES = ("10.99.1.1", "10.99.1.2")
-
-
-def _why_not() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root"
-    from steelfusion import netns
-
-    return netns.available()
-
-
-WHY_NOT = _why_not()
+WHY_NOT = why_no_netns()
 needs_netns = pytest.mark.skipif(WHY_NOT is not None, reason=f"no netns lab here: {WHY_NOT}")
 
 
@@ -49,44 +39,6 @@ def cli(*args: str, env: dict[str, str] | None = None,
 def ok(p: subprocess.CompletedProcess[str]) -> str:
     assert p.returncode == 0, (p.args, p.stdout, p.stderr)
     return p.stdout
-
-
-def refused(p: subprocess.CompletedProcess[str], *want: str) -> str:
-    """Exit != 0, exactly one line on stderr (no traceback), naming what was wanted."""
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert p.returncode != 0, (p.args, p.stdout, p.stderr)
-    assert "Traceback" not in p.stderr, p.stderr
-    assert len(lines) == 1, p.stderr
-    for w in want:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
-
-
-def wait_for(pred: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
-
-
-def procs_in(d: Path) -> list[str]:
-    """Live processes whose command line names ``d`` (the lab's nodes and emulator)."""
-    out = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == os.getpid():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (p / "stat").read_text().split(") ", 1)[1][:1]
-        except OSError:
-            continue
-        if str(d) in cmd and state != "Z":
-            out.append(f"{p.name}: {cmd}")
-    return out
 
 
 def lab_namespaces(lab: Lab) -> list[str]:
@@ -171,7 +123,7 @@ def test_netns_lab_two_interfaces_and_a_port_down(lab: Lab, tmp_path: Path) -> N
 
     # the primary holds the seed's 2 connections per interface, each from its own address
     assert wait_for(lambda: out_links(core(lab, "core-a")) == dict.fromkeys(CORE_A_IFACES, 2),
-                    "2 replication connections on each of core-a's interfaces")
+                    what="2 replication connections on each of core-a's interfaces")
     first = write_read_back(url, branch, tmp_path, 8 * MiB, "first")
     ok(cli("lab", "wait-committed", "--workdir", wd, "--timeout", "60"))
     cores_identical(data, first)
@@ -199,7 +151,7 @@ def test_netns_lab_two_interfaces_and_a_port_down(lab: Lab, tmp_path: Path) -> N
     assert ok(cli("lab", "port", "dc-a/1", "--down", "--workdir", wd)).strip() == \
         "port dc-a/1 down"
     assert wait_for(lambda: out_links(core(lab, "core-a")) == {CORE_A_IFACES[0]: 2},
-                    "core-a's links over dc-a/1 gone, those over dc-a/0 kept")
+                    what="core-a's links over dc-a/1 gone, those over dc-a/0 kept")
     assert core(lab, "core-a")["replication"] == "running"
     assert "port dc-a/1 (10.99.1.2) DOWN" in ok(cli("lab", "status", "--workdir", wd))
     second = write_read_back(url, branch, tmp_path, 8 * MiB, "second")
@@ -209,7 +161,7 @@ def test_netns_lab_two_interfaces_and_a_port_down(lab: Lab, tmp_path: Path) -> N
     # back up: the diallers of that interface connect again
     ok(cli("lab", "port", "dc-a/1", "--up", "--workdir", wd))
     assert wait_for(lambda: out_links(core(lab, "core-a")) == dict.fromkeys(CORE_A_IFACES, 2),
-                    "core-a's links over dc-a/1 back")
+                    what="core-a's links over dc-a/1 back")
 
 
 @needs_netns
@@ -221,7 +173,7 @@ def test_cut_between_data_centers_pauses_then_heals(lab: Lab, tmp_path: Path) ->
     out = ok(cli("lab", "link", "dc-a", "dc-b", "--cut", "--workdir", wd))
     assert out.splitlines() == ["link dc-a -> dc-b: cut", "link dc-b -> dc-a: cut"], out
     # both Cores alive: the primary pauses, the secondary is disconnected
-    wait_for(lambda: core(lab, "core-a")["replication"] == "paused", "core-a paused")
+    wait_for(lambda: core(lab, "core-a")["replication"] == "paused", what="core-a paused")
     assert all(c["running"] for c in lab.status()["cores"])
     # the Edge keeps acknowledging the host: the writes wait in its reserve
     data_cut = write_read_back(url, branch, tmp_path, 4 * MiB, "cut")
@@ -233,7 +185,8 @@ def test_cut_between_data_centers_pauses_then_heals(lab: Lab, tmp_path: Path) ->
     assert "CUT" in line, line
     # healed: running again by itself, every write committed on both Cores
     ok(cli("lab", "link", "dc-a", "dc-b", "--heal", "--workdir", wd))
-    wait_for(lambda: core(lab, "core-a")["replication"] == "running", "core-a running", 60)
+    wait_for(lambda: core(lab, "core-a")["replication"] == "running", 60,
+             what="core-a running")
     lab.wait_committed(timeout=60)
     cores_identical(data, data_cut)
     # a link's settings and traffic, shown when nothing is to change
@@ -250,7 +203,7 @@ def test_lab_down_and_a_failed_up_leave_no_namespace_and_no_process(lab: Lab) ->
     (lab.dir / "edge-1" / "blockstore").write_text("in the way\n")
     refused(cli("lab", "up", "--workdir", wd, "--netns", "--lun-size", "8M"), "edge-1",
             "stopped", "namespaces")
-    wait_for(lambda: not procs_in(lab.dir), "no process of the lab", 20)
+    wait_for(lambda: not procs_in(lab.dir), 20, what="no process of the lab")
     assert lab_namespaces(lab) == []
     (lab.dir / "edge-1" / "blockstore").unlink()
     data = lab.up(luns=1, lun_size=8 * MiB, netns=True, timeout=60)
@@ -343,7 +296,7 @@ def test_stale_namespaces_are_only_unused_ones_of_this_project() -> None:
         assert other not in stale_namespaces(min_age=0)
         assert mine not in stale_namespaces(min_age=3600)  # just made: a lab starting up
         sleeper = subprocess.Popen(["sleep", "60"], preexec_fn=netns.preexec(mine))
-        wait_for(lambda: mine not in stale_namespaces(min_age=0), "a process inside counts")
+        wait_for(lambda: mine not in stale_namespaces(min_age=0), what="a process inside counts")
         sleeper.kill()
         sleeper.wait()
         sleeper = None

@@ -8,7 +8,6 @@ Real ``python -m steelfusion.cli`` processes against real labs on loopback.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 
 from steelfusion.config import ConfigError, EdgeConfig, write_toml
 from steelfusion.lab import Lab, pid_alive
+from tests.nodes import procs_in, refused, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(240)]
 MiB = 1 << 20
@@ -33,33 +33,6 @@ def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"steelfusion {' '.join(args)} hung: {e.stderr!r}")
-
-
-def refused(p: subprocess.CompletedProcess[str], *want: str) -> str:
-    """Exit != 0, exactly one line on stderr (no traceback), naming what was wanted."""
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert p.returncode != 0, (p.stdout, p.stderr)
-    assert "Traceback" not in p.stderr, p.stderr
-    assert len(lines) == 1, p.stderr
-    for w in want:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
-
-
-def procs_in(d: Path) -> list[str]:
-    """Command lines of the processes that name ``d`` (nodes of a lab in it)."""
-    out = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == os.getpid():
-            continue
-        try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (p / "stat").read_text().split(") ", 1)[1][:1]
-        except OSError:
-            continue
-        if str(d) in cmd and state != "Z":
-            out.append(f"{p.name}: {cmd}")
-    return out
 
 
 def wait_none_in(d: Path, timeout: float = 20) -> None:
@@ -161,10 +134,8 @@ def test_status_shows_control_addresses_and_aligns_columns(lab: Lab) -> None:
     for n in [data["witness"], *data["cores"], *data["edges"]]:
         assert n["control"] in out, (n["name"], out)
     lab.kill("core-a")
-    deadline = time.monotonic() + 30
-    while lab.status()["cores"][1]["replication"] != "disconnected":
-        assert time.monotonic() < deadline, lab.status()
-        time.sleep(0.1)
+    wait_for(lambda: lab.status()["cores"][1]["replication"] == "disconnected",
+             what="core-b disconnected")
     out = cli("lab", "status", "--workdir", wd).stdout
     lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.strip()}
     assert "epoch=-" in lines["core-a"] and "None" not in out, out

@@ -13,7 +13,6 @@ host wrote. (a), the cut between the data centers, is in tests/test_netlab.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -28,18 +27,12 @@ from steelfusion import netns
 from steelfusion.initiator import need, qemu_read
 from steelfusion.lab import Lab, call_node
 from tests.conftest import tool
-from tests.nodes import wait_for
+from tests.nodes import wait_for, why_no_netns
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(240)]
 MiB = 1 << 20
 BLOCK = 64 * 1024
-
-
-def _why_not() -> str | None:
-    return "needs root" if os.geteuid() != 0 else netns.available()
-
-
-WHY_NOT = _why_not()
+WHY_NOT = why_no_netns()
 needs_netns = pytest.mark.skipif(WHY_NOT is not None, reason=f"no netns lab here: {WHY_NOT}")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -21,9 +20,10 @@ import pytest
 
 from steelfusion import control
 from steelfusion.config import WitnessConfig, write_toml
-from steelfusion.lab import LabError, free_ports, pid_alive, spawn, wait_control
+from steelfusion.lab import LabError, free_ports, spawn, wait_control
 from steelfusion.link import Link, dial, listen
 from steelfusion.wire import Control, Hello, Message, Refuse, Welcome
+from tests.nodes import kill_and_wait
 from witness.client import WitnessClient
 from witness.logic import (
     ALREADY_HELD,
@@ -57,11 +57,7 @@ class WitnessProc:
                      self.workdir)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.pid and pid_alive(self.pid):
-            os.kill(self.pid, sig)
-            deadline = time.monotonic() + 10
-            while pid_alive(self.pid) and time.monotonic() < deadline:
-                time.sleep(0.02)
+        kill_and_wait(self.pid, sig)
 
     def status(self) -> dict[str, object]:
         assert self.cfg.control is not None
