@@ -8,6 +8,7 @@ real faults, then the checker's verdict (tests/test_drillcheck.py tests the chec
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -79,7 +80,7 @@ def test_the_same_seed_gives_the_same_schedule() -> None:
     long = build_schedule(7, 3600, FAULT_KINDS)
     outages = [f for f in long if f.kind == "outage"]
     assert outages and all(60 <= f.hold <= 100 for f in outages)
-    assert all(b.at - a.at >= 600 for a, b in zip(outages, outages[1:], strict=False))
+    assert all(b.at - a.at >= 600 for a, b in itertools.pairwise(outages))
     journal = [f for f in long if f.kind == "journal"]
     assert {f.mode for f in journal} == {"full", "offline"}
     assert {f.suspend for f in journal} == {True, False}
