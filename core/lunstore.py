@@ -22,7 +22,6 @@ would take the sender's next frame for a gap (the sender freed that write).
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import functools
 import os
@@ -30,9 +29,9 @@ import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from steelfusion.fileio import pread_full, pwrite_all
+from steelfusion.groupcommit import GroupCommit
 from steelfusion.wire import crc32c
 
 BLOCK = 512
@@ -82,28 +81,33 @@ def open_backend(path: str, size: int, create: bool = True) -> tuple[int, int]:
 
 
 class LunStore:
-    """One backend LUN with group-committed durability."""
+    """One backend LUN with group-committed durability (:class:`~steelfusion.groupcommit.GroupCommit`)."""
 
     def __init__(self, lun_id: int, path: str, size: int, create: bool = True) -> None:
         self.lun_id = lun_id
         self.path = path
         self.fd, self.size = open_backend(path, size, create)
-        self.written = 0  # writes issued (a counter)
-        self.durable = 0  # writes known durable
-        self._syncing = False
-        self._sync_task: asyncio.Task[None] | None = None  # held: asyncio keeps weak refs only
-        self._force = False
-        self._listeners: list[Callable[[int], None]] = []
+        # Every write issued is committed (eager); any exception is fail-stop, since a
+        # bug in the seal or a listener must not end the group commit silently either,
+        # with acknowledgements stopped and no alarm (issue 13).
+        self._group: GroupCommit[Callable[[], object] | None, Exception] = GroupCommit(
+            self._cut, self._write, fatal=Exception)
+        self._group.on_failure(self._on_failed)
         self._failure_listeners: list[Callable[[OSError], None]] = []
         self.failed: OSError | None = None  # a sync failed: fail-stop (see CoreEngine)
         self.io_errors = 0
         # Called on the event loop as a group commit starts, with its target counter; what
         # it returns runs in the worker right after the data's fdatasync (the Core persists
         # the applied seq there, so it is durable before the listeners acknowledge anything).
-        self.seal: Callable[[int], Callable[[], Any] | None] | None = None
+        self.seal: Callable[[int], Callable[[], object] | None] | None = None
+
+    @property
+    def written(self) -> int:
+        """Writes issued (a counter); the listeners hear which ones are durable."""
+        return self._group.issued
 
     def on_durable(self, fn: Callable[[int], None]) -> None:
-        self._listeners.append(fn)
+        self._group.on_durable(fn)
 
     def on_failure(self, fn: Callable[[OSError], None]) -> None:
         """``fn(error)`` once, when a sync fails; no durability is reported after it."""
@@ -115,8 +119,7 @@ class LunStore:
     def pwrite(self, offset: int, data: bytes | memoryview) -> int:
         """Write now (page cache); return the write's counter for :meth:`sync`."""
         pwrite_all(self.fd, data, offset)
-        self.written += 1
-        return self.written
+        return self._group.issue()
 
     def pread(self, offset: int, length: int) -> bytes:
         return pread_full(self.fd, length, offset)
@@ -128,40 +131,25 @@ class LunStore:
         (the applied seq) is persisted and the listeners hear of it — the Core
         moves its applied seq without writing when a resync covers a stream.
         """
-        self._force = self._force or force
-        if self.failed is not None:
-            return
-        if not self._syncing and (self.durable < self.written or self._force):
-            self._syncing = True
-            self._sync_task = asyncio.get_running_loop().create_task(self._sync_loop())
+        self._group.request(force=force)
 
-    async def _sync_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self.durable < self.written or self._force:
-                self._force = False
-                target = self.written
-                after = self.seal(target) if self.seal is not None else None
-                await loop.run_in_executor(None, self._sync_job, after)
-                self.durable = target
-                for fn in self._listeners:
-                    fn(target)
-        except Exception as e:  # every failure is fail-stop and reported
-            # Not only EIO: a bug in the seal or a listener must not end the group commit
-            # silently either, with acknowledgements stopped and no alarm (issue 13).
-            err = e if isinstance(e, OSError) else OSError(
-                errno.EIO, f"group commit failed: {e!r}")
-            self.io_errors += 1
-            self.failed = err
-            for fail in self._failure_listeners:
-                fail(err)
-        finally:
-            self._syncing = False
+    def _cut(self, target: int) -> Callable[[], object] | None:
+        return self.seal(target) if self.seal is not None else None
 
-    def _sync_job(self, after: Callable[[], Any] | None) -> None:
+    def _write(self, after: Callable[[], object] | None) -> None:
+        self._sync_job(after)  # looked up per commit: tests replace it to fail a sync
+
+    def _sync_job(self, after: Callable[[], object] | None) -> None:
         os.fdatasync(self.fd)
         if after is not None:
             after()
+
+    def _on_failed(self, e: Exception) -> None:
+        err = e if isinstance(e, OSError) else OSError(errno.EIO, f"group commit failed: {e!r}")
+        self.io_errors += 1
+        self.failed = err
+        for fail in self._failure_listeners:
+            fail(err)
 
     def close(self) -> None:
         try:

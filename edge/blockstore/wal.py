@@ -43,6 +43,7 @@ from typing import NamedTuple
 from steelfusion import log
 from steelfusion.atomic import fsync_dir
 from steelfusion.fileio import pread_full, pwrite_all, pwritev_all
+from steelfusion.groupcommit import GroupCommit
 from steelfusion.wire import crc32c
 
 _log = log.get("blockstore")
@@ -119,7 +120,11 @@ def _close_unlink(fd: int, path: Path) -> None:
         _log.warning("write_log_unlink_failed", path=str(path), error=str(e))
 
 
-def _fdatasync_all(fds: list[int], directory: Path | None) -> None:
+_Syncs = tuple[list[int], Path | None]  # one group commit's files: segments, maybe the folder
+
+
+def _fdatasync_all(work: _Syncs) -> None:
+    fds, directory = work
     for fd in fds:
         os.fdatasync(fd)
     if directory is not None:
@@ -150,8 +155,10 @@ class WriteLog:
         self.spares: list[tuple[int, int]] = []  # (old segment number, fd) of spare files
         self.unsynced: set[int] = set()
         self._dir_dirty = False  # a segment file was created or renamed since the last sync
-        self._sync_running: asyncio.Future[None] | None = None
-        self._sync_again = False
+        # A ticket per sync() call; only asked-for syncs run. Not fail-stop: an error
+        # reaches that loop's callers, and the next sync() starts afresh.
+        self._group: GroupCommit[_Syncs, OSError] = GroupCommit(
+            self._cut_sync, _fdatasync_all, eager=False)
         self.corrupt: list[str] = []
         self.replayed: dict[int, _Replayed] = {}
         # the queue: buffers back to back, and runs (segment, file position, first buffer)
@@ -410,35 +417,20 @@ class WriteLog:
     async def sync(self) -> None:
         """Drain, then fdatasync every segment written since the last sync; callers share it.
 
-        A caller arriving while a sync runs asks for one more pass and waits
-        for it, so its writes are covered (group commit).
+        A caller arriving while a sync runs gets the next pass, which covers
+        its writes (group commit, :class:`~steelfusion.groupcommit.GroupCommit`).
         """
         if self._iov:
             self.drain_hook()
-        if self._sync_running is not None:
-            self._sync_again = True
-            await asyncio.shield(self._sync_running)
-            return
-        loop = asyncio.get_running_loop()
-        fut = self._sync_running = loop.create_future()
-        try:
-            while True:
-                self._sync_again = False
-                fds = [self.fds[s] for s in self.unsynced if s in self.fds]
-                self.unsynced = set()
-                directory = self.dir if self._dir_dirty else None
-                self._dir_dirty = False
-                await loop.run_in_executor(None, _fdatasync_all, fds, directory)
-                if not self._sync_again:
-                    break
-        except BaseException as e:
-            fut.set_exception(e)
-            fut.exception()  # retrieved: the waiters see it through the shield
-            raise
-        finally:
-            self._sync_running = None
-            if not fut.done():
-                fut.set_result(None)
+        await self._group.wait(self._group.issue())
+
+    def _cut_sync(self, target: int) -> _Syncs:
+        """The segments (and the folder) written since the last pass, on the loop thread."""
+        fds = [self.fds[s] for s in self.unsynced if s in self.fds]
+        self.unsynced = set()
+        directory = self.dir if self._dir_dirty else None
+        self._dir_dirty = False
+        return fds, directory
 
     def close(self) -> None:
         """Sync and close (the caller drained); segments with nothing uncommitted become spares."""
