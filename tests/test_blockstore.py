@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.blockstore import FULL, SEG_HEADER, Blockstore, RegionCache, wal
+from edge.blockstore import FULL, SEG_HEADER, Blockstore, BlockstoreError, RegionCache, wal
 
 MiB = 1 << 20
 
@@ -139,6 +139,36 @@ def test_flush_group_commit(tmp_path: Path) -> None:
             bs.append(1, i * 512, b"x" * 512)
         await asyncio.gather(*(bs.flush() for _ in range(20)))
         assert bs.log.unsynced == set()
+
+    asyncio.run(main())
+
+
+def test_a_failed_sync_is_never_reported_durable_later(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsyncgate: after EIO from fdatasync the pages may be gone and the next fdatasync
+    succeed. The blockstore must stay failed, not answer GOOD to the next SYNCHRONIZE CACHE."""
+    calls = {"n": 0}
+    real = os.fdatasync
+
+    def flaky(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    async def main() -> None:
+        bs = _bs(tmp_path)
+        bs.append(1, 0, b"x" * 4096)
+        monkeypatch.setattr(wal.os, "fdatasync", flaky)
+        with pytest.raises(BlockstoreError, match="Input/output error"):
+            await bs.flush()
+        assert bs.failed is not None
+        with pytest.raises(BlockstoreError, match="restart needed"):
+            await bs.flush()  # the disk "works" again: still failed
+        with pytest.raises(OSError, match="Input/output error"):
+            await bs.log.sync()  # the log itself is fail-stop too: the first error again
+        with pytest.raises(BlockstoreError):
+            bs.append(1, 4096, b"y" * 4096)
 
     asyncio.run(main())
 

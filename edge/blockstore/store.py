@@ -429,9 +429,16 @@ class Blockstore:
         """Make every acknowledged write durable on this Edge (SYNCHRONIZE CACHE, FUA).
 
         Drains first, so it also covers writes appended and not yet drained.
+        A failed sync fails the blockstore (fail-stop, see :class:`WriteLog`):
+        this and every later flush, append and drain raise BlockstoreError.
         """
         self.drain()
-        await self.log.sync()
+        try:
+            await self.log.sync()
+        except OSError as e:
+            if self.failed is None:
+                self._fail(e, "log sync")
+            raise self._failed_error() from e
 
     def close(self) -> None:
         """Write all, sync and close; a failed blockstore saves no cache map (it is not trusted)."""

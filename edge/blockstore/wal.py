@@ -155,10 +155,13 @@ class WriteLog:
         self.spares: list[tuple[int, int]] = []  # (old segment number, fd) of spare files
         self.unsynced: set[int] = set()
         self._dir_dirty = False  # a segment file was created or renamed since the last sync
-        # A ticket per sync() call; only asked-for syncs run. Not fail-stop: an error
-        # reaches that loop's callers, and the next sync() starts afresh.
+        # A ticket per sync() call; only asked-for syncs run. Fail-stop: after a failed
+        # fdatasync the kernel may have dropped the dirty pages and cleared the error, so a
+        # later fdatasync "succeeds" without the data (PostgreSQL's fsyncgate, 2018). The
+        # segments were taken off ``unsynced`` by the cut: every later sync() raises the
+        # first error, and only a restart (replay from the log) makes the Edge trust it again.
         self._group: GroupCommit[_Syncs, OSError] = GroupCommit(
-            self._cut_sync, _fdatasync_all, eager=False)
+            self._cut_sync, _fdatasync_all, eager=False, fatal=OSError)
         self.corrupt: list[str] = []
         self.replayed: dict[int, _Replayed] = {}
         # the queue: buffers back to back, and runs (segment, file position, first buffer)
