@@ -27,16 +27,45 @@ What it implements (RFC 7143 section numbers):
 * NOP-Out/In (§11.18-19), Logout (§11.14-15), Task Management (§11.5-6),
   Reject (§11.17), CRC32C digests (§13.1).  ErrorRecoveryLevel is 0, so any
   framing or digest error ends the connection (§7.1.3).
+
+Where things are: this module is the state machine (numbering, PDU in and
+out, SCSI commands, R2Ts under the write budget, Data-In and responses, NOP,
+Logout).  It hands parts to sans-IO helpers with narrow interfaces: the
+login phase to :mod:`edge.iscsi_login`, each command's write-data rules to
+:mod:`edge.iscsi_tasks`, task management to :mod:`edge.iscsi_tmf`, Text
+exchanges to :mod:`edge.iscsi_text`.  The configuration the adapter passes
+in is :mod:`edge.iscsi_config`, the events it gets back
+:mod:`edge.iscsi_events`; their public names are importable from here.
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Protocol
+from collections.abc import Collection
+from dataclasses import replace
 
+from edge.iscsi_config import (
+    Authenticator,
+    AuthExchange,
+    FastLane,
+    SessionConfig,
+    TargetInfo,
+)
+from edge.iscsi_events import (
+    CloseConnection,
+    Event,
+    LoginComplete,
+    LoginFailed,
+    LogoutComplete,
+    ResetRequested,
+    ScsiCommandReady,
+    TasksAborted,
+)
+from edge.iscsi_login import LoginPhase, LoginReply, LoginStatus
+from edge.iscsi_tasks import R2TState, Sense, Step, Task, TaskState
+from edge.iscsi_text import TextExchange
+from edge.iscsi_tmf import TaskManagement, TmfFunction, TmfResponse
 from edge.scsi.cdb import decode_lun
 from edge.scsi.sense import CHECK_CONDITION, GOOD, SenseKey, fixed_sense
 from steelfusion.iscsi.pdu import (
@@ -70,22 +99,22 @@ from steelfusion.iscsi.pdu import (
 )
 from steelfusion.iscsi.text import (
     REJECT,
-    Negotiator,
     Pairs,
     SessionParams,
-    TargetLimits,
-    decode_text,
-    encode_text,
     send_targets,
-    split_text,
 )
+
+__all__ = [
+    "IMMEDIATE_SLACK", "AuthExchange", "Authenticator", "CloseConnection", "Event", "FastLane",
+    "LoginComplete", "LoginFailed", "LoginStatus", "LogoutComplete", "ResetRequested",
+    "ScsiCommandReady", "SessionConfig", "State", "TargetConnection", "TargetInfo",
+    "TasksAborted", "TmfFunction", "TmfResponse", "sn_gt", "sn_lt",
+]
 
 _M = 0xFFFFFFFF
 
-# Sense for transport-level failures (RFC 7143 §11.4.7.2).
-_ABORTED_COMMAND = SenseKey.ABORTED_COMMAND
-_ILLEGAL_REQUEST = SenseKey.ILLEGAL_REQUEST
-_SENSE_ABORTED_COMMAND = fixed_sense(_ABORTED_COMMAND, 0x00, 0x00)
+# Sense for a task the adapter cancelled (RFC 7143 §11.4.7.2).
+_SENSE_ABORTED_COMMAND = fixed_sense(SenseKey.ABORTED_COMMAND, 0x00, 0x00)
 
 
 def sn_lt(a: int, b: int) -> bool:
@@ -97,300 +126,11 @@ def sn_gt(a: int, b: int) -> bool:
     return a != b and ((a - b) & _M) < 0x80000000
 
 
-class TmfFunction(enum.IntEnum):
-    """Task management function codes (RFC 7143 §11.5.1)."""
-
-    ABORT_TASK = 1
-    ABORT_TASK_SET = 2
-    CLEAR_ACA = 3
-    CLEAR_TASK_SET = 4
-    LOGICAL_UNIT_RESET = 5
-    TARGET_WARM_RESET = 6
-    TARGET_COLD_RESET = 7
-    TASK_REASSIGN = 8
-
-
-class TmfResponse(enum.IntEnum):
-    """Task management response codes (RFC 7143 §11.6.1)."""
-
-    FUNCTION_COMPLETE = 0
-    TASK_DOES_NOT_EXIST = 1
-    LUN_DOES_NOT_EXIST = 2
-    TASK_STILL_ALLEGIANT = 3
-    REASSIGNMENT_NOT_SUPPORTED = 4
-    NOT_SUPPORTED = 5
-    AUTHORIZATION_FAILED = 6
-    FUNCTION_REJECTED = 255
-
-
-class LoginStatus(enum.IntEnum):
-    """Login Response status class/detail (RFC 7143 §11.13.5)."""
-
-    SUCCESS = 0x0000
-    INITIATOR_ERROR = 0x0200
-    AUTH_FAILURE = 0x0201
-    AUTHORIZATION_FAILURE = 0x0202
-    NOT_FOUND = 0x0203
-    UNSUPPORTED_VERSION = 0x0205
-    MISSING_PARAMETER = 0x0207
-    SESSION_TYPE_UNSUPPORTED = 0x0209
-    SESSION_DOES_NOT_EXIST = 0x020A
-    INVALID_DURING_LOGIN = 0x020B
-    TARGET_ERROR = 0x0300
-
-
 class State(enum.Enum):
     LOGIN = "login"
     FULL_FEATURE = "full_feature"
     CLOSED = "closed"
 
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True, slots=True)
-class TargetInfo:
-    """What the protocol needs to know of one target node."""
-
-    name: str
-    luns: frozenset[int]
-    alias: str | None = None
-
-
-class AuthExchange(Protocol):
-    """One login's authentication exchange (RFC 7143 §12): ``methods`` lists
-    the AuthMethod values accepted, best first; ``step`` consumes one Login
-    Request's security keys and returns (keys to answer, outcome): True =
-    authenticated, False = refused (``reason`` says why, without secrets),
-    None = more round trips needed.  ``edge.auth.ChapExchange`` is one."""
-
-    reason: str
-
-    def methods(self) -> Sequence[str]: ...
-
-    def step(self, method: str, keys: Mapping[str, str]) -> tuple[Pairs, bool | None]: ...
-
-
-class Authenticator(Protocol):
-    """Security-stage hook (RFC 7143 §6.3.2, §12); ``edge.auth`` implements it.
-
-    ``authorize`` is the access list: False ends the login with status
-    0x0202 (authorization failure).  ``begin`` returns the exchange this
-    initiator must complete for this target (None for a discovery session),
-    or None when no authentication is required."""
-
-    def authorize(self, initiator_name: str, target_name: str | None) -> bool: ...
-
-    def begin(self, initiator_name: str, target_name: str | None) -> AuthExchange | None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class SessionConfig:
-    """Target-side settings shared by all connections of one portal."""
-
-    targets: Mapping[str, TargetInfo]
-    limits: TargetLimits = field(default_factory=TargetLimits)
-    portal_group_tag: int = 1
-    cmd_window: int = 128
-    """Commands the initiator may have queued (MaxCmdSN - ExpCmdSN + 1)."""
-    max_write_buffer_bytes: int = 64 * 1024 * 1024
-    """Solicited write data we are willing to hold per connection; R2Ts for
-    further commands wait until earlier writes finish."""
-    max_command_bytes: int = 16 * 1024 * 1024
-    """Largest Expected Data Transfer Length accepted for a write."""
-    login_timeout_s: float = 15.0
-    authenticator: Authenticator | None = None
-    defer_resets: bool = False
-    """LOGICAL UNIT RESET and TARGET WARM/COLD RESET reach other sessions and
-    the LU's shared state, which only the adapter can touch: with this set
-    the connection emits :class:`ResetRequested` once its own tasks are done
-    and answers when the adapter calls :meth:`TargetConnection.complete_tmf`."""
-
-
-# --------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True)
-class LoginComplete:
-    """The connection entered Full Feature Phase."""
-
-    initiator_name: str
-    initiator_alias: str | None
-    target_name: str | None
-    session_type: str
-    isid: int
-    tsih: int
-    cid: int
-    params: SessionParams
-
-
-@dataclass(frozen=True, slots=True)
-class LoginFailed:
-    """The login was refused with ``status`` (RFC 7143 §11.13.5); ``reason``
-    is for the log and holds no secret.  A CloseConnection follows."""
-
-    status: int
-    reason: str
-    initiator_name: str | None
-    target_name: str | None
-
-
-@dataclass(slots=True)
-class ScsiCommandReady:
-    """A SCSI command whose Data-Out (if any) has fully arrived.  Answer with
-    :meth:`TargetConnection.complete` (exactly once, any order)."""
-
-    task_tag: int
-    lun: int
-    cdb: bytes
-    data: Buffer
-    expected_length: int
-    read: bool
-    write: bool
-    immediate: bool
-    cmdsn: int
-
-
-@dataclass(frozen=True, slots=True)
-class TasksAborted:
-    """Task management aborted these running tasks; their responses will be
-    dropped.  The adapter should stop the work and report each with
-    :meth:`TargetConnection.task_cancelled` (or let it finish and call
-    :meth:`~TargetConnection.complete`): a TMF that aborted a task is
-    answered only once the task has ended, so a long command must be
-    cancelled for the answer to go out promptly."""
-
-    task_tags: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class ResetRequested:
-    """A reset TMF (RFC 7143 §11.5.1) whose local tasks are finished: reset
-    the LU(s) across every session, then call
-    :meth:`TargetConnection.complete_tmf` with ``task_tag``."""
-
-    task_tag: int
-    function: int
-    lun: int
-
-
-@dataclass(frozen=True, slots=True)
-class LogoutComplete:
-    """Logout Response queued; flush output, then close."""
-
-    reason: int
-
-
-@dataclass(frozen=True, slots=True)
-class CloseConnection:
-    """The protocol is done with this connection (login failure, timeout,
-    reset); flush output, then close."""
-
-    reason: str
-
-
-FastLane = Callable[[int, bytes, Buffer], tuple[int, Buffer, Buffer, int | None] | None]
-
-Event = (LoginComplete | LoginFailed | ScsiCommandReady | TasksAborted | ResetRequested
-         | LogoutComplete | CloseConnection)
-
-# --------------------------------------------------------------------------- tasks
-
-
-class _TaskState(enum.Enum):
-    COLLECTING = 1  # waiting for Data-Out
-    RUNNING = 2  # handed to SCSI
-
-
-class _R2TState:
-    __slots__ = ("length", "next_datasn", "offset", "received")
-
-    def __init__(self, offset: int, length: int) -> None:
-        self.offset = offset
-        self.length = length
-        self.received = 0
-        self.next_datasn = 0
-
-
-class _Task:
-    __slots__ = (
-        "aborted",
-        "admitted",
-        "cdb",
-        "chunks",
-        "cmdsn",
-        "edtl",
-        "immediate",
-        "itt",
-        "lun",
-        "lun_raw",
-        "next_offset",
-        "queued",
-        "r2ts",
-        "r2tsn",
-        "read",
-        "received",
-        "state",
-        "unsol_datasn",
-        "unsol_limit",
-        "unsol_open",
-        "write",
-    )
-
-    def __init__(self, pdu: ScsiCommand, lun: int) -> None:
-        self.itt = pdu.itt
-        self.lun = lun
-        self.lun_raw = pdu.lun
-        self.cdb = pdu.cdb
-        self.edtl = pdu.expected_length
-        self.read = pdu.read
-        self.write = pdu.write
-        self.immediate = pdu.immediate
-        self.cmdsn = pdu.cmdsn
-        self.state = _TaskState.COLLECTING
-        self.chunks: list[tuple[int, Buffer]] = []
-        self.received = 0
-        self.unsol_open = False
-        self.unsol_limit = 0
-        self.unsol_datasn = 0
-        self.next_offset = 0
-        self.r2tsn = 0
-        self.r2ts: dict[int, _R2TState] = {}
-        self.aborted = False
-        self.admitted = False
-        self.queued = False
-
-    def add(self, offset: int, data: Buffer) -> None:
-        self.chunks.append((offset, data))
-        self.received += len(data)
-
-    def take_data(self) -> Buffer:
-        """The Data-Out buffer: the single chunk as received when there is
-        one (no copy), else the chunks assembled by offset."""
-        chunks = self.chunks
-        self.chunks = []
-        if not chunks:
-            return b""
-        if len(chunks) == 1 and chunks[0][0] == 0:
-            return chunks[0][1]
-        # Offsets were checked on arrival (no gaps, no overlaps), so the
-        # chunks in offset order are the buffer: one join, no zero-fill.
-        chunks.sort(key=_offset)
-        return b"".join([c for _, c in chunks])
-
-
-def _offset(chunk: tuple[int, Buffer]) -> int:
-    return chunk[0]
-
-
-@dataclass(slots=True)
-class _PendingTmf:
-    pdu: TaskMgmtRequest
-    waiting: set[int]
-    close_after: bool = False
-
-
-_RESETS = frozenset({5, 6, 7})  # LOGICAL UNIT RESET, TARGET WARM RESET, TARGET COLD RESET
 
 IMMEDIATE_SLACK = 16
 """Immediate commands allowed beyond the CmdSN window before we Reject
@@ -419,12 +159,6 @@ class TargetConnection:
         self.tsih = tsih
         self.state = State.LOGIN
         self.params = SessionParams()
-        self.initiator_name: str | None = None
-        self.initiator_alias: str | None = None
-        self.target: TargetInfo | None = None
-        self.session_type = "Normal"
-        self.isid = 0
-        self.cid = 0
         limits = config.limits
         self._decoder = PduDecoder(
             max_data_segment_length=max(limits.max_recv_data_segment_length, 8192) + 4096,
@@ -442,26 +176,19 @@ class TargetConnection:
         self._exp_statsn = 0
         self._next_ttt = 1
         # login
-        self._login_started = False
+        self._login = LoginPhase(config.targets, config.authenticator, config.portal_group_tag,
+                                 limits)
         self._login_deadline = now + config.login_timeout_s
-        self._login_buf = bytearray()
-        self._stage: int | None = None
-        self._negotiator = Negotiator(limits)
-        self._auth_method: str | None = None
-        self._auth: AuthExchange | None = None
-        self._authenticated = False
-        self._discovery = False
         # full feature
-        self._tasks: dict[int, _Task] = {}
-        self._r2t_wait: deque[_Task] = deque()
+        self._tasks: dict[int, Task] = {}
+        self._r2t_wait: deque[Task] = deque()
         self._write_bytes = 0
         self._discard: dict[int, None] = {}
-        self._tmfs: list[_PendingTmf] = []
-        self._resets: dict[int, _PendingTmf] = {}
+        self._tmf = TaskManagement(self._tasks, defer_resets=config.defer_resets,
+                                   drop=self._drop, respond=self._tmf_response,
+                                   emit=self._emit, close=self._close)
         self._logout: LogoutRequest | None = None
-        self._text_buf = bytearray()
-        self._text_more: list[bytes] = []
-        self._text_ttt = RESERVED_TAG
+        self._text = TextExchange(self._new_ttt)
         self.fast = fast
         self._handlers = {
             ScsiCommand: self._on_scsi_command, DataOut: self._on_data_out,
@@ -471,6 +198,31 @@ class TargetConnection:
         }
 
     # ----------------------------------------------------------------- public API
+
+    @property
+    def initiator_name(self) -> str | None:
+        return self._login.initiator_name
+
+    @property
+    def initiator_alias(self) -> str | None:
+        return self._login.initiator_alias
+
+    @property
+    def target(self) -> TargetInfo | None:
+        """The target node logged in to (None before login and for discovery)."""
+        return self._login.target
+
+    @property
+    def session_type(self) -> str:
+        return self._login.session_type
+
+    @property
+    def isid(self) -> int:
+        return self._login.isid
+
+    @property
+    def cid(self) -> int:
+        return self._login.cid
 
     @property
     def outstanding(self) -> int:
@@ -531,12 +283,12 @@ class TargetConnection:
         bytes the command wanted to move when that is not ``len(data)`` (so
         write residuals are right).  Returns events (e.g. a deferred logout)."""
         task = self._tasks.get(task_tag)
-        if task is None or task.state is not _TaskState.RUNNING:
+        if task is None or task.state is not TaskState.RUNNING:
             return []
         events = self._events = []
         self._finish(task)
         if task.aborted:
-            self._tmf_progress(task.itt)
+            self._tmf.task_ended(task.itt)
         elif self.state is State.FULL_FEATURE:
             self._respond(task, status, data, sense, transfer_length)
         self._maybe_finish_logout()
@@ -573,6 +325,13 @@ class TargetConnection:
 
     def _send(self, pdu: Pdu) -> None:
         self._out.extend(pdu.encode_parts(self._hd, self._dd))
+
+    def _emit(self, event: Event) -> None:
+        self._events.append(event)
+
+    def _close(self, reason: str) -> None:
+        self.state = State.CLOSED
+        self._events.append(CloseConnection(reason))
 
     def _take_statsn(self) -> int:
         sn = self._statsn
@@ -616,173 +375,42 @@ class TargetConnection:
     def _on_login_phase(self, pdu: Pdu) -> None:
         if not isinstance(pdu, LoginRequest):
             raise IscsiProtocolError(f"{type(pdu).__name__} before login completed", None)
-        first = not self._login_started
-        if first:
-            self._login_started = True
-            self.isid = pdu.isid
-            self.cid = pdu.cid
+        login = self._login
+        if not login.started:
             self._exp_cmdsn = pdu.cmdsn
             self._max_cmdsn = (pdu.cmdsn + self._window - 1) & _M
             self._statsn = pdu.exp_statsn
-        elif pdu.isid != self.isid or pdu.tsih != 0:
-            self._login_fail(pdu, LoginStatus.INITIATOR_ERROR, "ISID/TSIH changed during login")
-            return
-        if pdu.version_min > 0 or pdu.version_max < pdu.version_min:
-            self._login_fail(pdu, LoginStatus.UNSUPPORTED_VERSION, "unsupported version")
-            return
-        if pdu.tsih != 0:
-            # Adding a connection to a session: we negotiate MaxConnections=1.
-            self._login_fail(pdu, LoginStatus.SESSION_DOES_NOT_EXIST, "unknown TSIH")
-            return
-        if len(self._login_buf) + len(pdu.data) > 65536:
-            self._login_fail(pdu, LoginStatus.INITIATOR_ERROR, "login text too long")
-            return
-        self._login_buf += pdu.data
-        if pdu.cont:
-            # More text follows; answer with an empty response (§11.12.3).
-            self._send_login_response(pdu, b"", transit=False)
-            return
-        try:
-            pairs = decode_text(self._login_buf)
-        except IscsiProtocolError:
-            self._login_fail(pdu, LoginStatus.INITIATOR_ERROR, "malformed login text")
-            return
-        finally:
-            self._login_buf = bytearray()
-        keys = dict(pairs)
-        response: Pairs = []
-        if first and not self._login_first_checks(pdu, keys, response):
-            return
-        if pdu.csg not in (0, 1) or (self._stage == 1 and pdu.csg == 0):
-            self._login_fail(pdu, LoginStatus.INVALID_DURING_LOGIN, f"bad CSG {pdu.csg}")
-            return
-        self._stage = pdu.csg
-        need_auth = self._auth is not None
-        if pdu.csg == 1 and need_auth and not self._authenticated:
-            self._login_fail(pdu, LoginStatus.AUTH_FAILURE, "authentication required")
-            return
-        security_keys = {k: v for k, v in pairs if k == "AuthMethod" or k.startswith("CHAP_")}
-        if pdu.csg == 0:
-            outcome = self._security(security_keys, need_auth, response)
-            if outcome is False:
-                why = self._auth.reason if self._auth is not None and self._auth.reason \
-                    else "authentication failed"
-                self._login_fail(pdu, LoginStatus.AUTH_FAILURE, why)
-                return
-        elif security_keys:
-            response.extend((k, REJECT) for k in security_keys)
-        op_pairs = [(k, v) for k, v in pairs if k not in security_keys]
-        response.extend(self._negotiator.respond(op_pairs))
-        transit = pdu.transit
-        if transit:
-            if (pdu.csg == 0 and pdu.nsg not in (1, 3)) or (pdu.csg == 1 and pdu.nsg != 3):
-                self._login_fail(pdu, LoginStatus.INVALID_DURING_LOGIN, f"bad NSG {pdu.nsg}")
-                return
-            if pdu.csg == 0 and need_auth and not self._authenticated:
-                transit = False  # stay in the security stage until the exchange ends
-        if pdu.csg == 1 or (transit and pdu.nsg == 3):
-            response.extend(self._negotiator.declarations())
-        self._send_login_response(pdu, encode_text(response), transit=transit)
-        if transit and pdu.nsg == 3:
+        reply = login.step(pdu)
+        self._send_login_response(pdu, reply)
+        if reply.status:
+            self._events.append(LoginFailed(reply.status, reply.reason, login.initiator_name,
+                                            login.target.name if login.target else None))
+            self._close(f"login failed: {reply.reason}")
+        elif reply.transit and pdu.nsg == 3:
             self._enter_full_feature()
 
-    def _login_first_checks(self, pdu: LoginRequest, keys: dict[str, str],
-                            response: Pairs) -> bool:
-        name = keys.get("InitiatorName")
-        if not name:
-            self._login_fail(pdu, LoginStatus.MISSING_PARAMETER, "InitiatorName missing")
-            return False
-        self.initiator_name = name
-        self.initiator_alias = keys.get("InitiatorAlias")
-        stype = keys.get("SessionType", "Normal")
-        if stype not in ("Normal", "Discovery"):
-            self._login_fail(pdu, LoginStatus.SESSION_TYPE_UNSUPPORTED, f"SessionType {stype}")
-            return False
-        self.session_type = stype
-        self._discovery = stype == "Discovery"
-        self._negotiator.discovery = self._discovery
-        if not self._discovery:
-            tname = keys.get("TargetName")
-            if not tname:
-                self._login_fail(pdu, LoginStatus.MISSING_PARAMETER, "TargetName missing")
-                return False
-            target = self.config.targets.get(tname)
-            if target is None:
-                self._login_fail(pdu, LoginStatus.NOT_FOUND, f"no target {tname}")
-                return False
-            self.target = target
-        auth = self.config.authenticator
-        if auth is not None:
-            tname = self.target.name if self.target else None
-            if not auth.authorize(name, tname):
-                self._login_fail(pdu, LoginStatus.AUTHORIZATION_FAILURE,
-                                 "initiator not on the access list")
-                return False
-            self._auth = auth.begin(name, tname)
-        if self.target is not None:
-            response.append(("TargetPortalGroupTag", str(self.config.portal_group_tag)))
-            if self.target.alias:
-                response.append(("TargetAlias", self.target.alias))
-        return True
-
-    def _security(self, keys: dict[str, str], need_auth: bool, response: Pairs) -> bool | None:
-        """Security stage (RFC 7143 §6.3.2): pick AuthMethod, run the exchange."""
-        auth = self._auth
-        offered = keys.get("AuthMethod")
-        if offered is not None:
-            methods = offered.split(",")
-            if need_auth and auth is not None:
-                choice = next((m for m in auth.methods() if m in methods), None)
-            else:
-                choice = "None" if "None" in methods else None
-            if choice is None:
-                response.append(("AuthMethod", REJECT))
-                return False
-            self._auth_method = choice
-            response.append(("AuthMethod", choice))
-            if choice == "None":
-                self._authenticated = True
-        elif not need_auth:
-            self._authenticated = True
-        exchange = {k: v for k, v in keys.items() if k != "AuthMethod"}
-        if need_auth and auth is not None and self._auth_method and self._auth_method != "None" \
-                and exchange:
-            answer, ok = auth.step(self._auth_method, exchange)
-            response.extend(answer)
-            if ok is False:
-                return False
-            if ok:
-                self._authenticated = True
-        return self._authenticated or None
-
-    def _send_login_response(self, pdu: LoginRequest, data: bytes, *, transit: bool,
-                             status: int = 0) -> None:
+    def _send_login_response(self, pdu: LoginRequest, reply: LoginReply) -> None:
+        transit, status = reply.transit, reply.status
         final = transit and pdu.nsg == 3 and status == 0
         self._send(LoginResponse(
             itt=pdu.itt, isid=pdu.isid, tsih=self.tsih if final else 0,
             statsn=self._take_statsn(), exp_cmdsn=self._exp_cmdsn, max_cmdsn=self._maxsn(),
             status_class=status >> 8, status_detail=status & 0xFF, transit=transit,
             csg=pdu.csg & 3, nsg=pdu.nsg & 3 if transit else 0, version_max=0,
-            version_active=0, data=data))
-
-    def _login_fail(self, pdu: LoginRequest, status: int, reason: str) -> None:
-        self._send_login_response(pdu, b"", transit=False, status=status)
-        self.state = State.CLOSED
-        self._events.append(LoginFailed(status, reason, self.initiator_name,
-                                        self.target.name if self.target else None))
-        self._events.append(CloseConnection(f"login failed: {reason}"))
+            version_active=0, data=reply.data))
 
     def _enter_full_feature(self) -> None:
-        self.params = p = self._negotiator.params
+        login = self._login
+        self.params = p = login.params
         self.state = State.FULL_FEATURE
         # Digests start with the first PDU after the final Login Response.
         self._hd = self._decoder.header_digest = p.header_digest
         self._dd = self._decoder.data_digest = p.data_digest
         self._decoder.max_data_segment_length = p.target_max_recv_data_segment_length + 4096
         self._events.append(LoginComplete(
-            initiator_name=self.initiator_name or "", initiator_alias=self.initiator_alias,
-            target_name=self.target.name if self.target else None,
-            session_type=self.session_type, isid=self.isid, tsih=self.tsih, cid=self.cid,
+            initiator_name=login.initiator_name or "", initiator_alias=login.initiator_alias,
+            target_name=login.target.name if login.target else None,
+            session_type=login.session_type, isid=login.isid, tsih=self.tsih, cid=login.cid,
             params=p))
 
     def _on_login_in_ffp(self, pdu: LoginRequest) -> None:
@@ -792,7 +420,7 @@ class TargetConnection:
     # ----------------------------------------------------------------- SCSI commands
 
     def _on_scsi_command(self, pdu: ScsiCommand) -> None:
-        if self._discovery:
+        if self._login.discovery:
             if self._accept_cmdsn(pdu.cmdsn, pdu.immediate):
                 self._reject(pdu, RejectReason.PROTOCOL_ERROR)
             return
@@ -827,47 +455,29 @@ class TargetConnection:
                 if res is not None:
                     self._reply(itt, pdu.lun, edtl, pdu.read, pdu.write, 0, *res)
                     return
-        task = _Task(pdu, decode_lun(pdu.lun))
+        task = Task(pdu, decode_lun(pdu.lun))
         self._tasks[itt] = task
-        p = self.params
-        data = pdu.data
-        edtl = task.edtl
-        write = pdu.write and edtl > 0
-        if pdu.read and pdu.write:
-            self._fail(task, _ILLEGAL_REQUEST, 0x24, 0x00)  # bidirectional: not supported
-            return
-        if not write:
-            if data:
-                self._fail(task, _ABORTED_COMMAND, 0x0C, 0x0C)  # unexpected unsolicited data
-                return
-            self._dispatch(task)
-            return
-        if edtl > self.config.max_command_bytes:
-            self._fail(task, _ILLEGAL_REQUEST, 0x24, 0x00)
-            return
-        unsol_limit = min(p.first_burst_length, edtl)
-        if data:
-            if not p.immediate_data or len(data) > unsol_limit:
-                self._fail(task, _ABORTED_COMMAND, 0x0C, 0x0C)
-                return
-            task.add(0, data)
-        if task.received == edtl:
-            self._dispatch(task)
-            return
-        if not p.initial_r2t and not pdu.final and task.received < unsol_limit:
-            task.unsol_open = True
-            task.unsol_limit = unsol_limit
-            return
-        self._want_r2t(task)
+        self._advance(task, task.start(pdu, self.params, self.config.max_command_bytes))
 
-    def _dispatch(self, task: _Task) -> None:
-        task.state = _TaskState.RUNNING
+    def _advance(self, task: Task, step: Step | Sense) -> None:
+        """Do what the write-data rules (:mod:`edge.iscsi_tasks`) said."""
+        if step is Step.DISPATCH:
+            self._dispatch(task)
+        elif step is Step.WANT_R2T:
+            self._want_r2t(task)
+        elif step is Step.MORE_R2TS:
+            self._issue_r2ts(task)
+        elif isinstance(step, tuple):
+            self._fail(task, step)
+
+    def _dispatch(self, task: Task) -> None:
+        task.state = TaskState.RUNNING
         self._events.append(ScsiCommandReady(
             task_tag=task.itt, lun=task.lun, cdb=task.cdb, data=task.take_data(),
             expected_length=task.edtl, read=task.read, write=task.write,
             immediate=task.immediate, cmdsn=task.cmdsn))
 
-    def _finish(self, task: _Task) -> None:
+    def _finish(self, task: Task) -> None:
         """Forget a task and release its write budget."""
         self._tasks.pop(task.itt, None)
         task.chunks = []
@@ -878,24 +488,25 @@ class TargetConnection:
             if self._r2t_wait:
                 self._pump_r2t()
 
-    def _fail(self, task: _Task, key: int, asc: int, ascq: int) -> None:
+    def _fail(self, task: Task, sense: Sense) -> None:
         """End a task with CHECK CONDITION before it reached SCSI; Data-Out
         still in flight for it is dropped quietly."""
-        self._finish(task)
-        self._remember_discard(task.itt)
+        self._drop(task)
         self._send(ScsiResponse(itt=task.itt, status=CHECK_CONDITION,
                                 statsn=self._take_statsn(), exp_cmdsn=self._exp_cmdsn,
                                 max_cmdsn=self._maxsn(), exp_datasn=task.r2tsn,
-                                data=sense_segment(fixed_sense(key, asc, ascq))))
+                                data=sense_segment(fixed_sense(*sense))))
 
-    def _remember_discard(self, itt: int) -> None:
-        self._discard[itt] = None
+    def _drop(self, task: Task) -> None:
+        """Forget a task that never reached SCSI; its late Data-Out is discarded."""
+        self._finish(task)
+        self._discard[task.itt] = None
         if len(self._discard) > _DISCARD_MAX:
             del self._discard[next(iter(self._discard))]
 
     # ----------------------------------------------------------------- write data
 
-    def _want_r2t(self, task: _Task) -> None:
+    def _want_r2t(self, task: Task) -> None:
         task.next_offset = task.received
         task.queued = True
         self._r2t_wait.append(task)
@@ -908,7 +519,7 @@ class TargetConnection:
         wait = self._r2t_wait
         while wait:
             task = wait[0]
-            if self._tasks.get(task.itt) is not task or task.state is not _TaskState.COLLECTING:
+            if self._tasks.get(task.itt) is not task or task.state is not TaskState.COLLECTING:
                 wait.popleft()
                 continue
             if self._write_bytes and self._write_bytes + task.edtl > budget:
@@ -919,15 +530,12 @@ class TargetConnection:
             self._write_bytes += task.edtl
             self._issue_r2ts(task)
 
-    def _issue_r2ts(self, task: _Task) -> None:
+    def _issue_r2ts(self, task: Task) -> None:
         p = self.params
         while len(task.r2ts) < p.max_outstanding_r2t and task.next_offset < task.edtl:
             length = min(p.max_burst_length, task.edtl - task.next_offset)
-            ttt = self._next_ttt
-            self._next_ttt = (ttt + 1) & _M or 1
-            if self._next_ttt == RESERVED_TAG:
-                self._next_ttt = 1
-            task.r2ts[ttt] = _R2TState(task.next_offset, length)
+            ttt = self._new_ttt()
+            task.r2ts[ttt] = R2TState(task.next_offset, length)
             self._send(R2T(itt=task.itt, ttt=ttt, lun=task.lun_raw, statsn=self._statsn,
                            exp_cmdsn=self._exp_cmdsn, max_cmdsn=self._maxsn(),
                            r2tsn=task.r2tsn, buffer_offset=task.next_offset,
@@ -938,62 +546,15 @@ class TargetConnection:
     def _on_data_out(self, pdu: DataOut) -> None:
         self._exp_statsn = pdu.exp_statsn
         task = self._tasks.get(pdu.itt)
-        if task is None or task.state is not _TaskState.COLLECTING:
+        if task is None or task.state is not TaskState.COLLECTING:
             if pdu.itt not in self._discard:
                 self._reject(pdu, RejectReason.INVALID_PDU_FIELD)
             return
-        data = pdu.data
-        n = len(data)
-        if pdu.ttt == RESERVED_TAG:
-            if not task.unsol_open:
-                self._fail(task, _ABORTED_COMMAND, 0x0C, 0x0C)  # unexpected unsolicited data
-                return
-            if pdu.datasn != task.unsol_datasn:
-                self._fail(task, _ABORTED_COMMAND, 0x4B, 0x00)  # DataSN error
-                return
-            if pdu.buffer_offset != task.received:
-                self._fail(task, _ABORTED_COMMAND, 0x4B, 0x05)  # data offset error
-                return
-            if task.received + n > task.unsol_limit:
-                self._fail(task, _ABORTED_COMMAND, 0x0C, 0x0C)
-                return
-            task.add(pdu.buffer_offset, data)
-            task.unsol_datasn += 1
-            if pdu.final or task.received >= task.unsol_limit:
-                task.unsol_open = False
-                if task.received == task.edtl:
-                    self._dispatch(task)
-                else:
-                    self._want_r2t(task)
-            return
-        r2t = task.r2ts.get(pdu.ttt)
-        if r2t is None:
-            self._fail(task, _ABORTED_COMMAND, 0x4B, 0x01)  # invalid target transfer tag
-            return
-        if pdu.datasn != r2t.next_datasn:
-            self._fail(task, _ABORTED_COMMAND, 0x4B, 0x00)
-            return
-        if pdu.buffer_offset != r2t.offset + r2t.received:
-            self._fail(task, _ABORTED_COMMAND, 0x4B, 0x05)
-            return
-        if r2t.received + n > r2t.length:
-            self._fail(task, _ABORTED_COMMAND, 0x4B, 0x02)  # too much write data
-            return
-        task.add(pdu.buffer_offset, data)
-        r2t.received += n
-        r2t.next_datasn += 1
-        if r2t.received == r2t.length:
-            del task.r2ts[pdu.ttt]
-            if task.next_offset < task.edtl:
-                self._issue_r2ts(task)
-            elif not task.r2ts:
-                self._dispatch(task)
-        elif pdu.final:
-            self._fail(task, _ABORTED_COMMAND, 0x4B, 0x00)  # sequence ended short
+        self._advance(task, task.data_out(pdu))
 
     # ----------------------------------------------------------------- responses
 
-    def _respond(self, task: _Task, status: int, data: Buffer, sense: Buffer,
+    def _respond(self, task: Task, status: int, data: Buffer, sense: Buffer,
                  transfer_length: int | None) -> None:
         self._reply(task.itt, task.lun_raw, task.edtl, task.read, task.write, task.r2tsn,
                     status, data, sense, transfer_length)
@@ -1096,33 +657,21 @@ class TargetConnection:
         self._exp_statsn = pdu.exp_statsn
         if not self._accept_cmdsn(pdu.cmdsn, pdu.immediate):
             return
-        if pdu.ttt != RESERVED_TAG:
-            if pdu.ttt != self._text_ttt:
-                self._reject(pdu, RejectReason.INVALID_PDU_FIELD)
-                return
-            if self._text_more:  # initiator asks for the rest of a long answer
-                self._send_text_piece(pdu)
-                return
-        elif self._text_more:
-            self._text_more = []  # a new request resets an unfinished answer
-        if len(self._text_buf) + len(pdu.data) > 65536:
-            self._text_buf = bytearray()
-            self._reject(pdu, RejectReason.PROTOCOL_ERROR)
+        reply = self._text.receive(pdu)
+        if isinstance(reply, RejectReason):
+            self._reject(pdu, reply)
             return
-        self._text_buf += pdu.data
-        if pdu.cont:
-            self._text_ttt = self._new_ttt()
-            self._send(TextResponse(itt=pdu.itt, ttt=self._text_ttt, lun=pdu.lun,
-                                    statsn=self._take_statsn(), exp_cmdsn=self._exp_cmdsn,
-                                    max_cmdsn=self._maxsn(), final=False))
-            return
-        raw = bytes(self._text_buf)
-        self._text_buf = bytearray()
-        try:
-            pairs = decode_text(raw)
-        except IscsiProtocolError:
-            self._reject(pdu, RejectReason.INVALID_PDU_FIELD)
-            return
+        if isinstance(reply, list):  # a whole request
+            answer = self._answer_text(reply)
+            reply = self._text.answer(answer, self.params.max_recv_data_segment_length)
+        self._send(TextResponse(itt=pdu.itt, ttt=reply.ttt, lun=pdu.lun,
+                                statsn=self._take_statsn(), exp_cmdsn=self._exp_cmdsn,
+                                max_cmdsn=self._maxsn(), final=reply.final, cont=reply.cont,
+                                data=reply.data))
+
+    def _answer_text(self, pairs: Pairs) -> Pairs:
+        """Answer the keys of a Text Request (a MaxRecvDataSegmentLength
+        declaration takes effect at once, for this very answer)."""
         answer: Pairs = []
         for key, value in pairs:
             if key == "SendTargets":
@@ -1136,17 +685,7 @@ class TargetConnection:
                     answer.append((key, REJECT))
             else:
                 answer.append((key, "NotUnderstood"))
-        self._text_more = split_text(encode_text(answer),
-                                     self.params.max_recv_data_segment_length)
-        self._send_text_piece(pdu)
-
-    def _send_text_piece(self, pdu: TextRequest) -> None:
-        piece = self._text_more.pop(0)
-        more = bool(self._text_more)
-        self._text_ttt = self._new_ttt() if more else RESERVED_TAG
-        self._send(TextResponse(itt=pdu.itt, ttt=self._text_ttt, lun=pdu.lun,
-                                statsn=self._take_statsn(), exp_cmdsn=self._exp_cmdsn,
-                                max_cmdsn=self._maxsn(), final=not more, cont=more, data=piece))
+        return answer
 
     def _new_ttt(self) -> int:
         ttt = self._next_ttt
@@ -1180,15 +719,13 @@ class TargetConnection:
         self._logout = pdu
         # Tasks still waiting for Data-Out can never finish now; running ones
         # are answered before the Logout Response (§11.14.1).
-        for task in [t for t in self._tasks.values() if t.state is _TaskState.COLLECTING]:
-            self._finish(task)
-            self._remember_discard(task.itt)
+        for task in [t for t in self._tasks.values() if t.state is TaskState.COLLECTING]:
+            self._drop(task)
         self._maybe_finish_logout()
 
     def _maybe_finish_logout(self) -> None:
         pdu = self._logout
-        if pdu is None or self._tasks or self._tmfs or self._resets \
-                or self.state is State.CLOSED:
+        if pdu is None or self._tasks or self._tmf.busy or self.state is State.CLOSED:
             return
         self._logout_response(pdu, 0)
         self.state = State.CLOSED
@@ -1202,99 +739,33 @@ class TargetConnection:
 
     def _on_tmf(self, pdu: TaskMgmtRequest) -> None:
         self._exp_statsn = pdu.exp_statsn
-        if self._discovery:
+        if self._login.discovery:
             if self._accept_cmdsn(pdu.cmdsn, pdu.immediate):
                 self._reject(pdu, RejectReason.PROTOCOL_ERROR)
             return
         if not self._accept_cmdsn(pdu.cmdsn, pdu.immediate):
             return
-        fn = pdu.function
-        lun = decode_lun(pdu.lun)
-        luns = self.target.luns if self.target else frozenset()
-        if fn == TmfFunction.ABORT_TASK:
-            task = self._tasks.get(pdu.ref_task_tag)
-            if task is None:
-                ref = pdu.ref_cmdsn
-                # A command we have not seen yet but that is in the window:
-                # count it as received so it is never run (§11.5.1).
-                if not sn_lt(ref, self._exp_cmdsn) and sn_lt(ref, pdu.cmdsn) \
-                        and not sn_gt(ref, self._maxsn()) and ref not in self._ahead:
-                    self._accept_cmdsn(ref, False)
-                    self._tmf_response(pdu, TmfResponse.FUNCTION_COMPLETE)
-                else:
-                    self._tmf_response(pdu, TmfResponse.TASK_DOES_NOT_EXIST)
-                return
-            self._abort([task], pdu)
-        elif fn in (TmfFunction.ABORT_TASK_SET, TmfFunction.CLEAR_TASK_SET,
-                    TmfFunction.LOGICAL_UNIT_RESET):
-            if lun not in luns:
-                self._tmf_response(pdu, TmfResponse.LUN_DOES_NOT_EXIST)
-                return
-            self._abort([t for t in self._tasks.values() if t.lun == lun], pdu)
-        elif fn == TmfFunction.CLEAR_ACA:
-            self._tmf_response(pdu, TmfResponse.FUNCTION_COMPLETE)
-        elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
-            self._abort(list(self._tasks.values()), pdu,
-                        close_after=True)
-        elif fn == TmfFunction.TASK_REASSIGN:
-            self._tmf_response(pdu, TmfResponse.REASSIGNMENT_NOT_SUPPORTED)
-        else:
-            self._tmf_response(pdu, TmfResponse.NOT_SUPPORTED)
-
-    def _abort(self, tasks: list[_Task], pdu: TaskMgmtRequest, close_after: bool = False) -> None:
-        """Abort tasks: those still collecting data go at once; running ones
-        are marked (their status will be dropped) and the TMF response waits
-        until each has ended, through :meth:`complete` or, once the adapter
-        has cancelled it (:class:`TasksAborted`), :meth:`task_cancelled`, so
-        no write lands after the initiator was told it was aborted (SAM-5
-        §7.2)."""
-        running: set[int] = set()
-        for task in tasks:
-            if task.state is _TaskState.RUNNING:
-                if not task.aborted:
-                    task.aborted = True
-                running.add(task.itt)
+        if pdu.function == TmfFunction.ABORT_TASK and pdu.ref_task_tag not in self._tasks:
+            ref = pdu.ref_cmdsn
+            # A command we have not seen yet but that is in the window:
+            # count it as received so it is never run (§11.5.1).
+            if not sn_lt(ref, self._exp_cmdsn) and sn_lt(ref, pdu.cmdsn) \
+                    and not sn_gt(ref, self._maxsn()) and ref not in self._ahead:
+                self._accept_cmdsn(ref, False)
+                self._tmf_response(pdu, TmfResponse.FUNCTION_COMPLETE)
             else:
-                self._finish(task)
-                self._remember_discard(task.itt)
-        pending = _PendingTmf(pdu, running, close_after)
-        if running:
-            self._tmfs.append(pending)
-            self._events.append(TasksAborted(tuple(sorted(running))))
-        else:
-            self._tmf_done(pending)
-
-    def _tmf_progress(self, itt: int) -> None:
-        for pending in list(self._tmfs):
-            pending.waiting.discard(itt)
-            if not pending.waiting:
-                self._tmfs.remove(pending)
-                self._tmf_done(pending)
-
-    def _tmf_done(self, pending: _PendingTmf) -> None:
-        fn = pending.pdu.function
-        if self.config.defer_resets and fn in _RESETS:
-            self._resets[pending.pdu.itt] = pending
-            self._events.append(ResetRequested(pending.pdu.itt, fn, decode_lun(pending.pdu.lun)))
+                self._tmf_response(pdu, TmfResponse.TASK_DOES_NOT_EXIST)
             return
-        self._finish_tmf(pending, TmfResponse.FUNCTION_COMPLETE)
-
-    def _finish_tmf(self, pending: _PendingTmf, response: int) -> None:
-        self._tmf_response(pending.pdu, response)
-        if pending.close_after:
-            self.state = State.CLOSED
-            self._events.append(CloseConnection(
-                "target cold reset" if pending.pdu.function == TmfFunction.TARGET_COLD_RESET
-                else "target warm reset"))
+        self._tmf.request(pdu, self.target.luns if self.target else frozenset())
 
     def complete_tmf(self, task_tag: int,
                      response: int = TmfResponse.FUNCTION_COMPLETE) -> list[Event]:
         """Answer a :class:`ResetRequested` (RFC 7143 §11.6)."""
-        pending = self._resets.pop(task_tag, None)
+        pending = self._tmf.take_reset(task_tag)
         if pending is None or self.state is State.CLOSED:
             return []
         events = self._events = []
-        self._finish_tmf(pending, response)
+        self._tmf.finish(pending, response)
         self._maybe_finish_logout()
         return events
 
@@ -1304,16 +775,8 @@ class TargetConnection:
         SPC-4 §5.13.11.4).  Aborted tasks end without a response (TAS=0):
         the initiator learns of it through the unit attention."""
         events = self._events = []
-        running = []
-        for task in list(self._tasks.values()):
-            if luns is not None and task.lun not in luns:
-                continue
-            if task.state is _TaskState.RUNNING:
-                task.aborted = True
-                running.append(task.itt)
-            else:
-                self._finish(task)
-                self._remember_discard(task.itt)
+        running = self._tmf.abort(
+            [t for t in self._tasks.values() if luns is None or t.lun in luns])
         if running:
             events.append(TasksAborted(tuple(sorted(running))))
         return events
