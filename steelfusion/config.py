@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -44,6 +45,15 @@ CHAP_SECRET_MAX = 255
 
 class ConfigError(Exception):
     """A configuration file is missing, malformed or inconsistent."""
+
+
+def load_json(path: Path | str) -> Any:
+    """A JSON config file's value (the lab's own: WAN emulator, failing disk)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON: {e}") from None
 
 
 def _suggest(word: str, choices: Iterable[str], fmt: str = "'{}'") -> str:

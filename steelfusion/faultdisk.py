@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from steelfusion import log
-from steelfusion.config import ConfigError
+from steelfusion.config import ConfigError, load_json
 
 CONTROL = ".faultdisk"
 MODES = ("ok", "full", "offline")
@@ -62,11 +62,7 @@ class DiskConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> DiskConfig:
-        text = Path(path).read_text(encoding="utf-8")
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise ConfigError(f"{path}: not valid JSON: {e}") from None
+        data = load_json(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the config must be a JSON object")
         known = {"name", "backing", "mount", "log_file"}

@@ -23,7 +23,6 @@ import difflib
 import errno
 import fcntl
 import ipaddress
-import json
 import os
 import signal
 import struct
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from steelfusion import control, log, netns
-from steelfusion.config import ConfigError
+from steelfusion.config import ConfigError, load_json
 from steelfusion.startup import StartupError, listening
 from steelfusion.units import parse_addr
 from steelfusion.wan import LinkParams, Wan
@@ -77,12 +76,7 @@ class WanConfig:
 
     @classmethod
     def load(cls, path: Path | str) -> WanConfig:
-        text = Path(path).read_text(encoding="utf-8")
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise ConfigError(f"{path}: not valid JSON: {e}") from None
-        return cls.parse(data, str(path))
+        return cls.parse(load_json(path), str(path))
 
     @classmethod
     def parse(cls, data: Any, source: str = "<config>") -> WanConfig:
