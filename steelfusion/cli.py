@@ -220,6 +220,26 @@ def disk_run(config: str, quiet: bool) -> None:
         raise click.ClickException(f"disk {cfg.name}: cannot start: {e}") from None
 
 
+@main.group()
+def san() -> None:
+    """The lab's data center storage array: tgtd exporting LUN files over iSCSI."""
+
+
+@san.command("run")
+@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@click.option("--quiet", is_flag=True)
+def san_run(config: str, quiet: bool) -> None:
+    """Run tgtd with the config's target and LUNs until SIGTERM (then tgtd stops too)."""
+    from steelfusion.san import SanConfig, SanError, serve
+
+    cfg = _load(SanConfig, config)
+    try:
+        log.setup(cfg.name, cfg.log_file, level="warning" if quiet else "info")
+        serve(cfg)
+    except (OSError, SanError) as e:
+        raise click.ClickException(f"san {cfg.name}: cannot start: {e}") from None
+
+
 # -- lab ---------------------------------------------------------------------------
 class _LabGroup(click.Group):
     """Usage errors of ``steelfusion lab ...`` (a missing argument, an unknown option) in
