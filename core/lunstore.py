@@ -25,12 +25,11 @@ from __future__ import annotations
 import errno
 import functools
 import os
-import stat
 import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from steelfusion.fileio import pread_full, pwrite_all
+from steelfusion.blockdev import Device, FileDevice, create_file, is_san, open_device
 from steelfusion.groupcommit import GroupCommit
 from steelfusion.wire import crc32c
 
@@ -41,43 +40,47 @@ class LunError(Exception):
     """A backend LUN cannot be opened, has the wrong size, or failed an I/O."""
 
 
-def open_backend(path: str, size: int, create: bool = True) -> tuple[int, int]:
-    """Open (creating a sparse file if allowed) and return (fd, size in bytes).
+def open_backend(path: str, size: int, create: bool = True) -> tuple[Device, int]:
+    """Open (creating a sparse file if allowed) and return (device, size in bytes).
 
-    A block device's size is its own; a file smaller than ``size`` is grown
-    sparse only when it is new, otherwise it is an error (never silently
-    resize someone's LUN).
+    ``path`` is a file, a block device or a SAN LUN (``iscsi://...``,
+    :mod:`steelfusion.blockdev`). A device's size is its own; a file smaller
+    than ``size`` is grown sparse only when it is new, otherwise it is an
+    error (never silently resize someone's LUN).
     """
-    p = Path(path)
-    if not p.exists():
+    if not is_san(path) and not Path(path).exists():
         if not create or size <= 0:
             raise LunError(f"backend {path} does not exist")
-        p.parent.mkdir(parents=True, exist_ok=True)
+        p = Path(path)
         # Made whole beside it, then renamed: a failed grow (a LUN larger than the file
         # system allows) or a crash must not leave a 0-byte LUN that the next start
         # reports as the wrong size (issue 13).
+        p.parent.mkdir(parents=True, exist_ok=True)  # its OSError names the configured path
         tmp = p.with_name(f".{p.name}.creating")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp.unlink(missing_ok=True)
         try:
-            os.ftruncate(fd, size)
-            os.rename(tmp, p)
+            new = create_file(tmp, size)
         except OSError as e:
-            os.close(fd)
             tmp.unlink(missing_ok=True)
             raise LunError(f"cannot create backend {path} of {size} bytes: "
                            f"{e.strerror or e} (choose a smaller LUN or another file "
                            "system)") from None
-        return fd, size
-    fd = os.open(path, os.O_RDWR)
-    st = os.fstat(fd)
-    actual = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
+        os.rename(tmp, p)
+        new.path = str(p)
+        return new, size
+    dev = open_device(path)  # an OSError names the path: start-up matches it to its key
+    try:
+        actual = dev.size()
+    except OSError:
+        dev.close()
+        raise
     if size and actual != size:
-        os.close(fd)
+        dev.close()
         raise LunError(f"backend {path} is {actual} bytes, config says {size}")
     if actual <= 0 or actual % BLOCK:
-        os.close(fd)
+        dev.close()
         raise LunError(f"backend {path} size {actual} is not a positive multiple of {BLOCK}")
-    return fd, actual
+    return dev, actual
 
 
 class LunStore:
@@ -86,7 +89,7 @@ class LunStore:
     def __init__(self, lun_id: int, path: str, size: int, create: bool = True) -> None:
         self.lun_id = lun_id
         self.path = path
-        self.fd, self.size = open_backend(path, size, create)
+        self.dev, self.size = open_backend(path, size, create)
         # Every write issued is committed (eager); any exception is fail-stop, since a
         # bug in the seal or a listener must not end the group commit silently either,
         # with acknowledgements stopped and no alarm (issue 13).
@@ -100,6 +103,13 @@ class LunStore:
         # it returns runs in the worker right after the data's fdatasync (the Core persists
         # the applied seq there, so it is durable before the listeners acknowledge anything).
         self.seal: Callable[[int], Callable[[], object] | None] | None = None
+
+    @property
+    def fd(self) -> int:
+        """A file-backed LUN's descriptor (verify hashes it from worker threads)."""
+        if not isinstance(self.dev, FileDevice):
+            raise LunError(f"backend {self.path} is not a file")
+        return self.dev.fd
 
     @property
     def written(self) -> int:
@@ -118,11 +128,11 @@ class LunStore:
 
     def pwrite(self, offset: int, data: bytes | memoryview) -> int:
         """Write now (page cache); return the write's counter for :meth:`sync`."""
-        pwrite_all(self.fd, data, offset)
+        self.dev.pwrite(data, offset)
         return self._group.issue()
 
     def pread(self, offset: int, length: int) -> bytes:
-        return pread_full(self.fd, length, offset)
+        return self.dev.pread(length, offset)
 
     def request_sync(self, force: bool = False) -> None:
         """Start a group commit unless one is running; it loops while writes keep coming.
@@ -140,7 +150,7 @@ class LunStore:
         self._sync_job(after)  # looked up per commit: tests replace it to fail a sync
 
     def _sync_job(self, after: Callable[[], object] | None) -> None:
-        os.fdatasync(self.fd)
+        self.dev.sync()
         if after is not None:
             after()
 
@@ -153,9 +163,9 @@ class LunStore:
 
     def close(self) -> None:
         try:
-            os.fdatasync(self.fd)
+            self.dev.sync()
         finally:
-            os.close(self.fd)
+            self.dev.close()
 
 
 SLOT = struct.Struct(">IIQQII")

@@ -18,7 +18,6 @@ corruption and shrinking raise alarms (:mod:`journal.errors`).
 from __future__ import annotations
 
 import contextlib
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,11 +37,12 @@ from journal.image import Blank, Version1, io_error, load
 from journal.journal import (
     Journal,
     load_or_format,
-    lock_fd,
-    open_fd,
+    lock_dev,
+    open_dev,
     too_small,
 )
 from journal.layout import GIB, MAGIC, VERSION, required_size
+from steelfusion.blockdev import open_device
 
 __all__ = [
     "GIB",
@@ -68,18 +68,18 @@ def format_journal(path: str | Path, size: int, *,
                    region_bytes: int = layout.REGION_BYTES_DEFAULT,
                    log_bytes: int = layout.LOG_BYTES_DEFAULT) -> None:
     """Create a new sparse journal file of ``size`` bytes (never over an existing file)."""
-    p = Path(path)
+    p = str(path)
     if size < layout.META_BYTES:
         raise too_small(p, size, 0)
-    if p.exists():
+    if Path(p).exists():
         raise JournalError(f"Journal LUN {p} already exists; refusing to format over it",
                            alarm="journal_exists")
-    fd = open_fd(p, size, layout.META_BYTES)
+    dev = open_dev(p, size, layout.META_BYTES)
     try:
-        lock_fd(fd, p)
-        load_or_format(fd, p, size, region_bytes, log_bytes)
+        lock_dev(dev, p)
+        load_or_format(dev, p, size, region_bytes, log_bytes)
     finally:
-        os.close(fd)
+        dev.close()
 
 
 def check_journal(path: str | Path, size: int, protected_luns: int) -> int:
@@ -89,21 +89,21 @@ def check_journal(path: str | Path, size: int, protected_luns: int) -> int:
     :class:`JournalError` subclass whose ``alarm`` says why replication must
     not start (too small for ``protected_luns``, shrunk, corrupt, unreachable).
     """
-    p = Path(path)
+    p = str(path)
     need = required_size(protected_luns)
-    fd = open_fd(p, size, need)
+    dev = open_dev(p, size, need)
     try:
         try:
-            img = load(fd, p)
+            img = load(dev, p)
         except (Blank, Version1):
-            lock_fd(fd, p)
-            img = load_or_format(fd, p, size, layout.REGION_BYTES_DEFAULT,
+            lock_dev(dev, p)
+            img = load_or_format(dev, p, size, layout.REGION_BYTES_DEFAULT,
                                  layout.LOG_BYTES_DEFAULT)
         if img.actual_size < need:
             raise too_small(p, img.actual_size, protected_luns)
         return img.actual_size
     finally:
-        os.close(fd)
+        dev.close()
 
 
 def _iso(ns: int) -> str:
@@ -116,14 +116,14 @@ def describe(path: str | Path) -> dict[str, Any]:
     Safe while a Core has the journal open (it only reads; it may then show a
     log block being written as a torn tail).
     """
-    p = Path(path)
+    p = str(path)
     try:
-        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+        dev = open_device(p, readonly=True)
     except OSError as e:
         raise io_error(e, p, "opening") from None
     try:
         try:
-            img = load(fd, p)
+            img = load(dev, p)
         except Blank:
             raise JournalError(f"Journal LUN {p} is not formatted (all zeros); the Core formats "
                                "it at start", alarm="journal_unformatted") from None
@@ -133,7 +133,7 @@ def describe(path: str | Path) -> dict[str, Any]:
                               "in place at the next open"]}
     finally:
         with contextlib.suppress(OSError):
-            os.close(fd)
+            dev.close()
     sb = img.sb
     luns = []
     for i, slot in enumerate(sb.slots):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from journal.errors import (
     JournalUnreachable,
     JournalUnsupported,
 )
-from steelfusion.fileio import pwrite_all
+from steelfusion.blockdev import Device
 
 
 def io_error(e: OSError, path: str | Path, action: str) -> JournalError:
@@ -45,25 +44,6 @@ def io_error(e: OSError, path: str | Path, action: str) -> JournalError:
                            "storage under the Journal LUN")
     return JournalUnreachable(f"{what}; check that the LUN is mapped, online and readable "
                               "by the Core")
-
-
-def device_size(fd: int) -> int:
-    st = os.fstat(fd)
-    return os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
-
-
-def pread_full(fd: int, n: int, offset: int) -> bytes:
-    """Read ``n`` bytes; past the end of the file reads as zeros (sparse semantics)."""
-    chunks: list[bytes] = []
-    got = 0
-    while got < n:
-        b = os.pread(fd, n - got, offset + got)
-        if not b:
-            break
-        chunks.append(b)
-        got += len(b)
-    data = b"".join(chunks)
-    return data + bytes(n - len(data)) if len(data) < n else data
 
 
 @dataclass
@@ -103,10 +83,10 @@ class Version1(Exception):
         self.size = size
 
 
-def read_superblock(fd: int, path: str | Path) -> tuple[L.Superblock, bool]:
+def read_superblock(dev: Device, path: str | Path) -> tuple[L.Superblock, bool]:
     """The newest valid copy, and whether the other copy is valid too."""
     try:
-        copies = [pread_full(fd, L.SB_COPY_BYTES, off) for off in L.SB_OFFSETS]
+        copies = [dev.pread(L.SB_COPY_BYTES, off) for off in L.SB_OFFSETS]
     except OSError as e:
         raise io_error(e, path, "reading the superblock") from None
     if not any(c[:L.SB_HEADER.size].strip(b"\0") for c in copies):
@@ -145,11 +125,11 @@ def _bool(packed: bytes, n: int) -> np.ndarray:
                          bitorder="little").astype(bool)
 
 
-def load(fd: int, path: str | Path) -> Image:
+def load(dev: Device, path: str | Path) -> Image:
     """Read the newest checkpoint and replay the log over it; raises JournalError only."""
-    sb, other_ok = read_superblock(fd, path)
+    sb, other_ok = read_superblock(dev, path)
     try:
-        actual = device_size(fd)
+        actual = dev.size()
     except OSError as e:
         raise io_error(e, path, "reading the size") from None
     if actual < sb.size_bytes:
@@ -160,7 +140,7 @@ def load(fd: int, path: str | Path) -> Image:
     for i, slot in enumerate(sb.slots):
         n = slot.nregions
         try:
-            raw = pread_full(fd, L.BLOCK + 2 * L.bitmap_stride(n), L.slot_offset(i, slot.half))
+            raw = dev.pread(L.BLOCK + 2 * L.bitmap_stride(n), L.slot_offset(i, slot.half))
         except OSError as ex:
             raise io_error(ex, path, f"reading the bitmaps of LUN {slot.lun}") from None
         try:
@@ -172,14 +152,14 @@ def load(fd: int, path: str | Path) -> Image:
                                  ) from None
         img.dirty.append(_bool(dirty, n))
         img.al.append(_bool(al, n))
-    _replay(fd, path, img)
+    _replay(dev, path, img)
     return img
 
 
-def _replay(fd: int, path: str | Path, img: Image) -> None:
+def _replay(dev: Device, path: str | Path, img: Image) -> None:
     sb = img.sb
     try:
-        buf = pread_full(fd, sb.log_bytes, sb.log_offset)
+        buf = dev.pread(sb.log_bytes, sb.log_offset)
     except OSError as e:
         raise io_error(e, path, "reading the log") from None
     pos = 0
@@ -268,7 +248,7 @@ def _apply(path: str | Path, img: Image, payload: bytes, pos: int) -> None:
             arr[region:region + count] = value
 
 
-def format_fd(fd: int, size: int, region_bytes: int, log_bytes: int) -> L.Superblock:
+def format_dev(dev: Device, size: int, region_bytes: int, log_bytes: int) -> L.Superblock:
     """Write a fresh superblock (generation 1) and zero the other copy."""
     now = time.time_ns()
     sb = L.Superblock(generation=1, journal_id=int.from_bytes(os.urandom(8), "big"),
@@ -277,9 +257,9 @@ def format_fd(fd: int, size: int, region_bytes: int, log_bytes: int) -> L.Superb
                       flags=L.FLAG_CLEAN, slots=())
     data = L.push_superblock(sb)
     other = L.SB_OFFSETS[1 - sb.copy]
-    pwrite_all(fd, bytes(L.SB_COPY_BYTES), other)
-    pwrite_all(fd, data, L.SB_OFFSETS[sb.copy])
-    os.fsync(fd)
+    dev.pwrite(bytes(L.SB_COPY_BYTES), other)
+    dev.pwrite(data, L.SB_OFFSETS[sb.copy])
+    dev.sync()
     return sb
 
 

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -58,19 +57,19 @@ import numpy as np
 
 from journal import layout as L
 from journal.errors import JournalError, JournalFull, JournalOffline
-from journal.image import Image, device_size, io_error
-from journal.opening import load_or_format, lock_fd, open_fd, shrunk, too_small
+from journal.image import Image, io_error
+from journal.opening import load_or_format, lock_dev, open_dev, shrunk, too_small
 from journal.regions import AL_REGIONS_MAX_DEFAULT, REC, Regions, Slot, unpack_key
 from steelfusion import log
-from steelfusion.fileio import pwrite_all
+from steelfusion.blockdev import Device
 from steelfusion.groupcommit import GroupCommit
 
 __all__ = [
     "AL_REGIONS_MAX_DEFAULT",
     "Journal",
     "load_or_format",
-    "lock_fd",
-    "open_fd",
+    "lock_dev",
+    "open_dev",
     "shrunk",
     "too_small",
 ]
@@ -123,18 +122,18 @@ class Journal(Regions):
                              f"[{L.LOG_BYTES_MIN}, {L.LOG_BYTES_MAX}]")
         if al_regions_max < 1:
             raise ValueError("al_regions_max must be >= 1")
-        p = Path(path)
-        fd = open_fd(p, size, L.required_size(len(luns)))
+        p = str(path)  # a file, a block device or an iscsi:// URL (Path would fold its //)
+        dev = open_dev(p, size, L.required_size(len(luns)))
         try:
-            lock_fd(fd, p)
-            img = load_or_format(fd, p, size, region_bytes, log_bytes)
-            j = cls(p, fd, img, al_regions_max)
+            lock_dev(dev, p)
+            img = load_or_format(dev, p, size, region_bytes, log_bytes)
+            j = cls(p, dev, img, al_regions_max)
             j._ensure_luns(luns)
             j._recover(img)
             if j._want_ckpt is not None:
                 j._checkpoint_now(j._want_ckpt)
         except BaseException:
-            os.close(fd)
+            dev.close()
             raise
         _log.info("journal_opened", path=str(p), generation=j._gen, luns=len(j._slots),
                   size=j._size, clean=img.clean, replayed_records=img.log_records,
@@ -142,7 +141,7 @@ class Journal(Regions):
                   crashed_al_regions=sum(len(s.crashed_al) for s in j._slots))
         return j
 
-    def __init__(self, path: Path, fd: int, img: Image, al_regions_max: int) -> None:
+    def __init__(self, path: str, dev: Device, img: Image, al_regions_max: int) -> None:
         """Use :meth:`open`; this adopts an already loaded image."""
         sb = img.sb
         # Tickets are log records; only commits someone waits for (or requested) run:
@@ -152,7 +151,7 @@ class Journal(Regions):
             eager=False)
         self._group.on_failure(self._on_failed)
         super().__init__(path, sb.log_bytes, al_regions_max, self._group)
-        self._fd = fd
+        self._dev: Device | None = dev
         self._jid = sb.journal_id
         self._gen = sb.generation
         self._created_ns = sb.created_ns
@@ -387,18 +386,19 @@ class Journal(Regions):
             try:
                 if self.failed is not None:
                     raise self._offline()
-                if self._fd < 0:
+                dev = self._dev
+                if dev is None:
                     raise JournalOffline(f"Journal LUN {self.path} is closed")
-                actual = device_size(self._fd)
+                actual = dev.size()
                 if actual < b.min_size:
                     raise shrunk(self.path, b.min_size, actual)
                 for off, data in b.writes:
-                    pwrite_all(self._fd, data, off)
-                os.fdatasync(self._fd)
+                    dev.pwrite(data, off)
+                dev.sync()
                 for part in (b.superblock, b.marker):
                     if part is not None:
-                        pwrite_all(self._fd, part[1], part[0])
-                        os.fdatasync(self._fd)
+                        dev.pwrite(part[1], part[0])
+                        dev.sync()
             except OSError as e:
                 raise io_error(e, self.path, "writing") from None
             finally:
@@ -491,10 +491,10 @@ class Journal(Regions):
         The grown size is recorded at the next checkpoint; a journal that
         shrank below its recorded size goes offline (reopen it once grown back).
         """
-        if self._closed:
+        if self._closed or self._dev is None:
             raise JournalOffline(f"Journal LUN {self.path} is closed")
         try:
-            actual = device_size(self._fd)
+            actual = self._dev.size()
         except OSError as e:
             err = io_error(e, self.path, "reading the size")
             self._fail(err)
@@ -558,11 +558,11 @@ class Journal(Regions):
         self._group.fail(JournalOffline(f"Journal LUN {self.path} was abandoned"), report=False)
 
     def _release(self) -> None:
-        fd, self._fd = self._fd, -1
+        dev, self._dev = self._dev, None
         self._closed = True
-        if fd >= 0:
+        if dev is not None:
             with contextlib.suppress(OSError):
-                os.close(fd)
+                dev.close()
 
     @property
     def closed(self) -> bool:

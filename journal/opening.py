@@ -1,4 +1,5 @@
-"""Opening a Journal LUN: create or open the file, lock it, load or format it.
+"""Opening a Journal LUN: create or open the file (or open the device, or the SAN LUN),
+lock it, load or format it.
 
 Shared by :meth:`journal.journal.Journal.open` and the tools in :mod:`journal`
 (``format_journal``, ``check_journal``). The size rules are the seed's (seed
@@ -9,15 +10,13 @@ protected LUN; shrinking raises an alarm); every failure is a
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import os
 from pathlib import Path
 
 from journal import layout as L
 from journal.errors import JournalError, JournalShrunk, JournalTooSmall, JournalUnreachable
-from journal.image import Blank, Image, Version1, device_size, format_fd, io_error, load
+from journal.image import Blank, Image, Version1, format_dev, io_error, load
 from steelfusion import log
+from steelfusion.blockdev import Device, DeviceBusy, FileDevice, create_file, is_san, open_device
 
 _log = log.get("journal")
 
@@ -37,54 +36,48 @@ def shrunk(path: str | Path, recorded: int, actual: int) -> JournalShrunk:
                          f"to at least {recorded} bytes and restart - a journal may only grow")
 
 
-def open_fd(path: Path, size: int, need: int) -> int:
-    """Open read-write, creating a sparse file of ``size`` when missing."""
+def open_dev(path: str, size: int, need: int) -> Device:
+    """Open read-write, creating a sparse file of ``size`` when missing (a file path only:
+    a block device or a SAN LUN must exist)."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        return open_device(path)
     except FileNotFoundError:
         pass
     except OSError as e:
         raise io_error(e, path, "opening") from None
-    if size <= 0 or str(path).startswith("/dev/"):
+    if size <= 0 or path.startswith("/dev/") or is_san(path):
         raise JournalUnreachable(f"Journal LUN {path} does not exist; map the LUN or configure "
                                  f"[journal] size (at least {need / L.GIB:.0f} GiB) to create a "
                                  "sparse file")
     if size < need:
         raise too_small(path, size, (need - L.META_BYTES) // L.SLOT_AREA_BYTES)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        return create_file(path, size)
     except OSError as e:
         raise io_error(e, path, "creating") from None
-    try:
-        os.ftruncate(fd, size)
-    except OSError as e:
-        os.close(fd)
-        raise io_error(e, path, "sizing") from None
-    return fd
 
 
-def lock_fd(fd: int, path: Path) -> None:
+def lock_dev(dev: Device, path: str) -> None:
     """One writer per journal: a second open (another Core on the same file) is refused."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        dev.lock()
+    except DeviceBusy:
         raise JournalError(f"Journal LUN {path} is in use by another process (or opened twice); "
                            "each Core needs its own Journal LUN", alarm="journal_busy") from None
     except OSError as e:
-        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
-            raise io_error(e, path, "locking") from None
+        raise io_error(e, path, "locking") from None
 
 
-def load_or_format(fd: int, path: Path, size: int, region_bytes: int, log_bytes: int) -> Image:
+def load_or_format(dev: Device, path: str, size: int, region_bytes: int,
+                   log_bytes: int) -> Image:
     """Load; an all-zero LUN is formatted, a version-1 journal (superblock only) is upgraded."""
     try:
-        return load(fd, path)
+        return load(dev, path)
     except Blank:
         try:
-            actual = device_size(fd)
-            if size > actual and os.path.isfile(path):
-                os.ftruncate(fd, size)
+            actual = dev.size()
+            if size > actual and isinstance(dev, FileDevice) and dev.is_file:
+                dev.truncate(size)
                 actual = size
         except OSError as e:
             raise io_error(e, path, "sizing") from None
@@ -93,16 +86,16 @@ def load_or_format(fd: int, path: Path, size: int, region_bytes: int, log_bytes:
         reason = "new"
     except Version1 as v:
         try:
-            actual = device_size(fd)
+            actual = dev.size()
         except OSError as e:
             raise io_error(e, path, "reading the size") from None
         if actual < v.size:
             raise shrunk(path, v.size, actual) from None
         reason = "upgrade_from_v1"
     try:
-        sb = format_fd(fd, actual, region_bytes, log_bytes)
+        sb = format_dev(dev, actual, region_bytes, log_bytes)
     except OSError as e:
         raise io_error(e, path, "formatting") from None
     _log.info("journal_formatted", path=str(path), size=actual, reason=reason,
               region_bytes=region_bytes, log_bytes=log_bytes, journal_id=f"{sb.journal_id:016x}")
-    return load(fd, path)
+    return load(dev, path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterable
-from pathlib import Path
 from typing import overload
 
 import numpy as np
@@ -90,7 +89,7 @@ class Regions:
     needs a commit before the caller acts on its write.
     """
 
-    def __init__(self, path: Path, log_bytes: int, al_regions_max: int,
+    def __init__(self, path: str, log_bytes: int, al_regions_max: int,
                  tickets: Tickets) -> None:
         self.path = path
         self._log_bytes = log_bytes

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import journal.journal as jmod
 from journal import (
     GIB,
     Journal,
@@ -36,6 +35,7 @@ from journal import (
     required_size,
 )
 from journal.__main__ import main as inspect_main
+from steelfusion import blockdev
 from steelfusion.wire import crc32c
 
 MIB = 1 << 20
@@ -436,7 +436,7 @@ def test_torn_checkpoint_falls_back_to_the_older_one(jpath: Path,
     j.mark_dirty(1, 0, 1)
     j.flush()  # region 0: durable in the log
     j.mark_dirty(1, 5 * MIB, 1)  # region 5: pending, goes into the checkpoint below
-    real = jmod.pwrite_all
+    real = blockdev.pwrite_all
 
     def torn(fd: int, data: bytes, offset: int) -> None:
         if offset in layout.SB_OFFSETS:  # power cut in the middle of the superblock
@@ -444,7 +444,7 @@ def test_torn_checkpoint_falls_back_to_the_older_one(jpath: Path,
             raise OSError(errno.EIO, "power cut")
         real(fd, data, offset)
 
-    monkeypatch.setattr(jmod, "pwrite_all", torn)
+    monkeypatch.setattr(blockdev, "pwrite_all", torn)
     with pytest.raises(JournalUnreachable):
         j.checkpoint()
     monkeypatch.undo()
@@ -649,8 +649,8 @@ def test_hot_path_has_no_syscalls(jpath: Path, monkeypatch: pytest.MonkeyPatch) 
     def boom(*a: object) -> None:
         raise AssertionError("syscall on the hot path")
 
-    monkeypatch.setattr(jmod.os, "pwrite", boom)
-    monkeypatch.setattr(jmod.os, "fdatasync", boom)
+    monkeypatch.setattr(os, "pwrite", boom)
+    monkeypatch.setattr(os, "fdatasync", boom)
     for _ in range(1000):
         assert not j.mark_dirty(1, 0, 4096)
         assert not j.note_inflight(1, 0, 4096)

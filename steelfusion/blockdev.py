@@ -1,0 +1,134 @@
+"""What a Core stores LUNs and its Journal LUN on: a file, a block device, or a SAN LUN.
+
+SteelFusion's Core owns no disks. It projects LUNs that live on the data center's array,
+and the Journal LUN is one more LUN there (seed 002). So a Core's LUN ``path`` and its
+journal ``path`` may be:
+
+* a file (the lab's default) or a block device, for example one that the host's open-iscsi
+  made: :class:`FileDevice`;
+* ``iscsi://[user%secret@]host:port/iqn/lun``, reached by the Core's own initiator
+  (:mod:`steelfusion.iscsi.client`): :class:`steelfusion.sandev.IscsiDevice`.
+
+Both have the same small, blocking interface, which is what the LUN store and the journal
+always did with a file descriptor. ``pwrite`` may only queue the write: an error shows up
+at the next ``sync``, which returns once every earlier write is durable (fdatasync, or
+SYNCHRONIZE CACHE after the writes completed). This is how the group commits already use
+a file. Reads return the bytes, and a sparse file reads as zeros past its end.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from steelfusion.fileio import pread_full, pwrite_all, pwritev_all
+
+ISCSI_SCHEME = "iscsi://"
+
+
+class DeviceBusy(OSError):
+    """Another process (or another open in this one) holds the device exclusively."""
+
+
+class Device(Protocol):
+    """A LUN's bytes: positioned reads and writes, durability on ``sync``."""
+
+    path: str
+
+    def size(self) -> int: ...
+
+    def pread(self, length: int, offset: int) -> bytes: ...
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
+
+    def pwritev(self, bufs: Sequence[bytes | memoryview], offset: int) -> None: ...
+
+    def sync(self) -> None: ...
+
+    def lock(self) -> None:
+        """Exclusive use by this process, or DeviceBusy."""
+
+    def close(self) -> None: ...
+
+
+class FileDevice:
+    """A file or block device through its descriptor."""
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self.fd = fd
+
+    def size(self) -> int:
+        st = os.fstat(self.fd)
+        return os.lseek(self.fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return pread_full(self.fd, length, offset)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        pwrite_all(self.fd, data, offset)
+
+    def pwritev(self, bufs: Sequence[bytes | memoryview], offset: int) -> None:
+        pwritev_all(self.fd, bufs, offset)
+
+    def sync(self) -> None:
+        os.fdatasync(self.fd)
+
+    def fsync(self) -> None:
+        """Data and metadata (a size just set by ``truncate``)."""
+        os.fsync(self.fd)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def lock(self) -> None:
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DeviceBusy(errno.EBUSY, f"{self.path} is in use") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise  # a file system without locks: nothing to hold, nothing to refuse
+
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(os.fstat(self.fd).st_mode)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def is_san(path: str | Path) -> bool:
+    return str(path).startswith(ISCSI_SCHEME)
+
+
+def open_device(path: str | Path, *, readonly: bool = False) -> Device:
+    """Open an existing file, block device or SAN LUN (FileNotFoundError if there is none)."""
+    p = str(path)
+    if is_san(p):
+        from steelfusion.sandev import IscsiDevice
+
+        return IscsiDevice.open(p)
+    fd = os.open(p, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+    return FileDevice(p, fd)
+
+
+def create_file(path: str | Path, size: int, mode: int = 0o600) -> FileDevice:
+    """A new sparse file of ``size`` bytes (FileExistsError if one is there)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    dev = FileDevice(str(p), fd)
+    try:
+        dev.truncate(size)
+    except OSError:
+        dev.close()
+        raise
+    return dev
