@@ -17,7 +17,6 @@ clean stop on SIGTERM.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from steelfusion.initiator import InitiatorError, need, qemu_bench
 from steelfusion.lab import Lab, free_ports, pid_alive
+from steelfusion.san import TgtAdm, free_tgt_control_port, release_tgt_control_port
 from steelfusion.units import format_size
 
 if TYPE_CHECKING:
@@ -93,9 +93,6 @@ class TgtServer:
     def url(self) -> str:
         return f"iscsi://{self.portal}/{self.IQN}/1"
 
-    def _adm(self, *args: str) -> None:
-        subprocess.run([need("tgtadm"), "-C", str(self.ctl), "--lld", "iscsi", *args],
-                       check=True, capture_output=True, timeout=30)
 
     def start(self) -> None:
         with open(self.lun, "wb") as f:
@@ -114,69 +111,28 @@ class TgtServer:
             [need("tgtd"), "-f", "-C", str(self.ctl), "--iscsi", f"portal={self.portal}"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=enter)
         log.close()
+        adm = TgtAdm(self.ctl)
         deadline = time.monotonic() + 15
-        while True:
-            try:
-                self._adm("--op", "new", "--mode", "target", "--tid", "1", "-T", self.IQN)
-                break
-            except subprocess.CalledProcessError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise InitiatorError(f"tgtd (portal {self.portal}, control port "
-                                         f"{self.ctl}) did not start; see {self.log}") from None
-                time.sleep(0.1)
-        self._adm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1",
-                  "-b", str(self.lun))
-        self._adm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
+        while not adm.ready():
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise InitiatorError(f"tgtd (portal {self.portal}, control port "
+                                     f"{self.ctl}) did not start; see {self.log}")
+            time.sleep(0.1)
+        adm.create_target(self.IQN)
+        adm.add_lun(self.IQN, 1, str(self.lun))
+        adm.allow(self.IQN, None)
 
     def stop(self) -> None:
         """Shut tgtd down the way it listens to (``--mode system --op delete``: it ignores
         SIGTERM), SIGKILL if that does not end it."""
         if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
-                self._adm("--op", "delete", "--mode", "target", "--tid", "1", "--force")
-            with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired):
-                self._adm("--op", "delete", "--mode", "system")
+            TgtAdm(self.ctl).shutdown()
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        _tgt_ctls.discard(self.ctl)
-
-
-TGT_IPC_DIR = Path("/var/run/tgtd")
-_tgt_ctls: set[int] = set()  # management ports this process handed out and still uses
-
-
-def free_tgt_control_port() -> int:
-    """A tgtd management port no running tgtd holds (in any namespace).
-
-    tgtd refuses to start when another one holds the lock on
-    ``/var/run/tgtd/socket.N.lock`` (a POSIX lock): probe that lock.
-    """
-    base = 20000 + os.getpid() % 10000
-    for i in range(200):
-        ctl = 20000 + (base - 20000 + i) % 10000
-        if ctl in _tgt_ctls:
-            continue
-        lock = TGT_IPC_DIR / f"socket.{ctl}.lock"
-        try:
-            fd = os.open(lock, os.O_WRONLY)
-        except FileNotFoundError:
-            _tgt_ctls.add(ctl)
-            return ctl
-        except OSError:
-            continue
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            continue  # a running tgtd holds it
-        finally:
-            os.close(fd)  # closing drops our probe lock
-        _tgt_ctls.add(ctl)
-        return ctl
-    raise InitiatorError(f"no free tgtd control port: every lock {TGT_IPC_DIR}/socket.N.lock "
-                         f"tried is held; stop stray tgtd processes")
+        release_tgt_control_port(self.ctl)
 
 
 def rss_bytes(pid: int) -> int:

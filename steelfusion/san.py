@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import signal
 import subprocess
@@ -45,6 +46,46 @@ _log = log.get("san")
 
 class SanError(Exception):
     """The array cannot be started or provisioned; the message says what to do."""
+
+
+TGT_IPC_DIR = Path("/var/run/tgtd")
+_tgt_ctls: set[int] = set()  # management ports this process handed out and still uses
+
+
+def free_tgt_control_port() -> int:
+    """A tgtd management port no running tgtd holds (in any namespace).
+
+    tgtd refuses to start when another one holds the lock on
+    ``/var/run/tgtd/socket.N.lock`` (a POSIX lock): probe that lock.
+    """
+    base = 20000 + os.getpid() % 10000
+    for i in range(200):
+        ctl = 20000 + (base - 20000 + i) % 10000
+        if ctl in _tgt_ctls:
+            continue
+        lock = TGT_IPC_DIR / f"socket.{ctl}.lock"
+        try:
+            fd = os.open(lock, os.O_WRONLY)
+        except FileNotFoundError:
+            _tgt_ctls.add(ctl)
+            return ctl
+        except OSError:
+            continue
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # a running tgtd holds it
+        finally:
+            os.close(fd)  # closing drops our probe lock
+        _tgt_ctls.add(ctl)
+        return ctl
+    raise SanError(f"no free tgtd control port: every lock {TGT_IPC_DIR}/socket.N.lock "
+                   f"tried is held; stop stray tgtd processes")
+
+
+def release_tgt_control_port(ctl: int) -> None:
+    """This process no longer uses ``ctl`` (its tgtd stopped)."""
+    _tgt_ctls.discard(ctl)
 
 
 # -- provisioning: one interface, two drivers ---------------------------------------------
@@ -117,7 +158,13 @@ class TgtAdm:
         return True
 
     def shutdown(self) -> None:
-        """tgtd ignores SIGTERM; this is how it stops."""
+        """tgtd ignores SIGTERM; this is how it stops (its targets first, sessions or not)."""
+        with contextlib.suppress(SanError):
+            for line in self._adm("--mode", "target", "--op", "show").splitlines():
+                if line.startswith("Target ") and ":" in line:
+                    tid = line.split()[1].rstrip(":")
+                    with contextlib.suppress(SanError):
+                        self._adm("--mode", "target", "--op", "delete", "--force", "--tid", tid)
         with contextlib.suppress(SanError):
             self._adm("--mode", "system", "--op", "delete")
 
