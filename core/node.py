@@ -18,14 +18,16 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from core.engine import CoreEngine, LinkKind, Progress
+from core.engine import CoreEngine
 from core.lunstore import AppliedState, LunError, LunStore
 from core.pipeline import LunPipeline
-from core.replication import Event, State
+from core.ports import LinkKind
+from core.replication import Event, Role, State
+from core.resync import Progress
 from journal.errors import JournalError
 from journal.journal import Journal
 from steelfusion import authconfig, control, log, statefile
@@ -36,6 +38,9 @@ from steelfusion.tasks import Background
 from steelfusion.units import format_addr
 from steelfusion.wire import Control, Hello
 
+if TYPE_CHECKING:
+    from witness.client import WitnessClient
+
 _log = log.get("core")
 
 VERIFY_BATCH = 64  # regions per hash request
@@ -45,7 +50,7 @@ CORE_STATE_KIND, CORE_STATE_FORMAT = "core-state", 1  # core-state.json (steelfu
 
 def _check_core_state(cfg: CoreConfig, st: dict[str, Any]) -> None:
     """A ``core-state.json`` body that passed its CRC but cannot be this Core's: refuse it."""
-    if st.get("role") not in ("primary", "secondary"):
+    if st.get("role") not in tuple(Role):
         raise ValueError(f"role {st.get('role')!r} is not primary or secondary")
     epoch = st.get("epoch")
     if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
@@ -63,6 +68,8 @@ def _check_core_state(cfg: CoreConfig, st: dict[str, Any]) -> None:
 
 
 class Core(CoreEngine):
+    witness: WitnessClient | None
+
     def __init__(self, cfg: CoreConfig) -> None:
         self.auth = authconfig.load(cfg.source)
         self.state_dir = Path(cfg.state_dir)
@@ -149,7 +156,6 @@ class Core(CoreEngine):
 
     async def _resync_loop(self) -> None:
         """Drive :meth:`CoreEngine.resync_pump` until every journaled region is copied."""
-        j = self.journal
         while True:
             what = self.resync_pump()
             if what == "drain":
@@ -164,6 +170,7 @@ class Core(CoreEngine):
                 await asyncio.sleep(0)
             else:
                 j = self.journal  # the Journal LUN may have been reopened meanwhile
+                assert j is not None  # a resync runs only with a journal
                 await j.commit()
                 self._resync_task = None
                 self.resync_committed()
@@ -191,7 +198,7 @@ class Core(CoreEngine):
         if st is not None:
             return st
         applied = self.state_dir / "applied.state"
-        if cfg.role == "primary" and applied.is_file() and applied.stat().st_size:
+        if cfg.role == Role.PRIMARY and applied.is_file() and applied.stat().st_size:
             raise LunError(f"{self.state_file}: missing, but {applied.name} shows this Core has "
                            "run before: its role and epoch are lost (it may have been failed "
                            f"over since); {remedy.replace('move it away and ', '')}")
@@ -371,7 +378,7 @@ class Core(CoreEngine):
             due = self._verify_soon or time.monotonic() >= self._verify_due
             if not due or (self.verify_last or {}).get("running"):
                 continue
-            if self.role != "primary" or self.rep.state is not State.RUNNING \
+            if self.role != Role.PRIMARY or self.rep.state is not State.RUNNING \
                     or not self.mirror_links:
                 continue
             self._verify_soon = False
@@ -427,7 +434,7 @@ class Core(CoreEngine):
 
     async def verify(self, repair: bool, background: bool = False) -> dict[str, Any]:
         """Compare every region's hash here and on the peer (DESIGN invariant 4)."""
-        if self.role != "primary":
+        if self.role != Role.PRIMARY:
             raise control.ControlError("verify runs on the primary Core; this Core is secondary",
                                        "wrong-role")
         if (self.verify_last or {}).get("running"):
@@ -540,6 +547,7 @@ class Core(CoreEngine):
         already = self.suspend_check()
         if already is not None:
             return already
+        assert self.witness is not None  # suspend_check refuses without one
         return self.suspend_decided(await self.witness.request_suspend())
 
     async def cmd_resume(self) -> dict[str, Any]:
@@ -556,7 +564,10 @@ class Core(CoreEngine):
         d = None
         try:
             if self.witness is not None:
-                d = await self.witness.request_failover(self.peer_info.get("name"))
+                # no name yet (the peer never connected) is sent as none: the client's
+                # _decision takes ``str | None``
+                d = await self.witness.request_failover(
+                    self.peer_info.get("name"))  # type: ignore[arg-type]
         finally:
             self.failover_pending = False
         return self.failover_decided(d, force)

@@ -329,4 +329,7 @@ class LunPipeline(Generic[B]):
         return head <= have
 
 
-__all__ = ["Backend", "LunPipeline", "Order", "order"]
+#: a LUN's pipeline over whichever backend the Core was handed (a LunStore, a simulated disk)
+LunPipe = LunPipeline[Any]
+
+__all__ = ["Backend", "LunPipe", "LunPipeline", "Order", "order"]

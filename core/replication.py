@@ -28,7 +28,17 @@ an operator can read (h2's connection state machine habit).
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Any
+
+
+class Role(enum.StrEnum):
+    """What a Core is to its pair. A ``StrEnum``: it equals the configs' and the wire's
+    strings (``"primary"``, ``"secondary"``), so those stay plain text."""
+
+    PRIMARY = "primary"
+    SECONDARY = "secondary"
 
 
 class State(enum.Enum):
@@ -76,93 +86,92 @@ class Refused(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Rep:
-    role: str  # primary | secondary
+    role: Role
     state: State
     epoch: int
 
     @property
     def acks_need_peer(self) -> bool:
         """Edge writes are acknowledged only once the peer has them (running, resyncing)."""
-        return self.role == "primary" and self.state in (State.RUNNING, State.RESYNCING,
-                                                         State.PAUSED)
+        return self.role == Role.PRIMARY and self.state in (State.RUNNING, State.RESYNCING,
+                                                            State.PAUSED)
 
     @property
     def journals(self) -> bool:
         """Writes are journaled and acknowledged after the journal (suspended)."""
-        return self.role == "primary" and self.state is State.SUSPENDED
+        return self.role == Role.PRIMARY and self.state is State.SUSPENDED
 
     @property
     def accepts_edges(self) -> bool:
-        return self.role == "primary"
+        return self.role == Role.PRIMARY
 
     @property
     def mirrors(self) -> bool:
-        return self.role == "primary" and self.state in (State.RUNNING, State.RESYNCING,
-                                                         State.PAUSED)
+        return self.role == Role.PRIMARY and self.state in (State.RUNNING, State.RESYNCING,
+                                                            State.PAUSED)
 
 
 S, E, F = State, Event, Effect
+P, SEC = Role.PRIMARY, Role.SECONDARY
 _T = tuple[State, tuple[Effect, ...]]
 
 #: (role, state, event) -> (next state, effects). Anything else is refused.
-TABLE: dict[tuple[str, State, Event], _T] = {
+TABLE: dict[tuple[Role, State, Event], _T] = {
     # primary
-    ("primary", S.PAUSED, E.PEER_UP): (S.RUNNING, (F.MIRROR,)),
-    ("primary", S.RUNNING, E.PEER_DOWN): (S.PAUSED, ()),
-    ("primary", S.RUNNING, E.PEER_UP): (S.RUNNING, ()),
-    ("primary", S.PAUSED, E.PEER_DOWN): (S.PAUSED, ()),
-    ("primary", S.RUNNING, E.SUSPEND_GRANTED): (S.SUSPENDED, (F.SAVE, F.JOURNAL_QUEUE)),
-    ("primary", S.PAUSED, E.SUSPEND_GRANTED): (S.SUSPENDED, (F.SAVE, F.JOURNAL_QUEUE)),
-    ("primary", S.SUSPENDED, E.SUSPEND_GRANTED): (S.SUSPENDED, ()),
-    ("primary", S.SUSPENDED, E.PEER_UP): (S.SUSPENDED, ()),
-    ("primary", S.SUSPENDED, E.PEER_DOWN): (S.SUSPENDED, ()),
-    ("primary", S.SUSPENDED, E.RESUME): (S.RESYNCING, (F.SAVE, F.MIRROR, F.START_RESYNC)),
-    ("primary", S.RESYNCING, E.PEER_UP): (S.RESYNCING, ()),
-    ("primary", S.RESYNCING, E.PEER_DOWN): (S.SUSPENDED, (F.SAVE, F.STOP_RESYNC,
-                                                          F.JOURNAL_QUEUE)),
-    ("primary", S.RESYNCING, E.RESYNC_DONE): (S.RUNNING, (F.SAVE, F.RELEASE_WITNESS)),
-    ("primary", S.RESYNCING, E.SUSPEND_GRANTED): (S.SUSPENDED, (F.SAVE, F.STOP_RESYNC,
-                                                                F.JOURNAL_QUEUE)),
-    ("primary", S.RUNNING, E.RESUME): (S.RUNNING, ()),
-    ("primary", S.RUNNING, E.RESYNC_NEEDED): (S.RESYNCING, (F.SAVE, F.START_RESYNC)),
-    ("primary", S.RESYNCING, E.RESYNC_NEEDED): (S.RESYNCING, ()),
-    ("primary", S.RESYNCING, E.RESUME): (S.RESYNCING, ()),
-    **{("primary", st, E.DEMOTE): (S.INCONSISTENT, (F.SAVE, F.BECOME_SECONDARY, F.REFUSE_EDGES,
-                                                     F.STOP_RESYNC))
+    (P, S.PAUSED, E.PEER_UP): (S.RUNNING, (F.MIRROR,)),
+    (P, S.RUNNING, E.PEER_DOWN): (S.PAUSED, ()),
+    (P, S.RUNNING, E.PEER_UP): (S.RUNNING, ()),
+    (P, S.PAUSED, E.PEER_DOWN): (S.PAUSED, ()),
+    (P, S.RUNNING, E.SUSPEND_GRANTED): (S.SUSPENDED, (F.SAVE, F.JOURNAL_QUEUE)),
+    (P, S.PAUSED, E.SUSPEND_GRANTED): (S.SUSPENDED, (F.SAVE, F.JOURNAL_QUEUE)),
+    (P, S.SUSPENDED, E.SUSPEND_GRANTED): (S.SUSPENDED, ()),
+    (P, S.SUSPENDED, E.PEER_UP): (S.SUSPENDED, ()),
+    (P, S.SUSPENDED, E.PEER_DOWN): (S.SUSPENDED, ()),
+    (P, S.SUSPENDED, E.RESUME): (S.RESYNCING, (F.SAVE, F.MIRROR, F.START_RESYNC)),
+    (P, S.RESYNCING, E.PEER_UP): (S.RESYNCING, ()),
+    (P, S.RESYNCING, E.PEER_DOWN): (S.SUSPENDED, (F.SAVE, F.STOP_RESYNC, F.JOURNAL_QUEUE)),
+    (P, S.RESYNCING, E.RESYNC_DONE): (S.RUNNING, (F.SAVE, F.RELEASE_WITNESS)),
+    (P, S.RESYNCING, E.SUSPEND_GRANTED): (S.SUSPENDED, (F.SAVE, F.STOP_RESYNC,
+                                                        F.JOURNAL_QUEUE)),
+    (P, S.RUNNING, E.RESUME): (S.RUNNING, ()),
+    (P, S.RUNNING, E.RESYNC_NEEDED): (S.RESYNCING, (F.SAVE, F.START_RESYNC)),
+    (P, S.RESYNCING, E.RESYNC_NEEDED): (S.RESYNCING, ()),
+    (P, S.RESYNCING, E.RESUME): (S.RESYNCING, ()),
+    **{(P, st, E.DEMOTE): (S.INCONSISTENT, (F.SAVE, F.BECOME_SECONDARY, F.REFUSE_EDGES,
+                                            F.STOP_RESYNC))
        for st in (S.RUNNING, S.PAUSED, S.SUSPENDED, S.RESYNCING)},
-    **{("primary", st, E.TERMINATE): (S.TERMINATED, (F.SAVE, F.STOP_RESYNC, F.RELEASE_WITNESS))
+    **{(P, st, E.TERMINATE): (S.TERMINATED, (F.SAVE, F.STOP_RESYNC, F.RELEASE_WITNESS))
        for st in (S.RUNNING, S.PAUSED, S.SUSPENDED, S.RESYNCING)},
-    ("primary", S.TERMINATED, E.PEER_UP): (S.TERMINATED, ()),
-    ("primary", S.TERMINATED, E.PEER_DOWN): (S.TERMINATED, ()),
-    ("primary", S.STANDALONE, E.PEER_DOWN): (S.STANDALONE, ()),
+    (P, S.TERMINATED, E.PEER_UP): (S.TERMINATED, ()),
+    (P, S.TERMINATED, E.PEER_DOWN): (S.TERMINATED, ()),
+    (P, S.STANDALONE, E.PEER_DOWN): (S.STANDALONE, ()),
     # secondary
-    ("secondary", S.DISCONNECTED, E.PEER_UP): (S.REPLICA, ()),
-    ("secondary", S.REPLICA, E.PEER_DOWN): (S.DISCONNECTED, ()),
-    ("secondary", S.REPLICA, E.PEER_UP): (S.REPLICA, ()),
-    ("secondary", S.DISCONNECTED, E.PEER_DOWN): (S.DISCONNECTED, ()),
-    ("secondary", S.REPLICA, E.RESYNC_START): (S.INCONSISTENT, (F.SAVE,)),
-    ("secondary", S.DISCONNECTED, E.RESYNC_START): (S.INCONSISTENT, (F.SAVE,)),
-    ("secondary", S.INCONSISTENT, E.RESYNC_START): (S.INCONSISTENT, ()),
-    ("secondary", S.INCONSISTENT, E.PEER_UP): (S.INCONSISTENT, ()),
-    ("secondary", S.INCONSISTENT, E.PEER_DOWN): (S.INCONSISTENT, ()),
-    ("secondary", S.INCONSISTENT, E.RESYNC_DONE): (S.REPLICA, (F.SAVE,)),
-    ("secondary", S.REPLICA, E.RESYNC_DONE): (S.REPLICA, ()),
-    ("secondary", S.DISCONNECTED, E.FAILOVER_GRANTED): (S.SUSPENDED, (
+    (SEC, S.DISCONNECTED, E.PEER_UP): (S.REPLICA, ()),
+    (SEC, S.REPLICA, E.PEER_DOWN): (S.DISCONNECTED, ()),
+    (SEC, S.REPLICA, E.PEER_UP): (S.REPLICA, ()),
+    (SEC, S.DISCONNECTED, E.PEER_DOWN): (S.DISCONNECTED, ()),
+    (SEC, S.REPLICA, E.RESYNC_START): (S.INCONSISTENT, (F.SAVE,)),
+    (SEC, S.DISCONNECTED, E.RESYNC_START): (S.INCONSISTENT, (F.SAVE,)),
+    (SEC, S.INCONSISTENT, E.RESYNC_START): (S.INCONSISTENT, ()),
+    (SEC, S.INCONSISTENT, E.PEER_UP): (S.INCONSISTENT, ()),
+    (SEC, S.INCONSISTENT, E.PEER_DOWN): (S.INCONSISTENT, ()),
+    (SEC, S.INCONSISTENT, E.RESYNC_DONE): (S.REPLICA, (F.SAVE,)),
+    (SEC, S.REPLICA, E.RESYNC_DONE): (S.REPLICA, ()),
+    (SEC, S.DISCONNECTED, E.FAILOVER_GRANTED): (S.SUSPENDED, (
         F.SAVE, F.BUMP_EPOCH, F.BECOME_PRIMARY)),
-    ("secondary", S.REPLICA, E.FAILOVER_GRANTED): (S.SUSPENDED, (
+    (SEC, S.REPLICA, E.FAILOVER_GRANTED): (S.SUSPENDED, (
         F.SAVE, F.BUMP_EPOCH, F.BECOME_PRIMARY)),
-    **{("secondary", st, E.TERMINATE): (S.TERMINATED, (F.SAVE,))
+    **{(SEC, st, E.TERMINATE): (S.TERMINATED, (F.SAVE,))
        for st in (S.REPLICA, S.DISCONNECTED, S.INCONSISTENT)},
-    **{("secondary", st, E.DEMOTE): (st, ()) for st in (S.REPLICA, S.DISCONNECTED,
-                                                         S.INCONSISTENT)},
+    **{(SEC, st, E.DEMOTE): (st, ()) for st in (S.REPLICA, S.DISCONNECTED, S.INCONSISTENT)},
 }
 
-REASONS: dict[tuple[str, Event], str] = {
-    ("primary", Event.RESUME): "replication is not suspended: there is nothing to resume",
-    ("secondary", Event.SUSPEND_GRANTED): "suspend runs on the primary Core",
-    ("secondary", Event.RESUME): "resume runs on the primary Core",
-    ("primary", Event.FAILOVER_GRANTED): "failover runs on the secondary Core",
-    ("secondary", Event.FAILOVER_GRANTED): (
+REASONS: dict[tuple[Role, Event], str] = {
+    (P, Event.RESUME): "replication is not suspended: there is nothing to resume",
+    (SEC, Event.SUSPEND_GRANTED): "suspend runs on the primary Core",
+    (SEC, Event.RESUME): "resume runs on the primary Core",
+    (P, Event.FAILOVER_GRANTED): "failover runs on the secondary Core",
+    (SEC, Event.FAILOVER_GRANTED): (
         "this replica is inconsistent (a resync was under way): promoting it would lose data; "
         "use --force only if the primary's data is gone for good"),
 }
@@ -172,7 +181,7 @@ def step(rep: Rep, event: Event, *, force: bool = False) -> tuple[Rep, tuple[Eff
     """Apply one event. Raises :class:`Refused` if the table has no entry for it."""
     key = (rep.role, rep.state, event)
     entry = TABLE.get(key)
-    if entry is None and force and event is Event.FAILOVER_GRANTED and rep.role == "secondary" \
+    if entry is None and force and event is Event.FAILOVER_GRANTED and rep.role == SEC \
             and rep.state is State.INCONSISTENT:
         entry = (State.SUSPENDED, (Effect.SAVE, Effect.BUMP_EPOCH, Effect.BECOME_PRIMARY))
     if entry is None:
@@ -183,9 +192,9 @@ def step(rep: Rep, event: Event, *, force: bool = False) -> tuple[Rep, tuple[Eff
     role = rep.role
     epoch = rep.epoch
     if Effect.BECOME_PRIMARY in effects:
-        role = "primary"
+        role = Role.PRIMARY
     if Effect.BECOME_SECONDARY in effects:
-        role = "secondary"
+        role = Role.SECONDARY
     if Effect.BUMP_EPOCH in effects:
         epoch += 1
     return replace(rep, role=role, state=nxt, epoch=epoch), effects
@@ -202,6 +211,28 @@ def adopt_epoch(rep: Rep, epoch: int) -> Rep:
 
 
 def initial(role: str, has_peer: bool, epoch: int = 1) -> Rep:
-    if role == "primary":
-        return Rep("primary", State.PAUSED if has_peer else State.STANDALONE, epoch)
-    return Rep("secondary", State.DISCONNECTED, epoch)
+    if role == Role.PRIMARY:
+        return Rep(Role.PRIMARY, State.PAUSED if has_peer else State.STANDALONE, epoch)
+    return Rep(Role.SECONDARY, State.DISCONNECTED, epoch)
+
+
+def restarted(saved: Mapping[str, Any], config_role: str, has_peer: bool) -> Rep:
+    """The state a Core starts in from its saved role/state/epoch (``core-state.json``;
+    empty on a first start, when the config's role counts).
+
+    A restart keeps what must survive: suspension (the journal holds its
+    regions and the Witness its approval), inconsistency, termination. Link
+    states start over, and a primary that was resyncing is suspended again.
+    """
+    role = saved.get("role", config_role)
+    epoch = int(saved.get("epoch", 1))
+    rep = initial(role, has_peer, epoch)
+    try:
+        state = State(saved.get("state", rep.state.value))
+    except ValueError:
+        state = rep.state
+    if role == Role.PRIMARY and state is State.RESYNCING:
+        state = State.SUSPENDED
+    if state in (State.SUSPENDED, State.TERMINATED, State.INCONSISTENT):
+        return replace(rep, state=state)
+    return rep

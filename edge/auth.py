@@ -17,58 +17,30 @@ Algorithms: MD5 (5), SHA-1 (6), SHA-256 (7), SHA3-256 (8); the first one in
 the initiator's list that we know wins.  A wrong name or response, a reused
 or reflected challenge, a missing key or a mutual request we have no
 credentials for all fail the login (0x0201).  Reasons are short phrases for
-the log and never contain a secret or a response.
+the log and never contain a secret or a response.  The math both sides
+share (algorithms, responses, credentials) is ``steelfusion.iscsi.chap``,
+whose names are importable from here too.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import hmac
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from steelfusion.iscsi.chap import CHALLENGE_BYTES as CHALLENGE_BYTES
+from steelfusion.iscsi.chap import CHAP_ALGORITHMS as CHAP_ALGORITHMS
+from steelfusion.iscsi.chap import MIN_INITIATOR_CHALLENGE_BYTES as MIN_INITIATOR_CHALLENGE_BYTES
+from steelfusion.iscsi.chap import SECRET_MAX_BYTES as SECRET_MAX_BYTES
+from steelfusion.iscsi.chap import SECRET_MIN_BYTES as SECRET_MIN_BYTES
+from steelfusion.iscsi.chap import AuthConfigError as AuthConfigError
+from steelfusion.iscsi.chap import ChapCredentials as ChapCredentials
+from steelfusion.iscsi.chap import chap_response as chap_response
+from steelfusion.iscsi.chap import decode_binary as decode_binary
+
 Pairs = list[tuple[str, str]]
-
-CHAP_ALGORITHMS: dict[int, Callable[[], hashlib._Hash]] = {
-    5: hashlib.md5, 6: hashlib.sha1, 7: hashlib.sha256, 8: hashlib.sha3_256}
-"""CHAP_A values (RFC 7143 §12.1.3 and the IANA CHAP algorithm registry)."""
-
-SECRET_MIN_BYTES = 12
-"""RFC 7143 §12.1.3: CHAP secrets must be at least 96 bits."""
-SECRET_MAX_BYTES = 255
-CHALLENGE_BYTES = 32
-MIN_INITIATOR_CHALLENGE_BYTES = 8
-
-
-class AuthConfigError(ValueError):
-    """Credentials that RFC 7143 forbids (too short, reused both ways)."""
-
-
-@dataclass(frozen=True, slots=True)
-class ChapCredentials:
-    """A CHAP name and secret.  The secret never appears in ``repr``."""
-
-    user: str
-    secret: bytes = field(repr=False)
-
-    def __post_init__(self) -> None:
-        if not self.user:
-            raise AuthConfigError("CHAP user name is empty")
-        if not SECRET_MIN_BYTES <= len(self.secret) <= SECRET_MAX_BYTES:
-            raise AuthConfigError(f"CHAP secret for {self.user!r} must be {SECRET_MIN_BYTES}.."
-                                  f"{SECRET_MAX_BYTES} bytes (RFC 7143 §12.1.3)")
-
-    @classmethod
-    def of(cls, user: str | None, secret: str | bytes | None) -> ChapCredentials | None:
-        if user is None and secret is None:
-            return None
-        if not user or not secret:
-            raise AuthConfigError("CHAP needs both a user name and a secret")
-        return cls(user, secret.encode() if isinstance(secret, str) else bytes(secret))
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,28 +69,6 @@ class Access:
 
     def credentials_for(self, initiator: str) -> ChapCredentials | None:
         return self.per_initiator.get(initiator, self.chap)
-
-
-def decode_binary(value: str) -> bytes | None:
-    """A binary-value: ``0x`` hex or ``0b`` base64 (RFC 7143 §6.1); None if bad."""
-    try:
-        if value[:2] in ("0x", "0X"):
-            h = value[2:]
-            return bytes.fromhex(h if len(h) % 2 == 0 else "0" + h) if h else None
-        if value[:2] in ("0b", "0B"):
-            return base64.b64decode(value[2:], validate=True) or None
-    except (ValueError, binascii.Error):
-        return None
-    return None
-
-
-def chap_response(algorithm: int, ident: int, secret: bytes, challenge: bytes) -> bytes:
-    """RFC 1994 §4.1: H(Identifier ‖ secret ‖ Challenge)."""
-    h = CHAP_ALGORITHMS[algorithm]()
-    h.update(bytes((ident & 0xFF,)))
-    h.update(secret)
-    h.update(challenge)
-    return h.digest()
 
 
 class ChapExchange:

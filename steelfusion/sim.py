@@ -43,7 +43,10 @@ known bug to show the checker finds it.
 Three modules: :mod:`steelfusion.simworld` is the world (clock, disks,
 network), :mod:`steelfusion.simnodes` the nodes living in it (Witness,
 Cores, Edge), and this one the driver: a seed's faults and drills, the
-checker, and :func:`run_many` behind ``steelfusion sim``.
+checker, and :func:`run_many` behind ``steelfusion sim``.  Imports run one
+way (sim -> simnodes -> simworld): the other two see a :class:`Sim` only as
+the Protocols :class:`~steelfusion.simworld.World` and
+:class:`~steelfusion.simnodes.Driver`.
 """
 
 from __future__ import annotations
@@ -58,8 +61,10 @@ from pathlib import Path
 from typing import Any
 
 from core.replication import State
+from journal.errors import JournalFull, JournalOffline
+from journal.journal import Journal
 from steelfusion import control, log
-from steelfusion.simnodes import LEASE, SimCore, SimEdge, SimWitness
+from steelfusion.simnodes import LEASE, Driver, SimCore, SimEdge, SimWitness
 from steelfusion.simworld import BLOCK, LUN_BLOCKS, LUN_BYTES, Clock, Conn, End, SimDisk
 from witness.logic import Decision
 
@@ -84,6 +89,39 @@ class Result:
 
 
 _quiet = False
+
+
+class SimJournal(Journal):
+    """The real journal; its commits run on the virtual clock, and the faults
+    "journal-full" and "journal-fail" are planted on it."""
+
+    owner: SimCore
+    sim: Sim
+    _sim_full = False  # the fault "journal-full"
+    _sim_broken = False  # the fault "journal-fail"
+    _sim_pending = False  # a commit is on the clock
+
+    def mark_dirty(self, lun: int, offset: int, length: int) -> bool:
+        if self._sim_full:
+            if self.sim.planted("ack-unjournaled"):
+                return False  # planted: the region goes unrecorded, the write on
+            raise JournalFull(f"Journal LUN {self.path}: simulated full")
+        return super().mark_dirty(lun, offset, length)
+
+    def request_commit(self) -> None:
+        if self._sim_pending or self.durable >= self.ticket or self.failed is not None:
+            return
+        self._sim_pending = True
+
+        def go() -> None:
+            self._sim_pending = False
+            if not self.owner.alive or self.owner.journal is not self:
+                return
+            if self._sim_broken:
+                self._fail(JournalOffline(f"Journal LUN {self.path}: simulated EIO"))
+                return
+            self.flush()
+        self.sim.clock.at(self.sim.rng.expovariate(1 / 0.002), go)
 
 
 class Sim:
@@ -130,43 +168,11 @@ class Sim:
         jp = self.tmp / f"{name}.journal" if self.tmp is not None else None
         return SimCore(self, name, role, self.disks[name], self.saved[name], jp)
 
-    def open_journal(self, core: SimCore, path: Path) -> Any:
-        from journal.errors import JournalFull, JournalOffline
-        from journal.journal import Journal
-
-        sim = self
-
-        class SimJournal(Journal):
-            """The real journal; its commits run on the virtual clock."""
-
-            owner: SimCore
-
-            def mark_dirty(self, lun: int, offset: int, length: int) -> bool:
-                if getattr(self, "_sim_full", False):  # the fault "journal-full"
-                    if sim.planted("ack-unjournaled"):
-                        return False  # planted: the region goes unrecorded, the write on
-                    raise JournalFull(f"Journal LUN {self.path}: simulated full")
-                return super().mark_dirty(lun, offset, length)
-
-            def request_commit(self) -> None:
-                if getattr(self, "_sim_pending", False) or self.durable >= self.ticket \
-                        or self.failed is not None:
-                    return
-                self._sim_pending = True
-
-                def go() -> None:
-                    self._sim_pending = False
-                    if not self.owner.alive or self.owner.journal is not self:
-                        return
-                    if getattr(self, "_sim_broken", False):  # the fault "journal-fail"
-                        self._fail(JournalOffline(f"Journal LUN {self.path}: simulated EIO"))
-                        return
-                    self.flush()
-                sim.clock.at(sim.rng.expovariate(1 / 0.002), go)
-
+    def open_journal(self, core: SimCore, path: Path) -> Journal:
         j = SimJournal.open(path, {1: LUN_BYTES}, size=3 << 30)
         assert isinstance(j, SimJournal)
         j.owner = core
+        j.sim = self
         crashed = int(j.crashed_al_regions(1).size)
         if crashed:
             core.event("journal_crash_regions", regions={1: crashed})
@@ -275,9 +281,9 @@ class Sim:
             self.note(f"  next sync of {victim.name} fails")
         elif kind in ("journal-fail", "journal-full"):
             j = rng.choice(self.cores).journal
-            if j is not None and kind == "journal-fail":
+            if isinstance(j, SimJournal) and kind == "journal-fail":
                 j._sim_broken = True
-            elif j is not None:
+            elif isinstance(j, SimJournal):
                 j._sim_full = True
         elif kind == "suspend":
             self.drill_suspend()
@@ -428,12 +434,13 @@ class Sim:
         for disk in self.disks.values():
             disk.fail_next = False  # no more faults
         for core in self.cores:
-            if core.journal is not None:
+            if isinstance(core.journal, SimJournal):
                 core.journal._sim_broken = False
         self.clock.run_until(self.clock.now + 2.0)  # pending restarts happen
         for core in list(self.cores):
             j = core.journal
-            broken = j is not None and (j.failed is not None or getattr(j, "_sim_full", False))
+            broken = j is not None and (j.failed is not None
+                                        or (isinstance(j, SimJournal) and j._sim_full))
             if core.alive and (core.disk.failed or broken):
                 self.note(f"operator restarts {core.name} (storage failed)")
                 self.crash(core, 0.1)  # the documented recovery: fix the storage, restart
@@ -478,6 +485,11 @@ class Sim:
             if img[lo:hi] not in allowed:
                 self.fail(f"block {blk}: an acknowledged write is lost (want seq "
                           f"{writes[k].seq if k >= 0 else 'none'} or later)")
+
+
+_IS_A_DRIVER: type[Driver] = Sim
+"""mypy checks here that a Sim is what the nodes and the world take
+(:class:`steelfusion.simnodes.Driver`, :class:`steelfusion.simworld.World`)."""
 
 
 def run_seed(seed: int, plant: str | None = None, writes: int = 120, full: bool = False

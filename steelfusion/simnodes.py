@@ -7,37 +7,71 @@ links; :class:`SimWitness` wraps the real :class:`witness.logic.WitnessLogic`,
 reached through :class:`SimWitnessClient` with delays; :class:`SimEdge` ships
 host writes with the real :class:`edge.shipping.Shipper`.  The planted bugs
 (``Sim.planted``) live here, beside the rule each one breaks.
+
+What the nodes use of the driver (:class:`steelfusion.sim.Sim`) is
+:class:`Driver`, so the imports run one way: sim -> simnodes -> simworld.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.engine import CoreEngine, LinkKind
 from core.pipeline import LunPipeline, Order
 from core.replication import State
 from edge.shipping import Shipper
 from steelfusion.config import CoreConfig, LunConfig
-from steelfusion.simworld import BLOCK, LUN_BLOCKS, LUN_BYTES, End, SimDisk, connect
+from steelfusion.simworld import BLOCK, LUN_BLOCKS, LUN_BYTES, End, SimDisk, World, connect
 from steelfusion.wire import Ack, Hello, Message, Refuse, Welcome, Write, WriteFlags
 from witness.logic import Decision, WitnessLogic
 
 if TYPE_CHECKING:
-    from steelfusion.sim import Sim
+    from journal.journal import Journal
 
 LEASE = 1.5
 PAIR = "pair-1"
+
+
+class Driver(World, Protocol):
+    """What the nodes use of the driver (:class:`steelfusion.sim.Sim`) besides
+    the world: the other nodes, the links it cuts, the Journal LUNs it opens
+    and the history it checks."""
+
+    @property
+    def stream(self) -> int: ...  # the Edge's write stream
+    @property
+    def witness(self) -> SimWitness: ...
+    @property
+    def cores(self) -> Sequence[SimCore]: ...
+    @property
+    def ends(self) -> dict[str, list[End]]: ...  # by Core: the ends it accepted
+    @property
+    def edge_link_up(self) -> bool: ...
+    @property
+    def core_link_up(self) -> bool: ...
+    @property
+    def witness_link(self) -> dict[str, bool]: ...  # a Core's name -> False: cut
+    @property
+    def failover_times(self) -> list[float]: ...
+
+    def other(self, core: SimCore) -> SimCore: ...
+
+    def open_journal(self, core: SimCore, path: Path) -> Journal: ...
+
+    def check_commit(self, seq: int) -> None: ...
+
+    def acked_by(self, core: SimCore, seq: int) -> None: ...
 
 
 # -- Witness ------------------------------------------------------------------------
 class SimWitness:
     """The real :class:`WitnessLogic`, durable across its own restarts, reached with delays."""
 
-    def __init__(self, sim: Sim) -> None:
+    def __init__(self, sim: Driver) -> None:
         self.sim = sim
         self.logic = WitnessLogic(LEASE, 0.0)
         self.alive = True
@@ -52,11 +86,11 @@ class SimWitness:
 class SimWitnessClient:
     """What a Core sees of the Witness (:class:`witness.client.WitnessClient`'s surface)."""
 
-    def __init__(self, sim: Sim, core: SimCore) -> None:
+    def __init__(self, sim: Driver, core: SimCore) -> None:
         self.sim = sim
         self.core = core
         self.node = core.name
-        self.role = core.role
+        self.role: str = core.role
         self.lease_seconds = LEASE
         self.pair_epoch = 0
         self.holds: bool | None = None
@@ -127,7 +161,9 @@ class SimWitnessClient:
 class SimCore(CoreEngine):
     """The real :class:`CoreEngine` with the simulation's clock, disk, journal and links."""
 
-    def __init__(self, sim: Sim, name: str, role: str, disk: SimDisk, saved: dict[str, Any],
+    witness: SimWitnessClient | None  # the engine's core.ports.WitnessView
+
+    def __init__(self, sim: Driver, name: str, role: str, disk: SimDisk, saved: dict[str, Any],
                  journal_path: Path | None) -> None:
         cfg = CoreConfig(name=name, role=role, listen=("sim", 0), control=("sim", 0),
                          state_dir="", luns=(LunConfig(1, name, LUN_BYTES),), peer=("sim", 1),
@@ -198,6 +234,7 @@ class SimCore(CoreEngine):
             self.sim.clock.at(1.0, lambda: self._drive(gen) if self.rwaiting else None)
         else:
             j = self.journal
+            assert j is not None  # a resync commits the journal (core.resync.pump)
             ticket = j.ticket
             j.request_commit()
 
@@ -225,6 +262,9 @@ class SimCore(CoreEngine):
 
     def durable_to(self, target: int) -> None:
         self._on_durable(1, target)
+
+    def store_failed(self, err: OSError) -> None:
+        self._on_store_failed(1, err)
 
     def tick_loop(self) -> None:
         if self.alive:
@@ -280,7 +320,7 @@ class SimCore(CoreEngine):
 
     def accept(self, end: End) -> None:
         me = self
-        end.core = self
+        end.on_ack = functools.partial(self.sim.acked_by, self)
         end.on_message = lambda e, m: me._on_message(e, m) if me.alive else None
         end.on_close = lambda e, x: me._on_close(e, x) if me.alive else None
         self.sim.ends[self.name].append(end)
@@ -310,7 +350,7 @@ class SimEdge:
     """Host writes, acknowledged at once and kept (the blockstore's log is durable);
     shipped with the real :class:`Shipper`; follows whichever Core is primary."""
 
-    def __init__(self, sim: Sim) -> None:
+    def __init__(self, sim: Driver) -> None:
         self.sim = sim
         self.recs: list[Rec] = []  # every write acknowledged to the host, in order
         self.next_seq = 1

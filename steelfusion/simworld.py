@@ -7,14 +7,20 @@ reset (:class:`End`, :class:`Conn`, :func:`connect`).  Every random choice
 draws from the seed's one ``random.Random`` (``sim.rng``), so a seed replays
 exactly (issue 9, ../shared/STYLE.md: FoundationDB's simulator, TigerBeetle's
 VOPR).
+
+What this module needs of the driver (:class:`steelfusion.sim.Sim`) and of a
+disk's owner (:class:`steelfusion.simnodes.SimCore`) is written here as
+:class:`World` and :class:`DiskOwner`, so the imports run one way: sim ->
+simnodes -> simworld.
 """
 
 from __future__ import annotations
 
 import functools
 import heapq
+import random
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from core.engine import LinkKind
 from steelfusion.wire import (
@@ -28,10 +34,6 @@ from steelfusion.wire import (
     WriteFlags,
     encode_bytes,
 )
-
-if TYPE_CHECKING:
-    from steelfusion.sim import Sim
-    from steelfusion.simnodes import SimCore
 
 BLOCK = 512
 LUN_BLOCKS = 64
@@ -63,7 +65,39 @@ class Clock:
         self.now = max(self.now, t)
 
 
+class World(Protocol):
+    """What the world uses of the driver (:class:`steelfusion.sim.Sim`): the
+    clock, the seed's one random source, the history, the planted bugs."""
+
+    @property
+    def clock(self) -> Clock: ...
+    @property
+    def rng(self) -> random.Random: ...
+    @property
+    def healing(self) -> bool: ...  # the liveness phase: no more faults
+    @property
+    def conns(self) -> list[Conn]: ...
+
+    def note(self, what: str) -> None: ...
+
+    def planted(self, bug: str) -> bool: ...
+
+
 # -- disk ---------------------------------------------------------------------------
+class DiskOwner(Protocol):
+    """The Core a :class:`SimDisk` belongs to (:class:`steelfusion.simnodes.SimCore`):
+    it seals the applied seq into a sync and hears how the sync ended."""
+
+    @property
+    def name(self) -> str: ...
+
+    def seal(self) -> tuple[int, int] | None: ...
+
+    def durable_to(self, target: int) -> None: ...
+
+    def store_failed(self, err: OSError) -> None: ...
+
+
 class SimDisk:
     """A LUN with a page cache (:class:`core.pipeline.Backend`).
 
@@ -73,9 +107,9 @@ class SimDisk:
     unsynced write, whatever the disk had written (a coin toss).
     """
 
-    def __init__(self, sim: Sim) -> None:
+    def __init__(self, sim: World) -> None:
         self.sim = sim
-        self.owner: SimCore | None = None
+        self.owner: DiskOwner | None = None
         self.size = LUN_BYTES
         self.image = bytearray(LUN_BYTES)  # what reads see
         self.durable = bytearray(LUN_BYTES)
@@ -115,7 +149,7 @@ class SimDisk:
         self.sim.clock.at(self.sim.rng.expovariate(1 / 0.002),
                           lambda: self._synced(owner, target, seal))
 
-    def _synced(self, owner: SimCore, target: int, seal: tuple[int, int] | None) -> None:
+    def _synced(self, owner: DiskOwner, target: int, seal: tuple[int, int] | None) -> None:
         if owner is not self.owner:
             return  # the Core crashed meanwhile
         if self.fail_next:
@@ -126,7 +160,7 @@ class SimDisk:
             self.syncing = False
             self.pending = [x for x in self.pending if x[0] > target]
             self.sim.note(f"{owner.name}: fdatasync EIO, unsynced writes dropped")
-            owner._on_store_failed(1, OSError(5, "simulated fdatasync EIO"))
+            owner.store_failed(OSError(5, "simulated fdatasync EIO"))
             return
         keep = []
         for counter, off, b in self.pending:
@@ -162,7 +196,7 @@ class SimDisk:
 class End:
     """One side of a simulated TCP connection, shaped like :class:`steelfusion.link.Link`."""
 
-    def __init__(self, sim: Sim, conn: Conn, name: str) -> None:
+    def __init__(self, sim: World, conn: Conn, name: str) -> None:
         self.sim = sim
         self.conn = conn
         self.name = name
@@ -178,7 +212,8 @@ class End:
         self.handshaken = False
         self.paused = False
         self.closed_here = False
-        self.core: SimCore | None = None  # the Core this end belongs to, if any
+        self.on_ack: Callable[[int], None] | None = None
+        """Set on a Core's end: records each ACK it sends to the Edge (the history)."""
         self._held: list[bytes] = []
 
     @property
@@ -192,8 +227,8 @@ class End:
     def send(self, msg: Message) -> None:
         if not self.conn.open or self.conn.closing or self.other is None:
             return
-        if self.core is not None and isinstance(msg, Ack) and self.ctx == LinkKind.EDGE:
-            self.sim.acked_by(self.core, msg.seq)  # history: who acknowledged, in which state
+        if self.on_ack is not None and isinstance(msg, Ack) and self.ctx == LinkKind.EDGE:
+            self.on_ack(msg.seq)  # history: who acknowledged, in which state
         raw = encode_bytes(msg)
         rng = self.sim.rng
         pos = 0
@@ -249,7 +284,7 @@ class End:
 class Conn:
     """A connection between two Ends; per-direction order, graceful or abrupt close."""
 
-    def __init__(self, sim: Sim) -> None:
+    def __init__(self, sim: World) -> None:
         self.sim = sim
         self.open = True
         self.closing = False  # closed by one side: what it sent still arrives, then EOF
@@ -284,7 +319,7 @@ class Conn:
                 self.sim.clock.at(0.0, functools.partial(e.on_close, e, None))
 
 
-def connect(sim: Sim, a_name: str, b_name: str) -> tuple[End, End]:
+def connect(sim: World, a_name: str, b_name: str) -> tuple[End, End]:
     conn = Conn(sim)
     a, b = End(sim, conn, b_name), End(sim, conn, a_name)
     a.other, b.other = b, a

@@ -6,6 +6,9 @@ split along the seams LIO and tgt use:
 - :mod:`~edge.scsi.cdb`: operation codes, CDB fields, range checks, LUN encoding
 - :mod:`~edge.scsi.pages`: INQUIRY / VPD, READ CAPACITY, REPORT LUNS, MODE
   SENSE/SELECT, REQUEST SENSE
+- :mod:`~edge.scsi.unit`: what the handlers see of a LU (:class:`~edge.scsi.unit.Unit`,
+  which :class:`LogicalUnit` satisfies), :class:`ItNexus`, the table's row type;
+  below the LU and every handler module, so imports run one way
 - :mod:`~edge.scsi.commands`: the command table (rows hold the handlers and
   their reservation and unit-attention flags), REPORT SUPPORTED OPERATION CODES
 - :mod:`~edge.scsi.lu`: :class:`LogicalUnit`: shared state, dispatch, unit
@@ -24,7 +27,6 @@ A host write goes ``edge.target`` -> :meth:`LogicalUnit.execute` (or
 from edge.scsi.lu import (
     LOCAL_NEXUS,
     UA_QUEUE_MAX,
-    ItNexus,
     LogicalUnit,
     describe,
     execute,
@@ -46,6 +48,7 @@ from edge.scsi.sense import (
     check_condition,
     fixed_sense,
 )
+from edge.scsi.unit import ItNexus
 
 __all__ = [
     "BUSY",

@@ -4,14 +4,11 @@ handler, how it meets reservations and unit attentions), so what we
 advertise and what we do cannot drift apart (LIO's per-opcode ``switch`` in
 ``sbc_parse_cdb``/``spc_parse_cdb`` that sets ``cmd->execute_cmd``; tgt's
 ``sbc_ops`` table).  REPORT SUPPORTED OPERATION CODES and REPORT SUPPORTED
-TASK MANAGEMENT FUNCTIONS answer from it.
+TASK MANAGEMENT FUNCTIONS answer from it.  The row type (:class:`Command`)
+is in :mod:`edge.scsi.unit`, beside the LU shape its handlers take.
 """
 
 from __future__ import annotations
-
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from edge.scsi import pages, reservations, sbc, xcopy
 from edge.scsi.cdb import (
@@ -35,42 +32,10 @@ from edge.scsi.cdb import (
 from edge.scsi.pr import Access
 from edge.scsi.sanitize import sanitize
 from edge.scsi.sense import GOOD, Buffer, ScsiResult, invalid_field
-
-if TYPE_CHECKING:
-    from edge.scsi.lu import ItNexus, LogicalUnit
-
-Handler = Callable[["LogicalUnit", bytes, Buffer, "ItNexus"], Awaitable[ScsiResult]]
-"""``handler(lu, cdb, data_out, nexus)``: runs one command; raises
-:class:`~edge.scsi.sense.ScsiError` or
-:class:`~edge.scsi.sense.ReservationConflict` for its failures."""
+from edge.scsi.unit import Command, Handler, ItNexus, Table, Unit
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
-    """One operation code (and service action) the LU serves.
-
-    ``usage`` is the CDB USAGE DATA of REPORT SUPPORTED OPERATION CODES (SPC-4
-    §6.35.3): byte 0 the opcode, then a mask of the bits we evaluate.
-    ``access`` drives persistent-reservation conflicts; ``spc2_ok`` lets the
-    command through an SPC-2 reservation held by another nexus (SPC-2
-    §5.5.1); ``ua_exempt`` commands neither report nor clear a unit attention
-    (SAM-5 §5.14)."""
-
-    opcode: int
-    sa: int | None
-    usage: bytes
-    handler: Handler
-    access: Access = Access.WRITE
-    spc2_ok: bool = False
-    ua_exempt: bool = False
-
-
-Table = dict[int, "Command | dict[int, Command]"]
-"""Opcode -> its command, or service action -> command for opcodes with
-service actions."""
-
-
-async def report_opcodes(lu: LogicalUnit, cdb: bytes, data: Buffer,
+async def report_opcodes(lu: Unit, cdb: bytes, data: Buffer,
                          nexus: ItNexus) -> ScsiResult:
     """REPORT SUPPORTED OPERATION CODES, SPC-4 §6.35: all commands, or one
     (by opcode, or opcode and service action), optionally with command
@@ -105,7 +70,7 @@ async def report_opcodes(lu: LogicalUnit, cdb: bytes, data: Buffer,
     return ScsiResult(GOOD, allocation(out, alloc))
 
 
-async def report_tmf(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def report_tmf(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """REPORT SUPPORTED TASK MANAGEMENT FUNCTIONS, SPC-4 §6.36: ABORT TASK,
     ABORT TASK SET, CLEAR TASK SET, LOGICAL UNIT RESET, TARGET RESET."""
     alloc = u32(cdb, 6)

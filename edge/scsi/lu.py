@@ -12,7 +12,9 @@ SAME, WRITE ATOMIC and EXTENDED COPY atomic with respect to other writes.
 :meth:`LogicalUnit.execute` checks what applies to every command (sanitize,
 unit attention, reservations) and awaits the row's handler;
 :meth:`LogicalUnit.try_fast` answers a plain READ/WRITE without a coroutine
-when nothing special applies.
+when nothing special applies.  The handlers take a LU as
+:class:`edge.scsi.unit.Unit`, which :class:`LogicalUnit` satisfies (checked
+by mypy below the class).
 """
 
 from __future__ import annotations
@@ -28,11 +30,10 @@ from typing import Any, Protocol, runtime_checkable
 from edge.aio import RangeLock
 from edge.backends import BackendNotReady, BlockBackend, ThinBackend
 from edge.scsi.cdb import FAST10, FAST16, Op, allocation, u16
-from edge.scsi.commands import Command, Table, build_table, supported
+from edge.scsi.commands import build_table, supported
 from edge.scsi.pages import (
     ABSENT_INQUIRY,
     MODE_DEFAULTS,
-    Limits,
     build_standard_inquiry,
     build_vpd_pages,
     report_luns,
@@ -55,42 +56,13 @@ from edge.scsi.sense import (
     check_condition,
     invalid_field,
 )
+from edge.scsi.unit import Command, ItNexus, Limits, Table, Unit
 from steelfusion import log
 
 _log = log.get("scsi")
 
 UA_QUEUE_MAX = 16
 """Pending unit attentions kept per I_T nexus; the oldest go first when full."""
-
-
-@dataclass(frozen=True, slots=True)
-class ItNexus:
-    """Who sent a command: initiator port and target port (SAM-5 §4.6.2).
-
-    ``session_id`` tells two sessions of the same initiator port apart (the
-    old and the new one during reinstatement); unit attentions, SPC-2
-    reservations and copy results belong to it.  ``pr_id`` is the stable
-    identity persistent reservations are registered under.
-    """
-
-    initiator_name: str = "local"
-    isid: int = 0
-    target_name: str = ""
-    tpgt: int = 1
-    session_id: int = 0
-
-    @property
-    def initiator_port(self) -> str:
-        """RFC 7143 §4.2.7.2: iSCSI initiator port name."""
-        return f"{self.initiator_name},i,0x{self.isid:012x}"
-
-    @property
-    def target_port(self) -> str:
-        return f"{self.target_name},t,0x{self.tpgt:04x}"
-
-    @property
-    def pr_id(self) -> str:
-        return f"{self.initiator_port}|{self.target_port}"
 
 
 LOCAL_NEXUS = ItNexus()
@@ -373,6 +345,11 @@ class LogicalUnit:
         if not self.locks.shared_free(lba, lba + blocks) or not writer(lba * bs, data):
             return None
         return ScsiResult(GOOD, transfer_length=n)
+
+
+
+_IS_A_UNIT: type[Unit] = LogicalUnit
+"""mypy checks here that a LogicalUnit is what the command handlers take."""
 
 
 def execute_no_lun(cdb: bytes, lun_ids: Sequence[int]) -> ScsiResult:

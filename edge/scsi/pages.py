@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from edge.backends import BlockBackend
 from edge.scsi.cdb import Op, allocation, data_out, encode_lun, u16, u32
@@ -31,9 +29,7 @@ from edge.scsi.sense import (
     invalid_param,
     param_list_length_error,
 )
-
-if TYPE_CHECKING:
-    from edge.scsi.lu import ItNexus, LogicalUnit
+from edge.scsi.unit import ItNexus, Limits, Unit
 
 VERSION_DESCRIPTORS = (0x00A0, 0x0960, 0x0300, 0x04C0)
 """SAM-5, iSCSI, SPC-3, SBC-3 (SPC-4 Table 143)."""
@@ -70,22 +66,6 @@ ABSENT_INQUIRY = build_standard_inquiry("STEELFUS", "Edge LUN", "0001", present=
 
 def _vpd(page: int, payload: bytes) -> bytes:
     return bytes((0x00, page)) + len(payload).to_bytes(2, "big") + payload
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What the Block Limits VPD page (SBC-3 §6.5.3, SBC-4 §6.6.4) promises;
-    every value is in logical blocks and is enforced by the commands."""
-
-    max_transfer: int
-    optimal_transfer: int
-    max_compare_and_write: int = 255
-    max_unmap: int = 0
-    max_unmap_descriptors: int = 0
-    max_write_same: int = 0
-    max_prefetch: int = 0
-    max_atomic: int = 0
-    optimal_granularity: int = 1
 
 
 def build_vpd_pages(backend: BlockBackend, vendor: str, max_transfer_blocks: int,
@@ -243,36 +223,36 @@ def report_luns(cdb: bytes, lun_ids: Sequence[int]) -> ScsiResult:
 # ----------------------------------------------------------------------------- commands
 
 
-async def test_unit_ready(lu: LogicalUnit, cdb: bytes, data: Buffer,
+async def test_unit_ready(lu: Unit, cdb: bytes, data: Buffer,
                           nexus: ItNexus) -> ScsiResult:
     return RESULT_GOOD
 
 
-async def inquiry(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def inquiry(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     return ScsiResult(GOOD, inquiry_data(cdb, lu.inquiry, lu.vpd))
 
 
-async def report_luns_unreached(lu: LogicalUnit, cdb: bytes, data: Buffer,
+async def report_luns_unreached(lu: Unit, cdb: bytes, data: Buffer,
                                 nexus: ItNexus) -> ScsiResult:
-    """The table row's handler; :meth:`LogicalUnit.execute` answers REPORT LUNS
+    """The table row's handler; :meth:`edge.scsi.lu.LogicalUnit.execute` answers REPORT LUNS
     before dispatch, with the target's LUN list."""
     return report_luns(cdb, (0,))  # pragma: no cover - answered before dispatch
 
 
-async def read_capacity_10(lu: LogicalUnit, cdb: bytes, data: Buffer,
+async def read_capacity_10(lu: Unit, cdb: bytes, data: Buffer,
                            nexus: ItNexus) -> ScsiResult:
     if not cdb[8] & 1 and u32(cdb, 2):
         raise invalid_field(2)  # LBA must be 0 when PMI=0 (SBC-3 §5.15.1)
     return ScsiResult(GOOD, build_read_capacity_10(lu.blocks, lu.block_size))
 
 
-async def read_capacity_16(lu: LogicalUnit, cdb: bytes, data: Buffer,
+async def read_capacity_16(lu: Unit, cdb: bytes, data: Buffer,
                            nexus: ItNexus) -> ScsiResult:
     rc = build_read_capacity_16(lu.blocks, lu.block_size, lu.physical_exponent, lu.thin)
     return ScsiResult(GOOD, allocation(rc, u32(cdb, 10)))
 
 
-async def request_sense(lu: LogicalUnit, cdb: bytes, data: Buffer,
+async def request_sense(lu: Unit, cdb: bytes, data: Buffer,
                         nexus: ItNexus) -> ScsiResult:
     """REQUEST SENSE, SPC-4 §6.39: the sanitize progress while one runs,
     else reports (and clears) a pending unit attention, else NO SENSE."""
@@ -284,14 +264,14 @@ async def request_sense(lu: LogicalUnit, cdb: bytes, data: Buffer,
     return ScsiResult(GOOD, allocation(build_request_sense(bool(cdb[1] & 1), sense), cdb[4]))
 
 
-async def mode_sense(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def mode_sense(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     alloc = cdb[4] if cdb[0] == Op.MODE_SENSE_6 else u16(cdb, 7)
     page = build_mode_sense(cdb, lu.blocks, lu.block_size,
                             lu.read_only or lu.software_write_protect, lu.pages)
     return ScsiResult(GOOD, allocation(page, alloc))
 
 
-async def mode_select(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def mode_select(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """MODE SELECT(6)/(10), SPC-4 §6.9-§6.10: pages we report, changing
     only changeable bits (caching WCE, control SWP); everything else must
     equal the current value.  Other nexuses get MODE PARAMETERS CHANGED."""

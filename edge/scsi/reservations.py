@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from edge.scsi.cdb import Op, allocation, u16, u32
 from edge.scsi.pr import PersistentReservations, PrError, ProutParams
@@ -27,11 +26,9 @@ from edge.scsi.sense import (
     param_list_length_error,
     short_data_out,
 )
+from edge.scsi.unit import ItNexus, Unit
 from steelfusion import log
 from steelfusion.atomic import atomic_write
-
-if TYPE_CHECKING:
-    from edge.scsi.lu import ItNexus, LogicalUnit
 
 _log = log.get("scsi")
 
@@ -41,7 +38,7 @@ def _pr_sense(e: PrError) -> ScsiError:
                      in_cdb=e.in_cdb)
 
 
-async def reserve(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def reserve(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """RESERVE(6)/(10), SPC-2 §7.21-§7.22: the whole LU for this I_T
     nexus; third-party and extent reservations are not supported; any
     persistent registration makes it a conflict (SPC-4 §5.13.3)."""
@@ -58,7 +55,7 @@ async def reserve(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> 
     return RESULT_GOOD
 
 
-async def release(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def release(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """RELEASE(6)/(10), SPC-2 §7.16-§7.17: a no-op unless we hold it."""
     if cdb[0] == Op.RELEASE_10 and cdb[1] & 0x12:
         raise invalid_field(1)
@@ -69,7 +66,7 @@ async def release(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> 
     return RESULT_GOOD
 
 
-async def persistent_reserve_in(lu: LogicalUnit, cdb: bytes, data: Buffer,
+async def persistent_reserve_in(lu: Unit, cdb: bytes, data: Buffer,
                                 nexus: ItNexus) -> ScsiResult:
     """PERSISTENT RESERVE IN, SPC-4 §6.15: READ KEYS, READ RESERVATION,
     REPORT CAPABILITIES, READ FULL STATUS."""
@@ -81,7 +78,7 @@ async def persistent_reserve_in(lu: LogicalUnit, cdb: bytes, data: Buffer,
     return ScsiResult(GOOD, allocation(out, alloc))
 
 
-async def persistent_reserve_out(lu: LogicalUnit, cdb: bytes, data: Buffer,
+async def persistent_reserve_out(lu: Unit, cdb: bytes, data: Buffer,
                                  nexus: ItNexus) -> ScsiResult:
     """PERSISTENT RESERVE OUT, SPC-4 §6.16: the change is written to the
     state file (atomic replace) before GOOD; unit attentions follow

@@ -7,7 +7,6 @@ answers every other command gets meanwhile.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 from edge.scsi.cdb import SA_SANITIZE_EXIT_FAILURE_MODE, SA_SANITIZE_OVERWRITE, data_out, u16
 from edge.scsi.sbc import IO_CHUNK_BYTES, check_writable, deallocate, write_pattern
@@ -23,10 +22,8 @@ from edge.scsi.sense import (
     param_list_length_error,
     progress_sense,
 )
+from edge.scsi.unit import ItNexus, Unit
 from steelfusion import log
-
-if TYPE_CHECKING:
-    from edge.scsi.lu import ItNexus, LogicalUnit
 
 SANITIZE_IN_PROGRESS = (0x04, 0x1B)
 SANITIZE_FAILED = (0x31, 0x03)
@@ -38,13 +35,13 @@ PROGRESS."""
 _log = log.get("scsi")
 
 
-def in_progress_sense(lu: LogicalUnit) -> bytes:
+def in_progress_sense(lu: Unit) -> bytes:
     """NOT READY, SANITIZE IN PROGRESS with the PROGRESS INDICATION in the
     sense-key specific bytes (SPC-4 §4.5.2.4.4)."""
     return progress_sense(SenseKey.NOT_READY, *SANITIZE_IN_PROGRESS, lu.sanitize_progress)
 
 
-def sanitize_condition(lu: LogicalUnit) -> bytes | None:
+def sanitize_condition(lu: Unit) -> bytes | None:
     """The sense REQUEST SENSE reports for the sanitize state: the progress
     while one runs, SANITIZE COMMAND FAILED after a failed one, else None."""
     if lu.sanitizing:
@@ -95,7 +92,7 @@ def parse_sanitize(cdb: bytes, data: Buffer, block_size: int) -> tuple[int, byte
     return sa, block, count, bool(d[0] & 0x80)
 
 
-async def sanitize(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def sanitize(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """SANITIZE, SBC-3 §5.30.  OVERWRITE writes the pattern to every
     block COUNT times (inverted between passes with INVERT); BLOCK and
     CRYPTO ERASE deallocate every block (we keep no media key, so a
@@ -136,7 +133,7 @@ async def sanitize(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) ->
     return ScsiResult(GOOD, transfer_length=plen)
 
 
-async def _run(lu: LogicalUnit, sa: int, block: bytes, count: int, invert: bool) -> None:
+async def _run(lu: Unit, sa: int, block: bytes, count: int, invert: bool) -> None:
     total = lu.blocks
     per = max(1, IO_CHUNK_BYTES // lu.block_size)
     passes = count if sa == SA_SANITIZE_OVERWRITE else 1

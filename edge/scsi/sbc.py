@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -39,9 +39,7 @@ from edge.scsi.sense import (
     param_list_length_error,
     short_data_out,
 )
-
-if TYPE_CHECKING:
-    from edge.scsi.lu import ItNexus, LogicalUnit
+from edge.scsi.unit import ItNexus, Unit
 
 IO_CHUNK_BYTES = 1 << 20
 """WRITE SAME, UNMAP emulation, SANITIZE and EXTENDED COPY move data in pieces
@@ -60,7 +58,7 @@ test requires."""
 # ----------------------------------------------------------------------------- helpers
 
 
-def transfer(lu: LogicalUnit, cdb: bytes) -> tuple[int, int]:
+def transfer(lu: Unit, cdb: bytes) -> tuple[int, int]:
     """(LBA, blocks) of a READ/WRITE-style CDB, checked against the medium
     and the Block Limits page."""
     lba, blocks = parse_rw(cdb)
@@ -72,7 +70,7 @@ def transfer(lu: LogicalUnit, cdb: bytes) -> tuple[int, int]:
     return lba, blocks
 
 
-def check_writable(lu: LogicalUnit, transfer_length: int | None = None) -> None:
+def check_writable(lu: Unit, transfer_length: int | None = None) -> None:
     """DATA PROTECT (SBC-3 §4.11): 27/00 read-only LU, 27/02 SWP set."""
     if lu.read_only:
         raise ScsiError(SenseKey.DATA_PROTECT, 0x27, 0x00, transfer_length=transfer_length)
@@ -80,7 +78,7 @@ def check_writable(lu: LogicalUnit, transfer_length: int | None = None) -> None:
         raise ScsiError(SenseKey.DATA_PROTECT, 0x27, 0x02, transfer_length=transfer_length)
 
 
-async def land(lu: LogicalUnit, io: Coroutine[Any, Any, Any]) -> Any:
+async def land(lu: Unit, io: Coroutine[Any, Any, Any]) -> Any:
     """Backend I/O that changes the medium under a range lock: carried
     :func:`~edge.aio.to_the_end` unless the backend declares ``cancel_safe``
     (its operations are done at once or not at all at every await, so a
@@ -91,7 +89,7 @@ async def land(lu: LogicalUnit, io: Coroutine[Any, Any, Any]) -> Any:
     return await to_the_end(io)
 
 
-async def locked_write(lu: LogicalUnit, lba: int, payload: bytes | memoryview, fua: bool, *,
+async def locked_write(lu: Unit, lba: int, payload: bytes | memoryview, fua: bool, *,
                        exclusive: bool = False) -> None:
     end = lba + len(payload) // lu.block_size
     locks = lu.locks
@@ -104,7 +102,7 @@ async def locked_write(lu: LogicalUnit, lba: int, payload: bytes | memoryview, f
         locks.release(tok)
 
 
-async def write_pattern(lu: LogicalUnit, lba: int, blocks: int, block: bytes) -> None:
+async def write_pattern(lu: Unit, lba: int, blocks: int, block: bytes) -> None:
     """Write ``block`` to ``blocks`` consecutive blocks in chunks (caller
     holds the range lock)."""
     bs = lu.block_size
@@ -118,7 +116,7 @@ async def write_pattern(lu: LogicalUnit, lba: int, blocks: int, block: bytes) ->
         done += n
 
 
-async def deallocate(lu: LogicalUnit, lba: int, blocks: int) -> None:
+async def deallocate(lu: Unit, lba: int, blocks: int) -> None:
     """Unmap (caller holds the range lock): natively, or by writing zeros,
     which keeps the LBPRZ promise on any backend.  The emulation reads
     first and writes zeros only over blocks that are not zero already,
@@ -143,7 +141,7 @@ async def deallocate(lu: LogicalUnit, lba: int, blocks: int) -> None:
                     (lba + off + start) * bs, memoryview(zeros)[:count * bs], not lu.write_cache))
 
 
-def _arrived_blocks(lu: LogicalUnit, cdb: bytes, data: Buffer
+def _arrived_blocks(lu: Unit, cdb: bytes, data: Buffer
                     ) -> tuple[int, int, int, bytes | memoryview]:
     """(lba, blocks to write, bytes the CDB asked for, payload).
 
@@ -200,7 +198,7 @@ def _merge(extents: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
 # ----------------------------------------------------------------------------- reads and writes
 
 
-async def read(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def read(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """READ(6/10/12/16), SBC-3 §5.8-§5.11."""
     lba, blocks = transfer(lu, cdb)
     if not blocks:
@@ -209,7 +207,7 @@ async def read(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> Scs
     return ScsiResult(GOOD, await lu.backend.read(lba * bs, blocks * bs))
 
 
-async def write(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def write(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """WRITE(6/10/12/16), SBC-3 §5.32-§5.35; FUA makes it durable first."""
     lba, blocks, needed, payload = _arrived_blocks(lu, cdb, data)
     if lu.read_only or lu.software_write_protect:
@@ -238,7 +236,7 @@ async def write(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> Sc
     return ScsiResult(GOOD, transfer_length=needed)
 
 
-async def write_verify(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def write_verify(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """WRITE AND VERIFY(10/12/16), SBC-3 §5.37-§5.39: write, then with
     BYTCHK=1 read back and compare (MISCOMPARE E/1D/00 on a difference);
     with BYTCHK=0 the medium check is the read itself."""
@@ -259,7 +257,7 @@ async def write_verify(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus
     return ScsiResult(GOOD, transfer_length=needed)
 
 
-async def verify(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def verify(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """VERIFY(10/12/16), SBC-3 §5.33: BYTCHK=0 checks the medium only
     (always fine here); 01b compares the Data-Out with the medium, 11b
     compares one block against every block; a mismatch is MISCOMPARE
@@ -287,7 +285,7 @@ async def verify(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> S
     return ScsiResult(GOOD, transfer_length=needed)
 
 
-async def orwrite(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def orwrite(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """ORWRITE(16), SBC-3 §5.10: medium := medium OR data, atomically."""
     lba, blocks, needed, payload = _arrived_blocks(lu, cdb, data)
     check_writable(lu, needed)
@@ -302,7 +300,7 @@ async def orwrite(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> 
     return ScsiResult(GOOD, transfer_length=needed)
 
 
-async def compare_and_write(lu: LogicalUnit, cdb: bytes, data: Buffer,
+async def compare_and_write(lu: Unit, cdb: bytes, data: Buffer,
                             nexus: ItNexus) -> ScsiResult:
     """COMPARE AND WRITE, SBC-3 §5.2: the Data-Out is n blocks to compare
     then n blocks to write; the compare and the write are atomic with
@@ -334,7 +332,7 @@ async def compare_and_write(lu: LogicalUnit, cdb: bytes, data: Buffer,
     return ScsiResult(GOOD, transfer_length=2 * n * bs)
 
 
-async def write_atomic(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def write_atomic(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """WRITE ATOMIC(16), SBC-4 §5.48: all or nothing, also across a crash,
     up to MAXIMUM ATOMIC TRANSFER LENGTH (the backend's atomic unit); no
     ATOMIC BOUNDARY support."""
@@ -354,7 +352,7 @@ async def write_atomic(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus
     return ScsiResult(GOOD, transfer_length=needed)
 
 
-async def write_same(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def write_same(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """WRITE SAME(10/16), SBC-3 §5.41-§5.42: one block repeated; NUMBER OF
     LOGICAL BLOCKS 0 means "to the end" (WSNZ=0); with UNMAP the range is
     deallocated whatever the block holds (SBC-3 §4.7.3.4.3; it then reads
@@ -398,7 +396,7 @@ async def write_same(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) 
     return ScsiResult(GOOD, transfer_length=len(data))
 
 
-async def unmap(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def unmap(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """UNMAP, SBC-3 §5.28: a list of (LBA, count) descriptors, checked in
     full before anything is deallocated."""
     if cdb[1] & 0x01:
@@ -431,7 +429,7 @@ async def unmap(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> Sc
     return ScsiResult(GOOD, transfer_length=plen)
 
 
-async def get_lba_status(lu: LogicalUnit, cdb: bytes, data: Buffer,
+async def get_lba_status(lu: Unit, cdb: bytes, data: Buffer,
                          nexus: ItNexus) -> ScsiResult:
     """GET LBA STATUS, SBC-3 §5.8: descriptors from the starting LBA on,
     mapped (0) or deallocated (1); backends without ``lba_status`` are
@@ -452,7 +450,7 @@ async def get_lba_status(lu: LogicalUnit, cdb: bytes, data: Buffer,
     return ScsiResult(GOOD, allocation(out, alloc))
 
 
-async def _lba_extents(lu: LogicalUnit, lba: int, blocks: int) -> list[tuple[int, int, bool]]:
+async def _lba_extents(lu: Unit, lba: int, blocks: int) -> list[tuple[int, int, bool]]:
     bs = lu.block_size
     if lu.thin_io is not None:
         got = await lu.thin_io.lba_status(lba * bs, blocks * bs)
@@ -463,7 +461,7 @@ async def _lba_extents(lu: LogicalUnit, lba: int, blocks: int) -> list[tuple[int
     return [(lba + s, n, m) for s, n, m in _runs(used)]
 
 
-async def sync_cache(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def sync_cache(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """SYNCHRONIZE CACHE(10/16), SBC-3 §5.22-§5.23 (IMMED treated as 0)."""
     lba, blocks = parse_rw(cdb)
     check_range(lba, blocks, lu.blocks)
@@ -471,7 +469,7 @@ async def sync_cache(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) 
     return RESULT_GOOD
 
 
-async def prefetch(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def prefetch(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """PRE-FETCH(10/16), SBC-3 §5.11-§5.12: advisory, so GOOD (not
     CONDITION MET: we promise nothing about the cache) even when the
     read-ahead fails; IMMED returns before reading.  The read-ahead is a
@@ -490,7 +488,7 @@ async def prefetch(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) ->
 # ----------------------------------------------------------------------------- unit state
 
 
-async def start_stop(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def start_stop(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """START STOP UNIT, SBC-3 §5.25: the medium is not removable and never
     spins down, so it only checks fields and, when stopping without
     NO_FLUSH, flushes the write cache."""
@@ -502,7 +500,7 @@ async def start_stop(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) 
     return RESULT_GOOD
 
 
-async def prevent_allow(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def prevent_allow(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """PREVENT ALLOW MEDIUM REMOVAL, SBC-3 §5.13: nothing to lock on a
     non-removable medium."""
     if cdb[4] & 0x03 > 1:
@@ -510,7 +508,7 @@ async def prevent_allow(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexu
     return RESULT_GOOD
 
 
-async def read_defect_data(lu: LogicalUnit, cdb: bytes, data: Buffer,
+async def read_defect_data(lu: Unit, cdb: bytes, data: Buffer,
                            nexus: ItNexus) -> ScsiResult:
     """READ DEFECT DATA(10/12), SBC-3 §5.17-§5.18: empty lists."""
     twelve = cdb[0] == Op.READ_DEFECT_DATA_12

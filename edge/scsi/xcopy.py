@@ -7,8 +7,6 @@ lock on the destination range.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from edge.backends import BackendNotReady
 from edge.scsi.cdb import SA_COPY_OPERATING_PARAMETERS, allocation, data_out, u16, u32, u64
 from edge.scsi.pr import Access
@@ -25,9 +23,7 @@ from edge.scsi.sense import (
     invalid_param,
     param_list_length_error,
 )
-
-if TYPE_CHECKING:
-    from edge.scsi.lu import ItNexus, LogicalUnit
+from edge.scsi.unit import ItNexus, Unit
 
 # Limits reported by RECEIVE COPY RESULTS OPERATING PARAMETERS (SPC-3 §6.18.4).
 XCOPY_MAX_TARGETS = 4
@@ -40,7 +36,7 @@ COPY_RESULTS_HELD_MAX = 16
 """Copy statuses kept per I_T nexus; the oldest go first."""
 
 
-async def receive_copy_results(lu: LogicalUnit, cdb: bytes, data: Buffer,
+async def receive_copy_results(lu: Unit, cdb: bytes, data: Buffer,
                                nexus: ItNexus) -> ScsiResult:
     """RECEIVE COPY RESULTS, SPC-3 §6.18: COPY STATUS of a held list
     identifier of this I_T nexus, or OPERATING PARAMETERS."""
@@ -67,7 +63,7 @@ async def receive_copy_results(lu: LogicalUnit, cdb: bytes, data: Buffer,
     return ScsiResult(GOOD, allocation(status, alloc))
 
 
-async def extended_copy(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
+async def extended_copy(lu: Unit, cdb: bytes, data: Buffer, nexus: ItNexus) -> ScsiResult:
     """EXTENDED COPY (LID1), SPC-3 §6.3: identification-descriptor targets
     (0xE4) naming our LUs by NAA, block-to-block segments (0x02), copied
     by the target in 1 MiB pieces under an exclusive lock on the
@@ -91,7 +87,7 @@ async def extended_copy(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexu
     ntgt = tdl // 32
     if ntgt > XCOPY_MAX_TARGETS:
         raise invalid_param(2, ascq=0x06)  # TOO MANY TARGET DESCRIPTORS
-    targets: list[LogicalUnit | None] = []
+    targets: list[Unit | None] = []
     for i in range(ntgt):
         targets.append(_copy_target(lu, d, 16 + 32 * i))
     segments: list[tuple[int, int, int, int, int]] = []
@@ -135,7 +131,7 @@ async def extended_copy(lu: LogicalUnit, cdb: bytes, data: Buffer, nexus: ItNexu
     return ScsiResult(GOOD, transfer_length=plen)
 
 
-def _copy_target(lu: LogicalUnit, d: bytes, pos: int) -> LogicalUnit | None:
+def _copy_target(lu: Unit, d: bytes, pos: int) -> Unit | None:
     """Resolve one target descriptor; None for a NUL descriptor."""
     dtype = d[pos]
     if dtype != XCOPY_TARGET_IDENT:
@@ -162,7 +158,7 @@ def _copy_target(lu: LogicalUnit, d: bytes, pos: int) -> LogicalUnit | None:
     return found
 
 
-async def _copy_segment(lu: LogicalUnit, src: LogicalUnit, dst: LogicalUnit, blocks: int,
+async def _copy_segment(lu: Unit, src: Unit, dst: Unit, blocks: int,
                         src_lba: int, dst_lba: int, nexus: ItNexus) -> int:
     bs = lu.block_size
     if blocks * bs > XCOPY_MAX_SEGMENT_BYTES:
@@ -189,7 +185,7 @@ async def _copy_segment(lu: LogicalUnit, src: LogicalUnit, dst: LogicalUnit, blo
     return blocks * bs
 
 
-def _hold_copy(lu: LogicalUnit, nexus: ItNexus, list_id: int, usage: int, status: int,
+def _hold_copy(lu: Unit, nexus: ItNexus, list_id: int, usage: int, status: int,
                segments: int, moved: int) -> None:
     """Keep COPY STATUS for LIST ID USAGE 00b/10b (SPC-3 §6.3.1)."""
     if usage == 0x03:

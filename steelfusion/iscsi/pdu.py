@@ -510,7 +510,8 @@ def parse_sense_segment(data: Buffer) -> bytes:
 
 # --------------------------------------------------------------------------- the hot path
 # Hand-packed coders for what a target does per command: decode a SCSI Command
-# or a Data-Out, answer with Data-In, SCSI Response or R2T (above).  Each does
+# or a Data-Out, answer with Data-In, SCSI Response or R2T (above); and for
+# what an initiator does per write: send Data-Out.  Each does
 # in one struct call what its class's layout does in a loop, and each is held
 # to that layout by tests/test_iscsi_spec.py: same bytes out, same PDU in.
 
@@ -535,6 +536,14 @@ def data_in_header(b1: int, status: int, length: int, lun: int, itt: int, ttt: i
     sends one or more per READ, so its per-command path calls this directly."""
     return _BHS.pack(Opcode.DATA_IN, b1, 0, status, length, lun, itt, ttt, statsn,
                      exp_cmdsn, max_cmdsn, datasn, offset, residual)
+
+
+def data_out_header(final: bool, length: int, lun: int, itt: int, ttt: int, exp_statsn: int,
+                    datasn: int, offset: int) -> bytes:
+    """A Data-Out BHS from its fields, without building a :class:`DataOut`:
+    an initiator sends one per MaxRecvDataSegmentLength of every write."""
+    return _BHS.pack(Opcode.DATA_OUT, 0x80 if final else 0, 0, 0, length, lun, itt, ttt, 0,
+                     exp_statsn, 0, datasn, offset, 0)
 
 
 def decode_scsi_command(buf: Buffer, pos: int, ahs: bytes, data: Buffer) -> ScsiCommand:

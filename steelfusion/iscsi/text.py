@@ -7,7 +7,9 @@ numerical keys use Min/Max, booleans OR/AND, declaratives are recorded, keys
 we do not know get ``NotUnderstood`` and session-only keys get ``Irrelevant``
 in a discovery session.  Only keys the initiator offered are answered (plus
 our MaxRecvDataSegmentLength declaration), since open-iscsi fails a login
-whose response holds a key it did not expect.
+whose response holds a key it did not expect.  :class:`InitiatorNegotiator`
+is the other side, for ``steelfusion.iscsi.initiator``: it makes the offers
+and checks that each answer follows the key's rule.
 """
 
 from __future__ import annotations
@@ -271,6 +273,143 @@ class Negotiator:
     @property
     def params(self) -> SessionParams:
         """The negotiated result so far (defaults for keys not negotiated)."""
+        return replace(SessionParams(), **self._values)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True, slots=True)
+class InitiatorLimits:
+    """What an initiator offers in its login (RFC 7143 §13); the target
+    answers with the values both will use.  Defaults follow open-iscsi and
+    libiscsi: no R2T for the first burst, immediate data, 256 KiB segments."""
+
+    max_recv_data_segment_length: int = 262144
+    max_burst_length: int = 16776192
+    first_burst_length: int = 262144
+    max_outstanding_r2t: int = 16
+    initial_r2t: bool = False
+    immediate_data: bool = True
+    header_digest: bool = False
+    data_digest: bool = False
+
+
+class NegotiationError(Exception):
+    """The target answered an offer with a value the rules do not allow
+    (RFC 7143 §6.2: a result outside the offered range ends the login)."""
+
+
+# Keys the initiator offers and the target must answer (RFC 7143 §13).
+_INITIATOR_OFFERS = ("HeaderDigest", "DataDigest", "InitialR2T", "ImmediateData",
+                     "MaxBurstLength", "FirstBurstLength", "MaxOutstandingR2T",
+                     "ErrorRecoveryLevel", "MaxConnections", "DataPDUInOrder",
+                     "DataSequenceInOrder")
+
+
+class InitiatorNegotiator:
+    """Initiator side of operational negotiation (RFC 7143 §6.2, §13).
+
+    :meth:`offers` are the keys of our first operational Login Request;
+    :meth:`take` checks each batch of the target's answers (and answers what
+    the target offers on its own); :attr:`params` is the outcome, in the
+    target's terms of :class:`SessionParams`: ``max_recv_data_segment_length``
+    is our declaration (what the target may send us),
+    ``target_max_recv_data_segment_length`` the target's (what we may send).
+    """
+
+    def __init__(self, limits: InitiatorLimits | None = None) -> None:
+        self.limits = lim = limits or InitiatorLimits()
+        if lim.first_burst_length > lim.max_burst_length:
+            raise ValueError("FirstBurstLength must not exceed MaxBurstLength")
+        self._offered: dict[str, str] = {}
+        self._values: dict[str, object] = {
+            "max_recv_data_segment_length": lim.max_recv_data_segment_length}
+        self.declared: dict[str, str] = {}
+        """The target's declaratives (TargetAlias, TargetPortalGroupTag, ...)."""
+
+    def offers(self) -> Pairs:
+        lim = self.limits
+        yes = {True: "Yes", False: "No"}
+        offered = {
+            "HeaderDigest": "CRC32C,None" if lim.header_digest else "None",
+            "DataDigest": "CRC32C,None" if lim.data_digest else "None",
+            "InitialR2T": yes[lim.initial_r2t], "ImmediateData": yes[lim.immediate_data],
+            "MaxBurstLength": str(lim.max_burst_length),
+            "FirstBurstLength": str(lim.first_burst_length),
+            "MaxOutstandingR2T": str(lim.max_outstanding_r2t),
+            "ErrorRecoveryLevel": "0", "MaxConnections": "1",
+            "DataPDUInOrder": "Yes", "DataSequenceInOrder": "Yes"}
+        self._offered = offered
+        return [*((k, offered[k]) for k in _INITIATOR_OFFERS),
+                ("MaxRecvDataSegmentLength", str(lim.max_recv_data_segment_length))]
+
+    def take(self, pairs: Sequence[tuple[str, str]]) -> Pairs:
+        """Record the target's answers; return our answers to keys it offered."""
+        out: Pairs = []
+        for key, value in pairs:
+            mine = self._offered.get(key)
+            if key in ("TargetAlias", "TargetPortalGroupTag", "TargetAddress"):
+                self.declared[key] = value
+            elif key == "MaxRecvDataSegmentLength":
+                n = _parse_number(value)
+                if n is None or not 512 <= n <= 2**24 - 1:
+                    raise NegotiationError(f"target MaxRecvDataSegmentLength={value[:20]!r}")
+                self._values["target_max_recv_data_segment_length"] = n
+            elif value in (NOT_UNDERSTOOD, IRRELEVANT, REJECT):
+                continue  # the key keeps its RFC default (no digests, ERL 0, ...)
+            elif mine is not None:
+                self._answer(key, value, mine)
+            elif key in _NUMERIC or key in _BOOLEAN:
+                # The target offers a key we did not: answer with the RFC
+                # defaults as our own value (RFC 7143 §6.2).
+                ours = getattr(SessionParams(), (_NUMERIC.get(key) or _BOOLEAN[key])[-1])
+                mine = ("Yes" if ours else "No") if isinstance(ours, bool) else str(ours)
+                self._answer(key, value, mine, offer=True)
+                out.append((key, self._render(key)))
+            else:
+                out.append((key, NOT_UNDERSTOOD))
+        fbl = self._values.get("first_burst_length", SessionParams().first_burst_length)
+        mbl = self._values.get("max_burst_length", DEFAULT_MAX_BURST_LENGTH)
+        if isinstance(fbl, int) and isinstance(mbl, int) and fbl > mbl:
+            raise NegotiationError(f"FirstBurstLength {fbl} > MaxBurstLength {mbl}")
+        if self._values.get("error_recovery_level", 0) != 0:
+            raise NegotiationError("ErrorRecoveryLevel must be 0")
+        return out
+
+    def _answer(self, key: str, value: str, mine: str, offer: bool = False) -> None:
+        """One answer to our offer ``mine`` (or, with ``offer``, one offer of
+        the target's answered with ``mine``): check it, keep the result."""
+        if key in ("HeaderDigest", "DataDigest"):
+            if value not in mine.split(","):
+                raise NegotiationError(f"{key}={value[:20]!r} was not offered")
+            self._values["header_digest" if key == "HeaderDigest" else "data_digest"] = \
+                value == "CRC32C"
+        elif key in _NUMERIC:
+            fn, lo, hi, name = _NUMERIC[key]
+            n, m = _parse_number(value), _parse_number(mine)
+            if n is None or m is None or not lo <= n <= hi:
+                raise NegotiationError(f"{key}={value[:20]!r}")
+            if offer:
+                n = min(n, m) if fn == "min" else max(n, m)
+            elif n > m if fn == "min" else n < m:
+                raise NegotiationError(f"{key}={n} where we offered {m}")
+            self._values[name] = n
+        elif key in _BOOLEAN:
+            fn, name = _BOOLEAN[key]
+            b, m_b = _parse_bool(value), _parse_bool(mine)
+            if b is None or m_b is None:
+                raise NegotiationError(f"{key}={value[:20]!r}")
+            if offer:
+                b = (b or m_b) if fn == "or" else (b and m_b)
+            elif b != ((b or m_b) if fn == "or" else (b and m_b)):
+                raise NegotiationError(f"{key}={value} breaks the {fn.upper()} rule")
+            self._values[name] = b
+
+    def _render(self, key: str) -> str:
+        v = self._values[(_NUMERIC.get(key) or _BOOLEAN[key])[-1]]
+        return ("Yes" if v else "No") if isinstance(v, bool) else str(v)
+
+    @property
+    def params(self) -> SessionParams:
+        """The negotiated result so far (RFC defaults for keys not answered)."""
         return replace(SessionParams(), **self._values)  # type: ignore[arg-type]
 
 
