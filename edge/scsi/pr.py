@@ -26,6 +26,8 @@ from enum import IntEnum
 
 import crc32c as _crc32c_mod
 
+from steelfusion.iscsi.commands import PrOut
+
 _crc32c = _crc32c_mod.crc32c
 
 STATE_FORMAT = "steelfusion-pr"
@@ -55,17 +57,8 @@ TYPE_MASK = 0x8000 | 0x4000 | 0x2000 | 0x0800 | 0x0200 | 0x0001
 """PERSISTENT RESERVATION TYPE MASK of REPORT CAPABILITIES (SPC-4 §6.15.4): all six."""
 
 
-class Sa(IntEnum):
-    """PERSISTENT RESERVE OUT service actions (SPC-4 Table 176)."""
-
-    REGISTER = 0
-    RESERVE = 1
-    RELEASE = 2
-    CLEAR = 3
-    PREEMPT = 4
-    PREEMPT_AND_ABORT = 5
-    REGISTER_AND_IGNORE = 6
-    REGISTER_AND_MOVE = 7
+Sa = PrOut
+"""PERSISTENT RESERVE OUT service actions: the initiator's table (one for both sides)."""
 
 
 class Access(IntEnum):

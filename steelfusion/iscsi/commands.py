@@ -134,6 +134,7 @@ class PrOut(enum.IntEnum):
     PREEMPT = 4
     PREEMPT_AND_ABORT = 5
     REGISTER_AND_IGNORE = 6
+    REGISTER_AND_MOVE = 7
 
 
 def pr_in(action: PrIn, alloc: int = 8192) -> bytes:
