@@ -29,7 +29,7 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
-from steelfusion.blockdev import Device, FileDevice, create_file, is_san, open_device
+from steelfusion.blockdev import Device, create_file, is_san, open_device
 from steelfusion.groupcommit import GroupCommit
 from steelfusion.wire import crc32c
 
@@ -103,13 +103,6 @@ class LunStore:
         # it returns runs in the worker right after the data's fdatasync (the Core persists
         # the applied seq there, so it is durable before the listeners acknowledge anything).
         self.seal: Callable[[int], Callable[[], object] | None] | None = None
-
-    @property
-    def fd(self) -> int:
-        """A file-backed LUN's descriptor (verify hashes it from worker threads)."""
-        if not isinstance(self.dev, FileDevice):
-            raise LunError(f"backend {self.path} is not a file")
-        return self.dev.fd
 
     @property
     def written(self) -> int:

@@ -31,6 +31,7 @@ from core.resync import Progress
 from journal.errors import JournalError
 from journal.journal import Journal
 from steelfusion import authconfig, control, log, statefile
+from steelfusion.blockdev import Device
 from steelfusion.config import CoreConfig
 from steelfusion.link import Link, dial, listen
 from steelfusion.startup import listening
@@ -287,6 +288,7 @@ class Core(CoreEngine):
         while True:
             await asyncio.sleep(0.5)
             self.tick()
+            self._check_devices()
             j = self.journal
             if j is None:
                 continue
@@ -296,6 +298,22 @@ class Core(CoreEngine):
             elif time.monotonic() >= next_reopen:
                 next_reopen = time.monotonic() + JOURNAL_RETRY_S
                 self._reopen_journal(j)
+
+    def _check_devices(self) -> None:
+        """An alarm while a SAN LUN's session is down (issue 12): writes to it wait, unacknowledged."""
+        devs = {f"lun_{lun}_storage": (f"LUN id {lun}", p.store.dev) for lun, p in self.pipes.items()}
+        if self.journal is not None and self.journal.failed is None:
+            devs["journal_storage"] = ("the Journal LUN", self.journal.device)
+        for key, (what, dev) in devs.items():
+            why = dev.trouble() if dev is not None else None
+            if why is None:
+                if key in self.alarms:
+                    self.clear_alarm(key)
+                    self.event("storage_back", what=what)
+            elif key not in self.alarms:
+                self.raise_alarm(key, f"{what}: {why}; writes to it are held, not acknowledged, "
+                                 "until the array answers again")
+                self.event("storage_unreachable", what=what, reason=why)
 
     def _reopen_journal(self, old: Journal) -> None:
         """Try the failed Journal LUN again: space freed, the path back, the LUN grown back.
@@ -339,13 +357,14 @@ class Core(CoreEngine):
             return await fut
 
     @staticmethod
-    def _hash_regions(fd: int, size: int, rb: int, start: int, count: int) -> bytes:
+    def _hash_regions(dev: Device, size: int, rb: int, start: int, count: int) -> bytes:
+        """Region digests, read in a worker thread (a file or a SAN LUN: both block)."""
         out = bytearray()
         for r in range(start, start + count):
             base = r * rb
             if base >= size:
                 break
-            data = os.pread(fd, min(rb, size - base), base)
+            data = dev.pread(min(rb, size - base), base)
             out += hashlib.blake2b(data, digest_size=16).digest()
         return bytes(out)
 
@@ -358,7 +377,7 @@ class Core(CoreEngine):
             link.send(Control({"op": "reply", "req": body.get("req"), "error": "bad request"}))
             return
         digests = await asyncio.get_running_loop().run_in_executor(
-            None, self._hash_regions, p.store.fd, p.store.size, rb, start, count)
+            None, self._hash_regions, p.store.dev, p.store.size, rb, start, count)
         link.send(Control({"op": "reply", "req": body.get("req"), "digests": digests.hex()}))
 
     def resync_committed(self) -> None:
@@ -422,7 +441,7 @@ class Core(CoreEngine):
                 await asyncio.sleep(0.1)
             left = []
             for r in regions:
-                mine = await loop.run_in_executor(None, self._hash_regions, p.store.fd,
+                mine = await loop.run_in_executor(None, self._hash_regions, p.store.dev,
                                                   p.store.size, rb, r, 1)
                 theirs = await self._peer_hashes(lun, rb, r, 1)
                 if mine[:16] != theirs[:1].tobytes():  # one 16-byte digest each
@@ -468,7 +487,7 @@ class Core(CoreEngine):
             mism: list[int] = []
             for start in range(0, nreg, VERIFY_BATCH):
                 count = min(VERIFY_BATCH, nreg - start)
-                mine_f = loop.run_in_executor(None, self._hash_regions, p.store.fd, p.store.size,
+                mine_f = loop.run_in_executor(None, self._hash_regions, p.store.dev, p.store.size,
                                               rb, start, count)
                 try:
                     b = await self._peer_hashes(lun, rb, start, count)

@@ -484,6 +484,11 @@ class Journal(Regions):
             "luns": luns,
         }
 
+    @property
+    def device(self) -> Device | None:
+        """The Journal LUN's device while open (a SAN LUN's :meth:`Device.trouble` is watched)."""
+        return self._dev
+
     # -- size and slots ------------------------------------------------------------------
     def refresh_size(self) -> int:
         """Re-read the LUN's size: growth is used (more slots), shrinking is an alarm.

@@ -234,13 +234,16 @@ class Superblock:
 
 
 def push_superblock(sb: Superblock) -> bytes:
+    """The superblock, zero-padded to whole 4 KiB blocks: every write the journal makes is
+    whole blocks, which a SAN LUN (and O_DIRECT) requires (issue 12)."""
     table = b"".join(SB_SLOT.pack(s.lun, s.lun_bytes, s.region_bytes, s.half, s.flags, 0,
                                   s.bitmap_gen) for s in sb.slots)
     head = SB_HEADER.pack(MAGIC, VERSION, sb.flags, sb.generation, sb.journal_id, sb.created_ns,
                           sb.checkpoint_ns, sb.size_bytes, sb.log_offset, sb.log_bytes,
                           sb.region_bytes, len(sb.slots), b"", 0)[:-4]
     crc = crc32c(table, crc32c(head))
-    return head + crc.to_bytes(4, "big") + table
+    raw = head + crc.to_bytes(4, "big") + table
+    return raw + bytes(round_up(len(raw), BLOCK) - len(raw))
 
 
 def peek_version(buf: bytes) -> int | None:

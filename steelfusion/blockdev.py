@@ -44,7 +44,8 @@ class Device(Protocol):
 
     def pread(self, length: int, offset: int) -> bytes: ...
 
-    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None: ...
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        """Whole 512-byte sectors at a sector offset (a SAN LUN takes nothing else)."""
 
     def pwritev(self, bufs: Sequence[bytes | memoryview], offset: int) -> None: ...
 
@@ -52,6 +53,13 @@ class Device(Protocol):
 
     def lock(self) -> None:
         """Exclusive use by this process, or DeviceBusy."""
+
+    def trouble(self) -> str | None:
+        """Why the device cannot be reached right now (its I/O waits), or None.
+
+        A SAN LUN whose session is down says so here: the Core raises an alarm
+        while it lasts and acknowledges nothing that needs the LUN.
+        """
 
     def close(self) -> None: ...
 
@@ -94,6 +102,9 @@ class FileDevice:
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise  # a file system without locks: nothing to hold, nothing to refuse
+
+    def trouble(self) -> str | None:
+        return None  # a local disk's errors come back from the call that met them
 
     @property
     def is_file(self) -> bool:

@@ -317,15 +317,19 @@ WORKDIR = click.option("--workdir", required=True, type=click.Path(),
 @click.option("--journal-faults", is_flag=True,
               help="Root: each Core's Journal LUN on a FUSE disk that `lab journal CORE "
                    "--full/--offline` makes fail.")
+@click.option("--san", type=click.Choice(["tgt"]), default=None,
+              help="Each data center gets a storage array (tgtd: lab nodes san-a, san-b) "
+                   "holding its Core's LUNs and Journal LUN, reached over iSCSI.")
 @click.option("--json", "as_json", is_flag=True, help="Print lab.json.")
 @_lab_errors
 def lab_up(workdir: str, luns: int, lun_size: int, edges: int, reserve: int,
-           witness_in_edge: bool, netns: bool, journal_faults: bool, as_json: bool) -> None:
+           witness_in_edge: bool, netns: bool, journal_faults: bool, san: str | None,
+           as_json: bool) -> None:
     """Start a lab and return when every node is ready."""
     lab_ = _lab(workdir)
     data = lab_.up(luns=luns, lun_size=lun_size, edges=edges, reserve=reserve,
                    witness_in_edge=witness_in_edge, netns=netns,
-                   journal_faults=journal_faults)
+                   journal_faults=journal_faults, san=san)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -340,6 +344,9 @@ def lab_up(workdir: str, luns: int, lun_size: int, edges: int, reserve: int,
     for c in data["cores"]:
         click.echo(f"  {c['name']:<8} {c['role']:<9} control {c['control']}  pid {c['pid']}"
                    f"{ns(c)}")
+    for k in data.get("sans", []):
+        click.echo(f"  {k['name']:<8} array    portal {k['portal']}  pid {k['pid']}  "
+                   f"({k['core']}'s LUNs and Journal LUN; `lab kill {k['name']}` is its outage)")
     for k in data.get("disks", []):
         click.echo(f"  {k['name']}  {k['mount']}  pid {k['pid']}  (`steelfusion lab journal "
                    f"{k['core']} --full` makes it fail)")
@@ -374,6 +381,11 @@ def lab_status(workdir: str, as_json: bool) -> None:
 
 def _disk_lines(st: dict[str, Any]) -> list[str]:
     out = []
+    for k in st.get("sans") or []:
+        state = ("up" if k.get("accepting") else "up (portal not accepting)") if k["running"] \
+            else f"DOWN (an outage of {k['core']}'s storage: `steelfusion lab start {k['name']}`)"
+        out.append(f"{k['name']:<12} {state}  portal={k['portal']}  ({k['core']}'s array, "
+                   f"{len(k.get('luns') or {})} LUNs)")
     for k in st.get("disks") or []:
         if not k.get("running"):
             state = "DOWN (the Journal LUN on it is unreachable: `steelfusion lab start " \

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from journal import required_size
-from steelfusion import control, faultdisk
+from steelfusion import control, faultdisk, labsan
 from steelfusion.atomic import atomic_write
 from steelfusion.authconfig import make_key_file
 from steelfusion.config import (
@@ -82,6 +82,7 @@ from steelfusion.labproc import (
     wait_mounted,
 )
 from steelfusion.nodeauth import read_key_file
+from steelfusion.san import SanConfig
 from steelfusion.units import format_addr, format_size, parse_addr
 
 # the lab's whole surface in one import: its processes (labproc) and network (labnet) too
@@ -174,7 +175,7 @@ class Lab(WanLinks):
         a ``--journal-faults`` lab first, then the nodes."""
         wan = data.get("wan")
         return [*([wan] if isinstance(wan, dict) else []), *data.get("disks", []),
-                *self.nodes(data)]
+                *data.get("sans", []), *self.nodes(data)]
     def labid(self, data: dict[str, Any] | None = None) -> str:
         """The 6 hex characters in the names of this lab's namespaces."""
         from steelfusion import netns as ns_mod
@@ -222,7 +223,7 @@ class Lab(WanLinks):
            initiators: Sequence[str] | None = None,
            discovery_chap: tuple[str, str] | None = None,
            netns: bool = False, journal_faults: bool = False,
-           links: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+           links: Sequence[dict[str, Any]] = (), san: str | None = None) -> dict[str, Any]:
         """Start the lab. ``witness_in_edge`` runs the Witness inside edge-1 (seed: "A role
         assigned to one of the Edges") instead of as its own process.
 
@@ -233,6 +234,10 @@ class Lab(WanLinks):
         ``{"a": SITE, "b": SITE, "delay": s, "jitter": s, "rate": bytes/s, "loss": p,
         "cut": bool, "one_way": bool}``: nodes connect over them, so TCP learns the
         real RTT at once (no settling, as after a later ``lab link``).
+
+        ``san="tgt"`` gives each data center a storage array (a tgtd, lab nodes
+        ``san-a``/``san-b``, :mod:`steelfusion.labsan`) holding its Core's LUNs and
+        Journal LUN; the Cores reach them over iSCSI.
 
         ``journal_faults`` (root) serves each Core's Journal LUN through a FUSE
         disk (:mod:`steelfusion.faultdisk`) that :meth:`journal_fault` makes
@@ -251,6 +256,12 @@ class Lab(WanLinks):
         if links and not netns:
             raise LabError("WAN link settings need a netns lab (--netns): the loopback lab has "
                            "no links between sites")
+        if san is not None and san not in labsan.KINDS:
+            raise LabError(f"--san {san!r}: the lab's arrays are {', '.join(labsan.KINDS)}")
+        if san is not None and journal_faults:
+            raise LabError("--journal-faults puts the Journal LUN on a local failing disk; with "
+                           "--san it is on the array (`lab kill san-a` is that array's outage): "
+                           "choose one")
         if journal_faults:
             why = faultdisk.available()
             if why is not None:
@@ -296,7 +307,7 @@ class Lab(WanLinks):
                 remove_namespaces(self.labid(self.load()))
             return self._up(luns, lun_size, edges, reserve, host, timeout, witness_lease,
                             witness_in_edge, chap, mutual_chap, initiators, discovery_chap,
-                            netns, journal_faults, tuple(links))
+                            netns, journal_faults, tuple(links), san)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -376,7 +387,7 @@ class Lab(WanLinks):
             initiators: Sequence[str] | None,
             discovery_chap: tuple[str, str] | None, netns: bool = False,
             journal_faults: bool = False,
-            links: tuple[dict[str, Any], ...] = ()) -> dict[str, Any]:
+            links: tuple[dict[str, Any], ...] = (), san: str | None = None) -> dict[str, Any]:
         d = self.dir
         nports = 2 + 2 * 2 + 2 * edges
         ports = iter(free_ports(nports, host))
@@ -417,9 +428,14 @@ class Lab(WanLinks):
             net = self._net_plan(links)
             witness, cores, edge_cfgs = netns_configs(witness, cores, edge_cfgs,
                                                        witness_in_edge)
+        sans = (labsan.san_configs(d, cores, host=host, netns=net is not None)
+                if san is not None else None)
+        if sans is not None:
+            cores = sans[1]
 
         # What this start replaces or creates, to put back if it fails.
-        names = ["witness", *(c.name for c in cores), *(e.name for e in edge_cfgs)]
+        names = ["witness", *(c.name for c in cores), *(e.name for e in edge_cfgs),
+                 *(s.name for s in (sans[0] if sans else []))]
         files = [self.file, d / "node.key", d / "wan.json",
                  *(d / f"{n}.toml" for n in names)]
         before = {f: read_or_none(f) for f in files}
@@ -427,7 +443,7 @@ class Lab(WanLinks):
         started: list[tuple[str, int]] = []
         try:
             return self._start(d, witness, cores, edge_cfgs, witness_in_edge, timeout, started,
-                               net, journal_faults)
+                               net, journal_faults, sans[0] if sans else None)
         except BaseException as e:
             stopped = stop_pids(started)
             _unmount_disks(cores)
@@ -453,7 +469,8 @@ class Lab(WanLinks):
                edge_cfgs: list[EdgeConfig], witness_in_edge: bool, timeout: float,
                started: list[tuple[str, int]],
                net: dict[str, Any] | None = None,
-               journal_faults: bool = False) -> dict[str, Any]:
+               journal_faults: bool = False,
+               sans: list[SanConfig] | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {"version": 1, "workdir": str(d), "created": time.time(),
                                 "netns": False, "journal_faults": journal_faults}
 
@@ -490,6 +507,10 @@ class Lab(WanLinks):
                          ns("witness"))
         if journal_faults:
             self._start_disks(d, cores, data, timeout, started)
+        if sans:
+            labsan.start_sans(d, sans, data, {c.name: ns(CORE_SITES[c.name]) for c in cores},
+                              timeout, started)
+            self.save(data)
         data["cores"] = []
         for c in cores:
             path = d / f"{c.name}.toml"
@@ -647,6 +668,8 @@ class Lab(WanLinks):
             out["wan"] = self._wan_status(data)
         if data.get("disks"):
             out["disks"] = [disk_status(n) for n in data["disks"]]
+        if data.get("sans"):
+            out["sans"] = [labsan.san_status(n) for n in data["sans"]]
         return out
 
     # -- kill / start / down -------------------------------------------------------
@@ -669,7 +692,8 @@ class Lab(WanLinks):
                            f"kill {name} --workdir {self.dir}` first to restart it")
         role = ("core" if node in data["cores"] else "edge" if node in data["edges"]
                 else "wan" if node is data.get("wan")
-                else "disk" if node in data.get("disks", []) else "witness")
+                else "disk" if node in data.get("disks", [])
+                else "san" if node in data.get("sans", []) else "witness")
         if data.get("netns"):
             self._check_namespaces(data, f"cannot start {name}")
         node["pid"] = spawn(role, Path(node["config"]), self.dir, name, node.get("netns"))
@@ -679,6 +703,9 @@ class Lab(WanLinks):
         self.save(data)
         if role == "disk":
             wait_mounted(node, timeout, self.dir)
+            return node
+        if role == "san":
+            labsan.wait_portal(node, timeout, self.dir)
             return node
         wait_control(parse_addr(node["control"]), node["pid"], timeout, name, self.dir,
                      node.get("netns"))
@@ -694,7 +721,8 @@ class Lab(WanLinks):
         if isinstance(wan, dict) and node_alive(wan):
             stopped += stop_pids([("wan", wan["pid"])], timeout)
         disks = data.get("disks", [])
-        stopped += stop_pids([(n["name"], n["pid"]) for n in disks if node_alive(n)], timeout)
+        stopped += stop_pids([(n["name"], n["pid"]) for n in [*disks, *data.get("sans", [])]
+                              if node_alive(n)], timeout)
         for n in disks:  # one killed earlier left its mount behind
             with contextlib.suppress(OSError):
                 faultdisk.unmount(n["mount"])
@@ -727,14 +755,15 @@ def _well_formed(data: Any) -> bool:
     for extra in (data.get("witness"), data.get("wan")):
         if extra is not None:
             nodes.append(extra)
-    disks = data.get("disks", [])
+    disks = [*data.get("disks", []), *data.get("sans", [])]
     return (isinstance(data.get("cores", []), list) and isinstance(data.get("edges", []), list)
             and all(isinstance(n, dict) and isinstance(n.get("name"), str)
                     and isinstance(n.get("pid"), int) and isinstance(n.get("control"), str)
                     for n in nodes)
             and isinstance(disks, list)
             and all(isinstance(n, dict) and isinstance(n.get("name"), str)
-                    and isinstance(n.get("pid"), int) and isinstance(n.get("mount"), str)
+                    and isinstance(n.get("pid"), int)
+                    and isinstance(n.get("mount") or n.get("portal"), str)
                     for n in disks))
 
 

@@ -1,0 +1,212 @@
+"""A SAN LUN as a Core's block device: the iSCSI client on a thread of its own (issue 12).
+
+The LUN store and the journal use a blocking :class:`~steelfusion.blockdev.Device`.
+``pwrite`` is called on the Core's event loop, and ``sync`` is called from a group
+commit's worker thread. The initiator (:mod:`steelfusion.iscsi.client`) is asyncio, so it
+runs its own event loop on a daemon thread, and every call crosses over with
+``run_coroutine_threadsafe``:
+
+* ``pwrite`` only queues the WRITE. The client keeps writes to overlapping ranges in the
+  order they were issued. A write's error is raised at the next ``pwrite`` or ``sync``.
+  The caller's buffer is copied, because the Core reuses its receive buffers.
+* ``sync`` waits for every write queued before it, then SYNCHRONIZE CACHE.
+* ``pread`` waits for its answer, at most ``READ_TIMEOUT`` seconds, and fails at once
+  while the session is down: a caller on the Core's event loop must not stall with it.
+* ``size`` answers from the last READ CAPACITY and asks again in the background every
+  ``SIZE_REFRESH_S``: the journal checks its size twice a second. A LUN that shrank or
+  vanished is an error at the next call.
+
+A lost session is not an error: the client logs in again and re-issues every command
+that had no answer, for as long as it takes (an array's outage stalls the Core's
+acknowledgements, it does not fail them). :meth:`IscsiDevice.trouble` says why meanwhile,
+and the Core raises an alarm with it.
+
+Errors from the array become OSErrors, so the journal and the LUN store report them as they
+would a disk's. A thin pool out of space (sense DATA PROTECT, SPACE ALLOCATION FAILED WRITE
+PROTECT, SBC-3 4.7.3.6) is ENOSPC. Anything else, including a session that stays lost past
+the client's give-up time, is EIO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+import math
+import threading
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from steelfusion import log
+from steelfusion.iscsi.client import CheckCondition, IscsiClient, IscsiError
+
+T = TypeVar("T")
+INITIATOR_NAME = "iqn.2026-11.io.steelfusion:core"
+CALL_TIMEOUT = 600.0  # seconds a sync or close waits for the writes before it (EIO after)
+READ_TIMEOUT = 10.0
+SIZE_REFRESH_S = 5.0
+_log = log.get("sandev")
+
+
+def os_error(e: BaseException, url: str, action: str) -> OSError:
+    """The array's answer as the OSError a disk would have given."""
+    if isinstance(e, OSError):
+        return e
+    code = errno.EIO
+    if isinstance(e, CheckCondition) and (e.asc, e.ascq) == (0x27, 0x07):
+        code = errno.ENOSPC  # thin provisioning: space allocation failed write protect
+    return OSError(code, f"{action} on {redact(url)}: {e}")
+
+
+def redact(url: str) -> str:
+    """The URL without a CHAP secret (``user%secret@`` -> ``user@``), for logs and alarms."""
+    head, sep, rest = url.partition("://")
+    cred, at, tail = rest.partition("@")
+    if not at or "/" in cred:
+        return url
+    return f"{head}{sep}{cred.split('%', 1)[0]}@{tail}"
+
+
+class IscsiDevice:
+    """One SAN LUN, blocking calls over an asyncio initiator on its own thread."""
+
+    def __init__(self, url: str, client: IscsiClient, loop: asyncio.AbstractEventLoop,
+                 thread: threading.Thread) -> None:
+        self.path = url
+        self._client = client
+        self._loop = loop
+        self._thread = thread
+        self._pending: list[concurrent.futures.Future[Any]] = []
+        self._lock = threading.Lock()  # _pending: pwrite on the Core's loop, sync in a worker
+        self._size = 0
+        self._size_at = 0.0
+        self._size_error: BaseException | None = None
+        self._size_asking = False
+
+    @classmethod
+    def open(cls, url: str, initiator_name: str = INITIATOR_NAME,
+             timeout: float = 30.0) -> IscsiDevice:
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name=f"iscsi {redact(url)}",
+                                  daemon=True)
+        thread.start()
+        client = IscsiClient(url, initiator_name=initiator_name, give_up_s=math.inf,
+                             login_timeout_s=min(timeout, 15.0))
+        dev = cls(url, client, loop, thread)
+        try:
+            dev._call(client.connect(), timeout, "login")
+            dev._set_size(dev._call(client.capacity(), timeout, "READ CAPACITY"))
+        except OSError:
+            dev._stop_loop()
+            raise
+        _log.info("san_lun_opened", url=redact(url), size=dev._size)
+        return dev
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float, action: str) -> T:
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result(timeout)
+        except (IscsiError, TimeoutError, concurrent.futures.TimeoutError) as e:
+            fut.cancel()
+            raise os_error(e, self.path, action) from None
+
+    def _reap(self, wait: bool) -> None:
+        """Forget finished writes; raise the first failed one's error."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        first: BaseException | None = None
+        keep = []
+        for fut in pending:
+            if wait:
+                try:
+                    fut.result(CALL_TIMEOUT)
+                except BaseException as e:
+                    first = first or e
+            elif fut.done():
+                if fut.exception() is not None:
+                    first = first or fut.exception()
+            else:
+                keep.append(fut)
+        if keep:
+            with self._lock:
+                self._pending[:0] = keep
+        if first is not None:
+            raise os_error(first, self.path, "a write")
+
+    # -- Device ------------------------------------------------------------------------------
+    def _set_size(self, capacity: tuple[int, int]) -> None:
+        bs, blocks = capacity
+        self._size, self._size_at, self._size_error = bs * blocks, time.monotonic(), None
+
+    def _size_answer(self, fut: concurrent.futures.Future[tuple[int, int]]) -> None:
+        self._size_asking = False
+        if fut.cancelled():
+            return
+        e = fut.exception()
+        if e is None:
+            self._set_size(fut.result())
+        else:
+            self._size_error = e
+
+    def size(self) -> int:
+        if self._size_error is not None:
+            e, self._size_error = self._size_error, None
+            raise os_error(e, self.path, "READ CAPACITY")
+        if (time.monotonic() - self._size_at > SIZE_REFRESH_S and not self._size_asking
+                and self._client.connected):
+            self._size_asking = True
+            asyncio.run_coroutine_threadsafe(self._client.capacity(), self._loop
+                                             ).add_done_callback(self._size_answer)
+        return self._size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        why = self.trouble()
+        if why is not None:
+            raise OSError(errno.EIO, why)
+        return bytes(self._call(self._client.read(offset, length), READ_TIMEOUT, "a read"))
+
+    def trouble(self) -> str | None:
+        if self._client.connected:
+            return None
+        return (f"the iSCSI session to {redact(self.path)} is down "
+                f"({self._client._last_loss or 'logging in'}); reconnecting")
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        bs = self._client.block_size
+        if offset % bs or len(data) % bs:
+            raise ValueError(f"{redact(self.path)}: a write at {offset} of {len(data)} bytes is "
+                             f"not whole {bs}-byte blocks (the array takes only whole blocks)")
+        if len(self._pending) > 64:
+            self._reap(wait=False)
+        fut = asyncio.run_coroutine_threadsafe(self._client.write(offset, bytes(data)),
+                                               self._loop)
+        with self._lock:
+            self._pending.append(fut)
+
+    def pwritev(self, bufs: Sequence[bytes | memoryview], offset: int) -> None:
+        self.pwrite(b"".join(bufs), offset)
+
+    def sync(self) -> None:
+        self._reap(wait=True)
+        self._call(self._client.sync(), CALL_TIMEOUT, "SYNCHRONIZE CACHE")
+
+    def lock(self) -> None:
+        """Nothing yet: fencing a partner Core with PERSISTENT RESERVE comes with Core HA."""
+
+    def close(self) -> None:
+        try:
+            self._reap(wait=True)
+        except OSError as e:
+            _log.warning("san_lun_close_error", url=redact(self.path), error=str(e))
+        try:
+            self._call(self._client.close(), 30.0, "logout")
+        except OSError as e:
+            _log.warning("san_lun_logout_failed", url=redact(self.path), error=str(e))
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        if not self._loop.is_running():
+            self._loop.close()
