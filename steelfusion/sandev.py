@@ -49,6 +49,33 @@ SIZE_REFRESH_S = 5.0
 _log = log.get("sandev")
 
 
+SENSE_KEYS = {0x2: "NOT READY", 0x3: "MEDIUM ERROR", 0x4: "HARDWARE ERROR",
+              0x5: "ILLEGAL REQUEST", 0x6: "UNIT ATTENTION", 0x7: "DATA PROTECT",
+              0xB: "ABORTED COMMAND"}
+# What an array's answers mean to its operator (SPC-4 annex D names, then the likely cause).
+MEANINGS = {
+    (0x25, 0x00): "LOGICAL UNIT NOT SUPPORTED: the LUN is gone from the array (unmapped or "
+                  "deleted)",
+    (0x21, 0x00): "LOGICAL BLOCK ADDRESS OUT OF RANGE: the LUN is smaller than the Core "
+                  "expects (it shrank)",
+    (0x27, 0x07): "SPACE ALLOCATION FAILED WRITE PROTECT: the array's thin pool is out of "
+                  "space",
+    (0x27, 0x00): "WRITE PROTECTED: the array made the LUN read-only",
+    (0x0C, 0x00): "WRITE ERROR: the array could not write",
+    (0x11, 0x00): "UNRECOVERED READ ERROR: the array could not read",
+    (0x04, 0x03): "LOGICAL UNIT NOT READY, MANUAL INTERVENTION REQUIRED",
+}
+
+
+def meaning(e: BaseException) -> str:
+    """A CHECK CONDITION in words; anything else as it says itself."""
+    if not isinstance(e, CheckCondition):
+        return str(e)
+    key = SENSE_KEYS.get(e.key, f"sense key 0x{e.key:X}")
+    what = MEANINGS.get((e.asc, e.ascq), f"ASC/ASCQ {e.asc:02X}/{e.ascq:02X}")
+    return f"{e} ({key}, {what})"
+
+
 def os_error(e: BaseException, url: str, action: str) -> OSError:
     """The array's answer as the OSError a disk would have given."""
     if isinstance(e, OSError):
@@ -56,7 +83,7 @@ def os_error(e: BaseException, url: str, action: str) -> OSError:
     code = errno.EIO
     if isinstance(e, CheckCondition) and (e.asc, e.ascq) == (0x27, 0x07):
         code = errno.ENOSPC  # thin provisioning: space allocation failed write protect
-    return OSError(code, f"{action} on {redact(url)}: {e}")
+    return OSError(code, f"{action} on {redact(url)}: {meaning(e)}")
 
 
 def redact(url: str) -> str:

@@ -158,3 +158,16 @@ def test_fusionsync_cycle_on_arrays(lab, tmp_path: Path) -> None:  # type: ignor
     back = tmp_path / "back.raw"
     qemu_read(url, back)
     assert back.read_bytes() == img2.read_bytes()
+
+
+def test_lun_deleted_on_the_array_is_an_alarm_and_no_ack(lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    lab_, data = lab
+    a = data["cores"][0]["control"]
+    ctl = json.loads(Path(data["sans"][0]["config"]).read_text())["control_port"]
+    subprocess.run(["tgtadm", "-C", str(ctl), "--lld", "iscsi", "--mode", "logicalunit",
+                    "--op", "delete", "--tid", "1", "--lun", "1"], check=True, timeout=30)
+    qemu_write(image(tmp_path, "lost.raw", 4 * MiB), data["edges"][0]["targets"][0]["url"])
+    wait_for(lambda: "lun_1_io" in alarms(a), timeout=60, what="the LUN's alarm")
+    msg = next(x["message"] for x in status(a)["alarms"] if x["alarm"] == "lun_1_io")
+    assert "the LUN is gone from the array" in msg, msg
+    assert lab_.status()["edges"][0]["uncommitted_bytes"] == 4 * MiB  # none acknowledged
