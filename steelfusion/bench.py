@@ -301,7 +301,8 @@ def rss_big_lun(wd: Path, lun_size: int = 1 << 40) -> dict[str, int]:
 
 def run_bench(workdir: str | None, rounds: int, quick: bool, lun_size: int,
               only: list[str] | None = None, log: Any = print,
-              extras: bool = True, precondition: bool = True) -> dict[str, Any]:
+              extras: bool = True, precondition: bool = True,
+              san: str | None = None) -> dict[str, Any]:
     tmp = None
     if workdir is None:
         tmp = tempfile.mkdtemp(prefix="steelfusion-bench-")
@@ -317,8 +318,10 @@ def run_bench(workdir: str | None, rounds: int, quick: bool, lun_size: int,
     result: dict[str, Any] = {}
     started = False
     try:
-        log(f"starting lab (Witness, 2 Cores, 1 Edge, LUN {format_size(lun_size)}) and tgt")
-        data = lab.up(luns=1, lun_size=lun_size, edges=1)
+        arrays = f", the Cores' LUNs on {san} arrays" if san else ""
+        log(f"starting lab (Witness, 2 Cores, 1 Edge, LUN {format_size(lun_size)}{arrays}) "
+            "and tgt")
+        data = lab.up(luns=1, lun_size=lun_size, edges=1, san=san)
         started = True
         tgt.start()
         edge_url = data["edges"][0]["targets"][0]["url"]
@@ -351,7 +354,7 @@ def run_bench(workdir: str | None, rounds: int, quick: bool, lun_size: int,
         pids = {n["name"]: n["pid"] for n in [*data["cores"], *data["edges"]]}
         result = {
             "rounds": rounds, "quick": quick, "lun_size": lun_size,
-            "preconditioned": precondition,
+            "preconditioned": precondition, "san": san,
             "workloads": [row.summary() for row in rows],
             "rss_bytes": {name: rss_bytes(pid) for name, pid in pids.items()},
             "replication": {c["name"]: c["replication"] for c in st["cores"]},
@@ -402,8 +405,10 @@ def render(result: dict[str, Any]) -> str:
         big = ", ".join(f"{k} {format_size(v)}" for k, v in result["rss_big_lun_bytes"].items())
         lines.append(f"RSS with a {format_size(result['big_lun_size'])} sparse LUN: {big}")
     pre = "both LUNs preconditioned (written once), " if result.get("preconditioned") else ""
+    cores = (f"two Cores on {result['san']} arrays over iSCSI" if result.get("san")
+             else "two Cores")
     lines.append(f"{pre}medians of {result['rounds']} alternating rounds; edge = Edge with "
-                 "synchronous replication to two Cores; tgt = tgtd with a file LUN")
+                 f"synchronous replication to {cores}; tgt = tgtd with a file LUN")
     return "\n".join(lines)
 
 
@@ -441,7 +446,7 @@ def stopped_cleanly() -> Iterator[None]:
 
 
 def main(workdir: str | None, rounds: int, quick: bool, lun_size: int, as_json: bool,
-         only: list[str] | None, precondition: bool = True) -> int:
+         only: list[str] | None, precondition: bool = True, san: str | None = None) -> int:
     if only:
         only = select([w.name for w in WORKLOADS], only)
     if rounds < 1:
@@ -450,7 +455,8 @@ def main(workdir: str | None, rounds: int, quick: bool, lun_size: int, as_json: 
         need(t)
     with stopped_cleanly():
         res = run_bench(workdir, rounds, quick, lun_size, only,
-                        log=(lambda *_: None) if as_json else print, precondition=precondition)
+                        log=(lambda *_: None) if as_json else print, precondition=precondition,
+                        extras=san is None, san=san)
     print(json.dumps(res, indent=2) if as_json else render(res))
     return 0
 

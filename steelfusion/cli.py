@@ -675,9 +675,12 @@ def demo(workdir: str | None, size: int, lun_size: int, keep: bool) -> None:
                                            "e.g. 0.1%.")
 @click.option("--dc-delay", default=None,
               help="With --wan: one-way delay between dc-a and dc-b (default 1ms, metro).")
+@click.option("--san", type=click.Choice(["tgt"]), default=None,
+              help="The Cores' LUNs on the lab's storage arrays (lab up --san), to weigh the "
+                   "iSCSI hop to the array against the file-backed run.")
 def bench(workdir: str | None, rounds: int, quick: bool, lun_size: int, only: tuple[str, ...],
           as_json: bool, precondition: bool | None, wan: str | None, rate: str | None,
-          jitter: str | None, loss: str | None, dc_delay: str | None) -> None:
+          jitter: str | None, loss: str | None, dc_delay: str | None, san: str | None) -> None:
     """qemu-img bench against a lab Edge (with replication) and tgt, side by side; with
     --wan, across an emulated WAN (the benchmark SteelFusion exists for)."""
     from steelfusion.bench import BenchError
@@ -694,7 +697,10 @@ def bench(workdir: str | None, rounds: int, quick: bool, lun_size: int, only: tu
                 raise BenchError(f"{given[0]} applies only to the WAN benchmark: add --wan "
                                  f"DELAY (e.g. steelfusion bench --wan 30ms {given[0]} ...)")
             sys.exit(bench_main(workdir, rounds, quick, lun_size, as_json, list(only) or None,
-                                precondition is not False))
+                                precondition is not False, san))
+        if san is not None:
+            raise BenchError("--san is for the loopback benchmark; the WAN benchmark keeps "
+                             "file-backed Cores")
         if precondition:
             raise BenchError("--precondition does not apply with --wan: writing the LUN "
                              "through the Edge would put it all in the Edge's cache (no "
