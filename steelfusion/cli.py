@@ -121,14 +121,23 @@ def main() -> None:
 
 
 # -- nodes -------------------------------------------------------------------------
-@main.group()
-def core() -> None:
-    """A Core: serves LUNs to Edges and mirrors writes to its peer Core."""
+def _node(name: str, about: str) -> Callable[[Callable[..., None]], click.Command]:
+    """``steelfusion NAME run --config FILE [--quiet]``: each node kind is a group with a
+    ``run`` command (room for more commands per kind)."""
+    group = click.Group(name, help=about)
+    main.add_command(group)
+
+    def register(fn: Callable[..., None]) -> click.Command:
+        fn = click.option("--quiet", is_flag=True,
+                          help="Log to the file only (warnings still to stderr).")(fn)
+        fn = click.option("--config", "config", required=True,
+                          type=click.Path(dir_okay=False))(fn)
+        return group.command("run")(fn)
+
+    return register
 
 
-@core.command("run")
-@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
-@click.option("--quiet", is_flag=True, help="Log to the file only (warnings still to stderr).")
+@_node("core", "A Core: serves LUNs to Edges and mirrors writes to its peer Core.")
 def core_run(config: str, quiet: bool) -> None:
     """Run a Core from its TOML config until SIGTERM."""
     from core.lunstore import LunError
@@ -138,17 +147,11 @@ def core_run(config: str, quiet: bool) -> None:
     _serve("core", cfg, quiet, lambda: run(cfg), (LunError,))
 
 
-@main.group()
-def edge() -> None:
-    """An Edge: exports LUNs over iSCSI, buffers writes, ships them to the primary Core."""
-
-
-@edge.command("run")
-@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
+@_node("edge", "An Edge: exports LUNs over iSCSI, buffers writes, ships them to the primary "
+               "Core.")
 @click.option("--witness", "witness", default=None,
               help="Also run a Witness inside this Edge on HOST:PORT (the Witness may be a "
                    "role assigned to one of the Edges).")
-@click.option("--quiet", is_flag=True)
 def edge_run(config: str, witness: str | None, quiet: bool) -> None:
     """Run an Edge from its TOML config until SIGTERM."""
     import dataclasses
@@ -168,14 +171,7 @@ def edge_run(config: str, witness: str | None, quiet: bool) -> None:
     _serve("edge", cfg, quiet, lambda: run(cfg, key), (BlockstoreError, WitnessStateError))
 
 
-@main.group()
-def witness() -> None:
-    """A Witness: approves suspension for at most one Core of a pair."""
-
-
-@witness.command("run")
-@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
-@click.option("--quiet", is_flag=True)
+@_node("witness", "A Witness: approves suspension for at most one Core of a pair.")
 def witness_run(config: str, quiet: bool) -> None:
     """Run a standalone Witness from its TOML config until SIGTERM."""
     from witness.node import run
@@ -184,14 +180,7 @@ def witness_run(config: str, quiet: bool) -> None:
     _serve("witness", cfg, quiet, lambda: run(cfg))
 
 
-@main.group()
-def wan() -> None:
-    """The netns lab's WAN link emulator: a TUN device per site port (root)."""
-
-
-@wan.command("run")
-@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
-@click.option("--quiet", is_flag=True)
+@_node("wan", "The netns lab's WAN link emulator: a TUN device per site port (root).")
 def wan_run(config: str, quiet: bool) -> None:
     """Run the WAN emulator from its JSON config until SIGTERM or `stop`."""
     from steelfusion.wanemu import WanConfig, run
@@ -200,44 +189,32 @@ def wan_run(config: str, quiet: bool) -> None:
     _serve("wan", cfg, quiet, lambda: run(cfg))
 
 
-@main.group()
-def disk() -> None:
-    """The lab's fault-injecting disk: a FUSE file system for Journal LUNs (root)."""
-
-
-@disk.command("run")
-@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
-@click.option("--quiet", is_flag=True)
+@_node("disk", "The lab's fault-injecting disk: a FUSE file system for Journal LUNs (root).")
 def disk_run(config: str, quiet: bool) -> None:
     """Serve a folder through FUSE until SIGTERM; `lab journal CORE --full` makes it fail."""
     from steelfusion.faultdisk import DiskConfig, serve
 
     cfg = _load(DiskConfig, config)
-    try:
-        log.setup(cfg.name, cfg.log_file, level="warning" if quiet else "info")
-        serve(cfg)
-    except (OSError, RuntimeError) as e:
-        raise click.ClickException(f"disk {cfg.name}: cannot start: {e}") from None
+    _blocking("disk", cfg, quiet, lambda: serve(cfg), (OSError, RuntimeError))
 
 
-@main.group()
-def san() -> None:
-    """The lab's data center storage array: tgtd exporting LUN files over iSCSI."""
-
-
-@san.command("run")
-@click.option("--config", "config", required=True, type=click.Path(dir_okay=False))
-@click.option("--quiet", is_flag=True)
+@_node("san", "The lab's data center storage array: tgtd exporting LUN files over iSCSI.")
 def san_run(config: str, quiet: bool) -> None:
     """Run tgtd with the config's target and LUNs until SIGTERM (then tgtd stops too)."""
     from steelfusion.san import SanConfig, SanError, serve
 
     cfg = _load(SanConfig, config)
+    _blocking("san", cfg, quiet, lambda: serve(cfg), (OSError, SanError))
+
+
+def _blocking(role: str, cfg: Any, quiet: bool, serve: Callable[[], None],
+              errors: tuple[type[BaseException], ...]) -> None:
+    """A node that is not asyncio (FUSE, a tgtd supervisor): a failed start is one line."""
     try:
         log.setup(cfg.name, cfg.log_file, level="warning" if quiet else "info")
-        serve(cfg)
-    except (OSError, SanError) as e:
-        raise click.ClickException(f"san {cfg.name}: cannot start: {e}") from None
+        serve()
+    except errors as e:
+        raise click.ClickException(f"{role} {cfg.name}: cannot start: {e}") from None
 
 
 # -- lab ---------------------------------------------------------------------------
@@ -375,142 +352,9 @@ def lab_status(workdir: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
         return
-    click.echo("\n".join([*_status_lines(st), *_wan_lines(st), *_disk_lines(st),
-                          *_coredr_lines(st)]))
+    from steelfusion.labview import status_lines
 
-
-def _disk_lines(st: dict[str, Any]) -> list[str]:
-    out = []
-    for k in st.get("sans") or []:
-        state = ("up" if k.get("accepting") else "up (portal not accepting)") if k["running"] \
-            else f"DOWN (an outage of {k['core']}'s storage: `steelfusion lab start {k['name']}`)"
-        out.append(f"{k['name']:<12} {state}  portal={k['portal']}  ({k['core']}'s array, "
-                   f"{len(k.get('luns') or {})} LUNs)")
-    for k in st.get("disks") or []:
-        if not k.get("running"):
-            state = "DOWN (the Journal LUN on it is unreachable: `steelfusion lab start " \
-                    f"{k['name']}`)"
-        elif k.get("error"):
-            state = f"up error={k['error']}"
-        else:
-            failed = f", {k['failed_calls']} calls failed" if k.get("failed_calls") else ""
-            state = f"up mode={k.get('mode')} for {k.get('seconds')} s{failed}"
-        out.append(f"{k['name']:<12} {state}  ({k['core']}'s Journal LUN, {k['mount']})")
-    return out
-
-
-def _coredr_lines(st: dict[str, Any]) -> list[str]:
-    """The exact coredr command line for each Core (a netns lab's with --netns)."""
-    cmds = [c["coredr"] for c in st["cores"] if c.get("coredr")]
-    if not cmds:
-        return []
-    width = max(len(c) for c in cmds)
-    return ["coredr, per Core:", *(f"  {cmd:<{width}}  # {c['name']}" for c, cmd in
-                                   zip(st["cores"], cmds, strict=True))]
-
-
-def _wan_lines(st: dict[str, Any]) -> list[str]:
-    """A netns lab's WAN: the emulator, each link's settings (one line per site pair when
-    both directions agree), ports that are down."""
-    from steelfusion.lab import format_duration, format_rate
-
-    if not st.get("netns"):
-        return []
-    wan = st.get("wan") or {}
-    name_w = max(len(n["name"]) for n in [*st["cores"], *st["edges"], {"name": "witness"}])
-    head = (f"{'wan':<{name_w}} {'up' if wan.get('running') else 'DOWN':<4} "
-            f"control={wan.get('control')} pid {wan.get('pid')}")
-    if not wan.get("running"):
-        return [head + " (links are gone while it is down: `steelfusion lab start wan`)"]
-    if wan.get("error"):
-        return [f"{head} error={wan['error']}"]
-    out = [head]
-
-    def settings(ln: dict[str, Any]) -> str:
-        if ln.get("cut"):
-            return "CUT"
-        parts = [f"delay={format_duration(ln.get('delay') or 0)}"]
-        if ln.get("jitter"):
-            parts.append(f"jitter={format_duration(ln['jitter'])}")
-        parts.append(f"rate={format_rate(ln.get('rate') or 0)}")
-        parts.append(f"loss={(ln.get('loss') or 0) * 100:g}%")
-        return " ".join(parts)
-
-    def traffic(ln: dict[str, Any]) -> str:
-        dropped = sum((ln.get("dropped") or {}).values())
-        return (f"{ln.get('forwarded', 0)} pkts {format_size(ln.get('bytes', 0))}"
-                + (f", dropped {dropped}" if dropped else ""))
-
-    links = {(ln["src"], ln["dst"]): ln for ln in wan.get("links") or []
-             if isinstance(ln, dict) and "src" in ln and "dst" in ln}
-    rows = []
-    done: set[tuple[str, str]] = set()
-    for (a, b), ln in links.items():
-        if (a, b) in done:
-            continue
-        back = links.get((b, a))
-        done |= {(a, b), (b, a)}
-        if back is not None and settings(back) == settings(ln):
-            rows.append([f"  link {a} <-> {b}", settings(ln),
-                         f"({traffic(ln)} / {traffic(back)})"])
-        else:
-            rows.append([f"  link {a} -> {b}", settings(ln), f"({traffic(ln)})"])
-            if back is not None:
-                rows.append([f"  link {b} -> {a}", settings(back), f"({traffic(back)})"])
-    if rows:
-        widths = [max(len(r[i]) for r in rows) for i in range(2)]
-        out += [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}" for r in rows]
-    for name, p in (wan.get("ports") or {}).items():
-        if isinstance(p, dict) and not p.get("up", True):
-            out.append(f"  port {name} ({p.get('address')}) DOWN")
-    return out
-
-
-def _alarms(node: dict[str, Any]) -> str:
-    names = [a.get("alarm", "?") for a in node.get("alarms") or [] if isinstance(a, dict)]
-    return ", ".join(names) or "-"
-
-
-def _status_lines(st: dict[str, Any]) -> list[str]:
-    """One line per node; each column as wide as its longest value (``disconnected``)."""
-    def word(running: Any) -> str:
-        return "up" if running else "DOWN"
-
-    rows: list[list[str]] = []
-    w = st["witness"]
-    if w:
-        where = (f"inside {w['embedded_in']} (kill/start {w['embedded_in']} to stop/start it)"
-                 if w.get("embedded_in") else f"pid {w.get('pid')}")
-        rows.append(["witness", word(w.get("running")), f"listen={w.get('address')}",
-                     f"control={w.get('control')}", f"alarms={_alarms(w)}", where])
-    cores = []
-    for c in st["cores"]:
-        epoch = c["epoch"] if c["epoch"] is not None else "-"
-        cores.append([c["name"], word(c["running"]), f"role={c['role']}",
-                      f"replication={c['replication']}", f"epoch={epoch}",
-                      f"control={c.get('control')}", f"alarms={_alarms(c)}"])
-    edges = []
-    for e in st["edges"]:
-        ub = e.get("uncommitted_bytes")
-        edges.append([e["name"], word(e["running"]), f"core={e.get('core') or '-'}",
-                      f"uncommitted={format_size(ub) if ub is not None else '?'}",
-                      f"control={e.get('control')}", f"portal={e['portal']}",
-                      f"alarms={_alarms(e)}"])
-    if st.get("netns"):  # where each node runs: its site's namespace
-        for row, node in ((rows[0], w) if rows else (None, None),
-                          *zip(cores, st["cores"], strict=True),
-                          *zip(edges, st["edges"], strict=True)):
-            if row is not None and node is not None:
-                row.insert(2, f"netns={node.get('netns') or '-'}")
-    name_w = max(len(r[0]) for r in [*rows, *cores, *edges, ["witness"]])
-    out = []
-    for group in (rows, cores, edges):
-        widths = [max(len(r[i]) for r in group) for i in range(len(group[0]))] if group else []
-        for r in group:
-            cells = [r[0].ljust(name_w), *(v.ljust(widths[i]) for i, v in enumerate(r) if i)]
-            cells[1] = r[1].ljust(4)
-            out.append(" ".join(cells).rstrip())
-    return out
+    click.echo("\n".join(status_lines(st)))
 
 
 @lab.command("kill")
