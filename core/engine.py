@@ -12,7 +12,9 @@ This module is the write path and the wiring; the rules are
 :mod:`core.replication` (the state machine: every role, state and epoch
 change goes through its table; :meth:`CoreEngine._fire` carries out its
 effects) and :mod:`core.admission` (who may connect), and the rest of the
-engine is split by topic, as functions over it:
+engine is split by topic, as functions over it; each takes the engine as a
+Protocol of its own, naming what it uses (:class:`core.ports.Engine` and
+up), so none of them imports this module:
 
 - :mod:`core.peering`: the peer's links, demotion, diverged regions;
 - :mod:`core.resync`: copying journaled regions to the peer, and taking them;

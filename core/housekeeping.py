@@ -9,13 +9,14 @@ suspended or failed over), a stalled Witness client, a failed Journal LUN,
 a second process with this node's name.
 
 Functions over the engine (:class:`core.engine.CoreEngine`), split out of it
-by topic; role and epoch changes go through :mod:`core.peering` (demotion)
-and :mod:`core.operator` (failover), so through the replication table.
+by topic, which they take as :class:`HousekeepingEngine`; role and epoch
+changes go through :mod:`core.peering` (demotion) and the engine's
+``failover_decided`` (:mod:`core.operator`), so through the replication table.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from core import peering
 from core.ports import WitnessView
@@ -23,14 +24,25 @@ from core.replication import Role, State
 from steelfusion import control
 from witness.logic import Decision
 
-if TYPE_CHECKING:
-    from core.engine import CoreEngine
-
 WITNESS_ALARM_AFTER = 3.0  # seconds without the Witness before alarm witness_unreachable
 IMPOSTOR_QUIET = 30.0  # a duplicate_node_* alarm clears this long after the last refused copy
 
 
-def tick(core: CoreEngine) -> None:
+class HousekeepingEngine(peering.PeeringEngine, Protocol):
+    """What the half-second checks use of the engine, beyond what a demotion takes.
+
+    It demotes with :func:`core.peering.demote`, hence :class:`~core.peering.PeeringEngine`.
+    """
+
+    failover_pending: bool  # a failover waits for the Witness's answer
+    _failover_doubt_until: float
+    _witness_lost_at: float | None
+
+    def _progress_all(self) -> None: ...
+    def failover_decided(self, d: Decision | None, force: bool) -> dict[str, Any]: ...
+
+
+def tick(core: HousekeepingEngine) -> None:
     w = core.witness
     if w is not None and w.connected and w.pair_epoch > core.epoch \
             and core.role == Role.PRIMARY:
@@ -71,7 +83,7 @@ def tick(core: CoreEngine) -> None:
             core.clear_alarm(f"duplicate_node_{node}")
 
 
-def _failover_grant(core: CoreEngine, w: WitnessView | None) -> None:
+def _failover_grant(core: HousekeepingEngine, w: WitnessView | None) -> None:
     """A secondary's failover request: granted after all, or nothing came of it."""
     if w is not None and core.role == Role.SECONDARY and w.connected \
             and w.pair_epoch > core.epoch and w.holder == core.name:
@@ -90,7 +102,7 @@ def _failover_grant(core: CoreEngine, w: WitnessView | None) -> None:
         core._failover_doubt_until = 0.0
 
 
-def watch_witness(core: CoreEngine, w: WitnessView | None) -> None:
+def watch_witness(core: HousekeepingEngine, w: WitnessView | None) -> None:
     """Alarm while the Witness is out of reach (issue 13: it was only seen on suspend).
 
     Without a Witness nothing can be suspended or failed over, so a storage admin

@@ -13,23 +13,33 @@ two Cores never run alone at once; failover is allowed only when neither the
 secondary nor the Witness reaches the primary.
 
 Functions over the engine (:class:`core.engine.CoreEngine`), split out of it
-by topic.
+by topic, which they take as :class:`OperatorEngine`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from core import peering
 from core.replication import Event, Refused, Rep, Role, State, step
+from core.resync import Progress
 from steelfusion import control
 from witness.logic import Decision
 
-if TYPE_CHECKING:
-    from core.engine import CoreEngine
-
 # the Witness client's reasons when no answer came (witness.client): nothing was decided
 WITNESS_UNANSWERED = frozenset({"witness-unreachable", "witness-timeout", "witness-disconnected"})
+
+
+class OperatorEngine(peering.Pairing, Protocol):
+    """What the operator's commands use of the engine, beyond :class:`core.peering.Pairing`."""
+
+    failover_pending: bool  # a failover waits for the Witness's answer
+    _failover_doubt_until: float
+
+    @property
+    def peer_info(self) -> dict[str, Any]: ...
+    @property
+    def resync(self) -> Progress: ...
 
 
 def refuse_on_role_or_end(rep: Rep, cmd: str, want: Role) -> None:
@@ -49,7 +59,7 @@ def refuse_on_role_or_end(rep: Rep, cmd: str, want: Role) -> None:
 
 
 # -- suspend ------------------------------------------------------------------------------
-def suspend_check(core: CoreEngine) -> dict[str, Any] | None:
+def suspend_check(core: OperatorEngine) -> dict[str, Any] | None:
     """May this Core ask the Witness to suspend? A dict if there is nothing to do."""
     if core.role == Role.PRIMARY and core.rep.state is State.SUSPENDED:
         return {"state": core.rep.state.value, "already": True}
@@ -66,7 +76,7 @@ def suspend_check(core: CoreEngine) -> dict[str, Any] | None:
     return None
 
 
-def suspend_decided(core: CoreEngine, d: Decision) -> dict[str, Any]:
+def suspend_decided(core: OperatorEngine, d: Decision) -> dict[str, Any]:
     """The Witness answered a suspension request."""
     if not d.granted:
         core.event("suspend_refused", reason=d.reason, detail=d.detail)
@@ -82,7 +92,7 @@ def suspend_decided(core: CoreEngine, d: Decision) -> dict[str, Any]:
 
 
 # -- resume -------------------------------------------------------------------------------
-def resume_check(core: CoreEngine) -> None:
+def resume_check(core: OperatorEngine) -> None:
     refuse_on_role_or_end(core.rep, "resume", Role.PRIMARY)
     if core.rep.state is State.PAUSED:
         raise control.ControlError("replication is paused (the secondary is unreachable), "
@@ -90,7 +100,7 @@ def resume_check(core: CoreEngine) -> None:
                                    "paused")
 
 
-def resume_apply(core: CoreEngine) -> dict[str, Any]:
+def resume_apply(core: OperatorEngine) -> dict[str, Any]:
     if core.rep.state in (State.RUNNING, State.RESYNCING):
         return {"state": core.rep.state.value, "already": True}
     if core.rep.state is State.SUSPENDED and not core.mirror_links:
@@ -110,11 +120,11 @@ def resume_apply(core: CoreEngine) -> dict[str, Any]:
 
 
 # -- failover -----------------------------------------------------------------------------
-def peer_name(core: CoreEngine) -> str:
+def peer_name(core: OperatorEngine) -> str:
     return str(core.peer_info.get("name") or "(the peer)")
 
 
-def failover_check(core: CoreEngine, force: bool) -> None:
+def failover_check(core: OperatorEngine, force: bool) -> None:
     """May this secondary ask the Witness to become primary?"""
     refuse_on_role_or_end(core.rep, "failover", Role.SECONDARY)
     if peering.reachable(core):
@@ -130,7 +140,7 @@ def failover_check(core: CoreEngine, force: bool) -> None:
             raise control.ControlError(str(e), "inconsistent") from None
 
 
-def failover_begin(core: CoreEngine, force: bool) -> None:
+def failover_begin(core: OperatorEngine, force: bool) -> None:
     """Check, then hold off the primary's links until :func:`failover_decided`."""
     if core.failover_pending:
         # a second request would be granted a second epoch this Core never takes
@@ -140,7 +150,7 @@ def failover_begin(core: CoreEngine, force: bool) -> None:
     core.failover_pending = True
 
 
-def failover_decided(core: CoreEngine, d: Decision | None, force: bool) -> dict[str, Any]:
+def failover_decided(core: OperatorEngine, d: Decision | None, force: bool) -> dict[str, Any]:
     """The Witness's answer (None: no Witness configured): become primary, or refuse."""
     core.failover_pending = False
     new_epoch = core.epoch + 1
@@ -195,7 +205,7 @@ def failover_refusal(d: Decision, peer: str) -> control.ControlError:
 
 
 # -- terminate ----------------------------------------------------------------------------
-def terminate_apply(core: CoreEngine) -> dict[str, Any]:
+def terminate_apply(core: OperatorEngine) -> dict[str, Any]:
     if core.rep.state is State.TERMINATED:
         return {"state": core.rep.state.value, "already": True}
     if core.rep.state is State.STANDALONE:

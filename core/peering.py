@@ -10,29 +10,82 @@ Witness) steps down: its role changes only through the replication table
 new primary lacks are handed over to be resynced (DESIGN.md invariant 5).
 
 Functions over the engine (:class:`core.engine.CoreEngine`), split out of it
-by topic; the refusal rules themselves are :mod:`core.admission`.
+by topic, which they take as :class:`PeeringEngine`; the refusal rules
+themselves are :mod:`core.admission`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
 from core.admission import PAIRING_CODES, Refusal, impostor_holder, mirror_refusal, peer_refusal
-from core.ports import LinkKind, Port
-from core.replication import Event, Role, State
+from core.pipeline import LunPipe
+from core.ports import Engine, LinkKind, Port, WitnessView
+from core.replication import Event, Rep, Role, State
 from steelfusion import log
+from steelfusion.config import CoreConfig
 from steelfusion.wire import Control, Hello, Refuse, Welcome
-
-if TYPE_CHECKING:
-    from collections.abc import Iterable
-
-    from core.engine import CoreEngine
 
 _log = log.get("core")
 
 
-def impostor(core: CoreEngine, link: Port, h: Hello, links: Iterable[Port]) -> bool:
+class PeerLinks(Protocol):
+    """The engine's links to the peer, whichever way they were dialled."""
+
+    @property
+    def peer_out(self) -> dict[int, Port]: ...  # dialler index -> our link to the peer
+    @property
+    def peer_in(self) -> set[Port]: ...  # the peer dialled us, and is not our primary
+    @property
+    def mirror_in(self) -> set[Port]: ...  # our primary's mirror streams
+
+
+class Pairing(Engine, PeerLinks, Protocol):
+    """What pairing and the operator's commands (:mod:`core.operator`) both use of the engine.
+
+    Who this Core is, its Witness and its links to the peer, and the
+    replication table's two ways in: ``_fire`` (state) and ``_adopt_epoch``.
+    """
+
+    _peer_up: bool  # a usable link to the peer (PEER_UP fired)
+
+    @property
+    def cfg(self) -> CoreConfig: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def rep(self) -> Rep: ...
+    @property
+    def witness(self) -> WitnessView | None: ...
+    @property
+    def mirror_links(self) -> list[Port]: ...
+    def _fire(self, ev: Event, *, force: bool = False, **kv: Any) -> bool: ...
+    def _adopt_epoch(self, epoch: int) -> None: ...
+
+
+class PeeringEngine(Pairing, Protocol):
+    """What pairing, demotion and diverged regions use of the engine, beyond :class:`Pairing`."""
+
+    peer_info: dict[str, Any]  # the peer's name, role and epoch, as it last told us
+    peer_synced: bool
+    diverged: dict[int, list[int]]
+
+    @property
+    def failover_pending(self) -> bool: ...
+    @property
+    def _impostors(self) -> dict[str, float]: ...
+    def raise_alarm(self, key: str, message: str) -> None: ...
+    def clear_alarm(self, key: str) -> None: ...
+    def _save_state(self) -> None: ...
+    def _welcome(self, link: Port, **info: Any) -> None: ...
+    def _mirror_acked_to(self, lun: int, p: LunPipe, seq: int) -> None: ...
+    def _resend_mirror(self, lun: int, p: LunPipe) -> None: ...
+    def _check_paused(self) -> None: ...
+
+
+def impostor(core: PeeringEngine, link: Port, h: Hello, links: Iterable[Port]) -> bool:
     """A live link from another process already holds ``h.node``: alarm, and refuse ``h``."""
     lk = impostor_holder(link, h, links)
     if lk is None:
@@ -45,7 +98,7 @@ def impostor(core: CoreEngine, link: Port, h: Hello, links: Iterable[Port]) -> b
     return True
 
 
-def accept_peer(core: CoreEngine, link: Port, h: Hello) -> None:
+def accept_peer(core: PeeringEngine, link: Port, h: Hello) -> None:
     """A HELLO for replication: our primary's mirror stream, or the peer dialling us."""
     def refuse(r: Refusal) -> None:
         _log.error("peer_refused", peer_node=h.node, peer=link.peer, code=r.code,
@@ -87,7 +140,7 @@ def accept_peer(core: CoreEngine, link: Port, h: Hello) -> None:
     send_diverged(core, link)
 
 
-def on_welcome(core: CoreEngine, link: Port, w: Welcome) -> None:
+def on_welcome(core: PeeringEngine, link: Port, w: Welcome) -> None:
     """The peer accepted a link we dialled: mirror to it (primary), or hand it our regions."""
     if link.ctx != LinkKind.PEER_OUT:
         return
@@ -103,7 +156,7 @@ def on_welcome(core: CoreEngine, link: Port, w: Welcome) -> None:
         send_diverged(core, link)
 
 
-def _welcomed_by_secondary(core: CoreEngine, link: Port, w: Welcome) -> None:
+def _welcomed_by_secondary(core: PeeringEngine, link: Port, w: Welcome) -> None:
     if w.info.get("synced") is True and not core.peer_synced:
         core.peer_synced = True
         core._save_state()
@@ -131,7 +184,7 @@ def _welcomed_by_secondary(core: CoreEngine, link: Port, w: Welcome) -> None:
         core.event("resync_done_resent", peer_node=w.node)
 
 
-def on_refuse(core: CoreEngine, link: Port, msg: Refuse) -> None:
+def on_refuse(core: PeeringEngine, link: Port, msg: Refuse) -> None:
     """The other end refused us: alarm what an operator must fix, step down if outdated."""
     _log.error("refused_by_peer", peer=link.peer, link=link.name,
                code=msg.code, reason=msg.reason)
@@ -152,7 +205,7 @@ def on_refuse(core: CoreEngine, link: Port, msg: Refuse) -> None:
     link.close(f"refused: {msg.reason}")
 
 
-def peer_gap(core: CoreEngine, lun: int, have: int) -> None:
+def peer_gap(core: PeeringEngine, lun: int, have: int) -> None:
     """The secondary refused a copy: it lacks writes before it (it has up to ``have``).
 
     A resend of the mirror queue fills the hole when the queue reaches back
@@ -175,13 +228,13 @@ def peer_gap(core: CoreEngine, lun: int, have: int) -> None:
         core._fire(Event.RESYNC_NEEDED)
 
 
-def reachable(core: CoreEngine) -> bool:
+def reachable(core: PeerLinks) -> bool:
     """Any established link to the peer, whichever way it was dialled."""
     return (any(lk.established for lk in core.peer_out.values())
             or any(lk.established for lk in [*core.peer_in, *core.mirror_in]))
 
 
-def update_peer(core: CoreEngine) -> None:
+def update_peer(core: PeeringEngine) -> None:
     """Fire PEER_UP / PEER_DOWN when the set of usable links changes."""
     up = bool(core.mirror_links) if core.role == Role.PRIMARY else any(
         lk.established for lk in core.mirror_in)
@@ -202,7 +255,7 @@ def update_peer(core: CoreEngine) -> None:
             core._fire(Event.RESYNC_NEEDED)
 
 
-def drop_links(core: CoreEngine) -> None:
+def drop_links(core: PeerLinks) -> None:
     """Our role changed: links set up under the old roles must not carry on.
 
     A link the old primary dialled to us while we were its secondary is a
@@ -218,7 +271,7 @@ def drop_links(core: CoreEngine) -> None:
 
 
 # -- demotion and diverged regions ------------------------------------------------------
-def demote(core: CoreEngine, epoch: int, why: str) -> None:
+def demote(core: PeeringEngine, epoch: int, why: str) -> None:
     """A newer epoch exists elsewhere: become a secondary to be resynced (effect DEMOTE)."""
     if core.role != Role.PRIMARY:
         return
@@ -241,7 +294,7 @@ def demote(core: CoreEngine, epoch: int, why: str) -> None:
         drop_links(core)
 
 
-def send_diverged(core: CoreEngine, link: Port) -> None:
+def send_diverged(core: PeeringEngine, link: Port) -> None:
     """Tell the new primary which regions we may hold that it lacks (DESIGN invariant 5)."""
     if not core.diverged or core.role != Role.SECONDARY:
         return
@@ -258,7 +311,7 @@ def send_diverged(core: CoreEngine, link: Port) -> None:
     core.diverged = {}
 
 
-def take_diverged(core: CoreEngine, link: Port, body: dict[str, Any]) -> None:
+def take_diverged(core: PeeringEngine, link: Port, body: dict[str, Any]) -> None:
     """(New primary) the demoted one's regions: journal them, so the resync copies them."""
     j = core.journal
     lun = body.get("lun")

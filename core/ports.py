@@ -1,10 +1,16 @@
-"""What the Core's engine sees of its surroundings: connections and the Witness client.
+"""What the Core's engine sees of its surroundings, and what its topic modules see of it.
 
 The engine (:mod:`core.engine`) is sans-IO: it is handed links and a Witness
-client and only calls what these Protocols name, so the asyncio adapter
-(:mod:`core.node`: :class:`steelfusion.link.Link`,
+client and only calls what :class:`Port` and :class:`WitnessView` name, so the
+asyncio adapter (:mod:`core.node`: :class:`steelfusion.link.Link`,
 :class:`witness.client.WitnessClient`) and the seeded simulation
 (:mod:`steelfusion.sim`) can hand it their own.
+
+The engine's topic modules (:mod:`core.peering`, :mod:`core.resync`,
+:mod:`core.operator`, :mod:`core.housekeeping`) are functions over the
+engine; each takes it as a Protocol of its own, built on :class:`Engine`,
+that names only what that topic reads, changes and calls. So the engine
+imports them and none imports the engine back.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ from __future__ import annotations
 import enum
 from typing import Any, Protocol
 
+from core.pipeline import LunPipe
+from core.replication import Role
+from journal.journal import Journal
 from steelfusion.wire import Hello, Message, Welcome
 
 
@@ -66,3 +75,23 @@ class WitnessView(Protocol):
     @property
     def lease_seconds(self) -> float | None: ...
     def lease_valid(self, now: float | None = None) -> bool: ...
+
+
+class Engine(Protocol):
+    """What every topic module reads of :class:`core.engine.CoreEngine`.
+
+    Read-only here (properties): a topic changes the engine's role, state
+    and epoch only by the engine's own ``_fire`` / ``_adopt_epoch``, which
+    its Protocol names where it needs them.
+    """
+
+    @property
+    def role(self) -> Role: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def pipes(self) -> dict[int, LunPipe]: ...
+    @property
+    def journal(self) -> Journal | None: ...
+    def mono(self) -> float: ...
+    def event(self, name: str, **kv: Any) -> None: ...

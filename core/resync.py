@@ -7,7 +7,7 @@ metrics") while new writes are mirrored; the secondary is *inconsistent*
 until every region is acknowledged durable and it is told ``resync-done``.
 
 Functions over the engine (:class:`core.engine.CoreEngine`), split out of it
-by topic; the engine's hooks ``_resync_run`` / ``_resync_halt`` /
+by topic, which they take as :class:`ResyncEngine`; the engine's hooks ``_resync_run`` / ``_resync_halt`` /
 ``_resync_wakeup`` let its adapter drive :func:`pump` (asyncio in
 :mod:`core.node`, the virtual clock in :mod:`steelfusion.sim`).
 """
@@ -18,15 +18,12 @@ import contextlib
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from core.pipeline import LunPipe
-from core.ports import Port
+from core.ports import Engine, Port
 from core.replication import Event, Role
 from steelfusion.wire import Ack, Control, Message, Write, WriteFlags
-
-if TYPE_CHECKING:
-    from core.engine import CoreEngine
 
 RESYNC_STREAM = 2**64 - 1  # acks of resync payloads travel on this stream id
 RESYNC_CHUNK = 128 * 1024  # seed: initial synchronization payloads are 128 KB
@@ -49,8 +46,28 @@ class Progress:
                 "elapsed_s": round(el, 1)}
 
 
+class ResyncEngine(Engine, Protocol):
+    """What the resync reads, changes and calls of the engine (its hooks drive :func:`pump`)."""
+
+    peer_synced: bool
+    resync: Progress
+    resync_drain: Port | None  # the link a resync driver waits to drain
+
+    @property
+    def mirror_links(self) -> list[Port]: ...
+    def _fire(self, ev: Event, *, force: bool = False, **kv: Any) -> bool: ...
+    def _save_state(self) -> None: ...
+    def _mirror_link_for(self, lun: int, p: LunPipe) -> Port | None: ...
+    def _mirror_acked_to(self, lun: int, p: LunPipe, seq: int) -> None: ...
+    def _switch_stream(self, lun: int, p: LunPipe, stream: int) -> None: ...
+    def _refuse_gap(self, link: Port, lun: int, p: LunPipe, w: Write, source: str) -> None: ...
+    def _resync_run(self) -> None: ...
+    def _resync_halt(self) -> None: ...
+    def _resync_wakeup(self) -> None: ...
+
+
 # -- primary ----------------------------------------------------------------------------
-def start(core: CoreEngine) -> None:
+def start(core: ResyncEngine) -> None:
     """Queue every dirty region of the journal and tell the secondary (effect START_RESYNC)."""
     j = core.journal
     if j is None:
@@ -69,7 +86,7 @@ def start(core: CoreEngine) -> None:
     core._resync_run()
 
 
-def stop(core: CoreEngine) -> None:
+def stop(core: ResyncEngine) -> None:
     """Effect STOP_RESYNC: what was in flight goes back to the queue, the queue is dropped."""
     core._resync_halt()
     for p in core.pipes.values():
@@ -77,7 +94,7 @@ def stop(core: CoreEngine) -> None:
         p.resync_regions.clear()
 
 
-def pump(core: CoreEngine) -> str:
+def pump(core: ResyncEngine) -> str:
     """Queue the next resync frames; says what the driver should do next.
 
     ``"sent"``: call again soon; ``"drain"``: wait until ``core.resync_drain``
@@ -145,7 +162,7 @@ def _send_region(lun: int, p: LunPipe, link: Port, r: int, rb: int) -> None:
     link.send_many(frames)
 
 
-def committed(core: CoreEngine) -> None:
+def committed(core: ResyncEngine) -> None:
     """The journal holds no dirty region any more: the peer is a replica again."""
     core.peer_synced = True
     for lun, p in core.pipes.items():
@@ -169,7 +186,7 @@ def committed(core: CoreEngine) -> None:
     core._fire(Event.RESYNC_DONE)
 
 
-def on_ack(core: CoreEngine, a: Ack) -> None:
+def on_ack(core: ResyncEngine, a: Ack) -> None:
     """The secondary made resync frames up to ``a.seq`` durable: whole regions are clean."""
     p = core.pipes.get(a.lun)
     j = core.journal
@@ -189,7 +206,7 @@ def on_ack(core: CoreEngine, a: Ack) -> None:
 
 
 # -- secondary --------------------------------------------------------------------------
-def take_frame(core: CoreEngine, link: Port, p: LunPipe, w: Write) -> None:
+def take_frame(core: ResyncEngine, link: Port, p: LunPipe, w: Write) -> None:
     """A resync frame: write it, and ACK it on RESYNC_STREAM once durable (``_on_durable``).
 
     Resync frames of a LUN come on one link, rseqs chained by prev; a chain
@@ -216,7 +233,7 @@ def newer(p: LunPipe, w: Write) -> bool:
     return all(p.resync_floor.get(r, 0) >= w.seq for r in range(first, last + 1))
 
 
-def on_control(core: CoreEngine, op: object, body: dict[str, Any]) -> bool:
+def on_control(core: ResyncEngine, op: object, body: dict[str, Any]) -> bool:
     """The primary's resync notices to a secondary; False if ``op`` is none of them."""
     if core.role != Role.SECONDARY:
         return False
@@ -240,7 +257,7 @@ def on_control(core: CoreEngine, op: object, body: dict[str, Any]) -> bool:
     return True
 
 
-def _rewind(core: CoreEngine, body: dict[str, Any]) -> None:
+def _rewind(core: ResyncEngine, body: dict[str, Any]) -> None:
     """Take the copies after ``seq`` again: the resync overwrites what we had of them."""
     lun = body.get("lun")
     seq = body.get("seq")
@@ -265,7 +282,7 @@ def _region(pipes: Mapping[int, LunPipe], body: dict[str, Any]) -> None:
         pipe.resync_floor[r] = max(pipe.resync_floor.get(r, 0), seq)
 
 
-def _covered(core: CoreEngine, body: dict[str, Any]) -> None:
+def _covered(core: ResyncEngine, body: dict[str, Any]) -> None:
     """Every write up to ``seq`` is here (copied, or resynced and acknowledged)."""
     lun = body.get("lun")
     seq = body.get("seq")
