@@ -33,8 +33,10 @@ out, SCSI commands, R2Ts under the write budget, Data-In and responses, NOP,
 Logout).  It hands parts to sans-IO helpers with narrow interfaces: the
 login phase to :mod:`edge.iscsi_login`, each command's write-data rules to
 :mod:`edge.iscsi_tasks`, task management to :mod:`edge.iscsi_tmf`, Text
-exchanges to :mod:`edge.iscsi_text`.  The configuration the adapter passes
-in is :mod:`edge.iscsi_config`, the events it gets back
+exchanges to :mod:`edge.iscsi_text`; the byte plumbing (decoder, output
+queue, digests) and serial-number arithmetic it shares with the Core's
+initiator are :mod:`steelfusion.iscsi.connection`.  The configuration the
+adapter passes in is :mod:`edge.iscsi_config`, the events it gets back
 :mod:`edge.iscsi_events`; their public names are importable from here.
 """
 
@@ -68,6 +70,7 @@ from edge.iscsi_text import TextExchange
 from edge.iscsi_tmf import TaskManagement, TmfFunction, TmfResponse
 from edge.scsi.cdb import decode_lun
 from edge.scsi.sense import CHECK_CONDITION, GOOD, SenseKey, fixed_sense
+from steelfusion.iscsi.connection import PduConnection, sn_gt, sn_lt
 from steelfusion.iscsi.pdu import (
     INITIATOR_OPCODES,
     R2T,
@@ -82,7 +85,6 @@ from steelfusion.iscsi.pdu import (
     NopIn,
     NopOut,
     Pdu,
-    PduDecoder,
     Reject,
     RejectReason,
     ScsiCommand,
@@ -117,15 +119,6 @@ _M = 0xFFFFFFFF
 _SENSE_ABORTED_COMMAND = fixed_sense(SenseKey.ABORTED_COMMAND, 0x00, 0x00)
 
 
-def sn_lt(a: int, b: int) -> bool:
-    """Serial-number a < b for 32-bit sequence numbers (RFC 1982, RFC 7143 §4.2.2.1)."""
-    return a != b and ((b - a) & _M) < 0x80000000
-
-
-def sn_gt(a: int, b: int) -> bool:
-    return a != b and ((a - b) & _M) < 0x80000000
-
-
 class State(enum.Enum):
     LOGIN = "login"
     FULL_FEATURE = "full_feature"
@@ -139,7 +132,7 @@ them (reason 0x06, RFC 7143 §11.17.1)."""
 _DISCARD_MAX = 1024
 
 
-class TargetConnection:
+class TargetConnection(PduConnection[Event]):
     """Target side of one iSCSI connection (and its single-connection session).
 
     ``portal`` is the "host:port" we advertise in SendTargets for this
@@ -148,25 +141,25 @@ class TargetConnection:
     is the adapter's fast lane: it returns ``(status, data_in, sense,
     transfer_length)`` for a command it finished at once, or None to take
     the normal path (a :class:`ScsiCommandReady` event).
+
+    Bytes come in through :meth:`receive_data` (or :meth:`get_buffer` and
+    :meth:`buffer_updated`), the plumbing it shares with the initiator
+    (:class:`~steelfusion.iscsi.connection.PduConnection`); they raise
+    :class:`IscsiProtocolError` when the connection must be dropped, a Reject
+    may have been queued first: flush :meth:`data_to_send`.
     """
 
     def __init__(self, config: SessionConfig, *, portal: str, tsih: int, now: float = 0.0,
                  fast: FastLane | None = None) -> None:
         if not 0 < tsih <= 0xFFFF:
             raise ValueError("tsih must be 1..65535")
+        limits = config.limits
+        super().__init__(limits.max_recv_data_segment_length, INITIATOR_OPCODES)
         self.config = config
         self.portal = portal
         self.tsih = tsih
         self.state = State.LOGIN
         self.params = SessionParams()
-        limits = config.limits
-        self._decoder = PduDecoder(
-            max_data_segment_length=max(limits.max_recv_data_segment_length, 8192) + 4096,
-            accept=INITIATOR_OPCODES)
-        self._out: list[Buffer] = []
-        self._events: list[Event] = []
-        self._hd = False
-        self._dd = False
         # numbering
         self._statsn = 0
         self._exp_cmdsn = 0
@@ -229,26 +222,9 @@ class TargetConnection:
         """Tasks received and not yet answered."""
         return len(self._tasks)
 
-    def receive_data(self, data: Buffer) -> list[Event]:
-        """Process received bytes; returns events.  Raises
-        :class:`IscsiProtocolError` when the connection must be dropped (a
-        Reject may have been queued first: flush :meth:`data_to_send`)."""
-        if self.state is State.CLOSED:
-            return []
-        self._decoder.add(data)
-        return self._process()
-
-    def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """For an asyncio ``BufferedProtocol``: where to receive the next bytes
-        (large data segments land straight in their PDU's own buffer)."""
-        return self._decoder.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> list[Event]:
-        """:meth:`receive_data` for bytes received into :meth:`get_buffer`."""
-        if self.state is State.CLOSED:
-            return []
-        self._decoder.buffer_updated(nbytes)
-        return self._process()
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
 
     def _process(self) -> list[Event]:
         events = self._events = []
@@ -269,12 +245,6 @@ class TargetConnection:
             self.state = State.CLOSED
             raise
         return events
-
-    def data_to_send(self) -> list[Buffer]:
-        """Buffers queued for the wire since the last call (for writelines)."""
-        out = self._out
-        self._out = []
-        return out
 
     def complete(self, task_tag: int, status: int, data: Buffer = b"", sense: Buffer = b"",
                  transfer_length: int | None = None) -> list[Event]:
@@ -322,9 +292,6 @@ class TargetConnection:
         self._r2t_wait.clear()
 
     # ----------------------------------------------------------------- output helpers
-
-    def _send(self, pdu: Pdu) -> None:
-        self._out.extend(pdu.encode_parts(self._hd, self._dd))
 
     def _emit(self, event: Event) -> None:
         self._events.append(event)
@@ -403,9 +370,7 @@ class TargetConnection:
         login = self._login
         self.params = p = login.params
         self.state = State.FULL_FEATURE
-        # Digests start with the first PDU after the final Login Response.
-        self._hd = self._decoder.header_digest = p.header_digest
-        self._dd = self._decoder.data_digest = p.data_digest
+        self._start_digests(p)
         self._decoder.max_data_segment_length = p.target_max_recv_data_segment_length + 4096
         self._events.append(LoginComplete(
             initiator_name=login.initiator_name or "", initiator_alias=login.initiator_alias,

@@ -253,10 +253,20 @@ def main(ctx: click.Context, core: str | None, netns: str | None) -> None:
     ctx.obj = {"core": core, "netns": netns or None}
 
 
-def _table(rows: list[list[str]]) -> list[str]:
+def _echo_table(rows: list[list[str]]) -> None:
     """Columns as wide as their widest cell, two spaces apart."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _echo_fields(fields: list[tuple[str, str]], *later: str) -> int:
+    """``name  value`` lines with the values in one column, wide enough for
+    the names ``later`` printed after them too; returns its width."""
+    width = max(len(k) for k in [*(k for k, _ in fields), *later]) + 2
+    for k, v in fields:
+        click.echo(f"{k:<{width}}{v}")
+    return width
 
 
 @main.command()
@@ -288,9 +298,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if prog:
         fields.append(("Resync", f"{format_size(prog['bytes_done'])}/"
                                  f"{format_size(prog['bytes_total'])} ({prog['percent']}%)"))
-    width = max(len(k) for k, _ in [*fields, ("Alarms", "")]) + 2
-    for k, v in fields:
-        click.echo(f"{k:<{width}}{v}")
+    width = _echo_fields(fields, "Alarms")
     # on a secondary the seqs are the primary's stream as this Core has it: applied,
     # durable here, acknowledged to the primary
     rows = [["LUN", "size", "applied", "durable", "acked", "mirror-q", "edge"]]
@@ -298,8 +306,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         rows.append([lun, format_size(info["size"]), str(info["applied_seq"]),
                      str(info["durable_seq"]), str(info["acked_seq"]),
                      format_size(info["mirror_queue_bytes"]), info.get("edge") or "-"])
-    for line in _table(rows):
-        click.echo(line)
+    _echo_table(rows)
     alarms = st.get("alarms") or []
     click.echo(f"{'Alarms':<{width}}" + ("none" if not alarms else str(len(alarms))))
     for a in alarms:
@@ -311,20 +318,22 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def alarms(ctx: click.Context, as_json: bool) -> None:
     """Active alarms."""
-    _json_mode(ctx, as_json)
-    al = _call(ctx, "alarms")["alarms"]
+    al = _simple(ctx, "alarms", as_json, part="alarms")
     if as_json:
-        click.echo(json.dumps(al, indent=2))
-    elif not al:
+        return
+    if not al:
         click.echo("no alarms")
     else:
         for a in al:
             click.echo(f"{a['alarm']}: {a['message']}")
 
 
-def _simple(ctx: click.Context, cmd: str, as_json: bool, **args: Any) -> dict[str, Any]:
+def _simple(ctx: click.Context, cmd: str, as_json: bool, *, part: str | None = None) -> Any:
+    """The Core's reply to ``cmd`` (or its ``part``), printed as it is for ``--json``."""
     _json_mode(ctx, as_json)
-    out = _call(ctx, cmd, **args)
+    out = _call(ctx, cmd)
+    if part is not None:
+        out = out[part]
     if as_json:
         click.echo(json.dumps(out, indent=2))
     return out
@@ -473,10 +482,8 @@ def journal() -> None:
 @click.pass_context
 def journal_status(ctx: click.Context, as_json: bool) -> None:
     """Size, log use, dirty regions and activity log per LUN."""
-    _json_mode(ctx, as_json)
-    j = _call(ctx, "journal")["journal"]
+    j = _simple(ctx, "journal", as_json, part="journal")
     if as_json:
-        click.echo(json.dumps(j, indent=2))
         return
     fields = [("Journal", j["path"]),
               ("Size", f"{format_size(j['size'])} (needs {format_size(j['required_size'])})"),
@@ -485,15 +492,12 @@ def journal_status(ctx: click.Context, as_json: bool) -> None:
                      f"max {j['al_regions_max']}")]
     if j.get("offline"):
         fields.append(("OFFLINE", f"{j['offline']['alarm']}: {j['offline']['message']}"))
-    width = max(len(k) for k, _ in fields) + 2
-    for k, v in fields:
-        click.echo(f"{k:<{width}}{v}")
+    _echo_fields(fields)
     rows = [["LUN", "regions", "dirty", "dirty bytes", "AL", "crashed-AL"]]
     rows += [[str(lu["lun"]), str(lu["regions"]), str(lu["dirty_regions"]),
               format_size(lu["dirty_bytes"]), str(lu["al_regions"]),
               str(lu["crashed_al_regions"])] for lu in j["luns"]]
-    for line in _table(rows):
-        click.echo(line)
+    _echo_table(rows)
 
 
 @main.command()

@@ -239,19 +239,23 @@ class ReadReply:
 
 
 @dataclass(frozen=True, slots=True)
-class Ping:
+class _Probe:
+    """What PING and its PONG both carry, one layout: the pinger's ``nonce``
+    and send time, which the PONG echoes so the pinger measures the round trip."""
+
     nonce: int
     sent: float
-    TYPE: ClassVar[MsgType] = MsgType.PING
     FIXED: ClassVar[struct.Struct] = struct.Struct(">Qd")
 
 
 @dataclass(frozen=True, slots=True)
-class Pong:
-    nonce: int
-    sent: float
+class Ping(_Probe):
+    TYPE: ClassVar[MsgType] = MsgType.PING
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(_Probe):
     TYPE: ClassVar[MsgType] = MsgType.PONG
-    FIXED: ClassVar[struct.Struct] = struct.Struct(">Qd")
 
 
 Message = Hello | Welcome | Refuse | Control | Write | Ack | Read | ReadReply | Ping | Pong

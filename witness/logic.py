@@ -224,18 +224,19 @@ class PairRecord:
         if not isinstance(o, dict):
             raise WitnessStateError(f"pair {pair!r}: record is not an object")
         try:
-            members = {str(n): Member(_s(m["role"]), _i(m["epoch"]))
+            members = {str(n): Member(_s(m["role"]), _check_epoch(m["epoch"]))
                        for n, m in dict(o["members"]).items()}
             fo = o.get("failover")
             failover = (None if fo is None else
-                        Failover(_s(fo["node"]), _i(fo["from_epoch"]), _i(fo["to_epoch"])))
+                        Failover(_s(fo["node"]), _check_epoch(fo["from_epoch"]),
+                                 _check_epoch(fo["to_epoch"])))
             holder = o["holder"]
             if holder is not None:
                 holder = _s(holder)
-            rec = cls(pair=pair, epoch=_i(o["epoch"]), holder=holder,
-                      holder_epoch=_i(o["holder_epoch"]), members=members,
+            rec = cls(pair=pair, epoch=_check_epoch(o["epoch"]), holder=holder,
+                      holder_epoch=_check_epoch(o["holder_epoch"]), members=members,
                       terminated=bool(o["terminated"]), failover=failover)
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, WitnessError) as e:
             raise WitnessStateError(f"pair {pair!r}: bad record: {e}") from None
         if rec.holder is not None and rec.holder not in rec.members:
             raise WitnessStateError(f"pair {pair!r}: holder {rec.holder!r} is not a member")
@@ -247,12 +248,6 @@ class PairRecord:
 def _s(v: Any) -> str:
     if not isinstance(v, str):
         raise TypeError(f"expected a string, got {type(v).__name__}")
-    return v
-
-
-def _i(v: Any) -> int:
-    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_EPOCH:
-        raise ValueError(f"expected an epoch (0..2^63-1), got {v!r}")
     return v
 
 
@@ -286,8 +281,8 @@ class DurableState:
         if not isinstance(pairs, dict):
             raise WitnessStateError("witness state has no 'pairs' object")
         try:
-            version = _i(body.get("version"))
-        except ValueError as e:
+            version = _check_epoch(body.get("version"))
+        except WitnessError as e:
             raise WitnessStateError(f"witness state version: {e}") from None
         return cls(version, {str(p): PairRecord.from_obj(str(p), r) for p, r in pairs.items()})
 
@@ -331,6 +326,7 @@ def _check_name(what: str, v: object) -> str:
 
 
 def _check_epoch(v: object) -> int:
+    """An epoch, in a request or in the state file (where the version is one too)."""
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= MAX_EPOCH:
         raise WitnessError(f"epoch must be an integer in 0..2^63-1, got {v!r}")
     return v

@@ -28,7 +28,10 @@ a TCP transport and adds what a storage client needs on top:
 
 Errors are :class:`IscsiError` subclasses: :class:`LoginError`,
 :class:`CheckCondition` (key/ASC/ASCQ), :class:`ReservationConflict`,
-:class:`CommandFailed`, :class:`ConnectionLost`, :class:`Timeout`.
+:class:`CommandFailed`, :class:`ConnectionLost`, :class:`Timeout`
+(:mod:`steelfusion.iscsi.errors`); where a target is, an ``iscsi://`` URL or
+a portal, is parsed by :mod:`steelfusion.iscsi.url`.  Their public names are
+importable from here.
 
 Everything runs on one event loop; the client is not thread-safe.  Buffers
 passed to :meth:`IscsiClient.write` are sent without a copy: do not change
@@ -42,12 +45,20 @@ import contextlib
 import itertools
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from steelfusion import log
 from steelfusion.iscsi import commands as cdbs
 from steelfusion.iscsi.chap import ChapCredentials
+from steelfusion.iscsi.errors import (
+    CheckCondition,
+    CommandFailed,
+    ConnectionLost,
+    IscsiError,
+    LoginError,
+    ReservationConflict,
+    Timeout,
+)
 from steelfusion.iscsi.initiator import (
     AsyncEvent,
     CommandComplete,
@@ -68,8 +79,10 @@ from steelfusion.iscsi.initiator import (
 )
 from steelfusion.iscsi.pdu import Buffer, RejectReason
 from steelfusion.iscsi.text import InitiatorLimits
+from steelfusion.iscsi.url import ISCSI_PORT as ISCSI_PORT
+from steelfusion.iscsi.url import IscsiUrl as IscsiUrl
+from steelfusion.iscsi.url import parse_url, split_portal
 
-ISCSI_PORT = 3260
 DEFAULT_INITIATOR_NAME = "iqn.2026-01.io.steelfusion:initiator"
 
 _GOOD, _CHECK_CONDITION, _BUSY, _CONFLICT, _TASK_SET_FULL, _TASK_ABORTED = \
@@ -78,113 +91,6 @@ _UNIT_ATTENTION = 0x6
 RETRIES_MAX = 32
 """Retries of one command for UNIT ATTENTION, BUSY and the like."""
 REDIRECTS_MAX = 4
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class IscsiError(Exception):
-    """Anything that failed a call of :class:`IscsiClient`."""
-
-
-class LoginError(IscsiError):
-    """The target refused the login; ``status`` is its status class/detail
-    (RFC 7143 §11.13.5), or None when we ended it (e.g. mutual CHAP failed)."""
-
-    def __init__(self, reason: str, status: int | None = None) -> None:
-        super().__init__(reason if status is None else f"{reason} (status 0x{status:04x})")
-        self.status = status
-
-
-class CheckCondition(IscsiError):
-    """CHECK CONDITION with sense key/ASC/ASCQ (SPC-4 §4.5)."""
-
-    def __init__(self, sense: cdbs.Sense | None, what: str = "command") -> None:
-        self.sense = sense
-        self.key, self.asc, self.ascq = (sense.key, sense.asc, sense.ascq) if sense else (0, 0, 0)
-        super().__init__(f"{what}: CHECK CONDITION {sense if sense else '(no sense data)'}")
-
-
-class CommandFailed(IscsiError):
-    """Any other failed command: a SAM status (``status``), an iSCSI
-    response, a Reject, a short read."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class ReservationConflict(CommandFailed):
-    """Status RESERVATION CONFLICT (SAM-5 §5.3.1)."""
-
-
-class ConnectionLost(IscsiError):
-    """The target could not be reached (or the command's outcome is unknown
-    after the connection dropped)."""
-
-
-class Timeout(IscsiError):
-    """The command did not finish within the give-up time while connected."""
-
-
-# --------------------------------------------------------------------------- URLs
-
-
-@dataclass(frozen=True, slots=True)
-class IscsiUrl:
-    """``iscsi://[user[%secret]@]host[:port]/target-iqn/lun`` (libiscsi's form)."""
-
-    host: str
-    port: int
-    target: str
-    lun: int
-    user: str | None = None
-    secret: str | None = field(default=None, repr=False)
-
-    @property
-    def portal(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_url(url: str) -> IscsiUrl:
-    """Parse a libiscsi-style URL; ValueError says what is wrong."""
-    scheme, sep, rest = url.partition("://")
-    if scheme.lower() != "iscsi" or not sep:
-        raise ValueError(f"not an iscsi:// URL: {url!r}")
-    if "?" in rest:
-        raise ValueError("iscsi:// URL options are not supported")
-    user = secret = None
-    if "@" in rest:
-        cred, rest = rest.rsplit("@", 1)
-        user, has_secret, secret_part = cred.partition("%")
-        secret = secret_part if has_secret else None
-        if not user:
-            raise ValueError("empty user name in the iscsi:// URL")
-    hostport, _, path = rest.partition("/")
-    target, slash, lun_text = path.rpartition("/")
-    if not slash or not target or not lun_text.isascii() or not lun_text.isdigit():
-        raise ValueError(f"iscsi:// URL needs /<target-iqn>/<lun>: {url!r}")
-    host, port = split_portal(hostport)
-    return IscsiUrl(host, port, target, int(lun_text), user, secret)
-
-
-def split_portal(portal: str, default_port: int = ISCSI_PORT) -> tuple[str, int]:
-    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port`` (a TargetAddress's
-    ``,tpgt`` tail is dropped) → (host, port)."""
-    portal = portal.split(",", 1)[0]
-    if portal.startswith("["):
-        host, _, tail = portal[1:].partition("]")
-        port_text = tail[1:] if tail.startswith(":") else ""
-    elif portal.count(":") == 1:
-        host, _, port_text = portal.partition(":")
-    else:
-        host, port_text = portal, ""
-    if not host:
-        raise ValueError(f"no host in {portal!r}")
-    if port_text and not (port_text.isascii() and port_text.isdigit()
-                          and 0 < int(port_text) < 65536):
-        raise ValueError(f"bad port in {portal!r}")
-    return host, int(port_text) if port_text else default_port
 
 
 # --------------------------------------------------------------------------- commands

@@ -1,11 +1,13 @@
 """iSCSI initiator connection, sans-IO (RFC 7143): the Core's way to a SAN LUN.
 
 :class:`InitiatorConnection` is the initiator's half of one TCP connection
-(and, with MaxConnections=1, of its session), built on the same codec as the
-Edge's target (:mod:`steelfusion.iscsi.pdu`, :mod:`~steelfusion.iscsi.text`,
-:mod:`~steelfusion.iscsi.chap`).  Bytes in through :meth:`receive_data` (or
+(and, with MaxConnections=1, of its session), built on the same codec and
+plumbing as the Edge's target (:mod:`steelfusion.iscsi.pdu`,
+:mod:`~steelfusion.iscsi.text`, :mod:`~steelfusion.iscsi.chap`,
+:mod:`~steelfusion.iscsi.connection`).  Bytes in through :meth:`receive_data` (or
 :meth:`get_buffer`/:meth:`buffer_updated`), bytes out through
-:meth:`data_to_send`, events out, time in as an argument
+:meth:`data_to_send`, events out (:mod:`~steelfusion.iscsi.initiator_events`,
+importable from here), time in as an argument
 (:meth:`get_timer`/:meth:`handle_timer`).  It never touches a socket or a
 clock; :mod:`steelfusion.iscsi.client` is the asyncio adapter.
 
@@ -43,6 +45,20 @@ from dataclasses import dataclass, field
 
 from steelfusion.iscsi.chap import ChapClient, ChapCredentials, ChapError
 from steelfusion.iscsi.commands import Sense, lun_field, parse_sense
+from steelfusion.iscsi.connection import PduConnection, sn_gt
+from steelfusion.iscsi.initiator_events import (
+    AsyncEvent,
+    CommandComplete,
+    CommandRejected,
+    ConnectionDead,
+    Event,
+    LoginComplete,
+    LoginFailed,
+    LogoutComplete,
+    LogoutRequested,
+    Rejected,
+    TargetWillDrop,
+)
 from steelfusion.iscsi.pdu import (
     R2T,
     RESERVED_TAG,
@@ -58,8 +74,6 @@ from steelfusion.iscsi.pdu import (
     NopIn,
     NopOut,
     Opcode,
-    Pdu,
-    PduDecoder,
     Reject,
     ScsiCommand,
     ScsiResponse,
@@ -131,132 +145,11 @@ class InitiatorConfig:
             raise ValueError("mutual CHAP needs the initiator's own CHAP credentials")
 
 
-# --------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True, slots=True)
-class LoginComplete:
-    """Full Feature Phase: commands may be submitted."""
-
-    params: SessionParams
-    tsih: int
-    target_alias: str | None
-    portal_group_tag: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class LoginFailed:
-    """The login ended without a session.  ``status`` is the target's
-    status class/detail (RFC 7143 §11.13.5: 0x01xx redirect, 0x02xx initiator
-    error such as 0x0201 authentication failure, 0x03xx target error), or
-    None when we ended it (a failed mutual CHAP check, a bad negotiation
-    answer, the login timeout).  ``target_address`` is where a redirect
-    points."""
-
-    status: int | None
-    reason: str
-    target_address: str | None = None
-
-    @property
-    def redirect(self) -> bool:
-        return self.status is not None and self.status >> 8 == 1
-
-
-@dataclass(frozen=True, slots=True)
-class CommandComplete:
-    """A SCSI command ended.  ``data`` is what a read returned (a view of the
-    buffer given to :meth:`InitiatorConnection.submit`, else a bytearray);
-    ``residual`` counts bytes short (``underflow``) or beyond
-    (``overflow``) the expected length (RFC 7143 §11.4.5); ``response`` is
-    the iSCSI service response (0: completed at target)."""
-
-    tag: int
-    status: int
-    data: Buffer = b""
-    sense: Sense | None = None
-    response: int = 0
-    residual: int = 0
-    overflow: bool = False
-    underflow: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class CommandRejected:
-    """The target rejected the command (RFC 7143 §11.17); it will not run.
-    Reason 0x0C (waiting for logout) means: retry in a new session."""
-
-    tag: int
-    reason: int
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A Reject of something that is not a command (a Data-Out, a NOP-Out)."""
-
-    reason: int
-    opcode: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionDead:
-    """No sign of life within the NOP timeout: drop the connection."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class LogoutRequested:
-    """The target asks us to log out within ``within_s`` seconds (Async
-    Message event 1): finish, log out, log in again."""
-
-    within_s: int
-
-
-@dataclass(frozen=True, slots=True)
-class TargetWillDrop:
-    """The target will drop this connection (or, with ``session``, all of
-    them) (Async Message events 2, 3); reconnect after ``time2wait_s``."""
-
-    session: bool
-    time2wait_s: int
-    time2retain_s: int
-
-
-@dataclass(frozen=True, slots=True)
-class AsyncEvent:
-    """Any other Async Message (RFC 7143 §11.9.1): event 0 carries the SCSI
-    asynchronous event's ``sense``; 4 asks for renegotiation, which we do
-    not do (the negotiated values stay)."""
-
-    event: int
-    sense: Sense | None
-    parameters: tuple[int, int, int]
-
-
-@dataclass(frozen=True, slots=True)
-class LogoutComplete:
-    """The Logout Response (RFC 7143 §11.15.1): 0 closed, 1 CID not found,
-    2 recovery not supported, 3 cleanup failed.  The connection is done."""
-
-    response: int
-    time2wait_s: int
-    time2retain_s: int
-
-
-Event = (LoginComplete | LoginFailed | CommandComplete | CommandRejected | Rejected
-         | ConnectionDead | LogoutRequested | TargetWillDrop | AsyncEvent | LogoutComplete)
-
-
 class State(enum.Enum):
     LOGIN = "login"
     FULL_FEATURE = "full_feature"
     LOGGING_OUT = "logging_out"
     CLOSED = "closed"
-
-
-def _sn_gt(a: int, b: int) -> bool:
-    """Serial-number a > b (RFC 1982, RFC 7143 §4.2.2.1)."""
-    return a != b and ((a - b) & _M) < 0x80000000
 
 
 class _Task:
@@ -284,25 +177,23 @@ class _Task:
 _AUTH_METHOD, _CHAP_A, _CHAP_R, _AUTH_DONE = range(4)
 
 
-class InitiatorConnection:
+class InitiatorConnection(PduConnection[Event]):
     """Initiator side of one iSCSI connection and its single-connection session.
 
     The first Login Request is queued on construction: flush
     :meth:`data_to_send` once the TCP connection is up.  ``now`` starts the
-    login timeout; ``cmdsn`` is the session's first CmdSN.
+    login timeout; ``cmdsn`` is the session's first CmdSN.  :meth:`receive_data`
+    and :meth:`buffer_updated` (the plumbing it shares with the Edge's target,
+    :class:`~steelfusion.iscsi.connection.PduConnection`) raise
+    :class:`TargetProtocolError` when the connection must be dropped.
     """
 
     def __init__(self, config: InitiatorConfig, *, now: float = 0.0, cmdsn: int = 1) -> None:
+        super().__init__(config.limits.max_recv_data_segment_length, TARGET_OPCODES)
         self.config = config
         self.state = State.LOGIN
         self.params = SessionParams()
         self.tsih = 0
-        mrdsl = config.limits.max_recv_data_segment_length
-        self._decoder = PduDecoder(max_data_segment_length=max(mrdsl, 8192) + 4096,
-                                   accept=TARGET_OPCODES)
-        self._out: list[Buffer] = []
-        self._events: list[Event] = []
-        self._hd = self._dd = False
         self._cmdsn = self._exp_cmdsn = self._max_cmdsn = cmdsn & _M
         self._exp_statsn = 0
         self._next_itt = 1
@@ -347,33 +238,12 @@ class InitiatorConnection:
     @property
     def window(self) -> int:
         """Commands the target will take now (MaxCmdSN - CmdSN + 1)."""
-        return (self._max_cmdsn - self._cmdsn + 1) & _M if not _sn_gt(
+        return (self._max_cmdsn - self._cmdsn + 1) & _M if not sn_gt(
             self._cmdsn, self._max_cmdsn) else 0
 
-    def receive_data(self, data: Buffer) -> list[Event]:
-        """Process bytes from the target; returns events.  Raises
-        :class:`TargetProtocolError` when the connection must be dropped."""
-        if self.state is State.CLOSED:
-            return []
-        self._decoder.add(data)
-        return self._process()
-
-    def get_buffer(self, sizehint: int = -1) -> memoryview:
-        """For an asyncio ``BufferedProtocol``: where to receive the next bytes."""
-        return self._decoder.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> list[Event]:
-        """:meth:`receive_data` for bytes received into :meth:`get_buffer`."""
-        if self.state is State.CLOSED:
-            return []
-        self._decoder.buffer_updated(nbytes)
-        return self._process()
-
-    def data_to_send(self) -> list[Buffer]:
-        """Buffers queued for the wire since the last call (for writelines)."""
-        out = self._out
-        self._out = []
-        return out
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
 
     def submit(self, cdb: bytes, *, lun: int = 0, data: Buffer = b"", read_length: int = 0,
                into: memoryview | None = None, attr: int = TaskAttr.SIMPLE) -> int:
@@ -484,9 +354,6 @@ class InitiatorConnection:
             raise
         return events
 
-    def _send(self, pdu: Pdu) -> None:
-        self._out.extend(pdu.encode_parts(self._hd, self._dd))
-
     def _new_itt(self) -> int:
         itt = self._next_itt
         while itt in self._tasks or itt == RESERVED_TAG or itt == 0:
@@ -496,17 +363,17 @@ class InitiatorConnection:
 
     def _status(self, statsn: int) -> None:
         """A PDU that carried status StatSN: acknowledge it (ExpStatSN)."""
-        if not _sn_gt(self._exp_statsn, statsn):
+        if not sn_gt(self._exp_statsn, statsn):
             self._exp_statsn = (statsn + 1) & _M
 
     def _window(self, exp_cmdsn: int, max_cmdsn: int) -> None:
         """ExpCmdSN/MaxCmdSN from any target PDU: both move only forward, and
         MaxCmdSN < ExpCmdSN - 1 makes both void (RFC 7143 §4.2.2.1)."""
-        if _sn_gt((exp_cmdsn - 1) & _M, max_cmdsn):
+        if sn_gt((exp_cmdsn - 1) & _M, max_cmdsn):
             return
-        if _sn_gt(exp_cmdsn, self._exp_cmdsn):
+        if sn_gt(exp_cmdsn, self._exp_cmdsn):
             self._exp_cmdsn = exp_cmdsn
-        if _sn_gt(max_cmdsn, self._max_cmdsn):
+        if sn_gt(max_cmdsn, self._max_cmdsn):
             self._max_cmdsn = max_cmdsn
             if self._queue:
                 self._pump()
@@ -619,10 +486,9 @@ class InitiatorConnection:
         self.params = p = self._negotiator.params
         self.tsih = pdu.tsih
         self.state = State.FULL_FEATURE
-        self._hd = self._decoder.header_digest = p.header_digest
-        self._dd = self._decoder.data_digest = p.data_digest
+        self._start_digests(p)
         self._decoder.max_data_segment_length = p.max_recv_data_segment_length
-        if not _sn_gt((pdu.exp_cmdsn - 1) & _M, pdu.max_cmdsn):
+        if not sn_gt((pdu.exp_cmdsn - 1) & _M, pdu.max_cmdsn):
             self._exp_cmdsn, self._max_cmdsn = pdu.exp_cmdsn, pdu.max_cmdsn
         declared = self._negotiator.declared
         tpgt = declared.get("TargetPortalGroupTag", "")
@@ -635,7 +501,7 @@ class InitiatorConnection:
         """Send queued commands while the CmdSN window is open."""
         queue = self._queue
         while queue and self.state is State.FULL_FEATURE \
-                and not _sn_gt(self._cmdsn, self._max_cmdsn):
+                and not sn_gt(self._cmdsn, self._max_cmdsn):
             self._start(queue.popleft())
 
     def _start(self, task: _Task) -> None:

@@ -17,9 +17,10 @@ a data segment padded to a 4-byte boundary and an optional CRC32C data digest
 Each opcode is a slotted dataclass whose fields are its layout: each says
 where it sits in the BHS (:func:`~steelfusion.iscsi.bhs.at`), and that one
 list builds both ``header()`` and the decoder (:mod:`steelfusion.iscsi.bhs`).
-Fields several opcodes share (the sequence numbers of every target PDU, what
-Login, Text and Data PDUs have in common in each direction) are placed once,
-in a field group the classes inherit.
+Fields several opcodes share (the sequence numbers of every target PDU, the
+LUN and tags of the NOP, Text, Data, SNACK and R2T PDUs, what Login, Text and
+Data PDUs have in common in each direction) are placed once, in a field group
+the classes inherit.
 ``encode()`` gives one ``bytes``, ``encode_parts()`` a list of buffers for
 ``writelines``, so large Data-In payloads go out as memoryview slices without
 a copy.  What a target does per command (decode a SCSI Command or Data-Out,
@@ -168,30 +169,37 @@ class LoginFields:
 
 
 @pdu_fields
-class DataFields:
+class TagFields:
+    """LUN, Initiator Task Tag and Target Transfer Tag at bytes 8-23, where
+    the NOP, Text, Data, SNACK and R2T PDUs carry them (RFC 7143 §11.7,
+    §11.8, §11.10, §11.11, §11.16, §11.18, §11.19).  A class whose ITT or TTT
+    has another default (or none) says so again."""
+
+    __slots__ = ()
+    lun: int = at(8, "Q", default=0)
+    itt: int = at(16, "I")
+    ttt: int = at(20, "I", default=RESERVED_TAG)
+
+
+@pdu_fields
+class DataFields(TagFields):
     """What Data-Out and Data-In share (RFC 7143 §11.7, §11.8): the F bit,
     LUN, ITT, TTT, DataSN and Buffer Offset."""
 
     __slots__ = ()
     final: bool = at(1, "B", 0x80, default=False)
-    lun: int = at(8, "Q", default=0)
-    itt: int = at(16, "I")
-    ttt: int = at(20, "I", default=RESERVED_TAG)
     datasn: int = at(36, "I", default=0)
     buffer_offset: int = at(40, "I", default=0)
     data: Buffer = b""
 
 
 @pdu_fields
-class TextFields:
+class TextFields(TagFields):
     """What Text Request and Text Response share (RFC 7143 §11.10, §11.11)."""
 
     __slots__ = ()
     final: bool = at(1, "B", 0x80, default=True)
     cont: bool = at(1, "B", 0x40, default=False)
-    lun: int = at(8, "Q", default=0)
-    itt: int = at(16, "I")
-    ttt: int = at(20, "I", default=RESERVED_TAG)
     data: Buffer = b""
 
 
@@ -199,15 +207,12 @@ class TextFields:
 
 
 @pdu_class
-class NopOut(InitiatorPdu):
+class NopOut(InitiatorPdu, TagFields):
     """NOP-Out (RFC 7143 §11.18): ping, or answer to a target NOP-In."""
 
     opcode: ClassVar[int] = Opcode.NOP_OUT
     fixed = (_F,)
     immediate: bool = at(0, "B", 0x40, default=False)
-    lun: int = at(8, "Q", default=0)
-    itt: int = at(16, "I")
-    ttt: int = at(20, "I", default=RESERVED_TAG)
     data: Buffer = b""
 
 
@@ -329,15 +334,12 @@ class LogoutRequest(InitiatorPdu):
 
 
 @pdu_class
-class SnackRequest(Pdu):
+class SnackRequest(Pdu, TagFields):
     """SNACK Request (RFC 7143 §11.16); needs ErrorRecoveryLevel > 0."""
 
     opcode: ClassVar[int] = Opcode.SNACK_REQUEST
     fixed = (_F,)
     snack_type: int = at(1, "B", 0x0F, default=0)
-    lun: int = at(8, "Q", default=0)
-    itt: int = at(16, "I")
-    ttt: int = at(20, "I", default=RESERVED_TAG)
     exp_statsn: int = at(28, "I", default=0)
     begrun: int = at(40, "I", default=0)
     runlength: int = at(44, "I", default=0)
@@ -347,15 +349,13 @@ class SnackRequest(Pdu):
 
 
 @pdu_class
-class NopIn(TargetPdu):
+class NopIn(TargetPdu, TagFields):
     """NOP-In (RFC 7143 §11.19): answer to a NOP-Out, or a target ping
-    (TTT != 0xffffffff)."""
+    (TTT != 0xffffffff, ITT 0xffffffff)."""
 
     opcode: ClassVar[int] = Opcode.NOP_IN
     fixed = (_F,)
-    lun: int = at(8, "Q", default=0)
     itt: int = at(16, "I", default=RESERVED_TAG)
-    ttt: int = at(20, "I", default=RESERVED_TAG)
     data: Buffer = b""
 
 
@@ -436,7 +436,7 @@ class LogoutResponse(TargetPdu):
 
 
 @pdu_class
-class R2T(TargetPdu):
+class R2T(TargetPdu, TagFields):
     """Ready To Transfer (RFC 7143 §11.9): solicits one Data-Out sequence.
 
     ``header()`` is hand-packed, a target sends one per solicited burst; it is
@@ -444,8 +444,6 @@ class R2T(TargetPdu):
 
     opcode: ClassVar[int] = Opcode.R2T
     fixed = (_F,)
-    lun: int = at(8, "Q", default=0)
-    itt: int = at(16, "I")
     ttt: int = at(20, "I")
     r2tsn: int = at(36, "I", default=0)
     buffer_offset: int = at(40, "I", default=0)
