@@ -51,13 +51,14 @@ epoch becomes secondary.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from core import housekeeping, operator, peering, resync
 from core.admission import Refusal, edge_refusal, stale_edge_links
-from core.pipeline import LunPipe, Order
+from core.pipeline import Backend, LunPipe, Order
 from core.ports import LinkKind, Port, WitnessView
 from core.replication import Effect, Event, Refused, Role, State, adopt_epoch, restarted, step
 from core.resync import RESYNC_STREAM, Progress
@@ -138,6 +139,12 @@ class CoreEngine:
 
     def _later(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` once the current callback has returned."""
+        raise NotImplementedError
+
+    def _read_in_worker(self, store: Backend, r: Read,
+                        done: Callable[[bytes | OSError], None]) -> None:
+        """Read from a LUN whose reads wait on the network (a SAN LUN) off the event loop;
+        ``done`` gets the bytes or the OSError, back on the loop."""
         raise NotImplementedError
 
     def _resync_run(self) -> None:
@@ -764,13 +771,22 @@ class CoreEngine:
         if not p.store.check_range(r.offset, r.length):
             link.send(ReadReply(r.req, ReadStatus.OUT_OF_RANGE, b""))
             return
+        if p.store.remote:
+            self._read_in_worker(p.store, r, functools.partial(self._read_reply, link, r))
+            return
         try:
             data = p.store.pread(r.offset, r.length)
         except OSError as e:
-            self.raise_alarm(f"lun_{r.lun}_io", f"LUN id {r.lun} backend read failed: {e}")
-            link.send(ReadReply(r.req, ReadStatus.IO_ERROR, b""))
+            self._read_reply(link, r, e)
             return
         link.send(ReadReply(r.req, ReadStatus.OK, data))
+
+    def _read_reply(self, link: Port, r: Read, got: bytes | OSError) -> None:
+        if isinstance(got, OSError):
+            self.raise_alarm(f"lun_{r.lun}_io", f"LUN id {r.lun} backend read failed: {got}")
+            link.send(ReadReply(r.req, ReadStatus.IO_ERROR, b""))
+        else:
+            link.send(ReadReply(r.req, ReadStatus.OK, got))
 
     # -- operator commands, in core.operator (the adapter asks the Witness in between) ------
     def suspend_check(self) -> dict[str, Any] | None:

@@ -90,6 +90,7 @@ class LunStore:
         self.lun_id = lun_id
         self.path = path
         self.dev, self.size = open_backend(path, size, create)
+        self.remote = is_san(path)  # reads wait on the array: the Core makes them off its loop
         # Every write issued is committed (eager); any exception is fail-stop, since a
         # bug in the seal or a listener must not end the group commit silently either,
         # with acknowledgements stopped and no alarm (issue 13).

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import hashlib
 import os
@@ -24,7 +25,7 @@ import numpy as np
 
 from core.engine import CoreEngine
 from core.lunstore import AppliedState, LunError, LunStore
-from core.pipeline import LunPipeline
+from core.pipeline import Backend, LunPipeline
 from core.ports import LinkKind
 from core.replication import Event, Role, State
 from core.resync import Progress
@@ -37,7 +38,7 @@ from steelfusion.link import Link, dial, listen
 from steelfusion.startup import listening
 from steelfusion.tasks import Background
 from steelfusion.units import format_addr
-from steelfusion.wire import Control, Hello
+from steelfusion.wire import Control, Hello, Read
 
 if TYPE_CHECKING:
     from witness.client import WitnessClient
@@ -298,6 +299,20 @@ class Core(CoreEngine):
             elif time.monotonic() >= next_reopen:
                 next_reopen = time.monotonic() + JOURNAL_RETRY_S
                 self._reopen_journal(j)
+
+    def _read_in_worker(self, store: Backend, r: Read,
+                        done: Callable[[bytes | OSError], None]) -> None:
+        def finished(f: asyncio.Future[bytes]) -> None:
+            if f.cancelled():  # the loop is closing
+                return
+            e = f.exception()
+            if e is not None and not isinstance(e, OSError):
+                self._task_failed("san-read", e)
+                e = OSError(errno.EIO, f"read failed: {e!r}")
+            done(e if e is not None else f.result())
+
+        asyncio.get_running_loop().run_in_executor(None, store.pread, r.offset, r.length
+                                                   ).add_done_callback(finished)
 
     def _check_devices(self) -> None:
         """An alarm while a SAN LUN's session is down (issue 12): writes to it wait, unacknowledged."""

@@ -56,6 +56,7 @@ class Backend(Protocol):
     """Where a LUN's writes land: :class:`core.lunstore.LunStore`, or a simulated disk."""
 
     size: int
+    remote: bool  # reads wait on the network (a SAN LUN): the Core reads it off its loop
 
     def check_range(self, offset: int, length: int) -> bool: ...
     def pwrite(self, offset: int, data: bytes | memoryview) -> int: ...

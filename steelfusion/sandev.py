@@ -197,7 +197,7 @@ class IscsiDevice:
         if self._client.connected:
             return None
         return (f"the iSCSI session to {redact(self.path)} is down "
-                f"({self._client._last_loss or 'logging in'}); reconnecting")
+                f"({self._client.last_loss or 'logging in'}); reconnecting")
 
     def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         bs = self._client.block_size

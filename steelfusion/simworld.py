@@ -107,6 +107,8 @@ class SimDisk:
     unsynced write, whatever the disk had written (a coin toss).
     """
 
+    remote = False  # reads answer at once
+
     def __init__(self, sim: World) -> None:
         self.sim = sim
         self.owner: DiskOwner | None = None

@@ -63,8 +63,16 @@ def test_lab_puts_each_cores_luns_on_its_array(lab, tmp_path: Path) -> None:  # 
     st = lab_.status()
     assert [(s["name"], s["running"], s["accepting"]) for s in st["sans"]] == [
         ("san-a", True, True), ("san-b", True, True)]
+    # what the array holds (put there behind everyone's back) is what the host reads: the
+    # Edge's cold reads go to the Core, whose reads go to the array off its event loop
+    url = data["edges"][0]["targets"][0]["url"]
+    old = os.urandom(LUN)
+    Path(data["sans"][0]["luns"]["1"]).write_bytes(old)
+    back = tmp_path / "cold.raw"
+    qemu_read(url, back)
+    assert back.read_bytes() == old
     img = image(tmp_path, "one.raw")
-    qemu_write(img, data["edges"][0]["targets"][0]["url"])
+    qemu_write(img, url)
     lab_.wait_committed(timeout=120)
     wait_for(lambda: status(data["cores"][0]["control"])["replication"] == "running",
              what="replication running")

@@ -15,6 +15,7 @@ import pytest
 from core.lunstore import LunStore
 from journal.journal import Journal
 from steelfusion.blockdev import FileDevice, open_device
+from steelfusion.initiator import need
 from steelfusion.san import TgtAdm
 from steelfusion.sandev import IscsiDevice, redact
 from tests.nodes import wait_for
@@ -34,6 +35,9 @@ def test_san_lun_as_a_device_rides_out_an_outage(tmp_path: Path) -> None:
     p = _start(path)
     try:
         wait_for(lambda: TgtAdm(cfg.control_port).ready(), 20, "tgtd up")
+        wait_for(lambda: subprocess.run([need("qemu-img"), "info", cfg.url(1)],
+                                        capture_output=True).returncode == 0, 20,
+                 "the LUN to be exported")
         dev = open_device(cfg.url(1))
         assert isinstance(dev, IscsiDevice)
         try:

@@ -235,6 +235,11 @@ class IscsiClient:
     def connected(self) -> bool:
         return self._conn is not None and self._conn.state is State.FULL_FEATURE
 
+    @property
+    def last_loss(self) -> str:
+        """Why the last connection ended or the last login failed ("" before any)."""
+        return self._last_loss
+
     async def connect(self) -> None:
         """TCP connection, login, READ CAPACITY(16).  Raises
         :class:`LoginError`, :class:`ConnectionLost` or :class:`Timeout`."""
