@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,21 @@ def tool(name: str) -> str:
         pytest.fail(f"{name} is not installed: run `make install` (it installs libiscsi-bin, "
                     "qemu-utils, e2fsprogs and tgt)")
     return path
+
+
+Runner = Callable[[Coroutine[Any, Any, None]], None]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def aio_run(request: pytest.FixtureRequest) -> Runner:
+    """Runs a test's coroutine to its end, once on asyncio's own loop and once on uvloop (what
+    the node processes run on)."""
+    if request.param == "uvloop":
+        pytest.importorskip("uvloop")
+        import uvloop
+
+        return uvloop.run
+    return asyncio.run
 
 
 @pytest.fixture

@@ -1,26 +1,40 @@
-"""Test helpers: start real Core processes and speak the wire protocol as an Edge would;
-wait for a condition; check a CLI's one-line refusal and that nothing a test started is left."""
+"""Test helpers: start real Core and Witness processes (and labs) and speak the wire protocol
+as an Edge would; wait for a condition; check a CLI's one-line refusal and that nothing a test
+started is left."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from steelfusion import control
-from steelfusion.config import CoreConfig, write_toml
-from steelfusion.lab import core_pair_configs, free_ports, pid_alive, spawn, wait_control
+from steelfusion.config import CoreConfig, WitnessConfig, write_toml
+from steelfusion.lab import Lab, core_pair_configs, free_ports, pid_alive, spawn, wait_control
 from steelfusion.link import Link, dial
 from steelfusion.units import parse_addr
 from steelfusion.wire import Ack, Hello, Message, Refuse, Welcome, Write
 
 MiB = 1 << 20
 SPAWNED: list[int] = []  # every node process a test started; conftest kills leftovers at the end
+
+
+@contextlib.contextmanager
+def lab_at(d: Path) -> Iterator[Lab]:
+    """A Lab in ``d`` (the test brings it up), brought down afterwards if it came up."""
+    lab = Lab(d)
+    try:
+        yield lab
+    finally:
+        if lab.file.exists():
+            lab.down()
 
 
 def status(addr: str | tuple[str, int]) -> dict[str, Any]:
@@ -30,6 +44,19 @@ def status(addr: str | tuple[str, int]) -> dict[str, Any]:
 
 def alarms(addr: str | tuple[str, int]) -> set[str]:
     return {a["alarm"] for a in status(addr).get("alarms") or []}
+
+
+def peer_linked(addr: str | tuple[str, int]) -> bool:
+    """The Core at ``addr`` has an established outbound replication connection (to its peer)."""
+    return any(c["established"] and c["direction"] == "out"
+               for c in status(addr)["connections"]["replication"])
+
+
+def pairing_refused(a: CoreProc, b: CoreProc, because: str) -> bool:
+    """Both Cores of a pair raise the pairing_refused alarm, each naming ``because``."""
+    alarms = status(a.cfg.control)["alarms"] + status(b.cfg.control)["alarms"]
+    why = [x["message"] for x in alarms if x["alarm"] == "pairing_refused"]
+    return len(why) == 2 and all(because in m for m in why)
 
 
 def wait_for(pred: Any, timeout: float = 30, what: str = "", every: float = 0.1) -> Any:
@@ -117,20 +144,67 @@ class CoreProc:
         return Path(self.cfg.log_file or "").read_text()
 
 
-def make_witness(tmp: Path, lease: float = 1.5) -> tuple[tuple[str, int], int]:
-    """Start a Witness process; returns (address, pid)."""
-    from steelfusion.config import WitnessConfig
+@dataclass
+class WitnessProc:
+    """A Witness process on loopback: its config written by :meth:`configure`, started,
+    signalled and killed by the test."""
 
-    p1, p2 = free_ports(2)
-    cfg = WitnessConfig(name="witness", listen=("127.0.0.1", p1), control=("127.0.0.1", p2),
-                        state_dir=str(tmp / "witness"), lease_seconds=lease,
-                        log_file=str(tmp / "witness.log"))
-    path = tmp / "witness.toml"
-    write_toml(path, cfg.to_dict())
-    pid = spawn("witness", path, tmp, "witness")
-    SPAWNED.append(pid)
-    wait_control(cfg.control, pid, 30, "witness", tmp)  # type: ignore[arg-type]
-    return cfg.listen, pid
+    cfg: WitnessConfig
+    path: Path
+    workdir: Path
+    pid: int = 0
+
+    @classmethod
+    def configure(cls, tmp: Path, lease: float = 1.5) -> WitnessProc:
+        """A Witness on two free ports, its state in ``tmp/witness`` (not started)."""
+        p1, p2 = free_ports(2)
+        cfg = WitnessConfig(name="witness", listen=("127.0.0.1", p1), control=("127.0.0.1", p2),
+                            state_dir=str(tmp / "witness"), lease_seconds=lease,
+                            log_file=str(tmp / "witness.log"))
+        path = tmp / "witness.toml"
+        write_toml(path, cfg.to_dict())
+        return cls(cfg, path, tmp)
+
+    @property
+    def control(self) -> tuple[str, int]:
+        assert self.cfg.control is not None
+        return self.cfg.control
+
+    def start(self, wait: bool = True) -> None:
+        """Spawn it; with ``wait``, until it answers on its control port."""
+        self.pid = spawn("witness", self.path, self.workdir, self.cfg.name)
+        SPAWNED.append(self.pid)
+        if wait:
+            wait_control(self.control, self.pid, 30, self.cfg.name, self.workdir)
+
+    def send_signal(self, sig: int) -> None:
+        if self.pid and pid_alive(self.pid):
+            os.kill(self.pid, sig)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        kill_and_wait(self.pid, sig)
+
+    def status(self) -> dict[str, Any]:
+        return status(self.control)
+
+    def listening(self) -> bool:
+        """It answers ``status`` now (no waiting)."""
+        try:
+            return bool(control.call(self.control, "status", timeout=0.5).get("ok"))
+        except (OSError, ValueError, control.ControlError):
+            return False
+
+
+@contextlib.contextmanager
+def running(*procs: CoreProc | WitnessProc) -> Iterator[None]:
+    """Start ``procs`` in order; kill every one afterwards, whatever happened."""
+    try:
+        for p in procs:
+            p.start()
+        yield
+    finally:
+        for p in procs:
+            p.kill()
 
 
 def make_cores(tmp: Path, luns: dict[int, int], replica_luns: dict[int, int] | None = None,

@@ -25,11 +25,11 @@ from edge.auth import (
     decode_binary,
 )
 from edge.iscsi_session import LoginFailed, State
-from steelfusion.iscsi.pdu import LoginRequest, LoginResponse
+from steelfusion.iscsi.pdu import LoginResponse
 from steelfusion.iscsi.text import decode_text, encode_text
 from tests.conftest import tool
+from tests.iscsi_helpers import INITIATOR, IQN, LIBISCSI_KEYS, OTHER_IQN, Initiator
 from tests.nodes import wait_for
-from tests.test_iscsi_session import INITIATOR, IQN, LIBISCSI_KEYS, Initiator
 
 SECRET = b"initiator-secret-1"
 TSECRET = b"target-secret-22"
@@ -159,23 +159,15 @@ def chap_login(ini: Initiator, secret: bytes, *, mutual: bytes | None = None,
                discovery: bool = False) -> tuple[LoginResponse, dict[str, str]]:
     base = [("InitiatorName", INITIATOR)]
     base += [("SessionType", "Discovery")] if discovery else [("TargetName", IQN)]
-    ini.send(LoginRequest(itt=1, isid=0x5, cmdsn=1, transit=True, csg=0, nsg=1,
-                          data=encode_text([*base, ("AuthMethod", "CHAP,None")])))
-    (r,) = ini.recv()
-    assert isinstance(r, LoginResponse) and not r.transit
+    r = ini.login_step([*base, ("AuthMethod", "CHAP,None")])
+    assert not r.transit
     assert dict(decode_text(r.data))["AuthMethod"] == "CHAP"
-    ini.send(LoginRequest(itt=1, isid=0x5, cmdsn=1, transit=True, csg=0, nsg=1,
-                          data=encode_text([("CHAP_A", "5")])))
-    (r,) = ini.recv()
-    d = dict(decode_text(r.data))
+    d = dict(decode_text(ini.login_step([("CHAP_A", "5")]).data))
     resp = chap_response(5, int(d["CHAP_I"]), secret, bytes.fromhex(d["CHAP_C"][2:]))
     keys = [("CHAP_N", "alice"), ("CHAP_R", "0x" + resp.hex())]
     if mutual is not None:
         keys += [("CHAP_I", "3"), ("CHAP_C", "0x" + mutual.hex())]
-    ini.send(LoginRequest(itt=1, isid=0x5, cmdsn=1, transit=True, csg=0, nsg=1,
-                          data=encode_text(keys)))
-    (r,) = ini.recv()
-    assert isinstance(r, LoginResponse)
+    r = ini.login_step(keys)
     return r, dict(decode_text(r.data))
 
 
@@ -186,10 +178,8 @@ def test_session_chap_then_full_feature() -> None:
     r, keys = chap_login(ini, SECRET, mutual=challenge)
     assert r.status_class == 0 and r.transit and r.nsg == 1
     assert keys["CHAP_R"] == "0x" + chap_response(5, 3, TSECRET, challenge).hex()
-    ini.send(LoginRequest(itt=1, isid=0x5, cmdsn=1, transit=True, csg=1, nsg=3,
-                          data=encode_text(LIBISCSI_KEYS)))
-    (r,) = ini.recv()
-    assert isinstance(r, LoginResponse) and r.transit and r.status_class == 0
+    r = ini.login_step(LIBISCSI_KEYS, csg=1, nsg=3)
+    assert r.transit and r.status_class == 0
     assert ini.conn.state is State.FULL_FEATURE
 
 
@@ -208,15 +198,13 @@ def test_session_discovery_chap_and_acl_filtered_send_targets() -> None:
     ini = Initiator(authenticator=auth)
     r, _ = chap_login(ini, SECRET, discovery=True)
     assert r.status_class == 0
-    ini.send(LoginRequest(itt=1, isid=0x5, cmdsn=1, transit=True, csg=1, nsg=3,
-                          data=encode_text([("HeaderDigest", "None")])))
-    ini.recv()
+    ini.login_step([("HeaderDigest", "None")], csg=1, nsg=3)
     from steelfusion.iscsi.pdu import TextRequest, TextResponse
     ini.send(TextRequest(itt=9, cmdsn=1, data=encode_text([("SendTargets", "All")])))
     (t,) = ini.recv()
     assert isinstance(t, TextResponse)
     names = [v for k, v in decode_text(t.data) if k == "TargetName"]
-    assert IQN not in names and "iqn.2024-01.io.steelfusion:other" in names
+    assert IQN not in names and OTHER_IQN in names
 
 
 # --------------------------------------------------------------------------- real initiators

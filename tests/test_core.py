@@ -4,25 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from steelfusion import control
 from steelfusion.wire import Message
-from tests.nodes import FakeEdge, MiB, make_cores
+from tests.nodes import (
+    CoreProc,
+    FakeEdge,
+    MiB,
+    alarms,
+    make_cores,
+    pairing_refused,
+    running,
+    status,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(120)]  # real node processes
 
 
 @pytest.fixture
-def pair(tmp_path: Path):  # type: ignore[no-untyped-def]
+def pair(tmp_path: Path) -> Iterator[tuple[CoreProc, CoreProc]]:
     a, b = make_cores(tmp_path, {1: 8 * MiB, 2: 4 * MiB})
-    a.start()
-    b.start()
-    yield a, b
-    a.kill()
-    b.kill()
+    with running(a, b):
+        yield a, b
+
+
+async def edge_on(core: CoreProc, stream: int, name: str = "edge-x") -> FakeEdge:
+    """A FakeEdge of the pair's two LUNs (8 and 4 MiB), welcomed by ``core``."""
+    e = FakeEdge(name, stream, {1: 8 * MiB, 2: 4 * MiB})
+    assert await e.connect(core.cfg.listen), e.refused
+    return e
 
 
 def _wait_repl(addr: tuple[str, int], want: str, timeout: float = 15) -> dict:
@@ -49,8 +64,7 @@ def test_write_acked_only_when_on_both_cores(pair) -> None:  # type: ignore[no-u
     model = {1: bytearray(8 * MiB), 2: bytearray(4 * MiB)}
 
     async def main() -> None:
-        e = FakeEdge("edge-x", 42, {1: 8 * MiB, 2: 4 * MiB})
-        assert await e.connect(a.cfg.listen)
+        e = await edge_on(a, 42)
         seqs = {1: 0, 2: 0}
         for _ in range(500):
             lun = rng.choice([1, 2])
@@ -76,8 +90,7 @@ def test_secondary_down_pauses_then_resumes(pair) -> None:  # type: ignore[no-un
     _wait_repl(a.cfg.control, "running")
 
     async def main() -> None:
-        e = FakeEdge("edge-x", 7, {1: 8 * MiB, 2: 4 * MiB})
-        assert await e.connect(a.cfg.listen)
+        e = await edge_on(a, 7)
         e.write(1, 1, 0, b"1" * 4096)
         await e.wait_acked(1, 1)
         b.kill()
@@ -103,10 +116,8 @@ def test_a_reconnecting_edge_replaces_its_own_stale_link(pair) -> None:  # type:
     _wait_repl(a.cfg.control, "running")
 
     async def main() -> None:
-        e = FakeEdge("edge-x", 9, {1: 8 * MiB, 2: 4 * MiB})
-        assert await e.connect(a.cfg.listen)
-        e2 = FakeEdge("edge-x", 9, {1: 8 * MiB, 2: 4 * MiB})  # e still connected
-        assert await e2.connect(a.cfg.listen), e2.refused
+        e = await edge_on(a, 9)
+        e2 = await edge_on(a, 9)  # e still connected
         assert e.link is not None
         await asyncio.wait_for(e.link.closed.wait(), 5)
         e2.write(1, 1, 0, b"A" * 4096)
@@ -121,15 +132,13 @@ def test_resend_is_not_applied_twice(pair) -> None:  # type: ignore[no-untyped-d
     _wait_repl(a.cfg.control, "running")
 
     async def main() -> None:
-        e = FakeEdge("edge-x", 9, {1: 8 * MiB, 2: 4 * MiB})
-        assert await e.connect(a.cfg.listen)
+        e = await edge_on(a, 9)
         e.write(1, 1, 0, b"A" * 4096)          # seq 1: A over [0, 4K)
         e.write(1, 2, 0, b"B" * 8192)          # seq 2: B over [0, 8K)
         await e.wait_acked(1, 2)
         e.close()
         # the Edge crashed before it saw the ack and resends both, then a new write
-        e2 = FakeEdge("edge-x", 9, {1: 8 * MiB, 2: 4 * MiB})
-        assert await e2.connect(a.cfg.listen)
+        e2 = await edge_on(a, 9)
         assert e2.welcome is not None and e2.welcome.applied[1] == (9, 2)
         e2.write(1, 1, 0, b"A" * 4096)
         e2.write(1, 2, 0, b"B" * 8192)
@@ -150,8 +159,7 @@ def test_sequence_gap_is_refused_never_skipped(pair) -> None:  # type: ignore[no
     _wait_repl(a.cfg.control, "running")
 
     async def main() -> None:
-        e = FakeEdge("edge-g", 11, {1: 8 * MiB, 2: 4 * MiB})
-        assert await e.connect(a.cfg.listen)
+        e = await edge_on(a, 11, "edge-g")
         e.write(1, 1, 0, b"1" * 4096, prev=0)
         await e.wait_acked(1, 1)
         e.write(1, 5, 4 * 4096, b"5" * 4096, prev=3)  # 2 and 3 were lost on the way
@@ -164,8 +172,7 @@ def test_sequence_gap_is_refused_never_skipped(pair) -> None:  # type: ignore[no
         st = control.call(a.cfg.control, "status")
         assert any(al["alarm"] == "lun_1_sequence_gap" for al in st["alarms"]), st["alarms"]
         # the Edge reconnects and resends from what was acknowledged: the hole is filled
-        e2 = FakeEdge("edge-g", 11, {1: 8 * MiB, 2: 4 * MiB})
-        assert await e2.connect(a.cfg.listen)
+        e2 = await edge_on(a, 11, "edge-g")
         e2.write(1, 2, 1 * 4096, b"2" * 4096, prev=1)
         e2.write(1, 3, 2 * 4096, b"3" * 4096, prev=2)
         e2.write(1, 5, 4 * 4096, b"5" * 4096, prev=3)
@@ -181,19 +188,28 @@ def test_sequence_gap_is_refused_never_skipped(pair) -> None:  # type: ignore[no
     assert '"sequence_gap"' in a.log_events() and '"sequence_gap_filled"' in a.log_events()
 
 
-def test_core_refuses_edge_with_wrong_lun_size(pair) -> None:  # type: ignore[no-untyped-def]
-    a, _ = pair
+@pytest.mark.parametrize("to,luns,epoch,code,reason,logged", [
+    ("primary", {1: 16 * MiB}, 0, "lun-size-mismatch", ["16777216", "8388608"],
+     ['"edge_refused"', "lun-size-mismatch"]),
+    # DESIGN invariant 2: a stale primary (older epoch than the Edge saw) is refused by Edges.
+    ("primary", {1: 8 * MiB}, 5, "stale-primary", [], []),
+    ("secondary", {1: 8 * MiB}, 0, "not-primary", ["secondary"], ["not-primary"]),
+])
+def test_core_refuses_edges(pair: tuple[CoreProc, CoreProc], to: str, luns: dict[int, int],
+                            epoch: int, code: str, reason: list[str], logged: list[str]) -> None:
+    a, b = pair
+    core = a if to == "primary" else b
 
-    async def main() -> None:
-        e = FakeEdge("edge-bad", 1, {1: 16 * MiB})
-        assert not await e.connect(a.cfg.listen)
-        assert e.refused is not None and e.refused.code == "lun-size-mismatch"
-        assert "16777216" in e.refused.reason and "8388608" in e.refused.reason
+    async def main() -> FakeEdge:
+        e = FakeEdge("edge-x", 1, luns, epoch=epoch)
+        assert not await e.connect(core.cfg.listen)
+        return e
 
-    asyncio.run(main())
-    assert '"edge_refused"' in a.log_events() and "lun-size-mismatch" in a.log_events()
-    # and it keeps serving a good Edge
-    asyncio.run(_one_good_write(a.cfg.listen))
+    refused = asyncio.run(main()).refused
+    assert refused is not None and refused.code == code
+    assert all(w in refused.reason for w in reason), refused.reason
+    assert all(w in core.log_events() for w in logged)
+    asyncio.run(_one_good_write(a.cfg.listen))  # and the primary keeps serving a good Edge
 
 
 async def _one_good_write(addr: tuple[str, int]) -> None:
@@ -204,55 +220,15 @@ async def _one_good_write(addr: tuple[str, int]) -> None:
     e.close()
 
 
-def test_core_refuses_edge_that_saw_a_newer_epoch(pair) -> None:  # type: ignore[no-untyped-def]
-    """DESIGN invariant 2: a stale primary (older epoch) is refused by Edges."""
-    a, _ = pair
-
-    async def main() -> None:
-        e = FakeEdge("edge-x", 1, {1: 8 * MiB}, epoch=5)
-        assert not await e.connect(a.cfg.listen)
-        assert e.refused is not None and e.refused.code == "stale-primary"
-
-    asyncio.run(main())
-
-
-def test_secondary_refuses_edges(pair) -> None:  # type: ignore[no-untyped-def]
-    _, b = pair
-
-    async def main() -> None:
-        e = FakeEdge("edge-x", 1, {1: 8 * MiB})
-        assert not await e.connect(b.cfg.listen)
-        assert e.refused is not None and e.refused.code == "not-primary"
-        assert "secondary" in e.refused.reason
-
-    asyncio.run(main())
-    assert "not-primary" in b.log_events()
-
-
 def test_replica_smaller_than_primary_is_refused(tmp_path: Path) -> None:
     a, b = make_cores(tmp_path, {1: 8 * MiB}, replica_luns={1: 4 * MiB})
-    a.start()
-    b.start()
-    try:
-        import time
-
+    with running(a, b):
         # Both sides say why, as an alarm an operator sees (not only a log line), and
         # replication does not start.
-        deadline = time.monotonic() + 20
-        while True:
-            sa = control.call(a.cfg.control, "status")
-            sb = control.call(b.cfg.control, "status")
-            why = [x["message"] for x in sa["alarms"] + sb["alarms"]
-                   if x["alarm"] == "pairing_refused"]
-            if len(why) == 2 and all("replica-size" in m for m in why):
-                break
-            assert time.monotonic() < deadline, f"no pairing_refused alarm: {why}"
-            time.sleep(0.1)
-        assert sa["replication"] != "running"
+        wait_for(lambda: pairing_refused(a, b, "replica-size"), 20,
+                 "a pairing_refused alarm (replica-size) on both Cores")
+        assert status(a.cfg.control)["replication"] != "running"
         assert "replica-size" in b.log_events()
-    finally:
-        a.kill()
-        b.kill()
 
 
 def test_garbage_on_core_port_drops_only_that_connection(pair) -> None:  # type: ignore[no-untyped-def]
@@ -285,9 +261,7 @@ def test_core_refuses_nodes_that_cannot_authenticate(tmp_path: Path) -> None:
         d = c.cfg.to_dict()
         d["auth"] = {"key_file": key, "key_id": "lab"}
         write_toml(c.path, d)
-    a.start()
-    b.start()
-    try:
+    with running(a, b):
         _wait_repl(a.cfg.control, "running")
 
         async def attempt(k: NodeKey | None) -> Message | None:
@@ -318,9 +292,6 @@ def test_core_refuses_nodes_that_cannot_authenticate(tmp_path: Path) -> None:
         assert isinstance(good, Welcome)
         assert "node_auth_failed" in a.log_events()
         assert read_key_file(key).hex() not in a.log_events()  # secrets never logged
-    finally:
-        a.kill()
-        b.kill()
 
 
 @pytest.mark.timeout(120)
@@ -331,9 +302,7 @@ def test_online_verify_alarms_on_a_replica_that_differs(tmp_path: Path) -> None:
 
     a, b = make_cores(tmp_path, {1: 8 * MiB}, journal_size=3 << 30, initial_sync=False,
                       verify_interval_s=1.0)
-    a.start()
-    b.start()
-    try:
+    with running(a, b):
         _wait_repl(a.cfg.control, "running")
 
         async def write() -> None:
@@ -346,40 +315,28 @@ def test_online_verify_alarms_on_a_replica_that_differs(tmp_path: Path) -> None:
 
         asyncio.run(write())
 
-        def alarms() -> set[str]:
-            return {al["alarm"] for al in control.call(a.cfg.control, "status")["alarms"]}
-
         time.sleep(2.5)  # verified identical at least once
-        assert "lun_1_replica_mismatch" not in alarms()
+        assert "lun_1_replica_mismatch" not in alarms(a.cfg.control)
         # silent corruption on the replica, behind the Cores' backs
         path = next(lu.path for lu in b.cfg.luns if lu.id == 1)
         with open(path, "r+b") as f:
             f.seek(5 * MiB)
             f.write(b"\xee" * 4096)
-        deadline = time.monotonic() + 30
-        while "lun_1_replica_mismatch" not in alarms():
-            assert time.monotonic() < deadline, "no alarm for a replica that differs"
-            time.sleep(0.2)
+        wait_for(lambda: "lun_1_replica_mismatch" in alarms(a.cfg.control), 30,
+                 "an alarm for a replica that differs", every=0.2)
         assert '"verify_done"' in a.log_events()
         for _ in range(50):  # the background verify may be running right now
             r = control.call(a.cfg.control, "verify", timeout=60, repair=True)
             if "already running" not in str(r.get("error", "")):
                 break
             time.sleep(0.2)
-        deadline = time.monotonic() + 30
-        while "lun_1_replica_mismatch" in alarms():
-            assert time.monotonic() < deadline, "alarm not cleared after the repair"
-            time.sleep(0.2)
+        wait_for(lambda: "lun_1_replica_mismatch" not in alarms(a.cfg.control), 30,
+                 "the alarm cleared after the repair", every=0.2)
         assert a.lun_bytes(1) == b.lun_bytes(1)
-    finally:
-        a.kill()
-        b.kill()
 
 
 def test_status_counts_replication_connections_per_interface(pair) -> None:  # type: ignore[no-untyped-def]
     """Seed: two TCP replication connections per interface; status says how many each holds."""
-    from tests.nodes import wait_for
-
     a, _ = pair
     _wait_repl(a.cfg.control, "running")
     def per_iface() -> dict:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,17 @@ import pytest
 
 from journal import required_size
 from steelfusion import control
-from tests.nodes import CoreProc, FakeEdge, MiB, make_cores, make_witness
+from tests.nodes import (
+    CoreProc,
+    FakeEdge,
+    MiB,
+    WitnessProc,
+    make_cores,
+    pairing_refused,
+    peer_linked,
+    running,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(120)]  # real node processes
 
@@ -25,22 +34,13 @@ def st(c: CoreProc) -> dict[str, Any]:
     return control.call(c.cfg.control, "status")
 
 
-def wait(pred: Any, timeout: float = 30, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out: {what}")
-        time.sleep(0.05)
-
-
 def test_regions_in_flight_at_a_primary_crash_are_resynced(tmp_path: Path) -> None:
     """DESIGN invariant 5: the old primary cannot keep blocks the new primary never had."""
-    waddr, wpid = make_witness(tmp_path, lease=1.0)
-    a, b = make_cores(tmp_path, {1: 16 * MiB}, witness=waddr, journal_size=required_size(1))
-    a.start()
-    b.start()
-    try:
-        wait(lambda: st(a)["replication"] == "running", what="running")
+    w = WitnessProc.configure(tmp_path, lease=1.0)
+    a, b = make_cores(tmp_path, {1: 16 * MiB}, witness=w.cfg.listen,
+                      journal_size=required_size(1))
+    with running(w, a, b):
+        wait_for(lambda: st(a)["replication"] == "running", what="running")
         x = os.urandom(64 * 1024)
 
         async def phase1() -> None:
@@ -49,17 +49,19 @@ def test_regions_in_flight_at_a_primary_crash_are_resynced(tmp_path: Path) -> No
             e.write(1, 1, 0, b"a" * 4096)
             await e.wait_acked(1, 1)
             b.kill()
-            await asyncio.to_thread(wait, lambda: st(a)["replication"] == "paused", 15, "paused")
+            await asyncio.to_thread(wait_for, lambda: st(a)["replication"] == "paused", 15,
+                                    "paused")
             e.write(1, 2, 4 * MiB, x)  # applied on the primary only: in flight
-            await asyncio.to_thread(wait, lambda: st(a)["luns"]["1"]["applied_seq"] == 2, 10,
-                                    "applied")
+            await asyncio.to_thread(wait_for, lambda: st(a)["luns"]["1"]["applied_seq"] == 2,
+                                    10, "applied")
             e.close()
 
         asyncio.run(phase1())
         assert a.lun_bytes(1)[4 * MiB:4 * MiB + len(x)] == x
         a.kill()
         b.start()
-        wait(lambda: control.call(b.cfg.control, "failover").get("ok") is True, 20, "failover")
+        wait_for(lambda: control.call(b.cfg.control, "failover").get("ok") is True, 20,
+                 "failover")
         assert st(b)["role"] == "primary"
 
         async def phase2() -> None:
@@ -72,41 +74,31 @@ def test_regions_in_flight_at_a_primary_crash_are_resynced(tmp_path: Path) -> No
 
         asyncio.run(phase2())
         a.start()
-        wait(lambda: st(a)["role"] == "secondary", 20, "demotion")
-        wait(lambda: any(c["established"] and c["direction"] == "out"
-                         for c in st(b)["connections"]["replication"]), 20, "peer link")
+        wait_for(lambda: st(a)["role"] == "secondary", 20, "demotion")
+        wait_for(lambda: peer_linked(b.cfg.control), 20, "peer link")
         assert control.call(b.cfg.control, "resume")["ok"]
-        wait(lambda: st(b)["replication"] == "running", 30, "resync")
+        wait_for(lambda: st(b)["replication"] == "running", 30, "resync")
         assert a.lun_bytes(1) == b.lun_bytes(1)
         assert a.lun_bytes(1)[4 * MiB:4 * MiB + len(x)] == bytes(len(x))  # the diverged write is gone
         assert "diverged_regions_received" in b.log_events()
-    finally:
-        a.kill()
-        b.kill()
-        os.kill(wpid, 9)
 
 
 def test_journal_too_small_raises_alarm_and_replication_does_not_start(tmp_path: Path) -> None:
     a, _ = make_cores(tmp_path, {1: 8 * MiB, 2: 8 * MiB}, journal_size=2 << 30)  # needs 5 GiB
-    a.start()
-    try:
+    with running(a):
         s = st(a)
         assert s["replication"] == "disabled"
         alarm = {x["alarm"]: x["message"] for x in s["alarms"]}
         assert "journal_too_small" in alarm and "5" in alarm["journal_too_small"]
         assert s["connections"]["replication_expected_out"] == 0
         assert "replication_service_not_started" in a.log_events()
-    finally:
-        a.kill()
 
 
 def test_corrupt_journal_record_detected_never_used(tmp_path: Path) -> None:
-    waddr, wpid = make_witness(tmp_path)
-    a, b = make_cores(tmp_path, {1: 8 * MiB}, witness=waddr, journal_size=required_size(1))
-    a.start()
-    b.start()
-    try:
-        wait(lambda: st(a)["replication"] == "running", what="running")
+    w = WitnessProc.configure(tmp_path)
+    a, b = make_cores(tmp_path, {1: 8 * MiB}, witness=w.cfg.listen, journal_size=required_size(1))
+    with running(w, a, b):
+        wait_for(lambda: st(a)["replication"] == "running", what="running")
 
         async def writes() -> None:
             e = FakeEdge("edge-x", 3, {1: 8 * MiB})
@@ -132,10 +124,6 @@ def test_corrupt_journal_record_detected_never_used(tmp_path: Path) -> None:
         alarms = {x["alarm"] for x in s["alarms"]}
         assert alarms & {"journal_corrupt", "journal_error"}, s["alarms"]
         assert s["replication"] == "disabled"
-    finally:
-        a.kill()
-        b.kill()
-        os.kill(wpid, 9)
 
 
 def test_initial_sync_copies_the_whole_lun(tmp_path: Path) -> None:
@@ -144,17 +132,12 @@ def test_initial_sync_copies_the_whole_lun(tmp_path: Path) -> None:
     data = os.urandom(8 * MiB)
     Path(a.cfg.luns[0].path).parent.mkdir(parents=True, exist_ok=True)
     Path(a.cfg.luns[0].path).write_bytes(data)
-    a.start()
-    b.start()
-    try:
-        wait(lambda: st(a)["replication"] == "running" and st(a)["peer"]["synced"], 30,
-             "initial sync")
+    with running(a, b):
+        wait_for(lambda: st(a)["replication"] == "running" and st(a)["peer"]["synced"], 30,
+                 "initial sync")
         assert b.lun_bytes(1) == data
         assert st(b)["replication"] == "replica"
         assert '"resync_done"' in a.log_events()
-    finally:
-        a.kill()
-        b.kill()
 
 
 @pytest.mark.parametrize("case", ["ha", "own-lun"])
@@ -165,19 +148,7 @@ def test_pairing_checks_refuse_with_reason(tmp_path: Path, case: str) -> None:
     else:
         a, b = make_cores(tmp_path, {1: 8 * MiB}, replica_luns={1: 8 * MiB, 9: 8 * MiB})
         code = "secondary-has-luns"
-    a.start()
-    b.start()
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            refusals = [x["message"] for x in st(a)["alarms"] + st(b)["alarms"]
-                        if x["alarm"] == "pairing_refused"]
-            if len(refusals) == 2 and all(code in m for m in refusals):
-                break
-            assert time.monotonic() < deadline, f"no pairing_refused alarm with {code}"
-            time.sleep(0.1)
+    with running(a, b):
+        wait_for(lambda: pairing_refused(a, b, code), 20, f"a pairing_refused alarm with {code}")
         assert st(a)["replication"] != "running"
         assert code in b.log_events()
-    finally:
-        a.kill()
-        b.kill()

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from steelfusion.initiator import qemu_read, qemu_write
 from steelfusion.lab import Lab
 from steelfusion.units import parse_addr
 from tests.conftest import tool
-from tests.nodes import status, wait_for
+from tests.nodes import lab_at, peer_linked, status, wait_for
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 MiB = 1 << 20
@@ -37,12 +38,10 @@ def coredr(addr: str, *args: str, check: bool = True) -> subprocess.CompletedPro
 
 
 @pytest.fixture
-def lab(tmp_path: Path):  # type: ignore[no-untyped-def]
+def lab(tmp_path: Path) -> Iterator[tuple[Lab, dict[str, Any]]]:
     tool("qemu-img")
-    lab = Lab(tmp_path / "lab")
-    data = lab.up(luns=1, lun_size=LUN, edges=1)
-    yield lab, data
-    lab.down()
+    with lab_at(tmp_path / "lab") as lab:
+        yield lab, lab.up(luns=1, lun_size=LUN, edges=1)
 
 
 def image(tmp: Path, name: str) -> Path:
@@ -55,13 +54,28 @@ def files(data: dict[str, Any]) -> dict[str, bytes]:
     return {c["name"]: Path(c["luns"]["1"]).read_bytes() for c in data["cores"]}
 
 
-def test_secondary_down_pauses_and_resumes_by_itself(lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    lab_, data = lab
+def write_while_paused(lab_: Lab, data: dict[str, Any], img: Path) -> str:
+    """Kill core-b, wait until core-a pauses replication, then write ``img`` whole through the
+    Edge (which keeps acknowledging the host); core-a's control address."""
     a, url = data["cores"][0]["control"], data["edges"][0]["targets"][0]["url"]
     lab_.kill("core-b")
     wait_for(lambda: status(a)["replication"] == "paused", what="paused")
+    qemu_write(img, url)
+    return a
+
+
+def resume_once_linked(addr: str) -> None:
+    """Once the Core at ``addr`` has its peer link back, resume replication and wait for the
+    resync to end."""
+    wait_for(lambda: peer_linked(addr), what="peer link")
+    coredr(addr, "resume", "--no-wait")
+    wait_for(lambda: status(addr)["replication"] == "running", timeout=60, what="resync done")
+
+
+def test_secondary_down_pauses_and_resumes_by_itself(lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    lab_, data = lab
     img = image(tmp_path, "one.raw")
-    qemu_write(img, url)  # the Edge keeps acknowledging the host
+    a = write_while_paused(lab_, data, img)
     time.sleep(0.5)
     st = lab_.status()
     assert st["edges"][0]["uncommitted_bytes"] > 0  # held uncommitted: not acknowledged
@@ -74,11 +88,8 @@ def test_secondary_down_pauses_and_resumes_by_itself(lab, tmp_path: Path) -> Non
 
 def test_suspend_journal_resume_resync(lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     lab_, data = lab
-    a, url = data["cores"][0]["control"], data["edges"][0]["targets"][0]["url"]
-    lab_.kill("core-b")
-    wait_for(lambda: status(a)["replication"] == "paused", what="paused")
     img = image(tmp_path, "two.raw")
-    qemu_write(img, url)
+    a = write_while_paused(lab_, data, img)
     out = coredr(a, "suspend")
     assert "suspended" in out.stdout
     lab_.wait_committed(timeout=60)  # buffered writes now committed (journaled)
@@ -90,10 +101,7 @@ def test_suspend_journal_resume_resync(lab, tmp_path: Path) -> None:  # type: ig
     wait_for(lambda: status(a)["witness"]["connected"], what="witness reconnect")
     assert status(a)["witness"]["holds"] is not False
     lab_.start("core-b")
-    wait_for(lambda: any(c["established"] and c["direction"] == "out"
-                         for c in status(a)["connections"]["replication"]), what="peer link")
-    coredr(a, "resume", "--no-wait")
-    wait_for(lambda: status(a)["replication"] == "running", timeout=60, what="resync done")
+    resume_once_linked(a)
     f = files(data)
     assert f["core-a"] == f["core-b"] == img.read_bytes()
     v = json.loads(coredr(a, "verify", "--json").stdout)
@@ -126,10 +134,7 @@ def test_failover_and_failback(lab, tmp_path: Path) -> None:  # type: ignore[no-
     lab_.start("core-a")
     wait_for(lambda: status(a)["role"] == "secondary", timeout=30, what="demotion")
     assert status(a)["epoch"] == 2
-    wait_for(lambda: any(c["established"] and c["direction"] == "out"
-                         for c in status(b)["connections"]["replication"]), what="peer link")
-    coredr(b, "resume", "--no-wait")
-    wait_for(lambda: status(b)["replication"] == "running", timeout=60, what="resync")
+    resume_once_linked(b)
     f = files(data)
     assert f["core-a"] == f["core-b"] == img2.read_bytes()
     back = tmp_path / "back.raw"

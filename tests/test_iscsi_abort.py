@@ -15,27 +15,25 @@ import asyncio
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from edge.aio import StartedCoroutine, to_the_end
 from edge.scsi import CHECK_CONDITION, GOOD, LogicalUnit
-from edge.scsi.cdb import encode_lun
 from edge.target import IscsiTarget, TargetNode
 from steelfusion.iscsi.pdu import (
     DataIn,
     NopIn,
     NopOut,
     Pdu,
-    ScsiCommand,
     ScsiResponse,
-    TaskMgmtRequest,
     TaskMgmtResponse,
     parse_sense_segment,
 )
-from tests.test_iscsi_target import IQN, RawClient
+from tests.iscsi_helpers import IQN, RawClient
+from tests.nodes import wait_for
 from tests.test_scsi import BS, MemBackend, sense_of
 from tests.test_scsi_commands import A
 
@@ -232,32 +230,14 @@ def stuck() -> Iterator[StuckTarget]:
 
 
 def client(t: StuckTarget) -> RawClient:
-    c = RawClient(t.target.port)
+    c = RawClient(t.target.port, IQN)
     c.login()
     return c
 
 
-def send_cmd(c: RawClient, cdb: bytes, *, read_len: int = 0, data: bytes = b"") -> int:
-    c.itt += 1
-    c.send(ScsiCommand(itt=c.itt, lun=encode_lun(0), cmdsn=c.cmdsn,
-                       expected_length=read_len or len(data), read=bool(read_len),
-                       write=bool(data), cdb=cdb.ljust(16, b"\0"), data=data))
-    c.cmdsn += 1
-    return c.itt
-
-
-def tmf(c: RawClient, function: int, ref: int = 0xFFFFFFFF, ref_cmdsn: int = 0) -> int:
-    c.itt += 1
-    c.send(TaskMgmtRequest(itt=c.itt, function=function, lun=encode_lun(0), ref_task_tag=ref,
-                           cmdsn=c.cmdsn, ref_cmdsn=ref_cmdsn))
-    return c.itt
-
-
-def wait_for(pred: Any, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
+def soon(pred: Callable[[], object]) -> None:
+    """Wait for ``pred`` polling every 5 ms: the states these tests wait for can be brief."""
+    wait_for(pred, 5, "the stuck target's state", every=0.005)
 
 
 def until(c: RawClient, itt: int, seen: list[Pdu], timeout: float = 1.0) -> Pdu:
@@ -291,17 +271,17 @@ def nop(c: RawClient, seen: list[Pdu]) -> None:
 def test_abort_task_of_a_stuck_read_answers_at_once(stuck: StuckTarget) -> None:
     c = client(stuck)
     seen: list[Pdu] = []
-    itt = send_cmd(c, read10(HANG_LBA, 1), read_len=BS)
-    wait_for(lambda: stuck.backend.reads_stuck == 1)
+    itt = c.submit(read10(HANG_LBA, 1), read_len=BS)
+    soon(lambda: stuck.backend.reads_stuck == 1)
     t0 = time.monotonic()
-    r = until(c, tmf(c, 1, ref=itt, ref_cmdsn=c.cmdsn - 1), seen)
+    r = until(c, c.tmf(1, ref=itt, ref_cmdsn=c.cmdsn - 1), seen)
     assert isinstance(r, TaskMgmtResponse) and r.response == 0
     assert time.monotonic() - t0 < 1.0
     # The connection goes on serving, with StatSN in step and no status for
     # the aborted READ, ever.
-    ok = until(c, send_cmd(c, read10(0, 1), read_len=BS), seen)
+    ok = until(c, c.submit(read10(0, 1), read_len=BS), seen)
     assert isinstance(ok, DataIn) and ok.status == GOOD and ok.statsn == r.statsn + 1
-    w = until(c, send_cmd(c, write10(5, 1), data=b"w" * BS), seen)
+    w = until(c, c.submit(write10(5, 1), data=b"w" * BS), seen)
     assert isinstance(w, ScsiResponse) and w.status == GOOD
     nop(c, seen)
     assert itt not in answers(seen)
@@ -317,17 +297,17 @@ async def _running(t: StuckTarget) -> int:
 def test_abort_task_set_and_lun_reset_cancel_stuck_commands(stuck: StuckTarget) -> None:
     c = client(stuck)
     seen: list[Pdu] = []
-    tags = [send_cmd(c, read10(HANG_LBA + i, 1), read_len=BS) for i in range(3)]
-    wait_for(lambda: stuck.backend.reads_stuck == 3)
-    r = until(c, tmf(c, 2), seen)  # ABORT TASK SET
+    tags = [c.submit(read10(HANG_LBA + i, 1), read_len=BS) for i in range(3)]
+    soon(lambda: stuck.backend.reads_stuck == 3)
+    r = until(c, c.tmf(2), seen)  # ABORT TASK SET
     assert isinstance(r, TaskMgmtResponse) and r.response == 0
-    more = send_cmd(c, read10(HANG_LBA, 1), read_len=BS)
-    wait_for(lambda: stuck.backend.reads_stuck == 4)
-    r = until(c, tmf(c, 5), seen)  # LOGICAL UNIT RESET
+    more = c.submit(read10(HANG_LBA, 1), read_len=BS)
+    soon(lambda: stuck.backend.reads_stuck == 4)
+    r = until(c, c.tmf(5), seen)  # LOGICAL UNIT RESET
     assert isinstance(r, TaskMgmtResponse) and r.response == 0
     nop(c, seen)
     assert not answers(seen) & {*tags, more}
-    ua = until(c, send_cmd(c, bytes(6)), seen)  # the reset's unit attention
+    ua = until(c, c.submit(bytes(6)), seen)  # the reset's unit attention
     assert isinstance(ua, ScsiResponse) and ua.status == CHECK_CONDITION
     assert parse_sense_segment(ua.data)[12:14] == b"\x29\x03"
     c.close()
@@ -337,16 +317,16 @@ def test_lun_reset_cancels_another_sessions_stuck_command(stuck: StuckTarget) ->
     a, b = client(stuck), client(stuck)
     seen_a: list[Pdu] = []
     seen_b: list[Pdu] = []
-    itt = send_cmd(b, read10(HANG_LBA, 1), read_len=BS)
-    wait_for(lambda: stuck.backend.reads_stuck == 1)
-    r = until(a, tmf(a, 5), seen_a)
+    itt = b.submit(read10(HANG_LBA, 1), read_len=BS)
+    soon(lambda: stuck.backend.reads_stuck == 1)
+    r = until(a, a.tmf(5), seen_a)
     assert isinstance(r, TaskMgmtResponse) and r.response == 0
     nop(b, seen_b)
     assert itt not in answers(seen_b)  # TAS=0: no status, a unit attention instead
-    ua = until(b, send_cmd(b, bytes(6)), seen_b)
+    ua = until(b, b.submit(bytes(6)), seen_b)
     assert isinstance(ua, ScsiResponse) and ua.status == CHECK_CONDITION
     assert parse_sense_segment(ua.data)[12:14] == b"\x29\x03"
-    ok = until(b, send_cmd(b, read10(0, 1), read_len=BS), seen_b)
+    ok = until(b, b.submit(read10(0, 1), read_len=BS), seen_b)
     assert isinstance(ok, DataIn) and ok.status == GOOD
     a.close()
     b.close()
@@ -360,19 +340,19 @@ def test_abort_of_a_sanitize_command_leaves_the_sanitize_running(stuck: StuckTar
     seen: list[Pdu] = []
     stuck.backend.hold_writes = True
     plist = bytes((0x01, 0, 0, 4)) + b"\xa5" * 4
-    itt = send_cmd(c, struct.pack(">BB5xHB", 0x48, 0x01, len(plist), 0), data=plist)
-    wait_for(lambda: stuck.lu.sanitizing)
-    r = until(c, tmf(c, 1, ref=itt, ref_cmdsn=c.cmdsn - 1), seen)
+    itt = c.submit(struct.pack(">BB5xHB", 0x48, 0x01, len(plist), 0), data=plist)
+    soon(lambda: stuck.lu.sanitizing)
+    r = until(c, c.tmf(1, ref=itt, ref_cmdsn=c.cmdsn - 1), seen)
     assert isinstance(r, TaskMgmtResponse) and r.response == 0
-    tur = until(c, send_cmd(c, bytes(6)), seen)
+    tur = until(c, c.submit(bytes(6)), seen)
     assert isinstance(tur, ScsiResponse) and tur.status == CHECK_CONDITION
     assert parse_sense_segment(tur.data)[12:14] == b"\x04\x1b"  # SANITIZE IN PROGRESS
     stuck.backend.hold_writes = False
     stuck.loop.call_soon_threadsafe(lambda: stuck.backend.gate and stuck.backend.gate.set())
-    wait_for(lambda: not stuck.lu.sanitizing)
+    soon(lambda: not stuck.lu.sanitizing)
     nop(c, seen)
     assert itt not in answers(seen)
-    ok = until(c, send_cmd(c, read10(0, 1), read_len=BS), seen)
+    ok = until(c, c.submit(read10(0, 1), read_len=BS), seen)
     assert isinstance(ok, DataIn) and ok.status == GOOD and bytes(ok.data) == b"\xa5" * BS
     c.close()
 

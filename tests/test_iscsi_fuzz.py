@@ -29,8 +29,15 @@ from steelfusion.iscsi.pdu import (
     TextRequest,
 )
 from steelfusion.iscsi.text import encode_text
-from tests.test_iscsi_pdu import SAMPLES
-from tests.test_iscsi_session import INITIATOR, IQN, LIBISCSI_KEYS, PORTAL, Initiator, make_config
+from tests.iscsi_helpers import (
+    INITIATOR,
+    IQN,
+    LIBISCSI_KEYS,
+    PORTAL,
+    SAMPLES,
+    Initiator,
+    make_config,
+)
 
 FUZZ = settings(max_examples=int(__import__("os").environ.get("FUZZ_N", "300")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

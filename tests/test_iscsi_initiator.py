@@ -24,25 +24,9 @@ from edge.iscsi_session import (
 from edge.scsi import LogicalUnit
 from edge.scsi.lu import ItNexus
 from steelfusion.iscsi import commands as cdbs
+from steelfusion.iscsi import initiator
 from steelfusion.iscsi.chap import AuthConfigError, ChapClient, ChapCredentials
-from steelfusion.iscsi.initiator import (
-    AsyncEvent,
-    CommandComplete,
-    CommandRejected,
-    ConnectionDead,
-    Event,
-    InitiatorConfig,
-    InitiatorConnection,
-    LocalProtocolError,
-    LoginComplete,
-    LoginFailed,
-    LogoutComplete,
-    LogoutRequested,
-    Rejected,
-    State,
-    TargetProtocolError,
-    TargetWillDrop,
-)
+from steelfusion.iscsi.initiator import InitiatorConfig, InitiatorConnection
 from steelfusion.iscsi.pdu import (
     INITIATOR_OPCODES,
     RESERVED_TAG,
@@ -131,16 +115,16 @@ class Pair:
         self.nexus = ItNexus(INITIATOR, self.ini.config.isid, IQN, 1, 1)
         self.lu.attach(self.nexus)
         self.chunks = chunks
-        self.events: list[Event] = []
+        self.events: list[initiator.Event] = []
         self.hold = False
         self.held: list[ScsiCommandReady] = []
         self.wire_out = 0
         if login:
             self.pump()
 
-    def pump(self) -> list[Event]:
+    def pump(self) -> list[initiator.Event]:
         """Move bytes both ways until both sides are quiet."""
-        new: list[Event] = []
+        new: list[initiator.Event] = []
         while True:
             out = b"".join(bytes(b) for b in self.ini.data_to_send())
             back = b"".join(bytes(b) for b in self.tgt.data_to_send())
@@ -167,29 +151,30 @@ class Pair:
         self._target(self.tgt.complete(ev.task_tag, res.status, res.data, res.sense,
                                        res.transfer_length))
 
-    def release(self) -> list[Event]:
+    def release(self) -> list[initiator.Event]:
         """Answer the commands held back, then pump."""
         held, self.held = self.held, []
         for ev in held:
             self.answer(ev)
         return self.pump()
 
-    def run(self, cdb: bytes, *, data: bytes = b"", read_length: int = 0) -> CommandComplete:
+    def run(self, cdb: bytes, *, data: bytes = b"",
+            read_length: int = 0) -> initiator.CommandComplete:
         tag = self.ini.submit(cdb, data=data, read_length=read_length)
-        done = [e for e in self.pump() if isinstance(e, CommandComplete) and e.tag == tag]
+        done = [e for e in self.pump() if isinstance(e, initiator.CommandComplete) and e.tag == tag]
         assert len(done) == 1, self.events[-5:]
         return done[0]
 
-    def write(self, lba: int, data: bytes) -> CommandComplete:
+    def write(self, lba: int, data: bytes) -> initiator.CommandComplete:
         return self.run(cdbs.write16(lba, len(data) // BS), data=data)
 
-    def read(self, lba: int, blocks: int) -> CommandComplete:
+    def read(self, lba: int, blocks: int) -> initiator.CommandComplete:
         return self.run(cdbs.read16(lba, blocks), read_length=blocks * BS)
 
 
-def logged_in(p: Pair) -> LoginComplete:
-    (done,) = [e for e in p.events if isinstance(e, LoginComplete)]
-    assert p.ini.state is State.FULL_FEATURE
+def logged_in(p: Pair) -> initiator.LoginComplete:
+    (done,) = [e for e in p.events if isinstance(e, initiator.LoginComplete)]
+    assert p.ini.state is initiator.State.FULL_FEATURE
     return done
 
 
@@ -254,8 +239,8 @@ def test_login_chap_failures(case: str) -> None:
     elif case == "target-needs-none":
         mutual, access = tgt, None  # we offer only CHAP, the target only None
     p = Pair(chap=chap, mutual=mutual, access=access)
-    (failed,) = [e for e in p.events if isinstance(e, LoginFailed)]
-    assert p.ini.state is State.CLOSED
+    (failed,) = [e for e in p.events if isinstance(e, initiator.LoginFailed)]
+    assert p.ini.state is initiator.State.CLOSED
     if case == "mutual-wrong-target-secret":
         assert failed.status is None and "mutual" in failed.reason
     else:
@@ -281,7 +266,7 @@ def test_login_refused_unknown_target_and_redirect() -> None:
     p = Pair(login=False)
     p.ini = InitiatorConnection(InitiatorConfig(INITIATOR, IQN + ":nope", nop_interval_s=None))
     p.pump()
-    (failed,) = [e for e in p.events if isinstance(e, LoginFailed)]
+    (failed,) = [e for e in p.events if isinstance(e, initiator.LoginFailed)]
     assert failed.status == 0x0203 and "not found" in failed.reason
     # A redirect, answered by hand: status 0x0101 and TargetAddress.
     ini = InitiatorConnection(InitiatorConfig(INITIATOR, IQN, nop_interval_s=None))
@@ -289,7 +274,8 @@ def test_login_refused_unknown_target_and_redirect() -> None:
     resp = LoginResponse(itt=req.itt, isid=req.isid, status_class=1, status_detail=1,  # type: ignore[attr-defined]
                          data=encode_text([("TargetAddress", "127.0.0.2:3261,1")]))
     (ev,) = ini.receive_data(resp.encode())
-    assert isinstance(ev, LoginFailed) and ev.redirect and ev.target_address == "127.0.0.2:3261,1"
+    assert isinstance(ev, initiator.LoginFailed) and ev.redirect
+    assert ev.target_address == "127.0.0.2:3261,1"
 
 
 def test_login_timeout() -> None:
@@ -297,15 +283,15 @@ def test_login_timeout() -> None:
     assert ini.get_timer() == 13.0
     assert ini.handle_timer(12.0) == []
     (ev,) = ini.handle_timer(13.0)
-    assert isinstance(ev, LoginFailed) and ev.status is None and "timed out" in ev.reason
+    assert isinstance(ev, initiator.LoginFailed) and ev.status is None and "timed out" in ev.reason
     assert ini.get_timer() is None
 
 
 def test_submit_before_login_is_local_error() -> None:
     ini = InitiatorConnection(InitiatorConfig(INITIATOR, IQN))
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(initiator.LocalProtocolError):
         ini.submit(cdbs.tur())
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(initiator.LocalProtocolError):
         ini.logout()
 
 
@@ -382,7 +368,7 @@ def test_chunking_both_directions(chunks: Chunker) -> None:
     data = pattern(12 * BS, 5)
     tags = [p.ini.submit(cdbs.write16(i * 4, 4), data=data[i * 2048:(i + 1) * 2048])
             for i in range(3)]
-    done = {e.tag: e for e in p.pump() if isinstance(e, CommandComplete)}
+    done = {e.tag: e for e in p.pump() if isinstance(e, initiator.CommandComplete)}
     assert sorted(done) == sorted(tags) and all(e.status == 0 for e in done.values())
     got = p.read(0, 12)
     assert bytes(got.data) == data
@@ -393,7 +379,7 @@ def test_read_into_callers_buffer_and_residuals() -> None:
     p.write(0, pattern(4 * BS, 2))
     buf = bytearray(4 * BS)
     tag = p.ini.submit(cdbs.read16(0, 4), read_length=4 * BS, into=memoryview(buf))
-    (done,) = [e for e in p.pump() if isinstance(e, CommandComplete)]
+    (done,) = [e for e in p.pump() if isinstance(e, initiator.CommandComplete)]
     assert done.tag == tag and bytes(buf) == pattern(4 * BS, 2)
     assert isinstance(done.data, memoryview) and done.data.obj is buf
     # The CDB asks for one block, the command expects two: underflow of one block.
@@ -435,7 +421,7 @@ def test_commands_wait_while_the_window_is_closed() -> None:
     events = p.release()
     while p.held:
         events += p.release()
-    done = [e.tag for e in events if isinstance(e, CommandComplete)]
+    done = [e.tag for e in events if isinstance(e, initiator.CommandComplete)]
     assert sorted(done) == sorted(tags) and p.ini.queued == 0 and p.ini.outstanding == 0
     assert all(p.backend.buf[i * BS:(i + 1) * BS] == pattern(BS, i) for i in range(5))
 
@@ -447,7 +433,7 @@ def test_cancel_only_reaches_unsent_commands() -> None:
     queued = p.ini.submit(cdbs.tur())
     p.pump()
     assert p.ini.cancel(queued) and not p.ini.cancel(sent) and not p.ini.cancel(12345)
-    done = [e.tag for e in p.release() if isinstance(e, CommandComplete)]
+    done = [e.tag for e in p.release() if isinstance(e, initiator.CommandComplete)]
     assert done == [sent] and p.ini.outstanding == 0
 
 
@@ -456,7 +442,7 @@ def test_many_commands_pipelined_across_itt_and_cmdsn_wrap() -> None:
     p.ini._next_itt = 0xFFFFFFF0  # ITTs wrap, skipping 0xffffffff and 0
     tags = [p.ini.submit(cdbs.write16(i, 1), data=pattern(BS, i)) for i in range(40)]
     assert RESERVED_TAG not in tags and 0 not in tags and len(set(tags)) == 40
-    done = [e for e in p.pump() if isinstance(e, CommandComplete)]
+    done = [e for e in p.pump() if isinstance(e, initiator.CommandComplete)]
     assert len(done) == 40 and all(e.status == 0 for e in done)
 
 
@@ -557,7 +543,7 @@ def test_keepalive_pings_when_quiet_and_reports_a_dead_connection() -> None:
     assert isinstance(ping, NopOut) and ping.ttt == RESERVED_TAG and ping.immediate
     assert ini.get_timer() == 20.0
     (dead,) = ini.handle_timer(20.0)
-    assert isinstance(dead, ConnectionDead) and ini.state is State.CLOSED
+    assert isinstance(dead, initiator.ConnectionDead) and ini.state is initiator.State.CLOSED
 
 
 def test_keepalive_patience_while_data_flows() -> None:
@@ -568,7 +554,7 @@ def test_keepalive_patience_while_data_flows() -> None:
     p.write(0, pattern(BS))  # ...but the target is talking
     assert p.ini.handle_timer(15.0) == [] and p.ini.get_timer() == 20.0
     (dead,) = p.ini.handle_timer(20.0)
-    assert isinstance(dead, ConnectionDead)
+    assert isinstance(dead, initiator.ConnectionDead)
 
 
 def test_reject_of_a_command_ends_it_and_others_are_reported() -> None:
@@ -580,13 +566,13 @@ def test_reject_of_a_command_ends_it_and_others_are_reported() -> None:
     reject = Reject(reason=0x0C, statsn=sn, exp_cmdsn=cmd.cmdsn + 1, max_cmdsn=cmd.cmdsn + 64,
                     data=cmd.encode()[:48])
     (ev,) = p.ini.receive_data(reject.encode())
-    assert ev == CommandRejected(tag, 0x0C) and p.ini.outstanding == 0
+    assert ev == initiator.CommandRejected(tag, 0x0C) and p.ini.outstanding == 0
     other = Reject(reason=0x09, statsn=sn + 1, exp_cmdsn=cmd.cmdsn + 1,
                    max_cmdsn=cmd.cmdsn + 64, data=NopOut(itt=77).encode())
-    assert p.ini.receive_data(other.encode()) == [Rejected(0x09, 0x00)]
+    assert p.ini.receive_data(other.encode()) == [initiator.Rejected(0x09, 0x00)]
     short = Reject(reason=0x04, statsn=sn + 2, exp_cmdsn=cmd.cmdsn + 1,
                    max_cmdsn=cmd.cmdsn + 64, data=b"\0" * 8)
-    assert p.ini.receive_data(short.encode()) == [Rejected(0x04, None)]
+    assert p.ini.receive_data(short.encode()) == [initiator.Rejected(0x04, None)]
 
 
 def test_async_messages() -> None:
@@ -597,13 +583,13 @@ def test_async_messages() -> None:
         return p.ini.receive_data(AsyncMessage(event=event, statsn=sn, exp_cmdsn=1,
                                                max_cmdsn=128, parameter1=1, parameter2=2,
                                                parameter3=3, data=data).encode())
-    assert message(1) == [LogoutRequested(3)]
-    assert message(2) == [TargetWillDrop(False, 2, 3)]
-    assert message(3) == [TargetWillDrop(True, 2, 3)]
+    assert message(1) == [initiator.LogoutRequested(3)]
+    assert message(2) == [initiator.TargetWillDrop(False, 2, 3)]
+    assert message(3) == [initiator.TargetWillDrop(True, 2, 3)]
     sense = bytes((0x70, 0, 6, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x3F, 0x0E, 0, 0, 0, 0))
     (ev,) = message(0, sense_segment(sense))
-    assert isinstance(ev, AsyncEvent) and ev.sense is not None and ev.sense.asc == 0x3F
-    assert message(4) == [AsyncEvent(4, None, (1, 2, 3))]
+    assert isinstance(ev, initiator.AsyncEvent) and ev.sense is not None and ev.sense.asc == 0x3F
+    assert message(4) == [initiator.AsyncEvent(4, None, (1, 2, 3))]
 
 
 def test_logout_after_running_commands() -> None:
@@ -612,12 +598,13 @@ def test_logout_after_running_commands() -> None:
     tag = p.ini.submit(cdbs.write16(0, 1), data=pattern(BS))
     p.pump()
     p.ini.logout()
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(initiator.LocalProtocolError):
         p.ini.submit(cdbs.tur())
     events = p.release()
-    assert [type(e) for e in events] == [CommandComplete, LogoutComplete]
-    assert events[0].tag == tag and events[1] == LogoutComplete(0, 0, 0)  # type: ignore[union-attr]
-    assert p.ini.state is State.CLOSED and p.ini.get_timer() is None
+    done, logout = events
+    assert isinstance(done, initiator.CommandComplete) and done.tag == tag
+    assert logout == initiator.LogoutComplete(0, 0, 0)
+    assert p.ini.state is initiator.State.CLOSED and p.ini.get_timer() is None
 
 
 @pytest.mark.parametrize("digests", [(True, True), (True, False)])
@@ -640,9 +627,9 @@ def test_protocol_errors_from_the_target() -> None:
         return p
 
     def raises(p: Pair, pdu: Any) -> None:
-        with pytest.raises(TargetProtocolError):
+        with pytest.raises(initiator.TargetProtocolError):
             p.ini.receive_data(pdu.encode())
-        assert p.ini.state is State.CLOSED
+        assert p.ini.state is initiator.State.CLOSED
         assert p.ini.receive_data(b"\0" * 48) == []
 
     raises(fresh(), ScsiResponse(itt=999, statsn=1, exp_cmdsn=1, max_cmdsn=1))
@@ -665,7 +652,7 @@ def test_protocol_errors_from_the_target() -> None:
     raises(p, R2T(itt=cmd.itt, ttt=5, statsn=1, exp_cmdsn=1, max_cmdsn=1, buffer_offset=256,
                   desired_length=512))
     ini = InitiatorConnection(InitiatorConfig(INITIATOR, IQN))
-    with pytest.raises(TargetProtocolError):
+    with pytest.raises(initiator.TargetProtocolError):
         ini.receive_data(NopIn(statsn=0, exp_cmdsn=1, max_cmdsn=1).encode())
 
 
@@ -697,8 +684,8 @@ def _feed_garbage(ini: InitiatorConnection, items: list[Any], cut: int) -> None:
         for i in range(0, len(wire), cut):
             ini.receive_data(wire[i:i + cut])
             ini.data_to_send()
-    except TargetProtocolError:
-        assert ini.state is State.CLOSED
+    except initiator.TargetProtocolError:
+        assert ini.state is initiator.State.CLOSED
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -740,7 +727,7 @@ def test_garbage_during_a_chap_login() -> None:
                                                 data=encode_text(keys)).encode())
         if keys[0] != ("AuthMethod", "CHAP"):
             (failed,) = events
-            assert isinstance(failed, LoginFailed) and failed.reason.startswith("CHAP")
+            assert isinstance(failed, initiator.LoginFailed) and failed.reason.startswith("CHAP")
 
 
 # --------------------------------------------------------------------------- negotiation and codec details
@@ -782,7 +769,8 @@ def test_a_bad_negotiation_answer_fails_the_login() -> None:
     (ev,) = ini.receive_data(LoginResponse(
         itt=req.itt, isid=req.isid, csg=1, nsg=3, transit=True, tsih=9,
         data=encode_text([("ErrorRecoveryLevel", "2")])).encode())
-    assert isinstance(ev, LoginFailed) and ev.status is None and "ErrorRecoveryLevel" in ev.reason
+    assert isinstance(ev, initiator.LoginFailed) and ev.status is None
+    assert "ErrorRecoveryLevel" in ev.reason
 
 
 def test_login_response_continuation_and_extra_rounds() -> None:
@@ -801,7 +789,7 @@ def test_login_response_continuation_and_extra_rounds() -> None:
     (done,) = ini.receive_data(LoginResponse(itt=req.itt, isid=req.isid, csg=1, nsg=3,
                                              transit=True, tsih=4, exp_cmdsn=1,
                                              max_cmdsn=8).encode())
-    assert isinstance(done, LoginComplete) and done.target_alias == "a" * 100
+    assert isinstance(done, initiator.LoginComplete) and done.target_alias == "a" * 100
     assert done.params.target_max_recv_data_segment_length == 65536 and ini.window == 8
 
 

@@ -10,128 +10,20 @@ from typing import Any
 
 import pytest
 
-from edge.iscsi_session import (
-    CloseConnection,
-    Event,
-    FastLane,
-    LoginComplete,
-    LoginFailed,
-    LogoutComplete,
-    ResetRequested,
-    ScsiCommandReady,
-    SessionConfig,
-    State,
-    TargetConnection,
-    TargetInfo,
-    TasksAborted,
-)
+from edge import iscsi_events as events
+from edge.iscsi_session import FastLane, SessionConfig, State, TargetConnection, TargetInfo
 from edge.scsi.cdb import decode_lun, encode_lun
-from steelfusion.iscsi.pdu import (
-    R2T,
-    RESERVED_TAG,
-    TARGET_OPCODES,
-    DataIn,
-    DataOut,
-    IscsiProtocolError,
-    LoginRequest,
-    LoginResponse,
-    LogoutRequest,
-    LogoutResponse,
-    NopIn,
-    NopOut,
-    Pdu,
-    PduDecoder,
-    Reject,
-    ScsiCommand,
-    ScsiResponse,
-    SnackRequest,
-    TaskMgmtRequest,
-    TaskMgmtResponse,
-    TextRequest,
-    TextResponse,
-    parse_sense_segment,
-)
+from steelfusion.iscsi import pdu
 from steelfusion.iscsi.text import TargetLimits, decode_text, encode_text
-
-IQN = "iqn.2024-01.io.steelfusion:test"
-INITIATOR = "iqn.2024-01.io.steelfusion:initiator"
-PORTAL = "192.0.2.1:3260"
-
-LIBISCSI_KEYS = [
-    ("HeaderDigest", "None,CRC32C"), ("DataDigest", "None"), ("InitialR2T", "No"),
-    ("ImmediateData", "Yes"), ("MaxBurstLength", "262144"), ("FirstBurstLength", "262144"),
-    ("DefaultTime2Wait", "2"), ("DefaultTime2Retain", "0"), ("MaxOutstandingR2T", "1"),
-    ("ErrorRecoveryLevel", "0"), ("IFMarker", "No"), ("OFMarker", "No"),
-    ("MaxConnections", "1"), ("MaxRecvDataSegmentLength", "262144"),
-    ("DataPDUInOrder", "Yes"), ("DataSequenceInOrder", "Yes"),
-]
-
-
-def make_config(**kw: Any) -> SessionConfig:
-    targets = {IQN: TargetInfo(IQN, frozenset({0, 1}), alias="test disk"),
-               "iqn.2024-01.io.steelfusion:other": TargetInfo(
-                   "iqn.2024-01.io.steelfusion:other", frozenset({0}))}
-    return SessionConfig(targets=targets, **kw)
-
-
-class Initiator:
-    """Just enough of an initiator to drive TargetConnection in memory."""
-
-    def __init__(self, conn: TargetConnection | None = None, *, fast: FastLane | None = None,
-                 **cfg: Any) -> None:
-        self.conn = conn or TargetConnection(make_config(**cfg), portal=PORTAL, tsih=7, fast=fast)
-        self.dec = PduDecoder(accept=TARGET_OPCODES, max_data_segment_length=1 << 24)
-        self.hd = self.dd = False
-        self.itt = 0x100
-        self.cmdsn = 1
-        self.events: list[Event] = []
-
-    def next_itt(self) -> int:
-        self.itt += 1
-        return self.itt
-
-    def send(self, *pdus: Pdu) -> list[Event]:
-        wire = b"".join(p.encode(self.hd, self.dd) for p in pdus)
-        ev = self.conn.receive_data(wire)
-        self.events += ev
-        return ev
-
-    def send_bytes(self, data: bytes) -> list[Event]:
-        ev = self.conn.receive_data(data)
-        self.events += ev
-        return ev
-
-    def recv(self) -> list[Pdu]:
-        return self.dec.feed(b"".join(bytes(b) for b in self.conn.data_to_send()))
-
-    def login(self, keys: list[tuple[str, str]] | None = None, *, target: str | None = IQN,
-              discovery: bool = False) -> LoginResponse:
-        pairs = [("InitiatorName", INITIATOR)]
-        if discovery:
-            pairs.append(("SessionType", "Discovery"))
-        elif target:
-            pairs += [("TargetName", target), ("SessionType", "Normal")]
-        pairs += LIBISCSI_KEYS if keys is None else keys
-        self.send(LoginRequest(itt=self.next_itt(), isid=0x80_0000_1234_56, cmdsn=self.cmdsn,
-                               transit=True, csg=1, nsg=3, data=encode_text(pairs)))
-        (resp,) = self.recv()
-        assert isinstance(resp, LoginResponse)
-        if resp.status_class == 0 and resp.transit:
-            p = self.conn.params
-            self.hd = self.dec.header_digest = p.header_digest
-            self.dd = self.dec.data_digest = p.data_digest
-        return resp
-
-    def command(self, cdb: bytes, *, edtl: int = 0, read: bool = False, write: bool = False,
-                data: bytes = b"", final: bool = True, immediate: bool = False,
-                lun: int = 0, itt: int | None = None) -> tuple[int, list[Event]]:
-        itt = self.next_itt() if itt is None else itt
-        pdu = ScsiCommand(itt=itt, lun=encode_lun(lun), cmdsn=self.cmdsn, expected_length=edtl,
-                          cdb=cdb.ljust(16, b"\0"), read=read, write=write, final=final,
-                          immediate=immediate, data=data)
-        if not immediate:
-            self.cmdsn += 1
-        return itt, self.send(pdu)
+from tests.iscsi_helpers import (
+    INITIATOR,
+    IQN,
+    LIBISCSI_KEYS,
+    PORTAL,
+    Initiator,
+    libiscsi_keys,
+    make_config,
+)
 
 
 def logged_in(*, fast: FastLane | None = None, **cfg: Any) -> Initiator:
@@ -142,6 +34,7 @@ def logged_in(*, fast: FastLane | None = None, **cfg: Any) -> Initiator:
     return ini
 
 
+NAMES = [("InitiatorName", INITIATOR), ("TargetName", IQN)]
 READ10 = bytes((0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0))
 WRITE10 = bytes((0x2A, 0, 0, 0, 0, 0, 0, 0, 8, 0))
 
@@ -165,7 +58,7 @@ def test_login_single_pdu_operational() -> None:
     assert set(keys) - offered <= {"TargetPortalGroupTag", "TargetAlias",
                                    "MaxRecvDataSegmentLength"}
     (ev,) = ini.events
-    assert isinstance(ev, LoginComplete)
+    assert isinstance(ev, events.LoginComplete)
     assert ev.initiator_name == INITIATOR and ev.target_name == IQN
     assert ev.session_type == "Normal" and ev.tsih == 7
     assert ev.params.first_burst_length == 262144 and not ev.params.initial_r2t
@@ -174,39 +67,32 @@ def test_login_single_pdu_operational() -> None:
 def test_login_security_then_operational() -> None:
     """open-iscsi style: CSG 0 → 1 with AuthMethod, then 1 → 3."""
     ini = Initiator()
-    ini.send(LoginRequest(itt=1, isid=5, cmdsn=9, exp_statsn=100, transit=True, csg=0, nsg=1,
-                          data=encode_text([("InitiatorName", INITIATOR), ("TargetName", IQN),
-                                            ("AuthMethod", "CHAP,None")])))
-    (r1,) = ini.recv()
-    assert isinstance(r1, LoginResponse) and r1.status_class == 0
+    r1 = ini.login_step([*NAMES, ("AuthMethod", "CHAP,None")], cmdsn=9, exp_statsn=100)
+    assert r1.status_class == 0
     assert r1.transit and (r1.csg, r1.nsg) == (0, 1) and r1.tsih == 0
     assert r1.statsn == 100
     assert dict(decode_text(r1.data))["AuthMethod"] == "None"
-    ini.send(LoginRequest(itt=1, isid=5, cmdsn=9, exp_statsn=101, transit=True, csg=1, nsg=3,
-                          data=encode_text(LIBISCSI_KEYS)))
-    (r2,) = ini.recv()
-    assert isinstance(r2, LoginResponse) and r2.transit and r2.tsih == 7 and r2.statsn == 101
+    r2 = ini.login_step(LIBISCSI_KEYS, cmdsn=9, exp_statsn=101, csg=1, nsg=3)
+    assert r2.transit and r2.tsih == 7 and r2.statsn == 101
     assert "TargetPortalGroupTag" not in dict(decode_text(r2.data))
     assert ini.conn.state is State.FULL_FEATURE
 
 
 def test_login_text_continuation() -> None:
     ini = Initiator()
-    text = encode_text([("InitiatorName", INITIATOR), ("TargetName", IQN), *LIBISCSI_KEYS])
-    ini.send(LoginRequest(itt=1, isid=5, cmdsn=1, csg=1, nsg=3, cont=True, data=text[:37]))
+    text = encode_text([*NAMES, *LIBISCSI_KEYS])
+    ini.send(pdu.LoginRequest(itt=1, isid=5, cmdsn=1, csg=1, nsg=3, cont=True, data=text[:37]))
     (r1,) = ini.recv()
-    assert isinstance(r1, LoginResponse) and not r1.transit and r1.data == b""
-    ini.send(LoginRequest(itt=1, isid=5, cmdsn=1, csg=1, nsg=3, transit=True, data=text[37:]))
+    assert isinstance(r1, pdu.LoginResponse) and not r1.transit and r1.data == b""
+    ini.send(pdu.LoginRequest(itt=1, isid=5, cmdsn=1, csg=1, nsg=3, transit=True, data=text[37:]))
     (r2,) = ini.recv()
-    assert isinstance(r2, LoginResponse) and r2.transit and r2.status_class == 0
+    assert isinstance(r2, pdu.LoginResponse) and r2.transit and r2.status_class == 0
 
 
 def test_login_stays_operational_without_transit() -> None:
     ini = Initiator()
-    ini.send(LoginRequest(itt=1, isid=5, cmdsn=1, csg=1, nsg=3, transit=False,
-                          data=encode_text([("InitiatorName", INITIATOR), ("TargetName", IQN)])))
-    (r,) = ini.recv()
-    assert isinstance(r, LoginResponse) and not r.transit and r.status_class == 0
+    r = ini.login_step(NAMES, csg=1, nsg=3, transit=False)
+    assert not r.transit and r.status_class == 0
     assert ini.conn.state is State.LOGIN
 
 
@@ -218,34 +104,28 @@ def test_login_stays_operational_without_transit() -> None:
 ])
 def test_login_failures(pairs: list[tuple[str, str]], status: int) -> None:
     ini = Initiator()
-    ev = ini.send(LoginRequest(itt=1, isid=5, cmdsn=1, transit=True, csg=1, nsg=3,
-                               data=encode_text(pairs)))
-    (r,) = ini.recv()
-    assert isinstance(r, LoginResponse)
+    r = ini.login_step(pairs, csg=1, nsg=3)
     assert (r.status_class << 8 | r.status_detail) == status
-    assert any(isinstance(e, CloseConnection) for e in ev)
+    assert any(isinstance(e, events.CloseConnection) for e in ini.events)
     assert ini.conn.state is State.CLOSED
     assert ini.send_bytes(b"anything") == []  # closed connections ignore input
 
 
-def test_login_version_tsih_and_stage_errors() -> None:
-    good = encode_text([("InitiatorName", INITIATOR), ("TargetName", IQN)])
-    cases: list[tuple[dict[str, Any], int]] = [
-        ({"version_min": 1, "version_max": 1}, 0x0205), ({"tsih": 3}, 0x020A),
-        ({"csg": 3, "nsg": 3}, 0x020B), ({"csg": 1, "nsg": 1}, 0x020B)]
-    for kw, status in cases:
-        ini = Initiator()
-        ini.send(LoginRequest(itt=1, isid=5, cmdsn=1, transit=True, **{"csg": 1, "nsg": 3, **kw},
-                              data=good))
-        (r,) = ini.recv()
-        assert isinstance(r, LoginResponse)
-        assert (r.status_class << 8 | r.status_detail) == status, kw
+@pytest.mark.parametrize("fields,status", [
+    ({"version_min": 1, "version_max": 1}, 0x0205),
+    ({"tsih": 3}, 0x020A),
+    ({"csg": 3, "nsg": 3}, 0x020B),
+    ({"csg": 1, "nsg": 1}, 0x020B),
+])
+def test_login_version_tsih_and_stage_errors(fields: dict[str, Any], status: int) -> None:
+    r = Initiator().login_step(NAMES, **{"csg": 1, "nsg": 3, **fields})
+    assert (r.status_class << 8 | r.status_detail) == status
 
 
 def test_first_pdu_must_be_login() -> None:
     ini = Initiator()
-    with pytest.raises(IscsiProtocolError):
-        ini.send(NopOut(itt=1, immediate=True))
+    with pytest.raises(pdu.IscsiProtocolError):
+        ini.send(pdu.NopOut(itt=1, immediate=True))
     assert ini.conn.state is State.CLOSED
 
 
@@ -254,7 +134,7 @@ def test_login_timeout() -> None:
     assert conn.get_timer() == 105.0
     assert conn.handle_timer(104.0) == []
     (ev,) = conn.handle_timer(105.0)
-    assert isinstance(ev, CloseConnection) and conn.state is State.CLOSED
+    assert isinstance(ev, events.CloseConnection) and conn.state is State.CLOSED
     ini = logged_in()
     assert ini.conn.get_timer() is None
 
@@ -295,21 +175,13 @@ class _RequireChap:
 def test_authenticator_hook(response: str, ok: bool) -> None:
     auth = _RequireChap()
     ini = Initiator(authenticator=auth)
-    base = [("InitiatorName", INITIATOR), ("TargetName", IQN)]
-    ini.send(LoginRequest(itt=1, isid=5, cmdsn=1, transit=True, csg=0, nsg=1,
-                          data=encode_text([*base, ("AuthMethod", "None,CHAP")])))
-    (r,) = ini.recv()
-    assert isinstance(r, LoginResponse) and not r.transit
+    r = ini.login_step([*NAMES, ("AuthMethod", "None,CHAP")])
+    assert not r.transit
     assert dict(decode_text(r.data))["AuthMethod"] == "CHAP"
-    ini.send(LoginRequest(itt=1, isid=5, cmdsn=1, transit=True, csg=0, nsg=1,
-                          data=encode_text([("CHAP_A", "5")])))
-    (r,) = ini.recv()
-    assert isinstance(r, LoginResponse) and not r.transit
+    r = ini.login_step([("CHAP_A", "5")])
+    assert not r.transit
     assert dict(decode_text(r.data))["CHAP_C"] == "0x00"
-    ini.send(LoginRequest(itt=1, isid=5, cmdsn=1, transit=True, csg=0, nsg=1,
-                          data=encode_text([("CHAP_N", "user"), ("CHAP_R", response)])))
-    (r,) = ini.recv()
-    assert isinstance(r, LoginResponse)
+    r = ini.login_step([("CHAP_N", "user"), ("CHAP_R", response)])
     if ok:
         assert r.status_class == 0 and r.transit and r.nsg == 1
     else:
@@ -319,7 +191,7 @@ def test_authenticator_hook(response: str, ok: bool) -> None:
 def test_authentication_required_blocks_operational_stage() -> None:
     ini = Initiator(authenticator=_RequireChap())
     assert ini.login().status_detail == 1 and ini.conn.state is State.CLOSED
-    failed = [e for e in ini.events if isinstance(e, LoginFailed)]
+    failed = [e for e in ini.events if isinstance(e, events.LoginFailed)]
     assert failed and failed[0].status == 0x0201
 
 
@@ -327,7 +199,7 @@ def test_access_list_refusal_is_authorization_failure() -> None:
     ini = Initiator(authenticator=_RequireChap(allow=False))
     r = ini.login()
     assert (r.status_class, r.status_detail) == (2, 2) and ini.conn.state is State.CLOSED
-    (f,) = [e for e in ini.events if isinstance(e, LoginFailed)]
+    (f,) = [e for e in ini.events if isinstance(e, events.LoginFailed)]
     assert f.status == 0x0202 and f.initiator_name == INITIATOR and f.target_name == IQN
 
 
@@ -338,21 +210,22 @@ def test_discovery_send_targets() -> None:
     ini = Initiator()
     resp = ini.login(discovery=True)
     assert resp.status_class == 0 and "TargetPortalGroupTag" not in dict(decode_text(resp.data))
-    assert isinstance(ini.events[0], LoginComplete) and ini.events[0].session_type == "Discovery"
-    ini.send(TextRequest(itt=5, cmdsn=1, immediate=True, data=encode_text([("SendTargets",
-                                                                            "All")])))
+    first = ini.events[0]
+    assert isinstance(first, events.LoginComplete) and first.session_type == "Discovery"
+    ini.send(pdu.TextRequest(itt=5, cmdsn=1, immediate=True,
+                             data=encode_text([("SendTargets", "All")])))
     (r,) = ini.recv()
-    assert isinstance(r, TextResponse) and r.final and not r.cont and r.ttt == RESERVED_TAG
+    assert isinstance(r, pdu.TextResponse) and r.final and not r.cont and r.ttt == pdu.RESERVED_TAG
     assert decode_text(r.data) == [
         ("TargetName", "iqn.2024-01.io.steelfusion:other"), ("TargetAddress", f"{PORTAL},1"),
         ("TargetName", IQN), ("TargetAddress", f"{PORTAL},1")]
     # Only Text and Logout (and NOP) in a discovery session.
     ini.command(READ10, edtl=4096, read=True)
     (rej,) = ini.recv()
-    assert isinstance(rej, Reject)
-    ini.send(LogoutRequest(itt=9, cmdsn=ini.cmdsn))
+    assert isinstance(rej, pdu.Reject)
+    ini.send(pdu.LogoutRequest(itt=9, cmdsn=ini.cmdsn))
     (lo,) = ini.recv()
-    assert isinstance(lo, LogoutResponse) and lo.response == 0
+    assert isinstance(lo, pdu.LogoutResponse) and lo.response == 0
 
 
 def test_discovery_answer_fits_initiator_mrdsl() -> None:
@@ -362,17 +235,17 @@ def test_discovery_answer_fits_initiator_mrdsl() -> None:
     ini = Initiator(conn)
     keys = [("MaxRecvDataSegmentLength", "512")]
     assert ini.login(keys, discovery=True).status_class == 0
-    ini.send(TextRequest(itt=5, cmdsn=1, data=encode_text([("SendTargets", "All")])))
+    ini.send(pdu.TextRequest(itt=5, cmdsn=1, data=encode_text([("SendTargets", "All")])))
     text = b""
     for _ in range(100):
         (r,) = ini.recv()
-        assert isinstance(r, TextResponse) and len(r.data) <= 512
+        assert isinstance(r, pdu.TextResponse) and len(r.data) <= 512
         text += bytes(r.data)
         if r.final:
-            assert not r.cont and r.ttt == RESERVED_TAG
+            assert not r.cont and r.ttt == pdu.RESERVED_TAG
             break
-        assert r.cont and r.ttt != RESERVED_TAG
-        ini.send(TextRequest(itt=5, ttt=r.ttt, cmdsn=2, immediate=True))
+        assert r.cont and r.ttt != pdu.RESERVED_TAG
+        ini.send(pdu.TextRequest(itt=5, ttt=r.ttt, cmdsn=2, immediate=True))
     names = [v for k, v in decode_text(text) if k == "TargetName"]
     assert names == sorted(targets)
 
@@ -381,10 +254,10 @@ def test_send_targets_in_normal_session_and_bad_requests() -> None:
     ini = logged_in()
     for body, ok in [("SendTargets=All", True), ("SendTargets=", True),
                      ("SendTargets=Alle", False), ("sENDtARGETS=aLL", False)]:
-        ini.send(TextRequest(itt=ini.next_itt(), cmdsn=ini.cmdsn, immediate=True,
-                             data=body.encode() + b"\0"))
+        ini.send(pdu.TextRequest(itt=ini.next_itt(), cmdsn=ini.cmdsn, immediate=True,
+                                 data=body.encode() + b"\0"))
         (r,) = ini.recv()
-        assert isinstance(r, TextResponse) and r.final
+        assert isinstance(r, pdu.TextResponse) and r.final
         keys = dict(decode_text(r.data))
         assert ("TargetName" in keys) == ok
         if not ok:
@@ -394,8 +267,8 @@ def test_send_targets_in_normal_session_and_bad_requests() -> None:
 # --------------------------------------------------------------------------- writes
 
 
-def _ready(events: list[Event]) -> list[ScsiCommandReady]:
-    return [e for e in events if isinstance(e, ScsiCommandReady)]
+def _ready(evs: list[events.Event]) -> list[events.ScsiCommandReady]:
+    return [e for e in evs if isinstance(e, events.ScsiCommandReady)]
 
 
 def test_write_immediate_data_only_is_zero_copy() -> None:
@@ -408,7 +281,7 @@ def test_write_immediate_data_only_is_zero_copy() -> None:
     assert ini.recv() == []
     ini.conn.complete(itt, 0, transfer_length=4096)
     (resp,) = ini.recv()
-    assert isinstance(resp, ScsiResponse) and resp.status == 0 and resp.itt == itt
+    assert isinstance(resp, pdu.ScsiResponse) and resp.status == 0 and resp.itt == itt
     assert not resp.overflow and not resp.underflow
 
 
@@ -416,10 +289,8 @@ def test_write_immediate_unsolicited_and_r2t() -> None:
     """8 KiB immediate + 8 KiB unsolicited Data-Out (FirstBurstLength 16 KiB),
     then R2Ts of MaxBurstLength 16 KiB for the remaining 48 KiB, two
     outstanding at a time."""
-    keys = [(k, v) for k, v in LIBISCSI_KEYS
-            if k not in ("FirstBurstLength", "MaxBurstLength", "MaxOutstandingR2T")]
-    keys += [("FirstBurstLength", "16384"), ("MaxBurstLength", "16384"),
-             ("MaxOutstandingR2T", "2")]
+    keys = libiscsi_keys(FirstBurstLength="16384", MaxBurstLength="16384",
+                         MaxOutstandingR2T="2")
     ini = Initiator()
     assert ini.login(keys).status_class == 0
     p = ini.conn.params
@@ -428,61 +299,59 @@ def test_write_immediate_unsolicited_and_r2t() -> None:
     payload = bytes(i * 7 & 0xFF for i in range(total))
     itt, ev = ini.command(WRITE10, edtl=total, write=True, data=payload[:8192], final=False)
     assert ev == [] and ini.recv() == []
-    ini.send(DataOut(itt=itt, datasn=0, buffer_offset=8192, data=payload[8192:12288]),
-             DataOut(itt=itt, datasn=1, buffer_offset=12288, final=True,
-                     data=payload[12288:16384]))
+    ini.send(pdu.DataOut(itt=itt, datasn=0, buffer_offset=8192, data=payload[8192:12288]),
+             pdu.DataOut(itt=itt, datasn=1, buffer_offset=12288, final=True,
+                         data=payload[12288:16384]))
     r2ts = ini.recv()
-    assert [type(r) for r in r2ts] == [R2T, R2T]
+    assert [type(r) for r in r2ts] == [pdu.R2T, pdu.R2T]
     assert [(r.buffer_offset, r.desired_length, r.r2tsn) for r in r2ts  # type: ignore[attr-defined]
             ] == [
         (16384, 16384, 0), (32768, 16384, 1)]
-    assert all(isinstance(r, R2T) and r.ttt != RESERVED_TAG for r in r2ts)
+    assert all(isinstance(r, pdu.R2T) and r.ttt != pdu.RESERVED_TAG for r in r2ts)
     sent_r2ts = list(r2ts)
-    ready: list[ScsiCommandReady] = []
+    ready: list[events.ScsiCommandReady] = []
     while sent_r2ts:
         r = sent_r2ts.pop(0)
-        assert isinstance(r, R2T)
+        assert isinstance(r, pdu.R2T)
         for sn, off in enumerate(range(r.buffer_offset, r.buffer_offset + r.desired_length,
                                        8192)):
             end = min(off + 8192, r.buffer_offset + r.desired_length)
-            ready += _ready(ini.send(DataOut(itt=itt, ttt=r.ttt, datasn=sn, buffer_offset=off,
-                                             final=end == r.buffer_offset + r.desired_length,
-                                             data=payload[off:end])))
+            ready += _ready(ini.send(pdu.DataOut(itt=itt, ttt=r.ttt, datasn=sn, buffer_offset=off,
+                                                 final=end == r.buffer_offset + r.desired_length,
+                                                 data=payload[off:end])))
         sent_r2ts += ini.recv()
     (cmd,) = ready
     assert bytes(cmd.data) == payload and cmd.expected_length == total
     ini.conn.complete(itt, 0, transfer_length=total)
     (resp,) = ini.recv()
-    assert isinstance(resp, ScsiResponse) and resp.exp_datasn == 3  # three R2Ts
+    assert isinstance(resp, pdu.ScsiResponse) and resp.exp_datasn == 3  # three R2Ts
 
 
 def test_write_initial_r2t_yes_no_immediate() -> None:
-    keys = [(k, v) for k, v in LIBISCSI_KEYS if k not in ("InitialR2T", "ImmediateData")]
     ini = Initiator()
-    ini.login([*keys, ("InitialR2T", "Yes"), ("ImmediateData", "No")])
+    ini.login(libiscsi_keys(InitialR2T="Yes", ImmediateData="No"))
     assert ini.conn.params.initial_r2t and not ini.conn.params.immediate_data
     itt, _ = ini.command(WRITE10, edtl=4096, write=True)
     (r2t,) = ini.recv()
-    assert isinstance(r2t, R2T) and (r2t.buffer_offset, r2t.desired_length) == (0, 4096)
-    (cmd,) = _ready(ini.send(DataOut(itt=itt, ttt=r2t.ttt, final=True, data=b"z" * 4096)))
+    assert isinstance(r2t, pdu.R2T) and (r2t.buffer_offset, r2t.desired_length) == (0, 4096)
+    (cmd,) = _ready(ini.send(pdu.DataOut(itt=itt, ttt=r2t.ttt, final=True, data=b"z" * 4096)))
     assert bytes(cmd.data) == b"z" * 4096
     # Immediate data when ImmediateData=No, unsolicited Data-Out when InitialR2T=Yes.
     ini.command(WRITE10, edtl=512, write=True, data=b"x" * 512)
     (bad,) = ini.recv()
-    assert isinstance(bad, ScsiResponse) and bad.status == 2
-    assert parse_sense_segment(bad.data)[12:14] == b"\x0c\x0c"
+    assert isinstance(bad, pdu.ScsiResponse) and bad.status == 2
+    assert pdu.parse_sense_segment(bad.data)[12:14] == b"\x0c\x0c"
 
 
 @pytest.mark.parametrize("case", ["datasn", "offset", "ttt", "short", "too_much"])
 def test_bad_data_out_fails_the_command(case: str) -> None:
-    keys = [(k, v) for k, v in LIBISCSI_KEYS if k != "InitialR2T"] + [("InitialR2T", "Yes")]
     ini = Initiator()
-    ini.login(keys)
+    ini.login(libiscsi_keys(InitialR2T="Yes"))
     itt, _ = ini.command(WRITE10, edtl=2048, write=True)
     (r2t,) = ini.recv()
-    assert isinstance(r2t, R2T)
-    good: dict[str, Any] = {"itt": itt, "ttt": r2t.ttt, "datasn": 0, "buffer_offset": 0, "final": False,
-            "data": b"a" * 1024}
+    assert isinstance(r2t, pdu.R2T)
+    good: dict[str, Any] = {"itt": itt, "ttt": r2t.ttt, "datasn": 0, "buffer_offset": 0,
+                            "final": False, "data": b"a" * 1024}
     bad = dict(good)
     if case == "datasn":
         bad["datasn"] = 27
@@ -494,48 +363,45 @@ def test_bad_data_out_fails_the_command(case: str) -> None:
         bad["final"] = True
     else:
         bad["data"] = b"a" * 4096
-    ev = ini.send(DataOut(**bad))
+    ev = ini.send(pdu.DataOut(**bad))
     assert _ready(ev) == []
     (resp,) = ini.recv()
-    assert isinstance(resp, ScsiResponse) and resp.status == 2
-    assert parse_sense_segment(resp.data)[2] == 0x0B  # ABORTED COMMAND
+    assert isinstance(resp, pdu.ScsiResponse) and resp.status == 2
+    assert pdu.parse_sense_segment(resp.data)[2] == 0x0B  # ABORTED COMMAND
     # Further Data-Out for the failed task is dropped quietly.
-    ini.send(DataOut(**{**good, "datasn": 1, "buffer_offset": 1024, "final": True}))
+    ini.send(pdu.DataOut(**{**good, "datasn": 1, "buffer_offset": 1024, "final": True}))
     assert ini.recv() == []
     assert ini.conn.outstanding == 0
 
 
 def test_data_out_for_unknown_task_is_rejected() -> None:
     ini = logged_in()
-    ini.send(DataOut(itt=0xABC, ttt=5, data=b"x" * 512))
+    ini.send(pdu.DataOut(itt=0xABC, ttt=5, data=b"x" * 512))
     (r,) = ini.recv()
-    assert isinstance(r, Reject) and r.reason == 0x09 and len(r.data) == 48
+    assert isinstance(r, pdu.Reject) and r.reason == 0x09 and len(r.data) == 48
 
 
 def test_write_buffer_budget_queues_r2ts() -> None:
-    keys = [(k, v) for k, v in LIBISCSI_KEYS if k != "InitialR2T"] + [("InitialR2T", "Yes")]
     ini = Initiator(max_write_buffer_bytes=8192)
-    ini.login(keys)
+    ini.login(libiscsi_keys(InitialR2T="Yes"))
     a, _ = ini.command(WRITE10, edtl=8192, write=True)
     b, _ = ini.command(WRITE10, edtl=8192, write=True)
     (r2t_a,) = ini.recv()  # the second write waits for budget
-    assert isinstance(r2t_a, R2T) and r2t_a.itt == a
-    ini.send(DataOut(itt=a, ttt=r2t_a.ttt, final=True, data=bytes(8192)))
+    assert isinstance(r2t_a, pdu.R2T) and r2t_a.itt == a
+    ini.send(pdu.DataOut(itt=a, ttt=r2t_a.ttt, final=True, data=bytes(8192)))
     assert ini.recv() == []
     ini.conn.complete(a, 0, transfer_length=8192)
     pdus = ini.recv()
     assert sorted(type(p).__name__ for p in pdus) == ["R2T", "ScsiResponse"]
-    assert [p.itt for p in pdus if isinstance(p, R2T)] == [b]
+    assert [p.itt for p in pdus if isinstance(p, pdu.R2T)] == [b]
 
 
 # --------------------------------------------------------------------------- reads
 
 
 def test_read_multi_pdu_data_in_with_status() -> None:
-    keys = [(k, v) for k, v in LIBISCSI_KEYS
-            if k not in ("MaxRecvDataSegmentLength", "MaxBurstLength", "FirstBurstLength")]
-    keys += [("MaxRecvDataSegmentLength", "4096"), ("MaxBurstLength", "8192"),
-             ("FirstBurstLength", "8192")]
+    keys = libiscsi_keys(MaxRecvDataSegmentLength="4096", MaxBurstLength="8192",
+                         FirstBurstLength="8192")
     ini = Initiator()
     ini.login(keys)
     data = bytes(range(256)) * 80  # 20480 bytes
@@ -544,8 +410,8 @@ def test_read_multi_pdu_data_in_with_status() -> None:
     assert cmd.read and not cmd.write and cmd.data == b""
     ini.conn.complete(itt, 0, data)
     pdus = ini.recv()
-    assert all(isinstance(p, DataIn) for p in pdus)
-    dins: list[DataIn] = pdus  # type: ignore[assignment]
+    assert all(isinstance(p, pdu.DataIn) for p in pdus)
+    dins: list[pdu.DataIn] = pdus  # type: ignore[assignment]
     assert [len(p.data) for p in dins] == [4096, 4096, 4096, 4096, 4096]
     assert [p.datasn for p in dins] == [0, 1, 2, 3, 4]
     assert [p.buffer_offset for p in dins] == [0, 4096, 8192, 12288, 16384]
@@ -569,10 +435,10 @@ def test_read_residuals(edtl: int, produced: int, flag: str | None, residual: in
     itt, _ = ini.command(READ10, edtl=edtl, read=True)
     ini.conn.complete(itt, 0, b"r" * produced)
     pdus = ini.recv()
-    got = b"".join(bytes(p.data) for p in pdus if isinstance(p, DataIn))
+    got = b"".join(bytes(p.data) for p in pdus if isinstance(p, pdu.DataIn))
     assert got == b"r" * sent
     last = pdus[-1]
-    assert isinstance(last, (DataIn, ScsiResponse))
+    assert isinstance(last, (pdu.DataIn, pdu.ScsiResponse))
     assert last.overflow == (flag == "overflow")
     assert last.underflow == (flag == "underflow")
     assert last.residual_count == residual
@@ -589,7 +455,7 @@ def test_write_residuals(edtl: int, wanted: int, flag: str | None, residual: int
     assert len(cmd.data) == edtl
     ini.conn.complete(itt, 0, transfer_length=wanted)
     (resp,) = ini.recv()
-    assert isinstance(resp, ScsiResponse)
+    assert isinstance(resp, pdu.ScsiResponse)
     assert (resp.overflow, resp.underflow) == (flag == "overflow", flag == "underflow")
     assert resp.residual_count == residual
 
@@ -600,8 +466,8 @@ def test_check_condition_response_carries_sense() -> None:
     sense = bytes((0x70, 0, 5, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0x21, 0, 0, 0, 0, 0))
     ini.conn.complete(itt, 2, b"", sense)
     (resp,) = ini.recv()
-    assert isinstance(resp, ScsiResponse) and resp.status == 2
-    assert parse_sense_segment(resp.data) == sense
+    assert isinstance(resp, pdu.ScsiResponse) and resp.status == 2
+    assert pdu.parse_sense_segment(resp.data) == sense
 
 
 def test_pipelined_commands_complete_out_of_order() -> None:
@@ -625,10 +491,10 @@ def test_duplicate_itt_and_bidirectional() -> None:
     itt, _ = ini.command(READ10, edtl=512, read=True)
     ini.command(READ10, edtl=512, read=True, itt=itt)
     (rej,) = ini.recv()
-    assert isinstance(rej, Reject) and rej.reason == 0x09
+    assert isinstance(rej, pdu.Reject) and rej.reason == 0x09
     ini.command(READ10, edtl=512, read=True, write=True)
     (resp,) = ini.recv()
-    assert isinstance(resp, ScsiResponse) and resp.status == 2
+    assert isinstance(resp, pdu.ScsiResponse) and resp.status == 2
 
 
 # --------------------------------------------------------------------------- numbering
@@ -645,7 +511,7 @@ def test_cmdsn_window() -> None:
     # A slot frees: MaxCmdSN = ExpCmdSN - 1 + free slots.
     ini.conn.complete(tags[0], 0, bytes(512))
     (r,) = ini.recv()
-    assert isinstance(r, DataIn) and r.exp_cmdsn == 5 and r.max_cmdsn == 5
+    assert isinstance(r, pdu.DataIn) and r.exp_cmdsn == 5 and r.max_cmdsn == 5
     # CmdSN 6 is beyond MaxCmdSN 5: silently ignored.
     ini.cmdsn = 6
     _, ev = ini.command(READ10, edtl=512, read=True)
@@ -687,49 +553,49 @@ def test_cmdsn_gap_is_filled() -> None:
 
 def test_nop() -> None:
     ini = logged_in()
-    ini.send(NopOut(itt=77, cmdsn=ini.cmdsn, immediate=True, data=b"hello"))
+    ini.send(pdu.NopOut(itt=77, cmdsn=ini.cmdsn, immediate=True, data=b"hello"))
     (r,) = ini.recv()
-    assert isinstance(r, NopIn) and r.itt == 77 and r.ttt == RESERVED_TAG
+    assert isinstance(r, pdu.NopIn) and r.itt == 77 and r.ttt == pdu.RESERVED_TAG
     assert bytes(r.data) == b"hello"
-    ini.send(NopOut(itt=RESERVED_TAG, cmdsn=ini.cmdsn, immediate=True))
+    ini.send(pdu.NopOut(itt=pdu.RESERVED_TAG, cmdsn=ini.cmdsn, immediate=True))
     assert ini.recv() == []
 
 
 def test_logout_waits_for_running_commands() -> None:
     ini = logged_in()
     itt, _ = ini.command(READ10, edtl=512, read=True)
-    ev = ini.send(LogoutRequest(itt=99, reason=0, cmdsn=ini.cmdsn, immediate=True))
+    ev = ini.send(pdu.LogoutRequest(itt=99, reason=0, cmdsn=ini.cmdsn, immediate=True))
     assert ev == [] and ini.recv() == []
-    events = ini.conn.complete(itt, 0, bytes(512))
-    assert [type(e) for e in events] == [LogoutComplete]
+    done = ini.conn.complete(itt, 0, bytes(512))
+    assert [type(e) for e in done] == [events.LogoutComplete]
     din, lo = ini.recv()
-    assert isinstance(din, DataIn) and isinstance(lo, LogoutResponse) and lo.itt == 99
+    assert isinstance(din, pdu.DataIn) and isinstance(lo, pdu.LogoutResponse) and lo.itt == 99
     assert ini.conn.state is State.CLOSED
 
 
 def test_logout_reasons() -> None:
     ini = logged_in()
-    ini.send(LogoutRequest(itt=1, reason=2, cmdsn=ini.cmdsn, immediate=True))
+    ini.send(pdu.LogoutRequest(itt=1, reason=2, cmdsn=ini.cmdsn, immediate=True))
     (r,) = ini.recv()
-    assert isinstance(r, LogoutResponse) and r.response == 2
-    ini.send(LogoutRequest(itt=2, reason=1, cid=42, cmdsn=ini.cmdsn, immediate=True))
+    assert isinstance(r, pdu.LogoutResponse) and r.response == 2
+    ini.send(pdu.LogoutRequest(itt=2, reason=1, cid=42, cmdsn=ini.cmdsn, immediate=True))
     (r,) = ini.recv()
-    assert isinstance(r, LogoutResponse) and r.response == 1
-    ev = ini.send(LogoutRequest(itt=3, reason=1, cid=0, cmdsn=ini.cmdsn, immediate=True))
+    assert isinstance(r, pdu.LogoutResponse) and r.response == 1
+    ev = ini.send(pdu.LogoutRequest(itt=3, reason=1, cid=0, cmdsn=ini.cmdsn, immediate=True))
     (r,) = ini.recv()
-    assert isinstance(r, LogoutResponse) and r.response == 0
-    assert isinstance(ev[0], LogoutComplete)
+    assert isinstance(r, pdu.LogoutResponse) and r.response == 0
+    assert isinstance(ev[0], events.LogoutComplete)
 
 
 def test_snack_and_login_in_ffp() -> None:
     ini = logged_in()
-    ini.send(SnackRequest(itt=1))
+    ini.send(pdu.SnackRequest(itt=1))
     (r,) = ini.recv()
-    assert isinstance(r, Reject)
-    with pytest.raises(IscsiProtocolError):
-        ini.send(LoginRequest(itt=1))
+    assert isinstance(r, pdu.Reject)
+    with pytest.raises(pdu.IscsiProtocolError):
+        ini.send(pdu.LoginRequest(itt=1))
     (r,) = ini.recv()
-    assert isinstance(r, Reject) and r.reason == 0x04
+    assert isinstance(r, pdu.Reject) and r.reason == 0x04
 
 
 # --------------------------------------------------------------------------- task management
@@ -738,13 +604,13 @@ def test_snack_and_login_in_ffp() -> None:
 def test_abort_running_task_defers_response_and_drops_its_status() -> None:
     ini = logged_in()
     itt, _ = ini.command(WRITE10, edtl=512, write=True, data=bytes(512))
-    ev = ini.send(TaskMgmtRequest(itt=500, function=1, lun=0, ref_task_tag=itt,
-                                  cmdsn=ini.cmdsn, ref_cmdsn=ini.cmdsn - 1))
-    assert [type(e) for e in ev] == [TasksAborted]
+    ev = ini.send(pdu.TaskMgmtRequest(itt=500, function=1, lun=0, ref_task_tag=itt,
+                                      cmdsn=ini.cmdsn, ref_cmdsn=ini.cmdsn - 1))
+    assert [type(e) for e in ev] == [events.TasksAborted]
     assert ini.recv() == []
     ini.conn.complete(itt, 0, transfer_length=512)
     (r,) = ini.recv()
-    assert isinstance(r, TaskMgmtResponse) and r.response == 0 and r.itt == 500
+    assert isinstance(r, pdu.TaskMgmtResponse) and r.response == 0 and r.itt == 500
 
 
 def test_abort_of_a_running_task_answers_once_the_adapter_cancelled_it() -> None:
@@ -754,18 +620,19 @@ def test_abort_of_a_running_task_answers_once_the_adapter_cancelled_it() -> None
     ExpCmdSN and MaxCmdSN go on as if the task had ended normally."""
     ini = logged_in()
     itt, ev = ini.command(READ10, edtl=4096, read=True)
-    assert [type(e) for e in ev] == [ScsiCommandReady]
+    assert [type(e) for e in ev] == [events.ScsiCommandReady]
     first, _ = ini.command(READ10, edtl=4096, read=True)
     ini.conn.complete(first, 0, bytes(4096))
     (din,) = ini.recv()
-    assert isinstance(din, DataIn) and din.status_present
-    ev = ini.send(TaskMgmtRequest(itt=500, function=1, lun=0, ref_task_tag=itt,
-                                  cmdsn=ini.cmdsn, ref_cmdsn=ini.cmdsn - 2))
-    assert [type(e) for e in ev] == [TasksAborted] and ev[0].task_tags == (itt,)  # type: ignore[union-attr]
+    assert isinstance(din, pdu.DataIn) and din.status_present
+    ev = ini.send(pdu.TaskMgmtRequest(itt=500, function=1, lun=0, ref_task_tag=itt,
+                                      cmdsn=ini.cmdsn, ref_cmdsn=ini.cmdsn - 2))
+    (aborted,) = ev
+    assert isinstance(aborted, events.TasksAborted) and aborted.task_tags == (itt,)
     assert ini.recv() == [] and ini.conn.outstanding == 1
     assert ini.conn.task_cancelled(itt) == []
     (r,) = ini.recv()
-    assert isinstance(r, TaskMgmtResponse) and r.itt == 500 and r.response == 0
+    assert isinstance(r, pdu.TaskMgmtResponse) and r.itt == 500 and r.response == 0
     assert r.statsn == din.statsn + 1
     assert r.exp_cmdsn == ini.cmdsn and r.max_cmdsn == ini.cmdsn + 127
     assert ini.conn.outstanding == 0
@@ -774,36 +641,37 @@ def test_abort_of_a_running_task_answers_once_the_adapter_cancelled_it() -> None
     nxt, _ = ini.command(READ10, edtl=512, read=True, itt=itt)  # the tag is free again
     ini.conn.complete(nxt, 0, bytes(512))
     (d2,) = ini.recv()
-    assert isinstance(d2, DataIn) and d2.itt == itt and d2.statsn == r.statsn + 1
+    assert isinstance(d2, pdu.DataIn) and d2.itt == itt and d2.statsn == r.statsn + 1
 
 
 def test_abort_task_set_waits_for_every_cancelled_task() -> None:
     ini = logged_in()
     tags = [ini.command(READ10, edtl=512, read=True)[0] for _ in range(3)]
     other, _ = ini.command(READ10, edtl=512, read=True, lun=1)
-    ev = ini.send(TaskMgmtRequest(itt=501, function=2, lun=encode_lun(0), cmdsn=ini.cmdsn))
-    assert [type(e) for e in ev] == [TasksAborted] and ev[0].task_tags == tuple(tags)  # type: ignore[union-attr]
+    ev = ini.send(pdu.TaskMgmtRequest(itt=501, function=2, lun=encode_lun(0), cmdsn=ini.cmdsn))
+    (aborted,) = ev
+    assert isinstance(aborted, events.TasksAborted) and aborted.task_tags == tuple(tags)
     for t in tags[:-1]:
         ini.conn.task_cancelled(t)
     assert ini.recv() == []
     ini.conn.task_cancelled(tags[-1])
     (r,) = ini.recv()
-    assert isinstance(r, TaskMgmtResponse) and r.itt == 501 and r.response == 0
+    assert isinstance(r, pdu.TaskMgmtResponse) and r.itt == 501 and r.response == 0
     ini.conn.complete(other, 0, bytes(512))  # another LUN's task was not touched
     (d,) = ini.recv()
-    assert isinstance(d, DataIn) and d.itt == other and d.status == 0
+    assert isinstance(d, pdu.DataIn) and d.itt == other and d.status == 0
 
 
 def test_cancelled_tasks_let_a_deferred_lun_reset_go_on() -> None:
     ini = logged_in(defer_resets=True)
     tag, _ = ini.command(READ10, edtl=512, read=True)
-    ini.send(TaskMgmtRequest(itt=611, function=5, lun=encode_lun(0), cmdsn=ini.cmdsn))
+    ini.send(pdu.TaskMgmtRequest(itt=611, function=5, lun=encode_lun(0), cmdsn=ini.cmdsn))
     ev = ini.conn.task_cancelled(tag)
-    assert [type(e) for e in ev] == [ResetRequested]
+    assert [type(e) for e in ev] == [events.ResetRequested]
     assert ini.recv() == []
     ini.conn.complete_tmf(611)
     (r,) = ini.recv()
-    assert isinstance(r, TaskMgmtResponse) and r.itt == 611 and r.response == 0
+    assert isinstance(r, pdu.TaskMgmtResponse) and r.itt == 611 and r.response == 0
 
 
 def test_a_task_cancelled_without_an_abort_gets_aborted_command() -> None:
@@ -811,69 +679,70 @@ def test_a_task_cancelled_without_an_abort_gets_aborted_command() -> None:
     tag, _ = ini.command(READ10, edtl=512, read=True)
     ini.conn.task_cancelled(tag)
     (r,) = ini.recv()
-    assert isinstance(r, ScsiResponse) and r.itt == tag and r.status == 0x02
-    sense = parse_sense_segment(r.data)
+    assert isinstance(r, pdu.ScsiResponse) and r.itt == tag and r.status == 0x02
+    sense = pdu.parse_sense_segment(r.data)
     assert sense[2] & 0x0F == 0x0B and ini.conn.outstanding == 0
 
 
 def test_abort_unknown_task_and_collecting_task() -> None:
     ini = logged_in()
-    ini.send(TaskMgmtRequest(itt=500, function=1, ref_task_tag=0x999, cmdsn=ini.cmdsn,
-                             ref_cmdsn=0))
+    ini.send(pdu.TaskMgmtRequest(itt=500, function=1, ref_task_tag=0x999, cmdsn=ini.cmdsn,
+                                 ref_cmdsn=0))
     (r,) = ini.recv()
-    assert isinstance(r, TaskMgmtResponse) and r.response == 1
+    assert isinstance(r, pdu.TaskMgmtResponse) and r.response == 1
     itt, _ = ini.command(WRITE10, edtl=1 << 20, write=True, data=bytes(4096), final=False)
-    ini.send(TaskMgmtRequest(itt=501, function=1, ref_task_tag=itt, cmdsn=ini.cmdsn))
+    ini.send(pdu.TaskMgmtRequest(itt=501, function=1, ref_task_tag=itt, cmdsn=ini.cmdsn))
     (r,) = ini.recv()
-    assert isinstance(r, TaskMgmtResponse) and r.response == 0
+    assert isinstance(r, pdu.TaskMgmtResponse) and r.response == 0
     assert ini.conn.outstanding == 0
-    ini.send(DataOut(itt=itt, datasn=0, buffer_offset=4096, data=bytes(4096)))
+    ini.send(pdu.DataOut(itt=itt, datasn=0, buffer_offset=4096, data=bytes(4096)))
     assert ini.recv() == []  # dropped quietly
 
 
 def test_lun_reset_and_other_functions() -> None:
     ini = logged_in()
     tags = [ini.command(READ10, edtl=512, read=True)[0] for _ in range(3)]
-    ini.send(TaskMgmtRequest(itt=600, function=5, lun=encode_lun(0), cmdsn=ini.cmdsn))
+    ini.send(pdu.TaskMgmtRequest(itt=600, function=5, lun=encode_lun(0), cmdsn=ini.cmdsn))
     assert ini.recv() == []
     for t in tags[:-1]:
         ini.conn.complete(t, 0, bytes(512))
     assert ini.recv() == []
     ini.conn.complete(tags[-1], 0, bytes(512))
     (r,) = ini.recv()
-    assert isinstance(r, TaskMgmtResponse) and r.response == 0
+    assert isinstance(r, pdu.TaskMgmtResponse) and r.response == 0
     for fn, lun, expect in [(5, 9, 2), (3, 0, 0), (8, 0, 4), (14, 0, 5)]:
-        ini.send(TaskMgmtRequest(itt=601, function=fn, lun=encode_lun(lun), cmdsn=ini.cmdsn))
+        ini.send(pdu.TaskMgmtRequest(itt=601, function=fn, lun=encode_lun(lun), cmdsn=ini.cmdsn))
         (r,) = ini.recv()
-        assert isinstance(r, TaskMgmtResponse) and r.response == expect, fn
-    ev = ini.send(TaskMgmtRequest(itt=602, function=7, cmdsn=ini.cmdsn))  # cold reset
+        assert isinstance(r, pdu.TaskMgmtResponse) and r.response == expect, fn
+    ev = ini.send(pdu.TaskMgmtRequest(itt=602, function=7, cmdsn=ini.cmdsn))  # cold reset
     (r,) = ini.recv()
-    assert isinstance(r, TaskMgmtResponse) and r.response == 0
-    assert any(isinstance(e, CloseConnection) for e in ev)
+    assert isinstance(r, pdu.TaskMgmtResponse) and r.response == 0
+    assert any(isinstance(e, events.CloseConnection) for e in ev)
 
 
 def test_warm_reset_answers_then_closes() -> None:
     """A target reset ends every session of the target, as COLD RESET must
     (RFC 7143 §11.5.1): the initiator reconnects to a reset target."""
     ini = logged_in()
-    ev = ini.send(TaskMgmtRequest(itt=603, function=6, cmdsn=ini.cmdsn))
+    ev = ini.send(pdu.TaskMgmtRequest(itt=603, function=6, cmdsn=ini.cmdsn))
     (r,) = ini.recv()
-    assert isinstance(r, TaskMgmtResponse) and r.response == 0
-    assert any(isinstance(e, CloseConnection) and "warm" in e.reason for e in ev)
+    assert isinstance(r, pdu.TaskMgmtResponse) and r.response == 0
+    assert any(isinstance(e, events.CloseConnection) and "warm" in e.reason for e in ev)
 
 
 def test_deferred_reset_waits_for_the_adapter() -> None:
     ini = logged_in(defer_resets=True)
     tag, _ = ini.command(READ10, edtl=512, read=True)
-    ev = ini.send(TaskMgmtRequest(itt=610, function=5, lun=encode_lun(0), cmdsn=ini.cmdsn))
-    assert [type(e) for e in ev] == [TasksAborted]
+    ev = ini.send(pdu.TaskMgmtRequest(itt=610, function=5, lun=encode_lun(0), cmdsn=ini.cmdsn))
+    assert [type(e) for e in ev] == [events.TasksAborted]
     ev = ini.conn.complete(tag, 0, bytes(512))
-    assert [type(e) for e in ev] == [ResetRequested] and ev[0].lun == 0  # type: ignore[union-attr]
+    (reset,) = ev
+    assert isinstance(reset, events.ResetRequested) and reset.lun == 0
     assert ini.recv() == []  # no status for the aborted READ, no TMF answer yet
     assert ini.conn.complete_tmf(999) == []
     assert ini.conn.complete_tmf(610) == []
     (r,) = ini.recv()
-    assert isinstance(r, TaskMgmtResponse) and r.itt == 610 and r.response == 0
+    assert isinstance(r, pdu.TaskMgmtResponse) and r.itt == 610 and r.response == 0
 
 
 def test_abort_tasks_from_another_session() -> None:
@@ -883,7 +752,8 @@ def test_abort_tasks_from_another_session() -> None:
                                 final=False)
     other, _ = ini.command(READ10, edtl=512, read=True, lun=1)
     ev = ini.conn.abort_tasks({0})
-    assert [type(e) for e in ev] == [TasksAborted] and ev[0].task_tags == (running,)  # type: ignore[union-attr]
+    (aborted,) = ev
+    assert isinstance(aborted, events.TasksAborted) and aborted.task_tags == (running,)
     assert ini.conn.is_aborted(running) and ini.conn.is_aborted(collecting)
     assert not ini.conn.is_aborted(other)
     ini.recv()
@@ -897,10 +767,8 @@ def test_abort_tasks_from_another_session() -> None:
 
 
 def test_digests_negotiated_and_checked() -> None:
-    keys = [(k, v) for k, v in LIBISCSI_KEYS if k not in ("HeaderDigest", "DataDigest")]
-    keys += [("HeaderDigest", "CRC32C,None"), ("DataDigest", "CRC32C,None")]
     ini = Initiator()
-    resp = ini.login(keys)
+    resp = ini.login(libiscsi_keys(HeaderDigest="CRC32C,None", DataDigest="CRC32C,None"))
     k = dict(decode_text(resp.data))
     assert k["HeaderDigest"] == "CRC32C" and k["DataDigest"] == "CRC32C"
     assert ini.hd and ini.dd
@@ -908,24 +776,23 @@ def test_digests_negotiated_and_checked() -> None:
     assert len(_ready(ev)) == 1
     ini.conn.complete(itt, 0, transfer_length=512)
     (r,) = ini.recv()  # decoder checks the target's digests
-    assert isinstance(r, ScsiResponse)
-    wire = bytearray(ScsiCommand(itt=5, cmdsn=ini.cmdsn, expected_length=512, write=True,
-                                 cdb=WRITE10.ljust(16, b"\0"), data=b"e" * 512).encode(True, True))
+    assert isinstance(r, pdu.ScsiResponse)
+    cmd = pdu.ScsiCommand(itt=5, cmdsn=ini.cmdsn, expected_length=512, write=True,
+                          cdb=WRITE10.ljust(16, b"\0"), data=b"e" * 512)
+    wire = bytearray(cmd.encode(True, True))
     wire[-1] ^= 0xFF  # corrupt the data digest
-    with pytest.raises(IscsiProtocolError):
+    with pytest.raises(pdu.IscsiProtocolError):
         ini.send_bytes(bytes(wire))
     (rej,) = ini.recv()
-    assert isinstance(rej, Reject) and rej.reason == 0x02
+    assert isinstance(rej, pdu.Reject) and rej.reason == 0x02
 
 
 def test_header_digest_corruption_drops_without_reject() -> None:
-    keys = [(k, v) for k, v in LIBISCSI_KEYS if k != "HeaderDigest"] + [
-        ("HeaderDigest", "CRC32C")]
     ini = Initiator()
-    ini.login(keys)
-    wire = bytearray(NopOut(itt=1, immediate=True).encode(True, False))
+    ini.login(libiscsi_keys(HeaderDigest="CRC32C"))
+    wire = bytearray(pdu.NopOut(itt=1, immediate=True).encode(True, False))
     wire[49] ^= 1
-    with pytest.raises(IscsiProtocolError):
+    with pytest.raises(pdu.IscsiProtocolError):
         ini.send_bytes(bytes(wire))
     assert ini.recv() == []
 
@@ -949,7 +816,7 @@ def test_command_to_missing_lun_is_dispatched_with_its_number() -> None:
 
 def test_garbage_after_login_raises_protocol_error() -> None:
     ini = logged_in()
-    with pytest.raises(IscsiProtocolError):
+    with pytest.raises(pdu.IscsiProtocolError):
         ini.send_bytes(bytes([0x3E]) + bytes(47))
     assert ini.conn.state is State.CLOSED
 
@@ -959,7 +826,7 @@ def test_limits_are_configurable() -> None:
     ini = Initiator(limits=lim)
     resp = ini.login()
     assert dict(decode_text(resp.data))["MaxRecvDataSegmentLength"] == "8192"
-    with pytest.raises(IscsiProtocolError):  # 64 KiB immediate data > 8 KiB + slack
+    with pytest.raises(pdu.IscsiProtocolError):  # 64 KiB immediate data > 8 KiB + slack
         ini.command(WRITE10, edtl=65536, write=True, data=bytes(65536))
 
 
@@ -996,7 +863,7 @@ def test_fast_lane_answers_inline_with_the_same_pdus_as_the_normal_path() -> Non
     assert [c[2] for c in calls] == [b"", b"w" * 4096, b"w" * 512]
     got_fast, got_slow = fast_ini.recv(), slow_ini.recv()
     assert got_fast == got_slow and len(got_fast) == 3  # same StatSN, MaxCmdSN, residuals
-    assert isinstance(got_fast[2], ScsiResponse) and got_fast[2].overflow
+    assert isinstance(got_fast[2], pdu.ScsiResponse) and got_fast[2].overflow
 
 
 def test_fast_lane_steps_aside() -> None:

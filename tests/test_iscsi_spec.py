@@ -43,11 +43,11 @@ from steelfusion.iscsi.pdu import (
     decode_scsi_command,
     scsi_response_header,
 )
-from tests.test_iscsi_pdu import SAMPLES
+from tests.iscsi_helpers import SAMPLES
 
 PROPERTY = settings(max_examples=200, deadline=None)
 
-# The BHS (and AHS) of each of tests/test_iscsi_pdu.py's SAMPLES as the
+# The BHS (and AHS) of each of tests/iscsi_helpers.py's SAMPLES as the
 # hand-written header() methods packed them before the layouts replaced them.
 GOLDEN: list[tuple[str, str]] = [
     ("NopOut",

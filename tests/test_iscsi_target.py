@@ -24,23 +24,10 @@ import pytest
 import structlog
 
 from edge.backends import FileBackend
-from edge.scsi.cdb import encode_lun
 from edge.target import IscsiTarget, TargetNode, portal_with_port
-from steelfusion.iscsi.pdu import (
-    TARGET_OPCODES,
-    DataIn,
-    LoginRequest,
-    LoginResponse,
-    LogoutRequest,
-    LogoutResponse,
-    NopIn,
-    NopOut,
-    Pdu,
-    PduDecoder,
-    ScsiCommand,
-    ScsiResponse,
-)
-from steelfusion.iscsi.text import encode_text
+from steelfusion.iscsi import pdu
+from steelfusion.iscsi.commands import PrIn, PrOut, pr_in, pr_out
+from tests.iscsi_helpers import RawClient
 
 pytestmark = pytest.mark.initiator
 
@@ -63,9 +50,10 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 class TargetThread:
     """An IscsiTarget on its own event loop in a daemon thread."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: Path, size: int, state_dir: Path | None = None) -> None:
         self.path = path
         self.size = size
+        self.state_dir = state_dir
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.target: IscsiTarget | None = None
@@ -79,8 +67,9 @@ class TargetThread:
 
         async def up() -> None:
             self.backend = FileBackend(self.path, self.size)
-            self.target = IscsiTarget(TargetNode(IQN, {0: self.backend}, alias="pytest lun"),
-                                      "127.0.0.1", 0)
+            state = None if self.state_dir is None else str(self.state_dir)
+            self.target = IscsiTarget(TargetNode(IQN, {0: self.backend}, alias="pytest lun",
+                                                 state_dir=state), "127.0.0.1", 0)
             await self.target.start()
         self.call(up())
 
@@ -115,75 +104,6 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TargetThread]:
         yield t
     finally:
         t.stop()
-
-
-class RawClient:
-    """A blocking socket speaking raw PDUs, for protocol-level checks."""
-
-    count = 0
-
-    def __init__(self, port: int) -> None:
-        RawClient.count += 1
-        self.isid = 0x80_0000_0000_00 | RawClient.count
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.dec = PduDecoder(accept=TARGET_OPCODES, max_data_segment_length=1 << 24)
-        self.pending: list[Pdu] = []
-        self.itt = 0
-        self.cmdsn = 1
-
-    def send(self, *pdus: Pdu) -> None:
-        self.sock.sendall(b"".join(p.encode() for p in pdus))
-
-    def recv(self) -> Pdu:
-        while not self.pending:
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise EOFError
-            self.pending += self.dec.feed(data)
-        return self.pending.pop(0)
-
-    def login(self) -> LoginResponse:
-        self.send(LoginRequest(itt=0, isid=self.isid,
-                               cmdsn=self.cmdsn, transit=True, csg=1, nsg=3,
-                               data=encode_text([("InitiatorName", "iqn.2024-01.test:raw"),
-                                                 ("TargetName", IQN),
-                                                 ("MaxRecvDataSegmentLength", "65536")])))
-        r = self.recv()
-        assert isinstance(r, LoginResponse) and r.status_class == 0 and r.transit
-        return r
-
-    def read10(self, lba: int, blocks: int) -> bytes:
-        self.itt += 1
-        cdb = bytes((0x28, 0)) + lba.to_bytes(4, "big") + bytes((0,)) + blocks.to_bytes(2, "big")
-        self.send(ScsiCommand(itt=self.itt, lun=encode_lun(0), cmdsn=self.cmdsn,
-                              expected_length=blocks * 512, read=True, cdb=cdb.ljust(16, b"\0")))
-        self.cmdsn += 1
-        data = b""
-        while True:
-            p = self.recv()
-            if isinstance(p, DataIn):
-                data += bytes(p.data)
-                if p.status_present:
-                    assert p.status == 0
-                    return data
-            else:
-                assert isinstance(p, ScsiResponse) and p.status == 0, p
-                return data
-
-    def wait_closed(self, timeout: float = 5.0) -> bool:
-        """True once the target has closed the connection."""
-        self.sock.settimeout(timeout)
-        try:
-            while self.sock.recv(1 << 16):
-                pass
-        except (ConnectionResetError, BrokenPipeError):
-            return True
-        except TimeoutError:
-            return False
-        return True
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # --------------------------------------------------------------------------- real initiators
@@ -294,7 +214,7 @@ MALFORMED = {
 @pytest.mark.lab
 def test_malformed_pdu_drops_only_that_connection(target: TargetThread, tmp_path: Path,
                                                   kind: str) -> None:
-    good = RawClient(target.port)
+    good = RawClient(target.port, IQN)
     good.login()
     payload = os.urandom(64 * 1024)
     Path(tmp_path / "p.raw").write_bytes(payload)
@@ -303,7 +223,7 @@ def test_malformed_pdu_drops_only_that_connection(target: TargetThread, tmp_path
          target.url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with structlog.testing.capture_logs() as logs:
-            bad = RawClient(target.port)
+            bad = RawClient(target.port, IQN)
             host, port = bad.sock.getsockname()
             bad_addr = f"{host}:{port}"
             if kind == "after_login":
@@ -322,13 +242,13 @@ def test_malformed_pdu_drops_only_that_connection(target: TargetThread, tmp_path
         assert errors[0]["peer"] == bad_addr and errors[0]["reason"]
         # The other sessions never noticed.
         assert good.read10(0, 8) is not None
-        good.send(NopOut(itt=77, cmdsn=good.cmdsn, immediate=True, data=b"still here"))
+        good.send(pdu.NopOut(itt=77, cmdsn=good.cmdsn, immediate=True, data=b"still here"))
         nop = good.recv()
-        assert isinstance(nop, NopIn) and bytes(nop.data) == b"still here"
+        assert isinstance(nop, pdu.NopIn) and bytes(nop.data) == b"still here"
         _, err = reader.communicate(timeout=60)
         assert reader.returncode == 0, err
-        good.send(LogoutRequest(itt=78, cmdsn=good.cmdsn, immediate=True))
-        assert isinstance(good.recv(), LogoutResponse)
+        good.send(pdu.LogoutRequest(itt=78, cmdsn=good.cmdsn, immediate=True))
+        assert isinstance(good.recv(), pdu.LogoutResponse)
     finally:
         if reader.poll() is None:
             reader.kill()
@@ -337,23 +257,22 @@ def test_malformed_pdu_drops_only_that_connection(target: TargetThread, tmp_path
 
 
 def test_pipelined_reads_on_one_connection(target: TargetThread) -> None:
-    c = RawClient(target.port)
+    c = RawClient(target.port, IQN)
     c.login()
     n = 64
+    tags = set()
     for i in range(n):
         cdb = bytes((0x28, 0)) + (i * 8).to_bytes(4, "big") + bytes((0, 0, 8, 0))
-        c.send(ScsiCommand(itt=1000 + i, lun=0, cmdsn=c.cmdsn, expected_length=4096, read=True,
-                           cdb=cdb.ljust(16, b"\0")))
-        c.cmdsn += 1
+        tags.add(c.submit(cdb, read_len=4096))
     done: set[int] = set()
     got = 0
     while len(done) < n:
         p = c.recv()
-        assert isinstance(p, DataIn)
+        assert isinstance(p, pdu.DataIn)
         got += len(p.data)
         if p.status_present:
             done.add(p.itt)
-    assert got == n * 4096 and done == set(range(1000, 1000 + n))
+    assert got == n * 4096 and done == tags and len(tags) == n
     c.close()
 
 
@@ -447,9 +366,9 @@ def test_standalone_refusals_name_the_file_or_port(tmp_path: Path) -> None:
 def test_session_reinstatement_replaces_old_connection(target: TargetThread) -> None:
     """A new login with the same InitiatorName and ISID ends the old
     session (RFC 7143 §6.3.5)."""
-    old = RawClient(target.port)
+    old = RawClient(target.port, IQN)
     old.login()
-    new = RawClient(target.port)
+    new = RawClient(target.port, IQN)
     new.isid = old.isid
     new.login()
     assert old.wait_closed()
@@ -492,87 +411,51 @@ def test_advertised_portal_in_send_targets(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- shared LU state
 
 
-def raw_cmd(c: RawClient, cdb: bytes, data: bytes = b"", read_len: int = 0
-            ) -> tuple[int, bytes, bytes]:
-    """One command with immediate data; (status, Data-In, sense)."""
-    from steelfusion.iscsi.pdu import parse_sense_segment
-
-    c.itt += 1
-    c.send(ScsiCommand(itt=c.itt, lun=encode_lun(0), cmdsn=c.cmdsn,
-                       expected_length=len(data) or read_len, read=bool(read_len),
-                       write=bool(data), cdb=cdb.ljust(16, b"\0"), data=data))
-    c.cmdsn += 1
-    got = b""
-    while True:
-        p = c.recv()
-        if isinstance(p, DataIn):
-            got += bytes(p.data)
-            if p.status_present:
-                return p.status, got, b""
-        elif isinstance(p, ScsiResponse):
-            return p.status, got, parse_sense_segment(p.data)
-
-
 def test_reservations_are_shared_and_survive_a_restart(tmp_path: Path) -> None:
     """Persistent reservations hold across sessions (two ISIDs = two I_T
     nexuses), a LUN reset from one session gives the other a unit attention,
     and after a target restart the registration and reservation are back."""
-    import struct
-
-    from edge.scsi.pr import PrType, Sa
+    from edge.scsi.pr import PrType
 
     state = tmp_path / "state"
-
-    class Stateful(TargetThread):
-        def start(self) -> None:
-            self.thread.start()
-
-            async def up() -> None:
-                self.backend = FileBackend(self.path, self.size)
-                self.target = IscsiTarget(TargetNode(IQN, {0: self.backend},
-                                                     state_dir=str(state)), "127.0.0.1", 0)
-                await self.target.start()
-            self.call(up())
-
-    def prout(c: RawClient, sa: int, key: int, sa_key: int = 0, t: int = 0) -> int:
-        return raw_cmd(c, struct.pack(">BBBxxIB", 0x5F, sa, t, 24, 0),
-                       struct.pack(">QQ8x", key, sa_key))[0]
+    def prout(c: RawClient, sa: PrOut, key: int, sa_key: int = 0, t: int = 0) -> int:
+        cdb, params = pr_out(sa, key, sa_key, t)
+        return c.command(cdb, params)[0]
 
     write10 = bytes((0x2A, 0, 0, 0, 0, 1, 0, 0, 1, 0))
     read10 = bytes((0x28, 0, 0, 0, 0, 1, 0, 0, 1, 0))
-    t = Stateful(tmp_path / "lun.img", 1 << 20)
+    t = TargetThread(tmp_path / "lun.img", 1 << 20, state)
     t.start()
     try:
-        a, b = RawClient(t.port), RawClient(t.port)
+        a, b = RawClient(t.port, IQN), RawClient(t.port, IQN)
         a.login()
         b.login()
-        assert prout(a, Sa.REGISTER, 0, 0xABC) == 0
-        assert prout(a, Sa.RESERVE, 0xABC, t=PrType.WRITE_EXCLUSIVE) == 0
-        assert raw_cmd(b, write10, bytes(512))[0] == 0x18  # RESERVATION CONFLICT
-        assert raw_cmd(b, read10, read_len=512)[0] == 0
-        assert raw_cmd(a, write10, bytes(512))[0] == 0
-        from steelfusion.iscsi.pdu import TaskMgmtRequest, TaskMgmtResponse
-        b.send(TaskMgmtRequest(itt=77, function=5, lun=encode_lun(0), cmdsn=b.cmdsn))
+        assert prout(a, PrOut.REGISTER, 0, 0xABC) == 0
+        assert prout(a, PrOut.RESERVE, 0xABC, t=PrType.WRITE_EXCLUSIVE) == 0
+        assert b.command(write10, bytes(512))[0] == 0x18  # RESERVATION CONFLICT
+        assert b.command(read10, read_len=512)[0] == 0
+        assert a.command(write10, bytes(512))[0] == 0
+        b.tmf(5)  # LOGICAL UNIT RESET
         r = b.recv()
-        assert isinstance(r, TaskMgmtResponse) and r.response == 0
-        status, _, sense = raw_cmd(a, bytes(6))
+        assert isinstance(r, pdu.TaskMgmtResponse) and r.response == 0
+        status, _, sense = a.command(bytes(6))
         assert status == 2 and sense[2] == 6 and sense[12:14] == bytes((0x29, 0x03))
-        assert raw_cmd(a, bytes(6))[0] == 0
+        assert a.command(bytes(6))[0] == 0
         a.close()
         b.close()
     finally:
         t.stop()
     assert list(state.glob("pr-*.json"))
-    t2 = Stateful(tmp_path / "lun.img", 1 << 20)
+    t2 = TargetThread(tmp_path / "lun.img", 1 << 20, state)
     t2.start()
     try:
-        c = RawClient(t2.port)
+        c = RawClient(t2.port, IQN)
         c.login()
-        status, keys, _ = raw_cmd(c, struct.pack(">BB5xHB", 0x5E, 0, 64, 0), read_len=64)
+        status, keys, _ = c.command(pr_in(PrIn.READ_KEYS, 64), read_len=64)
         assert status == 0 and int.from_bytes(keys[8:16], "big") == 0xABC
-        status, rr, _ = raw_cmd(c, struct.pack(">BB5xHB", 0x5E, 1, 64, 0), read_len=64)
+        status, rr, _ = c.command(pr_in(PrIn.READ_RESERVATION, 64), read_len=64)
         assert rr[21] == PrType.WRITE_EXCLUSIVE
-        assert raw_cmd(c, write10, bytes(512))[0] == 0x18
+        assert c.command(write10, bytes(512))[0] == 0x18
         c.close()
     finally:
         t2.stop()

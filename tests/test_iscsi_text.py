@@ -17,15 +17,7 @@ from steelfusion.iscsi.text import (
     send_targets,
     split_text,
 )
-
-LIBISCSI_OFFER = [
-    ("HeaderDigest", "None,CRC32C"), ("DataDigest", "None"), ("InitialR2T", "No"),
-    ("ImmediateData", "Yes"), ("MaxBurstLength", "262144"), ("FirstBurstLength", "262144"),
-    ("DefaultTime2Wait", "2"), ("DefaultTime2Retain", "0"), ("MaxOutstandingR2T", "1"),
-    ("ErrorRecoveryLevel", "0"), ("IFMarker", "No"), ("OFMarker", "No"),
-    ("MaxConnections", "1"), ("MaxRecvDataSegmentLength", "262144"),
-    ("DataPDUInOrder", "Yes"), ("DataSequenceInOrder", "Yes"),
-]
+from tests.iscsi_helpers import LIBISCSI_KEYS
 
 
 def test_codec_round_trip() -> None:
@@ -47,7 +39,7 @@ def test_codec_rejects_malformed(bad: bytes) -> None:
 
 def test_libiscsi_offer() -> None:
     n = Negotiator()
-    ans = dict(n.respond(LIBISCSI_OFFER))
+    ans = dict(n.respond(LIBISCSI_KEYS))
     assert ans["HeaderDigest"] == "None"  # first offered value we support
     assert ans["DataDigest"] == "None"
     assert ans["InitialR2T"] == "No"  # OR(No, No)
@@ -123,7 +115,7 @@ def test_unknown_and_vendor_keys_not_understood() -> None:
 
 def test_discovery_irrelevant_keys() -> None:
     n = Negotiator(discovery=True)
-    ans = dict(n.respond(LIBISCSI_OFFER))
+    ans = dict(n.respond(LIBISCSI_KEYS))
     for k in ("InitialR2T", "ImmediateData", "MaxBurstLength", "FirstBurstLength",
               "MaxOutstandingR2T", "MaxConnections", "DataPDUInOrder", "DataSequenceInOrder"):
         assert ans[k] == IRRELEVANT, k

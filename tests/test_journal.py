@@ -19,14 +19,6 @@ import pytest
 from journal import (
     GIB,
     Journal,
-    JournalCorrupt,
-    JournalError,
-    JournalFull,
-    JournalOffline,
-    JournalShrunk,
-    JournalTooSmall,
-    JournalUnreachable,
-    JournalUnsupported,
     check_journal,
     describe,
     errors,
@@ -73,7 +65,7 @@ def test_required_size_is_the_seed_rule() -> None:
 
 def test_too_small_names_the_seed_numbers(jpath: Path) -> None:
     luns = {i: GIB for i in range(25)}
-    with pytest.raises(JournalTooSmall) as ei:
+    with pytest.raises(errors.JournalTooSmall) as ei:
         Journal.open(jpath, luns, size=50 * GIB)
     e = ei.value
     assert e.alarm == "journal_too_small"
@@ -82,9 +74,9 @@ def test_too_small_names_the_seed_numbers(jpath: Path) -> None:
     assert not jpath.exists()  # nothing half-made
     # An existing journal that is too small for the LUNs configured now.
     format_journal(jpath, 50 * GIB)
-    with pytest.raises(JournalTooSmall, match="51 GiB"):
+    with pytest.raises(errors.JournalTooSmall, match="51 GiB"):
         check_journal(jpath, 0, 25)
-    with pytest.raises(JournalTooSmall, match="51 GiB"):
+    with pytest.raises(errors.JournalTooSmall, match="51 GiB"):
         Journal.open(jpath, luns)
     assert check_journal(jpath, 0, 24) == 50 * GIB
     Journal.open(jpath, {i: GIB for i in range(24)}).close()
@@ -95,7 +87,7 @@ def test_check_journal_creates_and_validates(jpath: Path) -> None:
     assert check_journal(jpath, size, 2) == size
     assert jpath.stat().st_blocks * 512 < 4 * MIB  # sparse
     assert check_journal(jpath, size, 2) == size
-    with pytest.raises(JournalUnreachable):
+    with pytest.raises(errors.JournalUnreachable):
         check_journal(jpath.with_name("missing.img"), 0, 1)
     d = describe(jpath)
     assert d["version"] == layout.VERSION and d["luns"] == [] and d["clean_shutdown"]
@@ -390,12 +382,12 @@ def test_torn_last_block_is_ignored(jpath: Path, damage: str) -> None:
 def test_flipped_byte_in_a_middle_record_is_corrupt(jpath: Path, where: int) -> None:
     log = three_blocks(jpath)
     flip(jpath, log + 2 * layout.SECTOR + where)  # record block 2 of 3
-    with pytest.raises(JournalCorrupt) as ei:
+    with pytest.raises(errors.JournalCorrupt) as ei:
         open_j(jpath)
     assert ei.value.alarm == "journal_corrupt" and "not a power cut" in str(ei.value)
-    with pytest.raises(JournalCorrupt):
+    with pytest.raises(errors.JournalCorrupt):
         describe(jpath)
-    with pytest.raises(JournalCorrupt):
+    with pytest.raises(errors.JournalCorrupt):
         check_journal(jpath, 0, 2)
 
 
@@ -410,7 +402,7 @@ def test_flipped_byte_in_a_checkpoint_bitmap_is_corrupt(jpath: Path, part: str) 
     off = {"header": base + 20, "dirty": base + layout.BLOCK + 50,
            "al": base + layout.BLOCK + stride + 3}[part]
     flip(jpath, off)
-    with pytest.raises(JournalCorrupt, match="LUN 1"):
+    with pytest.raises(errors.JournalCorrupt, match="LUN 1"):
         open_j(jpath)
 
 
@@ -423,10 +415,10 @@ def test_damaged_newest_superblock_is_corrupt(jpath: Path) -> None:
     flip(jpath, layout.SB_OFFSETS[gen % 2] + 40)
     # The older copy is valid, but the CHECKPOINT block of generation `gen` proves the
     # newer superblock was complete: falling back would silently lose region 0.
-    with pytest.raises(JournalCorrupt, match="newer superblock is damaged"):
+    with pytest.raises(errors.JournalCorrupt, match="newer superblock is damaged"):
         open_j(jpath)
     flip(jpath, layout.SB_OFFSETS[(gen + 1) % 2] + 40)
-    with pytest.raises(JournalCorrupt, match="no valid superblock"):
+    with pytest.raises(errors.JournalCorrupt, match="no valid superblock"):
         open_j(jpath)
 
 
@@ -445,7 +437,7 @@ def test_torn_checkpoint_falls_back_to_the_older_one(jpath: Path,
         real(fd, data, offset)
 
     monkeypatch.setattr(blockdev, "pwrite_all", torn)
-    with pytest.raises(JournalUnreachable):
+    with pytest.raises(errors.JournalUnreachable):
         j.checkpoint()
     monkeypatch.undo()
     j.abandon()
@@ -459,7 +451,7 @@ def test_torn_checkpoint_falls_back_to_the_older_one(jpath: Path,
 def test_not_a_journal_is_never_formatted_over(jpath: Path) -> None:
     jpath.write_bytes(b"some filesystem superblock" * 100)
     os.truncate(jpath, 5 * GIB)
-    with pytest.raises(JournalCorrupt, match="not a steelfusion journal"):
+    with pytest.raises(errors.JournalCorrupt, match="not a steelfusion journal"):
         open_j(jpath)
     with open(jpath, "rb") as f:
         assert f.read(4) == b"some"
@@ -470,7 +462,7 @@ def test_newer_version_is_refused(jpath: Path) -> None:
     with open(jpath, "r+b") as f:
         f.seek(layout.SB_OFFSETS[1] + 8)
         f.write(struct.pack(">I", 9))
-    with pytest.raises(JournalUnsupported) as ei:
+    with pytest.raises(errors.JournalUnsupported) as ei:
         describe(jpath)
     assert ei.value.alarm == "journal_version"
 
@@ -497,7 +489,7 @@ def test_all_zero_lun_is_formatted(jpath: Path) -> None:
 # -- size changes and errors ------------------------------------------------------------------
 def test_grow_while_open(jpath: Path) -> None:
     j = Journal.open(jpath, {1: GIB}, size=required_size(1))
-    with pytest.raises(JournalTooSmall, match="5 GiB"):
+    with pytest.raises(errors.JournalTooSmall, match="5 GiB"):
         j.add_lun(2, GIB)
     os.truncate(jpath, required_size(2))  # the operator grows the thin LUN
     assert j.refresh_size() == required_size(2)
@@ -512,7 +504,7 @@ def test_grow_while_open(jpath: Path) -> None:
 def test_shrunk_journal_is_refused(jpath: Path) -> None:
     open_j(jpath).close()
     os.truncate(jpath, required_size(1))
-    with pytest.raises(JournalShrunk, match="grow it back") as ei:
+    with pytest.raises(errors.JournalShrunk, match="grow it back") as ei:
         open_j(jpath)
     assert ei.value.alarm == "journal_shrunk"
 
@@ -520,10 +512,10 @@ def test_shrunk_journal_is_refused(jpath: Path) -> None:
 def test_shrunk_while_open_goes_offline(jpath: Path) -> None:
     j = open_j(jpath)
     os.truncate(jpath, required_size(1))
-    with pytest.raises(JournalShrunk):
+    with pytest.raises(errors.JournalShrunk):
         j.refresh_size()
     j.mark_dirty(1, 0, 1)  # in memory only
-    with pytest.raises(JournalShrunk):
+    with pytest.raises(errors.JournalShrunk):
         j.flush()
     assert j.usage()["offline"]["alarm"] == "journal_shrunk"
     j.close()
@@ -531,12 +523,12 @@ def test_shrunk_while_open_goes_offline(jpath: Path) -> None:
 
 
 def test_unreachable(jpath: Path, tmp_path: Path) -> None:
-    with pytest.raises(JournalUnreachable, match="does not exist") as ei:
+    with pytest.raises(errors.JournalUnreachable, match="does not exist") as ei:
         Journal.open(jpath, {1: GIB})
     assert ei.value.alarm == "journal_unreachable"
-    with pytest.raises(JournalUnreachable):
+    with pytest.raises(errors.JournalUnreachable):
         Journal.open(tmp_path, {1: GIB})  # a directory (EISDIR)
-    with pytest.raises(JournalUnreachable):
+    with pytest.raises(errors.JournalUnreachable):
         describe(jpath)
 
 
@@ -550,10 +542,10 @@ def test_eio_takes_the_journal_offline(jpath: Path, monkeypatch: pytest.MonkeyPa
     j.mark_dirty(1, 0, 1)
 
     async def main() -> None:
-        with pytest.raises(JournalUnreachable, match="Input/output error"):
+        with pytest.raises(errors.JournalUnreachable, match="Input/output error"):
             await j.commit()
         j.mark_dirty(1, MIB, 1)
-        with pytest.raises(JournalUnreachable):  # sticky: reopen once the LUN is back
+        with pytest.raises(errors.JournalUnreachable):  # sticky: reopen once the LUN is back
             await j.commit()
 
     asyncio.run(main())
@@ -571,7 +563,7 @@ def test_enospc_is_journal_full(jpath: Path, monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setattr(os, "pwrite", enospc)
     j.mark_dirty(1, 0, 1)
-    with pytest.raises(JournalFull) as ei:
+    with pytest.raises(errors.JournalFull) as ei:
         j.flush()
     assert ei.value.alarm == "journal_full"
     monkeypatch.undo()
@@ -583,13 +575,13 @@ def test_closed_journal_refuses_commits(jpath: Path) -> None:
     j.close()
     j.close()  # idempotent
     j.mark_dirty(1, 0, 1)
-    with pytest.raises(JournalOffline):
+    with pytest.raises(errors.JournalOffline):
         j.flush()
 
 
 def test_second_open_is_refused(jpath: Path) -> None:
     j = open_j(jpath)
-    with pytest.raises(JournalError) as ei:
+    with pytest.raises(errors.JournalError) as ei:
         open_j(jpath)
     assert ei.value.alarm == "journal_busy"
     j.close()
@@ -614,12 +606,12 @@ def test_lun_growth_marks_new_regions_dirty(jpath: Path) -> None:
 
 
 def test_every_error_has_its_own_alarm() -> None:
-    classes: list[type[JournalError]] = [errors.JournalTooSmall, errors.JournalShrunk, errors.JournalUnreachable,
-               errors.JournalFull, errors.JournalCorrupt, errors.JournalUnsupported,
-               errors.JournalOffline]
+    classes: list[type[errors.JournalError]] = [
+        errors.JournalTooSmall, errors.JournalShrunk, errors.JournalUnreachable, errors.JournalFull,
+        errors.JournalCorrupt, errors.JournalUnsupported, errors.JournalOffline]
     keys = {c.alarm for c in classes}
     assert len(keys) == len(classes) and all(k.startswith("journal_") for k in keys)
-    assert all(issubclass(c, JournalError) for c in classes)
+    assert all(issubclass(c, errors.JournalError) for c in classes)
 
 
 # -- the operator's tool -----------------------------------------------------------------------

@@ -3,35 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-import uvloop
 
+from steelfusion import wire
 from steelfusion.link import Link, dial, listen
-from steelfusion.wire import (
-    Ack,
-    Control,
-    FrameDecoder,
-    Hello,
-    Message,
-    Refuse,
-    Welcome,
-    Write,
-    encode_bytes,
-)
+from tests.conftest import Runner
 
 POOL = random.Random(5).randbytes(1 << 20)
 SIZES = [1, 512, 4096, 65_000, 65_509, 65_510, 100_000, 128 * 1024, 512 * 1024]
 
 
-def _run(loop: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    if loop == "uvloop":
-        uvloop.run(main())
-    else:
-        asyncio.run(main())
+def _ignore(link: Link, error: BaseException | None) -> None:
+    pass
+
+
+@contextlib.asynccontextmanager
+async def serving(on_message: Callable[[Link, wire.Message], None],
+                  on_close: Callable[[Link, BaseException | None], None] = _ignore,
+                  **kw: Any) -> AsyncIterator[int]:
+    """A Link server on a free loopback port (the port is what it yields), closed after."""
+    server = await listen("127.0.0.1", 0, on_message, on_close, **kw)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def _writes(n: int) -> list[tuple[int, int]]:
@@ -45,21 +46,20 @@ def _writes(n: int) -> list[tuple[int, int]]:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
-def test_thousands_of_writes_arrive_intact(loop: str) -> None:
+def test_thousands_of_writes_arrive_intact(aio_run: Runner) -> None:
     plan = _writes(3000)
 
     async def main() -> None:
-        got: list[Write] = []
+        got: list[wire.Write] = []
         bad: list[str] = []
         done = asyncio.get_running_loop().create_future()
         servers: list[Link] = []
 
-        def on_server(link: Link, m: Message) -> None:
-            if isinstance(m, Hello):
+        def on_server(link: Link, m: wire.Message) -> None:
+            if isinstance(m, wire.Hello):
                 servers.append(link)
-                link.send(Welcome("core", "primary"))
-            elif isinstance(m, Write):
+                link.send(wire.Welcome("core", "primary"))
+            elif isinstance(m, wire.Write):
                 off, size = plan[m.seq]
                 if m.seq != len(got) or bytes(m.data) != POOL[off:off + size]:
                     bad.append(f"write seq {m.seq} ({size} bytes) damaged")
@@ -67,65 +67,58 @@ def test_thousands_of_writes_arrive_intact(loop: str) -> None:
                 if m.seq % 500 == 499 and link.transport is not None:  # flow control mid-stream
                     link.transport.pause_reading()
                     link.loop.call_later(0.01, link.transport.resume_reading)
-            elif isinstance(m, Control):
-                link.send(Ack(1, 7, len(got)))
+            elif isinstance(m, wire.Control):
+                link.send(wire.Ack(1, 7, len(got)))
 
-        def on_client(link: Link, m: Message) -> None:
-            if isinstance(m, Ack) and not done.done():
+        def on_client(link: Link, m: wire.Message) -> None:
+            if isinstance(m, wire.Ack) and not done.done():
                 done.set_result(m.seq)
 
-        server = await listen("127.0.0.1", 0, on_server, lambda lk, e: None)
-        port = server.sockets[0].getsockname()[1]
-        client = await dial("127.0.0.1", port, Hello("edge", "edge", "edge"), on_client,
-                            lambda lk, e: None)
-        for seq, (off, size) in enumerate(plan):
-            client.send(Write(1, 0, 7, seq, off, memoryview(POOL)[off:off + size]))
-            if not client.writable or seq % 64 == 0:
-                await client.drain()
-                await asyncio.sleep(0)
-        client.send(Control({"done": True}))
-        assert await asyncio.wait_for(done, 60) == len(plan)
-        assert bad == []
-        assert all(bytes(w.data) == POOL[w.offset:w.offset + len(w.data)] for w in got)
-        assert servers[0].bytes_in == client.bytes_out
-        client.close()
-        server.close()
-        await server.wait_closed()
+        async with serving(on_server) as port:
+            client = await dial("127.0.0.1", port, wire.Hello("edge", "edge", "edge"),
+                                on_client, _ignore)
+            for seq, (off, size) in enumerate(plan):
+                client.send(wire.Write(1, 0, 7, seq, off, memoryview(POOL)[off:off + size]))
+                if not client.writable or seq % 64 == 0:
+                    await client.drain()
+                    await asyncio.sleep(0)
+            client.send(wire.Control({"done": True}))
+            assert await asyncio.wait_for(done, 60) == len(plan)
+            assert bad == []
+            assert all(bytes(w.data) == POOL[w.offset:w.offset + len(w.data)] for w in got)
+            assert servers[0].bytes_in == client.bytes_out
+            client.close()
 
-    _run(loop, main)
+    aio_run(main())
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
-def test_garbage_gets_a_refuse_and_the_link_dropped(loop: str) -> None:
+def test_garbage_gets_a_refuse_and_the_link_dropped(aio_run: Runner) -> None:
     async def main() -> None:
         closed: asyncio.Future[Link] = asyncio.get_running_loop().create_future()
 
-        def on_server(link: Link, m: Message) -> None:
-            if isinstance(m, Hello):
-                link.send(Welcome("core", "primary"))
+        def on_server(link: Link, m: wire.Message) -> None:
+            if isinstance(m, wire.Hello):
+                link.send(wire.Welcome("core", "primary"))
 
-        server = await listen("127.0.0.1", 0, on_server, lambda lk, e: closed.set_result(lk))
-        port = server.sockets[0].getsockname()[1]
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        big = encode_bytes(Write(1, 0, 7, 1, 0, b"\x01" * 200_000))
-        writer.write(encode_bytes(Hello("edge", "edge", "edge")) + big + b"XX" + big[2:14])
-        received = await asyncio.wait_for(reader.read(), 10)  # until the server hangs up
-        msgs = FrameDecoder().feed(received)
-        assert isinstance(msgs[0], Welcome)
-        assert isinstance(msgs[-1], Refuse) and msgs[-1].code == "bad-magic"
-        link = await asyncio.wait_for(closed, 10)
-        assert link.close_reason.startswith("protocol error")
-        writer.close()
-        server.close()
-        await server.wait_closed()
+        hello = wire.encode_bytes(wire.Hello("edge", "edge", "edge"))
+        big = wire.encode_bytes(wire.Write(1, 0, 7, 1, 0, b"\x01" * 200_000))
+        async with serving(on_server, lambda lk, e: closed.set_result(lk)) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(hello + big + b"XX" + big[2:14])
+            received = await asyncio.wait_for(reader.read(), 10)  # until the server hangs up
+            msgs = wire.FrameDecoder().feed(received)
+            assert isinstance(msgs[0], wire.Welcome)
+            assert isinstance(msgs[-1], wire.Refuse) and msgs[-1].code == "bad-magic"
+            link = await asyncio.wait_for(closed, 10)
+            assert link.close_reason.startswith("protocol error")
+            writer.close()
 
-    _run(loop, main)
+    aio_run(main())
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
-def test_frames_in_the_same_read_as_the_auth_proof_are_delivered(loop: str) -> None:
+def test_frames_in_the_same_read_as_the_auth_proof_are_delivered(aio_run: Runner) -> None:
     """Issue 9: a primary that resends its mirror queue right after WELCOME puts those
     WRITEs in the same segment as its authentication proof; every one must reach the
     role (they were dropped, leaving a hole in the replica)."""
@@ -137,27 +130,24 @@ def test_frames_in_the_same_read_as_the_auth_proof_are_delivered(loop: str) -> N
         got: list[int] = []
         done = asyncio.get_running_loop().create_future()
 
-        def on_server(link: Link, m: Message) -> None:
-            if isinstance(m, Hello):
-                link.send(Welcome("core-b", "secondary", 1))
-            elif isinstance(m, Write):
+        def on_server(link: Link, m: wire.Message) -> None:
+            if isinstance(m, wire.Hello):
+                link.send(wire.Welcome("core-b", "secondary", 1))
+            elif isinstance(m, wire.Write):
                 got.append(m.seq)
                 if m.seq == 40 and not done.done():
                     done.set_result(None)
 
-        def on_client(link: Link, m: Message) -> None:
-            if isinstance(m, Welcome):  # resend the whole queue at once, as the primary does
-                link.send_many([Write(0, 0, 7, s, s * 4096, bytes([s]) * 4096)
+        def on_client(link: Link, m: wire.Message) -> None:
+            if isinstance(m, wire.Welcome):  # resend the whole queue at once, as the primary does
+                link.send_many([wire.Write(0, 0, 7, s, s * 4096, bytes([s]) * 4096)
                                 for s in range(1, 41)])
 
-        srv = await listen("127.0.0.1", 0, on_server, lambda lk, e: None, keyring=Keyring([key]),
-                           local_name="core-b")
-        port = srv.sockets[0].getsockname()[1]
-        link = await dial("127.0.0.1", port, Hello("core-a", "primary", "replication", 1),
-                          on_client, lambda lk, e: None, key=key)
-        await asyncio.wait_for(done, 10)
-        assert got == list(range(1, 41))
-        link.close()
-        srv.close()
+        async with serving(on_server, keyring=Keyring([key]), local_name="core-b") as port:
+            link = await dial("127.0.0.1", port, wire.Hello("core-a", "primary", "replication", 1),
+                              on_client, _ignore, key=key)
+            await asyncio.wait_for(done, 10)
+            assert got == list(range(1, 41))
+            link.close()
 
-    _run(loop, main)
+    aio_run(main())

@@ -4,8 +4,29 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from core.lunstore import AppliedState, LunStore
+
+
+def watched(tmp_path: Path) -> tuple[LunStore, list[int], list[OSError]]:
+    """A 1 MiB LunStore for LUN 1, and the lists its durability and failure reports go to."""
+    st = LunStore(1, str(tmp_path / "lun"), 1 << 20)
+    durable: list[int] = []
+    failed: list[OSError] = []
+    st.on_durable(durable.append)
+    st.on_failure(failed.append)
+    return st, durable, failed
+
+
+async def write_and_sync(st: LunStore, offset: int, reports: list[Any]) -> None:
+    """Write a 4 KiB block, ask for a sync, and give ``reports`` a second to get an entry."""
+    st.pwrite(offset, b"w" * 4096)
+    st.request_sync()
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if reports:
+            return
 
 
 def test_failed_sync_is_reported_once_and_nothing_is_durable_after(tmp_path: Path) -> None:
@@ -13,29 +34,15 @@ def test_failed_sync_is_reported_once_and_nothing_is_durable_after(tmp_path: Pat
     would "succeed" without them. The store must never report those writes durable."""
 
     async def main() -> None:
-        st = LunStore(1, str(tmp_path / "lun"), 1 << 20)
-        durable: list[int] = []
-        failed: list[OSError] = []
-        st.on_durable(durable.append)
-        st.on_failure(failed.append)
-        st.pwrite(0, b"a" * 4096)
-        st.request_sync()
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if durable:
-                break
+        st, durable, failed = watched(tmp_path)
+        await write_and_sync(st, 0, durable)
         assert durable == [1]
 
         def eio(after: object) -> None:
             raise OSError(5, "Input/output error")
 
         st._sync_job = eio  # type: ignore[method-assign]
-        st.pwrite(4096, b"b" * 4096)
-        st.request_sync()
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if failed:
-                break
+        await write_and_sync(st, 4096, failed)
         assert len(failed) == 1 and st.failed is not None
         del st._sync_job  # the device "recovers": a retry would now succeed...
         st.pwrite(8192, b"c" * 4096)
@@ -62,22 +69,13 @@ def test_a_bug_in_the_group_commit_is_fail_stop_and_reported(tmp_path: Path) -> 
     listeners (the Core raises alarm lun_N_io), never die in an unwatched task (issue 13)."""
 
     async def main() -> None:
-        st = LunStore(1, str(tmp_path / "lun"), 1 << 20)
-        durable: list[int] = []
-        failed: list[OSError] = []
-        st.on_durable(durable.append)
-        st.on_failure(failed.append)
+        st, durable, failed = watched(tmp_path)
 
         def broken_seal(target: int) -> None:
             raise RuntimeError("seal bug")
 
         st.seal = broken_seal
-        st.pwrite(0, b"a" * 4096)
-        st.request_sync()
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            if failed:
-                break
+        await write_and_sync(st, 0, failed)
         assert len(failed) == 1 and "seal bug" in str(failed[0])
         assert st.failed is failed[0] and st.io_errors == 1 and durable == []
         st.close()

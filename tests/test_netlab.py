@@ -21,7 +21,7 @@ import pytest
 from steelfusion.initiator import qemu_read, qemu_write
 from steelfusion.lab import Lab, pid_alive, remove_stale_namespaces, stale_namespaces
 from tests.conftest import tool
-from tests.nodes import procs_in, refused, wait_for, why_no_netns
+from tests.nodes import lab_at, procs_in, refused, wait_for, why_no_netns
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(180)]
 MiB = 1 << 20
@@ -57,10 +57,8 @@ def _no_stale_namespaces() -> None:
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
     tool("qemu-img")
-    lab = Lab(tmp_path / "lab")
-    yield lab
-    if lab.file.exists():
-        lab.down()
+    with lab_at(tmp_path / "lab") as lab:
+        yield lab
     from steelfusion import netns
 
     netns.remove_all(netns.lab_prefix(netns.labid_for(lab.dir)))  # whatever happened

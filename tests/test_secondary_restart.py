@@ -27,7 +27,7 @@ import pytest
 
 from steelfusion.lab import Lab
 from tests.conftest import tool
-from tests.nodes import SPAWNED
+from tests.nodes import SPAWNED, lab_at
 
 pytestmark = [pytest.mark.lab, pytest.mark.initiator, pytest.mark.timeout(60)]
 
@@ -149,10 +149,8 @@ def describe(name: str, got: bytes, want: bytes, acked_at_kill: int) -> str:
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
     tool("qemu-io")
-    lab = Lab(tmp_path / "lab")
-    yield lab
-    if lab.file.exists():
-        lab.down()
+    with lab_at(tmp_path / "lab") as lab:
+        yield lab
 
 
 def wait_pair_running(lab: Lab, timeout: float) -> dict[str, str]:

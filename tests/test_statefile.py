@@ -169,6 +169,18 @@ def test_witness_state_is_the_same_envelope(tmp_path: Path) -> None:
                 pass
 
 
+def _change_epoch(p: Path, old: int, new: int) -> None:
+    """Edit the epoch in a state file by hand: still valid JSON, but not what was sealed."""
+    text = p.read_text()
+    assert f'"epoch": {old}' in text
+    p.write_text(text.replace(f'"epoch": {old}', f'"epoch": {new}'))
+
+
+def _assert_names_the_damaged_file(msg: str, p: Path) -> None:
+    """One line naming the file, what is wrong with it and what to do."""
+    assert str(p) in msg and "checksum" in msg and "restore it" in msg and "\n" not in msg
+
+
 # ------------------------------------------------------------------------------- the Core
 
 def _core_cfg(tmp: Path, name: str = "core-a", role: str = "primary") -> Any:
@@ -198,13 +210,10 @@ def test_core_state_flipped_epoch_digit_refuses_the_start(tmp_path: Path) -> Non
     cfg = _core_cfg(tmp_path)
     assert _core(cfg) == ("primary", 1)
     p = Path(cfg.state_dir) / "core-state.json"
-    text = p.read_text()
-    assert '"epoch": 1' in text
-    p.write_text(text.replace('"epoch": 1', '"epoch": 7'))  # valid JSON, wrong content
+    _change_epoch(p, 1, 7)
     with pytest.raises(LunError) as info:
         _core(cfg)
-    msg = str(info.value)
-    assert str(p) in msg and "checksum" in msg and "restore it" in msg and "\n" not in msg
+    _assert_names_the_damaged_file(str(info.value), p)
 
 
 def test_core_state_of_the_previous_layout_is_migrated(tmp_path: Path) -> None:
@@ -280,13 +289,10 @@ def test_blockstore_state_flipped_digit_refuses(tmp_path: Path) -> None:
     bs.see_epoch(3)
     bs.close()
     p = tmp_path / "bs" / "state.json"
-    text = p.read_text()
-    assert '"epoch": 3' in text
-    p.write_text(text.replace('"epoch": 3', '"epoch": 2'))  # a stale primary would pass
+    _change_epoch(p, 3, 2)  # a stale primary would pass
     with pytest.raises(BlockstoreError) as info:
         _bs(tmp_path)
-    msg = str(info.value)
-    assert str(p) in msg and "checksum" in msg and "restore it" in msg and "\n" not in msg
+    _assert_names_the_damaged_file(str(info.value), p)
 
 
 def test_blockstore_state_of_format_1_is_migrated(tmp_path: Path) -> None:

@@ -10,20 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from steelfusion import control
-from steelfusion.config import WitnessConfig, write_toml
-from steelfusion.lab import LabError, free_ports, spawn, wait_control
+from steelfusion.lab import LabError, free_ports
 from steelfusion.link import Link, dial, listen
 from steelfusion.wire import Control, Hello, Message, Refuse, Welcome
-from tests.nodes import kill_and_wait
+from tests.nodes import WitnessProc
 from witness.client import WitnessClient
 from witness.logic import (
     ALREADY_HELD,
@@ -44,38 +40,14 @@ LEASE = 1.0
 pytestmark = pytest.mark.lab
 
 
-@dataclass
-class WitnessProc:
-    cfg: WitnessConfig
-    path: Path
-    workdir: Path
-    pid: int = 0
-
-    def start(self) -> None:
-        self.pid = spawn("witness", self.path, self.workdir, self.cfg.name)
-        wait_control(self.cfg.control or self.cfg.listen, self.pid, 20, self.cfg.name,
-                     self.workdir)
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        kill_and_wait(self.pid, sig)
-
-    def status(self) -> dict[str, object]:
-        assert self.cfg.control is not None
-        return control.call(self.cfg.control, "status")
-
-    def state(self) -> DurableState:
-        return DurableState.from_json((Path(self.cfg.state_dir) / STATE_FILE).read_bytes())
+def _state(w: WitnessProc) -> DurableState:
+    """What the Witness keeps on disk."""
+    return DurableState.from_json((Path(w.cfg.state_dir) / STATE_FILE).read_bytes())
 
 
 @pytest.fixture
 def witness_proc(tmp_path: Path) -> Iterator[WitnessProc]:
-    p_listen, p_ctl = free_ports(2)
-    cfg = WitnessConfig(name="witness", listen=("127.0.0.1", p_listen),
-                        control=("127.0.0.1", p_ctl), state_dir=str(tmp_path / "witness"),
-                        lease_seconds=LEASE, log_file=str(tmp_path / "witness.log"))
-    path = tmp_path / "witness.toml"
-    write_toml(path, cfg.to_dict())
-    w = WitnessProc(cfg, path, tmp_path)
+    w = WitnessProc.configure(tmp_path, LEASE)
     w.start()
     try:
         yield w
@@ -110,7 +82,7 @@ def test_one_approval_across_kill_restart_and_failover(witness_proc: WitnessProc
             assert (d.granted, d.reason, d.epoch) == (True, GRANTED, 1), d
             d = await b.request_suspend()
             assert (d.granted, d.reason, d.holder) == (False, PEER_HOLDS, "core-a"), d
-            assert w.state().pairs[PAIR].holder == "core-a"  # on disk before the answer
+            assert _state(w).pairs[PAIR].holder == "core-a"  # on disk before the answer
             st = w.status()
             assert st["holders"] == {PAIR: "core-a"} and st["epochs"] == {PAIR: 1}
 
@@ -184,15 +156,10 @@ def test_one_approval_across_kill_restart_and_failover(witness_proc: WitnessProc
 
 
 def test_corrupt_state_file_stops_the_witness_from_starting(tmp_path: Path) -> None:
-    p_listen, p_ctl = free_ports(2)
-    cfg = WitnessConfig(name="witness", listen=("127.0.0.1", p_listen),
-                        control=("127.0.0.1", p_ctl), state_dir=str(tmp_path / "w"),
-                        lease_seconds=LEASE)
-    (tmp_path / "w").mkdir()
-    (tmp_path / "w" / STATE_FILE).write_text('{"magic": "steelfusion-witness-state"}')
-    path = tmp_path / "witness.toml"
-    write_toml(path, cfg.to_dict())
-    proc = WitnessProc(cfg, path, tmp_path)
+    proc = WitnessProc.configure(tmp_path, LEASE)
+    state = Path(proc.cfg.state_dir)
+    state.mkdir()
+    (state / STATE_FILE).write_text('{"magic": "steelfusion-witness-state"}')
     try:
         with pytest.raises(LabError, match="exited during start-up") as info:
             proc.start()

@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,29 +27,15 @@ from typing import Any
 import pytest
 
 import witness.client as wc
-from steelfusion import control
-from steelfusion.config import WitnessConfig, write_toml
-from steelfusion.lab import free_ports, pid_alive, spawn, wait_control
+from steelfusion.lab import free_ports
 from steelfusion.link import Link, listen
 from steelfusion.wire import Control, Hello, Message, Refuse, Welcome
+from tests.conftest import Runner
+from tests.nodes import WitnessProc
 from witness.client import WitnessClient
 from witness.protocol import WireReply, parse_request
 
 PAIR = "pair-1"
-
-
-def _runners() -> list[Any]:
-    out: list[Any] = [pytest.param(asyncio.run, id="asyncio")]
-    try:
-        import uvloop
-    except ImportError:
-        return out
-    out.append(pytest.param(uvloop.run, id="uvloop"))  # what the node processes run on
-    return out
-
-
-RUNNERS = _runners()
-Runner = Callable[[Coroutine[Any, Any, None]], None]
 
 
 async def _until(cond: Callable[[], bool], timeout: float, what: str) -> float:
@@ -170,11 +155,25 @@ def _client(addr: tuple[str, int], **kw: Any) -> WitnessClient:
     return WitnessClient(addr, "core-a", "primary", PAIR, lambda: 1, **args)
 
 
+@contextlib.asynccontextmanager
+async def _dialling(modes: list[str],
+                    **kw: Any) -> AsyncIterator[tuple[FakeWitness, WitnessClient]]:
+    """A FakeWitness that treats its connections as ``modes`` says, and a started client
+    (``_client(**kw)``) dialling it; the client stopped and the Witness closed after."""
+    fake = await FakeWitness(modes).start()
+    c = _client(fake.addr, **kw)
+    try:
+        await c.start()
+        yield fake, c
+    finally:
+        await _stop(c)
+        fake.close()
+
+
 # -- the root cause: the link drops while a heartbeat request is in flight ---------------------
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("run", RUNNERS)
 @pytest.mark.parametrize("mode", [DROP_ON_HEARTBEAT, FREEZE])
-def test_reconnects_after_the_link_drops_with_a_heartbeat_in_flight(run: Runner,
+def test_reconnects_after_the_link_drops_with_a_heartbeat_in_flight(aio_run: Runner,
                                                                     mode: str) -> None:
     """Three drops in a row, each with a heartbeat unanswered: a new WELCOME after each.
 
@@ -183,26 +182,19 @@ def test_reconnects_after_the_link_drops_with_a_heartbeat_in_flight(run: Runner,
     """
 
     async def main() -> None:
-        fake = await FakeWitness([mode, mode, mode, NORMAL]).start()
-        c = _client(fake.addr)
-        try:
-            await c.start()
+        async with _dialling([mode, mode, mode, NORMAL]) as (fake, c):
             assert fake.welcomed >= 1
             await _until(lambda: fake.welcomed >= 4 and c.connected, 10.0,
                          f"reconnect after three '{mode}' drops (welcomes: {fake.welcomed})")
             assert c.alive
             d = await c.heartbeat()
             assert d.granted and c.lease_valid()
-        finally:
-            await _stop(c)
-            fake.close()
 
-    run(main())
+    aio_run(main())
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("run", RUNNERS)
-def test_refusal_on_an_open_connection_is_abandoned(run: Runner) -> None:
+def test_refusal_on_an_open_connection_is_abandoned(aio_run: Runner) -> None:
     """A REFUSE on an established link that the peer never closes.
 
     The link's dead-peer timer stops once its state machine is CLOSED (a
@@ -210,45 +202,31 @@ def test_refusal_on_an_open_connection_is_abandoned(run: Runner) -> None:
     """
 
     async def main() -> None:
-        fake = await FakeWitness([REFUSE_OPEN, NORMAL]).start()
-        c = _client(fake.addr)
-        try:
-            await c.start()
+        async with _dialling([REFUSE_OPEN, NORMAL]) as (fake, c):
             await _until(lambda: fake.welcomed >= 2 and c.connected, 10.0,
                          f"reconnect after a REFUSE on an open link (welcomes: {fake.welcomed})")
             assert c.last_refusal is None  # cleared by the new WELCOME
-        finally:
-            await _stop(c)
-            fake.close()
 
-    run(main())
+    aio_run(main())
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("run", RUNNERS)
-def test_witness_that_accepts_and_never_answers(run: Runner) -> None:
+def test_witness_that_accepts_and_never_answers(aio_run: Runner) -> None:
     """Mid-handshake silence (TCP accepted, HELLO never answered), then a good Witness."""
 
     async def main() -> None:
-        fake = await FakeWitness([MUTE, MUTE, NORMAL]).start()
-        c = _client(fake.addr, timeout=0.4)
-        try:
-            await c.start()
+        async with _dialling([MUTE, MUTE, NORMAL], timeout=0.4) as (fake, c):
             assert not c.connected
             assert c.alive
             await _until(lambda: fake.hellos >= 3 and c.connected, 10.0,
                          f"connect after two mute Witnesses (hellos: {fake.hellos})")
-        finally:
-            await _stop(c)
-            fake.close()
 
-    run(main())
+    aio_run(main())
 
 
 # -- unexpected exceptions inside the loop ------------------------------------------------------
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("run", RUNNERS)
-def test_unexpected_exceptions_do_not_end_the_loop(run: Runner, events: _Events,
+def test_unexpected_exceptions_do_not_end_the_loop(aio_run: Runner, events: _Events,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """A RuntimeError and a stray CancelledError from ``dial``, and a failing ``epoch_fn``.
 
@@ -297,7 +275,7 @@ def test_unexpected_exceptions_do_not_end_the_loop(run: Runner, events: _Events,
             fake.close()
         assert not c.alive  # stopped on purpose
 
-    run(main())
+    aio_run(main())
 
 
 @pytest.mark.timeout(30)
@@ -305,69 +283,21 @@ def test_stop_then_start_again() -> None:
     """``stop`` ends the loop for good (a real cancellation is obeyed); ``start`` restarts it."""
 
     async def main() -> None:
-        fake = await FakeWitness([NORMAL]).start()
-        c = _client(fake.addr)
-        try:
-            await c.start()
+        async with _dialling([NORMAL]) as (_, c):
             assert c.connected and c.alive
             await _stop(c)
             assert not c.connected and not c.alive
             assert (await c.heartbeat()).reason == wc.CLIENT_STOPPED
             await c.start()
             assert c.connected and c.alive
-        finally:
-            await _stop(c)
-            fake.close()
 
     asyncio.run(main())
 
 
 # -- a real Witness process, SIGKILLed and restarted several times quickly ---------------------
-@dataclass
-class _WitnessProcess:
-    cfg: WitnessConfig
-    path: Path
-    workdir: Path
-    pid: int = 0
-
-    def start(self, wait: bool = True) -> None:
-        from tests.nodes import SPAWNED
-
-        self.pid = spawn("witness", self.path, self.workdir, self.cfg.name)
-        SPAWNED.append(self.pid)
-        if wait:
-            wait_control(self.cfg.control or self.cfg.listen, self.pid, 20, self.cfg.name,
-                         self.workdir)
-
-    def signal(self, sig: int) -> None:
-        if self.pid and pid_alive(self.pid):
-            os.kill(self.pid, sig)
-
-    def kill(self) -> None:
-        self.signal(signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while self.pid and pid_alive(self.pid) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, os.WNOHANG)
-
-    def listening(self) -> bool:
-        assert self.cfg.control is not None
-        try:
-            return bool(control.call(self.cfg.control, "status", timeout=0.5).get("ok"))
-        except (OSError, ValueError, control.ControlError):
-            return False
-
-
 @pytest.fixture
-def witness_process(tmp_path: Path) -> Iterator[_WitnessProcess]:
-    p_listen, p_ctl = free_ports(2)
-    cfg = WitnessConfig(name="witness", listen=("127.0.0.1", p_listen),
-                        control=("127.0.0.1", p_ctl), state_dir=str(tmp_path / "witness"),
-                        lease_seconds=1.5, log_file=str(tmp_path / "witness.log"))
-    path = tmp_path / "witness.toml"
-    write_toml(path, cfg.to_dict())
-    w = _WitnessProcess(cfg, path, tmp_path)
+def witness_process(tmp_path: Path) -> Iterator[WitnessProc]:
+    w = WitnessProc.configure(tmp_path, lease=1.5)
     w.start()
     try:
         yield w
@@ -377,9 +307,8 @@ def witness_process(tmp_path: Path) -> Iterator[_WitnessProcess]:
 
 @pytest.mark.lab
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("run", RUNNERS)
-def test_real_witness_killed_and_restarted_three_times(run: Runner,
-                                                       witness_process: _WitnessProcess) -> None:
+def test_real_witness_killed_and_restarted_three_times(aio_run: Runner,
+                                                       witness_process: WitnessProc) -> None:
     """SIGKILL + restart three times within seconds; the client is back each time.
 
     Round 2 freezes the Witness first (SIGSTOP) until the client gave up on
@@ -407,7 +336,7 @@ def test_real_witness_killed_and_restarted_three_times(run: Runner,
 
             # 2: frozen, the client redials into the frozen process, then SIGKILL
             await asyncio.sleep(0.3)  # heartbeats flowing again
-            w.signal(signal.SIGSTOP)
+            w.send_signal(signal.SIGSTOP)
             await _until(lambda: not c.connected, 5.0, "the client sees the frozen Witness")
             await asyncio.sleep(0.5)  # it dialled again: HELLO sent into the frozen process
             await loop.run_in_executor(None, w.kill)
@@ -429,4 +358,4 @@ def test_real_witness_killed_and_restarted_three_times(run: Runner,
             await _stop(c)
         assert len(taken) == 3
 
-    run(main())
+    aio_run(main())
