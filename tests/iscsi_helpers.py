@@ -10,7 +10,14 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from edge.iscsi_session import Event, FastLane, SessionConfig, TargetConnection, TargetInfo
+from edge.iscsi_session import (
+    Event,
+    FastLane,
+    SessionConfig,
+    State,
+    TargetConnection,
+    TargetInfo,
+)
 from edge.scsi.cdb import encode_lun
 from steelfusion.iscsi import pdu
 from steelfusion.iscsi.text import Pairs, encode_text
@@ -19,6 +26,10 @@ IQN = "iqn.2024-01.io.steelfusion:test"
 OTHER_IQN = "iqn.2024-01.io.steelfusion:other"
 INITIATOR = "iqn.2024-01.io.steelfusion:initiator"
 PORTAL = "192.0.2.1:3260"
+READ10 = bytes((0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0))
+"""READ(10) of 8 blocks at LBA 0."""
+WRITE10 = bytes((0x2A, 0, 0, 0, 0, 0, 0, 0, 8, 0))
+"""WRITE(10) of 8 blocks at LBA 0."""
 
 LIBISCSI_KEYS: Pairs = [
     ("HeaderDigest", "None,CRC32C"), ("DataDigest", "None"), ("InitialR2T", "No"),
@@ -162,6 +173,15 @@ class Initiator:
         if not immediate:
             self.cmdsn += 1
         return itt, self.send(cmd)
+
+
+def logged_in_target(*, fast: FastLane | None = None, **cfg: Any) -> Initiator:
+    """An in-memory initiator already in full feature phase with a fresh target."""
+    ini = Initiator(fast=fast, **cfg)
+    resp = ini.login()
+    assert resp.status_class == 0 and resp.transit
+    assert ini.conn.state is State.FULL_FEATURE
+    return ini
 
 
 class RawClient:

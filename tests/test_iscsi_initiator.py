@@ -6,26 +6,16 @@ Async Message, logout, and garbage from the target (RFC 7143)."""
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge.auth import Access, ChapAuthenticator
-from edge.iscsi_session import (
-    ScsiCommandReady,
-    SessionConfig,
-    TargetConnection,
-    TargetInfo,
-)
-from edge.scsi import LogicalUnit
-from edge.scsi.lu import ItNexus
 from steelfusion.iscsi import commands as cdbs
 from steelfusion.iscsi import initiator
-from steelfusion.iscsi.chap import AuthConfigError, ChapClient, ChapCredentials
+from steelfusion.iscsi.chap import ChapCredentials
 from steelfusion.iscsi.initiator import InitiatorConfig, InitiatorConnection
 from steelfusion.iscsi.pdu import (
     INITIATOR_OPCODES,
@@ -45,255 +35,23 @@ from steelfusion.iscsi.pdu import (
 )
 from steelfusion.iscsi.text import (
     InitiatorLimits,
-    InitiatorNegotiator,
-    NegotiationError,
     TargetLimits,
     encode_text,
 )
-from tests.test_scsi import MemBackend
-
-IQN = "iqn.2026-01.io.steelfusion:initiator-test"
-INITIATOR = "iqn.2026-01.io.steelfusion:core"
-BS = 512
-SECRET = b"initiator-secret-1"
-TSECRET = b"target-secret-22"
-
-Chunker = Callable[[bytes], list[bytes]]
-
-
-def whole(b: bytes) -> list[bytes]:
-    return [b] if b else []
-
-
-def bytewise(b: bytes) -> list[bytes]:
-    return [b[i:i + 1] for i in range(len(b))]
-
-
-def random_cuts(seed: int) -> Chunker:
-    rng = random.Random(seed)
-
-    def cut(b: bytes) -> list[bytes]:
-        out, i = [], 0
-        while i < len(b):
-            n = rng.choice((1, 3, 47, 48, 49, 500, 4096, 70000))
-            out.append(b[i:i + n])
-            i += n
-        return out
-    return cut
-
-
-def finish(coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run a coroutine that never waits (an in-memory LU) to its end."""
-    try:
-        coro.send(None)
-    except StopIteration as e:
-        return e.value
-    coro.close()
-    raise AssertionError("the in-memory LU waited")
-
-
-class Pair:
-    """The initiator and a TargetConnection over an in-memory LU, bytes
-    moved by :meth:`pump` in the pieces ``chunks`` cuts them into."""
-
-    def __init__(self, *, limits: InitiatorLimits | None = None,
-                 target_limits: TargetLimits | None = None, window: int = 128,
-                 chunks: Chunker = whole, chap: ChapCredentials | None = None,
-                 mutual: ChapCredentials | None = None, access: Access | None = None,
-                 blocks: int = 4096, nop_interval_s: float | None = None,
-                 login: bool = True) -> None:
-        self.backend = MemBackend(blocks, BS)
-        self.lu = LogicalUnit(self.backend)
-        auth = ChapAuthenticator({IQN: access}) if access is not None else None
-        config = SessionConfig(targets={IQN: TargetInfo(IQN, frozenset({0}))},
-                               limits=target_limits or TargetLimits(), cmd_window=window,
-                               authenticator=auth)
-        self.tgt = TargetConnection(config, portal="127.0.0.1:3260", tsih=5)
-        self.ini = InitiatorConnection(InitiatorConfig(
-            INITIATOR, IQN, chap=chap, mutual=mutual, limits=limits or InitiatorLimits(),
-            nop_interval_s=nop_interval_s), now=0.0)
-        self.nexus = ItNexus(INITIATOR, self.ini.config.isid, IQN, 1, 1)
-        self.lu.attach(self.nexus)
-        self.chunks = chunks
-        self.events: list[initiator.Event] = []
-        self.hold = False
-        self.held: list[ScsiCommandReady] = []
-        self.wire_out = 0
-        if login:
-            self.pump()
-
-    def pump(self) -> list[initiator.Event]:
-        """Move bytes both ways until both sides are quiet."""
-        new: list[initiator.Event] = []
-        while True:
-            out = b"".join(bytes(b) for b in self.ini.data_to_send())
-            back = b"".join(bytes(b) for b in self.tgt.data_to_send())
-            if not out and not back:
-                break
-            self.wire_out += len(out)
-            for piece in self.chunks(out):
-                self._target(self.tgt.receive_data(piece))
-            for piece in self.chunks(back):
-                new += self.ini.receive_data(piece)
-        self.events += new
-        return new
-
-    def _target(self, events: list[Any]) -> None:
-        for ev in events:
-            if isinstance(ev, ScsiCommandReady):
-                if self.hold:
-                    self.held.append(ev)
-                else:
-                    self.answer(ev)
-
-    def answer(self, ev: ScsiCommandReady) -> None:
-        res = finish(self.lu.execute(ev.cdb, ev.data, (0,), self.nexus))
-        self._target(self.tgt.complete(ev.task_tag, res.status, res.data, res.sense,
-                                       res.transfer_length))
-
-    def release(self) -> list[initiator.Event]:
-        """Answer the commands held back, then pump."""
-        held, self.held = self.held, []
-        for ev in held:
-            self.answer(ev)
-        return self.pump()
-
-    def run(self, cdb: bytes, *, data: bytes = b"",
-            read_length: int = 0) -> initiator.CommandComplete:
-        tag = self.ini.submit(cdb, data=data, read_length=read_length)
-        done = [e for e in self.pump() if isinstance(e, initiator.CommandComplete) and e.tag == tag]
-        assert len(done) == 1, self.events[-5:]
-        return done[0]
-
-    def write(self, lba: int, data: bytes) -> initiator.CommandComplete:
-        return self.run(cdbs.write16(lba, len(data) // BS), data=data)
-
-    def read(self, lba: int, blocks: int) -> initiator.CommandComplete:
-        return self.run(cdbs.read16(lba, blocks), read_length=blocks * BS)
-
-
-def logged_in(p: Pair) -> initiator.LoginComplete:
-    (done,) = [e for e in p.events if isinstance(e, initiator.LoginComplete)]
-    assert p.ini.state is initiator.State.FULL_FEATURE
-    return done
-
-
-def pattern(n: int, seed: int = 1) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-# --------------------------------------------------------------------------- login
-
-
-def test_login_without_auth_negotiates_both_ways() -> None:
-    p = Pair(limits=InitiatorLimits(max_recv_data_segment_length=65536,
-                                    max_burst_length=524288, first_burst_length=131072),
-             target_limits=TargetLimits(max_recv_data_segment_length=32768,
-                                        max_burst_length=262144))
-    params = logged_in(p).params
-    assert params.target_max_recv_data_segment_length == 32768
-    assert params.max_recv_data_segment_length == 65536
-    assert p.tgt.params.max_recv_data_segment_length == 65536
-    assert params.max_burst_length == 262144 == p.tgt.params.max_burst_length
-    assert params.first_burst_length == 131072 == p.tgt.params.first_burst_length
-    assert not params.initial_r2t and params.immediate_data
-    assert params.error_recovery_level == 0 and not params.header_digest
-    assert logged_in(p).tsih == 5 and logged_in(p).portal_group_tag == 1
-
-
-@pytest.mark.parametrize("chunks", [whole, bytewise, random_cuts(3)])
-def test_login_chap_one_way(chunks: Chunker) -> None:
-    p = Pair(chap=ChapCredentials("alice", SECRET),
-             access=Access(chap=ChapCredentials("alice", SECRET)), chunks=chunks)
-    logged_in(p)
-    assert p.write(0, pattern(BS)).status == 0
-
-
-def test_login_chap_mutual() -> None:
-    p = Pair(chap=ChapCredentials("alice", SECRET), mutual=ChapCredentials("tgt", TSECRET),
-             access=Access(chap=ChapCredentials("alice", SECRET),
-                           mutual=ChapCredentials("tgt", TSECRET)))
-    logged_in(p)
-
-
-@pytest.mark.parametrize("case", ["wrong-secret", "wrong-user", "no-credentials",
-                                  "mutual-wrong-target-secret", "mutual-not-offered",
-                                  "target-needs-none"])
-def test_login_chap_failures(case: str) -> None:
-    alice = ChapCredentials("alice", SECRET)
-    tgt = ChapCredentials("tgt", TSECRET)
-    chap: ChapCredentials | None = alice
-    mutual: ChapCredentials | None = None
-    access: Access | None = Access(chap=alice)
-    if case == "wrong-secret":
-        chap = ChapCredentials("alice", b"not-the-secret-at-all")
-    elif case == "wrong-user":
-        chap = ChapCredentials("bob", SECRET)
-    elif case == "no-credentials":
-        chap = None  # the target requires CHAP, we skip the security stage
-    elif case == "mutual-wrong-target-secret":
-        mutual = ChapCredentials("tgt", b"other-target-secret")
-        access = Access(chap=alice, mutual=tgt)
-    elif case == "mutual-not-offered":
-        mutual = tgt  # the target has no mutual credentials: it refuses
-    elif case == "target-needs-none":
-        mutual, access = tgt, None  # we offer only CHAP, the target only None
-    p = Pair(chap=chap, mutual=mutual, access=access)
-    (failed,) = [e for e in p.events if isinstance(e, initiator.LoginFailed)]
-    assert p.ini.state is initiator.State.CLOSED
-    if case == "mutual-wrong-target-secret":
-        assert failed.status is None and "mutual" in failed.reason
-    else:
-        assert failed.status == 0x0201 and failed.reason == "authentication failed"
-    assert not failed.redirect
-
-
-def test_one_way_chap_accepts_a_target_without_auth() -> None:
-    logged_in(Pair(chap=ChapCredentials("alice", SECRET)))
-
-
-def test_chap_client_rules() -> None:
-    alice = ChapCredentials("alice", SECRET)
-    with pytest.raises(AuthConfigError):
-        ChapClient(alice, ChapCredentials("tgt", SECRET))
-    with pytest.raises(AuthConfigError):
-        ChapClient(alice, algorithms=(99,))
-    with pytest.raises(ValueError):
-        InitiatorConfig(INITIATOR, IQN, mutual=alice)
-
-
-def test_login_refused_unknown_target_and_redirect() -> None:
-    p = Pair(login=False)
-    p.ini = InitiatorConnection(InitiatorConfig(INITIATOR, IQN + ":nope", nop_interval_s=None))
-    p.pump()
-    (failed,) = [e for e in p.events if isinstance(e, initiator.LoginFailed)]
-    assert failed.status == 0x0203 and "not found" in failed.reason
-    # A redirect, answered by hand: status 0x0101 and TargetAddress.
-    ini = InitiatorConnection(InitiatorConfig(INITIATOR, IQN, nop_interval_s=None))
-    (req,) = PduDecoder(accept=INITIATOR_OPCODES).feed(b"".join(ini.data_to_send()))
-    resp = LoginResponse(itt=req.itt, isid=req.isid, status_class=1, status_detail=1,  # type: ignore[attr-defined]
-                         data=encode_text([("TargetAddress", "127.0.0.2:3261,1")]))
-    (ev,) = ini.receive_data(resp.encode())
-    assert isinstance(ev, initiator.LoginFailed) and ev.redirect
-    assert ev.target_address == "127.0.0.2:3261,1"
-
-
-def test_login_timeout() -> None:
-    ini = InitiatorConnection(InitiatorConfig(INITIATOR, IQN, login_timeout_s=3.0), now=10.0)
-    assert ini.get_timer() == 13.0
-    assert ini.handle_timer(12.0) == []
-    (ev,) = ini.handle_timer(13.0)
-    assert isinstance(ev, initiator.LoginFailed) and ev.status is None and "timed out" in ev.reason
-    assert ini.get_timer() is None
-
-
-def test_submit_before_login_is_local_error() -> None:
-    ini = InitiatorConnection(InitiatorConfig(INITIATOR, IQN))
-    with pytest.raises(initiator.LocalProtocolError):
-        ini.submit(cdbs.tur())
-    with pytest.raises(initiator.LocalProtocolError):
-        ini.logout()
-
+from tests.initiator_pair import (
+    BS,
+    INITIATOR,
+    IQN,
+    SECRET,
+    TSECRET,
+    Chunker,
+    Pair,
+    bytewise,
+    initiator_pdus,
+    logged_in,
+    pattern,
+    random_cuts,
+)
 
 # --------------------------------------------------------------------------- data
 
@@ -511,11 +269,6 @@ def test_persistent_reservation_cdbs_agree_with_edge_scsi() -> None:
 # --------------------------------------------------------------------------- NOP, Reject, Async, Logout
 
 
-def initiator_pdus(ini: InitiatorConnection) -> list[Any]:
-    return PduDecoder(accept=INITIATOR_OPCODES).feed(b"".join(bytes(b) for b in
-                                                               ini.data_to_send()))
-
-
 def test_target_ping_is_answered_and_plain_nop_in_is_not() -> None:
     p = Pair()
     sn = p.tgt._statsn
@@ -728,69 +481,6 @@ def test_garbage_during_a_chap_login() -> None:
         if keys[0] != ("AuthMethod", "CHAP"):
             (failed,) = events
             assert isinstance(failed, initiator.LoginFailed) and failed.reason.startswith("CHAP")
-
-
-# --------------------------------------------------------------------------- negotiation and codec details
-
-
-def test_initiator_negotiation_rules() -> None:
-    def taken(*pairs: tuple[str, str]) -> tuple[Any, Any]:
-        n = InitiatorNegotiator(InitiatorLimits(max_burst_length=65536, first_burst_length=8192,
-                                                initial_r2t=True, header_digest=True))
-        n.offers()
-        return n.take(list(pairs)), n
-
-    answers, n = taken(("MaxBurstLength", "16384"), ("FirstBurstLength", "4096"),
-                       ("InitialR2T", "Yes"), ("HeaderDigest", "CRC32C"),
-                       ("DataDigest", "NotUnderstood"), ("TargetAlias", "disk"),
-                       ("TargetPortalGroupTag", "3"), ("MaxRecvDataSegmentLength", "4096"),
-                       ("DefaultTime2Wait", "5"), ("X-vendor-key", "1"))
-    assert answers == [("DefaultTime2Wait", "5"), ("X-vendor-key", "NotUnderstood")]
-    p = n.params
-    assert (p.max_burst_length, p.first_burst_length, p.initial_r2t, p.header_digest,
-            p.data_digest, p.target_max_recv_data_segment_length, p.default_time2wait) == \
-        (16384, 4096, True, True, False, 4096, 5)
-    assert n.declared == {"TargetAlias": "disk", "TargetPortalGroupTag": "3"}
-    for bad in [("MaxBurstLength", "131072"), ("ErrorRecoveryLevel", "1"),
-                ("DataDigest", "CRC32C"), ("InitialR2T", "No"), ("MaxBurstLength", "x"),
-                ("MaxRecvDataSegmentLength", "100"), ("FirstBurstLength", "9000"),
-                ("ImmediateData", "Maybe"), ("MaxOutstandingR2T", "0")]:
-        with pytest.raises(NegotiationError):
-            taken(bad)
-    with pytest.raises(NegotiationError):
-        taken(("MaxBurstLength", "1024"), ("FirstBurstLength", "4096"))
-    with pytest.raises(ValueError):
-        InitiatorNegotiator(InitiatorLimits(first_burst_length=2 << 20, max_burst_length=1 << 20))
-
-
-def test_a_bad_negotiation_answer_fails_the_login() -> None:
-    ini = InitiatorConnection(InitiatorConfig(INITIATOR, IQN))
-    (req,) = initiator_pdus(ini)
-    (ev,) = ini.receive_data(LoginResponse(
-        itt=req.itt, isid=req.isid, csg=1, nsg=3, transit=True, tsih=9,
-        data=encode_text([("ErrorRecoveryLevel", "2")])).encode())
-    assert isinstance(ev, initiator.LoginFailed) and ev.status is None
-    assert "ErrorRecoveryLevel" in ev.reason
-
-
-def test_login_response_continuation_and_extra_rounds() -> None:
-    """A target that splits its answer (C bit) and first answers without T."""
-    ini = InitiatorConnection(InitiatorConfig(INITIATOR, IQN))
-    (req,) = initiator_pdus(ini)
-    text = encode_text([("TargetAlias", "a" * 100), ("MaxRecvDataSegmentLength", "65536")])
-    assert ini.receive_data(LoginResponse(itt=req.itt, isid=req.isid, csg=1, cont=True,
-                                          data=text[:50]).encode()) == []
-    (more,) = initiator_pdus(ini)
-    assert isinstance(more, type(req)) and not more.transit and not more.data  # type: ignore[attr-defined]
-    assert ini.receive_data(LoginResponse(itt=req.itt, isid=req.isid, csg=1,
-                                          data=text[50:]).encode()) == []
-    (again,) = initiator_pdus(ini)
-    assert again.transit and again.nsg == 3  # type: ignore[attr-defined]
-    (done,) = ini.receive_data(LoginResponse(itt=req.itt, isid=req.isid, csg=1, nsg=3,
-                                             transit=True, tsih=4, exp_cmdsn=1,
-                                             max_cmdsn=8).encode())
-    assert isinstance(done, initiator.LoginComplete) and done.target_alias == "a" * 100
-    assert done.params.target_max_recv_data_segment_length == 65536 and ini.window == 8
 
 
 @given(final=st.booleans(), length=st.integers(0, 2**24 - 1), lun=st.integers(0, 2**64 - 1),
