@@ -652,8 +652,9 @@ class _OneLineCommand(click.Command):
               "workload (default: a random one, printed).")
 @click.option("--duration", default="5m", show_default=True, help="How long faults are "
               "injected, e.g. 2m, 90s, 1h.")
-@click.option("--faults", default="kill,stop,partition,isolate,wan,operator,journal,outage",
-              show_default=True, help="Fault kinds to inject (comma-separated, or all).")
+@click.option("--faults", default=None, help="Fault kinds to inject (comma-separated, or all): "
+              "kill,stop,partition,isolate,wan,operator,journal,outage by default; with --san, "
+              "san (the array down) instead of journal.")
 @click.option("--luns", default=2, show_default=True, help="LUNs per Edge (one writer each).")
 @click.option("--edges", default=1, show_default=True, help="Number of Edges.")
 @click.option("--lun-size", default="64M", show_default=True, type=LUN_SIZE, help=LUN_SIZE_HELP)
@@ -662,8 +663,12 @@ class _OneLineCommand(click.Command):
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="JSON report (default: WORKDIR-report.json next to the folder).")
 @click.option("--keep", is_flag=True, help="Leave the lab running afterwards.")
-def drill(workdir: str, seed: int | None, duration: str, faults: str, luns: int, edges: int,
-          lun_size: int, report: str | None, json_path: str | None, keep: bool) -> None:
+@click.option("--san", type=click.Choice(["tgt"]), default=None,
+              help="Each data center's Core keeps its LUNs and Journal LUN on a storage array "
+                   "(as lab up --san).")
+def drill(workdir: str, seed: int | None, duration: str, faults: str | None, luns: int,
+          edges: int, lun_size: int, report: str | None, json_path: str | None, keep: bool,
+          san: str | None) -> None:
     """A failover drill (root): a netns lab, a seeded schedule of faults under a real
     workload, the runbook's operator actions, then a check of every copy; exit 0 on PASS."""
     import random
@@ -674,13 +679,14 @@ def drill(workdir: str, seed: int | None, duration: str, faults: str, luns: int,
     try:
         opts = Options(workdir=Path(workdir),
                        seed=seed if seed is not None else random.randrange(1, 1_000_000),
-                       duration=parse_duration(duration), faults=parse_faults(faults),
-                       luns=luns, edges=edges, lun_size=lun_size,
+                       duration=parse_duration(duration), faults=parse_faults(faults, san),
+                       luns=luns, edges=edges, lun_size=lun_size, san=san,
                        report=Path(report) if report else None,
                        json_path=Path(json_path) if json_path else None, keep=keep)
         sys.exit(run(opts, click.echo))
     except DrillError as e:
         raise click.ClickException(str(e)) from None
+
 
 
 if __name__ == "__main__":

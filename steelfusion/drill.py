@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import html
 import itertools
 import json
 import os
@@ -43,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from steelfusion import control, drillcheck, drillreport, log
+from steelfusion import control, drillcheck, drillreport, labsan, log
 from steelfusion.drillcheck import Copy
 from steelfusion.drillpayload import BLOCK
 from steelfusion.drillplan import (
@@ -91,7 +90,10 @@ _log = log.get("drill")
 DRILL_RESERVE = 64 << 20
 """Each Edge's write reserve in a drill: small, so that an outage fills it."""
 JOURNAL_REOPEN_WAIT = 30.0
-"""Seconds for a Core to reopen its Journal LUN once the disk works again (it retries every 5)."""
+"""Seconds for a Core to reopen its Journal LUN once the disk works again (it retries every 5);
+also how long a storage alarm may outlast the array's return."""
+SAN_ALARM_WAIT = 15.0
+"""Seconds an array stays down past its hold waiting for its Core's storage alarm."""
 MIN_GAP = 1.0
 """At least this long between a fault's recovery and the next fault."""
 FAILOVER_WAIT = 30
@@ -134,11 +136,13 @@ class Options:
     report: Path | None = None
     json_path: Path | None = None
     keep: bool = False
+    san: str | None = None  # "tgt": each data center's Core keeps its LUNs on an array
 
     def replay(self) -> str:
         return (f"steelfusion drill --workdir {self.workdir} --seed {self.seed} --duration "
                 f"{format_duration(self.duration)} --faults {','.join(self.faults)} --luns "
-                f"{self.luns} --edges {self.edges} --lun-size {size_arg(self.lun_size)}")
+                f"{self.luns} --edges {self.edges} --lun-size {size_arg(self.lun_size)}"
+                + (f" --san {self.san}" if self.san else ""))
 
 
 class _Skip(Exception):
@@ -264,7 +268,7 @@ class Drill:
         self.say(f"lab up --netns in {o.workdir}")
         self.data = self.lab.up(luns=o.luns, lun_size=o.lun_size, edges=o.edges, netns=True,
                                 timeout=90, reserve=DRILL_RESERVE,
-                                journal_faults="journal" in o.faults)
+                                journal_faults="journal" in o.faults, san=o.san)
         self.branch_ns = self.data["sites"]["branch"]["netns"]
         self.t0 = time.time()
         for c in self.data["cores"]:
@@ -457,6 +461,32 @@ class Drill:
             self.resume(core, deadline=SETTLE_TIMEOUT)
         return core
 
+    def _fault_san(self, f: Fault) -> str:
+        """A data center's array goes away (its tgtd SIGKILLed): the Core raises a storage
+        alarm and holds the writes it cannot land; when the array is back they land and the
+        alarm clears (issue 12). The array stays down until the alarm is seen."""
+        p, s, _ = self.roles()
+        core = p if f.target == "primary" else s
+        san = labsan.SAN_OF[core]
+        self.rec.event(time.time(), "kill", f"SIGKILL {san} ({core}'s array)", node=san)
+        self.say(f"fault {f.n}: {san}, {core}'s storage array, down for {f.hold:g} s")
+        self.lab.kill(san, signal.SIGKILL)
+        self.sleep(f.hold)
+
+        def alarms() -> list[str]:
+            st = self.core_status(core) or {}
+            return [str(a.get("alarm", "")) for a in st.get("alarms") or []]
+        if not self.wait_for(lambda: any(a.endswith("_storage") for a in alarms()),
+                             SAN_ALARM_WAIT):
+            self.problem(f"fault {f.n}: {core} raised no storage alarm while {san} was down "
+                         f"(alarms: {alarms()})")
+        self._start(san)
+        if not self.wait_for(lambda: not any(a.endswith("_storage") for a in alarms()),
+                             JOURNAL_REOPEN_WAIT):
+            self.problem(f"fault {f.n}: {core} still has a storage alarm "
+                         f"{JOURNAL_REOPEN_WAIT:.0f} s after {san} is back: {alarms()}")
+        return san
+
     def _fault_outage(self, f: Fault) -> str:
         dcs = [CORE_SITES[c["name"]] for c in self.data["cores"]]
         what = f"branch <-> {' and '.join(dcs)}"
@@ -630,7 +660,7 @@ class Drill:
                 images[int(t["lun_id"])] = str(dst)
             copies.append(Copy(e["name"], "edge", images))
         for c in data["cores"]:
-            copies.append(Copy(c["name"], "core", {int(k): v for k, v in c["luns"].items()}))
+            copies.append(Copy(c["name"], "core", labsan.lun_files(data, c)))
         return copies
 
     def report(self, result: drillcheck.Result, copies: list[Copy]) -> int:
@@ -641,12 +671,8 @@ class Drill:
         if not result.counts.get("writes_ok"):
             self.problem("no write was acknowledged: the workload never ran (see the Edges' "
                          "logs and drill.log)")
-        page = drillreport.render_html(result, self.rec.h, title=f"steelfusion drill seed {o.seed}")
-        if self.problems:  # what the runbook says must work and did not: above the timeline
-            items = "".join(f"<li>{html.escape(p)}</li>" for p in self.problems)
-            page = page.replace("<h2>Timeline</h2>", f'<h2>Runner problems</h2><ul class="finding">'
-                                f"{items}</ul><h2>Timeline</h2>", 1)
-        html_path.write_text(page)
+        html_path.write_text(drillreport.render_html(
+            result, self.rec.h, title=f"steelfusion drill seed {o.seed}", problems=self.problems))
         json_path.write_text(drillreport.to_json(result))
         (wd / "history.json").write_text(json.dumps(self.rec.h.to_dict()))
         info = json.loads((wd / "drill.json").read_text())
@@ -662,7 +688,9 @@ class Drill:
             for w in self.writers))
         for text in self.problems:
             self.echo(f"  PROBLEM: {text}")
-        self.echo(self.summary(result))
+        self.echo(drillreport.summary_line(result, o.seed, Counter(f.kind for f, _ in self.done),
+                                           len(self.skipped), self.problems,
+                                           time.time() - self.t0))
         passed = result.passed and not self.problems
         if passed:  # the read-back images are only worth their space for a failure
             for c in copies:
@@ -672,20 +700,6 @@ class Drill:
         self.echo(f"report: {html_path} (HTML), {json_path} (JSON); history and logs in {wd}")
         self.echo(f"replay: {o.replay()}")
         return 0 if passed else 1
-
-    def summary(self, result: drillcheck.Result) -> str:
-        kinds = Counter(f.kind for f, _ in self.done)
-        rs = drillreport.rto_summary(result.rto)
-        med, mx = rs["median_from_failure"], rs["max_from_failure"]
-        rto = (f"RTO median {med:.1f} s max {mx:.1f} s ({rs['failovers']} failovers)"
-               if med is not None and mx is not None else
-               f"RTO - ({rs['failovers']} failovers)")
-        verdict = "PASS" if result.passed and not self.problems else "FAIL"
-        skipped = f", {len(self.skipped)} skipped" if self.skipped else ""
-        return (f"{verdict} seed {self.o.seed}: {len(self.done)} faults injected ("
-                + ", ".join(f"{k} {kinds[k]}" for k in FAULT_KINDS if kinds[k])
-                + f"{skipped}); RPO {result.rpo}; {rto}; {result.counts.get('writes_ok', 0)} "
-                f"writes acknowledged; {time.time() - self.t0:.0f} s")
 
     # -- cleanup -----------------------------------------------------------------------
     def cleanup(self) -> None:

@@ -13,14 +13,20 @@ import random
 import re
 from collections.abc import Sequence
 
-FAULT_KINDS = ("kill", "stop", "partition", "isolate", "wan", "operator", "journal", "outage")
+FAULT_KINDS = ("kill", "stop", "partition", "isolate", "wan", "operator", "journal", "outage",
+               "san")
 """What a drill can inject (``--faults``): SIGKILL then restart; SIGSTOP then SIGCONT; a cut
 between two sites (or one way, or one Core interface down); the primary isolated from its
 peer and the Witness while its Edges still reach it, with the runbook's failover; a slow,
 lossy link; an operator's suspend then resume; a Core's Journal LUN out of space or offline
 (on the lab's failing disk, :mod:`steelfusion.faultdisk`), on a suspended primary or not; the
 branch cut from both data centers for a minute or more (the Edges' reserve fills and host
-writes stall)."""
+writes stall); a data center's storage array down (``--san tgt`` labs only)."""
+DEFAULT_KINDS = FAULT_KINDS[:-1]
+"""``--faults`` when not given, on a lab whose Cores keep their LUNs in files."""
+SAN_KINDS = tuple(k for k in FAULT_KINDS if k != "journal")
+"""``--faults`` when not given with ``--san``: the Journal LUN is on the array, so its faults
+are the array's (``san``), not the lab's failing disk (``journal``)."""
 GAP = (4.0, 10.0)
 """Seconds from one fault's start to the next one's (when the previous one is over)."""
 HOLD = (2.0, 8.0)
@@ -70,16 +76,24 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def parse_faults(text: str) -> tuple[str, ...]:
-    """``kill,partition`` -> the kinds, in :data:`FAULT_KINDS` order; ``all`` for every kind."""
-    words = [w.strip().lower() for w in text.split(",") if w.strip()]
+def parse_faults(text: str | None, san: str | None = None) -> tuple[str, ...]:
+    """``kill,partition`` -> the kinds, in :data:`FAULT_KINDS` order; ``all`` (or None) for
+    every kind the lab can inject: ``san`` needs arrays (``--san``), ``journal`` needs the
+    Journal LUN in a file (not with ``--san``)."""
+    usable = SAN_KINDS if san else DEFAULT_KINDS
+    words = [w.strip().lower() for w in (text or "all").split(",") if w.strip()]
     if words == ["all"]:
-        return FAULT_KINDS
+        return usable
     bad = [w for w in words if w not in FAULT_KINDS]
     if bad or not words:
         what = f"{bad[0]!r} is not a fault kind" if bad else "no fault kind given"
-        raise DrillError(f"--faults {text!r}: {what}; choose from {','.join(FAULT_KINDS)} "
+        raise DrillError(f"--faults {text!r}: {what}; choose from {','.join(usable)} "
                          f"(comma-separated) or all")
+    if "san" in words and not san:
+        raise DrillError("--faults san: the array outage needs arrays in the lab; add --san tgt")
+    if "journal" in words and san:
+        raise DrillError("--faults journal: with --san the Journal LUN is on the array, whose "
+                         "outage is --faults san; leave journal out")
     return tuple(k for k in FAULT_KINDS if k in words)
 
 
@@ -126,6 +140,9 @@ class Fault:
             first = "coredr suspend on the primary, then " if self.suspend else ""
             return (f"{first}{self.target}'s Journal LUN {how} for {self.hold:g} s, then back"
                     + (", resume" if self.suspend else ""))
+        if self.kind == "san":
+            return (f"the {self.target}'s storage array down (SIGKILL its tgtd) for "
+                    f"{self.hold:g} s, then back")
         if self.kind == "outage":
             return (f"cut the branch from both data centers for {self.hold:g} s (the Edges "
                     f"buffer, then host writes stall)")
@@ -178,6 +195,8 @@ def build_schedule(seed: int, duration: float, kinds: Sequence[str],
             target = "primary" if r_swap < 0.7 else "secondary"
             f = dataclasses.replace(f, target=target, mode="full" if r_one_way < 0.5
                                     else "offline", suspend=target == "primary" and r_iface < 0.6)
+        elif kind == "san":
+            f = dataclasses.replace(f, target="primary" if r_swap < 0.7 else "secondary")
         elif kind == "outage" and at - last_outage >= OUTAGE_EVERY:
             last_outage = at
             span = (hold - HOLD[0]) / (HOLD[1] - HOLD[0])

@@ -13,7 +13,8 @@ import itertools
 import json
 import math
 import statistics
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -25,6 +26,7 @@ from steelfusion.drillcheck import (
     Result,
     Rto,
 )
+from steelfusion.drillplan import FAULT_KINDS as PLANNED_KINDS
 
 # --- terminal --------------------------------------------------------------------------------
 
@@ -318,8 +320,25 @@ def _rel(t: float | None, t0: float) -> str:
     return "-" if t is None else f"+{t - t0:.2f}s"
 
 
-def render_html(result: Result, history: History, title: str = "steelfusion drill") -> str:
-    """One self-contained page: verdict, counts, timeline (SVG), failovers, findings."""
+def summary_line(result: Result, seed: int, kinds: Counter[str], skipped: int,
+                 problems: Sequence[str], elapsed: float) -> str:
+    """The drill's last line: verdict, faults by kind, RPO, RTO, writes, time."""
+    rs = rto_summary(result.rto)
+    med, mx = rs["median_from_failure"], rs["max_from_failure"]
+    rto = (f"RTO median {med:.1f} s max {mx:.1f} s ({rs['failovers']} failovers)"
+           if med is not None and mx is not None else f"RTO - ({rs['failovers']} failovers)")
+    verdict = "PASS" if result.passed and not problems else "FAIL"
+    skip = f", {skipped} skipped" if skipped else ""
+    return (f"{verdict} seed {seed}: {sum(kinds.values())} faults injected ("
+            + ", ".join(f"{k} {kinds[k]}" for k in PLANNED_KINDS if kinds[k])
+            + f"{skip}); RPO {result.rpo}; {rto}; {result.counts.get('writes_ok', 0)} "
+            f"writes acknowledged; {elapsed:.0f} s")
+
+
+def render_html(result: Result, history: History, title: str = "steelfusion drill",
+                problems: Sequence[str] = ()) -> str:
+    """One self-contained page: verdict, counts, runner problems (what the runbook says must
+    work and did not), timeline (SVG), failovers, findings."""
     r = result
     verdict = "PASS" if r.passed else "FAIL"
     t0 = history.span()[0]
@@ -335,6 +354,9 @@ def render_html(result: Result, history: History, title: str = "steelfusion dril
         parts.append(_table([(name, pc.get("blocks_checked", 0), pc.get("lost_blocks", 0),
                                pc.get("lost_writes", 0)) for name, pc in r.per_copy.items()],
                             ("copy", "blocks checked", "blocks lost", "writes lost")))
+    if problems:
+        parts.append('<h2>Runner problems</h2><ul class="finding">'
+                     + "".join(f"<li>{_e(p)}</li>" for p in problems) + "</ul>")
     parts.append("<h2>Timeline</h2>")
     parts.append(_timeline(r, history))
     parts.append(_legend())

@@ -75,6 +75,14 @@ def start_sans(d: Path, sans: list[SanConfig], data: dict[str, Any], ns_of: dict
     return nodes
 
 
+def lun_files(data: dict[str, Any], core: dict[str, Any]) -> dict[int, str]:
+    """The files that hold a Core's LUNs: its own paths, or its array's files (the Journal
+    LUN left out) when the lab has arrays."""
+    san = next((s for s in data.get("sans", []) if s.get("core") == core["name"]), None)
+    luns = san["luns"] if san is not None else core["luns"]
+    return {int(k): v for k, v in luns.items() if int(k) != JOURNAL_LUN}
+
+
 def portal_open(node: dict[str, Any]) -> bool:
     """The array's portal accepts a TCP connection (asked from inside its namespace)."""
     host, port = parse_addr(node["portal"])

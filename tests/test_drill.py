@@ -20,6 +20,7 @@ import pytest
 
 from steelfusion import drill
 from steelfusion.drill import FAULT_KINDS, GAP, HOLD, build_schedule, parse_duration
+from steelfusion.drillplan import DEFAULT_KINDS, SAN_KINDS
 from steelfusion.drillreport import from_json
 from tests.nodes import refused
 
@@ -64,12 +65,13 @@ def test_the_same_seed_gives_the_same_schedule() -> None:
     only = build_schedule(7, 120, ("kill", "wan"))
     assert {f.kind for f in only} <= {"kill", "wan"} and len(only) >= 8
     # the test drill's seed: every kind, and isolations for a failover and a failback
-    planned = build_schedule(DRILL_SEED, 120, FAULT_KINDS)
-    assert {f.kind for f in planned} == set(FAULT_KINDS)
+    planned = build_schedule(DRILL_SEED, 120, DEFAULT_KINDS)
+    assert {f.kind for f in planned} == set(DEFAULT_KINDS)
     assert sum(f.kind == "isolate" for f in planned) >= 2
     assert any(f.kind == "journal" and f.suspend for f in planned[:10])
     # a branch outage lasts a minute or more, and one per ten minutes of schedule at most
     long = build_schedule(7, 3600, FAULT_KINDS)
+    assert {f.target for f in long if f.kind == "san"} == {"primary", "secondary"}
     outages = [f for f in long if f.kind == "outage"]
     assert outages and all(60 <= f.hold <= 100 for f in outages)
     assert all(b.at - a.at >= 600 for a, b in itertools.pairwise(outages))
@@ -101,7 +103,14 @@ def test_bad_options_are_refused_in_one_line(tmp_path: Path, args: str, want: li
 def test_durations_and_fault_lists_parse() -> None:
     assert parse_duration("2m") == 120 and parse_duration("90") == 90
     assert drill.format_duration(120) == "2m" and drill.format_duration(90) == "90s"
-    assert drill.parse_faults("all") == FAULT_KINDS
+    assert drill.parse_faults("all") == DEFAULT_KINDS == drill.parse_faults(None)
+    assert "san" not in DEFAULT_KINDS and "journal" in DEFAULT_KINDS
+    assert drill.parse_faults("all", san="tgt") == SAN_KINDS == drill.parse_faults(None, "tgt")
+    assert "san" in SAN_KINDS and "journal" not in SAN_KINDS
+    with pytest.raises(drill.DrillError, match="add --san tgt"):
+        drill.parse_faults("kill,san")
+    with pytest.raises(drill.DrillError, match="Journal LUN is on the array"):
+        drill.parse_faults("journal", san="tgt")
     assert drill.parse_faults("wan, kill") == ("kill", "wan")
 
 
@@ -157,7 +166,7 @@ def test_a_seeded_two_minute_drill_passes_with_rpo_0_and_identical_cores(
     assert len(result.rto) >= 2 and all(r.from_failure is not None for r in result.rto)
     assert {r.kind for r in result.rto} == {"failover", "failback"}
     # the same seed printed the same schedule it replays
-    planned = [dataclasses.asdict(f) for f in build_schedule(DRILL_SEED, 120, FAULT_KINDS)]
+    planned = [dataclasses.asdict(f) for f in build_schedule(DRILL_SEED, 120, DEFAULT_KINDS)]
     assert info["schedule"] == planned
     # both Cores hold identical LUNs (the checker compared them too)
     lab = json.loads((wd / "lab.json").read_text())

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from steelfusion import labsan
 from steelfusion.initiator import qemu_read, qemu_write
 from steelfusion.iscsi.client import IscsiClient
 from steelfusion.lab import Lab
@@ -46,7 +47,21 @@ def lab(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def array_files(data: dict[str, Any]) -> dict[str, bytes]:
     """LUN 1 as each array's backing file holds it."""
-    return {s["name"]: Path(s["luns"]["1"]).read_bytes() for s in data["sans"]}
+    return {labsan.SAN_OF[c["name"]]: Path(labsan.lun_files(data, c)[1]).read_bytes()
+            for c in data["cores"]}
+
+
+def resync_until_arrays_hold(primary: str, data: dict[str, Any], want: bytes) -> None:
+    """Once the primary's peer link is up: resume, wait for the resync, and both arrays'
+    LUN files hold ``want``."""
+    wait_for(lambda: any(c["established"] and c["direction"] == "out"
+                         for c in status(primary)["connections"]["replication"]),
+             what="peer link")
+    coredr(primary, "resume", "--no-wait")
+    wait_for(lambda: status(primary)["replication"] == "running", timeout=120,
+             what="resync done")
+    f = array_files(data)
+    assert f["san-a"] == f["san-b"] == want
 
 
 def image(tmp: Path, name: str, size: int = LUN) -> Path:
@@ -141,12 +156,7 @@ def test_fusionsync_cycle_on_arrays(lab, tmp_path: Path) -> None:  # type: ignor
     j = json.loads(coredr(a, "journal", "status", "--json"))
     assert j["luns"][0]["dirty_regions"] > 0  # logged on san-a's Journal LUN
     lab_.start("core-b")
-    wait_for(lambda: any(c["established"] and c["direction"] == "out"
-                         for c in status(a)["connections"]["replication"]), what="peer link")
-    coredr(a, "resume", "--no-wait")
-    wait_for(lambda: status(a)["replication"] == "running", timeout=120, what="resync done")
-    f = array_files(data)
-    assert f["san-a"] == f["san-b"] == img1.read_bytes()
+    resync_until_arrays_hold(a, data, img1.read_bytes())
 
     lab_.kill("core-a")
     wait_for(lambda: subprocess.run(
@@ -157,12 +167,7 @@ def test_fusionsync_cycle_on_arrays(lab, tmp_path: Path) -> None:  # type: ignor
     lab_.wait_committed(timeout=120)
     lab_.start("core-a")
     wait_for(lambda: status(a)["role"] == "secondary", timeout=60, what="demotion")
-    wait_for(lambda: any(c["established"] and c["direction"] == "out"
-                         for c in status(b)["connections"]["replication"]), what="peer link")
-    coredr(b, "resume", "--no-wait")
-    wait_for(lambda: status(b)["replication"] == "running", timeout=120, what="resync back")
-    f = array_files(data)
-    assert f["san-a"] == f["san-b"] == img2.read_bytes()
+    resync_until_arrays_hold(b, data, img2.read_bytes())
     back = tmp_path / "back.raw"
     qemu_read(url, back)
     assert back.read_bytes() == img2.read_bytes()
