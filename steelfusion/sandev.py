@@ -23,8 +23,15 @@ and the Core raises an alarm with it.
 
 Errors from the array become OSErrors, so the journal and the LUN store report them as they
 would a disk's. A thin pool out of space (sense DATA PROTECT, SPACE ALLOCATION FAILED WRITE
-PROTECT, SBC-3 4.7.3.6) is ENOSPC. Anything else, including a session that stays lost past
+PROTECT, SBC-3 4.7.3.6) is ENOSPC. RESERVATION CONFLICT is :class:`~steelfusion.fence.Fenced`
+(EBADE, "fenced: another Core holds the reservation on ..."): the client treats it as a final
+answer, never as a lost session to retry, and from then on :meth:`IscsiDevice.trouble` says
+so, so the Core's alarm names it. Anything else, including a session that stays lost past
 the client's give-up time, is EIO.
+
+Persistent reservations for fencing a partner Core (:mod:`steelfusion.fence`): ``pr_*``
+methods, blocking like the rest. The device never registers by itself; once fenced it
+registers again only when :meth:`IscsiDevice.pr_register` is called with ``rejoin=True``.
 """
 
 from __future__ import annotations
@@ -39,12 +46,14 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 from steelfusion import log
-from steelfusion.iscsi.client import CheckCondition, IscsiClient, IscsiError
+from steelfusion.fence import Fenced, PrUnsupported
+from steelfusion.iscsi.client import CheckCondition, IscsiClient, IscsiError, ReservationConflict
 
 T = TypeVar("T")
 INITIATOR_NAME = "iqn.2026-11.io.steelfusion:core"
 CALL_TIMEOUT = 600.0  # seconds a sync or close waits for the writes before it (EIO after)
 READ_TIMEOUT = 10.0
+PR_TIMEOUT = 30.0  # seconds a PERSISTENT RESERVE waits (after the writes queued before it)
 SIZE_REFRESH_S = 5.0
 _log = log.get("sandev")
 
@@ -80,6 +89,14 @@ def os_error(e: BaseException, url: str, action: str) -> OSError:
     """The array's answer as the OSError a disk would have given."""
     if isinstance(e, OSError):
         return e
+    if isinstance(e, ReservationConflict):
+        return Fenced(f"fenced: another Core holds the reservation on {redact(url)} ({action} "
+                      "refused with RESERVATION CONFLICT); registering again is an explicit "
+                      "rejoin step")
+    if (action.startswith("PERSISTENT RESERVE") and isinstance(e, CheckCondition)
+            and e.key == 0x5 and (e.asc, e.ascq) in ((0x24, 0x00), (0x20, 0x00))):
+        return PrUnsupported(f"{action} on {redact(url)}: the array does not support it "
+                             f"({meaning(e)})")
     code = errno.EIO
     if isinstance(e, CheckCondition) and (e.asc, e.ascq) == (0x27, 0x07):
         code = errno.ENOSPC  # thin provisioning: space allocation failed write protect
@@ -110,16 +127,20 @@ class IscsiDevice:
         self._size_at = 0.0
         self._size_error: BaseException | None = None
         self._size_asking = False
+        self._fenced: str | None = None
 
     @classmethod
     def open(cls, url: str, initiator_name: str = INITIATOR_NAME,
-             timeout: float = 30.0) -> IscsiDevice:
+             timeout: float = 30.0, isid: int | None = None) -> IscsiDevice:
+        """Log in and read the size. ``initiator_name`` identifies the Core to the array
+        (ACLs, and each Core of an HA pair its own I_T nexus for persistent reservations);
+        ``isid`` is random unless given."""
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name=f"iscsi {redact(url)}",
                                   daemon=True)
         thread.start()
         client = IscsiClient(url, initiator_name=initiator_name, give_up_s=math.inf,
-                             login_timeout_s=min(timeout, 15.0))
+                             login_timeout_s=min(timeout, 15.0), isid=isid)
         dev = cls(url, client, loop, thread)
         try:
             dev._call(client.connect(), timeout, "login")
@@ -136,7 +157,14 @@ class IscsiDevice:
             return fut.result(timeout)
         except (IscsiError, TimeoutError, concurrent.futures.TimeoutError) as e:
             fut.cancel()
-            raise os_error(e, self.path, action) from None
+            raise self._error(e, action) from None
+
+    def _error(self, e: BaseException, action: str) -> OSError:
+        err = os_error(e, self.path, action)
+        if isinstance(err, Fenced) and self._fenced is None:
+            self._fenced = err.strerror
+            _log.error("san_lun_fenced", url=redact(self.path), action=action)
+        return err
 
     def _reap(self, wait: bool) -> None:
         """Forget finished writes; raise the first failed one's error."""
@@ -159,7 +187,7 @@ class IscsiDevice:
             with self._lock:
                 self._pending[:0] = keep
         if first is not None:
-            raise os_error(first, self.path, "a write")
+            raise self._error(first, "a write")
 
     # -- Device ------------------------------------------------------------------------------
     def _set_size(self, capacity: tuple[int, int]) -> None:
@@ -188,12 +216,16 @@ class IscsiDevice:
         return self._size
 
     def pread(self, length: int, offset: int) -> bytes:
-        why = self.trouble()
+        why = self._down()  # a fenced Core still reads (WRITE EXCLUSIVE, steelfusion/fence.py)
         if why is not None:
             raise OSError(errno.EIO, why)
         return bytes(self._call(self._client.read(offset, length), READ_TIMEOUT, "a read"))
 
     def trouble(self) -> str | None:
+        """Why the Core should raise an alarm about this LUN: fenced, or the session down."""
+        return self._fenced if self._fenced is not None else self._down()
+
+    def _down(self) -> str | None:
         if self._client.connected:
             return None
         return (f"the iSCSI session to {redact(self.path)} is down "
@@ -219,7 +251,42 @@ class IscsiDevice:
         self._call(self._client.sync(), CALL_TIMEOUT, "SYNCHRONIZE CACHE")
 
     def lock(self) -> None:
-        """Nothing yet: fencing a partner Core with PERSISTENT RESERVE comes with Core HA."""
+        """Nothing here: fencing a partner Core is :mod:`steelfusion.fence` (pr_* below)."""
+
+    # -- persistent reservations (steelfusion/fence.py) --------------------------------------
+    @property
+    def fenced(self) -> str | None:
+        """Why this device was refused with RESERVATION CONFLICT (None until it is)."""
+        return self._fenced
+
+    def pr_read_keys(self) -> tuple[int, list[int]]:
+        return self._call(self._client.pr_read_keys(), PR_TIMEOUT,
+                          "PERSISTENT RESERVE IN READ KEYS")
+
+    def pr_read_reservation(self) -> tuple[int, int | None, int | None]:
+        return self._call(self._client.pr_read_reservation(), PR_TIMEOUT,
+                          "PERSISTENT RESERVE IN READ RESERVATION")
+
+    def pr_register(self, key: int, *, rejoin: bool = False) -> None:
+        """REGISTER AND IGNORE EXISTING KEY. Refused once this device was fenced, unless
+        ``rejoin``: registering again silently would undo the partner's fence."""
+        if self._fenced is not None and not rejoin:
+            raise Fenced(f"{self._fenced}; not registering again without rejoin")
+        self._reap(wait=True)  # a fenced write queued before must not pass for a new one's
+        self._call(self._client.pr_register(key), PR_TIMEOUT,
+                   "PERSISTENT RESERVE OUT REGISTER AND IGNORE EXISTING KEY")
+        if self._fenced is not None:
+            _log.warning("san_lun_rejoined", url=redact(self.path), key=f"0x{key:016x}")
+        self._fenced = None
+
+    def pr_reserve(self, key: int, pr_type: int) -> None:
+        self._call(self._client.pr_reserve(key, pr_type), PR_TIMEOUT,
+                   "PERSISTENT RESERVE OUT RESERVE")
+
+    def pr_preempt(self, key: int, victim: int, pr_type: int, *, abort: bool) -> None:
+        what = "PREEMPT AND ABORT" if abort else "PREEMPT"
+        self._call(self._client.pr_preempt(key, victim, pr_type, abort=abort), PR_TIMEOUT,
+                   f"PERSISTENT RESERVE OUT {what}")
 
     def close(self) -> None:
         try:

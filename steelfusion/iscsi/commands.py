@@ -137,6 +137,17 @@ class PrOut(enum.IntEnum):
     REGISTER_AND_MOVE = 7
 
 
+class PrType(enum.IntEnum):
+    """PERSISTENT RESERVATION TYPE codes (SPC-4 Table 169), as an initiator names them."""
+
+    WRITE_EXCLUSIVE = 1
+    EXCLUSIVE_ACCESS = 3
+    WRITE_EXCLUSIVE_REGISTRANTS_ONLY = 5
+    EXCLUSIVE_ACCESS_REGISTRANTS_ONLY = 6
+    WRITE_EXCLUSIVE_ALL_REGISTRANTS = 7
+    EXCLUSIVE_ACCESS_ALL_REGISTRANTS = 8
+
+
 def pr_in(action: PrIn, alloc: int = 8192) -> bytes:
     """PERSISTENT RESERVE IN, SPC-4 §6.15."""
     return struct.pack(">BBxxxxxHB", 0x5E, action, alloc, 0)
@@ -152,22 +163,39 @@ def pr_out(action: PrOut, key: int, sa_key: int = 0, pr_type: int = 0, *,
 
 
 def parse_read_keys(data: Buffer) -> tuple[int, list[int]]:
-    """(PRgeneration, registered keys) of READ KEYS data."""
+    """(PRgeneration, registered keys) of READ KEYS data (SPC-4 §6.15.2).
+
+    The ADDITIONAL LENGTH counts every key even when the allocation length cut the list
+    short (SPC-4 §4.2.5.6), so a short answer gives the keys that arrived; a length that is
+    not whole 8-byte keys is a malformed answer (ValueError)."""
     b = bytes(data)
     if len(b) < 8:
-        raise ValueError(f"READ KEYS returned {len(b)} bytes")
-    n = min(int.from_bytes(b[4:8], "big"), len(b) - 8)
+        raise ValueError(f"READ KEYS returned {len(b)} bytes (the header alone is 8)")
+    n = int.from_bytes(b[4:8], "big")
+    if n % 8:
+        raise ValueError(f"READ KEYS ADDITIONAL LENGTH {n} is not whole 8-byte keys")
+    n = min(n, len(b) - 8) // 8 * 8
     return (int.from_bytes(b[:4], "big"),
-            [int.from_bytes(b[i:i + 8], "big") for i in range(8, 8 + n - 7, 8)])
+            [int.from_bytes(b[i:i + 8], "big") for i in range(8, 8 + n, 8)])
 
 
 def parse_read_reservation(data: Buffer) -> tuple[int, int | None, int | None]:
-    """(PRgeneration, holder's key, type) of READ RESERVATION data; key and
-    type are None when nothing is reserved."""
+    """(PRgeneration, holder's key, type) of READ RESERVATION data (SPC-4 §6.15.3); key
+    and type are None when nothing is reserved (ADDITIONAL LENGTH 0).
+
+    A reservation descriptor is 16 bytes; an answer that announces one and does not carry it
+    whole is a ValueError, never "unreserved": reading a cut answer as free would let a Core
+    believe nobody holds the LUN."""
     b = bytes(data)
     if len(b) < 8:
-        raise ValueError(f"READ RESERVATION returned {len(b)} bytes")
+        raise ValueError(f"READ RESERVATION returned {len(b)} bytes (the header alone is 8)")
     gen = int.from_bytes(b[:4], "big")
-    if int.from_bytes(b[4:8], "big") < 16 or len(b) < 24:
+    n = int.from_bytes(b[4:8], "big")
+    if n == 0:
         return gen, None, None
+    if n != 16:
+        raise ValueError(f"READ RESERVATION ADDITIONAL LENGTH {n} (SPC-4: 0 or 16)")
+    if len(b) < 24:
+        raise ValueError(f"READ RESERVATION announces a reservation but returned {len(b)} of "
+                         "24 bytes")
     return gen, int.from_bytes(b[8:16], "big"), b[21] & 0x0F
