@@ -3,6 +3,7 @@ storage: a tgtd LUN over the Core's initiator, and a loop block device (issue 12
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -16,8 +17,10 @@ from core.lunstore import LunStore
 from journal.journal import Journal
 from steelfusion.blockdev import FileDevice, open_device
 from steelfusion.initiator import need
+from steelfusion.iscsi.commands import Sense
+from steelfusion.iscsi.errors import CheckCondition
 from steelfusion.san import TgtAdm
-from steelfusion.sandev import IscsiDevice, redact
+from steelfusion.sandev import IscsiDevice, os_error, redact
 from tests.nodes import wait_for
 from tests.test_san import _config, _start
 
@@ -28,6 +31,23 @@ MiB = 1 << 20
 def test_redact_hides_a_chap_secret() -> None:
     assert redact("iscsi://u%s3cret@h:3260/iqn.x/1") == "iscsi://u@h:3260/iqn.x/1"
     assert redact("iscsi://h:3260/iqn.x/1") == "iscsi://h:3260/iqn.x/1"
+
+
+@pytest.mark.parametrize("key,asc,ascq,code,words", [
+    (5, 0x25, 0x00, errno.EIO, "the LUN is gone from the array"),
+    (5, 0x21, 0x00, errno.EIO, "the LUN is smaller than the Core expects (it shrank)"),
+    (7, 0x27, 0x07, errno.ENOSPC, "the array's thin pool is out of space"),
+    (7, 0x27, 0x00, errno.EIO, "the array made the LUN read-only"),
+    (3, 0x0C, 0x00, errno.EIO, "the array could not write"),
+    (5, 0x99, 0x42, errno.EIO, "ASC/ASCQ 99/42"),
+])
+def test_an_arrays_check_condition_becomes_an_errno_and_words(
+        key: int, asc: int, ascq: int, code: int, words: str) -> None:
+    """What the Core's alarm says (issue 12, item 4): a full thin pool is ENOSPC as a disk
+    would say it, the rest EIO, each in words, the CHAP secret never in the text."""
+    e = os_error(CheckCondition(Sense(key, asc, ascq, b""), "WRITE(16)"),
+                 "iscsi://core-a%s3cret@10.99.1.1:3261/iqn.x:san-a/1", "write")
+    assert e.errno == code and words in str(e) and "s3cret" not in str(e), str(e)
 
 
 def test_san_lun_as_a_device_rides_out_an_outage(tmp_path: Path) -> None:
