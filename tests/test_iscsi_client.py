@@ -283,6 +283,38 @@ def test_persistent_reservations(tgt: TgtServer) -> None:
     run(go())
 
 
+@lab
+def test_a_registration_survives_a_reconnect_and_a_preemption_is_not_undone(
+        tgt: TgtServer) -> None:
+    """tgt forgets a session's registration when the initiator logs in again (see
+    tests/test_fence.py); the client registers again after a reconnect, before re-sending
+    anything, so a mere reconnect is not a fence. A key preempted while the connection was
+    down stays gone: the next write gets RESERVATION CONFLICT and nobody re-registered it."""
+    async def go() -> None:
+        async with proxied(tgt) as proxy, client(tgt.url) as a, client(
+                proxy.url, reconnect_delay_s=(0.02, 0.1)) as b:
+            await a.pr_register(0xA1)
+            await b.pr_register(0xB2)
+            await a.pr_reserve(0xA1, 5)  # write exclusive, registrants only
+            await b.write(0, bytes(4096))
+            proxy.cut()
+            await b.write(4096, b"b" * 4096)  # after a new login: still a registrant
+            assert b.reconnects == 1 and b.pr_key == 0xB2 and not b.pr_lost
+            assert sorted((await a.pr_read_keys())[1]) in ([0xA1, 0xB2], [0xA1, 0xB2, 0xB2])
+            proxy.refuse = True
+            proxy.cut()
+            await a.pr_preempt(0xA1, 0xB2, 5)  # fenced while its connection is down
+            proxy.refuse = False
+            with pytest.raises(ReservationConflict):
+                await b.write(8192, b"x" * 4096)
+            assert b.pr_lost and b.pr_key is None and b.reconnects == 2
+            assert (await a.pr_read_keys())[1] == [0xA1]
+            assert await a.read(8192, 4096) != b"x" * 4096
+            await a.pr_release(0xA1, 5)
+            await a.pr_register(0)
+    run(go())
+
+
 def tgtadm(tgt: TgtServer, *args: str) -> None:
     subprocess.run(["tgtadm", "-C", str(tgt.ctl), "--lld", "iscsi", *args], check=True,
                    capture_output=True, timeout=30)

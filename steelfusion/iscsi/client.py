@@ -207,6 +207,12 @@ class IscsiClient:
         """Logins after the first (for status pages and tests)."""
         self.reissued = 0
         """Commands sent again after a reconnect."""
+        self.pr_key: int | None = None
+        """The reservation key this client registered (PERSISTENT RESERVE OUT), kept across
+        reconnects by :meth:`_keep_registration`."""
+        self.pr_lost = False
+        """After a reconnect our key was gone from the LUN: another initiator preempted it
+        (fenced); the client did not register again."""
         self.unit_attentions: list[cdbs.Sense] = []
         """Unit attentions seen (and retried through), the last 64."""
         self._log = log.get("iscsi-client").bind(target=iqn, portal=f"{host}:{port}")
@@ -396,6 +402,7 @@ class IscsiClient:
             await self._pr_out(cdbs.PrOut.REGISTER_AND_IGNORE, 0, key, aptpl=aptpl)
         else:
             await self._pr_out(cdbs.PrOut.REGISTER, old_key, key, aptpl=aptpl, reissue=False)
+        self.pr_key, self.pr_lost = key or None, False
 
     async def pr_reserve(self, key: int, pr_type: int) -> None:
         await self._pr_out(cdbs.PrOut.RESERVE, key, pr_type=pr_type)
@@ -698,6 +705,9 @@ class IscsiClient:
                 except IscsiError as e:
                     self._last_loss = str(e)
                 else:
+                    if self.pr_key is not None and not await self._keep_registration():
+                        delay = min(delay * 2, high)
+                        continue  # lost again while asking: log in again
                     self.reconnects += 1
                     backlog, self._backlog = sorted(self._backlog, key=lambda o: o.seq), []
                     self.reissued += len(backlog)
@@ -709,6 +719,52 @@ class IscsiClient:
                 delay = min(delay * 2, high)
         finally:
             self._reconnect = None
+
+    async def _keep_registration(self) -> bool:
+        """After a new login, before any command is re-sent: is this I_T nexus still
+        registered with :attr:`pr_key`? SPC-4 (§5.13.7) keeps a registration across a new
+        login with the same ISID; tgt binds it to the session instead, so there the key is
+        still listed but the new session is not registered, and every write after a mere
+        reconnect would be refused as if fenced. REGISTER with our key as both keys answers
+        it in one command; when refused, READ KEYS tells tgt's forgetting (our key is still
+        listed: register again) from a preemption (it is gone: stay fenced, never register
+        silently — the writes then get RESERVATION CONFLICT). False: the connection was
+        lost again meanwhile. A fencer PREEMPTing between our READ KEYS and REGISTER is not
+        seen here: it reads the keys back after fencing (steelfusion/fence.py)."""
+        key = self.pr_key
+        assert key is not None
+
+        async def ask(what: str, cdb: bytes, data: bytes = b"", read_length: int = 0
+                      ) -> CommandComplete:
+            # straight to the new connection: the re-sent commands wait behind this
+            return await self._attempts(_Op(next(self._seq), what, cdb, data=data,
+                                            read_length=read_length, reissue=False))
+
+        try:
+            try:
+                await ask("PR OUT REGISTER (still ours?)",
+                          *cdbs.pr_out(cdbs.PrOut.REGISTER, key, key))
+                return True
+            except ReservationConflict:
+                pass
+            done = await ask("PR IN READ KEYS", cdbs.pr_in(cdbs.PrIn.READ_KEYS),
+                             read_length=8192)
+            if key in cdbs.parse_read_keys(done.data)[1]:
+                await ask("PR OUT REGISTER AND IGNORE EXISTING KEY",
+                          *cdbs.pr_out(cdbs.PrOut.REGISTER_AND_IGNORE, 0, key))
+                self._log.info("iscsi_client_registered_again", key=f"0x{key:016x}",
+                               why="the target forgot this session's registration on login")
+                return True
+            self.pr_key, self.pr_lost = None, True
+            self._log.warning("iscsi_client_registration_gone", key=f"0x{key:016x}",
+                              why="preempted while the connection was down: fenced")
+            return True
+        except ConnectionLost:
+            return False
+        except IscsiError as e:  # e.g. a target without PR: nothing to keep
+            self._log.warning("iscsi_client_registration_unknown", key=f"0x{key:016x}",
+                              error=str(e))
+            return True
 
     def _fail_all(self, error: IscsiError) -> None:
         ops = list(self._backlog) + list(self._by_tag.values())
