@@ -3,10 +3,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-DEBS := python3-venv libiscsi-bin qemu-utils e2fsprogs tgt iproute2 libfuse3-3
+# User-mode Linux guests (tests/test_vm.py, `steelfusion vm`): installed only when root
+VM_DEBS := $(if $(filter 0,$(shell id -u)),user-mode-linux mmdebstrap,)
+DEBS := python3-venv libiscsi-bin qemu-utils e2fsprogs tgt iproute2 libfuse3-3 $(VM_DEBS)
 PYTEST_ARGS ?=
 
-.PHONY: install debs venv demo test test-fast lint bench sim clean
+.PHONY: install debs venv demo test test-fast test-vm lint bench sim clean
 
 install: debs venv
 
@@ -41,6 +43,13 @@ test: install
 # everything that starts no process (codecs, state machines, the simulation): under 2 minutes
 test-fast: install
 	$(PY) -m pytest -q -m "not lab" $(PYTEST_ARGS)
+
+# Linux guests (User-mode Linux): build or reuse the cached image, then the VM tests only.
+# Needs root and /dev/net/tun; says why and does nothing otherwise.
+test-vm: install
+	@if [ "$$(id -u)" != 0 ] || [ ! -c /dev/net/tun ]; then \
+	  echo "test-vm skipped: needs root and /dev/net/tun"; exit 0; fi; \
+	$(PY) -m steelfusion.cli vm build && $(PY) -m pytest -q -rs -m vm $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check .

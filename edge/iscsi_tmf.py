@@ -74,7 +74,7 @@ class TaskManagement:
     forgets a task still collecting data (its late Data-Out is discarded),
     ``respond(pdu, response)`` sends the TMF Response, ``emit(event)`` hands
     an event to the adapter and ``close(reason)`` ends the connection (after
-    a TARGET WARM/COLD RESET).
+    a TARGET COLD RESET).
     """
 
     def __init__(self, tasks: Mapping[int, Task], *, defer_resets: bool,
@@ -113,7 +113,11 @@ class TaskManagement:
         elif fn == TmfFunction.CLEAR_ACA:
             self._respond(pdu, TmfResponse.FUNCTION_COMPLETE)
         elif fn in (TmfFunction.TARGET_WARM_RESET, TmfFunction.TARGET_COLD_RESET):
-            self._abort(list(tasks.values()), pdu, close_after=True)
+            # RFC 7143 §11.5.1: both cancel every pending task; only a COLD reset then
+            # closes the connections (Linux's error handler sends WARM and keeps using
+            # the session: closing it cost a session recovery)
+            self._abort(list(tasks.values()), pdu,
+                        close_after=fn == TmfFunction.TARGET_COLD_RESET)
         elif fn == TmfFunction.TASK_REASSIGN:
             self._respond(pdu, TmfResponse.REASSIGNMENT_NOT_SUPPORTED)
         else:
@@ -165,9 +169,7 @@ class TaskManagement:
         return self._resets.pop(task_tag, None)
 
     def finish(self, pending: PendingTmf, response: int) -> None:
-        """Answer a TMF; after a TARGET WARM/COLD RESET, close."""
+        """Answer a TMF; after a TARGET COLD RESET, close."""
         self._respond(pending.pdu, response)
         if pending.close_after:
-            self._close("target cold reset"
-                        if pending.pdu.function == TmfFunction.TARGET_COLD_RESET
-                        else "target warm reset")
+            self._close("target cold reset")

@@ -529,9 +529,10 @@ class _Connection(asyncio.BufferedProtocol):
         (SAM-5 §7.6, RFC 7143 §11.5.1): abort the tasks other sessions have on
         the LU(s) (their commands are cancelled, not waited for) and wait
         only for those to unwind, reset the LU state (SPC-2 reservation, mode
-        pages, a unit attention for every nexus), then answer.  A target
-        reset also ends every other session of the target.  A sanitize
-        operation goes on (SBC-3 §4.11.1)."""
+        pages, a unit attention for every nexus), then answer.  A COLD
+        reset also ends every other session of the target; after a WARM one
+        the sessions go on (RFC 7143 §11.5.1).  A sanitize operation goes on
+        (SBC-3 §4.11.1)."""
         target = self.target
         lun_reset = ev.function == TmfFunction.LOGICAL_UNIT_RESET
         if target is not None:
@@ -554,9 +555,9 @@ class _Connection(asyncio.BufferedProtocol):
                     lu.reset(ua)
             self.log.info("iscsi_reset", function=TmfFunction(ev.function).name.lower(),
                           lun=ev.lun if lun_reset else None, sessions_aborted=len(peers))
-            if not lun_reset:
+            if ev.function == TmfFunction.TARGET_COLD_RESET:
                 for c in peers:
-                    c._close("target reset by another session")
+                    c._close("target cold reset by another session")
         conn = self.conn
         if conn is None or self.closing:
             return

@@ -688,6 +688,7 @@ def drill(workdir: str, seed: int | None, duration: str, faults: str | None, lun
         raise click.ClickException(str(e)) from None
 
 
+main.add_command(__import__("steelfusion.vmcli", fromlist=["vm"]).vm)  # steelfusion vm build|run
 
 if __name__ == "__main__":
     main()

@@ -332,6 +332,29 @@ def test_lun_reset_cancels_another_sessions_stuck_command(stuck: StuckTarget) ->
     b.close()
 
 
+def test_warm_reset_cancels_other_sessions_commands_and_keeps_them(stuck: StuckTarget) -> None:
+    """TARGET WARM RESET cancels every session's tasks and gives each a unit attention,
+    but only a COLD reset ends the sessions (RFC 7143 §11.5.1): Linux's error handler
+    sends WARM and goes on with the session (issue 11)."""
+    a, b = client(stuck), client(stuck)
+    seen_a: list[Pdu] = []
+    seen_b: list[Pdu] = []
+    itt = b.submit(read10(HANG_LBA, 1), read_len=BS)
+    soon(lambda: stuck.backend.reads_stuck == 1)
+    r = until(a, a.tmf(6), seen_a)  # TARGET WARM RESET
+    assert isinstance(r, TaskMgmtResponse) and r.response == 0
+    for c, seen in ((a, seen_a), (b, seen_b)):
+        nop(c, seen)  # both connections still serve
+        ua = until(c, c.submit(bytes(6)), seen)
+        assert isinstance(ua, ScsiResponse) and ua.status == CHECK_CONDITION
+        assert parse_sense_segment(ua.data)[12:14] == b"\x29\x02"  # BUS RESET
+        ok = until(c, c.submit(read10(0, 1), read_len=BS), seen)
+        assert isinstance(ok, DataIn) and ok.status == GOOD
+    assert itt not in answers(seen_b)
+    a.close()
+    b.close()
+
+
 def test_abort_of_a_sanitize_command_leaves_the_sanitize_running(stuck: StuckTarget) -> None:
     """libiscsi Sanitize.Reset: ABORT TASK of an IMMED=0 SANITIZE is answered
     at once, the operation goes on (SBC-3 §4.11.1) and reports its progress,
