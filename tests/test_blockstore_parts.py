@@ -8,6 +8,7 @@ disk fails here, whatever the replay tests say.
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
 from pathlib import Path
 
@@ -82,28 +83,54 @@ def test_write_log_stands_alone(tmp_path: Path) -> None:
 
 
 # -- the formats, from their structs ------------------------------------------------------
-def _seg_v2(seg: int, records: list[tuple[int, int, int, int, bytes]]) -> bytes:
-    """A version-2 segment as the wal module's docstring describes it."""
-    head = b"SFWALSEG" + struct.pack(">I", 2)
+def _seg(seg: int, records: list[tuple[int, int, int, int, bytes, int]],
+         version: int = 3) -> bytes:
+    """A segment as the wal module's docstring describes it: records are (gseq, lun, seq,
+    offset, data, flags)."""
+    head = b"SFWALSEG" + struct.pack(">I", version)
     out = bytearray(head + struct.pack(">I", crc32c(head)))
     seed = crc32c(struct.pack(">Q", seg))
-    for gseq, lun, seq, offset, data in records:
-        h = b"SFWR" + struct.pack(">HHQIQQI", 2, 0, gseq, lun, seq, offset, len(data))
+    for gseq, lun, seq, offset, data, flags in records:
+        h = b"SFWR" + struct.pack(">HHQIQQI", version, flags, gseq, lun, seq, offset, len(data))
         out += h + struct.pack(">I", crc32c(data, crc32c(h, seed))) + data
     return bytes(out)
 
 
-def test_segment_bytes_are_format_2(tmp_path: Path) -> None:
+def test_segment_bytes_are_format_3(tmp_path: Path) -> None:
     bs = Blockstore(tmp_path, {3: 4 * MiB}, 1 << 30)
     writes = [(3, 0, b"a" * 4096), (3, 8192, b"b" * 512), (3, 4096, b"c" * 1024)]
     recs = [bs.append(lun, off, data) for lun, off, data in writes]
     bs.drain()
+    bs.commit(3, recs[1].seq)  # one write left uncommitted: no mark yet (under MARK_BYTES)
+    bs.commit(3, recs[2].seq)  # nothing left: a COMMIT mark (flags 2, length 0)
+    bs.drain()
     seg = recs[0].seg
-    want = _seg_v2(seg, [(r.gseq, r.lun, r.seq, r.offset, d)
-                         for r, (_, _, d) in zip(recs, writes, strict=True)])
+    want = _seg(seg, [(r.gseq, r.lun, r.seq, r.offset, d, 0)
+                      for r, (_, _, d) in zip(recs, writes, strict=True)]
+                + [(recs[2].gseq, 3, recs[2].seq, 0, b"", 2)])
     raw = (tmp_path / "wal" / f"seg-{seg:012d}.wal").read_bytes()
-    assert raw[:len(want)] == want
+    assert raw[:len(want)] == want and bs.marks_written == 1
     bs.close()
+
+
+def test_a_version_2_log_replays_and_is_sealed_as_version_2(tmp_path: Path) -> None:
+    """An upgrade: the previous build's segment (format 2) replays, and sealing it when the
+    new build starts writes a version-2 seal (a version-3 one would make it corrupt)."""
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    old = [(g, 1, 10 + g, g * 4096, bytes([g]) * 4096, 0) for g in range(1, 6)]
+    (wal / "seg-000000000004.wal").write_bytes(_seg(4, old, version=2))
+    bs = Blockstore(tmp_path, {1: 4 * MiB}, 1 << 30)
+    assert [r.seq for r in bs.uncommitted()] == [11, 12, 13, 14, 15]
+    bs.append(1, 0, b"n" * 4096)
+    bs.drain()
+    for fd in [*bs.log.fds.values(), *(fd for _, fd in bs.log.spares),
+               *(c.fd for c in bs.caches.values())]:
+        os.close(fd)  # killed
+    bs2 = Blockstore(tmp_path, {1: 4 * MiB}, 1 << 30)
+    assert bs2.log.corrupt == [] and bs2.log.replayed[4].sealed
+    assert [r.seq for r in bs2.uncommitted()] == [11, 12, 13, 14, 15, 16]
+    bs2.close()
 
 
 def test_cache_map_bytes(tmp_path: Path) -> None:
@@ -135,8 +162,8 @@ def test_cache_alone_writes_its_own_queue(tmp_path: Path, save: bool) -> None:
 # -- a segment this build cannot read: one line, with what to do --------------------------
 @pytest.mark.parametrize("header, problem", [
     (b"NOTASEGMxxxxxxxx", "not a write-log segment (bad header); restore it from a backup"),
-    (b"SFWALSEG" + struct.pack(">II", 3, crc32c(b"SFWALSEG" + struct.pack(">I", 3))),
-     "version 3, this build reads 1, 2; run the newer build that wrote it"),
+    (b"SFWALSEG" + struct.pack(">II", 4, crc32c(b"SFWALSEG" + struct.pack(">I", 4))),
+     "version 4, this build reads 1, 2, 3; run the newer build that wrote it"),
 ], ids=["bad-header", "newer-version"])
 def test_unreadable_segment_says_what_to_do(tmp_path: Path, header: bytes, problem: str) -> None:
     seg = tmp_path / "wal" / "seg-000000000009.wal"

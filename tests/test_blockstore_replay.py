@@ -113,9 +113,10 @@ LUNS = {1: 64 * KiB, 2: 32 * KiB}
 REGION = 4 * KiB
 
 
+@pytest.mark.parametrize("mark_every", [store.MARK_BYTES, 1], ids=["marks", "mark-each-commit"])
 @pytest.mark.parametrize("seed", range(12))
 def test_random_crashes_never_expose_stale_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                seed: int) -> None:
+                                                seed: int, mark_every: int) -> None:
     """Whatever the cache holds or marks after any restart is the newest data.
 
     The model: the Core holds exactly the committed prefix of each LUN; a host
@@ -123,6 +124,11 @@ def test_random_crashes_never_expose_stale_data(tmp_path: Path, monkeypatch: pyt
     and by appended, undrained writes until a crash drops them.
     """
     monkeypatch.setattr(wal, "SEG_BYTES", 16 * KiB)  # rolls and recycles every few writes
+    monkeypatch.setattr(store, "MARK_BYTES", mark_every)  # COMMIT marks: replay skips more
+    marks: list[int] = []
+    real_mark = wal.WriteLog.mark
+    monkeypatch.setattr(wal.WriteLog, "mark", lambda self, g, lun, seq: (
+        marks.append(seq), real_mark(self, g, lun, seq))[-1])
     rng = random.Random(seed)
     core = {lun: bytearray(size) for lun, size in LUNS.items()}
     drained: dict[int, list[tuple[int, int, bytes]]] = {lun: [] for lun in LUNS}
@@ -190,6 +196,7 @@ def test_random_crashes_never_expose_stale_data(tmp_path: Path, monkeypatch: pyt
             bs = reopen()
             check(bs, restarted=True)
     assert bs.log.corrupt == []
+    assert len(marks) > 10 or mark_every > 1
     bs.close()
 
 
@@ -312,3 +319,41 @@ def test_uncommitted_writes_of_a_removed_or_shrunk_lun_refuse_the_start(tmp_path
     back.close()
     # once the Core has them, the LUN may go: its committed records are dropped quietly
     Blockstore(tmp_path, {1: 1 * MiB}, 1 << 30, region_bytes=4096).close()
+
+
+@pytest.mark.parametrize("marks", [True, False], ids=["commit-marks", "no-marks"])
+def test_a_killed_edge_replays_what_was_uncommitted_not_every_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, marks: bool) -> None:
+    """Issue 18: 100 MiB committed, then 12 MiB not, then SIGKILL. Replay tracks (and the
+    uplink resends) the 12 MiB plus at most one mark's worth, not the 112 MiB the log
+    holds since its last retired segment. Without the COMMIT marks it is 48 MiB: all of it
+    since the first 64 MiB segment was retired."""
+    if not marks:
+        monkeypatch.setattr(store, "MARK_BYTES", 1 << 62)
+        monkeypatch.setattr(Blockstore, "_mark", lambda self, lun: None)
+    luns = {1: 256 * MiB}
+    bs = Blockstore(tmp_path, luns, 1 << 30)
+    chunk = b"d" * (256 * KiB)
+
+    async def go() -> None:
+        for i in range(400):  # 100 MiB, committed as the Core acknowledges
+            rec = bs.append(1, i * len(chunk), chunk)
+            bs.drain()
+            if i % 8 == 7:
+                bs.commit(1, rec.seq)
+            await asyncio.sleep(0)
+        for i in range(48):  # 12 MiB the Core has not acknowledged
+            bs.append(1, (400 + i) * len(chunk), chunk)
+            bs.drain()
+        await asyncio.sleep(0)
+    asyncio.run(go())
+    assert bs.uncommitted_bytes == 12 * MiB
+    _crash(bs)
+    bs2 = Blockstore(tmp_path, luns, 1 << 30)
+    resent = bs2.uncommitted_bytes
+    if marks:
+        assert 12 * MiB <= resent <= 12 * MiB + store.MARK_BYTES, resent / MiB
+        assert bs2.committed_seq[1] >= 400 - 8
+    else:
+        assert resent == 112 * MiB - wal.SEG_BYTES
+    bs2.close()

@@ -38,6 +38,10 @@ from steelfusion.atomic import atomic_write
 _log = log.get("blockstore")
 
 SEQ_LEASE = 1 << 20
+MARK_BYTES = 1 << 20
+"""A COMMIT mark goes in the log once this many bytes of a LUN are committed since its last
+one, and whenever the LUN has nothing uncommitted left: what an Edge killed now would resend
+beyond its uncommitted writes (issue 18)."""
 MEM_DATA_MAX = 64 << 20  # uncommitted data also kept in memory (for shipping) up to this
 QUEUE_BYTES_MAX = 16 << 20  # append drains by itself past this (a caller that forgot)
 
@@ -126,6 +130,8 @@ class Blockstore:
         self._drain_deferred = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.failed: BaseException | None = None
+        self._unmarked: dict[int, int] = dict.fromkeys(self.luns, 0)  # bytes since a mark
+        self.marks_written = 0
         self._replay()
         self.log.open_for_append()
         self._renew_leases(force=True)
@@ -214,7 +220,13 @@ class Blockstore:
             records = self.log.replay()
         except BlockstoreError as e:
             raise BlockstoreError(f"{e}{self._or_start_empty()}") from None
-        committed = self._committed_saved
+        # the newest of what state.json and the log's COMMIT marks say the Core has
+        for lun, seq in self.log.marks.items():
+            if seq > self._committed_any.get(lun, 0):
+                self._committed_any[lun] = seq
+            if lun in self.committed_seq and seq > self.committed_seq[lun]:
+                self.committed_seq[lun] = seq
+        committed = self.committed_seq
         skipped = 0
         stranded: dict[int, int] = {}  # LUN id -> uncommitted records the config cannot hold
         for rec, data in records:
@@ -417,7 +429,19 @@ class Blockstore:
             self.log.release(rec.seg)
         if freed:
             self.room.free(freed)
+            self._unmarked[lun] += freed
+            if (not q or self._unmarked[lun] >= MARK_BYTES) and self.failed is None:
+                self._mark(lun)
         return freed
+
+    def _mark(self, lun: int) -> None:
+        """Queue a COMMIT mark for ``lun`` (wal.py); written with the next appends, or at
+        the next loop turn when none come."""
+        self._unmarked[lun] = 0
+        self.log.mark(self.gseq, lun, self.committed_seq[lun])
+        self.marks_written += 1
+        if not self._drain_scheduled:
+            self._schedule_drain()
 
     def uncommitted(self) -> list[Record]:
         """Every uncommitted record, in the order the hosts' writes were acknowledged."""

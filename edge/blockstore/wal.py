@@ -10,16 +10,23 @@ header and data::
                     uint64 gseq; uint32 lun; uint64 seq; uint64 offset; uint32 length;
                     uint32 crc /* over the 40 bytes before it, then the data */; };
 
-Version 2 (this build writes it): the record CRC starts from
+Version 2: the record CRC starts from
 ``crc32c(uint64_be(n))`` instead of 0, ``n`` being the segment's number, and
 a segment that is full ends with a SEAL record (``flags`` bit 0, length 0).
 Segment files are recycled (below), so bytes after the last valid record may
 be records of the file's previous life; their CRC was seeded with another
 number, so they never replay. Replay of a sealed segment stops at the seal;
 a segment neither sealed nor last whose tail is invalid is reported as
-corrupt. A new file is preallocated, so a zeroed tail is normal. Version 1
-(previous builds: CRC from 0, no seal) is still read, so an upgrade keeps
-the uncommitted writes.
+corrupt. A new file is preallocated, so a zeroed tail is normal.
+
+Version 3 (this build writes it) adds the COMMIT mark (``flags`` bit 1,
+length 0, ``seq`` = the LUN's newest seq the Core has, ``gseq`` = the last
+write's): written now and then as the Core acknowledges, never synced on its
+own (it rides with the next appends' writes), so that after the Edge is
+killed replay resends what was uncommitted, not every record since the last
+retired segment (issue 18). A lost mark only means more is resent. Versions
+1 (CRC from 0, no seal) and 2 are still read, so an upgrade keeps the
+uncommitted writes; a segment is sealed in its own version.
 
 Once every record of a sealed segment is committed the file is renamed
 ``spare-<n>.wal`` (never replayed); up to :data:`SPARES_MAX` spares are kept
@@ -53,9 +60,10 @@ SEG_HEADER = struct.Struct(">8sII")
 REC_MAGIC = b"SFWR"
 REC = struct.Struct(">4sHHQIQQII")
 REC_HEAD = struct.Struct(">4sHHQIQQI")  # REC without its crc: what the crc covers first
-REC_VERSION = 2
-REC_VERSIONS_READ = (1, 2)
+REC_VERSION = 3
+REC_VERSIONS_READ = (1, 2, 3)
 FLAG_SEAL = 1
+FLAG_COMMIT = 2
 SEG_BYTES = 64 << 20
 SPARES_MAX = 2
 
@@ -96,8 +104,8 @@ def _seg_header(version: int) -> bytes:
     return head + crc32c(head).to_bytes(4, "big")
 
 
-def _seal_record(seg: int) -> bytes:
-    head = REC_HEAD.pack(REC_MAGIC, REC_VERSION, FLAG_SEAL, 0, 0, 0, 0, 0)
+def _seal_record(seg: int, version: int = REC_VERSION) -> bytes:
+    head = REC_HEAD.pack(REC_MAGIC, version, FLAG_SEAL, 0, 0, 0, 0, 0)
     return head + crc32c(head, _seg_seed(seg)).to_bytes(4, "big")
 
 
@@ -164,6 +172,7 @@ class WriteLog:
             self._cut_sync, _fdatasync_all, eager=False, fatal=OSError)
         self.corrupt: list[str] = []
         self.replayed: dict[int, _Replayed] = {}
+        self.marks: dict[int, int] = {}  # LUN id -> newest COMMIT mark replayed
         # the queue: buffers back to back, and runs (segment, file position, first buffer)
         self._iov: list[Data] = []
         self._runs: list[tuple[int, int, int]] = []
@@ -230,9 +239,12 @@ class WriteLog:
                 if version >= 2 and flags & FLAG_SEAL:
                     sealed = True
                     break
+                prev_gseq = gseq
+                if version >= 3 and flags & FLAG_COMMIT:
+                    self.marks[lun] = max(self.marks.get(lun, 0), seq)
+                    continue
                 out.append((Record(gseq, lun, seq, offset, length, seg, pos - length, None),
                             data))
-                prev_gseq = gseq
             self.replayed[seg] = _Replayed(version, pos, sealed)
             if sealed or pos == len(raw):
                 continue
@@ -240,7 +252,7 @@ class WriteLog:
             if not last:
                 self.corrupt.append(what)
                 _log.error("write_log_corrupt", detail=what)
-            elif version < 2 or self._looks_torn(raw, pos, prev_gseq):
+            elif version < 2 or self._looks_torn(raw, pos, prev_gseq, version):
                 _log.warning("write_log_torn_tail", detail=what)
             elif any(raw[pos:pos + REC.size]):
                 # a recycled file: what follows is its previous life (or a torn record
@@ -249,12 +261,13 @@ class WriteLog:
         return out
 
     @staticmethod
-    def _looks_torn(raw: bytes, pos: int, prev_gseq: int) -> bool:
-        """A record header of this life (the next gseq) whose record is incomplete or bad."""
+    def _looks_torn(raw: bytes, pos: int, prev_gseq: int, version: int) -> bool:
+        """A record header of this life (the next gseq, or a mark's) whose record is
+        incomplete or bad."""
         if pos + REC.size > len(raw):
             return raw[pos:pos + 4] == REC_MAGIC
         magic, ver, _f, gseq, *_ = REC.unpack_from(raw, pos)
-        return magic == REC_MAGIC and ver == REC_VERSION and gseq == prev_gseq + 1
+        return magic == REC_MAGIC and ver == version and gseq in (prev_gseq, prev_gseq + 1)
 
     # -- segments and spares ---------------------------------------------------------
     def open_for_append(self) -> None:
@@ -275,7 +288,7 @@ class WriteLog:
         # it is no longer last its tail is not mistaken for corruption.
         info = self.replayed.get(segs[-1]) if segs else None
         if info is not None and segs[-1] in self.fds and info.version >= 2 and not info.sealed:
-            pwrite_all(self.fds[segs[-1]], _seal_record(segs[-1]), info.end)
+            pwrite_all(self.fds[segs[-1]], _seal_record(segs[-1], info.version), info.end)
             self.unsynced.add(segs[-1])
         self.refs.setdefault(self.active_seg, 0)
         self._seed = _seg_seed(self.active_seg)
@@ -350,7 +363,8 @@ class WriteLog:
                 self._retire(seg, background=True)
 
     # -- append and drain ------------------------------------------------------------
-    def append(self, gseq: int, lun: int, seq: int, offset: int, data: Data) -> tuple[int, int]:
+    def append(self, gseq: int, lun: int, seq: int, offset: int, data: Data,
+               flags: int = 0) -> tuple[int, int]:
         """Queue one record (no syscall); returns (segment, data position).
 
         A record never spans segments: one that would not fit with the seal
@@ -361,7 +375,7 @@ class WriteLog:
         if pos + n + 2 * REC.size > self.seg_bytes and pos > SEG_HEADER.size:
             self._roll()
             pos = self.active_pos
-        head = REC_HEAD.pack(REC_MAGIC, REC_VERSION, 0, gseq, lun, seq, offset, n)
+        head = REC_HEAD.pack(REC_MAGIC, REC_VERSION, flags, gseq, lun, seq, offset, n)
         crc = crc32c(data, crc32c(head, self._seed))
         iov = self._iov
         if not iov:
@@ -370,6 +384,10 @@ class WriteLog:
         iov.append(data)
         self.active_pos = pos + REC.size + n
         return self.active_seg, pos + REC.size
+
+    def mark(self, gseq: int, lun: int, seq: int) -> None:
+        """Queue a COMMIT mark: the Core has every write of ``lun`` up to ``seq``."""
+        self.append(gseq, lun, seq, 0, b"", FLAG_COMMIT)
 
     def _roll(self) -> None:
         """Queue the active segment's seal and start the next one (its file opens at drain)."""
