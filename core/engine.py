@@ -382,8 +382,8 @@ class CoreEngine:
         if p is None or p.upstream is not link:
             link.refuse("not-your-lun", f"LUN id {w.lun} was not opened on this connection")
             return
-        if not p.store.check_range(w.offset, len(w.data)):
-            link.refuse("out-of-range", f"write at {w.offset}+{len(w.data)} beyond LUN id "
+        if not p.store.check_range(w.offset, w.extent):
+            link.refuse("out-of-range", f"write at {w.offset}+{w.extent} beyond LUN id "
                         f"{w.lun} of {p.store.size} bytes")
             return
         if w.stream != p.stream:
@@ -400,10 +400,10 @@ class CoreEngine:
         if j is not None and w.seq > p.applied_seq and self.replication_enabled:
             try:
                 if self.rep.journals:
-                    must = j.mark_dirty(w.lun, w.offset, len(w.data))
+                    must = j.mark_dirty(w.lun, w.offset, w.extent)
                 elif self.rep.mirrors:
-                    must = j.note_inflight(w.lun, w.offset, len(w.data))
-                    self._al_lookahead(j, w.lun, p, w.offset + len(w.data))
+                    must = j.note_inflight(w.lun, w.offset, w.extent)
+                    self._al_lookahead(j, w.lun, p, w.offset + w.extent)
                 else:
                     must = False
             except Exception as e:  # an offline journal must not take the Core down...
@@ -658,7 +658,7 @@ class CoreEngine:
         for w in p.mirror_acked_to(seq):
             if j is not None:
                 with contextlib.suppress(Exception):
-                    j.peer_acked(lun, w.offset, len(w.data))
+                    j.peer_acked(lun, w.offset, w.extent)
         self._progress(lun, p)
 
     def _queue_to_journal(self) -> None:
@@ -675,7 +675,7 @@ class CoreEngine:
             failed = lost
             for w in p.drop_copies():
                 try:
-                    j.mark_dirty(lun, w.offset, len(w.data))
+                    j.mark_dirty(lun, w.offset, w.extent)
                 except Exception as e:
                     failed = e
             if failed is None:
@@ -720,7 +720,7 @@ class CoreEngine:
     # -- secondary: applying the primary's copies -----------------------------------
     def _on_mirror_write(self, link: Port, w: Write) -> None:
         p = self.pipes.get(w.lun)
-        if p is None or not p.store.check_range(w.offset, len(w.data)):
+        if p is None or not p.store.check_range(w.offset, w.extent):
             link.refuse("out-of-range", f"replicated write to LUN id {w.lun} at {w.offset} "
                         "is outside the replica")
             return

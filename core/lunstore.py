@@ -125,6 +125,12 @@ class LunStore:
         self.dev.pwrite(data, offset)
         return self._group.issue()
 
+    def discard(self, offset: int, length: int) -> int:
+        """Deallocate (a hole in a file, BLKZEROOUT, zeros on an array): the range reads
+        zeros and frees its space where the device can (issue 18); a counter as pwrite."""
+        self.dev.discard(offset, length)
+        return self._group.issue()
+
     def pread(self, offset: int, length: int) -> bytes:
         return self.dev.pread(length, offset)
 

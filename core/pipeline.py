@@ -60,6 +60,7 @@ class Backend(Protocol):
 
     def check_range(self, offset: int, length: int) -> bool: ...
     def pwrite(self, offset: int, data: bytes | memoryview) -> int: ...
+    def discard(self, offset: int, length: int) -> int: ...
     def pread(self, offset: int, length: int) -> bytes: ...
     def request_sync(self, force: bool = False) -> None: ...
 
@@ -119,6 +120,8 @@ class LunPipeline(Generic[B]):
     resync_last: int = 0  # last rseq received on ``resync_link``
     writes: int = 0
     bytes_written: int = 0
+    discards: int = 0
+    bytes_discarded: int = 0
     last_end: int = 0  # end offset of the previous Edge write (sequential detection)
 
     @classmethod
@@ -157,11 +160,16 @@ class LunPipeline(Generic[B]):
         """Write to the backend unless it has it (a resend); may raise ``OSError``."""
         if w.seq <= self.applied_seq:
             return False
-        counter = self.store.pwrite(w.offset, w.data)
+        if w.flags & WriteFlags.DISCARD:
+            counter = self.store.discard(w.offset, w.extent)
+            self.discards += 1
+            self.bytes_discarded += w.extent
+        else:
+            counter = self.store.pwrite(w.offset, w.data)
+            self.writes += 1
+            self.bytes_written += len(w.data)
         self.applied_seq = w.seq
         self.issued.append((counter, w.seq))
-        self.writes += 1
-        self.bytes_written += len(w.data)
         self.store.request_sync()
         return True
 
@@ -216,7 +224,7 @@ class LunPipeline(Generic[B]):
 
     def queue_copy(self, lun: int, w: Write) -> Write:
         """The copy of ``w`` for the secondary, queued until it acknowledges it."""
-        flags = WriteFlags.MIRROR | (w.flags & WriteFlags.FUA)
+        flags = WriteFlags.MIRROR | (w.flags & (WriteFlags.FUA | WriteFlags.DISCARD))
         if self.mirror_hole:
             flags |= WriteFlags.HOLE_RESYNCED
             self.mirror_hole = False

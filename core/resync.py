@@ -23,10 +23,11 @@ from typing import Any, Protocol
 from core.pipeline import LunPipe
 from core.ports import Engine, Port
 from core.replication import Event, Role
-from steelfusion.wire import Ack, Control, Message, Write, WriteFlags
+from steelfusion.wire import Ack, Control, Message, Write, WriteFlags, discard_data
 
 RESYNC_STREAM = 2**64 - 1  # acks of resync payloads travel on this stream id
 RESYNC_CHUNK = 128 * 1024  # seed: initial synchronization payloads are 128 KB
+_ZEROS = bytes(RESYNC_CHUNK)  # a resync chunk that reads as this goes as a DISCARD
 RESYNC_WINDOW = 16 << 20
 
 
@@ -67,6 +68,7 @@ class ResyncEngine(Engine, Protocol):
 
 
 # -- primary ----------------------------------------------------------------------------
+
 def start(core: ResyncEngine) -> None:
     """Queue every dirty region of the journal and tell the secondary (effect START_RESYNC)."""
     j = core.journal
@@ -154,8 +156,13 @@ def _send_region(lun: int, p: LunPipe, link: Port, r: int, rb: int) -> None:
     for off in range(base, end, RESYNC_CHUNK):
         n = min(RESYNC_CHUNK, end - off)
         p.rseq += 1
-        frames.append(Write(lun, WriteFlags.RESYNC, RESYNC_STREAM, p.rseq, off,
-                            p.store.pread(off, n), p.rseq_prev))
+        data = p.store.pread(off, n)
+        if data == _ZEROS[:n]:  # deallocated (or zeros): the peer punches it, frees space
+            frames.append(Write(lun, WriteFlags.RESYNC | WriteFlags.DISCARD, RESYNC_STREAM,
+                                p.rseq, off, discard_data(n), p.rseq_prev))
+        else:
+            frames.append(Write(lun, WriteFlags.RESYNC, RESYNC_STREAM, p.rseq, off, data,
+                                p.rseq_prev))
         p.rseq_prev = p.rseq
         p.resync_inflight.append((p.rseq, r, off + n >= end, n))
         p.resync_bytes += n
@@ -220,16 +227,20 @@ def take_frame(core: ResyncEngine, link: Port, p: LunPipe, w: Write) -> None:
         core._refuse_gap(link, w.lun, p, w, "resync")
         return
     p.resync_last = w.seq
-    counter = p.store.pwrite(w.offset, w.data)
+    if w.flags & WriteFlags.DISCARD:  # a region that reads zeros on the primary
+        counter = p.store.discard(w.offset, w.extent)
+        p.bytes_discarded += w.extent
+    else:
+        counter = p.store.pwrite(w.offset, w.data)
+        p.bytes_written += len(w.data)
     p.resync_issued.append((counter, w.seq, link))
-    p.bytes_written += len(w.data)
     p.store.request_sync()
 
 
 def newer(p: LunPipe, w: Write) -> bool:
     """Does every region ``w`` touches hold resync data at least as new as ``w``?"""
     rb = p.resync_rb
-    first, last = w.offset // rb, (w.offset + len(w.data) - 1) // rb
+    first, last = w.offset // rb, (w.offset + w.extent - 1) // rb
     return all(p.resync_floor.get(r, 0) >= w.seq for r in range(first, last + 1))
 
 

@@ -9,16 +9,14 @@ standalone target (``python -m edge.target``).
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import os
 import stat
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
-from steelfusion.fileio import pread_full, pwrite_all
+from steelfusion.fileio import deallocate, pread_full, pwrite_all
 
 NAA_COMPANY_ID = 0x0A5F1D
 """24-bit IEEE company id placed in our NAA-6 designators (SPC-4 §7.8.6.6.4).
@@ -52,15 +50,19 @@ class BlockBackend(Protocol):
 
 @runtime_checkable
 class ThinBackend(Protocol):
-    """Optional thin-provisioning hooks (SBC-3 §4.7).  ``edge.scsi`` uses them
-    when a backend has them and emulates them otherwise (zeros for unmap,
-    zero-detection for status), so a plain :class:`BlockBackend` works too.
-
-    ``unmap`` deallocates; afterwards the range must read as zeros (LBPRZ).
-    ``lba_status`` returns ``(offset, length, mapped)`` extents covering at
-    least the first byte asked for, in order."""
+    """Optional thin-provisioning hook (SBC-3 §4.7): ``edge.scsi`` uses it when a backend
+    has it and emulates it otherwise (zeros written over what is not zero), so a plain
+    :class:`BlockBackend` works too. ``unmap`` deallocates; afterwards the range must read
+    as zeros (LBPRZ). The Edge's LUNs ship it to the Cores as a discard (issue 18)."""
 
     async def unmap(self, offset: int, length: int) -> None: ...
+
+
+@runtime_checkable
+class LbaStatusBackend(Protocol):
+    """Optional: what is allocated, for GET LBA STATUS (emulated by zero-detection when a
+    backend lacks it). ``lba_status`` returns ``(offset, length, mapped)`` extents covering
+    at least the first byte asked for, in order."""
 
     async def lba_status(self, offset: int, length: int) -> list[tuple[int, int, bool]]: ...
 
@@ -88,24 +90,6 @@ def make_naa(name: str) -> bytes:
 def make_serial(name: str) -> str:
     """A printable unit serial number (VPD 0x80) derived from ``name``."""
     return "SF" + hashlib.sha256(name.encode()).hexdigest()[:16].upper()
-
-
-_FALLOC_KEEP_SIZE = 0x01
-_FALLOC_PUNCH_HOLE = 0x02
-
-
-def _load_fallocate() -> object | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.fallocate64
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_fallocate: Any = _load_fallocate()
 
 
 class FileBackend:
@@ -168,23 +152,8 @@ class FileBackend:
         await asyncio.to_thread(os.fdatasync, self._fd)
 
     def _punch(self, offset: int, length: int) -> None:
-        """Deallocate with FALLOC_FL_PUNCH_HOLE (partial blocks are zeroed);
-        where that is not available (block devices, some filesystems), write
-        zeros."""
-        if not self._is_blk and _fallocate is not None:
-            r = _fallocate(self._fd, _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE,
-                           ctypes.c_int64(offset), ctypes.c_int64(length))
-            if r == 0:
-                return
-            err = ctypes.get_errno()
-            if err not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise OSError(err, os.strerror(err))
-        zeros = bytes(min(length, 1 << 20))
-        end = offset + length
-        while offset < end:
-            n = min(len(zeros), end - offset)
-            self._pwrite(offset, memoryview(zeros)[:n])
-            offset += n
+        """Deallocate (a hole in a file, BLKZEROOUT on a block device, else zeros)."""
+        deallocate(self._fd, offset, length)
 
     async def unmap(self, offset: int, length: int) -> None:
         """UNMAP / WRITE SAME with UNMAP: punch a hole (SBC-3 §4.7.3.4)."""

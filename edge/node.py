@@ -90,6 +90,11 @@ class EdgeLun:
         self.reads += 1
         return cache.read(offset, length)
 
+    async def unmap(self, offset: int, length: int) -> None:
+        """UNMAP / WRITE SAME with UNMAP (edge.backends.ThinBackend): one log record, shipped
+        to the Cores as a discard they punch out of their LUNs (issue 18); reads zeros now."""
+        self.bs.discard(self.lun_id, offset, length)
+
     async def flush(self) -> None:
         await self.bs.flush()
 

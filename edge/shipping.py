@@ -32,6 +32,8 @@ class Rec(Protocol):
     def offset(self) -> int: ...
     @property
     def length(self) -> int: ...
+    @property
+    def discard(self) -> int: ...  # a discard's range (length 0): shipped alone, never coalesced
 
 
 @dataclass(slots=True)
@@ -87,9 +89,9 @@ class Shipper:
             recs = [rec]
             n = rec.length
             last = rec
-            while q:
+            while q and not rec.discard:
                 nxt = q[0]
-                if (nxt.lun != lun or nxt.offset != last.offset + last.length
+                if (nxt.lun != lun or nxt.offset != last.offset + last.length or nxt.discard
                         or n + nxt.length > self.coalesce_bytes or nxt.seq <= floor):
                     break
                 last = q.popleft()

@@ -37,6 +37,8 @@ from steelfusion.wire import (
     ReadStatus,
     Refuse,
     Welcome,
+    WriteFlags,
+    discard_data,
     encode_write,
 )
 from steelfusion.wire import Read as ReadMsg
@@ -296,6 +298,11 @@ class CoreUplink:
         stream = self.bs.stream
         bufs: list[bytes | memoryview] = []  # encoded frames, data not copied
         for f in frames:
+            first = f.recs[0]
+            if first.discard:  # alone in its frame (Shipper)
+                bufs.extend(encode_write(f.lun, WriteFlags.DISCARD, stream, f.seq, f.offset,
+                                         [discard_data(first.discard)], f.prev))
+                continue
             bufs.extend(encode_write(f.lun, 0, stream, f.seq, f.offset,
                                      [data_of(r) for r in f.recs], f.prev))  # type: ignore[arg-type]
         link.send_frames(bufs)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from steelfusion.fileio import pread_full, pwrite_all, pwritev_all
+from steelfusion.fileio import deallocate, pread_full, pwrite_all, pwritev_all
 
 ISCSI_SCHEME = "iscsi://"
 
@@ -48,6 +48,9 @@ class Device(Protocol):
         """Whole 512-byte sectors at a sector offset (a SAN LUN takes nothing else)."""
 
     def pwritev(self, bufs: Sequence[bytes | memoryview], offset: int) -> None: ...
+
+    def discard(self, offset: int, length: int) -> None:
+        """The range reads zeros from now on, its space freed where the device can."""
 
     def sync(self) -> None: ...
 
@@ -83,6 +86,9 @@ class FileDevice:
 
     def pwritev(self, bufs: Sequence[bytes | memoryview], offset: int) -> None:
         pwritev_all(self.fd, bufs, offset)
+
+    def discard(self, offset: int, length: int) -> None:
+        deallocate(self.fd, offset, length)
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

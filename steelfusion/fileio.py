@@ -9,9 +9,15 @@ syscall), for the Edge's write log and cache.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import fcntl
 import os
+import stat
+import struct
 from collections.abc import Sequence
+from typing import Any
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
@@ -72,3 +78,58 @@ def pwritev_all(fd: int, bufs: Sequence[bytes | memoryview], pos: int) -> None:
             i += 1
         bufs = [memoryview(bufs[i])[n:], *bufs[i + 1:]]
         i = 0
+
+
+_FALLOC_KEEP_SIZE = 0x01
+_FALLOC_PUNCH_HOLE = 0x02
+_BLKZEROOUT = 0x127F  # _IO(0x12, 127): zero a range of a block device (linux/fs.h)
+_NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTTY)
+ZERO_CHUNK = 1 << 20
+
+
+def _load_fallocate() -> Any:
+    """libc's fallocate64 (Python's os.posix_fallocate cannot punch holes)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.fallocate64
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_fallocate: Any = _load_fallocate()
+
+
+def deallocate(fd: int, offset: int, length: int) -> str:
+    """Make ``length`` bytes at ``offset`` read as zeros, freeing their space where the file
+    or device can (SBC-3 §4.7.3.4, LBPRZ). A file gets a hole (FALLOC_FL_PUNCH_HOLE, partial
+    blocks zeroed); a block device BLKZEROOUT (the kernel unmaps where the device can);
+    otherwise zeros are written. Returns how: ``punched``, ``zeroed-out`` or ``written``."""
+    if stat.S_ISBLK(os.fstat(fd).st_mode):
+        try:
+            fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("=QQ", offset, length))
+            return "zeroed-out"
+        except OSError as e:
+            if e.errno not in _NOT_SUPPORTED:
+                raise
+    elif _fallocate is not None:
+        if _fallocate(fd, _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE, offset, length) == 0:
+            return "punched"
+        err = ctypes.get_errno()
+        if err not in _NOT_SUPPORTED:
+            raise OSError(err, f"punching a hole at {offset}+{length}: {os.strerror(err)}")
+    write_zeros(lambda data, off: pwrite_all(fd, data, off), offset, length)
+    return "written"
+
+
+def write_zeros(pwrite: Any, offset: int, length: int) -> None:
+    """``pwrite(data, offset)`` zeros over the range, a MiB at a time."""
+    zeros = memoryview(bytes(min(length, ZERO_CHUNK)))
+    end = offset + length
+    while offset < end:
+        n = min(len(zeros), end - offset)
+        pwrite(zeros[:n], offset)
+        offset += n
+

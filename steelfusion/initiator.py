@@ -124,9 +124,10 @@ def qemu_bench(url: str, *, write: bool, block: int, depth: int, count: int,
 
 def qemu_io(url: str, commands: list[str], timeout: float = 120,
             netns: str | None = None) -> str:
-    """Run ``qemu-io`` commands (``write -P 0x5a 0 64k``, ``read -P 0x5a 0 64k``) against
-    the LUN at ``url``; returns its output. A pattern mismatch on read is an error."""
-    cmd = [need("qemu-io"), "-f", "raw", "-t", "none"]
+    """Run ``qemu-io`` commands (``write -P 0x5a 0 64k``, ``read -P 0x5a 0 64k``,
+    ``discard 0 1M``: sent as UNMAP) against the LUN at ``url``; returns its output. A
+    pattern mismatch on read is an error."""
+    cmd = [need("qemu-io"), "-f", "raw", "-t", "none", "-d", "unmap"]
     for c in commands:
         cmd += ["-c", c]
     cmd.append(url)

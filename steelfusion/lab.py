@@ -739,8 +739,10 @@ class Lab(WanLinks):
             if down:
                 raise LabError(f"{', '.join(down)} not running: nothing can commit its writes; "
                                f"`steelfusion lab start {down[0]} --workdir {self.dir}` first")
-            pending = {e["name"]: e["uncommitted_bytes"] for e in mine}
-            if all(v == 0 for v in pending.values()):
+            # writes, not only bytes: a discard is an uncommitted write of no bytes
+            pending = {e["name"]: (e["uncommitted_bytes"], (e.get("blockstore") or {}).get(
+                "uncommitted_writes", 0)) for e in mine}
+            if all(v == (0, 0) for v in pending.values()):
                 return time.monotonic() - t0
             if time.monotonic() - t0 > timeout:
                 raise LabError(f"still uncommitted after {timeout:.0f}s: {pending}")

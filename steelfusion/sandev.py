@@ -47,6 +47,7 @@ from typing import Any, TypeVar
 
 from steelfusion import log
 from steelfusion.fence import Fenced, PrUnsupported
+from steelfusion.fileio import write_zeros
 from steelfusion.iscsi.client import CheckCondition, IscsiClient, IscsiError, ReservationConflict
 
 T = TypeVar("T")
@@ -245,6 +246,11 @@ class IscsiDevice:
 
     def pwritev(self, bufs: Sequence[bytes | memoryview], offset: int) -> None:
         self.pwrite(b"".join(bufs), offset)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Zeros written over the range: correct (LBPRZ) on any array, though it frees no
+        space there yet (UNMAP to the array is left for later, issue 18)."""
+        write_zeros(self.pwrite, offset, length)
 
     def sync(self) -> None:
         self._reap(wait=True)

@@ -344,6 +344,7 @@ class Rec:
     offset: int
     length: int
     data: bytes
+    discard: int = 0
 
 
 class SimEdge:

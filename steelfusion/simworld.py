@@ -135,6 +135,10 @@ class SimDisk:
         self.pending.append((self.written, offset, b))
         return self.written
 
+    def discard(self, offset: int, length: int) -> int:
+        """Deallocated: reads zeros (as a hole punched in a LUN file)."""
+        return self.pwrite(offset, bytes(length))
+
     def pread(self, offset: int, length: int) -> bytes:
         return bytes(self.image[offset:offset + length])
 

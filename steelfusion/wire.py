@@ -88,6 +88,9 @@ class WriteFlags(enum.IntFlag):
     # (mirror) the primary journaled writes before this one instead of mirroring them
     # (suspended): the hole in front of it is being filled by a resync, not by a resend
     HOLE_RESYNCED = 8
+    # the host deallocated the range (UNMAP, WRITE SAME with UNMAP): the data is the range's
+    # length (uint64); applied as a hole punch, reads zeros after (LBPRZ; issue 18)
+    DISCARD = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +194,21 @@ class Write:
 
     def fixed(self) -> tuple[int, int, int, int, int, int]:
         return (self.lun, self.flags, self.stream, self.seq, self.offset, self.prev)
+
+    @property
+    def extent(self) -> int:
+        """Bytes of the LUN this write covers: its data's length, or a discard's range."""
+        if self.flags & WriteFlags.DISCARD:
+            return int.from_bytes(self.data, "big")
+        return len(self.data)
+
+
+DISCARD_LEN = struct.Struct(">Q")
+
+
+def discard_data(length: int) -> bytes:
+    """A DISCARD write's data: the length of the range deallocated."""
+    return DISCARD_LEN.pack(length)
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,6 +414,10 @@ def decode_payload(mtype: int, payload: memoryview) -> Message:
             if not rest:
                 raise WireError("WRITE with no data")
             lun, flags, stream, seq, offset, prev = fixed
+            if flags & WriteFlags.DISCARD and (len(rest) != DISCARD_LEN.size
+                                               or not int.from_bytes(rest, "big")):
+                raise WireError(f"DISCARD write with {len(rest)} data bytes (want a nonzero "
+                                f"uint64 length)")
             return Write(lun, flags, stream, seq, offset, rest, prev)
         if t is MsgType.READ_REPLY:
             req, status = fixed

@@ -357,3 +357,37 @@ def test_a_killed_edge_replays_what_was_uncommitted_not_every_record(
     else:
         assert resent == 112 * MiB - wal.SEG_BYTES
     bs2.close()
+
+
+def test_a_discard_is_one_record_reads_zeros_and_replays(tmp_path: Path) -> None:
+    """Issue 18: UNMAP of 8 MiB is one log record with no data: the reserve does not move,
+    the cache reads zeros there at once (no fill from the Core may bring old data back),
+    and after a crash the record replays (the cache punched again, the discard resent).
+    It ships alone in its frame, never coalesced with the writes around it."""
+    from edge.shipping import Shipper
+
+    luns = {1: 16 * MiB}
+    bs = Blockstore(tmp_path, luns, 1 << 30, region_bytes=64 * KiB)
+    w1 = bs.append(1, 0, b"a" * (64 * KiB))
+    d = bs.discard(1, 32 * KiB, 8 * MiB)
+    w2 = bs.append(1, 8 * MiB + 32 * KiB, b"b" * 4096)  # right after the discarded range
+    bs.drain()
+    assert (d.length, d.discard, bs.uncommitted_bytes) == (0, 8 * MiB, 64 * KiB + 4096)
+    cache = bs.caches[1]
+    assert cache.read(0, 64 * KiB) == b"a" * (32 * KiB) + bytes(32 * KiB)
+    assert cache.missing(64 * KiB, 8 * MiB - 32 * KiB) == []  # local: never fetched
+    ship = Shipper(window_bytes=1 << 30)
+    ship.reset(bs.uncommitted(), bs.committed_seq)
+    frames = ship.next_frames(bs.committed_seq)
+    assert [[r.seq for r in f.recs] for f in frames] == [[w1.seq], [d.seq], [w2.seq]]
+    assert [f.nbytes for f in frames] == [64 * KiB, 0, 4096]
+    _crash(bs)
+    bs2 = Blockstore(tmp_path, luns, 1 << 30, region_bytes=64 * KiB)
+    again = bs2.uncommitted()
+    assert [(r.seq, r.offset, r.length, r.discard) for r in again] == [
+        (w1.seq, 0, 64 * KiB, 0), (d.seq, 32 * KiB, 0, 8 * MiB), (w2.seq, 8 * MiB + 32 * KiB,
+                                                                  4096, 0)]
+    assert bs2.caches[1].read(0, 64 * KiB) == b"a" * (32 * KiB) + bytes(32 * KiB)
+    bs2.commit(1, w2.seq)
+    assert bs2.uncommitted() == [] and bs2.uncommitted_bytes == 0
+    bs2.close()

@@ -28,6 +28,9 @@ from steelfusion.wire import (
     Welcome,
     WireError,
     Write,
+    WriteFlags,
+    decode_payload,
+    discard_data,
     encode_bytes,
 )
 
@@ -38,6 +41,7 @@ SAMPLES = [
     Control({"event": "role", "role": "primary", "epoch": 5}),
     Write(1, 1, 2**63 + 5, 2**64 - 1, 4096, b"\xab" * 4096, 2**64 - 2),
     Write(2**32 - 1, 0, 0, 1, 0, b"x"),
+    Write(1, WriteFlags.DISCARD | WriteFlags.MIRROR, 7, 9, 1 << 20, discard_data(1 << 40), 8),
     Ack(3, 77, 2**64 - 1),
     Read(2**64 - 1, 5, 1 << 40, 65536),
     ReadReply(9, 0, b"data" * 100),
@@ -420,3 +424,15 @@ def test_write_prev_is_part_of_the_frame() -> None:
     assert Write(1, 0, 7, 12, 0, b"x", 9) != Write(1, 0, 7, 12, 0, b"x", 8)
     raw = b"".join(bytes(b) for b in encode_write(1, 0, 7, 12, 0, [b"x"], 9))
     assert raw == encode_bytes(Write(1, 0, 7, 12, 0, b"x", 9))
+
+
+def test_a_discard_is_a_write_whose_data_is_the_range_length() -> None:
+    """Issue 18: a DISCARD covers ``extent`` bytes of the LUN with 8 bytes on the wire; any
+    other data length, or a zero length, is malformed (one error, the link's to answer)."""
+    w = Write(1, WriteFlags.DISCARD, 7, 9, 4096, discard_data(32 << 20), 8)
+    assert w.extent == 32 << 20 and len(w.data) == 8
+    assert Write(1, 0, 7, 9, 4096, b"x" * 4096).extent == 4096
+    fixed = Write.FIXED.pack(1, WriteFlags.DISCARD, 7, 9, 4096, 8)
+    for bad in (b"\0" * 4, b"\0" * 8, b"\1" * 9):
+        with pytest.raises(WireError, match="DISCARD"):
+            decode_payload(int(MsgType.WRITE), memoryview(fixed + bad))

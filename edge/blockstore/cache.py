@@ -22,7 +22,7 @@ import numpy as np
 
 from steelfusion import log
 from steelfusion.atomic import atomic_write
-from steelfusion.fileio import pread_full, pwrite_all, pwritev_all
+from steelfusion.fileio import deallocate, pread_full, pwrite_all, pwritev_all
 from steelfusion.wire import crc32c
 
 _log = log.get("blockstore")
@@ -98,6 +98,15 @@ class RegionCache:
             self.drain_hook()
         pwrite_all(self.fd, data, offset)
         self.mark(offset, len(data))
+
+    def discard(self, offset: int, length: int) -> None:
+        """The host deallocated the range: it reads zeros here from now on (a hole punched
+        in the cache file, after whatever is queued), and no fill from the Core, which may
+        not have the discard yet, goes over it."""
+        if self._q:
+            self.drain_hook()
+        deallocate(self.fd, offset, length)
+        self.mark(offset, length)
 
     def queue_write(self, offset: int, data: bytes | memoryview) -> None:
         """Mark now, write at the next drain; ``data`` must not change until then."""

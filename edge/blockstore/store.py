@@ -31,7 +31,7 @@ import numpy as np
 
 from edge.blockstore.cache import SECTOR, RegionCache
 from edge.blockstore.reserve import WriteReserve
-from edge.blockstore.wal import BlockstoreError, Data, Record, WriteLog
+from edge.blockstore.wal import FLAG_DISCARD, BlockstoreError, Data, Record, WriteLog
 from steelfusion import log, statefile
 from steelfusion.atomic import atomic_write
 
@@ -123,6 +123,8 @@ class Blockstore:
         self.gseq = 0
         self.writes = 0
         self.bytes_written = 0
+        self.discards = 0
+        self.bytes_discarded = 0
         self.on_append: Callable[[Record], None] | None = None
         self._queued_writes = 0
         self._queued_bytes = 0
@@ -240,7 +242,10 @@ class Blockstore:
             if rec.seq <= committed[rec.lun]:
                 skipped += 1
                 continue
-            cache.write(rec.offset, data)
+            if rec.discard:
+                cache.discard(rec.offset, rec.discard)
+            else:
+                cache.write(rec.offset, data)
             self._track(rec, data)
         if stranded:
             # Acknowledged to a host and not yet on the Core: dropping them would lose data
@@ -299,25 +304,56 @@ class Blockstore:
             self.write_caches()
         n = len(data)
         kept = data if isinstance(data, bytes) else _keep(data)
-        cache = self.caches[lun]
+        seq = self._next(lun)
+        seg, pos = self.log.append(self.gseq, lun, seq, offset, kept)
+        self.caches[lun].queue_write(offset, kept)
+        rec = Record(self.gseq, lun, seq, offset, n, seg, pos, None)
+        self._track(rec, kept)
+        self.writes += 1
+        self.bytes_written += n
+        self._appended(rec, n)
+        return rec
+
+    def discard(self, lun: int, offset: int, length: int) -> Record:
+        """Queue a host's deallocation (UNMAP) for the log; the cache reads zeros there now.
+
+        One record with no data however long the range (a mkfs discards a whole LUN): it
+        takes no room in the reserve and ships as a DISCARD write, which the Cores apply as
+        a hole punch (issue 18). Acknowledgeable after :meth:`drain`, as a write.
+        """
+        if self.failed is not None:
+            raise self._failed_error()
+        seq = self._next(lun)
+        seg, pos = self.log.append(self.gseq, lun, seq, offset, length.to_bytes(8, "big"),
+                                   FLAG_DISCARD)
+        rec = Record(self.gseq, lun, seq, offset, 0, seg, pos, None, length)
+        self._track(rec, b"")
+        self.discards += 1
+        self.bytes_discarded += length
+        self._appended(rec, 0)
+        try:
+            self.caches[lun].discard(offset, length)  # drains the log and the caches first
+        except OSError as e:
+            self._fail(e, "cache")
+            raise self._failed_error() from e
+        return rec
+
+    def _next(self, lun: int) -> int:
+        """The next seq of ``lun`` (leases renewed ahead) and the next gseq."""
         seq = self.next_seq[lun]
         self.next_seq[lun] = seq + 1
         if seq + 1 >= self.lease.get(lun, 0):
             self._renew_leases()
         self.gseq += 1
-        seg, pos = self.log.append(self.gseq, lun, seq, offset, kept)
-        cache.queue_write(offset, kept)
-        rec = Record(self.gseq, lun, seq, offset, n, seg, pos, None)
-        self._track(rec, kept)
-        self.writes += 1
-        self.bytes_written += n
+        return seq
+
+    def _appended(self, rec: Record, n: int) -> None:
         if not self._queued_writes and not self._drain_scheduled:
             self._schedule_drain()
         self._queued_writes += 1
         self._queued_bytes += n
         if self.on_append is not None:
             self.on_append(rec)
-        return rec
 
     @property
     def pending_writes(self) -> int:
@@ -419,9 +455,10 @@ class Blockstore:
             return 0
         if seq > self.committed_seq.get(lun, 0):
             self.committed_seq[lun] = seq
-        freed = 0
+        freed = popped = 0
         while q and q[0].seq <= seq:
             rec = q.popleft()
+            popped += 1
             freed += rec.length
             if rec.data is not None:
                 self.mem_bytes -= rec.length
@@ -429,6 +466,7 @@ class Blockstore:
             self.log.release(rec.seg)
         if freed:
             self.room.free(freed)
+        if popped:
             self._unmarked[lun] += freed
             if (not q or self._unmarked[lun] >= MARK_BYTES) and self.failed is None:
                 self._mark(lun)
@@ -490,7 +528,8 @@ class Blockstore:
             "uncommitted_writes": sum(len(q) for q in self.pending.values()),
             "pending_writes": self._queued_writes,
             "writers_waiting": self.room.waiting, "writes": self.writes,
-            "bytes_written": self.bytes_written,
+            "bytes_written": self.bytes_written, "discards": self.discards,
+            "bytes_discarded": self.bytes_discarded,
             "segments": len(self.log.fds), "spare_segments": len(self.log.spares),
             "corrupt": list(self.log.corrupt),
             "failed": str(self.failed) if self.failed is not None else None,

@@ -21,7 +21,8 @@ corrupt. A new file is preallocated, so a zeroed tail is normal.
 
 Version 3 (this build writes it) adds the COMMIT mark (``flags`` bit 1,
 length 0, ``seq`` = the LUN's newest seq the Core has, ``gseq`` = the last
-write's): written now and then as the Core acknowledges, never synced on its
+write's) and the DISCARD record (``flags`` bit 2, data = the uint64 length
+of the range the host deallocated: UNMAP, WRITE SAME with UNMAP): written now and then as the Core acknowledges, never synced on its
 own (it rides with the next appends' writes), so that after the Edge is
 killed replay resends what was uncommitted, not every record since the last
 retired segment (issue 18). A lost mark only means more is resent. Versions
@@ -64,6 +65,7 @@ REC_VERSION = 3
 REC_VERSIONS_READ = (1, 2, 3)
 FLAG_SEAL = 1
 FLAG_COMMIT = 2
+FLAG_DISCARD = 4  # (version 3) the host deallocated [offset, offset + the uint64 data)
 SEG_BYTES = 64 << 20
 SPARES_MAX = 2
 
@@ -86,6 +88,7 @@ class Record:
     seg: int
     pos: int  # offset of the data in the segment file
     data: Data | None
+    discard: int = 0  # a discard: the range's length (``length`` is 0, no data to ship)
 
 
 class _Replayed(NamedTuple):
@@ -242,6 +245,10 @@ class WriteLog:
                 prev_gseq = gseq
                 if version >= 3 and flags & FLAG_COMMIT:
                     self.marks[lun] = max(self.marks.get(lun, 0), seq)
+                    continue
+                if version >= 3 and flags & FLAG_DISCARD:
+                    out.append((Record(gseq, lun, seq, offset, 0, seg, pos, None,
+                                       int.from_bytes(data, "big")), b""))
                     continue
                 out.append((Record(gseq, lun, seq, offset, length, seg, pos - length, None),
                             data))

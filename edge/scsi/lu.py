@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from edge.aio import RangeLock
-from edge.backends import BackendNotReady, BlockBackend, ThinBackend
+from edge.backends import BackendNotReady, BlockBackend, LbaStatusBackend, ThinBackend
 from edge.scsi.cdb import FAST10, FAST16, Op, allocation, u16
 from edge.scsi.commands import build_table, supported
 from edge.scsi.pages import (
@@ -129,6 +129,8 @@ class LogicalUnit:
         self._write_now = direct.write_now if direct is not None else None
         self.cancel_safe = isinstance(backend, CancelSafeBackend) and bool(backend.cancel_safe)
         self.thin_io: ThinBackend | None = backend if isinstance(backend, ThinBackend) else None
+        self.lba_io: LbaStatusBackend | None = (backend if isinstance(backend, LbaStatusBackend)
+                                                else None)
         """Native unmap / lba_status, when the backend has them (else emulated)."""
         self.block_size = bs = backend.block_size
         self.blocks = backend.size_bytes // bs

@@ -10,7 +10,7 @@ exclusive :class:`edge.aio.RangeLock` on their range (SBC-3 §5.3, SBC-4
 §4.29); plain writes a shared one.
 
 Backends need only ``read``/``write``/``flush``.  ``unmap`` and
-``lba_status`` (:class:`edge.backends.ThinBackend`) are used when present
+``lba_status`` (:class:`edge.backends.ThinBackend`, ``LbaStatusBackend``) are used when present
 and emulated otherwise: zeros are written, which is what LBPRZ=1 promises,
 and a block reads as deallocated when it is all zeros.
 """
@@ -439,7 +439,7 @@ async def get_lba_status(lu: Unit, cdb: bytes, data: Buffer,
     if lba >= lu.blocks:
         raise lba_out_of_range()
     bs = lu.block_size
-    scan = GET_LBA_STATUS_NATIVE_SCAN_BYTES if lu.thin_io is not None \
+    scan = GET_LBA_STATUS_NATIVE_SCAN_BYTES if lu.lba_io is not None \
         else GET_LBA_STATUS_SCAN_BYTES
     span = min(lu.blocks - lba, max(1, scan // bs))
     extents = await _lba_extents(lu, lba, span)
@@ -452,8 +452,8 @@ async def get_lba_status(lu: Unit, cdb: bytes, data: Buffer,
 
 async def _lba_extents(lu: Unit, lba: int, blocks: int) -> list[tuple[int, int, bool]]:
     bs = lu.block_size
-    if lu.thin_io is not None:
-        got = await lu.thin_io.lba_status(lba * bs, blocks * bs)
+    if lu.lba_io is not None:
+        got = await lu.lba_io.lba_status(lba * bs, blocks * bs)
         return _merge([(o // bs, max(1, n // bs), m) for o, n, m in got])
     raw = await lu.backend.read(lba * bs, blocks * bs)
     used = np.asarray(np.frombuffer(memoryview(raw), dtype=np.uint8).reshape(

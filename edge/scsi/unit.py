@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol, Self
 
 from edge.aio import RangeLock
-from edge.backends import BlockBackend, ThinBackend
+from edge.backends import BlockBackend, LbaStatusBackend, ThinBackend
 from edge.scsi.pr import Access, PersistentReservations
 from edge.scsi.sense import Buffer, ScsiResult
 
@@ -82,6 +82,8 @@ class Unit(Protocol):
     def backend(self) -> BlockBackend: ...
     @property
     def thin_io(self) -> ThinBackend | None: ...
+    @property
+    def lba_io(self) -> LbaStatusBackend | None: ...
     @property
     def block_size(self) -> int: ...
     @property
