@@ -26,7 +26,7 @@ from core.replication import State
 from edge.shipping import Shipper
 from steelfusion.config import CoreConfig, LunConfig
 from steelfusion.simworld import BLOCK, LUN_BLOCKS, LUN_BYTES, End, SimDisk, World, connect
-from steelfusion.wire import Ack, Hello, Message, Refuse, Welcome, Write, WriteFlags
+from steelfusion.wire import Ack, Hello, Message, Refuse, Welcome, Write, WriteFlags, discard_data
 from witness.logic import Decision, WitnessLogic
 
 if TYPE_CHECKING:
@@ -337,13 +337,18 @@ class SimCore(CoreEngine):
 
 
 # -- Edge -------------------------------------------------------------------------------
+DISCARD_EVERY = 11
+"""Every this-many-th host write is an UNMAP of its blocks instead (a DISCARD write, issue
+18); chosen by seq, so the seeds' random streams are the same as without discards."""
+
+
 @dataclass(slots=True)
 class Rec:
     lun: int
     seq: int
     offset: int
     length: int
-    data: bytes
+    data: bytes  # a discard's: zeros, what the blocks read after it
     discard: int = 0
 
 
@@ -375,7 +380,10 @@ class SimEdge:
         blk = rng.randrange(0, LUN_BLOCKS - n + 1)
         seq = self.next_seq
         self.next_seq += 1
-        rec = Rec(1, seq, blk * BLOCK, n * BLOCK, bytes([seq % 251 + 1]) * (n * BLOCK))
+        if seq % DISCARD_EVERY == 0:  # the host deallocates instead (UNMAP): reads zeros after
+            rec = Rec(1, seq, blk * BLOCK, n * BLOCK, bytes(n * BLOCK), discard=n * BLOCK)
+        else:
+            rec = Rec(1, seq, blk * BLOCK, n * BLOCK, bytes([seq % 251 + 1]) * (n * BLOCK))
         self.recs.append(rec)
         if self.end is not None and self.end.ctx == "up":
             self.ship.append(rec)
@@ -387,6 +395,10 @@ class SimEdge:
             return
         for f in self.ship.next_frames({1: self.committed}):
             recs: list[Rec] = f.recs  # type: ignore[assignment]
+            if recs[0].discard:  # alone in its frame
+                end.send(Write(1, WriteFlags.DISCARD, self.sim.stream, f.seq, f.offset,
+                               discard_data(recs[0].discard), f.prev))
+                continue
             end.send(Write(1, 0, self.sim.stream, f.seq, f.offset,
                            b"".join(r.data for r in recs), f.prev))
 
