@@ -26,23 +26,12 @@ from enum import IntEnum
 
 import crc32c as _crc32c_mod
 
-from steelfusion.iscsi.commands import PrOut
+from steelfusion.iscsi.commands import PrOut, PrType
 
 _crc32c = _crc32c_mod.crc32c
 
 STATE_FORMAT = "steelfusion-pr"
 STATE_VERSION = 1
-
-
-class PrType(IntEnum):
-    """PERSISTENT RESERVATION TYPE codes (SPC-4 Table 169)."""
-
-    WRITE_EXCLUSIVE = 1
-    EXCLUSIVE_ACCESS = 3
-    WRITE_EXCLUSIVE_REGISTRANTS_ONLY = 5
-    EXCLUSIVE_ACCESS_REGISTRANTS_ONLY = 6
-    WRITE_EXCLUSIVE_ALL_REGISTRANTS = 7
-    EXCLUSIVE_ACCESS_ALL_REGISTRANTS = 8
 
 
 VALID_TYPES = frozenset(int(t) for t in PrType)

@@ -138,7 +138,8 @@ class PrOut(enum.IntEnum):
 
 
 class PrType(enum.IntEnum):
-    """PERSISTENT RESERVATION TYPE codes (SPC-4 Table 169), as an initiator names them."""
+    """PERSISTENT RESERVATION TYPE codes (SPC-4 Table 169): the initiator's and the target's
+    (edge/scsi/pr.py) one list."""
 
     WRITE_EXCLUSIVE = 1
     EXCLUSIVE_ACCESS = 3
