@@ -756,6 +756,8 @@ class CoreEngine:
             self._on_hashes(link, body)
         elif op == "diverged" and self.role == Role.PRIMARY:
             peering.take_diverged(self, link, body)
+        elif op == "map":
+            self._on_map(link, body)
         elif not resync.on_control(self, op, body):  # the primary's resync notices
             _log.info("control_notice", peer=link.peer, body=body)
 
@@ -780,6 +782,24 @@ class CoreEngine:
             self._read_reply(link, r, e)
             return
         link.send(ReadReply(r.req, ReadStatus.OK, data))
+
+    def _on_map(self, link: Port, body: dict[str, Any]) -> None:
+        """An Edge's GET LBA STATUS: what the LUN has allocated over a range (issue 18).
+        Answered with ``map-reply`` (extents, or an error in words)."""
+        reply: dict[str, Any] = {"op": "map-reply", "req": body.get("req")}
+        lun, offset, length = body.get("lun"), body.get("offset"), body.get("length")
+        p = self.pipes.get(lun) if isinstance(lun, int) else None
+        if link.ctx != LinkKind.EDGE or self.role != Role.PRIMARY:
+            reply["error"] = "not the primary"
+        elif p is None or not isinstance(offset, int) or not isinstance(length, int) \
+                or not p.store.check_range(offset, length):
+            reply["error"] = f"no LUN id {lun} range {offset}+{length}"
+        else:
+            try:
+                reply["extents"] = [list(e) for e in p.store.extents(offset, length)]
+            except OSError as e:
+                reply["error"] = str(e)
+        link.send(Control(reply))
 
     def _read_reply(self, link: Port, r: Read, got: bytes | OSError) -> None:
         if isinstance(got, OSError):

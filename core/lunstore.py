@@ -134,6 +134,10 @@ class LunStore:
     def pread(self, offset: int, length: int) -> bytes:
         return self.dev.pread(length, offset)
 
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """What is allocated over the range (an Edge's GET LBA STATUS, issue 18)."""
+        return self.dev.extents(offset, length)
+
     def request_sync(self, force: bool = False) -> None:
         """Start a group commit unless one is running; it loops while writes keep coming.
 

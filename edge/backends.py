@@ -9,14 +9,13 @@ standalone target (``python -m edge.target``).
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import os
 import stat
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from steelfusion.fileio import deallocate, pread_full, pwrite_all
+from steelfusion.fileio import allocation, deallocate, pread_full, pwrite_all
 
 NAA_COMPANY_ID = 0x0A5F1D
 """24-bit IEEE company id placed in our NAA-6 designators (SPC-4 §7.8.6.6.4).
@@ -160,26 +159,7 @@ class FileBackend:
         await asyncio.to_thread(self._punch, offset, length)
 
     def _extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        if self._is_blk:
-            return [(offset, length, True)]
-        end = offset + length
-        out: list[tuple[int, int, bool]] = []
-        pos = offset
-        while pos < end:
-            try:
-                data = os.lseek(self._fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:  # ENXIO: only a hole up to EOF
-                    return [(offset, length, True)]
-                data = end
-            if data > pos:
-                out.append((pos, min(data, end) - pos, False))
-                pos = min(data, end)
-                continue
-            hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
-            out.append((pos, min(hole, end) - pos, True))
-            pos = min(hole, end)
-        return out
+        return allocation(self._fd, offset, length)
 
     async def lba_status(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """Mapped and deallocated extents from SEEK_DATA/SEEK_HOLE (at the

@@ -95,6 +95,20 @@ class EdgeLun:
         to the Cores as a discard they punch out of their LUNs (issue 18); reads zeros now."""
         self.bs.discard(self.lun_id, offset, length)
 
+    async def lba_status(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """GET LBA STATUS from the real allocation (edge.backends.LbaStatusBackend): the
+        primary's (SEEK_DATA/SEEK_HOLE on its LUN), then this Edge's uncommitted writes
+        (mapped) and discards (deallocated) over it in order. Records pending when asked or
+        when answered both count, so a write committed meanwhile is never reported
+        deallocated (that would promise zeros, LBPRZ)."""
+        before = [r for r in self.bs.pending[self.lun_id]]
+        got = await self.uplink.allocation(self.lun_id, offset, length)
+        recs = {r.seq: r for r in (*before, *self.bs.pending[self.lun_id])}
+        spans = [(o, o + n, m) for o, n, m in got]
+        for r in sorted(recs.values(), key=lambda r: r.seq):
+            spans = paint(spans, r.offset, r.offset + (r.discard or r.length), not r.discard)
+        return [(a, b - a, m) for a, b, m in spans if b > a]
+
     async def flush(self) -> None:
         await self.bs.flush()
 
@@ -128,6 +142,31 @@ class EdgeLun:
             raise
         finally:
             del self._fills[r]
+
+
+def paint(spans: list[tuple[int, int, bool]], start: int, end: int,
+          mapped: bool) -> list[tuple[int, int, bool]]:
+    """``(start, end, mapped)`` spans with [start, end) clipped to their range and set to
+    ``mapped``; neighbours with the same state merged."""
+    lo = spans[0][0] if spans else start
+    hi = spans[-1][1] if spans else end
+    start, end = max(start, lo), min(end, hi)
+    if start >= end:
+        return spans
+    out: list[tuple[int, int, bool]] = []
+    for a, b, m in spans:
+        for x, y, mm in ((a, min(b, start), m), (max(a, end), b, m)):
+            if y > x:
+                out.append((x, y, mm))
+    out.append((start, end, mapped))
+    out.sort()
+    merged: list[tuple[int, int, bool]] = []
+    for a, b, m in out:
+        if merged and merged[-1][1] == a and merged[-1][2] == m:
+            merged[-1] = (merged[-1][0], b, m)
+        else:
+            merged.append((a, b, m))
+    return merged
 
 
 class Edge:

@@ -54,6 +54,9 @@ SHIP_GATHER_S = 0.002  # seed: replication payloads are "as large as 512 KB"
 SHIP_GATHER_STEPS = 5  # at most 10 ms from the first unshipped write to its shipping
 
 
+MAP_TIMEOUT = 5.0
+"""Seconds an Edge waits for the primary to say what a LUN has allocated."""
+
 class CoreUplink:
     def __init__(self, cfg: EdgeConfig, bs: Blockstore) -> None:
         self.cfg = cfg
@@ -67,6 +70,7 @@ class CoreUplink:
         self.ship = Shipper(cfg.window_bytes)  # the shipping rules (sans-IO)
         self._kick = asyncio.Event()
         self._reads: dict[int, asyncio.Future[bytes]] = {}
+        self._maps: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._req = itertools.count(1)
         self._tasks: list[asyncio.Task[None]] = []
         self.refusals: dict[str, dict[str, Any]] = {}  # core address -> last refusal
@@ -258,6 +262,10 @@ class CoreUplink:
         elif isinstance(msg, Refuse):
             _log.error("core_closed_connection", code=msg.code, reason=msg.reason)
             link.close(f"refused: {msg.reason}")
+        elif isinstance(msg, Control) and msg.body.get("op") == "map-reply":
+            got = self._maps.pop(msg.body.get("req"), None)  # type: ignore[arg-type]
+            if got is not None and not got.done():
+                got.set_result(msg.body)
         elif isinstance(msg, Control):
             _log.info("core_notice", body=msg.body)
 
@@ -344,6 +352,36 @@ class CoreUplink:
             except TimeoutError:
                 self._reads.pop(req, None)
                 continue
+
+    async def allocation(self, lun: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """The primary's allocation over a range (``(offset, length, mapped)``, issue 18):
+        asked with a ``map`` control message. A Core that does not answer in MAP_TIMEOUT
+        seconds (an older build) is taken as all mapped, which promises nothing wrong."""
+        link = self.link
+        if link is None:
+            raise BackendNotReady("no primary Core connected to ask what is allocated")
+        req = next(self._req)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self._maps[req] = fut
+        link.send(Control({"op": "map", "req": req, "lun": lun, "offset": offset,
+                           "length": length}))
+        # a timer, not asyncio.timeout: SCSI handlers may run outside a task (edge.aio)
+        def give_up() -> None:
+            if not fut.done():
+                fut.set_result({})
+        timer = loop.call_later(MAP_TIMEOUT, give_up)
+        try:
+            body = await fut
+        finally:
+            timer.cancel()
+            self._maps.pop(req, None)
+        if not body:
+            _log.warning("core_map_unanswered", lun=lun, core=self.primary_name)
+            return [(offset, length, True)]
+        if "error" in body:
+            raise BackendNotReady(f"the Core could not say what is allocated: {body['error']}")
+        return [(int(o), int(n), bool(m)) for o, n, m in body["extents"]]
 
     def alarms(self) -> list[dict[str, Any]]:
         """What an operator must hear of: no primary for a while, a task that died,

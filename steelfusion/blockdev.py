@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from steelfusion.fileio import deallocate, pread_full, pwrite_all, pwritev_all
+from steelfusion.fileio import allocation, deallocate, pread_full, pwrite_all, pwritev_all
 
 ISCSI_SCHEME = "iscsi://"
 
@@ -51,6 +51,9 @@ class Device(Protocol):
 
     def discard(self, offset: int, length: int) -> None:
         """The range reads zeros from now on, its space freed where the device can."""
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """``(offset, length, mapped)`` over the range: what is allocated (GET LBA STATUS)."""
 
     def sync(self) -> None: ...
 
@@ -89,6 +92,9 @@ class FileDevice:
 
     def discard(self, offset: int, length: int) -> None:
         deallocate(self.fd, offset, length)
+
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        return allocation(self.fd, offset, length)
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

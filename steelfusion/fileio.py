@@ -133,3 +133,29 @@ def write_zeros(pwrite: Any, offset: int, length: int) -> None:
         pwrite(zeros[:n], offset)
         offset += n
 
+
+def allocation(fd: int, offset: int, length: int) -> list[tuple[int, int, bool]]:
+    """``(offset, length, mapped)`` extents covering the range, from SEEK_DATA/SEEK_HOLE
+    (GET LBA STATUS, SBC-3 §5.6). A block device, or a file system that cannot say, is all
+    mapped (never wrong: mapped only promises nothing about the contents)."""
+    if stat.S_ISBLK(os.fstat(fd).st_mode):
+        return [(offset, length, True)]
+    end = offset + length
+    out: list[tuple[int, int, bool]] = []
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # ENXIO: only a hole up to EOF
+                return [(offset, length, True)]
+            data = end
+        if data > pos:
+            out.append((pos, min(data, end) - pos, False))
+            pos = min(data, end)
+            continue
+        hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        out.append((pos, min(hole, end) - pos, True))
+        pos = min(hole, end)
+    return out
+

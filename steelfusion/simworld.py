@@ -142,6 +142,9 @@ class SimDisk:
     def pread(self, offset: int, length: int) -> bytes:
         return bytes(self.image[offset:offset + length])
 
+    def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        return [(offset, length, True)]
+
     def request_sync(self, force: bool = False) -> None:
         owner = self.owner
         self.force = self.force or force

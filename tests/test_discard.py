@@ -5,6 +5,7 @@ sends the punched chunks as discards too. Real processes, qemu-io (libiscsi) as 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -15,12 +16,13 @@ from typing import Any
 
 import pytest
 
+from edge.node import paint
 from steelfusion.initiator import qemu_io
+from steelfusion.iscsi.client import IscsiClient
 from steelfusion.lab import Lab
 from tests.conftest import tool
 from tests.nodes import lab_at, status, wait_for
 
-pytestmark = [pytest.mark.lab, pytest.mark.timeout(300)]
 MiB = 1 << 20
 
 
@@ -29,6 +31,13 @@ def coredr(addr: str, *args: str) -> str:
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, f"coredr {' '.join(args)}: {p.stdout}{p.stderr}"
     return p.stdout
+
+
+def lba_status(url: str, lba: int) -> list[tuple[int, int, int]]:
+    async def ask() -> list[tuple[int, int, int]]:
+        async with IscsiClient(url, "iqn.2026-11.io.steelfusion:test-host") as c:
+            return await c.lba_status(lba)
+    return asyncio.run(ask())
 
 
 def allocated(path: str) -> int:
@@ -42,6 +51,21 @@ def lab(tmp_path: Path) -> Iterator[tuple[Lab, dict[str, Any]]]:
         yield lab, lab.up(luns=1, lun_size=96 * MiB, edges=1)
 
 
+def test_allocation_spans_painted_in_order() -> None:
+    """How an Edge lays its uncommitted writes (mapped) and discards over the primary's
+    allocation for GET LBA STATUS: clipped to the range asked, later records win,
+    neighbours merged."""
+    core = [(0, 100, True), (100, 200, False)]
+    assert paint(core, 50, 150, False) == [(0, 50, True), (50, 200, False)]
+    assert paint(core, 150, 180, True) == [(0, 100, True), (100, 150, False),
+                                           (150, 180, True), (180, 200, False)]
+    assert paint(core, 180, 400, True) == [(0, 100, True), (100, 180, False), (180, 200, True)]
+    assert paint(core, 300, 400, False) == core
+    assert paint(paint(core, 0, 200, False), 0, 10, True) == [(0, 10, True), (10, 200, False)]
+
+
+@pytest.mark.lab
+@pytest.mark.timeout(300)
 def test_unmap_frees_space_on_both_cores_and_reads_zeros(
         lab: tuple[Lab, dict[str, Any]]) -> None:
     lab_, data = lab
@@ -60,6 +84,9 @@ def test_unmap_frees_space_on_both_cores_and_reads_zeros(
           f"{[x // MiB for x in after]} MiB")
     assert all(x - y >= 32 * MiB for x, y in zip(before, after, strict=True)), (before, after)
     qemu_io(url, ["read -P 0x33 0 16M", "read -P 0 16M 32M", "read -P 0x33 48M 16M"])
+    # GET LBA STATUS from the primary's real allocation (not zero-detection): deallocated
+    assert lba_status(url, 16 * MiB // 512)[0] == (16 * MiB // 512, 32 * MiB // 512, 1)
+    assert lba_status(url, 0)[0] == (0, 16 * MiB // 512, 0)
     for f in files:
         with open(f, "rb") as fh:
             fh.seek(16 * MiB)

@@ -376,6 +376,12 @@ class IscsiClient:
                                    read_length=255))
         return bytes(done.data)
 
+    async def lba_status(self, lba: int) -> list[tuple[int, int, int]]:
+        """GET LBA STATUS from ``lba``: (LBA, blocks, 0 mapped / 1 deallocated / 2 anchored)."""
+        done = await self._run(_Op(next(self._seq), "GET LBA STATUS",
+                                   cdbs.get_lba_status(lba), read_length=4096))
+        return cdbs.parse_lba_status(done.data)
+
     async def report_luns(self) -> list[int]:
         done = await self._run(_Op(next(self._seq), "REPORT LUNS", cdbs.report_luns(),
                                    read_length=4096))

@@ -91,6 +91,22 @@ def parse_capacity16(data: Buffer) -> tuple[int, int]:
     return size, last + 1
 
 
+def get_lba_status(lba: int, alloc: int = 4096) -> bytes:
+    """GET LBA STATUS: SERVICE ACTION IN(16) 0x12, SBC-3 §5.6."""
+    return struct.pack(">BBQIBB", 0x9E, 0x12, lba, alloc, 0, 0)
+
+
+def parse_lba_status(data: Buffer) -> list[tuple[int, int, int]]:
+    """(LBA, blocks, provisioning status: 0 mapped, 1 deallocated, 2 anchored) descriptors
+    of GET LBA STATUS data (SBC-3 §5.6.2), as many as the data holds whole."""
+    b = bytes(data)
+    if len(b) < 8:
+        raise ValueError(f"GET LBA STATUS returned {len(b)} bytes")
+    end = min(len(b), 4 + struct.unpack_from(">I", b)[0])
+    return [(lba, n, st & 0x0F) for lba, n, st in
+            (struct.unpack_from(">QIB", b, off) for off in range(8, end - 15, 16))]
+
+
 def tur() -> bytes:
     """TEST UNIT READY, SPC-4 §6.47."""
     return bytes(6)
