@@ -49,7 +49,7 @@ test-fast: install
 test-vm: install
 	@if [ "$$(id -u)" != 0 ] || [ ! -c /dev/net/tun ]; then \
 	  echo "test-vm skipped: needs root and /dev/net/tun"; exit 0; fi; \
-	$(PY) -m steelfusion.cli vm build && $(PY) -m pytest -q -rs -m vm $(PYTEST_ARGS)
+	$(PY) -m steelfusion.cli vm build && STEELFUSION_VM_LONG=1 $(PY) -m pytest -q -rs -m vm $(PYTEST_ARGS)
 
 lint: install
 	$(PY) -m ruff check .

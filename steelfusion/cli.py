@@ -689,6 +689,7 @@ def drill(workdir: str, seed: int | None, duration: str, faults: str | None, lun
 
 
 main.add_command(__import__("steelfusion.vmcli", fromlist=["vm"]).vm)  # steelfusion vm build|run
+__import__("steelfusion.sancli", fromlist=["attach"]).attach(main.commands["san"])  # san create|status|delete (LIO)
 
 if __name__ == "__main__":
     main()

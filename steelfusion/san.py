@@ -12,8 +12,9 @@ Provisioning is one small interface, :class:`Provisioner`, with two drivers:
 * :class:`TgtAdm` drives tgtd with ``tgtadm``. This is the lab's array, and it runs
   anywhere tgt is installed.
 * :class:`Lio` drives the Linux kernel target (LIO) through rtslib-fb, on a Linux host
-  whose kernel has configfs and target_core (the Linux hosts issue runs it in
-  User-mode Linux guests; this container's kernel has neither).
+  whose kernel has configfs and target_core: ``steelfusion san create|status|delete``
+  (steelfusion/sancli.py), tested in User-mode Linux guests (tests/test_vm_san.py);
+  this container's kernel has neither.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ import ctypes.util
 import fcntl
 import os
 import signal
+import stat
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -89,21 +91,34 @@ def release_tgt_control_port(ctl: int) -> None:
 
 
 # -- provisioning: one interface, two drivers ---------------------------------------------
+@dataclass(frozen=True)
+class Acl:
+    """One initiator allowed to log in, with its own CHAP credentials (or none)."""
+
+    initiator: str
+    chap_user: str | None = None
+    chap_secret: str | None = field(default=None, repr=False)
+
+
 class Provisioner(Protocol):
     """What the lab (and an operator's ``steelfusion san``) asks of an array."""
 
     def create_target(self, iqn: str) -> None: ...
 
-    def add_lun(self, iqn: str, lun: int, path: str) -> None: ...
+    def add_lun(self, iqn: str, lun: int, path: str, size: int | None = None) -> None:
+        """Export ``path`` (a file of ``size`` bytes, or a block device) as ``lun``."""
 
-    def allow(self, iqn: str, initiators: Sequence[str] | None) -> None:
-        """Only these initiator names may log in (None: any)."""
+    def allow(self, iqn: str, acls: Sequence[Acl] | None) -> None:
+        """Only these initiators may log in, each with its CHAP credentials (None: any)."""
 
     def remove_target(self, iqn: str) -> None: ...
 
 
 class TgtAdm:
-    """tgtd through ``tgtadm``; targets get tids 1, 2, ... in the order they are made."""
+    """tgtd through ``tgtadm``; targets get tids 1, 2, ... in the order they are made.
+
+    tgtd's CHAP accounts belong to a target, not to an initiator: every account of
+    :meth:`allow` is accepted from every allowed initiator (LIO checks the pair)."""
 
     def __init__(self, control_port: int) -> None:
         self.ctl = control_port
@@ -117,7 +132,9 @@ class TgtAdm:
             raise SanError("tgtadm is not installed (Debian package tgt; `make install` "
                            "installs it)") from None
         if p.returncode != 0:
-            raise SanError(f"tgtadm {' '.join(args)}: {(p.stderr or p.stdout).strip()}")
+            shown = ["***" if i and args[i - 1] == "--password" else a
+                     for i, a in enumerate(args)]  # a CHAP secret never reaches a message
+            raise SanError(f"tgtadm {' '.join(shown)}: {(p.stderr or p.stdout).strip()}")
         return p.stdout
 
     def _tid(self, iqn: str) -> int:
@@ -131,18 +148,23 @@ class TgtAdm:
         self._adm("--mode", "target", "--op", "new", "--tid", str(tid), "-T", iqn)
         self.tids[iqn] = tid
 
-    def add_lun(self, iqn: str, lun: int, path: str) -> None:
+    def add_lun(self, iqn: str, lun: int, path: str, size: int | None = None) -> None:
         self._adm("--mode", "logicalunit", "--op", "new", "--tid", str(self._tid(iqn)),
                   "--lun", str(lun), "-b", path)
 
-    def allow(self, iqn: str, initiators: Sequence[str] | None) -> None:
+    def allow(self, iqn: str, acls: Sequence[Acl] | None) -> None:
         tid = str(self._tid(iqn))
-        if initiators is None:
+        if acls is None:
             self._adm("--mode", "target", "--op", "bind", "--tid", tid, "-I", "ALL")
             return
-        for name in initiators:
+        for a in acls:
             self._adm("--mode", "target", "--op", "bind", "--tid", tid,
-                      "--initiator-name", name)
+                      "--initiator-name", a.initiator)
+            if a.chap_user is not None and a.chap_secret is not None:
+                self._adm("--mode", "account", "--op", "new", "--user", a.chap_user,
+                          "--password", a.chap_secret)
+                self._adm("--mode", "account", "--op", "bind", "--tid", tid, "--user",
+                          a.chap_user)
 
     def remove_target(self, iqn: str) -> None:
         self._adm("--mode", "target", "--op", "delete", "--force", "--tid",
@@ -169,59 +191,233 @@ class TgtAdm:
             self._adm("--mode", "system", "--op", "delete")
 
 
-class Lio:
-    """The Linux kernel target (LIO) through rtslib-fb: fileio backstores, one TPG.
+LIO_PREFIX = "sf-"
+"""Backstores this project made start with it: ``delete`` removes only those."""
+LIO_TPG = 1
 
-    Needs root, configfs and the target_core_mod / iscsi_target_mod modules.
+
+def lio_backstore_name(iqn: str, lun: int) -> str:
+    """``sf-<target's last name part>-<lun>``: readable in ``targetcli ls``, one per LUN."""
+    tail = iqn.rsplit(":", 1)[-1] if ":" in iqn else iqn.rsplit(".", 1)[-1]
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in tail)[:40] or "t"
+    return f"{LIO_PREFIX}{safe}-{lun}"
+
+
+def lun_file_size(path: str, size: int | None) -> tuple[str, int]:
+    """What backs a LUN: ``("block", bytes)`` for a block device, ``("file", bytes)`` for a
+    file (made sparse when missing). A file or device of another size than asked is
+    refused: an array never resizes a LUN behind a Core's back."""
+    p = Path(path)
+    if not p.exists():
+        if size is None:
+            raise SanError(f"{path}: no such file; give its size to create it "
+                           f"(e.g. {path}:1G)")
+        if size <= 0 or size % 512:
+            raise SanError(f"{path}: size {size} is not a positive multiple of 512 bytes")
+        return "file", size
+    st = p.stat()
+    if stat.S_ISBLK(st.st_mode):
+        with open(p, "rb") as f:
+            have = f.seek(0, os.SEEK_END)
+        kind = "block"
+    elif stat.S_ISREG(st.st_mode):
+        have, kind = st.st_size, "file"
+    else:
+        raise SanError(f"{path}: neither a regular file nor a block device")
+    if size is not None and have != size:
+        raise SanError(f"{path}: the {kind} holds {have} bytes, not the {size} asked for "
+                       f"(steelfusion never resizes a LUN: give its size, or another path)")
+    if have == 0 or have % 512:
+        raise SanError(f"{path}: {have} bytes is not a positive multiple of 512")
+    return kind, have
+
+
+class Lio:
+    """The Linux kernel target (LIO) through rtslib-fb: fileio (files) or block (devices)
+    backstores, one iSCSI target with one TPG, ACLs with per-initiator CHAP.
+
+    Needs root, configfs and the target_core_mod / iscsi_target_mod modules; rtslib-fb
+    loads them and mounts configfs when it can. Objects are found by name in configfs, so
+    ``status`` and ``delete`` work in another process than ``create``.
     """
 
-    def __init__(self, portal: tuple[str, int]) -> None:
+    def __init__(self, portal: tuple[str, int] | None = None) -> None:
         try:
             import rtslib_fb  # type: ignore[import-not-found]
         except ImportError:
-            raise SanError("the LIO driver needs rtslib-fb (Debian: python3-rtslib-fb)"
-                           ) from None
+            raise SanError("the LIO driver needs rtslib-fb (Debian: apt-get install "
+                           "python3-rtslib-fb; pip: steelfusion[lio])") from None
         self.rtslib: Any = rtslib_fb
         try:
             self.root = rtslib_fb.RTSRoot()
-        except Exception as e:  # rtslib raises RTSLibError or OSError without configfs
-            raise SanError(f"LIO is not available on this kernel (configfs, target_core_mod, "
-                           f"iscsi_target_mod): {e}") from None
+        except Exception as e:  # RTSLibError, OSError: no configfs or no target_core_mod
+            raise SanError(f"LIO is not available on this kernel (needs root, configfs, "
+                           f"target_core_mod and iscsi_target_mod): {e}") from None
         self.portal = portal
-        self.tpgs: dict[str, Any] = {}
 
+    # -- lookup
+    def target(self, iqn: str) -> Any | None:
+        for t in self.root.targets:
+            if t.wwn == iqn and t.fabric_module.name == "iscsi":
+                return t
+        return None
+
+    def _tpg(self, iqn: str) -> Any:
+        t = self.target(iqn)
+        if t is None:
+            raise SanError(f"no target {iqn} on this host (steelfusion san status lists them)")
+        for tpg in t.tpgs:
+            if tpg.tag == LIO_TPG:
+                return tpg
+        raise SanError(f"target {iqn} has no TPG {LIO_TPG}: it was not made by steelfusion")
+
+    def _errors(self, what: str) -> contextlib.AbstractContextManager[None]:
+        return _lio_errors(self.rtslib, what)
+
+    # -- Provisioner
     def create_target(self, iqn: str) -> None:
+        if self.portal is None:
+            raise SanError("a portal (address:port) is needed to create a target")
+        if self.target(iqn) is not None:
+            raise SanError(f"target {iqn} exists already (steelfusion san delete --target "
+                           f"{iqn} removes it)")
         r = self.rtslib
-        fabric = r.FabricModule("iscsi")
-        tpg = r.TPG(r.Target(fabric, iqn), 1)
-        r.NetworkPortal(tpg, self.portal[0], self.portal[1])
-        tpg.enable = True
-        self.tpgs[iqn] = tpg
+        with self._errors(f"target {iqn}"):
+            tpg = r.TPG(r.Target(r.FabricModule("iscsi"), iqn, mode="create"), LIO_TPG,
+                        mode="create")
+            r.NetworkPortal(tpg, self.portal[0], self.portal[1], mode="create")
 
-    def add_lun(self, iqn: str, lun: int, path: str) -> None:
+    def add_lun(self, iqn: str, lun: int, path: str, size: int | None = None) -> None:
         r = self.rtslib
-        name = f"sf-{Path(path).stem}-{lun}"
-        store = r.FileIOStorageObject(name, path, write_back=False)
-        r.LUN(self.tpgs[iqn], lun, store)
+        tpg = self._tpg(iqn)
+        kind, have = lun_file_size(path, size)
+        name = lio_backstore_name(iqn, lun)
+        if any(so.name == name for so in self.root.storage_objects):
+            raise SanError(f"backstore {name} exists already (another target named like "
+                           f"{iqn}?); delete it with targetcli first")
+        with self._errors(f"LUN {lun} ({path})"):
+            if kind == "block":
+                so = r.BlockStorageObject(name, dev=path)
+            else:
+                _make_sparse(Path(path), have)
+                so = r.FileIOStorageObject(name, dev=path, size=have, write_back=False)
+            try:
+                r.LUN(tpg, lun, so)
+            except BaseException:
+                so.delete()  # no backstore left behind that no LUN uses
+                raise
 
-    def allow(self, iqn: str, initiators: Sequence[str] | None) -> None:
-        tpg = self.tpgs[iqn]
-        if initiators is None:
-            tpg.set_attribute("generate_node_acls", "1")
-            tpg.set_attribute("demo_mode_write_protect", "0")
-            return
-        for name in initiators:
-            acl = self.rtslib.NodeACL(tpg, name)
-            for lun in tpg.luns:
-                self.rtslib.MappedLUN(acl, lun.lun, lun)
+    def allow(self, iqn: str, acls: Sequence[Acl] | None) -> None:
+        r = self.rtslib
+        tpg = self._tpg(iqn)
+        with self._errors(f"ACLs of {iqn}"):
+            chap = bool(acls) and any(a.chap_user is not None for a in acls or ())
+            if chap and not all(a.chap_user is not None for a in acls or ()):
+                raise SanError("CHAP for every ACL or for none: LIO turns authentication on "
+                               "per target portal group")
+            tpg.set_attribute("authentication", "1" if chap else "0")
+            if acls is None:
+                for k, v in (("generate_node_acls", "1"), ("cache_dynamic_acls", "1"),
+                             ("demo_mode_write_protect", "0")):
+                    tpg.set_attribute(k, v)
+            else:
+                tpg.set_attribute("generate_node_acls", "0")
+                for a in acls:
+                    acl = r.NodeACL(tpg, a.initiator, mode="create")
+                    if a.chap_user is not None:
+                        acl.chap_userid = a.chap_user
+                        acl.chap_password = a.chap_secret
+                    for lun in tpg.luns:
+                        r.MappedLUN(acl, lun.lun, lun)
+            tpg.enable = True
 
     def remove_target(self, iqn: str) -> None:
-        tpg = self.tpgs.pop(iqn)
-        for lun in list(tpg.luns):
-            so = lun.storage_object
-            lun.delete()
-            so.delete()
-        tpg.parent_target.delete()
+        self.remove(iqn)
+
+    # -- beyond the interface: what `steelfusion san status|delete` need
+    def remove(self, iqn: str) -> list[str]:
+        """Delete the target (its TPG, portal, LUNs, ACLs and sessions) and the backstores
+        this project made for it; files and devices stay. Returns what was removed."""
+        tpg = self._tpg(iqn)
+        stores = [lun.storage_object for lun in tpg.luns]
+        gone = [f"target {iqn}"]
+        with self._errors(f"target {iqn}"):
+            tpg.parent_target.delete()
+            for so in stores:
+                if so.name.startswith(LIO_PREFIX) and not list(so.attached_luns):
+                    gone.append(f"backstore {so.plugin}/{so.name} ({so.udev_path})")
+                    so.delete()
+        return gone
+
+    def describe(self, iqn: str | None = None) -> list[dict[str, Any]]:
+        """Every iSCSI target (or just ``iqn``): portals, LUNs with their sizes, ACLs (CHAP
+        user, never the secret) and sessions."""
+        if iqn is not None:
+            self._tpg(iqn)  # unknown target: one line
+        out = []
+        for t in self.root.targets:
+            if t.fabric_module.name != "iscsi" or (iqn is not None and t.wwn != iqn):
+                continue
+            for tpg in t.tpgs:
+                out.append(_describe_tpg(t, tpg))
+        return out
+
+    def save(self, path: str | None = None) -> str:
+        """Save LIO's whole configuration where the boot-time restore reads it
+        (rtslib-fb-targetctl.service, targetcli's ``saveconfig``)."""
+        dest = path or str(self.rtslib.root.default_save_file)
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        with self._errors(f"saving to {dest}"):
+            self.root.save_to_file(dest)
+        return dest
+
+
+def _make_sparse(p: Path, size: int) -> None:
+    """A missing LUN file, made sparse at its size (LIO would make it empty)."""
+    if not p.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "ab") as f:
+            f.truncate(size)
+
+
+def _describe_tpg(t: Any, tpg: Any) -> dict[str, Any]:
+    def attr(name: str) -> str:
+        with contextlib.suppress(Exception):
+            return str(tpg.get_attribute(name))
+        return ""
+
+    luns = []
+    for lun in sorted(tpg.luns, key=lambda x: x.lun):
+        so = lun.storage_object
+        luns.append({"lun": lun.lun, "backstore": f"{so.plugin}/{so.name}",
+                     "path": so.udev_path, "size": int(so.size)})
+    acls, sessions = [], []
+    for acl in tpg.node_acls:
+        acls.append({"initiator": acl.node_wwn, "chap_user": acl.chap_userid or None,
+                     "luns": sorted(m.mapped_lun for m in acl.mapped_luns)})
+        s = acl.session
+        if s:
+            sessions.append({"initiator": acl.node_wwn, "state": s.get("state", ""),
+                             "type": s.get("type", ""),
+                             "connections": [c.get("address", "") for c in
+                                             s.get("connections", [])]})
+    return {"target": t.wwn, "tpg": tpg.tag, "enabled": bool(tpg.enable),
+            "portals": [format_addr((p.ip_address, int(p.port)))
+                        for p in tpg.network_portals],
+            "authentication": attr("authentication") == "1",
+            "generate_node_acls": attr("generate_node_acls") == "1",
+            "luns": luns, "acls": acls, "sessions": sessions}
+
+
+@contextlib.contextmanager
+def _lio_errors(rtslib: Any, what: str) -> Iterator[None]:
+    """rtslib's errors (RTSLibError, the kernel's OSError from configfs) as one SanError."""
+    try:
+        yield
+    except SanError:
+        raise
+    except (rtslib.RTSLibError, OSError) as e:
+        raise SanError(f"LIO refused {what}: {e}") from None
 
 
 # -- the lab's array: config and supervisor -------------------------------------------------
@@ -341,7 +537,8 @@ def serve(cfg: SanConfig, stop: threading.Event | None = None) -> None:
         adm.create_target(cfg.iqn)
         for lu in cfg.luns:
             adm.add_lun(cfg.iqn, lu.lun, lu.path)
-        adm.allow(cfg.iqn, cfg.initiators)
+        adm.allow(cfg.iqn, None if cfg.initiators is None
+                  else [Acl(name) for name in cfg.initiators])
         _log.info("san_ready", portal=format_addr(cfg.portal), iqn=cfg.iqn,
                   luns={lu.lun: lu.path for lu in cfg.luns})
         done = stop or threading.Event()
