@@ -88,9 +88,10 @@ ZERO_CHUNK = 1 << 20
 
 
 def _load_fallocate() -> Any:
-    """libc's fallocate64 (Python's os.posix_fallocate cannot punch holes)."""
+    """libc's fallocate64 (Python's os.posix_fallocate cannot punch holes). The process's
+    own symbols first: ``find_library`` would run ldconfig at import."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc = ctypes.CDLL(None, use_errno=True)
         fn = libc.fallocate64
     except (OSError, AttributeError):
         return None

@@ -182,6 +182,70 @@ def test_read_multi_pdu_data_in_with_status() -> None:
     assert len({p.statsn for p in dins if p.status_present}) == 1
 
 
+def _data_in_run(dins: list[pdu.Pdu], size: int, mrdsl: int, mbl: int) -> bytes:
+    """Check one read's Data-In PDUs against RFC 7143 §11.7: every data segment within the
+    initiator's MaxRecvDataSegmentLength, sequences (F bit) of at most MaxBurstLength,
+    offsets contiguous, DataSN counting from 0, status only on the last; returns the data."""
+    assert dins and all(isinstance(p, pdu.DataIn) for p in dins), dins
+    ds: list[pdu.DataIn] = dins  # type: ignore[assignment]
+    assert max(len(p.data) for p in ds) <= mrdsl
+    assert [p.datasn for p in ds] == list(range(len(ds)))
+    off, burst = 0, 0
+    for p in ds:
+        assert p.buffer_offset == off
+        off += len(p.data)
+        burst += len(p.data)
+        assert burst <= mbl
+        if p.final:
+            burst = 0
+    assert off == size and ds[-1].final and ds[-1].status_present
+    assert not any(p.status_present for p in ds[:-1])
+    return b"".join(bytes(p.data) for p in ds)
+
+
+@pytest.mark.parametrize("mrdsl,mbl", [(262144, 262144), (262144, 1048576), (8192, 262144),
+                                       (65536, 98304), (4096, 16777215)])
+@pytest.mark.parametrize("fast", [False, True])
+def test_large_read_data_in_honours_the_initiators_limits(mrdsl: int, mbl: int,
+                                                          fast: bool) -> None:
+    """Issue 18: the Linux initiator's 512 KiB reads (and odd sizes around them) are cut to
+    the MaxRecvDataSegmentLength it declared, per PDU, on the normal path and the fast lane
+    alike; the first row is open-iscsi's defaults (the ones the guest measurement ran)."""
+    def lane(lun: int, cdb: bytes, data: Any) -> tuple[int, Any, Any, int | None] | None:
+        n = int.from_bytes(cdb[7:9], "big") * 512
+        return 0, payload[:n], b"", None
+
+    keys = libiscsi_keys(MaxRecvDataSegmentLength=str(mrdsl), MaxBurstLength=str(mbl))
+    ini = Initiator(fast=lane if fast else None)
+    assert ini.login(keys).status_class == 0
+    p = ini.conn.params
+    assert (p.max_recv_data_segment_length, p.max_burst_length) == (mrdsl, min(mbl, 1 << 20))
+    payload = bytes(i * 31 & 0xFF for i in range(1 << 20))
+    for size in (512, mrdsl, mrdsl + 512, 512 << 10, (1 << 20) - 512):
+        cdb = READ10[:7] + (size // 512).to_bytes(2, "big") + READ10[9:]
+        itt, ev = ini.command(cdb, edtl=size, read=True)
+        if not fast:
+            ini.conn.complete(_ready(ev)[0].task_tag, 0, payload[:size])
+        got = _data_in_run(ini.recv(), size, mrdsl, p.max_burst_length)
+        assert got == payload[:size], (size, itt)
+
+
+def test_data_in_follows_a_max_recv_data_segment_length_declared_in_a_text_request() -> None:
+    """MaxRecvDataSegmentLength may be declared again in full feature phase (RFC 7143
+    §13.12): the next Data-In already keeps to the new value."""
+    ini = logged_in()
+    ini.send(pdu.TextRequest(itt=90, cmdsn=ini.cmdsn, immediate=True,
+                             data=b"MaxRecvDataSegmentLength=16384\0"))
+    (answer,) = ini.recv()
+    assert isinstance(answer, pdu.TextResponse) and answer.final
+    assert ini.conn.params.max_recv_data_segment_length == 16384
+    data = bytes(range(256)) * 256  # 64 KiB
+    _, ev = ini.command(READ10, edtl=len(data), read=True)
+    ini.conn.complete(_ready(ev)[0].task_tag, 0, data)
+    assert _data_in_run(ini.recv(), len(data), 16384,
+                        ini.conn.params.max_burst_length) == data
+
+
 @pytest.mark.parametrize("edtl,produced,flag,residual,sent", [
     (0, 512, "overflow", 512, 0),
     (10000, 512, "underflow", 10000 - 512, 512),
