@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # User-mode Linux guests (tests/test_vm.py, `steelfusion vm`): installed only when root
 VM_DEBS := $(if $(filter 0,$(shell id -u)),user-mode-linux mmdebstrap,)
-DEBS := python3-venv libiscsi-bin qemu-utils e2fsprogs tgt iproute2 libfuse3-3 $(VM_DEBS)
+DEBS := python3-venv libiscsi-bin qemu-utils e2fsprogs tgt iproute2 libfuse3-3 chromium chromium-driver $(VM_DEBS)
 PYTEST_ARGS ?=
 
 .PHONY: install debs venv demo test test-fast test-vm lint bench sim clean

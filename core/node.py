@@ -31,7 +31,7 @@ from core.replication import Event, Role, State
 from core.resync import Progress
 from journal.errors import JournalError
 from journal.journal import Journal
-from steelfusion import authconfig, control, log, statefile
+from steelfusion import authconfig, control, log, metrics, statefile
 from steelfusion.blockdev import Device
 from steelfusion.config import CoreConfig
 from steelfusion.link import Link, dial, listen
@@ -108,6 +108,7 @@ class Core(CoreEngine):
         self._diallers: list[asyncio.Task[None]] = []
         self._server: asyncio.AbstractServer | None = None
         self._control: asyncio.AbstractServer | None = None
+        self._http: list[Any] = []  # metrics and console listeners (steelfusion.metrics)
         self.started = time.time()
         self.stopping = asyncio.Event()
         self._verify_due = time.monotonic() + cfg.verify_interval_s
@@ -240,6 +241,9 @@ class Core(CoreEngine):
         self._control = await listening(control.serve(*self.cfg.control,
                                                       self._control_handlers()),
                                         self.cfg.control, "[core] control", src)
+        await metrics.start_http(self.cfg, self._http, lambda: [metrics.CoreCollector(self)],
+                                 self._console_view,
+                                 lambda reg: metrics.fdatasync_histogram(self, reg))
         self._start_diallers()
         if self.cfg.witness:
             from witness.client import WitnessClient
@@ -273,6 +277,8 @@ class Core(CoreEngine):
         for srv in (self._server, self._control):
             if srv is not None:
                 srv.close()
+        for web in self._http:
+            await web.stop()
         for link in [*self.edge_links, *self.peer_out.values(), *self.peer_in, *self.mirror_in]:
             link.close("core stopping")
         for p in self.pipes.values():
@@ -680,6 +686,15 @@ class Core(CoreEngine):
         return {"path": str(j.path), "size": u["size"], "used_log_bytes": u["used_log_bytes"],
                 "dirty_bytes": {str(lun): j.dirty_bytes(lun) for lun in self.pipes},
                 "al_regions": u["al_regions"]}
+
+    def _console_view(self) -> Any:
+        """The console's view of this Core: its status, events and the coredr commands."""
+        from steelfusion.console import NodeView
+
+        return NodeView("core", self.name, self.status,
+                        lambda since: [e for e in self.events if e["n"] > since],
+                        self._control_handlers(),
+                        ("suspend", "resume", "failover", "terminate"))
 
     def _control_handlers(self) -> dict[str, control.Handler]:
         async def status(_: dict[str, Any]) -> dict[str, Any]:

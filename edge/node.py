@@ -12,12 +12,13 @@ import contextlib
 import os
 import signal
 import time
+from collections import deque
 from typing import Any
 
 from edge.backends import BackendNotReady, make_naa
 from edge.blockstore import Blockstore
 from edge.uplink import CoreUplink
-from steelfusion import control, log
+from steelfusion import control, log, metrics
 from steelfusion.config import EdgeConfig
 from steelfusion.startup import listening
 from steelfusion.units import format_addr
@@ -25,6 +26,8 @@ from steelfusion.units import format_addr
 _log = log.get("edge")
 
 RECORD_MAX = 512 * 1024
+LAG_SAMPLE_S = 0.25  # commit lag is known to this; sampled only with metrics or the console
+LAG_HISTORY_S = 900.0  # an uncommitted write older than this shows at least this old
 
 
 class EdgeLun:
@@ -47,8 +50,12 @@ class EdgeLun:
         self.serial = f"SF{lun_id:08d}"
         self.naa_id = make_naa(f"steelfusion-lun-{lun_id}")
         self._fills: dict[int, asyncio.Future[None]] = {}
+        # host I/O counters, read by status and metrics (plain ints: no cost worth naming)
         self.reads = 0
         self.read_misses = 0
+        self.bytes_read = 0
+        self.writes = 0
+        self.bytes_written = 0
 
     async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
         """Stored in the write reserve as uncommitted, then acknowledged (DESIGN step 1).
@@ -58,6 +65,8 @@ class EdgeLun:
         """
         n = len(data)
         await self.bs.reserve(n)
+        self.writes += 1
+        self.bytes_written += n
         try:
             view = memoryview(data)
             for pos in range(0, n, RECORD_MAX):
@@ -80,6 +89,8 @@ class EdgeLun:
         except BaseException:
             self.bs.unreserve(n)
             raise
+        self.writes += 1
+        self.bytes_written += n
         return True  # acknowledged only after the target's barrier (Blockstore.drain)
 
     def read_now(self, offset: int, length: int) -> bytes | None:
@@ -88,6 +99,7 @@ class EdgeLun:
         if cache.missing(offset, length):
             return None
         self.reads += 1
+        self.bytes_read += length
         return cache.read(offset, length)
 
     async def unmap(self, offset: int, length: int) -> None:
@@ -115,6 +127,7 @@ class EdgeLun:
     async def read(self, offset: int, length: int) -> bytes:
         """From the cache; regions it lacks are fetched from the primary Core first."""
         self.reads += 1
+        self.bytes_read += length
         if length == 0:
             return b""
         missing = self.cache.missing(offset, length)
@@ -180,6 +193,12 @@ class Edge:
         self.target: Any = None
         self.witness: Any = None
         self._control: asyncio.AbstractServer | None = None
+        self._http: list[Any] = []  # metrics and console listeners (steelfusion.metrics)
+        self._sampler: asyncio.Task[None] | None = None
+        # (monotonic time, next seq of every LUN then): when each uncommitted write was made,
+        # to LAG_SAMPLE_S, without a clock read per write
+        self._seq_samples: deque[tuple[float, dict[int, int]]] = deque(
+            maxlen=int(LAG_HISTORY_S / LAG_SAMPLE_S))
         self.stopping = asyncio.Event()
         self.started = time.time()
         self.witness_key = "[witness] listen"  # where the embedded Witness's address came from
@@ -216,6 +235,10 @@ class Edge:
                                    keyring=auth.keyring if auth else None,
                                    listen_key=self.witness_key, source=src)
             await self.witness.start()
+        if await metrics.start_http(self.cfg, self._http, lambda: [metrics.EdgeCollector(self)],
+                                    self._console_view) is not None:
+            self._sampler = asyncio.get_running_loop().create_task(self._sample_seqs(),
+                                                                   name="commit-lag")
         # Last: every port is ours by now, so a failed bind leaves no uplink task running
         # (one dialling a Core could swallow the cancel and keep the process alive).
         self.uplink.start()
@@ -229,6 +252,10 @@ class Edge:
             await self.target.close()
         if self._control is not None:
             self._control.close()
+        if self._sampler is not None:
+            self._sampler.cancel()
+        for web in self._http:
+            await web.stop()
         if self.witness is not None:
             await self.witness.stop()
         await self.uplink.stop()
@@ -247,14 +274,49 @@ class Edge:
             "targets": [{"iqn": t.iqn, "luns": [{"lun": lu.lun, "lun_id": lu.lun_id,
                                                 "size": lu.size} for lu in t.luns]}
                         for t in self.cfg.targets],
-            "luns": {str(lid): {"reads": lu.reads, "read_misses": lu.read_misses}
+            "luns": {str(lid): {"size": lu.size_bytes, "reads": lu.reads,
+                                "read_misses": lu.read_misses, "bytes_read": lu.bytes_read,
+                                "writes": lu.writes, "bytes_written": lu.bytes_written}
                      for lid, lu in self.luns.items()},
+            "commit_lag_s": self.commit_lag() if self._sampler is not None else None,
             "iscsi": {"connections": self.target.connections if self.target is not None else 0},
             "witness": self.witness.status() if self.witness is not None else None,
             "uptime_s": round(time.time() - self.started, 1),
             "alarms": [*self.uplink.alarms(), *_blockstore_alarms(bs),
                        *(self.witness.status().get("alarms", []) if self.witness else [])],
         }
+
+    async def _sample_seqs(self) -> None:
+        while True:
+            self._seq_samples.append((time.monotonic(), dict(self.bs.next_seq)))
+            await asyncio.sleep(LAG_SAMPLE_S)
+
+    def commit_lag(self) -> float:
+        """Seconds since the oldest uncommitted write was made (0: nothing uncommitted).
+
+        The write is younger than the last sample that had not yet seen its
+        seq; that sample's age is the answer (an upper bound, to LAG_SAMPLE_S).
+        """
+        now = time.monotonic()
+        lag = 0.0
+        for lun, q in self.bs.pending.items():
+            if not q:
+                continue
+            seq = q[0].seq
+            before = None
+            for t, seen in reversed(self._seq_samples):
+                if seen.get(lun, 0) <= seq:
+                    before = t
+                    break
+            if before is None:  # older than the history (or replayed from the log)
+                before = self._seq_samples[0][0] if self._seq_samples else now
+            lag = max(lag, now - before)
+        return round(lag, 3)
+
+    def _console_view(self) -> Any:
+        from steelfusion.console import NodeView
+
+        return NodeView("edge", self.cfg.name, self.status)
 
     def _handlers(self) -> dict[str, control.Handler]:
         async def status(_: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ EDGE_LUN_BLOCK = 4096  # an exported LUN is a whole number of 4 KiB blocks
 EDGE_RESERVE_MIN = 4 << 20  # below this host writes go a few at a time (issue 13)
 CHAP_SECRET_MIN = 12  # RFC 7143 §12.1.3: at least 96 bits
 CHAP_SECRET_MAX = 255
+CONSOLE_PASSWORD_MIN = 8
 
 
 class ConfigError(Exception):
@@ -263,7 +264,20 @@ class Addrs(Kind):
         return [format_addr(a) for a in v]
 
 
-STRS, SECONDS, BOOL, SECRET = Strs(), Seconds(), Bool(), Secret()
+@dataclass(frozen=True)
+class Password(Str):
+    """The web console's password: at least 8 characters; errors never show it."""
+
+    def read(self, v: Any) -> str:
+        if not isinstance(v, str):
+            raise ValueError("must be a string; value not shown")
+        if len(v) < CONSOLE_PASSWORD_MIN:
+            raise ValueError(f"must be at least {CONSOLE_PASSWORD_MIN} characters; value not "
+                             "shown")
+        return v
+
+
+STRS, SECONDS, BOOL, SECRET, PASSWORD = Strs(), Seconds(), Bool(), Secret(), Password()
 ADDR, DIAL = Addr(), Addr(dial=True)
 
 
@@ -553,6 +567,27 @@ def _chap_pair(bad: _Errors, where: str, user_key: str, user: str | None, secret
                   f"set both {user_key} and {secret_key}, or neither")
 
 
+def _observe(bad: _Errors, cfg: Any, own: dict[str, tuple[str, int] | None]) -> None:
+    """``[metrics] listen`` and ``[console] listen`` (issue 15): off unless set, each on a
+    port of its own, and no console without its password."""
+    addrs = {**own, "[metrics] listen": cfg.metrics}
+    console = getattr(cfg, "console", None)
+    if console is not None:
+        addrs["[console] listen"] = console
+        if cfg.console_password is None:
+            raise bad("[console]", "password", "required when [console] listen is set (the "
+                      "console's login; not the node key)")
+    seen: list[tuple[str, tuple[str, int]]] = []
+    for key, a in addrs.items():
+        if a is None:
+            continue
+        for other, b in seen:
+            if _clash(a, b):
+                table, _, name = key.partition(" ")
+                raise bad(table, name, f"{format_addr(a)} is also {other}")
+        seen.append((key, a))
+
+
 @dataclass(frozen=True, slots=True)
 class AuthConfig:
     """``[auth]``, used by steelfusion/authconfig.py at start; checked here, once, at load."""
@@ -603,11 +638,18 @@ class CoreConfig(_NodeFile):
     # per second, so the verify stays off the write path
     verify_rate_bytes: int = field(default=64 << 20,
                                    metadata=toml("replication.verify_rate", Size(positive=True)))
+    # Prometheus metrics and the web console (issue 15): off unless set
+    metrics: tuple[str, int] | None = field(default=None, metadata=toml("metrics.listen", ADDR))
+    console: tuple[str, int] | None = field(default=None, metadata=toml("console.listen", ADDR))
+    console_password: str | None = field(default=None, repr=False,
+                                         metadata=toml("console.password", PASSWORD,
+                                                       needs="listen"))
     source: str = field(default="", metadata=NOT_IN_FILE)
 
     def _check(self, bad: _Errors) -> None:
         if _clash(self.listen, self.control):
             raise bad("[core]", "control", f"{format_addr(self.control)} is also [core] listen")
+        _observe(bad, self, {"[core] listen": self.listen, "[core] control": self.control})
         ids: dict[int, str] = {}
         paths: dict[str, str] = {}
         for i, lu in enumerate(self.luns):
@@ -694,6 +736,12 @@ class EdgeConfig(_NodeFile):
     witness: tuple[str, int] | None = field(default=None, metadata=toml("witness.listen", ADDR))
     witness_state_dir: str | None = field(
         default=None, metadata=toml("witness.state_dir", TEXT, needs="listen"))
+    # Prometheus metrics and the web console (issue 15): off unless set
+    metrics: tuple[str, int] | None = field(default=None, metadata=toml("metrics.listen", ADDR))
+    console: tuple[str, int] | None = field(default=None, metadata=toml("console.listen", ADDR))
+    console_password: str | None = field(default=None, repr=False,
+                                         metadata=toml("console.password", PASSWORD,
+                                                       needs="listen"))
     source: str = field(default="", metadata=NOT_IN_FILE)
     # discovery sessions must use CHAP
     discovery_chap_user: str | None = field(default=None,
@@ -752,6 +800,8 @@ class EdgeConfig(_NodeFile):
             raise bad("[edge]", "discovery_mutual_secret", "must differ from "
                                                            "discovery_chap_secret")
         _timers(bad, "[edge]", self.ping_interval, self.dead_after)
+        _observe(bad, self, {"[edge] portal": self.portal, "[edge] control": self.control,
+                             "[witness] listen": self.witness})
 
 
 @dataclass(frozen=True, slots=True)
@@ -762,9 +812,12 @@ class WitnessConfig(_NodeFile):
     control: tuple[str, int] | None = field(default=None, metadata=toml("witness.control", ADDR))
     lease_seconds: float = field(default=5.0, metadata=toml("witness.lease_seconds", SECONDS))
     log_file: str | None = field(default=None, metadata=toml("witness.log_file", TEXT))
+    # Prometheus metrics (issue 15): off unless set
+    metrics: tuple[str, int] | None = field(default=None, metadata=toml("metrics.listen", ADDR))
     source: str = field(default="", metadata=NOT_IN_FILE)
 
     def _check(self, bad: _Errors) -> None:
         if self.control is not None and _clash(self.listen, self.control):
             raise bad("[witness]", "control",
                       f"{format_addr(self.control)} is also [witness] listen")
+        _observe(bad, self, {"[witness] listen": self.listen, "[witness] control": self.control})

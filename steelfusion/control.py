@@ -82,6 +82,29 @@ class ControlClosed(ControlError):
         super().__init__(message, "closed")
 
 
+async def dispatch(handlers: dict[str, Handler], req: dict[str, Any]) -> dict[str, Any]:
+    """Run one request (``{"cmd": NAME, ...}``) and return its reply, refused or not.
+
+    The one place a command becomes a reply: the control port and the web
+    console (:mod:`steelfusion.console`) both call it, so an operator gets the
+    same refusal, with the same code and words, whichever way they asked.
+    """
+    try:
+        cmd = req.get("cmd")
+        h = handlers.get(cmd) if isinstance(cmd, str) else None
+        if h is None:
+            return {"ok": False, "code": "unknown-command",
+                    "error": f"unknown command {cmd!r}; known: " + ", ".join(sorted(handlers))}
+        return {"ok": True, **(await h(req))}
+    except ControlError as e:
+        return {**e.extra, "ok": False, "error": str(e), "code": e.code}
+    except ValueError as e:
+        return {"ok": False, "error": f"bad request: {e}", "code": "bad-request"}
+    except Exception as e:  # the channel must survive a handler bug
+        _log.exception("control_handler_failed", error=str(e))
+        return {"ok": False, "error": f"internal error: {e}", "code": "internal-error"}
+
+
 async def serve(host: str, port: int, handlers: dict[str, Handler]) -> asyncio.Server:
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -93,23 +116,11 @@ async def serve(host: str, port: int, handlers: dict[str, Handler]) -> asyncio.S
                     req = json.loads(line)
                     if not isinstance(req, dict):
                         raise ValueError("request is not a JSON object")
-                    cmd = req.get("cmd")
-                    h = handlers.get(cmd) if isinstance(cmd, str) else None
-                    if h is None:
-                        reply: dict[str, Any] = {
-                            "ok": False, "code": "unknown-command",
-                            "error": f"unknown command {cmd!r}; known: "
-                            + ", ".join(sorted(handlers))}
-                    else:
-                        reply = {"ok": True, **(await h(req))}
-                except ControlError as e:
-                    reply = {**e.extra, "ok": False, "error": str(e), "code": e.code}
                 except ValueError as e:
-                    reply = {"ok": False, "error": f"bad request: {e}", "code": "bad-request"}
-                except Exception as e:  # the channel must survive a handler bug
-                    _log.exception("control_handler_failed", error=str(e))
-                    reply = {"ok": False, "error": f"internal error: {e}",
-                             "code": "internal-error"}
+                    reply: dict[str, Any] = {"ok": False, "error": f"bad request: {e}",
+                                             "code": "bad-request"}
+                else:
+                    reply = await dispatch(handlers, req)
                 writer.write(json.dumps(reply, default=str).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,

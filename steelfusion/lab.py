@@ -31,6 +31,7 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import shutil
 import signal
 import time
@@ -92,6 +93,7 @@ __all__ = ["CORE_SITES", "SITES", "Lab", "LabError", "call_node", "core_pair_con
            "spawn", "stale_namespaces", "wait_control"]
 
 IQN_PREFIX = "iqn.2026-11.io.steelfusion"
+CONSOLE_PASSWORD_FILE = "console.password"  # 0600; the consoles' password, never in lab.json
 LUN_BLOCK = 4096  # an exported LUN is a whole number of 4 KiB blocks
 MAX_LUNS_PER_EDGE = 256  # SCSI LUN numbers 0..255 in one target
 
@@ -223,7 +225,8 @@ class Lab(WanLinks):
            initiators: Sequence[str] | None = None,
            discovery_chap: tuple[str, str] | None = None,
            netns: bool = False, journal_faults: bool = False,
-           links: Sequence[dict[str, Any]] = (), san: str | None = None) -> dict[str, Any]:
+           links: Sequence[dict[str, Any]] = (), san: str | None = None,
+           observe: bool = True) -> dict[str, Any]:
         """Start the lab. ``witness_in_edge`` runs the Witness inside edge-1 (seed: "A role
         assigned to one of the Edges") instead of as its own process.
 
@@ -248,6 +251,9 @@ class Lab(WanLinks):
         mutual CHAP, ``initiators`` is an IQN allow-list for every target and
         ``discovery_chap`` protects discovery sessions.  Secrets go only into
         the 0600 node configs, never into ``lab.json``.
+
+        ``observe`` (on by default) gives every node a Prometheus metrics port and
+        each Core and Edge a web console, password in ``console.password`` (0600).
 
         A refusal changes nothing; a failed start stops every node it started,
         restores the lab files it replaced, and raises :class:`LabError` with
@@ -307,7 +313,7 @@ class Lab(WanLinks):
                 remove_namespaces(self.labid(self.load()))
             return self._up(luns, lun_size, edges, reserve, host, timeout, witness_lease,
                             witness_in_edge, chap, mutual_chap, initiators, discovery_chap,
-                            netns, journal_faults, tuple(links), san)
+                            netns, journal_faults, tuple(links), san, observe)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -387,16 +393,33 @@ class Lab(WanLinks):
             initiators: Sequence[str] | None,
             discovery_chap: tuple[str, str] | None, netns: bool = False,
             journal_faults: bool = False,
-            links: tuple[dict[str, Any], ...] = (), san: str | None = None) -> dict[str, Any]:
+            links: tuple[dict[str, Any], ...] = (), san: str | None = None,
+            observe: bool = True) -> dict[str, Any]:
         d = self.dir
+        # node ports, then metrics and console ports on loopback (issue 15; in a netns lab
+        # they are the loopback inside each site's namespace, like the control ports)
         nports = 2 + 2 * 2 + 2 * edges
         ports = iter(free_ports(nports, host))
+        web = iter(free_ports(1 + 2 * 2 + 2 * edges, "127.0.0.1"))
+        password = secrets.token_urlsafe(12)
+
+        def observed(console: bool = True) -> dict[str, Any]:
+            """A node's ``[metrics]`` (and ``[console]``) on ports of their own."""
+            if not observe:
+                return {}
+            out: dict[str, Any] = {"metrics": ("127.0.0.1", next(web))}
+            if console:
+                out.update(console=("127.0.0.1", next(web)), console_password=password)
+            return out
+
         witness = WitnessConfig(name="witness", listen=(host, next(ports)),
                                 control=(host, next(ports)), state_dir=str(d / "witness"),
-                                lease_seconds=witness_lease, log_file=str(d / "witness.log"))
+                                lease_seconds=witness_lease, log_file=str(d / "witness.log"),
+                                **observed(console=False))
         lun_ids = list(range(1, luns * edges + 1))
         cores = core_pair_configs(
             d, dict.fromkeys(lun_ids, lun_size), host=host, ports=ports,
+            per_core=(observed(), observed()),
             witness=witness.listen, pair="lab-pair",
             # both LUN files are created empty (all zeros) together: already in sync
             initial_sync=False, journal_dir="jdisk" if journal_faults else None)
@@ -422,7 +445,7 @@ class Lab(WanLinks):
                 cores=tuple(c.listen for c in cores), targets=(target,), reserve_bytes=reserve,
                 log_file=str(d / f"{name}.log"),
                 witness=witness.listen if embed else None,
-                witness_state_dir=str(d / "witness") if embed else None))
+                witness_state_dir=str(d / "witness") if embed else None, **observed()))
         net: dict[str, Any] | None = None
         if netns:
             net = self._net_plan(links)
@@ -436,12 +459,13 @@ class Lab(WanLinks):
         # What this start replaces or creates, to put back if it fails.
         names = ["witness", *(c.name for c in cores), *(e.name for e in edge_cfgs),
                  *(s.name for s in (sans[0] if sans else []))]
-        files = [self.file, d / "node.key", d / "wan.json",
+        files = [self.file, d / "node.key", d / "wan.json", d / CONSOLE_PASSWORD_FILE,
                  *(d / f"{n}.toml" for n in names)]
         before = {f: read_or_none(f) for f in files}
         new_dirs = [d / n for n in names if not (d / n).exists()]
         started: list[tuple[str, int]] = []
         try:
+            atomic_write(d / CONSOLE_PASSWORD_FILE, f"{password}\n".encode(), mode=0o600)
             return self._start(d, witness, cores, edge_cfgs, witness_in_edge, timeout, started,
                                net, journal_faults, sans[0] if sans else None)
         except BaseException as e:
@@ -472,7 +496,8 @@ class Lab(WanLinks):
                journal_faults: bool = False,
                sans: list[SanConfig] | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {"version": 1, "workdir": str(d), "created": time.time(),
-                                "netns": False, "journal_faults": journal_faults}
+                                "netns": False, "journal_faults": journal_faults,
+                                "console_password_file": str(d / CONSOLE_PASSWORD_FILE)}
 
         def where(site: str) -> dict[str, Any]:
             """A node's namespace and site in ``lab.json`` (None on loopback)."""
@@ -501,7 +526,8 @@ class Lab(WanLinks):
             data["witness"] = {"name": "witness", "pid": wpid,
                                "address": format_addr(witness.listen),
                                "control": format_addr(witness.control or witness.listen),
-                               "config": str(wpath), "role": "witness", **where("witness")}
+                               "config": str(wpath), "role": "witness", **where("witness"),
+                               **_web(witness)}
             self.save(data)
             wait_control(witness.control or witness.listen, wpid, timeout, "witness", d,
                          ns("witness"))
@@ -523,7 +549,7 @@ class Lab(WanLinks):
                                   "config": str(path), "log": c.log_file,
                                   "luns": {str(lu.id): lu.path for lu in c.luns},
                                   "journal": c.journal_path,
-                                  "interfaces": list(c.interfaces), **where(site)})
+                                  "interfaces": list(c.interfaces), **where(site), **_web(c)})
             self.save(data)
             wait_control(c.control, pid, timeout, c.name, d, ns(site))
         data["edges"] = []
@@ -535,7 +561,7 @@ class Lab(WanLinks):
             data["edges"].append({
                 "name": ec.name, "pid": pid, "portal": format_addr(ec.portal),
                 "control": format_addr(ec.control), "config": str(path), "log": ec.log_file,
-                "role": "edge", **where("branch"),
+                "role": "edge", **where("branch"), **_web(ec),
                 "targets": [{"iqn": t.iqn, "lun": lu.lun, "lun_id": lu.lun_id, "size": lu.size,
                              "url": f"iscsi://{format_addr(ec.portal)}/{t.iqn}/{lu.lun}"}
                             for t in ec.targets for lu in t.luns]})
@@ -546,7 +572,7 @@ class Lab(WanLinks):
                                    "address": format_addr(ec.witness),
                                    "control": format_addr(ec.control), "config": str(path),
                                    "role": "witness", "embedded_in": ec.name,
-                                   **where("branch")}
+                                   **where("branch"), "metrics": _web(ec).get("metrics")}
                 self.save(data)
         self.wait_ready(data, timeout)
         return data
@@ -636,6 +662,7 @@ class Lab(WanLinks):
                           "netns": c.get("netns"), "site": c.get("site"),
                           "interfaces": c.get("interfaces"),
                           "coredr": coredr_command(c),
+                          "metrics": c.get("metrics"), "console": c.get("console"),
                           **({"error": s["error"]} if "error" in s else {})})
         edges = []
         for e in data.get("edges", []):
@@ -648,6 +675,7 @@ class Lab(WanLinks):
                           "portal": e["portal"], "control": e.get("control"),
                           "witness": s.get("witness"), "alarms": s.get("alarms", []),
                           "netns": e.get("netns"), "site": e.get("site"),
+                          "metrics": e.get("metrics"), "console": e.get("console"),
                           **({"error": s["error"]} if "error" in s else {})})
         w = data.get("witness")
         witness: dict[str, Any] = {}
@@ -657,12 +685,15 @@ class Lab(WanLinks):
             witness = {**inner, "name": "witness", "embedded_in": w["embedded_in"],
                        "pid": w["pid"], "running": bool(host and host["running"] and inner),
                        "address": w.get("address"), "control": w.get("control"),
-                       "netns": w.get("netns"), "site": w.get("site")}
+                       "netns": w.get("netns"), "site": w.get("site"),
+                       "metrics": w.get("metrics")}
         elif w:
             witness = {**ask(w), "address": w.get("address"), "control": w.get("control"),
-                       "netns": w.get("netns"), "site": w.get("site")}
+                       "netns": w.get("netns"), "site": w.get("site"),
+                       "metrics": w.get("metrics")}
         out = {"workdir": str(self.dir), "netns": bool(data.get("netns")), "witness": witness,
-               "cores": cores, "edges": edges}
+               "cores": cores, "edges": edges,
+               "console_password_file": data.get("console_password_file")}
         if data.get("netns"):
             out["sites"] = data.get("sites", {})
             out["wan"] = self._wan_status(data)
@@ -767,6 +798,16 @@ def _well_formed(data: Any) -> bool:
                     and isinstance(n.get("pid"), int)
                     and isinstance(n.get("mount") or n.get("portal"), str)
                     for n in disks))
+
+
+def _web(cfg: Any) -> dict[str, Any]:
+    """A node's metrics and console addresses in ``lab.json`` (HOST:PORT; absent: off)."""
+    out = {}
+    for key in ("metrics", "console"):
+        addr = getattr(cfg, key, None)
+        if addr is not None:
+            out[key] = format_addr(addr)
+    return out
 
 
 def coredr_command(core: dict[str, Any]) -> str:

@@ -10,7 +10,29 @@ from steelfusion.units import format_size
 
 def status_lines(st: dict[str, Any]) -> list[str]:
     """The whole status, in the order an operator reads it."""
-    return [*node_lines(st), *wan_lines(st), *storage_lines(st), *coredr_lines(st)]
+    return [*node_lines(st), *wan_lines(st), *storage_lines(st), *coredr_lines(st),
+            *web_lines(st)]
+
+
+def web_lines(st: dict[str, Any]) -> list[str]:
+    """Each node's web console and Prometheus metrics address (issue 15)."""
+    w = st.get("witness") or {}
+    nodes = [*([w] if w and not w.get("embedded_in") else []), *st["cores"], *st["edges"]]
+    rows = []
+    for n in nodes:
+        if not (n.get("metrics") or n.get("console")):
+            continue
+        console = f"console http://{n['console']}/" if n.get("console") else "console -"
+        metrics = f"metrics http://{n['metrics']}/metrics" if n.get("metrics") else ""
+        ns = f"  (inside {n['netns']})" if n.get("netns") else ""
+        rows.append((n.get("name") or "witness", console, metrics, ns))
+    if not rows:
+        return []
+    nw = max(len(r[0]) for r in rows)
+    cw = max(len(r[1]) for r in rows)
+    pw = st.get("console_password_file")
+    head = "web console and metrics, per node" + (f" (password in {pw}):" if pw else ":")
+    return [head, *(f"  {a:<{nw}}  {b:<{cw}}  {c}{d}".rstrip() for a, b, c, d in rows)]
 
 
 def storage_lines(st: dict[str, Any]) -> list[str]:

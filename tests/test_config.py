@@ -396,6 +396,8 @@ ON_DISK: dict[type, dict[str, set[str]]] = {
                         "verify_interval", "verify_rate"},
         "journal": {"path", "size"},
         "[[lun]]": {"id", "path", "size"},
+        "metrics": {"listen"},
+        "console": {"listen", "password"},
         "auth": {"key_file", "key_id"},
     },
     EdgeConfig: {
@@ -408,10 +410,13 @@ ON_DISK: dict[type, dict[str, set[str]]] = {
         "[[target.lun]]": {"lun", "lun_id", "size"},
         "[[target.initiator]]": {"name", "chap_user", "chap_secret"},
         "witness": {"listen", "state_dir"},
+        "metrics": {"listen"},
+        "console": {"listen", "password"},
         "auth": {"key_file", "key_id"},
     },
     WitnessConfig: {
         "witness": {"name", "listen", "state_dir", "control", "lease_seconds", "log_file"},
+        "metrics": {"listen"},
         "auth": {"key_file", "key_id"},
     },
 }
@@ -508,6 +513,8 @@ def _kind(kind: Kind) -> st.SearchStrategy[Any]:
             return st.lists(_config(cls), max_size=3).map(tuple)
         case Secret():
             return st.text(min_size=CHAP_SECRET_MIN, max_size=40)
+        case config.Password():
+            return st.text(min_size=config.CONSOLE_PASSWORD_MIN, max_size=20)
         case Str(empty_ok=empty_ok):
             return st.text(min_size=0 if empty_ok else 1, max_size=12)
         case Choice(options=options):
@@ -551,6 +558,25 @@ def _timers(c: Any) -> dict[str, Any]:
 
 
 # The cross-field rules made to hold (each has a refusal test above).
+def _valid_observe(c: Any, *own: tuple[str, int] | None) -> dict[str, Any]:
+    """[metrics] and [console] listen on ports of their own; a console has its password."""
+    console = getattr(c, "console", None)
+    taken = [a for a in own if a is not None]
+    out: dict[str, Any] = {}
+    if c.metrics is not None and any(config._clash(c.metrics, a) for a in taken):
+        out["metrics"] = None
+    if "console" not in [f.name for f in dataclasses.fields(c)]:
+        return out
+    if console is not None and any(config._clash(console, a) for a in
+                                   [*taken, out.get("metrics", c.metrics)] if a is not None):
+        console = out["console"] = None
+    if console is None:
+        out["console_password"] = None
+    elif c.console_password is None:
+        out["console_password"] = "console-password"
+    return out
+
+
 def _valid_core(c: CoreConfig) -> CoreConfig:
     luns = _first(_first(c.luns, lambda lu: lu.id), lambda lu: config._norm(lu.path))
     journal = c.journal_path
@@ -559,7 +585,7 @@ def _valid_core(c: CoreConfig) -> CoreConfig:
     return dataclasses.replace(
         c, luns=luns, journal_path=journal, journal_size=c.journal_size if journal else 0,
         peer=None if c.peer == c.listen else c.peer, interfaces=c.interfaces or ("127.0.0.1",),
-        **_timers(c))
+        **_timers(c), **_valid_observe(c, c.listen, c.control))
 
 
 def _no_half_pairs(obj: Any, *pairs: tuple[str, str]) -> dict[str, Any]:
@@ -590,6 +616,7 @@ def _valid_edge(e: EdgeConfig) -> EdgeConfig:
         witness = None
     e = dataclasses.replace(
         e, targets=targets, witness=witness,
+        **_valid_observe(e, e.portal, e.control, witness),
         witness_state_dir=e.witness_state_dir if witness else None, **_timers(e),
         **_no_half_pairs(e, ("discovery_chap_user", "discovery_chap_secret"),
                          ("discovery_mutual_user", "discovery_mutual_secret")))
@@ -601,8 +628,8 @@ def _valid_edge(e: EdgeConfig) -> EdgeConfig:
 
 def _valid_witness(w: WitnessConfig) -> WitnessConfig:
     if w.control is not None and config._clash(w.listen, w.control):
-        return dataclasses.replace(w, control=None)
-    return w
+        w = dataclasses.replace(w, control=None)
+    return dataclasses.replace(w, **_valid_observe(w, w.listen, w.control))
 
 
 def _round_trip(cfg: Any) -> None:

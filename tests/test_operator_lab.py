@@ -137,7 +137,7 @@ def test_status_shows_control_addresses_and_aligns_columns(lab: Lab) -> None:
     wait_for(lambda: lab.status()["cores"][1]["replication"] == "disconnected",
              what="core-b disconnected")
     out = cli("lab", "status", "--workdir", wd).stdout
-    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.strip()}
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.strip() and not ln[0].isspace()}
     assert "epoch=-" in lines["core-a"] and "None" not in out, out
     cols = {ln.index("epoch=") for name, ln in lines.items() if name.startswith("core-")}
     assert len(cols) == 1, out  # `disconnected` no longer pushes its line's columns right

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from steelfusion import control, log
+from steelfusion import control, log, metrics
 from steelfusion.atomic import atomic_write
 from steelfusion.config import WitnessConfig
 from steelfusion.link import Link, listen
@@ -108,6 +108,9 @@ class Witness:
         self.last_seen: dict[str, float] = {}  # wall clock, for people reading status
         self.logic: WitnessLogic | None = None
         self.persist_failures = 0
+        # decisions by operation (suspend, failover, ...), for metrics
+        self.granted: dict[str, int] = {}
+        self.refused: dict[str, int] = {}
         self.duplicates: dict[str, dict[str, Any]] = {}  # node -> the last copy refused
         self._server: asyncio.AbstractServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -260,6 +263,8 @@ class Witness:
                                 logic.holder(req.pair),
                                 f"the Witness could not record the decision: {e}")
         d = logic.commit(v, now)
+        counts = self.granted if d.granted else self.refused
+        counts[req.op.value] = counts.get(req.op.value, 0) + 1
         event = f"witness_{req.op.value}_{'granted' if d.granted else 'refused'}"
         fields = {"node": req.node, "pair": req.pair, "epoch": req.epoch, "peer": req.peer,
                   "reason": d.reason, "detail": d.detail, "pair_epoch": d.epoch,
@@ -367,18 +372,24 @@ async def run(cfg: WitnessConfig) -> None:
 
     ctl_addr = cfg.control or (cfg.listen[0], cfg.listen[1] + 1)
     ctl_key = "[witness] control" if cfg.control else "[witness] control (unset: listen port + 1)"
+    http: list[metrics.WebServer] = []
     try:
         await w.start()
         ctl = await listening(control.serve(*ctl_addr, {"status": status, "stop": stop}),
                               ctl_addr, ctl_key, cfg.source)
+        await metrics.start_http(cfg, http, lambda: [metrics.WitnessCollector(w)])
     except BaseException:
         with contextlib.suppress(Exception):
             await w.stop()  # nothing it started outlives a failed start
+            for web in http:
+                await web.stop()
         raise
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     ctl.close()
+    for web in http:
+        await web.stop()
     await w.stop()
     _log.info("witness_stopped")
