@@ -26,7 +26,6 @@ same on both kinds of lab.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import json
@@ -40,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from journal import required_size
-from steelfusion import control, faultdisk, labsan
+from steelfusion import control, faultdisk, labdisk, labsan
 from steelfusion.atomic import atomic_write
 from steelfusion.authconfig import make_key_file
 from steelfusion.config import (
@@ -470,7 +469,7 @@ class Lab(WanLinks):
                                net, journal_faults, sans[0] if sans else None)
         except BaseException as e:
             stopped = stop_pids(started)
-            _unmount_disks(cores)
+            labdisk.unmount_disks(cores)
             if net is not None:
                 remove_namespaces(net["labid"])
             for f, content in before.items():
@@ -532,7 +531,7 @@ class Lab(WanLinks):
             wait_control(witness.control or witness.listen, wpid, timeout, "witness", d,
                          ns("witness"))
         if journal_faults:
-            self._start_disks(d, cores, data, timeout, started)
+            labdisk.start_disks(d, cores, data, timeout, started, self.save)
         if sans:
             labsan.start_sans(d, sans, data, {c.name: ns(CORE_SITES[c.name]) for c in cores},
                               timeout, started)
@@ -576,27 +575,6 @@ class Lab(WanLinks):
                 self.save(data)
         self.wait_ready(data, timeout)
         return data
-    def _start_disks(self, d: Path, cores: tuple[CoreConfig, CoreConfig], data: dict[str, Any],
-                     timeout: float, started: list[tuple[str, int]]) -> None:
-        """One failing disk per Core, mounted where its Journal LUN lives."""
-        data["disks"] = []
-        for c in cores:
-            assert c.journal_path is not None
-            mount = Path(c.journal_path).parent
-            name = f"jdisk-{c.name}"
-            cfg = faultdisk.DiskConfig(name=name, backing=str(mount.parent / "jdisk.data"),
-                                       mount=str(mount), log_file=str(d / f"{name}.log"))
-            path = d / f"{name}.json"
-            atomic_write(path, json.dumps({k: v for k, v in dataclasses.asdict(cfg).items()
-                                           if k != "source"}, indent=2).encode(), mode=0o644)
-            pid = spawn("disk", path, d, name)
-            started.append((name, pid))
-            node = {"name": name, "pid": pid, "role": "disk", "core": c.name,
-                    "config": str(path), "mount": cfg.mount, "backing": cfg.backing,
-                    "log": cfg.log_file, "netns": None}
-            data["disks"].append(node)
-            self.save(data)
-            wait_mounted(node, timeout, d)
     def journal_fault(self, core: str, mode: str) -> dict[str, Any]:
         """Make ``core``'s Journal LUN fail (``full``, ``offline``) or work again (``ok``)."""
         data = self.load()
@@ -814,13 +792,3 @@ def coredr_command(core: dict[str, Any]) -> str:
     """The coredr command line that reaches this lab Core (from the root namespace)."""
     ns = f" --netns {core['netns']}" if core.get("netns") else ""
     return f"coredr{ns} --core {core.get('control')} status"
-
-
-def _unmount_disks(cores: Sequence[CoreConfig]) -> None:
-    """After a failed start: no mount of ours stays behind (a killed disk leaves one)."""
-    for c in cores:
-        if c.journal_path and Path(c.journal_path).parent.name == "jdisk":
-            with contextlib.suppress(OSError):
-                faultdisk.unmount(Path(c.journal_path).parent)
-
-
