@@ -55,6 +55,8 @@ def start_copy(lab: Lab, node: dict[str, Any], role: str, tmp: Path) -> tuple[su
         node_t["portal"], node_t["control"] = f"127.0.0.1:{p1}", f"127.0.0.1:{p2}"
         node_t["blockstore"] = str(tmp / "blockstore")
     node_t.pop("log_file", None)
+    for web in ("metrics", "console"):  # the original's ports: the copy would not start
+        cfg.pop(web, None)
     path = tmp / "copy.toml"
     write_toml(path, cfg)
     os.chmod(path, 0o600)
