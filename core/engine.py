@@ -51,6 +51,7 @@ epoch becomes secondary.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 from collections import deque
 from collections.abc import Callable
@@ -530,7 +531,12 @@ class CoreEngine:
         try:
             p.apply(w)  # a resend of a write this backend already has is skipped
         except OSError as e:
-            self.raise_alarm(f"lun_{lun}_io", f"LUN id {lun} backend write failed: {e}")
+            if e.errno == errno.ENOSPC:  # a thin LUN that cannot grow (issue 18)
+                self.raise_alarm(f"lun_{lun}_io", f"LUN id {lun} is out of space: its storage "
+                                 f"could not allocate the blocks of a write ({e}); the write is "
+                                 f"not acknowledged: free space there, or grow the pool")
+            else:
+                self.raise_alarm(f"lun_{lun}_io", f"LUN id {lun} backend write failed: {e}")
             raise
 
     def _on_durable(self, lun: int, target: int) -> None:

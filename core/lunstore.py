@@ -134,6 +134,11 @@ class LunStore:
     def pread(self, offset: int, length: int) -> bytes:
         return self.dev.pread(length, offset)
 
+    def allocated(self) -> int | None:
+        """Bytes the LUN takes on its storage (``coredr status``), None if the device cannot
+        say (a block device, an array)."""
+        return self.dev.allocated()
+
     def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """What is allocated over the range (an Edge's GET LBA STATUS, issue 18)."""
         return self.dev.extents(offset, length)

@@ -673,6 +673,8 @@ class Core(CoreEngine):
                                 "bytes_written": p.bytes_written, "gated_writes": len(p.gate),
                                 "received_seq": p.received_seq, "hole": p.hole,
                                 "io_errors": p.store.io_errors, "failed": p.failed,
+                                "allocated_bytes": p.store.allocated(),
+                                "discards": p.discards, "bytes_discarded": p.bytes_discarded,
                                 "edge": (p.upstream.hello.node if p.upstream is not None
                                          and p.upstream.hello is not None and p.upstream.ctx == LinkKind.EDGE
                                          else None)}

@@ -55,6 +55,9 @@ class Device(Protocol):
     def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """``(offset, length, mapped)`` over the range: what is allocated (GET LBA STATUS)."""
 
+    def allocated(self) -> int | None:
+        """Bytes the LUN takes on its storage (a thin LUN's real use), None if unknown."""
+
     def sync(self) -> None: ...
 
     def lock(self) -> None:
@@ -95,6 +98,10 @@ class FileDevice:
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         return allocation(self.fd, offset, length)
+
+    def allocated(self) -> int | None:
+        st = os.fstat(self.fd)
+        return st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else None
 
     def sync(self) -> None:
         os.fdatasync(self.fd)

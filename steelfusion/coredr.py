@@ -301,9 +301,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
     width = _echo_fields(fields, "Alarms")
     # on a secondary the seqs are the primary's stream as this Core has it: applied,
     # durable here, acknowledged to the primary
-    rows = [["LUN", "size", "applied", "durable", "acked", "mirror-q", "edge"]]
+    rows = [["LUN", "size", "allocated", "applied", "durable", "acked", "mirror-q", "edge"]]
     for lun, info in sorted(st.get("luns", {}).items(), key=lambda kv: int(kv[0])):
-        rows.append([lun, format_size(info["size"]), str(info["applied_seq"]),
+        used = info.get("allocated_bytes")
+        rows.append([lun, format_size(info["size"]), "-" if used is None else format_size(used),
+                     str(info["applied_seq"]),
                      str(info["durable_seq"]), str(info["acked_seq"]),
                      format_size(info["mirror_queue_bytes"]), info.get("edge") or "-"])
     _echo_table(rows)

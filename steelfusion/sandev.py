@@ -256,6 +256,9 @@ class IscsiDevice:
         """All mapped: the array's own GET LBA STATUS is not asked yet."""
         return [(offset, length, True)]
 
+    def allocated(self) -> int | None:
+        return None  # the array's to say (its thin pool)
+
     def sync(self) -> None:
         self._reap(wait=True)
         self._call(self._client.sync(), CALL_TIMEOUT, "SYNCHRONIZE CACHE")

@@ -83,6 +83,10 @@ def test_unmap_frees_space_on_both_cores_and_reads_zeros(
     print(f"\nallocated before/after the discard: {[x // MiB for x in before]} -> "
           f"{[x // MiB for x in after]} MiB")
     assert all(x - y >= 32 * MiB for x, y in zip(before, after, strict=True)), (before, after)
+    # what the operator sees: coredr status shows the LUN's real use next to its size
+    assert status(a)["luns"]["1"]["allocated_bytes"] == after[0]
+    table = coredr(a, "status")
+    assert "allocated" in table and "32.0 MiB" in table, table
     qemu_io(url, ["read -P 0x33 0 16M", "read -P 0 16M 32M", "read -P 0x33 48M 16M"])
     # GET LBA STATUS from the primary's real allocation (not zero-detection): deallocated
     assert lba_status(url, 16 * MiB // 512)[0] == (16 * MiB // 512, 32 * MiB // 512, 1)
