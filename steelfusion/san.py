@@ -149,8 +149,13 @@ class TgtAdm:
         self.tids[iqn] = tid
 
     def add_lun(self, iqn: str, lun: int, path: str, size: int | None = None) -> None:
-        self._adm("--mode", "logicalunit", "--op", "new", "--tid", str(self._tid(iqn)),
-                  "--lun", str(lun), "-b", path)
+        tid = str(self._tid(iqn))
+        self._adm("--mode", "logicalunit", "--op", "new", "--tid", tid, "--lun", str(lun),
+                  "-b", path)
+        # thin: a sparse file, and UNMAP punches holes in it (a Core's discards free space
+        # on the array too, issue 18)
+        self._adm("--mode", "logicalunit", "--op", "update", "--tid", tid, "--lun", str(lun),
+                  "--params", "thin_provisioning=1")
 
     def allow(self, iqn: str, acls: Sequence[Acl] | None) -> None:
         tid = str(self._tid(iqn))

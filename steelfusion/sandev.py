@@ -129,6 +129,7 @@ class IscsiDevice:
         self._size_error: BaseException | None = None
         self._size_asking = False
         self._fenced: str | None = None
+        self._unmap_ok = True  # until the array refuses UNMAP (then zeros are written)
 
     @classmethod
     def open(cls, url: str, initiator_name: str = INITIATOR_NAME,
@@ -248,9 +249,31 @@ class IscsiDevice:
         self.pwrite(b"".join(bufs), offset)
 
     def discard(self, offset: int, length: int) -> None:
-        """Zeros written over the range: correct (LBPRZ) on any array, though it frees no
-        space there yet (UNMAP to the array is left for later, issue 18)."""
+        """UNMAP on the array (its thin pool gets the space back), queued in order with the
+        writes; an array that refuses UNMAP (not thin, ILLEGAL REQUEST) gets zeros instead,
+        and only zeros from then on (issue 18)."""
+        bs = self._client.block_size
+        if offset % bs or length % bs:
+            raise ValueError(f"{redact(self.path)}: a discard at {offset} of {length} bytes is "
+                             f"not whole {bs}-byte blocks")
+        if self._unmap_ok:
+            fut = asyncio.run_coroutine_threadsafe(self._unmap(offset, length), self._loop)
+            with self._lock:
+                self._pending.append(fut)
+            return
         write_zeros(self.pwrite, offset, length)
+
+    async def _unmap(self, offset: int, length: int) -> None:
+        try:
+            await self._client.unmap(offset, length)
+        except CheckCondition as e:
+            if e.key != 0x5:  # not ILLEGAL REQUEST: a real failure, reported as a write's
+                raise
+            self._unmap_ok = False
+            _log.info("san_unmap_unsupported", url=redact(self.path), sense=str(e))
+            zeros = bytes(min(length, 1 << 20))
+            for off in range(offset, offset + length, len(zeros)):
+                await self._client.write(off, zeros[:min(len(zeros), offset + length - off)])
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """All mapped: the array's own GET LBA STATUS is not asked yet."""

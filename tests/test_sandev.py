@@ -71,6 +71,17 @@ def test_san_lun_as_a_device_rides_out_an_outage(tmp_path: Path) -> None:
             assert dev.pread(MiB, 0) == a and dev.pread(8192, 2 * MiB) == a[:8192]
             assert (tmp_path / "lun-1.img").read_bytes()[:MiB] == a
 
+            # a discard is an UNMAP on the array: its (thin, sparse) LUN file gets the
+            # space back and reads zeros there (issue 18)
+            lun_file = tmp_path / "lun-1.img"
+            before = os.stat(lun_file).st_blocks * 512
+            dev.discard(0, MiB)
+            dev.sync()
+            assert os.stat(lun_file).st_blocks * 512 <= before - MiB
+            assert dev.pread(MiB, 0) == bytes(MiB) and dev._unmap_ok
+            dev.pwrite(a, 0)
+            dev.sync()
+
             p.send_signal(signal.SIGKILL)  # the array goes away (tgtd dies with it)
             p.wait(10)
             wait_for(lambda: dev.trouble() is not None, 30, "the session seen down")

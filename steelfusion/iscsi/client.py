@@ -96,6 +96,9 @@ REDIRECTS_MAX = 4
 # --------------------------------------------------------------------------- commands
 
 
+UNMAP_BLOCKS_MAX = 1 << 21
+"""Blocks per UNMAP descriptor sent (1 GiB of 512-byte blocks; tgt takes far more)."""
+
 class _Op:
     """One command as the caller issued it, across retries and reconnects."""
 
@@ -375,6 +378,15 @@ class IscsiClient:
         done = await self._run(_Op(next(self._seq), "INQUIRY", cdbs.inquiry(page),
                                    read_length=255))
         return bytes(done.data)
+
+    async def unmap(self, offset: int, length: int) -> None:
+        """UNMAP the byte range (whole blocks), ordered like a write over it."""
+        lba, blocks = self._blocks(offset, length)
+        for first, n in _cut(blocks, UNMAP_BLOCKS_MAX):
+            cdb, params = cdbs.unmap([(lba + first, n)])
+            await self._run(_Op(next(self._seq), "UNMAP", cdb, data=params,
+                                span=(offset + first * self.block_size,
+                                      offset + (first + n) * self.block_size), write=True))
 
     async def lba_status(self, lba: int) -> list[tuple[int, int, int]]:
         """GET LBA STATUS from ``lba``: (LBA, blocks, 0 mapped / 1 deallocated / 2 anchored)."""

@@ -107,6 +107,13 @@ def parse_lba_status(data: Buffer) -> list[tuple[int, int, int]]:
             (struct.unpack_from(">QIB", b, off) for off in range(8, end - 15, 16))]
 
 
+def unmap(ranges: list[tuple[int, int]]) -> tuple[bytes, bytes]:
+    """UNMAP (SBC-3 §5.28): (CDB, parameter list) deallocating (LBA, blocks) ranges."""
+    descs = b"".join(struct.pack(">QIxxxx", lba, n) for lba, n in ranges)
+    params = struct.pack(">HHxxxx", 6 + len(descs), len(descs)) + descs
+    return struct.pack(">BBxxxxBHB", 0x42, 0, 0, len(params), 0), params
+
+
 def tur() -> bytes:
     """TEST UNIT READY, SPC-4 §6.47."""
     return bytes(6)
