@@ -276,8 +276,31 @@ class IscsiDevice:
                 await self._client.write(off, zeros[:min(len(zeros), offset + length - off)])
 
     def extents(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """All mapped: the array's own GET LBA STATUS is not asked yet."""
-        return [(offset, length, True)]
+        """The array's own GET LBA STATUS over the range (issue 18); only DEALLOCATED counts
+        as not mapped (ANCHORED holds space). An array without it is all mapped, which
+        promises nothing wrong."""
+        bs = self._client.block_size
+        end = offset + length
+        out: list[tuple[int, int, bool]] = []
+        pos = offset
+        while pos < end:
+            try:
+                descs = self._call(self._client.lba_status(pos // bs), CALL_TIMEOUT,
+                                   "GET LBA STATUS")
+            except OSError:
+                return [*out, (pos, end - pos, True)]
+            step = [(lba * bs, n * bs, st != 1) for lba, n, st in descs if n]
+            if not step or step[0][0] > pos:
+                return [*out, (pos, end - pos, True)]
+            for o, n, mapped in step:
+                if o + n <= pos:
+                    continue
+                n = min(o + n, end) - pos
+                out.append((pos, n, mapped))
+                pos += n
+                if pos >= end:
+                    break
+        return out
 
     def allocated(self) -> int | None:
         return None  # the array's to say (its thin pool)

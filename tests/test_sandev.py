@@ -79,6 +79,9 @@ def test_san_lun_as_a_device_rides_out_an_outage(tmp_path: Path) -> None:
             dev.sync()
             assert os.stat(lun_file).st_blocks * 512 <= before - MiB
             assert dev.pread(MiB, 0) == bytes(MiB) and dev._unmap_ok
+            ext = dev.extents(0, 3 * MiB)  # from the array's GET LBA STATUS:
+            # discarded, then never written, then the 8 KiB written at 2 MiB
+            assert ext[0] == (0, 2 * MiB, False) and ext[1][:1] == (2 * MiB,) and ext[1][2], ext
             dev.pwrite(a, 0)
             dev.sync()
 
