@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -347,3 +349,44 @@ def test_status_counts_replication_connections_per_interface(pair) -> None:  # t
     out = [c for c in control.call(a.cfg.control, "status")["connections"]["replication"]
            if c["direction"] == "out"]
     assert len(out) == 2 and all(c["local"].startswith("127.0.0.1:") for c in out)
+
+
+def test_a_thin_lun_out_of_space_is_an_alarm_and_no_ack(tmp_path: Path) -> None:
+    """Issue 18: core-a's LUN is a sparse 64 MiB file on a 12 MiB file system. The writes
+    that fit are acknowledged; the first that cannot get its blocks raises lun_1_io saying
+    the LUN is out of space, and neither it nor any later write is acknowledged."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    small = tmp_path / "core-a"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(small)], check=True)
+    try:
+        a, b = make_cores(tmp_path, {1: 64 * MiB})
+        with running(a, b):
+            _wait_repl(a.cfg.control, "running")
+
+            async def main() -> tuple[int, int]:
+                e = await edge_on_one(a, 7)
+                chunk = os.urandom(MiB)
+                for seq in range(1, 41):
+                    e.write(1, seq, (seq - 1) * MiB, chunk)
+                await asyncio.sleep(0)
+                wait = asyncio.get_running_loop().run_in_executor(None, lambda: wait_for(
+                    lambda: "out of space" in " ".join(
+                        x["message"] for x in status(a.cfg.control)["alarms"]),
+                    timeout=30, what="core-a's out-of-space alarm"))
+                await wait
+                await asyncio.sleep(1.0)
+                e.close()
+                return e.acked.get(1, 0), 40
+            acked, sent = asyncio.run(main())
+        print(f"\nacknowledged {acked} of {sent} 1 MiB writes on a 12 MiB file system")
+        assert 0 < acked < 12 < sent, acked  # what fit was acknowledged, nothing past it
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+async def edge_on_one(core: CoreProc, stream: int) -> FakeEdge:
+    e = FakeEdge("edge-x", stream, {1: 64 * MiB})
+    assert await e.connect(core.cfg.listen), e.refused
+    return e
