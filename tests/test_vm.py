@@ -247,7 +247,7 @@ def test_vm_run_interrupted_removes_everything(image: vmimage.Image, tmp_path: P
         ns = next(n for n in netns.listing("sfvm-") if n.startswith(f"sfvm-{p.pid}-"))
         assert procs_in(wd)
         p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=30)
+        _, err = p.communicate(timeout=90)  # a loaded 2-CPU CI box is slow to reap UML
     finally:
         if p.poll() is None:
             p.kill()
