@@ -96,6 +96,9 @@ def run(script: TextIO, netns_name: str | None, address: str, tap: str, mem: str
         raise click.BadParameter(str(e), param_hint="--address") from None
     text = script.read()
     signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C (SIGINT) cleans up even when started where SIGINT is ignored (a background job
+    # of a non-interactive shell inherits SIG_IGN, and Python then never raises it)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         img = vmimage.build(say=lambda s: click.echo(s, err=True))
         with Guest(img, netns_name=netns_name, workdir=Path(workdir) if workdir else None,

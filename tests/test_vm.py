@@ -237,9 +237,12 @@ def test_vm_run_interrupted_removes_everything(image: vmimage.Image, tmp_path: P
     body = tmp_path / "long.sh"
     body.write_text("echo started\nsleep 120\n")
     wd = tmp_path / "g"
-    p = subprocess.Popen([sys.executable, "-m", "steelfusion.cli", "vm", "run", str(body),
-                          "--workdir", str(wd)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    # output to files, not pipes: waiting for the CLI must not also wait for whatever
+    # inherited its pipes (a UML helper left alive is caught below, by procs_in)
+    errf = tmp_path / "vm-run.err"
+    with open(tmp_path / "vm-run.out", "wb") as o, open(errf, "wb") as e:
+        p = subprocess.Popen([sys.executable, "-m", "steelfusion.cli", "vm", "run", str(body),
+                              "--workdir", str(wd)], stdout=o, stderr=e)
     try:
         out = wd / "share" / "cmd" / "00001.out"
         wait_for(lambda: out.exists() and "started" in out.read_text(), 90,
@@ -247,7 +250,8 @@ def test_vm_run_interrupted_removes_everything(image: vmimage.Image, tmp_path: P
         ns = next(n for n in netns.listing("sfvm-") if n.startswith(f"sfvm-{p.pid}-"))
         assert procs_in(wd)
         p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=90)  # a loaded 2-CPU CI box is slow to reap UML
+        p.wait(timeout=60)
+        err = errf.read_text()
     finally:
         if p.poll() is None:
             p.kill()
