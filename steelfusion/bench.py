@@ -23,6 +23,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -430,10 +431,27 @@ def select(names: list[str], only: list[str] | None) -> list[str]:
 def stopped_cleanly() -> Iterator[None]:
     """SIGTERM and SIGHUP (``timeout``, a closed terminal) end the run like ^C: through
     every ``finally``, so the lab and tgtd are stopped; then one line, not a traceback."""
-    def interrupt(signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+    got: list[str] = []
 
+    def interrupt(signum: int, _frame: Any) -> None:
+        got.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt(got[0])
+
+    def again(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(got[0])
+
+    def swallowed(u: Any) -> None:
+        # A signal that lands inside a callback Python cannot raise from (logging's at-fork
+        # hook while a subprocess starts) is printed and dropped: raise it again just after.
+        if isinstance(u.exc_value, KeyboardInterrupt) and got:
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            return
+        hook(u)
+
+    hook = sys.unraisablehook
     old = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    old[signal.SIGALRM] = signal.signal(signal.SIGALRM, again)
+    sys.unraisablehook = swallowed
     try:
         yield
     except KeyboardInterrupt as e:
@@ -441,6 +459,8 @@ def stopped_cleanly() -> Iterator[None]:
         raise BenchError(f"interrupted ({why}); the benchmark's lab and tgtd were stopped") \
             from None
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        sys.unraisablehook = hook
         for sig, handler in old.items():
             signal.signal(sig, handler)
 

@@ -217,3 +217,27 @@ def test_bench_on_a_folder_with_a_running_lab_leaves_that_lab_alone(
         assert [n["name"] for n in lab.nodes(data) if not pid_alive(n["pid"])] == []
     finally:
         lab.down()
+
+
+def test_a_signal_swallowed_inside_a_callback_still_stops_the_bench() -> None:
+    """A SIGTERM whose KeyboardInterrupt is raised where Python only prints and drops it
+    (here a ``__del__``; in the fresh-clone run, logging's at-fork hook while a subprocess
+    started) is raised again just after, so the bench still stops, with no stray traceback."""
+    import io
+    import os
+    import signal
+    import time
+    from contextlib import redirect_stderr
+
+    from steelfusion.bench import BenchError, stopped_cleanly
+
+    class Swallow:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    err = io.StringIO()
+    t0 = time.monotonic()
+    with redirect_stderr(err), pytest.raises(BenchError, match="SIGTERM"), stopped_cleanly():
+        Swallow()
+        time.sleep(5)
+    assert time.monotonic() - t0 < 2 and err.getvalue() == "", err.getvalue()
