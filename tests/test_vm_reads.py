@@ -38,6 +38,7 @@ from steelfusion.bench import TgtServer
 from steelfusion.labnet import site_address
 from steelfusion.vm import Guest, Result
 from tests.nodes import lab_at, why_no_netns
+from tests.test_vm_san import guest_image
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.timeout(600),
               pytest.mark.skipif(os.environ.get("STEELFUSION_VM_LONG") != "1",
@@ -142,12 +143,7 @@ def parse(out: str) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, in
 
 
 def test_large_direct_reads_edge_and_tgt(tmp_path: Path) -> None:
-    why = why_not()
-    if why is not None:
-        print(f"\ntests/test_vm_reads.py skipped: {why}", file=sys.stderr)
-        pytest.skip(why)
-    img = vmimage.cached()
-    assert img is not None
+    img = guest_image("tests/test_vm_reads.py", why_not())
     with lab_at(tmp_path / "lab") as lab:
         try:
             data = lab.up(luns=1, lun_size=LUN_SIZE, netns=True, chap=CHAP, timeout=60)

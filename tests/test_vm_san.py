@@ -69,14 +69,20 @@ def why_no_guest() -> str | None:
     return why
 
 
-@pytest.fixture(scope="module")
-def guest() -> Iterator[Guest]:
-    why = why_no_guest()
+def guest_image(test_file: str, why: str | None) -> vmimage.Image:
+    """The cached guest image, or a skip that also prints ``why`` (a skip reason alone is
+    easy to miss in a long run)."""
     if why is not None:
-        print(f"\ntests/test_vm_san.py skipped: {why}", file=sys.stderr)
+        print(f"\n{test_file} skipped: {why}", file=sys.stderr)
         pytest.skip(why)
     img = vmimage.cached()
     assert img is not None
+    return img
+
+
+@pytest.fixture(scope="module")
+def guest() -> Iterator[Guest]:
+    img = guest_image("tests/test_vm_san.py", why_no_guest())
     with Guest(img) as g:
         r = g.run(install_script(), timeout=120)
         assert r.rc == 0, r.output

@@ -28,12 +28,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from steelfusion import netns, vmimage
+from steelfusion import netns
 from steelfusion.topology import CORE_INITIATOR, DEFAULT, Secrets, Topology
 from steelfusion.vm import VM_NS_PREFIX, Guest, GuestNet, Result
 from tests.conftest import ROOT
 from tests.nodes import wait_for
-from tests.test_vm_san import SITE, install_script, why_no_guest
+from tests.test_vm_san import SITE, guest_image, install_script, why_no_guest
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm, pytest.mark.timeout(600),
               pytest.mark.skipif(os.environ.get("STEELFUSION_VM_LONG") != "1",
@@ -48,12 +48,7 @@ NETS = {"a": GuestNet("10.98.1.1", "10.98.1.2", 24, "sfvm1"),
 
 @pytest.fixture(scope="module")
 def guests() -> Iterator[dict[str, Guest]]:
-    why = why_no_guest()
-    if why is not None:
-        print(f"\ntests/test_vm_topology.py skipped: {why}", file=sys.stderr)
-        pytest.skip(why)
-    img = vmimage.cached()
-    assert img is not None
+    img = guest_image("tests/test_vm_topology.py", why_no_guest())
     ns = f"{VM_NS_PREFIX}{os.getpid()}-topo"
     netns.create(ns)
     gs = {k: Guest(img, netns_name=ns, net=n, systemd=True, mem="768M")
