@@ -113,7 +113,7 @@ class EdgeLun:
         (mapped) and discards (deallocated) over it in order. Records pending when asked or
         when answered both count, so a write committed meanwhile is never reported
         deallocated (that would promise zeros, LBPRZ)."""
-        before = [r for r in self.bs.pending[self.lun_id]]
+        before = list(self.bs.pending[self.lun_id])
         got = await self.uplink.allocation(self.lun_id, offset, length)
         recs = {r.seq: r for r in (*before, *self.bs.pending[self.lun_id])}
         spans = [(o, o + n, m) for o, n, m in got]

@@ -197,6 +197,11 @@ class Drill:
             return None
         return st if st.get("ok") else None
 
+    def core_alarms(self, name: str) -> list[str] | None:
+        """The names of a Core's raised alarms; None when it does not answer."""
+        st = self.core_status(name)
+        return None if st is None else [str(a.get("alarm", "")) for a in st.get("alarms") or []]
+
     def cores(self) -> dict[str, dict[str, Any] | None]:
         return {c["name"]: self.core_status(c["name"]) for c in self.data["cores"]}
 
@@ -449,14 +454,12 @@ class Drill:
         self.say(f"heal: {core}'s Journal LUN works again")
 
         def reopened() -> bool:
-            st = self.core_status(core)
-            return bool(st) and not any(str(a.get("alarm", "")).startswith("journal_")
-                                        for a in st.get("alarms") or [])  # type: ignore[union-attr]
+            names = self.core_alarms(core)
+            return names is not None and not any(a.startswith("journal_") for a in names)
         if not self.wait_for(reopened, JOURNAL_REOPEN_WAIT):
-            st = self.core_status(core) or {}
             self.problem(f"fault {f.n}: {core} still has a journal alarm "
                          f"{JOURNAL_REOPEN_WAIT:.0f} s after its Journal LUN works again: "
-                         f"{[a.get('alarm') for a in st.get('alarms') or []]}")
+                         f"{self.core_alarms(core) or []}")
         if suspended:
             self.resume(core, deadline=SETTLE_TIMEOUT)
         return core
@@ -474,8 +477,7 @@ class Drill:
         self.sleep(f.hold)
 
         def alarms() -> list[str]:
-            st = self.core_status(core) or {}
-            return [str(a.get("alarm", "")) for a in st.get("alarms") or []]
+            return self.core_alarms(core) or []
         if not self.wait_for(lambda: any(a.endswith("_storage") for a in alarms()),
                              SAN_ALARM_WAIT):
             self.problem(f"fault {f.n}: {core} raised no storage alarm while {san} was down "
