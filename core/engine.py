@@ -174,7 +174,8 @@ class CoreEngine:
 
     def _save_state(self) -> None:
         self._persist({"role": self.rep.role, "state": self.rep.state.value,
-                       "epoch": self.rep.epoch, "name": self.name, "synced": self.peer_synced})
+                       "epoch": self.rep.epoch, "name": self.name, "synced": self.peer_synced,
+                       "ha": self.cfg.ha})
 
     @property
     def role(self) -> Role:
@@ -764,6 +765,9 @@ class CoreEngine:
             peering.take_diverged(self, link, body)
         elif op == "map":
             self._on_map(link, body)
+        elif op == "terminate" and link.ctx in (LinkKind.MIRROR_IN, LinkKind.PEER_IN,
+                                                  LinkKind.PEER_OUT):
+            operator.terminated_by_peer(self, str(body.get("by")))
         elif not resync.on_control(self, op, body):  # the primary's resync notices
             _log.info("control_notice", peer=link.peer, body=body)
 

@@ -69,6 +69,25 @@ def _check_core_state(cfg: CoreConfig, st: dict[str, Any]) -> None:
                          "sharing or copying one state_dir?)")
 
 
+def _check_ha_change(cfg: CoreConfig, st: dict[str, Any]) -> None:
+    """Seed 002: "HA must be set up before configuring replication" and "after you have
+    configured replication, you cannot clear the Core HA". A pairing that ran with one HA
+    setting refuses to start with another until it is terminated."""
+    was = st.get("ha")
+    if was is None or was == cfg.ha or st.get("state") in ("terminated", "standalone"):
+        return
+    where = cfg.source or "the config"
+    if cfg.ha == "none":
+        raise LunError(f"{where}: Core HA cannot be cleared once replication is configured "
+                       f"(this Core paired as ha = {was!r}; seed 002): terminate replication "
+                       f"first (coredr terminate), or set [replication] ha = {was!r} again")
+    if was == "none":
+        raise LunError(f"{where}: Core HA must be set up before replication is configured "
+                       "(seed 002): this Core is paired without HA; terminate replication "
+                       "(coredr terminate), then configure HA and pair again")
+    # leader <-> follower swaps are a reconfiguration of the pair, allowed
+
+
 class Core(CoreEngine):
     witness: WitnessClient | None
 
@@ -77,7 +96,9 @@ class Core(CoreEngine):
         self.state_dir = Path(cfg.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_file = self.state_dir / "core-state.json"
-        super().__init__(cfg, self._load_state(cfg))
+        state = self._load_state(cfg)
+        _check_ha_change(cfg, state)
+        super().__init__(cfg, state)
         # before applied.state exists: a first start cut short between the two must not look
         # like a Core that lost its core-state.json
         self._save_state()
@@ -230,7 +251,9 @@ class Core(CoreEngine):
             self.event("journal_crash_regions", regions=crashed)
 
     # -- lifecycle ---------------------------------------------------------------
-    async def start(self) -> None:
+    async def start(self, control_port: bool = True) -> None:
+        """Listen, dial, heartbeat. ``control_port`` False: an HA host (:mod:`core.hahost`)
+        serves this Core's control port itself, so that it answers while the Core stands by."""
         host, port = self.cfg.listen
         src = self.cfg.source
         self._server = await listening(
@@ -238,9 +261,10 @@ class Core(CoreEngine):
                    ping_interval=self.cfg.ping_interval, dead_after=self.cfg.dead_after,
                    keyring=self.auth.keyring if self.auth else None, local_name=self.name),
             self.cfg.listen, "[core] listen", src)
-        self._control = await listening(control.serve(*self.cfg.control,
-                                                      self._control_handlers()),
-                                        self.cfg.control, "[core] control", src)
+        if control_port:
+            self._control = await listening(control.serve(*self.cfg.control,
+                                                          self._control_handlers()),
+                                            self.cfg.control, "[core] control", src)
         await metrics.start_http(self.cfg, self._http, lambda: [metrics.CoreCollector(self)],
                                  self._console_view,
                                  lambda reg: metrics.fdatasync_histogram(self, reg))
@@ -555,9 +579,12 @@ class Core(CoreEngine):
     # -- outbound connections -------------------------------------------------------
     async def _peer_dialler(self, idx: int, iface: str) -> None:
         assert self.cfg.peer is not None
-        host, port = self.cfg.peer
+        # the peer, then where its HA partner serves it after a takeover (Core HA, issue 16)
+        addrs = [self.cfg.peer, *self.cfg.peer_alternates]
+        turn = 0
         backoff = 0.2
         while True:
+            host, port = addrs[turn % len(addrs)]
             hello = Hello(self.name, self.role, "replication", self.epoch,
                           {lun: p.store.size for lun, p in self.pipes.items()},
                           {"interface": iface, "index": idx, "state": self.rep.state.value,
@@ -569,15 +596,18 @@ class Core(CoreEngine):
                                   dead_after=self.cfg.dead_after,
                                   key=self.auth.key if self.auth else None)
             except (TimeoutError, OSError) as e:
-                _log.debug("peer_dial_failed", peer=format_addr(self.cfg.peer), error=str(e))
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
+                _log.debug("peer_dial_failed", peer=format_addr((host, port)), error=str(e))
+                turn += 1
+                if turn % len(addrs) == 0:
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
                 continue
             link.ctx = LinkKind.PEER_OUT
             self.peer_out[idx] = link
             await link.closed.wait()
             self.peer_out.pop(idx, None)
             if link.close_reason.startswith("refused"):
+                turn += 1  # e.g. an HA partner's takeover address that no longer serves it
                 await asyncio.sleep(1.0)
             backoff = 0.2
             await asyncio.sleep(0.1)

@@ -24,6 +24,7 @@ from core import peering
 from core.replication import Event, Refused, Rep, Role, State, step
 from core.resync import Progress
 from steelfusion import control
+from steelfusion.wire import Control
 from witness.logic import Decision
 
 # the Witness client's reasons when no answer came (witness.client): nothing was decided
@@ -215,6 +216,17 @@ def terminate_apply(core: OperatorEngine) -> dict[str, Any]:
         raise control.ControlError(f"cannot terminate while {core.rep.state.value}",
                                    "bad-state")
     for lk in [*core.peer_out.values(), *core.peer_in, *core.mirror_in]:
+        # the peer ends the pairing too (seed: terminating on an HA primary ends FusionSync
+        # on all four nodes; a pairing is never half over)
+        lk.send(Control({"op": "terminate", "by": core.name}))
         lk.refuse("terminated", f"replication terminated on {core.name}")
     return {"state": core.rep.state.value}
 
+
+
+def terminated_by_peer(core: OperatorEngine, by: str) -> None:
+    """The peer Core terminated the pairing: end it here too."""
+    if core.rep.state in (State.TERMINATED, State.STANDALONE):
+        return
+    if core._fire(Event.TERMINATE):
+        core.event("terminated_by_peer", peer=by)

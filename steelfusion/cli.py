@@ -144,6 +144,11 @@ def core_run(config: str, quiet: bool) -> None:
     from core.node import run
 
     cfg = _load(CoreConfig, config)
+    if cfg.ha != "none":  # an HA pair's Core (issue 16): core/hahost.py runs it
+        from core import hahost
+
+        _serve("core", cfg, quiet, lambda: hahost.run(cfg), (LunError, ConfigError))
+        return
     _serve("core", cfg, quiet, lambda: run(cfg), (LunError,))
 
 
@@ -282,7 +287,8 @@ WORKDIR = click.option("--workdir", required=True, type=click.Path(),
 @WORKDIR
 @click.option("--luns", default=1, show_default=True, help="LUNs per Edge (1..256).")
 @click.option("--lun-size", default="1G", show_default=True, type=LUN_SIZE, help=LUN_SIZE_HELP)
-@click.option("--edges", default=1, show_default=True, help="Number of Edges.")
+@click.option("--edges", default=None, type=int,
+              help="Number of Edges  [default: 1; 2 with --ha]")
 @click.option("--reserve", default="256M", show_default=True, type=SIZE,
               help="Each Edge's write reserve: uncommitted bytes before host writes wait "
                    "(at least 4M).")
@@ -297,16 +303,20 @@ WORKDIR = click.option("--workdir", required=True, type=click.Path(),
 @click.option("--san", type=click.Choice(["tgt"]), default=None,
               help="Each data center gets a storage array (tgtd: lab nodes san-a, san-b) "
                    "holding its Core's LUNs and Journal LUN, reached over iSCSI.")
+@click.option("--ha", is_flag=True,
+              help="Core HA (loopback; implies --san tgt): core-a1/core-a2 in dc-a and "
+                   "core-b1/core-b2 in dc-b, each pair sharing its data center's array; Edges "
+                   "spread over core-a1 and core-a2.")
 @click.option("--json", "as_json", is_flag=True, help="Print lab.json.")
 @_lab_errors
-def lab_up(workdir: str, luns: int, lun_size: int, edges: int, reserve: int,
+def lab_up(workdir: str, luns: int, lun_size: int, edges: int | None, reserve: int,
            witness_in_edge: bool, netns: bool, journal_faults: bool, san: str | None,
-           as_json: bool) -> None:
+           ha: bool, as_json: bool) -> None:
     """Start a lab and return when every node is ready."""
     lab_ = _lab(workdir)
     data = lab_.up(luns=luns, lun_size=lun_size, edges=edges, reserve=reserve,
                    witness_in_edge=witness_in_edge, netns=netns,
-                   journal_faults=journal_faults, san=san)
+                   journal_faults=journal_faults, san=san, ha=ha)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -319,11 +329,14 @@ def lab_up(workdir: str, luns: int, lun_size: int, edges: int, reserve: int,
     where = f"inside {w['embedded_in']}" if w.get("embedded_in") else f"pid {w['pid']}"
     click.echo(f"  witness  {w['address']}  control {w['control']}  {where}{ns(w)}")
     for c in data["cores"]:
+        pair = (f"  ({c['ha']} in {c['datacenter']}, partner {c['partner']}, {c['pair']})"
+                if c.get("ha") else "")
         click.echo(f"  {c['name']:<8} {c['role']:<9} control {c['control']}  pid {c['pid']}"
-                   f"{ns(c)}")
+                   f"{ns(c)}{pair}")
     for k in data.get("sans", []):
+        whose = " and ".join(k.get("cores") or [k["core"]])
         click.echo(f"  {k['name']:<8} array    portal {k['portal']}  pid {k['pid']}  "
-                   f"({k['core']}'s LUNs and Journal LUN; `lab kill {k['name']}` is its outage)")
+                   f"({whose}'s LUNs and Journal LUN; `lab kill {k['name']}` is its outage)")
     for k in data.get("disks", []):
         click.echo(f"  {k['name']}  {k['mount']}  pid {k['pid']}  (`steelfusion lab journal "
                    f"{k['core']} --full` makes it fail)")

@@ -406,6 +406,27 @@ class CoreConfig(_NodeFile):
     pair: str = field(default="pair-1", metadata=toml("replication.pair", STR))
     # Core HA role here (must match the peer's)
     ha: str = field(default="none", metadata=toml("replication.ha", Choice(HA_ROLES)))
+    # where this Core's HA partner serves the peer's LUNs after a takeover (Core HA, issue 16):
+    # the dialler tries ``peer`` first, then these
+    peer_alternates: tuple[tuple[str, int], ...] = field(
+        default=(), metadata=toml("replication.peer_alternates", Addrs(dial=True)))
+    # Core HA (issue 16, seed "FusionSync and Core HA"): the partner Core in this data
+    # center, its config (to take its LUNs over), the HA heartbeat link, and where this Core
+    # serves the partner's LUNs and control after a takeover
+    ha_partner: str | None = field(default=None, metadata=toml("ha.partner", STR))
+    ha_datacenter: str | None = field(default=None, metadata=toml("ha.datacenter", STR))
+    ha_listen: tuple[str, int] | None = field(default=None, metadata=toml("ha.listen", ADDR))
+    ha_partner_address: tuple[str, int] | None = field(
+        default=None, metadata=toml("ha.partner_address", DIAL))
+    ha_partner_config: str | None = field(default=None, metadata=toml("ha.partner_config", STR))
+    ha_takeover_listen: tuple[str, int] | None = field(
+        default=None, metadata=toml("ha.takeover_listen", ADDR))
+    ha_takeover_control: tuple[str, int] | None = field(
+        default=None, metadata=toml("ha.takeover_control", ADDR))
+    # seconds the partner must be unreachable (after dead_after) before a takeover; the
+    # follower adds this again, so in a split the leader fences first
+    ha_takeover_grace: float = field(default=1.0, metadata=toml("ha.takeover_grace", SECONDS,
+                                                             needs="partner"))
     # a new pair copies every LUN to the replica first
     initial_sync: bool = field(default=True, metadata=toml("replication.initial_sync", BOOL))
     # seconds between online verifies (and after each resync)
@@ -447,6 +468,44 @@ class CoreConfig(_NodeFile):
             raise bad("[journal]", "path", f"{self.journal_path} is also the path of "
                                            f"{paths[_norm(self.journal_path)]}")
         _timers(bad, "[core]", self.ping_interval, self.dead_after)
+        _check_ha(bad, self)
+
+
+HA_KEYS = ("partner", "datacenter", "listen", "partner_address", "partner_config",
+           "takeover_listen", "takeover_control")
+
+
+def _check_ha(bad: _Errors, c: CoreConfig) -> None:
+    """Core HA needs all of ``[ha]`` and its LUNs on the array (fencing is SCSI-3 persistent
+    reservations, steelfusion/fence.py); without HA, no ``[ha]`` at all."""
+    from steelfusion.blockdev import is_san
+
+    given = [k for k in HA_KEYS if getattr(c, f"ha_{k}") is not None]
+    if c.ha == "none":
+        if given:
+            raise bad("[ha]", given[0], "set [replication] ha = \"leader\" or \"follower\" "
+                                        "to use Core HA, or remove the [ha] table")
+        return
+    for k in HA_KEYS:
+        if getattr(c, f"ha_{k}") is None:
+            raise bad("[ha]", k, f"required with [replication] ha = {c.ha!r}")
+    if c.ha_partner == c.name:
+        raise bad("[ha]", "partner", "names this Core itself; give the other Core of the pair")
+    own = [("[core] listen", c.listen), ("[core] control", c.control)]
+    for key in ("listen", "takeover_listen", "takeover_control"):
+        a = getattr(c, f"ha_{key}")
+        for what, b in own:
+            if _clash(a, b):
+                raise bad("[ha]", key, f"{format_addr(a)} is also {what}")
+        own.append((f"[ha] {key}", a))
+    for i, lu in enumerate(c.luns):
+        if not is_san(lu.path):
+            raise bad(f"[[lun]] #{i + 1}", "path", "Core HA needs the LUN on the array "
+                      "(iscsi://...): the partner must reach it, and fencing uses SCSI-3 "
+                      "persistent reservations")
+    if c.journal_path is None or not is_san(c.journal_path):
+        raise bad("[journal]", "path", "Core HA needs the pair's shared Journal LUN on the "
+                  "array (iscsi://...#part=1/2 for one Core, #part=2/2 for the other)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,9 @@ CODES: dict[str, str] = {
     "unknown-command": "the node has no such command (an old Core?)",
     "bad-request": "the request was malformed",
     "internal-error": "the node failed to run the command; see its log",
+    "not-leader": "Core HA: suspend, resume, failover and terminate run on the HA leader "
+                  "(``leader`` names it)",
+    "standby": "Core HA: this Core stands by; its partner serves its LUNs",
     "refused": "any other refusal (the reason says why)",
 }
 

@@ -294,6 +294,20 @@ def status(ctx: click.Context, as_json: bool) -> None:
         if n.get("expected"):
             fields.append((f"  via {iface}", f"{n['established']}/{n['expected']} "
                                              "outbound replication connections"))
+    ha = st.get("ha")
+    if ha:  # Core HA (issue 16)
+        fields.append(("HA", f"{ha['configured']} in {ha.get('datacenter') or '-'}, "
+                             f"{ha['mode']}; acting leader {ha['leader']}"))
+        fields.append(("  partner", f"{ha['partner']} "
+                                    f"{'up (' + str(ha['partner_mode']) + ')' if ha['partner_up'] else 'unreachable'}"
+                                    f", control {ha.get('partner_control') or '-'}"))
+        h = ha.get("hosted")
+        if h:
+            conn = ", ".join(f"{i} {n['established']}/{n['expected']}"
+                             for i, n in (h.get("connections") or {}).items())
+            fields.append(("  serving", f"{h['name']}'s LUNs {h['luns']} ({h['role']}, "
+                                        f"{h['replication']}) on {h['listen']}, control "
+                                        f"{h['control']}; replication {conn or '-'}"))
     prog = st.get("resync")
     if prog:
         fields.append(("Resync", f"{format_size(prog['bytes_done'])}/"
@@ -330,10 +344,11 @@ def alarms(ctx: click.Context, as_json: bool) -> None:
             click.echo(f"{a['alarm']}: {a['message']}")
 
 
-def _simple(ctx: click.Context, cmd: str, as_json: bool, *, part: str | None = None) -> Any:
+def _simple(ctx: click.Context, cmd: str, as_json: bool, *, part: str | None = None,
+            **args: Any) -> Any:
     """The Core's reply to ``cmd`` (or its ``part``), printed as it is for ``--json``."""
     _json_mode(ctx, as_json)
-    out = _call(ctx, cmd)
+    out = _call(ctx, cmd, **args)
     if part is not None:
         out = out[part]
     if as_json:
@@ -342,7 +357,15 @@ def _simple(ctx: click.Context, cmd: str, as_json: bool, *, part: str | None = N
 
 
 def _said(out: dict[str, Any]) -> str:
-    return f"replication {'already ' if out.get('already') else ''}{out['state']}"
+    said = f"replication {'already ' if out.get('already') else ''}{out['state']}"
+    cores = out.get("cores")
+    if cores and len(cores) > 1:  # an HA leader ran it on every Core of the pair
+        said += "".join(f"\n  {name}: " + (f"refused ({r['refused']}): {r['reason']}"
+                                           if "refused" in r else
+                                           f"{'already ' if r.get('already') else ''}"
+                                           f"{r.get('state')}")
+                        for name, r in cores.items())
+    return said
 
 
 @main.command()
@@ -472,6 +495,35 @@ def terminate(ctx: click.Context, yes: bool, as_json: bool) -> None:
     out = _simple(ctx, "terminate", as_json)
     if not as_json:
         click.echo(_said(out))
+
+
+@main.command("ha")
+@click.argument("action", type=click.Choice(["status", "takeover"]), default="status")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (takeover).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def ha_cmd(ctx: click.Context, action: str, yes: bool, as_json: bool) -> None:
+    """Core HA: this Core's view of its pair, or take the partner's LUNs over.
+
+    ``takeover`` fences the partner on the shared LUNs and serves its LUNs here: for a
+    standby Core whose partner is down for good (the automatic takeover never starts from
+    standby).
+    """
+    _json_mode(ctx, as_json)
+    _check(ctx)
+    if action == "takeover" and not yes and not as_json:
+        try:
+            click.confirm("Fence the HA partner on the array and serve its LUNs here?",
+                          abort=True)
+        except click.Abort:
+            raise click.ClickException("not confirmed: nothing taken over") from None
+    out = _simple(ctx, "ha", as_json, part="ha", action=action)
+    if as_json:
+        return
+    click.echo(f"{out['mode']} ({out['configured']}), acting leader {out['leader']}, "
+               f"partner {out['partner']} {'up' if out['partner_up'] else 'unreachable'}, "
+               f"serving the partner's LUNs: {'yes' if out['hosting_partner'] else 'no'}"
+               + (f" ({out['why']})" if out.get("why") else ""))
 
 
 @main.group(cls=_OneLineGroup)

@@ -58,6 +58,18 @@ PR_TIMEOUT = 30.0  # seconds a PERSISTENT RESERVE waits (after the writes queued
 SIZE_REFRESH_S = 5.0
 _log = log.get("sandev")
 
+_ha_key: int | None = None
+"""The reservation key this process registers every SAN session it opens with (Core HA,
+issue 16: :mod:`core.hahost` sets it once the HA pair has joined the shared LUNs)."""
+
+
+def register_new_sessions(key: int | None) -> None:
+    """From now on each :meth:`IscsiDevice.open` registers its session with ``key`` — unless
+    the key is no longer listed on the LUN (a partner preempted it: this Core is fenced and
+    must not undo that by registering a new session; the device then says so)."""
+    global _ha_key
+    _ha_key = key
+
 
 SENSE_KEYS = {0x2: "NOT READY", 0x3: "MEDIUM ERROR", 0x4: "HARDWARE ERROR",
               0x5: "ILLEGAL REQUEST", 0x6: "UNIT ATTENTION", 0x7: "DATA PROTECT",
@@ -147,11 +159,22 @@ class IscsiDevice:
         try:
             dev._call(client.connect(), timeout, "login")
             dev._set_size(dev._call(client.capacity(), timeout, "READ CAPACITY"))
+            if _ha_key is not None:
+                dev._join(_ha_key, timeout)
         except OSError:
             dev._stop_loop()
             raise
         _log.info("san_lun_opened", url=redact(url), size=dev._size)
         return dev
+
+    def _join(self, key: int, timeout: float) -> None:
+        """A new session of an HA Core: registered if the key is still listed (steelfusion/
+        iscsi/client.py ``keep_registration``), else it stays out and the device is fenced."""
+        self._call(self._client.keep_registration(key), timeout, "PERSISTENT RESERVE (join)")
+        if self._client.pr_lost:
+            self._fenced = (f"{redact(self.path)}: this Core's reservation key 0x{key:016x} was "
+                            "preempted by its HA partner (fenced)")
+            _log.error("san_lun_fenced", url=redact(self.path), action="open")
 
     def _call(self, coro: Coroutine[Any, Any, T], timeout: float, action: str) -> T:
         fut = asyncio.run_coroutine_threadsafe(coro, self._loop)

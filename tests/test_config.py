@@ -25,6 +25,7 @@ from steelfusion.config import (
     CHAP_SECRET_MIN,
     STR,
     Addr,
+    Addrs,
     AuthConfig,
     Bool,
     Choice,
@@ -393,7 +394,9 @@ ON_DISK: dict[type, dict[str, set[str]]] = {
         "core": {"name", "role", "listen", "control", "state_dir", "log_file", "ping_interval",
                  "dead_after"},
         "replication": {"peer", "interfaces", "witness", "window", "pair", "ha", "initial_sync",
-                        "verify_interval", "verify_rate"},
+                        "verify_interval", "verify_rate", "peer_alternates"},
+        "ha": {"partner", "datacenter", "listen", "partner_address", "partner_config",
+               "takeover_listen", "takeover_control", "takeover_grace"},
         "journal": {"path", "size"},
         "[[lun]]": {"id", "path", "size"},
         "metrics": {"listen"},
@@ -521,6 +524,8 @@ def _kind(kind: Kind) -> st.SearchStrategy[Any]:
             return st.sampled_from(options)
         case Addr(dial=dial):
             return _addr(dial)
+        case Addrs(dial=dial):
+            return st.lists(_addr(dial), max_size=3, unique=True).map(tuple)
         case Size(positive=positive, multiple=m, least=least):
             return st.integers(-(-max(least, int(positive)) // m), (1 << 40) // m).map(
                 lambda n: n * m)
@@ -585,6 +590,8 @@ def _valid_core(c: CoreConfig) -> CoreConfig:
     return dataclasses.replace(
         c, luns=luns, journal_path=journal, journal_size=c.journal_size if journal else 0,
         peer=None if c.peer == c.listen else c.peer, interfaces=c.interfaces or ("127.0.0.1",),
+        # Core HA needs iscsi:// LUNs and all of [ha]: its rules have tests of their own
+        ha="none", ha_takeover_grace=1.0, **{f"ha_{k}": None for k in config.HA_KEYS},
         **_timers(c), **_valid_observe(c, c.listen, c.control))
 
 

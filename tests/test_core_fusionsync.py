@@ -140,14 +140,10 @@ def test_initial_sync_copies_the_whole_lun(tmp_path: Path) -> None:
         assert '"resync_done"' in a.log_events()
 
 
-@pytest.mark.parametrize("case", ["ha", "own-lun"])
+@pytest.mark.parametrize("case", ["own-lun"])  # ha-mismatch: tests/test_ha_logic.py
 def test_pairing_checks_refuse_with_reason(tmp_path: Path, case: str) -> None:
-    if case == "ha":
-        a, b = make_cores(tmp_path, {1: 8 * MiB}, ha=("leader", "none"))
-        code = "ha-mismatch"
-    else:
-        a, b = make_cores(tmp_path, {1: 8 * MiB}, replica_luns={1: 8 * MiB, 9: 8 * MiB})
-        code = "secondary-has-luns"
+    a, b = make_cores(tmp_path, {1: 8 * MiB}, replica_luns={1: 8 * MiB, 9: 8 * MiB})
+    code = "secondary-has-luns"
     with running(a, b):
         wait_for(lambda: pairing_refused(a, b, code), 20, f"a pairing_refused alarm with {code}")
         assert st(a)["replication"] != "running"

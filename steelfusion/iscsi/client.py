@@ -738,6 +738,20 @@ class IscsiClient:
         finally:
             self._reconnect = None
 
+    async def keep_registration(self, key: int) -> None:
+        """Right after login: register this session with ``key`` if the key is still
+        listed on the LUN, else remember it as lost (:attr:`pr_lost`: preempted, fenced).
+        A LUN with no registration at all is a fresh (or restarted) array: register."""
+        done = await self._run(_Op(next(self._seq), "PR IN READ KEYS",
+                                   cdbs.pr_in(cdbs.PrIn.READ_KEYS), read_length=8192))
+        keys = cdbs.parse_read_keys(done.data)[1]
+        if keys and key not in keys:
+            self.pr_key, self.pr_lost = None, True
+            self._log.warning("iscsi_client_registration_gone", key=f"0x{key:016x}",
+                              why="not listed at login: preempted (fenced)")
+            return
+        await self.pr_register(key)
+
     async def _keep_registration(self) -> bool:
         """After a new login, before any command is re-sent: is this I_T nexus still
         registered with :attr:`pr_key`? SPC-4 (§5.13.7) keeps a registration across a new
