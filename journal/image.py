@@ -34,11 +34,15 @@ from journal.errors import (
     JournalUnsupported,
 )
 from steelfusion.blockdev import Device
+from steelfusion.partdev import PartError, PartTableError
 
 
 def io_error(e: OSError, path: str | Path, action: str) -> JournalError:
     """Map an OSError to the alarm the operator needs (translate at the layer boundary)."""
-    what = f"Journal LUN {path}: {action} failed: {os.strerror(e.errno) if e.errno else e}"
+    if isinstance(e, PartTableError):
+        return JournalCorrupt(f"Journal LUN {e.strerror}")
+    why = e.strerror if isinstance(e, PartError) else os.strerror(e.errno) if e.errno else e
+    what = f"Journal LUN {path}: {action} failed: {why}"
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return JournalFull(f"{what}; the backing store is out of space - free or grow the "
                            "storage under the Journal LUN")

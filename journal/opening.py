@@ -6,6 +6,10 @@ Shared by :meth:`journal.journal.Journal.open` and the tools in :mod:`journal`
 002, "Journal LUN metrics": at least 1 GiB of metadata plus 2 GiB per
 protected LUN; shrinking raises an alarm); every failure is a
 :class:`~journal.errors.JournalError` carrying that alarm.
+
+A path may end in ``#part=K/N``: the HA pair's shared Journal LUN (seed 002, "FusionSync
+and Core HA"), each Core's journal in its own fixed part (:mod:`steelfusion.partdev`). A
+part is never created, never grows, and each of its size rules names the part.
 """
 
 from __future__ import annotations
@@ -16,17 +20,33 @@ from journal import layout as L
 from journal.errors import JournalError, JournalShrunk, JournalTooSmall, JournalUnreachable
 from journal.image import Blank, Image, Version1, format_dev, io_error, load
 from steelfusion import log
-from steelfusion.blockdev import Device, DeviceBusy, FileDevice, create_file, is_san, open_device
+from steelfusion.blockdev import (
+    Device,
+    DeviceBusy,
+    FileDevice,
+    create_file,
+    is_san,
+    open_device,
+    parse_part,
+)
+from steelfusion.partdev import PartDevice
 
 _log = log.get("journal")
 
 
 def too_small(path: str | Path, size: int, luns: int) -> JournalTooSmall:
     need = L.required_size(luns)
+    part = parse_part(path)[1]
+    if part is None:
+        fix = "grow the Journal LUN"
+    else:
+        fix = (f"a part never grows once its Journal LUN is in use, so the {part[1]} parts "
+               f"need a Journal LUN of at least {part[1]} x {need / L.GIB:.0f} GiB + 1 MiB: "
+               "grow it before first use, or give the HA pair a new blank one")
     return JournalTooSmall(
         f"Journal LUN {path} is {size / L.GIB:.1f} GiB; {luns} protected LUN(s) need at least "
-        f"{need / L.GIB:.0f} GiB (1 GiB + 2 GiB per LUN); grow "
-        "the Journal LUN - the replication service does not start until it is large enough",
+        f"{need / L.GIB:.0f} GiB (1 GiB + 2 GiB per LUN); {fix} - the replication service "
+        "does not start until it is large enough",
         size=size, need=need, luns=luns)
 
 
@@ -38,13 +58,24 @@ def shrunk(path: str | Path, recorded: int, actual: int) -> JournalShrunk:
 
 def open_dev(path: str, size: int, need: int) -> Device:
     """Open read-write, creating a sparse file of ``size`` when missing (a file path only:
-    a block device or a SAN LUN must exist)."""
+    a block device, a SAN LUN or a ``#part=K/N`` of any of them must exist). A part not
+    yet in use that is too small is refused before anything is written to the LUN."""
+    base, part = parse_part(path)
     try:
-        return open_device(path)
+        dev = open_device(path)
     except FileNotFoundError:
-        pass
+        if part is not None:
+            raise JournalUnreachable(f"Journal LUN {path}: {base} does not exist; a part of a "
+                                     "shared Journal LUN is never created - map the LUN (or "
+                                     "create the file) first") from None
     except OSError as e:
         raise io_error(e, path, "opening") from None
+    else:
+        if isinstance(dev, PartDevice) and not dev.recorded and dev.part_len < need:
+            # refused before anything is written: the LUN can still be grown and split again
+            dev.close()
+            raise too_small(path, dev.part_len, (need - L.META_BYTES) // L.SLOT_AREA_BYTES)
+        return dev
     if size <= 0 or path.startswith("/dev/") or is_san(path):
         raise JournalUnreachable(f"Journal LUN {path} does not exist; map the LUN or configure "
                                  f"[journal] size (at least {need / L.GIB:.0f} GiB) to create a "
@@ -62,8 +93,9 @@ def lock_dev(dev: Device, path: str) -> None:
     try:
         dev.lock()
     except DeviceBusy:
+        mine = "Journal LUN" if parse_part(path)[1] is None else "part of the shared Journal LUN"
         raise JournalError(f"Journal LUN {path} is in use by another process (or opened twice); "
-                           "each Core needs its own Journal LUN", alarm="journal_busy") from None
+                           f"each Core needs its own {mine}", alarm="journal_busy") from None
     except OSError as e:
         raise io_error(e, path, "locking") from None
 

@@ -7,7 +7,10 @@ journal ``path`` may be:
 * a file (the lab's default) or a block device, for example one that the host's open-iscsi
   made: :class:`FileDevice`;
 * ``iscsi://[user%secret@]host:port/iqn/lun``, reached by the Core's own initiator
-  (:mod:`steelfusion.iscsi.client`): :class:`steelfusion.sandev.IscsiDevice`.
+  (:mod:`steelfusion.iscsi.client`): :class:`steelfusion.sandev.IscsiDevice`;
+* any of those with a ``#part=K/N`` suffix: the K-th of N fixed parts of it
+  (:class:`steelfusion.partdev.PartDevice`). The two Cores of an HA pair share one Journal
+  LUN per data center (seed 002, "FusionSync and Core HA"), each Core in its own part.
 
 Both have the same small, blocking interface, which is what the LUN store and the journal
 always did with a file descriptor. ``pwrite`` may only queue the write: an error shows up
@@ -29,6 +32,8 @@ from typing import Protocol
 from steelfusion.fileio import allocation, deallocate, pread_full, pwrite_all, pwritev_all
 
 ISCSI_SCHEME = "iscsi://"
+PART_SUFFIX = "#part="
+PARTS_MAX = 16
 
 
 class DeviceBusy(OSError):
@@ -136,22 +141,65 @@ class FileDevice:
 
 
 def is_san(path: str | Path) -> bool:
+    """An ``iscsi://`` URL, with or without a ``#part=K/N`` suffix."""
     return str(path).startswith(ISCSI_SCHEME)
 
 
-def open_device(path: str | Path, *, readonly: bool = False) -> Device:
-    """Open an existing file, block device or SAN LUN (FileNotFoundError if there is none)."""
+def parse_part(path: str | Path) -> tuple[str, tuple[int, int] | None]:
+    """``(base path, (k, n))`` for ``base#part=K/N``, ``(path, None)`` without a suffix.
+
+    A ``#`` may be part of a file's name, so only a fragment that starts with ``part``
+    is a suffix (and must then be well formed); an ``iscsi://`` URL has no other use for
+    ``#``. Raises ValueError, saying what is wrong, for a bad suffix.
+    """
     p = str(path)
+    base, sep, frag = p.rpartition("#")
+    if not sep or not (is_san(p) or frag.lower().startswith("part")):
+        return p, None
+    want = f"want {PART_SUFFIX}K/N with whole numbers 1 <= K <= N <= {PARTS_MAX}"
+    if not frag.startswith(PART_SUFFIX[1:]):
+        raise ValueError(f"bad suffix '#{frag}' on a device path: {want}")
+    k_s, slash, n_s = frag[len(PART_SUFFIX) - 1:].partition("/")
+    if not (slash and k_s.isascii() and k_s.isdigit() and n_s.isascii() and n_s.isdigit()):
+        raise ValueError(f"bad part suffix '#{frag}': {want}")
+    k, n = int(k_s), int(n_s)
+    if not 1 <= n <= PARTS_MAX:
+        raise ValueError(f"bad part suffix '#{frag}': N must be 1 to {PARTS_MAX} (got {n})")
+    if not 1 <= k <= n:
+        raise ValueError(f"bad part suffix '#{frag}': K must be 1 to N={n} (got {k})")
+    if not base or base == ISCSI_SCHEME or (is_san(base) and "#" in base):
+        raise ValueError(f"bad device path before '#{frag}': {want} after one device path")
+    return base, (k, n)
+
+
+def open_device(path: str | Path, *, readonly: bool = False) -> Device:
+    """Open an existing file, block device or SAN LUN (FileNotFoundError if there is none),
+    or a ``#part=K/N`` of one (:class:`steelfusion.partdev.PartDevice`)."""
+    p, part = parse_part(path)
     if is_san(p):
         from steelfusion.sandev import IscsiDevice
 
-        return IscsiDevice.open(p)
-    fd = os.open(p, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
-    return FileDevice(p, fd)
+        dev: Device = IscsiDevice.open(p)
+    else:
+        fd = os.open(p, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        dev = FileDevice(p, fd)
+    if part is None:
+        return dev
+    from steelfusion.partdev import PartDevice
+
+    try:
+        return PartDevice.open(str(path), dev, *part)
+    except BaseException:
+        dev.close()
+        raise
 
 
 def create_file(path: str | Path, size: int, mode: int = 0o600) -> FileDevice:
-    """A new sparse file of ``size`` bytes (FileExistsError if one is there)."""
+    """A new sparse file of ``size`` bytes (FileExistsError if one is there). Never for a
+    ``#part=K/N`` path: a part of a LUN that is not there cannot be made by creating one."""
+    if parse_part(path)[1] is not None:
+        raise ValueError(f"{path}: a part of a LUN is never created; the LUN "
+                         f"{parse_part(path)[0]} must exist")
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
