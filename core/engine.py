@@ -614,7 +614,7 @@ class CoreEngine:
     # -- primary: mirroring ---------------------------------------------------------
     def _mirror(self, lun: int, p: LunPipe, w: Write) -> None:
         link = self._mirror_link_for(lun, p)  # (a new link gets the queue first)
-        copy = p.queue_copy(lun, w)
+        copy = p.queue_copy(lun, w, self.mono())
         if link is not None:
             link.send(copy)
         self._check_paused()
@@ -662,7 +662,7 @@ class CoreEngine:
 
     def _mirror_acked_to(self, lun: int, p: LunPipe, seq: int) -> None:
         j = self.journal
-        for w in p.mirror_acked_to(seq):
+        for w in p.mirror_acked_to(seq, self.mono()):
             if j is not None:
                 with contextlib.suppress(Exception):
                     j.peer_acked(lun, w.offset, w.extent)

@@ -267,7 +267,7 @@ class Core(CoreEngine):
                                             self.cfg.control, "[core] control", src)
         await metrics.start_http(self.cfg, self._http, lambda: [metrics.CoreCollector(self)],
                                  self._console_view,
-                                 lambda reg: metrics.fdatasync_histogram(self, reg))
+                                 lambda reg: metrics.core_histograms(self, reg))
         self._start_diallers()
         if self.cfg.witness:
             from witness.client import WitnessClient

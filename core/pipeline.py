@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -105,6 +106,9 @@ class LunPipeline(Generic[B]):
     mirror_top: int = 0  # highest seq queued for the peer (it cannot acknowledge more)
     mirror_hole: bool = False  # writes applied but not mirrored since the last copy
     hole_seq: int = 0  # the newest write the peer gets by resync, not by mirror
+    # mirror round trip (issue 15): set by steelfusion.metrics; while None nothing is timed
+    on_mirror_rtt: Callable[[float], None] | None = None
+    mirror_sent: deque[tuple[int, float]] = field(default_factory=deque)  # (seq, queued at)
     # resync (primary side)
     resync_regions: deque[int] = field(default_factory=deque)
     resync_inflight: deque[tuple[int, int, bool, int]] = field(default_factory=deque)
@@ -139,6 +143,7 @@ class LunPipeline(Generic[B]):
         self.hole = None
         self.issued.clear()
         self.mirror_q.clear()
+        self.mirror_sent.clear()
         self.mirror_bytes = 0
 
     # -- upstream ----------------------------------------------------------------------
@@ -223,8 +228,20 @@ class LunPipeline(Generic[B]):
             self.mirror_hole = True
             self.hole_seq = max(self.hole_seq, w.seq)
 
-    def queue_copy(self, lun: int, w: Write) -> Write:
-        """The copy of ``w`` for the secondary, queued until it acknowledges it."""
+    def queue_copy(self, lun: int, w: Write, now: float | None = None) -> Write:
+        """The copy of ``w`` for the secondary, queued until it acknowledges it.
+
+        ``now`` (monotonic seconds) is when it is queued, sent at once while a mirror
+        link is up: kept while metrics time the mirror round trip. A resend of the queue
+        keeps the first time (the latency the write saw), so an ACK after a reconnection
+        observes each copy once.
+        """
+        if now is not None and self.on_mirror_rtt is not None:
+            sent = self.mirror_sent
+            if not self.mirror_q:
+                sent.clear()  # times of copies dropped since (a demotion clears the queue)
+            if not sent or w.seq > sent[-1][0]:
+                sent.append((w.seq, now))
         flags = WriteFlags.MIRROR | (w.flags & (WriteFlags.FUA | WriteFlags.DISCARD))
         if self.mirror_hole:
             flags |= WriteFlags.HOLE_RESYNCED
@@ -239,14 +256,26 @@ class LunPipeline(Generic[B]):
         """An ACK from the peer may only cover what was sent to it."""
         return seq <= max(self.mirror_top, self.mirror_acked)
 
-    def mirror_acked_to(self, seq: int) -> list[Write]:
-        """The peer has everything up to ``seq`` durable: release those copies."""
+    def mirror_acked_to(self, seq: int, now: float | None = None) -> list[Write]:
+        """The peer has everything up to ``seq`` durable: release those copies.
+
+        With ``now``, each released copy that was timed reports its round trip to
+        :attr:`on_mirror_rtt`; a duplicate ACK releases nothing and reports nothing.
+        """
         self.mirror_acked = max(self.mirror_acked, seq)
         out = []
         while self.mirror_q and self.mirror_q[0].seq <= self.mirror_acked:
             w = self.mirror_q.popleft()
             self.mirror_bytes -= len(w.data)
             out.append(w)
+        sent = self.mirror_sent
+        if sent:
+            seen = self.on_mirror_rtt
+            top = out[-1].seq if out else 0  # only copies released now: never a stale time
+            while sent and sent[0][0] <= self.mirror_acked:
+                s, t = sent.popleft()
+                if s <= top and seen is not None and now is not None:
+                    seen(now - t)
         return out
 
     def drop_copies(self) -> list[Write]:
@@ -256,6 +285,7 @@ class LunPipeline(Generic[B]):
             self.mirror_hole = True
             self.hole_seq = max(self.hole_seq, out[-1].seq)
         self.mirror_q.clear()
+        self.mirror_sent.clear()
         self.mirror_bytes = 0
         self.mirror_link = None
         return out

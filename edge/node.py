@@ -236,7 +236,8 @@ class Edge:
                                    listen_key=self.witness_key, source=src)
             await self.witness.start()
         if await metrics.start_http(self.cfg, self._http, lambda: [metrics.EdgeCollector(self)],
-                                    self._console_view) is not None:
+                                    self._console_view,
+                                    lambda reg: metrics.commit_histogram(self, reg)) is not None:
             self._sampler = asyncio.get_running_loop().create_task(self._sample_seqs(),
                                                                    name="commit-lag")
         # Last: every port is ours by now, so a failed bind leaves no uplink task running

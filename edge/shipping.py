@@ -13,7 +13,7 @@ simulation drives it from a simulated network.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -56,8 +56,12 @@ class Shipper:
     send_q: deque[Rec] = field(default_factory=deque)
     inflight_bytes: int = 0
     unshipped_bytes: int = 0  # queued, not yet framed
-    frames: dict[int, deque[tuple[int, int]]] = field(default_factory=dict)  # lun -> (seq, n)
+    # lun -> frames in flight: (seq, bytes, writes, sent at)
+    frames: dict[int, deque[tuple[int, int, int, float]]] = field(default_factory=dict)
     prev: dict[int, int] = field(default_factory=dict)  # lun -> last seq shipped
+    # Edge->ack latency (issue 15): set by steelfusion.metrics, called as
+    # (lun, seconds, writes) once per acknowledged frame; while None nothing is timed
+    on_commit: Callable[[int, float, int], None] | None = None
 
     def reset(self, uncommitted: Iterable[Rec], committed: Mapping[int, int]) -> None:
         """A new connection: everything uncommitted goes again, in order."""
@@ -71,8 +75,9 @@ class Shipper:
         self.send_q.append(rec)
         self.unshipped_bytes += rec.length
 
-    def next_frames(self, committed: Mapping[int, int]) -> list[Frame]:
-        """Frames to send now, within the window and one batch."""
+    def next_frames(self, committed: Mapping[int, int], now: float = 0.0) -> list[Frame]:
+        """Frames to send now, within the window and one batch; ``now`` (monotonic
+        seconds, one reading per batch) dates them for :attr:`on_commit`."""
         out: list[Frame] = []
         size = 0
         q = self.send_q
@@ -106,17 +111,26 @@ class Shipper:
             fr = self.frames.get(lun)
             if fr is None:
                 fr = self.frames[lun] = deque()
-            fr.append((last.seq, n))
+            fr.append((last.seq, n, len(recs), now))
             self.inflight_bytes += n
             size += n
         return out
 
-    def on_ack(self, lun: int, seq: int) -> int:
-        """The Core has ``lun`` up to ``seq``: frames up to it leave the window."""
+    def on_ack(self, lun: int, seq: int, now: float | None = None) -> int:
+        """The Core has ``lun`` up to ``seq``: frames up to it leave the window.
+
+        With ``now``, each frame reports its writes' latency to :attr:`on_commit` (one
+        call per frame, weighted by its writes). A frame is in flight once: a
+        reconnection resends what is uncommitted as new frames, dated anew.
+        """
         fr = self.frames.get(lun)
         freed = 0
+        seen = self.on_commit
         while fr and fr[0][0] <= seq:
-            freed += fr.popleft()[1]
+            _, n, writes, sent = fr.popleft()
+            freed += n
+            if seen is not None and now is not None:
+                seen(lun, now - sent, writes)
         self.inflight_bytes -= freed
         if self.inflight_bytes < 0:
             raise AssertionError(f"in-flight bytes below zero ({self.inflight_bytes})")

@@ -247,8 +247,8 @@ class CoreUplink:
     def _on_message(self, link: Link, msg: Message) -> None:
         if isinstance(msg, Ack):
             if msg.stream == self.bs.stream:
-                self.last_ack = time.monotonic()
-                self.ship.on_ack(msg.lun, msg.seq)
+                self.last_ack = now = time.monotonic()
+                self.ship.on_ack(msg.lun, msg.seq, now)
                 self.bs.commit(msg.lun, msg.seq)
                 self._kick.set()
         elif isinstance(msg, ReadReply):
@@ -299,7 +299,7 @@ class CoreUplink:
         link = self.link
         if link is None or not link.established:
             return
-        frames = self.ship.next_frames(self.bs.committed_seq)
+        frames = self.ship.next_frames(self.bs.committed_seq, time.monotonic())
         if not frames:
             return
         data_of = self.bs.data_of
