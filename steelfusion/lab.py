@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from journal import required_size
-from steelfusion import control, faultdisk, labdisk, labsan
+from steelfusion import control, faultdisk, labdisk, labha, labsan
 from steelfusion.atomic import atomic_write
 from steelfusion.authconfig import make_key_file
 from steelfusion.config import (
@@ -216,7 +216,7 @@ class Lab(WanLinks):
         if reserve < EDGE_RESERVE_MIN:
             raise LabError(f"--reserve must be at least {size_arg(EDGE_RESERVE_MIN)} (room for "
                            f"a few 512 KiB writes in flight), got {format_size(reserve)}")
-    def up(self, luns: int = 1, lun_size: int = 1 << 30, edges: int = 1,
+    def up(self, luns: int = 1, lun_size: int = 1 << 30, edges: int | None = None,
            reserve: int = 256 << 20, host: str = "127.0.0.1",
            timeout: float = 60.0, witness_lease: float = 3.0,
            witness_in_edge: bool = False, *, chap: tuple[str, str] | None = None,
@@ -225,7 +225,7 @@ class Lab(WanLinks):
            discovery_chap: tuple[str, str] | None = None,
            netns: bool = False, journal_faults: bool = False,
            links: Sequence[dict[str, Any]] = (), san: str | None = None,
-           observe: bool = True) -> dict[str, Any]:
+           observe: bool = True, ha: bool = False) -> dict[str, Any]:
         """Start the lab. ``witness_in_edge`` runs the Witness inside edge-1 (seed: "A role
         assigned to one of the Edges") instead of as its own process.
 
@@ -254,10 +254,21 @@ class Lab(WanLinks):
         ``observe`` (on by default) gives every node a Prometheus metrics port and
         each Core and Edge a web console, password in ``console.password`` (0600).
 
+        ``ha`` (loopback only; implies ``san="tgt"``) starts two Core HA pairs instead of
+        one Core per data center: core-a1/core-a2 in dc-a, core-b1/core-b2 in dc-b, one
+        array per data center, Edges (2 by default) spread over both primaries
+        (:mod:`steelfusion.labha`).
+
         A refusal changes nothing; a failed start stops every node it started,
         restores the lab files it replaced, and raises :class:`LabError` with
         the failing node's own one-line error."""
+        if edges is None:
+            edges = 2 if ha else 1
         self.check_options(luns, lun_size, edges, reserve)
+        if ha:
+            labha.check(edges=edges, luns=luns, netns=netns, journal_faults=journal_faults)
+            if san is None:
+                san = "tgt"
         if links and not netns:
             raise LabError("WAN link settings need a netns lab (--netns): the loopback lab has "
                            "no links between sites")
@@ -284,7 +295,7 @@ class Lab(WanLinks):
         if d.exists() and not d.is_dir():
             raise LabError(f"--workdir {d} is not a directory (give a folder for the lab)")
         if d.exists() and self.file.exists():
-            self._check_previous(self.load(), luns, lun_size, edges, journal_faults)
+            self._check_previous(self.load(), luns, lun_size, edges, journal_faults, ha)
         created = not d.exists()
         try:
             d.mkdir(parents=True, exist_ok=True)
@@ -294,11 +305,13 @@ class Lab(WanLinks):
         with self._lock():
             try:
                 if self.file.exists():  # again, now that no other `lab up` can start one
-                    self._check_previous(self.load(), luns, lun_size, edges, journal_faults)
+                    self._check_previous(self.load(), luns, lun_size, edges, journal_faults,
+                                         ha)
                 lun_ids = list(range(1, luns * edges + 1))
-                self._check_lun_files(lun_ids, lun_size)
+                self._check_lun_files(lun_ids, lun_size, tuple(labha.SANS) if ha
+                                      else ("core-a", "core-b"))
                 self._probe(lun_size, "--lun-size", "choose a smaller --lun-size")
-                jsize = required_size(len(lun_ids))
+                jsize = labha.journal_size(luns, edges) if ha else required_size(len(lun_ids))
                 self._probe(jsize, f"the Journal LUN ({format_size(jsize)}: 1 GiB + 2 GiB "
                                    "per LUN)", "use fewer --luns or --edges")
             except LabError:
@@ -312,7 +325,7 @@ class Lab(WanLinks):
                 remove_namespaces(self.labid(self.load()))
             return self._up(luns, lun_size, edges, reserve, host, timeout, witness_lease,
                             witness_in_edge, chap, mutual_chap, initiators, discovery_chap,
-                            netns, journal_faults, tuple(links), san, observe)
+                            netns, journal_faults, tuple(links), san, observe, ha)
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -328,13 +341,18 @@ class Lab(WanLinks):
         finally:
             os.close(fd)
     def _check_previous(self, prev: dict[str, Any], luns: int, lun_size: int,
-                        edges: int, journal_faults: bool = False) -> None:
+                        edges: int, journal_faults: bool = False, ha: bool = False) -> None:
         """Refuse to start over a running lab, or over a stopped one of another shape."""
         alive = [n["name"] for n in self.processes(prev) if node_alive(n)]
         if alive:
             raise LabError(f"a lab is already running (or starting) in {self.dir} "
                            f"({', '.join(alive)}); run `steelfusion lab down --workdir "
                            f"{self.dir}` first")
+        if bool(prev.get("ha")) != ha and prev.get("cores"):
+            # four Cores on shared arrays against two: LUN ids, files and Journal LUNs differ
+            flag = "with" if prev.get("ha") else "without"
+            raise LabError(f"{self.dir} holds a stopped lab made {flag} --ha; start it again "
+                           f"{flag} it, or use another --workdir")
         if bool(prev.get("journal_faults")) != journal_faults and prev.get("cores"):
             # the Journal LUNs live elsewhere with and without it: a Core would start on a
             # blank journal and forget the regions its suspension logged
@@ -350,9 +368,10 @@ class Lab(WanLinks):
             raise LabError(f"{self.dir} holds a stopped lab made with --edges {was[0]} --luns "
                            f"{was[1]} --lun-size {size_arg(was[2])}; start it again with those "
                            f"options, or use another --workdir (or delete {self.dir})")
-    def _check_lun_files(self, lun_ids: list[int], lun_size: int) -> None:
+    def _check_lun_files(self, lun_ids: list[int], lun_size: int,
+                         dirs: tuple[str, ...] = ("core-a", "core-b")) -> None:
         """LUN files an earlier lab left must have this size (a Core never resizes one)."""
-        for name in ("core-a", "core-b"):
+        for name in dirs:
             for lid in lun_ids:
                 path = self.dir / name / f"lun-{lid}.img"
                 try:
@@ -393,13 +412,14 @@ class Lab(WanLinks):
             discovery_chap: tuple[str, str] | None, netns: bool = False,
             journal_faults: bool = False,
             links: tuple[dict[str, Any], ...] = (), san: str | None = None,
-            observe: bool = True) -> dict[str, Any]:
+            observe: bool = True, ha: bool = False) -> dict[str, Any]:
         d = self.dir
         # node ports, then metrics and console ports on loopback (issue 15; in a netns lab
         # they are the loopback inside each site's namespace, like the control ports)
-        nports = 2 + 2 * 2 + 2 * edges
+        ncores = len(labha.SEATS) if ha else 2
+        nports = 2 + (labha.PORTS_PER_LAB if ha else 2 * 2) + 2 * edges
         ports = iter(free_ports(nports, host))
-        web = iter(free_ports(1 + 2 * 2 + 2 * edges, "127.0.0.1"))
+        web = iter(free_ports(1 + 2 * ncores + 2 * edges, "127.0.0.1"))
         password = secrets.token_urlsafe(12)
 
         def observed(console: bool = True) -> dict[str, Any]:
@@ -416,16 +436,25 @@ class Lab(WanLinks):
                                 lease_seconds=witness_lease, log_file=str(d / "witness.log"),
                                 **observed(console=False))
         lun_ids = list(range(1, luns * edges + 1))
-        cores = core_pair_configs(
-            d, dict.fromkeys(lun_ids, lun_size), host=host, ports=ports,
-            per_core=(observed(), observed()),
-            witness=witness.listen, pair="lab-pair",
-            # both LUN files are created empty (all zeros) together: already in sync
-            initial_sync=False, journal_dir="jdisk" if journal_faults else None)
+        cores: tuple[CoreConfig, ...]
+        sans: tuple[list[SanConfig], tuple[CoreConfig, ...]] | None = None
+        if ha:  # four Cores and their arrays (steelfusion/labha.py)
+            hp = labha.plan(d, luns=luns, lun_size=lun_size, edges=edges, host=host,
+                            ports=ports, witness=witness.listen, observed=observed)
+            cores, edge_plan, sans = hp.cores, hp.edges, (hp.sans, hp.cores)
+        else:
+            cores = core_pair_configs(
+                d, dict.fromkeys(lun_ids, lun_size), host=host, ports=ports,
+                per_core=(observed(), observed()),
+                witness=witness.listen, pair="lab-pair",
+                # both LUN files are created empty (all zeros) together: already in sync
+                initial_sync=False, journal_dir="jdisk" if journal_faults else None)
+            edge_plan = [(lun_ids[e * luns:(e + 1) * luns], tuple(c.listen for c in cores))
+                         for e in range(edges)]
         edge_cfgs = []
         for e in range(edges):
             name = f"edge-{e + 1}"
-            ids = lun_ids[e * luns:(e + 1) * luns]
+            ids, dial = edge_plan[e]
             target = TargetConfig(iqn=f"{IQN_PREFIX}:{name}",
                                   luns=tuple(EdgeLunConfig(k, lid, lun_size)
                                              for k, lid in enumerate(ids)), alias=name,
@@ -441,17 +470,21 @@ class Lab(WanLinks):
                 discovery_chap_secret=discovery_chap[1] if discovery_chap else None,
                 name=name, portal=(host, next(ports)), control=(host, next(ports)),
                 blockstore=str(d / name / "blockstore"),
-                cores=tuple(c.listen for c in cores), targets=(target,), reserve_bytes=reserve,
+                cores=dial, targets=(target,), reserve_bytes=reserve,
                 log_file=str(d / f"{name}.log"),
                 witness=witness.listen if embed else None,
                 witness_state_dir=str(d / "witness") if embed else None, **observed()))
         net: dict[str, Any] | None = None
         if netns:
+            assert len(cores) == 2
             net = self._net_plan(links)
-            witness, cores, edge_cfgs = netns_configs(witness, cores, edge_cfgs,
-                                                       witness_in_edge)
-        sans = (labsan.san_configs(d, cores, host=host, netns=net is not None)
-                if san is not None else None)
+            witness, pair, edge_cfgs = netns_configs(witness, (cores[0], cores[1]), edge_cfgs,
+                                                      witness_in_edge)
+            cores = pair
+        if san is not None and sans is None:
+            assert len(cores) == 2
+            sans = labsan.san_configs(d, (cores[0], cores[1]), host=host,
+                                      netns=net is not None)
         if sans is not None:
             cores = sans[1]
 
@@ -466,7 +499,7 @@ class Lab(WanLinks):
         try:
             atomic_write(d / CONSOLE_PASSWORD_FILE, f"{password}\n".encode(), mode=0o600)
             return self._start(d, witness, cores, edge_cfgs, witness_in_edge, timeout, started,
-                               net, journal_faults, sans[0] if sans else None)
+                               net, journal_faults, sans[0] if sans else None, ha)
         except BaseException as e:
             stopped = stop_pids(started)
             labdisk.unmount_disks(cores)
@@ -488,15 +521,16 @@ class Lab(WanLinks):
                                f"{gone} and left {d} as it was (logs: {d}/*.log)") from None
             raise
 
-    def _start(self, d: Path, witness: WitnessConfig, cores: tuple[CoreConfig, CoreConfig],
+    def _start(self, d: Path, witness: WitnessConfig, cores: tuple[CoreConfig, ...],
                edge_cfgs: list[EdgeConfig], witness_in_edge: bool, timeout: float,
                started: list[tuple[str, int]],
                net: dict[str, Any] | None = None,
                journal_faults: bool = False,
-               sans: list[SanConfig] | None = None) -> dict[str, Any]:
+               sans: list[SanConfig] | None = None, ha: bool = False) -> dict[str, Any]:
         data: dict[str, Any] = {"version": 1, "workdir": str(d), "created": time.time(),
                                 "netns": False, "journal_faults": journal_faults,
-                                "console_password_file": str(d / CONSOLE_PASSWORD_FILE)}
+                                "console_password_file": str(d / CONSOLE_PASSWORD_FILE),
+                                **({"ha": True} if ha else {})}
 
         def where(site: str) -> dict[str, Any]:
             """A node's namespace and site in ``lab.json`` (None on loopback)."""
@@ -533,13 +567,15 @@ class Lab(WanLinks):
         if journal_faults:
             labdisk.start_disks(d, cores, data, timeout, started, self.save)
         if sans:
-            labsan.start_sans(d, sans, data, {c.name: ns(CORE_SITES[c.name]) for c in cores},
-                              timeout, started)
+            labsan.start_sans(d, sans, data,
+                              {c.name: ns(CORE_SITES.get(c.name, "dc-a")) for c in cores},
+                              timeout, started, labha.SANS if ha else None)
             self.save(data)
         data["cores"] = []
+        for c in cores:  # all first: an HA Core reads its partner's config when it starts
+            write_toml(d / f"{c.name}.toml", {**c.to_dict(), **auth})
         for c in cores:
             path = d / f"{c.name}.toml"
-            write_toml(path, {**c.to_dict(), **auth})
             site = CORE_SITES.get(c.name, "dc-a")
             pid = spawn("core", path, d, c.name, ns(site))
             started.append((c.name, pid))
@@ -548,7 +584,8 @@ class Lab(WanLinks):
                                   "config": str(path), "log": c.log_file,
                                   "luns": {str(lu.id): lu.path for lu in c.luns},
                                   "journal": c.journal_path,
-                                  "interfaces": list(c.interfaces), **where(site), **_web(c)})
+                                  "interfaces": list(c.interfaces), **where(site), **_web(c),
+                                  **labha.core_entry(c)})
             self.save(data)
             wait_control(c.control, pid, timeout, c.name, d, ns(site))
         data["edges"] = []
@@ -594,7 +631,8 @@ class Lab(WanLinks):
         except (OSError, ValueError) as e:
             raise LabError(f"cannot set {disk['name']} to {mode}: {e}") from None
     def wait_ready(self, data: dict[str, Any], timeout: float = 60.0) -> None:
-        """Until every Edge is connected to a Core and the primary is replicating."""
+        """Until every Edge is connected to a Core and every primary is replicating (both
+        of an HA lab's, core-a1 and core-a2)."""
         deadline = time.monotonic() + timeout
         why = ""
         while time.monotonic() < deadline:
@@ -605,10 +643,11 @@ class Lab(WanLinks):
                 raise LabError(f"{name} exited during start-up: {last_error(self.dir, name)}")
             prim = [c for c in st["cores"] if c.get("role") == "primary"]
             edges_ok = all(e.get("core_connected") for e in st["edges"])
-            repl_ok = bool(prim) and prim[0].get("replication") == "running"
+            repl_ok = bool(prim) and all(c.get("replication") == "running" for c in prim)
             if edges_ok and repl_ok:
                 return
-            why = f"edges connected: {edges_ok}, replication: {prim[0].get('replication') if prim else 'no primary'}"
+            repl = ", ".join(f"{c['name']} {c.get('replication')}" for c in prim)
+            why = f"edges connected: {edges_ok}, replication: {repl or 'no primary'}"
             time.sleep(0.1)
         raise LabError(f"lab not ready after {timeout:.0f}s ({why}); see the logs in {self.dir}")
 
@@ -641,6 +680,7 @@ class Lab(WanLinks):
                           "interfaces": c.get("interfaces"),
                           "coredr": coredr_command(c),
                           "metrics": c.get("metrics"), "console": c.get("console"),
+                          **_ha_status(c, s),
                           **({"error": s["error"]} if "error" in s else {})})
         edges = []
         for e in data.get("edges", []):
@@ -670,7 +710,7 @@ class Lab(WanLinks):
                        "netns": w.get("netns"), "site": w.get("site"),
                        "metrics": w.get("metrics")}
         out = {"workdir": str(self.dir), "netns": bool(data.get("netns")), "witness": witness,
-               "cores": cores, "edges": edges,
+               "cores": cores, "edges": edges, **({"ha": True} if data.get("ha") else {}),
                "console_password_file": data.get("console_password_file")}
         if data.get("netns"):
             out["sites"] = data.get("sites", {})
@@ -776,6 +816,18 @@ def _well_formed(data: Any) -> bool:
                     and isinstance(n.get("pid"), int)
                     and isinstance(n.get("mount") or n.get("portal"), str)
                     for n in disks))
+
+
+def _ha_status(core: dict[str, Any], st: dict[str, Any]) -> dict[str, Any]:
+    """An HA Core's part of ``lab status``: its place (from ``lab.json``) and the ``ha``
+    section of its own status (None while it has none, or is down)."""
+    if not core.get("ha"):
+        return {}
+    ha = st.get("ha")
+    return {"ha_role": core["ha"], "partner": core.get("partner"),
+            "datacenter": core.get("datacenter"), "pair": core.get("pair"),
+            "takeover_control": core.get("takeover_control"),
+            "ha": ha if isinstance(ha, dict) else None}
 
 
 def _web(cfg: Any) -> dict[str, Any]:

@@ -4,7 +4,8 @@ The array is ``steelfusion san run`` (steelfusion/san.py), one tgtd per data cen
 ``san-a`` sits beside core-a (in dc-a in a netns lab) and exports core-a's LUN files
 and its Journal LUN; ``san-b`` does the same for core-b. The Cores' configs then name
 ``iscsi://`` URLs instead of files, so every write crosses iSCSI twice: host to Edge,
-and Core to array. ``lab kill san-a`` is an outage of the primary's array.
+and Core to array. ``lab kill san-a`` is an outage of the primary's array. In an HA lab
+(``lab up --ha``, steelfusion/labha.py) each array serves both Cores of its data center.
 """
 
 from __future__ import annotations
@@ -55,17 +56,22 @@ def san_configs(d: Path, cores: tuple[CoreConfig, CoreConfig], *, host: str, net
 
 
 def start_sans(d: Path, sans: list[SanConfig], data: dict[str, Any], ns_of: dict[str, str | None],
-               timeout: float, started: list[tuple[str, int]]) -> list[dict[str, Any]]:
-    """Start each array (in its Core's namespace) and wait until its portal accepts."""
+               timeout: float, started: list[tuple[str, int]],
+               cores_of: dict[str, tuple[str, ...]] | None = None) -> list[dict[str, Any]]:
+    """Start each array (in its Core's namespace) and wait until its portal accepts.
+    ``cores_of`` names the Cores each array serves (default: :data:`SAN_OF`'s one)."""
     nodes = []
     for san in sans:
-        core = next(k for k, v in SAN_OF.items() if v == san.name)
+        cores = (cores_of[san.name] if cores_of is not None
+                 else tuple(k for k, v in SAN_OF.items() if v == san.name))
+        core = cores[0]
         path = d / f"{san.name}.json"
         atomic_write(path, json.dumps(san.to_dict(), indent=2).encode(), mode=0o644)
         netns = ns_of.get(core)
         pid = spawn("san", path, d, san.name, netns)
         started.append((san.name, pid))
-        node = {"name": san.name, "pid": pid, "role": "san", "core": core, "config": str(path),
+        node = {"name": san.name, "pid": pid, "role": "san", "core": core,
+                "cores": list(cores), "config": str(path),
                 "portal": format_addr(san.portal), "iqn": san.iqn,
                 "luns": {str(lu.lun): lu.path for lu in san.luns}, "log": san.log_file,
                 "netns": netns, **({"site": CORE_SITES[core]} if netns else {})}
@@ -75,12 +81,20 @@ def start_sans(d: Path, sans: list[SanConfig], data: dict[str, Any], ns_of: dict
     return nodes
 
 
+def served(san: dict[str, Any]) -> list[str]:
+    """The Cores an array node of ``lab.json`` serves (both of an HA pair's data center)."""
+    cores = san.get("cores")
+    return [str(c) for c in cores] if isinstance(cores, list) else [str(san.get("core"))]
+
+
 def lun_files(data: dict[str, Any], core: dict[str, Any]) -> dict[int, str]:
-    """The files that hold a Core's LUNs: its own paths, or its array's files (the Journal
-    LUN left out) when the lab has arrays."""
-    san = next((s for s in data.get("sans", []) if s.get("core") == core["name"]), None)
-    luns = san["luns"] if san is not None else core["luns"]
-    return {int(k): v for k, v in luns.items() if int(k) != JOURNAL_LUN}
+    """The files that hold a Core's LUNs: its own paths, or its array's files for its own
+    LUN ids (the Journal LUN, and an HA partner's LUNs, left out) when the lab has arrays."""
+    san = next((s for s in data.get("sans", []) if core["name"] in served(s)), None)
+    if san is None:
+        return {int(k): v for k, v in core["luns"].items()}
+    return {int(k): v for k, v in san["luns"].items()
+            if int(k) != JOURNAL_LUN and k in core["luns"]}
 
 
 def portal_open(node: dict[str, Any]) -> bool:
@@ -110,6 +124,7 @@ def san_status(node: dict[str, Any]) -> dict[str, Any]:
     from steelfusion.labproc import node_alive
 
     running = node_alive(node)
-    return {"name": node["name"], "core": node.get("core"), "pid": node["pid"],
+    return {"name": node["name"], "core": node.get("core"), "cores": served(node),
+            "pid": node["pid"],
             "portal": node["portal"], "running": running,
             "accepting": running and portal_open(node), "luns": node.get("luns", {})}

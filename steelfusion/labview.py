@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from steelfusion.labha import ha_words
 from steelfusion.units import format_size
 
 
@@ -38,9 +39,10 @@ def web_lines(st: dict[str, Any]) -> list[str]:
 def storage_lines(st: dict[str, Any]) -> list[str]:
     out = []
     for k in st.get("sans") or []:
+        whose = " and ".join(k.get("cores") or [k["core"]])
         state = ("up" if k.get("accepting") else "up (portal not accepting)") if k["running"] \
-            else f"DOWN (an outage of {k['core']}'s storage: `steelfusion lab start {k['name']}`)"
-        out.append(f"{k['name']:<12} {state}  portal={k['portal']}  ({k['core']}'s array, "
+            else f"DOWN (an outage of {whose}'s storage: `steelfusion lab start {k['name']}`)"
+        out.append(f"{k['name']:<12} {state}  portal={k['portal']}  ({whose}'s array, "
                    f"{len(k.get('luns') or {})} LUNs)")
     for k in st.get("disks") or []:
         if not k.get("running"):
@@ -145,6 +147,8 @@ def node_lines(st: dict[str, Any]) -> list[str]:
         cores.append([c["name"], word(c["running"]), f"role={c['role']}",
                       f"replication={c['replication']}", f"epoch={epoch}",
                       f"control={c.get('control')}", f"alarms={alarm_names(c)}"])
+        if st.get("ha"):  # Core HA (lab up --ha): role, partner, LUNs served
+            cores[-1].insert(3, ha_words(c) or "ha=-")
     edges = []
     for e in st["edges"]:
         ub = e.get("uncommitted_bytes")
