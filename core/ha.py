@@ -32,6 +32,7 @@ from it now. ``coredr ha takeover`` is the operator's word that the partner is d
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -135,6 +136,8 @@ class HaState:
         if self.mode is not Mode.STANDBY:
             return []
         self.mode, self.why = Mode.ACTIVE, f"{self.partner} handed this Core's LUNs back"
+        if self.seen is not None:  # its last heartbeat, sent before it let them go, is stale
+            self.seen = dataclasses.replace(self.seen, hosting=False)
         return [Action.START_OWN]
 
     def forced_takeover(self) -> list[Action]:
@@ -151,8 +154,9 @@ class HaState:
         return acts
 
     def took_over(self) -> None:
-        """The adapter's takeover failed (fencing did not take): we do not serve them."""
-        self.hosting = False
+        """The adapter's takeover failed (or waits to be tried again): we do not serve them."""
+        if self.hosting:
+            self.hosting, self.takeovers = False, self.takeovers - 1
 
     # -- decisions ----------------------------------------------------------------------
     @property
@@ -179,6 +183,8 @@ class HaState:
             return []
         if self.mode is not Mode.ACTIVE:
             return []
+        if s is not None and s.hosting:  # we were cut off and the partner took our LUNs
+            return self.fenced(f"{self.partner} serves this Core's LUNs")
         if self.hosting:
             if s is not None and self.back_since is not None and now - self.back_since >= self.settle:
                 self.hosting, self.back_since = False, None

@@ -34,6 +34,7 @@ import dataclasses
 import itertools
 import os
 import signal
+import socket
 import time
 from collections import deque
 from pathlib import Path
@@ -42,6 +43,7 @@ from typing import Any
 from core.ha import Action, HaState, Mode, PartnerView
 from core.node import Core
 from steelfusion import authconfig, control, log, sandev, statefile
+from steelfusion.blockdev import parse_part
 from steelfusion.config import ConfigError, CoreConfig
 from steelfusion.fence import Fence, Fenced, FenceError, reservation_key
 from steelfusion.link import Link, dial, listen
@@ -60,7 +62,7 @@ HEALTH_EVERY = 1.0  # seconds between looks at the shared LUNs' reservations
 
 def san_base(path: str) -> str:
     """The LUN a path names, without a ``#part=K/N`` suffix (the shared Journal LUN)."""
-    return path.split("#", 1)[0]
+    return parse_part(path)[0]
 
 
 def partner_config(cfg: CoreConfig) -> CoreConfig:
@@ -112,6 +114,9 @@ class HaHost:
         self._busy = asyncio.Lock()  # one start/stop/takeover at a time
         self._health_at = 0.0
         self._health: asyncio.Task[None] | None = None
+        self._retry_at = 0.0  # a failed start of the own Core is tried again from then
+        self._takeover_at = 0.0  # likewise a failed takeover
+        self._held: list[socket.socket] = []  # the takeover ports, bound while unused
         self.stopping = asyncio.Event()
 
     # -- alarms and events -------------------------------------------------------------
@@ -152,10 +157,35 @@ class HaHost:
             self.ha.why = (f"fenced by {marker.get('by')} ({marker.get('why')}); waiting for "
                            "it to hand this Core's LUNs back")
             self.alarm("ha_standby", self.ha.why)
+        self._hold_takeover_ports()
         self._tasks.append(self._bg.spawn(self._dialler(), "ha-dialler"))
         self._tasks.append(self._bg.spawn(self._ticker(), "ha-ticker"))
         self.event("ha_started", partner=self.partner, leader=self.ha.leader,
                    mode=self.ha.mode.value, shared_luns=len(paths))
+
+    def _hold_takeover_ports(self) -> None:
+        """Bind the takeover addresses now, without listening: an outgoing connection's
+        ephemeral port can then never take them before a takeover needs them (a bound port
+        is skipped by connect's port choice); released right before the partner's Core
+        binds them, taken again once it has stopped."""
+        for addr in (self.cfg.ha_takeover_listen, self.cfg.ha_takeover_control):
+            assert addr is not None
+            s = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                s.close()
+                self.alarm("ha_takeover_port", f"{format_addr(addr)} ([ha] takeover address) "
+                           f"is in use by another process: {e.strerror}; a takeover would "
+                           "fail until it is free")
+                continue
+            self._held.append(s)
+
+    def _release_takeover_ports(self) -> None:
+        for s in self._held:
+            s.close()
+        self._held.clear()
 
     @staticmethod
     def _open_all(paths: list[str]) -> list[sandev.IscsiDevice]:
@@ -181,6 +211,7 @@ class HaHost:
             if core is not None:
                 with contextlib.suppress(Exception):
                     await core.stop()
+        self._release_takeover_ports()
         if self.fence is not None:
             for d in self.fence.devices:
                 with contextlib.suppress(Exception):
@@ -224,24 +255,25 @@ class HaHost:
                 await asyncio.sleep(0.5)
                 continue
             self.out = link
-            while not link.closed.is_set():
-                if link.established:
-                    link.send(Control(self._beat()))
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.cfg.ping_interval / 2):
-                        await link.closed.wait()
+            await link.closed.wait()
             if self.out is link:
                 self.out = None
             await asyncio.sleep(0.5)
 
+    def _links(self) -> list[Link]:
+        return [lk for lk in [*self.ins, self.out] if lk is not None and lk.established]
+
     def _on_close(self, link: Link, exc: BaseException | None) -> None:
+        _log.info("ha_link_closed", link=link.name, peer=link.peer,
+                  reason=link.close_reason or (str(exc) if exc else "closed by the partner"))
         self.ins.discard(link)
         if link is self.out:
             self.out = None
+        if not self._links():
             for fut in list(self._rpc.values()):
                 if not fut.done():
                     fut.set_exception(ConnectionError(f"the HA link to {self.partner} closed"))
-        if not self.ins and self.out is None and self.ha.seen is not None:
+        if not self._links() and self.ha.seen is not None:
             # both directions gone (a killed partner's sockets close at once): count the
             # grace from now, not from the heartbeat timeout
             self.ha.partner_lost(time.monotonic())
@@ -294,10 +326,11 @@ class HaHost:
                 fut.set_result(body)
 
     async def _ask(self, cmd: str, timeout: float = 60.0, **kw: Any) -> dict[str, Any]:
-        link = self.out
-        if link is None or not link.established:
+        links = self._links()
+        if not links:
             raise control.ControlError(f"the HA partner {self.partner} is not connected",
                                        "peer-unreachable")
+        link = links[-1]  # ours (the dialled one) when it is up
         req = next(self._n)
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._rpc[req] = fut
@@ -335,9 +368,14 @@ class HaHost:
 
     # -- the ticker: health, decisions ---------------------------------------------------
     async def _ticker(self) -> None:
+        beat_at = 0.0
         while True:
             await asyncio.sleep(0.2)
             now = time.monotonic()
+            if now - beat_at >= self.cfg.ping_interval / 2:
+                beat_at = now  # both ways on every link: one working direction is enough
+                for lk in self._links():
+                    lk.send(Control(self._beat()))
             if self.ha.seen_at is not None and self.ha.seen is not None \
                     and now - self.ha.seen_at > self.cfg.dead_after:
                 self.ha.partner_lost(now)
@@ -370,13 +408,14 @@ class HaHost:
             self.alarm("ha_storage", f"the shared storage does not answer: {down[0]}")
         else:
             self.clear("ha_storage")
-        if self.ha.mode is not Mode.ACTIVE or down:
-            return
+        if self.ha.mode is not Mode.ACTIVE or down or self.own is None:
+            return  # (a join under way has not registered yet: no verdict before it)
+        own = self.own
         try:
             keys = (await asyncio.to_thread(devs[0].pr_read_keys))[1]
         except OSError:
             return
-        if keys and self.key not in keys:
+        if keys and self.key not in keys and self.own is own:
             self.event("ha_fenced", by=self.partner)
             await self._apply(self.ha.fenced(f"fenced on the array by {self.partner}"))
 
@@ -394,38 +433,65 @@ class HaHost:
 
     async def _start_own(self) -> None:
         assert self.fence is not None
+        if time.monotonic() < self._retry_at:
+            self.ha.mode = Mode.STARTING
+            return
         rejoin = self._marker(self.cfg) is not None or any(
             d.fenced for d in self.fence.devices)  # type: ignore[attr-defined]
         try:
             await asyncio.to_thread(self.fence.join, leader=self.ha.leader, rejoin=True)
         except (OSError, FenceError) as e:
             self.alarm("ha_join_failed", f"could not register on the shared LUNs: {e}")
-            self.ha.mode = Mode.STARTING  # try again on the next tick
-            self.ha.started = time.monotonic() - self.ha.start_wait
+            self.ha.mode = Mode.STARTING
+            self._retry_at = time.monotonic() + 2.0
             return
         self.clear("ha_join_failed")
         self._drop_marker(self.cfg)
         sandev.register_new_sessions(self.key)
-        core = Core(self.cfg)
-        await core.start(control_port=False)
+        try:
+            core = Core(self.cfg)
+        except Exception as e:  # the array is down, a LUN is missing: say so, try again
+            self.alarm("ha_start_failed", f"this Core could not open its LUNs: {e}; trying "
+                       "again")
+            _log.warning("ha_start_failed", error=repr(e))
+            self.ha.mode = Mode.STARTING
+            self._retry_at = time.monotonic() + 2.0
+            return
+        try:
+            await core.start(control_port=False)
+        except Exception as e:  # e.g. its metrics port taken meanwhile: say so, try again
+            with contextlib.suppress(Exception):
+                await core.stop()
+            self.alarm("ha_start_failed", f"this Core could not start: {e}; trying again")
+            _log.warning("ha_start_failed", error=repr(e))
+            self.ha.mode = Mode.STARTING
+            self._retry_at = time.monotonic() + 2.0
+            return
+        self.clear("ha_start_failed")
         self.own = core
         self.clear("ha_standby")
         self.event("ha_serving_own", rejoin=rejoin, luns=sorted(core.pipes))
 
     async def _standby(self) -> None:
         sandev.register_new_sessions(None)
+        hosted = self.hosted
         for attr in ("hosted", "own"):
             core = getattr(self, attr)
             setattr(self, attr, None)
             if core is not None:
                 with contextlib.suppress(Exception):
                     await core.stop()
+        if hosted is not None:
+            self._hold_takeover_ports()
         self.alarm("ha_standby", f"this Core stands by: {self.ha.why}")
         self.event("ha_standby", why=self.ha.why)
 
     async def _takeover(self) -> None:
         assert self.fence is not None
         why = self.ha.why
+        if time.monotonic() < self._takeover_at:
+            self.ha.took_over()  # decided again on a later tick
+            return
         try:
             await asyncio.to_thread(self._set_marker, why)
             reports = await asyncio.to_thread(self.fence.fence, self.partner)
@@ -449,13 +515,20 @@ class HaHost:
         pc = dataclasses.replace(self.pcfg, listen=self.cfg.ha_takeover_listen,
                                  control=self.cfg.ha_takeover_control, metrics=None,
                                  console=None, console_password=None)
+        core = None
         try:
             core = Core(pc)
+            self._release_takeover_ports()
             await core.start()
         except Exception as e:
+            if core is not None:
+                with contextlib.suppress(Exception):
+                    await core.stop()
+            self._hold_takeover_ports()
             self.ha.took_over()
+            self._takeover_at = time.monotonic() + 5.0
             self.alarm("ha_takeover_failed", f"{self.partner}'s LUNs were fenced but could not "
-                       f"be served here: {e!r}")
+                       f"be served here: {e}; trying again in 5 s")
             _log.exception("ha_takeover_failed")
             return
         self.hosted = core
@@ -476,6 +549,7 @@ class HaHost:
         core, self.hosted = self.hosted, None
         if core is not None:
             await core.stop()
+        self._hold_takeover_ports()
         self._drop_marker(self.pcfg)
         self.event("ha_handing_back", partner=self.partner)
         try:

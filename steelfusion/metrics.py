@@ -436,6 +436,8 @@ class WebServer:
         assert self.sock is not None
         web = await asyncio.to_thread(importlib.import_module, "aiohttp.web")
         app = await asyncio.to_thread(make_app, web)
+        if self.closing.is_set():  # stopped while starting (an HA Core standing by at once)
+            return
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         self.runner = runner

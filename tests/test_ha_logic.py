@@ -92,7 +92,9 @@ def test_fenced_stands_by_once_and_only_a_handback_or_the_operator_brings_it_bac
     assert s.acting_leader() == "y"
     s.partner_lost(1.0)
     assert s.decide(100.0) == []  # a standby Core never takes over by itself
+    s.heartbeat(view(hosting=True), 100.5)  # sent just before the partner let them go
     assert s.handed_back() == [Action.START_OWN] and s.mode is Mode.ACTIVE
+    assert s.decide(100.6) == []  # that stale heartbeat does not send it back to standby
     s.fenced("again")
     assert s.forced_takeover() == [Action.START_OWN, Action.TAKEOVER]
 
@@ -150,3 +152,9 @@ def test_ha_cannot_be_set_after_pairing_or_cleared_after(tmp_path: Path) -> None
     _check_ha_change(ha, {"ha": "none", "state": "terminated"})  # a new pairing may
     _check_ha_change(ha, {"ha": "follower", "state": "running"})
     _check_ha_change(cfg, {"state": "running"})  # a state file from before the key
+
+
+def test_an_active_core_whose_partner_serves_its_luns_stands_by() -> None:
+    s = started()
+    s.heartbeat(view(hosting=True), 1.0)
+    assert s.decide(1.0) == [Action.STANDBY] and s.mode is Mode.STANDBY and not s.hosting
