@@ -58,6 +58,7 @@ MARKER = "ha-fenced.json"
 MARKER_KIND, MARKER_FORMAT = "ha-fenced", 1
 LEADER_COMMANDS = ("suspend", "resume", "failover", "terminate")
 HEALTH_EVERY = 1.0  # seconds between looks at the shared LUNs' reservations
+HEALTH_TIMEOUT = 3.0  # a READ KEYS unanswered this long: the array is unreachable
 
 
 def san_base(path: str) -> str:
@@ -114,6 +115,8 @@ class HaHost:
         self._busy = asyncio.Lock()  # one start/stop/takeover at a time
         self._health_at = 0.0
         self._health: asyncio.Task[None] | None = None
+        self._keys: asyncio.Future[tuple[int, list[int]]] | None = None
+        self._keys_at = 0.0
         self._retry_at = 0.0  # a failed start of the own Core is tried again from then
         self._takeover_at = 0.0  # likewise a failed takeover
         self._held: list[socket.socket] = []  # the takeover ports, bound while unused
@@ -394,7 +397,8 @@ class HaHost:
                 self.clear("ha_standby_partner_down")
 
     async def _check_health(self) -> None:
-        """Does the array answer, and are we still registered (not fenced)?"""
+        """Does the array answer (within ``HEALTH_TIMEOUT``: a cut path stalls rather than
+        fails), and are we still registered (not fenced)?"""
         assert self.fence is not None
         devs = self.fence.devices
         down = [d.trouble() for d in devs if d.trouble() is not None  # type: ignore[attr-defined]
@@ -403,19 +407,28 @@ class HaHost:
         if own is not None:
             down += [f"LUN id {lun}: {p.store.dev.trouble()}" for lun, p in own.pipes.items()
                      if p.store.dev is not None and p.store.dev.trouble() is not None]
+        fut = self._keys
+        if fut is None or fut.done():  # one READ KEYS at a time: a stalled one is waited for
+            fut = self._keys = asyncio.ensure_future(asyncio.to_thread(devs[0].pr_read_keys))
+            self._keys_at = time.monotonic()
+        done, _ = await asyncio.wait({fut}, timeout=HEALTH_TIMEOUT)
+        keys: list[int] | None = None
+        if fut in done:
+            try:
+                keys = fut.result()[1]
+            except OSError as e:
+                down.append(f"READ KEYS failed: {e}")
+        else:
+            down.append(f"the array has not answered READ KEYS for "
+                        f"{time.monotonic() - self._keys_at:.0f} s")
         self.ha.storage_ok = not down
         if down:
             self.alarm("ha_storage", f"the shared storage does not answer: {down[0]}")
         else:
             self.clear("ha_storage")
-        if self.ha.mode is not Mode.ACTIVE or down or self.own is None:
-            return  # (a join under way has not registered yet: no verdict before it)
-        own = self.own
-        try:
-            keys = (await asyncio.to_thread(devs[0].pr_read_keys))[1]
-        except OSError:
-            return
-        if keys and self.key not in keys and self.own is own:
+        # a join under way has not registered yet: no verdict before the own Core runs
+        if keys and self.ha.mode is Mode.ACTIVE and own is not None and self.own is own \
+                and self.key not in keys:
             self.event("ha_fenced", by=self.partner)
             await self._apply(self.ha.fenced(f"fenced on the array by {self.partner}"))
 
@@ -681,7 +694,9 @@ class HaHost:
 
 
 async def run(cfg: CoreConfig) -> None:
-    """``steelfusion core run`` for a Core with ``[replication] ha`` leader or follower."""
+    """``steelfusion core run`` for a Core with ``[replication] ha`` leader or follower.
+    Its SAN sessions, and those of the partner's Core it may run, take its own path."""
+    sandev.route_through(cfg.san_via)
     host = HaHost(cfg)
     try:
         await host.start()

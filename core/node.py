@@ -47,6 +47,7 @@ _log = log.get("core")
 
 VERIFY_BATCH = 64  # regions per hash request
 JOURNAL_RETRY_S = 5.0  # a failed Journal LUN is tried again this often
+STOP_CLOSE_S = 10.0  # seconds a stop waits for the LUNs and the journal to close
 CORE_STATE_KIND, CORE_STATE_FORMAT = "core-state", 1  # core-state.json (steelfusion/statefile.py)
 
 
@@ -305,14 +306,30 @@ class Core(CoreEngine):
             await web.stop()
         for link in [*self.edge_links, *self.peer_out.values(), *self.peer_in, *self.mirror_in]:
             link.close("core stopping")
-        for p in self.pipes.values():
-            with contextlib.suppress(OSError):
-                p.store.close()
-        self.applied.close()
+        clean = not any(p.mirror_q for p in self.pipes.values())
+        closers = [p.store.close for p in self.pipes.values()]
         if self.journal is not None:
-            with contextlib.suppress(Exception):
-                self.journal.close(clean=not any(p.mirror_q for p in self.pipes.values()))
+            closers.append(functools.partial(self.journal.close, clean=clean))
+        await self._close_all(closers)
+        self.applied.close()
         _log.info("core_stopped")
+
+    async def _close_all(self, closers: list[Callable[[], None]]) -> None:
+        """Close the LUN stores and the journal off the event loop, in parallel, giving up
+        after ``STOP_CLOSE_S``: a SAN LUN whose path is cut would hold a close (it waits for
+        the queued writes) far longer, and an HA Core standing by must keep answering."""
+        async def one(fn: Callable[[], None]) -> None:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(fn)
+
+        tasks = [asyncio.ensure_future(one(fn)) for fn in closers]
+        if not tasks:
+            return
+        _, late = await asyncio.wait(tasks, timeout=STOP_CLOSE_S)
+        if late:
+            _log.warning("core_stop_close_late", left=len(late), after_s=STOP_CLOSE_S,
+                         why="a LUN or the journal did not close (storage unreachable?); "
+                             "left to finish in the background")
 
     async def _housekeeping(self) -> None:
         next_reopen = 0.0
@@ -782,6 +799,9 @@ class Core(CoreEngine):
 
 async def run(cfg: CoreConfig) -> None:
     """``steelfusion core run``; a failed start stops whatever it had started, then raises."""
+    from steelfusion import sandev
+
+    sandev.route_through(cfg.san_via)
     core = Core(cfg)
     try:
         await core.start()

@@ -463,6 +463,19 @@ def lab_port(port: str, workdir: str, down: bool, up: bool) -> None:
     click.echo(f"port {out.get('port', port)} {'up' if out.get('up', up) else 'down'}")
 
 
+@lab.command("san-path")
+@click.argument("core", metavar="CORE")
+@click.argument("state", type=click.Choice(["cut", "ok"]))
+@WORKDIR
+@_lab_errors
+def lab_san_path(core: str, state: str, workdir: str) -> None:
+    """Cut a Core's own path to its array, or heal it (an HA lab: the Core is partitioned
+    from the SAN while its partner keeps its path)."""
+    out = _lab(workdir).san_path(core, state)
+    click.echo(f"{out['core']}'s path to {out['array']}: {out['state']} "
+               f"({out['connections']} connection(s), cut {out['cuts']} time(s))")
+
+
 @lab.command("journal")
 @click.argument("core", metavar="CORE")
 @WORKDIR

@@ -400,6 +400,9 @@ class CoreConfig(_NodeFile):
     log_file: str | None = field(default=None, metadata=toml("core.log_file", TEXT))
     ping_interval: float = field(default=1.0, metadata=toml("core.ping_interval", SECONDS))
     dead_after: float = field(default=5.0, metadata=toml("core.dead_after", SECONDS))
+    # connect every iscsi:// LUN through this address instead of the URL's portal (the lab's
+    # per-Core path to its array, steelfusion/sanpath.py: a cable it can pull)
+    san_via: tuple[str, int] | None = field(default=None, metadata=toml("core.san_via", DIAL))
     mirror_window_bytes: int = field(default=64 << 20,
                                      metadata=toml("replication.window", Size(positive=True)))
     # the replication pair's name at the Witness

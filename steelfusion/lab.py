@@ -630,6 +630,26 @@ class Lab(WanLinks):
             return {"core": core, "disk": disk["name"], **faultdisk.set_mode(disk["mount"], mode)}
         except (OSError, ValueError) as e:
             raise LabError(f"cannot set {disk['name']} to {mode}: {e}") from None
+    def san_path(self, core: str, state: str) -> dict[str, Any]:
+        """Cut (``cut``) or heal (``ok``) ``core``'s own path to its array (an HA lab:
+        steelfusion/sanpath.py); the array and the other Cores' paths are untouched."""
+        data = self.load()
+        for node in data.get("sans", []):
+            cfg = SanConfig.load(node["config"])
+            if core in cfg.paths and cfg.path_control is not None:
+                if not node_alive(node):
+                    raise LabError(f"{node['name']} (the array with {core}'s path) is not "
+                                   "running")
+                try:
+                    out = control.call(cfg.path_control, "path", core=core, state=state)
+                except (control.ControlError, OSError) as e:
+                    raise LabError(f"{node['name']}: {e}") from None
+                if out.get("ok") is False:
+                    raise LabError(f"{node['name']}: {out.get('error')}")
+                return {"core": core, "array": node["name"], **out["paths"][core]}
+        raise LabError(f"no array of this lab has a path for {core!r}: paths exist in "
+                       "`lab up --ha` labs, one per Core")
+
     def wait_ready(self, data: dict[str, Any], timeout: float = 60.0) -> None:
         """Until every Edge is connected to a Core and every primary is replicating (both
         of an HA lab's, core-a1 and core-a2)."""

@@ -69,8 +69,9 @@ SEATS = (
 SEAT = {s.name: s for s in SEATS}
 SANS: dict[str, tuple[str, ...]] = {"san-a": ("core-a1", "core-a2"),
                                     "san-b": ("core-b1", "core-b2")}
-CORE_PORTS = 5  # listen, control, ha listen, takeover listen, takeover control
-PORTS_PER_LAB = len(SEATS) * CORE_PORTS + len(SANS)  # plus the Witness's and the Edges'
+CORE_PORTS = 6  # listen, control, ha listen, takeover listen, takeover control, SAN path
+PORTS_PER_LAB = len(SEATS) * CORE_PORTS + 2 * len(SANS)  # + each array's portal and path
+# control; plus the Witness's and the Edges'
 
 
 def check(*, edges: int, luns: int, netns: bool, journal_faults: bool) -> None:
@@ -133,7 +134,8 @@ def plan(d: Path, *, luns: int, lun_size: int, edges: int, host: str, ports: Ite
     free ports, ``observed`` each Core's metrics/console fields."""
     addr: dict[str, dict[str, Addr]] = {
         s.name: {k: (host, next(ports)) for k in
-                 ("listen", "control", "ha_listen", "takeover_listen", "takeover_control")}
+                 ("listen", "control", "ha_listen", "takeover_listen", "takeover_control",
+                  "san_path")}
         for s in SEATS}
     ids = lun_ids(luns, edges)
     own = {s.name: [i for x in ids[s.name if s.role == "primary" else s.peer] for i in x]
@@ -146,7 +148,10 @@ def plan(d: Path, *, luns: int, lun_size: int, edges: int, host: str, ports: Ite
         slun.append(SanLun(JOURNAL_LUN, str(d / name / "journal.img"), jsize))
         sans.append(SanConfig(name=name, portal=(host, next(ports)),
                               control_port=free_tgt_control_port(), iqn=f"{IQN_PREFIX}:{name}",
-                              luns=tuple(slun), log_file=str(d / f"{name}.log")))
+                              luns=tuple(slun), log_file=str(d / f"{name}.log"),
+                              # each Core's own path to the array, that `lab san-path` cuts
+                              paths={c: addr[c]["san_path"] for c in members},
+                              path_control=(host, next(ports))))
     san = {s.name: s for s in sans}
     cores = []
     for s in SEATS:
@@ -164,7 +169,8 @@ def plan(d: Path, *, luns: int, lun_size: int, edges: int, host: str, ports: Ite
             ha_partner_config=str(d / f"{s.partner}.toml"),
             ha_takeover_listen=a["takeover_listen"], ha_takeover_control=a["takeover_control"],
             # the LUN files are created empty (all zeros) on both arrays: already in sync
-            initial_sync=False, log_file=str(d / f"{s.name}.log"), **observed()))
+            initial_sync=False, log_file=str(d / f"{s.name}.log"),
+            san_via=a["san_path"], **observed()))
     edge_plan: list[tuple[list[int], tuple[Addr, ...]]] = []
     nth = dict.fromkeys(ids, 0)  # Edges of each primary so far
     for e in range(edges):

@@ -19,6 +19,7 @@ Provisioning is one small interface, :class:`Provisioner`, with two drivers:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import ctypes.util
@@ -444,6 +445,9 @@ class SanConfig:
     luns: tuple[SanLun, ...] = field(default_factory=tuple)
     initiators: tuple[str, ...] | None = None
     log_file: str | None = None
+    # per-Core relays to the portal and their control port (steelfusion/sanpath.py)
+    paths: dict[str, tuple[str, int]] = field(default_factory=dict)
+    path_control: tuple[str, int] | None = None
     source: str = ""
 
     @property
@@ -458,7 +462,9 @@ class SanConfig:
                 "control_port": self.control_port, "iqn": self.iqn,
                 "luns": [{"lun": lu.lun, "path": lu.path, "size": lu.size} for lu in self.luns],
                 "initiators": list(self.initiators) if self.initiators is not None else None,
-                "log_file": self.log_file}
+                "log_file": self.log_file,
+                "paths": {c: format_addr(a) for c, a in self.paths.items()},
+                "path_control": format_addr(self.path_control) if self.path_control else None}
 
     @classmethod
     def load(cls, path: str | Path) -> SanConfig:
@@ -469,7 +475,8 @@ class SanConfig:
 
         if not isinstance(data, dict):
             raise err("the config must be a JSON object")
-        known = {"name", "portal", "control_port", "iqn", "luns", "initiators", "log_file"}
+        known = {"name", "portal", "control_port", "iqn", "luns", "initiators", "log_file",
+                 "paths", "path_control"}
         extra = sorted(set(data) - known)
         if extra:
             raise err(f"unknown key '{extra[0]}' (keys: {', '.join(sorted(known))})")
@@ -495,15 +502,45 @@ class SanConfig:
         for key in ("name", "iqn"):
             if not isinstance(data.get(key), str) or not data[key]:
                 raise err(f"{key}: required, a non-empty string")
+        raw = data.get("paths") or {}
+        if not isinstance(raw, dict):
+            raise err("paths: an object of Core name -> HOST:PORT")
+        try:
+            paths = {str(c): parse_addr(str(a)) for c, a in raw.items()}
+            pctl = (parse_addr(str(data["path_control"])) if data.get("path_control")
+                    else None)
+        except ValueError as e:
+            raise err(f"paths: {e}") from None
+        if paths and pctl is None:
+            raise err("path_control: required with paths (the lab cuts a path through it)")
         return cls(data["name"], portal, ctl, data["iqn"], tuple(luns),
                    tuple(inits) if inits is not None else None, data.get("log_file"),
-                   str(path))
+                   paths, pctl, str(path))
 
 
 def _die_with_parent() -> None:
     """In tgtd's child, before exec: the kernel SIGKILLs it when its supervisor dies."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _start_paths(cfg: SanConfig) -> asyncio.AbstractEventLoop | None:
+    """The per-Core paths (steelfusion/sanpath.py) on an event loop of their own thread."""
+    if not cfg.paths:
+        return None
+    from steelfusion.sanpath import Paths, serve_control
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="san-paths", daemon=True).start()
+
+    async def start() -> None:
+        paths = Paths(cfg.portal, cfg.paths)
+        await paths.start()
+        assert cfg.path_control is not None
+        await serve_control(paths, cfg.path_control)
+
+    asyncio.run_coroutine_threadsafe(start(), loop).result(15)
+    return loop
 
 
 def serve(cfg: SanConfig, stop: threading.Event | None = None) -> None:
@@ -532,6 +569,7 @@ def serve(cfg: SanConfig, stop: threading.Event | None = None) -> None:
     finally:
         if out:
             sink.close()  # type: ignore[union-attr]
+    path_loop = None
     try:
         deadline = time.monotonic() + 15
         while not adm.ready():
@@ -546,6 +584,7 @@ def serve(cfg: SanConfig, stop: threading.Event | None = None) -> None:
                   else [Acl(name) for name in cfg.initiators])
         _log.info("san_ready", portal=format_addr(cfg.portal), iqn=cfg.iqn,
                   luns={lu.lun: lu.path for lu in cfg.luns})
+        path_loop = _start_paths(cfg)
         done = stop or threading.Event()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -554,6 +593,8 @@ def serve(cfg: SanConfig, stop: threading.Event | None = None) -> None:
             if proc.poll() is not None:
                 raise SanError(f"tgtd exited (status {proc.returncode}; see {out})")
     finally:
+        if path_loop is not None:
+            path_loop.call_soon_threadsafe(path_loop.stop)
         adm.shutdown()
         try:
             proc.wait(5)

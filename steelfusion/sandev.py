@@ -63,6 +63,27 @@ _ha_key: int | None = None
 issue 16: :mod:`core.hahost` sets it once the HA pair has joined the shared LUNs)."""
 
 
+_via: tuple[str, int] | None = None
+"""Where this process's SAN sessions connect instead of the URL's portal (``[core] san_via``:
+the lab's per-Core path to its array, steelfusion/sanpath.py)."""
+
+
+def route_through(addr: tuple[str, int] | None) -> None:
+    """From now on every :meth:`IscsiDevice.open` connects to ``addr`` (None: the portal)."""
+    global _via
+    _via = addr
+
+
+def _routed(url: str) -> str:
+    if _via is None:
+        return url
+    rest = url[len("iscsi://"):]
+    cred, at, hostpart = rest.rpartition("@") if "@" in rest.split("/", 1)[0] else ("", "", rest)
+    tail = hostpart.split("/", 1)[1] if "/" in hostpart else ""
+    host = f"[{_via[0]}]" if ":" in _via[0] else _via[0]
+    return f"iscsi://{cred}{at}{host}:{_via[1]}/{tail}"
+
+
 def register_new_sessions(key: int | None) -> None:
     """From now on each :meth:`IscsiDevice.open` registers its session with ``key`` — unless
     the key is no longer listed on the LUN (a partner preempted it: this Core is fenced and
@@ -153,7 +174,7 @@ class IscsiDevice:
         thread = threading.Thread(target=loop.run_forever, name=f"iscsi {redact(url)}",
                                   daemon=True)
         thread.start()
-        client = IscsiClient(url, initiator_name=initiator_name, give_up_s=math.inf,
+        client = IscsiClient(_routed(url), initiator_name=initiator_name, give_up_s=math.inf,
                              login_timeout_s=min(timeout, 15.0), isid=isid)
         dev = cls(url, client, loop, thread)
         try:

@@ -392,7 +392,7 @@ def test_the_readme_examples_load(tmp_path: Path) -> None:
 ON_DISK: dict[type, dict[str, set[str]]] = {
     CoreConfig: {
         "core": {"name", "role", "listen", "control", "state_dir", "log_file", "ping_interval",
-                 "dead_after"},
+                 "dead_after", "san_via"},
         "replication": {"peer", "interfaces", "witness", "window", "pair", "ha", "initial_sync",
                         "verify_interval", "verify_rate", "peer_alternates"},
         "ha": {"partner", "datacenter", "listen", "partner_address", "partner_config",

@@ -225,3 +225,23 @@ def test_terminate_on_the_ha_primary_ends_replication_on_all_four(ha_lab) -> Non
     for c in data["cores"]:
         wait_for(lambda c=c: status(c["control"])["replication"] == "terminated", 30,
                  f"{c['name']} terminated")
+
+
+def test_a_partner_cut_from_its_array_is_taken_over_and_gets_its_luns_back(
+        ha_lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    lab, data = ha_lab
+    x, y = ctl(data, X), ctl(data, Y)
+    wait_for(lambda: connections(data) == (8, 8), 60, "8 replication connections")
+    assert lab.san_path(Y, "cut")["state"] == "cut"
+    two = write(tmp_path, data, 1, "two")  # the Edge acknowledges; Y can commit nothing
+    wait_for(lambda: (ha(x)["hosted"] or {}).get("luns") == [2], 60, "X took Y's LUN")
+    assert "storage" in ha(x)["why"]
+    lab.wait_committed(timeout=120)
+    both_arrays_hold(data, 2, two)
+    assert lab.san_path(Y, "ok")["state"] == "ok"
+    wait_for(lambda: ha(y)["mode"] == "active" and not ha(x)["hosting_partner"], 90,
+             "LUN 2 handed back to Y")
+    three = write(tmp_path, data, 1, "three")
+    lab.wait_committed(timeout=120)
+    both_arrays_hold(data, 2, three)
+    assert status(y)["luns"]["2"]["edge"] == "edge-2"

@@ -78,8 +78,12 @@ def test_plan_pairs_edges_and_alternates(tmp_path: Path) -> None:
     assert journal.size == labha.journal_size(2, 3)  # 1 MiB part table + 2 x (1 + 2 x 4) GiB
     assert journal.size == MiB + 2 * (9 << 30)
     ports = [a for cc in hp.cores for a in (cc.listen, cc.control, cc.ha_listen,
-                                           cc.ha_takeover_listen, cc.ha_takeover_control)]
-    ports += [s.portal for s in hp.sans]
+                                           cc.ha_takeover_listen, cc.ha_takeover_control,
+                                           cc.san_via)]
+    ports += [a for s in hp.sans for a in (s.portal, s.path_control)]
+    # each Core reaches its array through its own path (steelfusion/sanpath.py)
+    assert {c: san_a.paths[c] for c in ("core-a1", "core-a2")} == {
+        "core-a1": x.san_via, "core-a2": y.san_via}
     assert len(set(ports)) == len(ports) == labha.PORTS_PER_LAB
 
 
