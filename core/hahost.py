@@ -57,6 +57,7 @@ _log = log.get("ha")
 MARKER = "ha-fenced.json"
 MARKER_KIND, MARKER_FORMAT = "ha-fenced", 1
 LEADER_COMMANDS = ("suspend", "resume", "failover", "terminate")
+AGAIN_LATER = frozenset({"witness-lease-live", "peer-reachable"})  # refusals time lifts
 HEALTH_EVERY = 1.0  # seconds between looks at the shared LUNs' reservations
 HEALTH_TIMEOUT = 3.0  # a READ KEYS unanswered this long: the array is unreachable
 
@@ -592,10 +593,16 @@ class HaHost:
         for core in (self.own, self.hosted):
             if core is None:
                 continue
+            if cmd == "failover" and core.role == "primary":
+                # a pair's failover asked again (``coredr failover --wait``) until both
+                # Cores took it: the one that already did says so instead of refusing
+                out[core.name] = {"role": core.role, "epoch": core.epoch,
+                                  "state": core.rep.state.value, "already": True}
+                continue
             try:
                 out[core.name] = await getattr(core, f"cmd_{cmd}")(**args)
             except control.ControlError as e:
-                out[core.name] = {"refused": e.code, "reason": str(e)}
+                out[core.name] = {"refused": e.code, "reason": str(e), **e.extra}
         if not out:
             raise control.ControlError(f"{self.name} stands by and runs no Core", "standby")
         return out
@@ -613,7 +620,16 @@ class HaHost:
                                        "reason": f"{self.partner} did not answer: {e}"}
         mine = cores.get(self.name)
         if mine is not None and "refused" in mine:
-            raise control.ControlError(mine["reason"], mine["refused"], cores=cores)
+            raise control.ControlError(mine["reason"], mine["refused"], cores=cores,
+                                       **{k: v for k, v in mine.items()
+                                          if k not in ("refused", "reason")})
+        later = next(((n, r) for n, r in cores.items()
+                      if r.get("refused") in AGAIN_LATER), None)
+        if later is not None:  # the pair is half done: --wait asks again for the rest
+            name, r = later
+            raise control.ControlError(f"{name}: {r['reason']}", r["refused"], cores=cores,
+                                       **({"retry_in": r["retry_in"]} if "retry_in" in r
+                                          else {}))
         first = next(v for v in cores.values())
         return {**(mine or first), "cores": cores}
 

@@ -475,6 +475,11 @@ def failover(ctx: click.Context, force: bool, wait: float | None, as_json: bool)
     else:
         click.echo(f"now {out['role']} at epoch {out['epoch']}, replication {out['state']}; "
                    "Edges move here automatically")
+        for name, r in (out.get("cores") or {}).items():  # an HA leader: each Core's answer
+            click.echo(f"  {name}: " + (f"refused ({r['refused']}): {r['reason']}"
+                                        if "refused" in r else
+                                        f"{r.get('role')} at epoch {r.get('epoch')}, "
+                                        f"replication {r.get('state')}"))
 
 
 @main.command()

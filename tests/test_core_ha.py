@@ -239,9 +239,31 @@ def test_a_partner_cut_from_its_array_is_taken_over_and_gets_its_luns_back(
     lab.wait_committed(timeout=120)
     both_arrays_hold(data, 2, two)
     assert lab.san_path(Y, "ok")["state"] == "ok"
+    # what Y had queued to the array before the cut arrives now, after the fence: refused
+    log = Path(next(c["log"] for c in data["cores"] if c["name"] == Y))
+    wait_for(lambda: '"san_lun_fenced"' in log.read_text(), 60,
+             "the array refusing Y's writes (RESERVATION CONFLICT)")
     wait_for(lambda: ha(y)["mode"] == "active" and not ha(x)["hosting_partner"], 90,
              "LUN 2 handed back to Y")
     three = write(tmp_path, data, 1, "three")
     lab.wait_committed(timeout=120)
     both_arrays_hold(data, 2, three)
     assert status(y)["luns"]["2"]["edge"] == "edge-2"
+
+
+def test_losing_dc_a_failover_on_the_secondary_leader_moves_both_pairs(
+        ha_lab, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    lab, data = ha_lab
+    x2, y2 = ctl(data, X2), ctl(data, Y2)
+    wait_for(lambda: connections(data) == (8, 8), 60, "8 replication connections")
+    lab.kill(X)
+    lab.kill(Y)
+    r = coredr(y2, "failover", "--json", ok=False)
+    assert json.loads(r.stdout)["refused"] == "not-leader", r.stdout  # the follower refuses
+    said = coredr(x2, "failover", "--wait", "60").stdout
+    assert Y2 in said, said  # one command: both Cores of dc-b
+    for c in (x2, y2):
+        wait_for(lambda c=c: status(c)["role"] == "primary", 30, f"{c} primary")
+    one, two = write(tmp_path, data, 0, "one"), write(tmp_path, data, 1, "two")
+    lab.wait_committed(timeout=120)
+    assert on_array(data, "san-b", 1) == one and on_array(data, "san-b", 2) == two
