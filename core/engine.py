@@ -96,6 +96,7 @@ class CoreEngine:
         self.rep = restarted(state, cfg.role, cfg.peer is not None)
         self.peer_synced = bool(state.get("synced", not cfg.initial_sync))
         self.events: deque[dict[str, Any]] = deque(maxlen=2000)
+        self.event_sink: Callable[[dict[str, Any]], None] | None = None
         self._event_no = 0
         self.alarms: dict[str, dict[str, Any]] = {}
         self.pipes: dict[int, LunPipe] = {}
@@ -200,6 +201,8 @@ class CoreEngine:
         ev = {"n": self._event_no, "time": self.now(), "event": name, "node": self.name,
               "role": self.rep.role, "state": self.rep.state.value, "epoch": self.rep.epoch, **kv}
         self.events.append(ev)
+        if self.event_sink is not None:  # an HA host numbers its Cores' events in one stream
+            self.event_sink(ev)
         _log.info(name, **{k: v for k, v in ev.items() if k not in ("n", "time", "event", "node")})
 
     # -- replication state ----------------------------------------------------------

@@ -106,7 +106,8 @@ class HaHost:
         self.out: Link | None = None
         self.ins: set[Link] = set()
         self.alarms: dict[str, dict[str, Any]] = {}
-        self.events: deque[dict[str, Any]] = deque(maxlen=200)
+        self.events: deque[dict[str, Any]] = deque(maxlen=2000)
+        self._ev_no = 0
         self._n = itertools.count(1)
         self._rpc: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._bg = Background(lambda name, e: self.alarm(
@@ -134,10 +135,14 @@ class HaHost:
             _log.info("ha_alarm_cleared", key=key)
 
     def event(self, name: str, **kv: Any) -> None:
-        # numbered apart from the own Core's events: ``coredr events --follow`` sees both
-        self.events.append({"n": 1_000_000_000 + next(self._n), "time": time.time(),
-                            "event": name, "node": self.name, **kv})
+        self._keep({"time": time.time(), "event": name, "node": self.name, **kv})
         _log.info(name, core=self.name, **kv)
+
+    def _keep(self, ev: dict[str, Any]) -> None:
+        """One numbered stream for ``coredr events``: the host's own events and those of
+        every Core it runs (each restarted Core would count from 1 again)."""
+        self._ev_no += 1
+        self.events.append({**ev, "n": self._ev_no})
 
     # -- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -262,7 +267,7 @@ class HaHost:
             await link.closed.wait()
             if self.out is link:
                 self.out = None
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(5.0 if link.close_reason.startswith("refused") else 0.5)
 
     def _links(self) -> list[Link]:
         return [lk for lk in [*self.ins, self.out] if lk is not None and lk.established]
@@ -301,7 +306,7 @@ class HaHost:
         elif isinstance(msg, Refuse):
             self.alarm("ha_link_refused", f"{self.partner} refused the HA link: {msg.code}: "
                        f"{msg.reason}")
-            link.close(f"refused: {msg.reason}")
+            link.close(f"refused: {msg.reason}")  # the dialler waits longer after this
         elif isinstance(msg, Control):
             self._on_control(link, msg.body)
 
@@ -463,7 +468,7 @@ class HaHost:
         self._drop_marker(self.cfg)
         sandev.register_new_sessions(self.key)
         try:
-            core = Core(self.cfg)
+            core = self._core(self.cfg)
         except Exception as e:  # the array is down, a LUN is missing: say so, try again
             self.alarm("ha_start_failed", f"this Core could not open its LUNs: {e}; trying "
                        "again")
@@ -485,6 +490,13 @@ class HaHost:
         self.own = core
         self.clear("ha_standby")
         self.event("ha_serving_own", rejoin=rejoin, luns=sorted(core.pipes))
+
+    def _core(self, cfg: CoreConfig) -> Core:
+        core = Core(cfg)
+        core.event_sink = self._keep
+        for ev in core.events:  # what it said while opening (journal crash regions, ...)
+            self._keep(ev)
+        return core
 
     async def _standby(self) -> None:
         sandev.register_new_sessions(None)
@@ -523,7 +535,7 @@ class HaHost:
         self.event("ha_partner_fenced", partner=self.partner, why=why,
                    luns=len(reports), seconds=round(sum(r.seconds for r in reports), 3),
                    aborted=all(r.aborted for r in reports))
-        if self.out is not None and self.out.established:
+        if self._links():
             self._bg.spawn(self._tell("taken-over", why=why), "ha-tell")
         assert self.cfg.ha_takeover_listen is not None and self.cfg.ha_takeover_control
         pc = dataclasses.replace(self.pcfg, listen=self.cfg.ha_takeover_listen,
@@ -531,7 +543,7 @@ class HaHost:
                                  console=None, console_password=None)
         core = None
         try:
-            core = Core(pc)
+            core = self._core(pc)
             self._release_takeover_ports()
             await core.start()
         except Exception as e:
@@ -678,8 +690,7 @@ class HaHost:
 
         async def events(req: dict[str, Any]) -> dict[str, Any]:
             since = req.get("since", 0)
-            own = self.own.events if self.own is not None else []
-            return {"events": [e for e in [*own, *self.events] if e["n"] > since]}
+            return {"events": [e for e in self.events if e["n"] > since]}
 
         def leader(cmd: str) -> control.Handler:
             async def h(req: dict[str, Any]) -> dict[str, Any]:
