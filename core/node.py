@@ -25,6 +25,7 @@ import numpy as np
 
 from core.engine import CoreEngine
 from core.lunstore import AppliedState, LunError, LunStore
+from core.metrics import CoreCollector, core_histograms
 from core.pipeline import Backend, LunPipeline
 from core.ports import LinkKind
 from core.replication import Event, Role, State
@@ -266,9 +267,8 @@ class Core(CoreEngine):
             self._control = await listening(control.serve(*self.cfg.control,
                                                           self._control_handlers()),
                                             self.cfg.control, "[core] control", src)
-        await metrics.start_http(self.cfg, self._http, lambda: [metrics.CoreCollector(self)],
-                                 self._console_view,
-                                 lambda reg: metrics.core_histograms(self, reg))
+        await metrics.start_http(self.cfg, self._http, lambda: [CoreCollector(self)],
+                                 self._console_view, lambda reg: core_histograms(self, reg))
         self._start_diallers()
         if self.cfg.witness:
             from witness.client import WitnessClient

@@ -106,7 +106,7 @@ class LunPipeline(Generic[B]):
     mirror_top: int = 0  # highest seq queued for the peer (it cannot acknowledge more)
     mirror_hole: bool = False  # writes applied but not mirrored since the last copy
     hole_seq: int = 0  # the newest write the peer gets by resync, not by mirror
-    # mirror round trip (issue 15): set by steelfusion.metrics; while None nothing is timed
+    # mirror round trip (issue 15): set by core.metrics; while None nothing is timed
     on_mirror_rtt: Callable[[float], None] | None = None
     mirror_sent: deque[tuple[int, float]] = field(default_factory=deque)  # (seq, queued at)
     # resync (primary side)

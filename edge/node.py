@@ -17,6 +17,7 @@ from typing import Any
 
 from edge.backends import BackendNotReady, make_naa
 from edge.blockstore import Blockstore
+from edge.metrics import EdgeCollector, commit_histogram
 from edge.uplink import CoreUplink
 from steelfusion import control, log, metrics
 from steelfusion.config import EdgeConfig
@@ -235,9 +236,9 @@ class Edge:
                                    keyring=auth.keyring if auth else None,
                                    listen_key=self.witness_key, source=src)
             await self.witness.start()
-        if await metrics.start_http(self.cfg, self._http, lambda: [metrics.EdgeCollector(self)],
+        if await metrics.start_http(self.cfg, self._http, lambda: [EdgeCollector(self)],
                                     self._console_view,
-                                    lambda reg: metrics.commit_histogram(self, reg)) is not None:
+                                    lambda reg: commit_histogram(self, reg)) is not None:
             self._sampler = asyncio.get_running_loop().create_task(self._sample_seqs(),
                                                                    name="commit-lag")
         # Last: every port is ours by now, so a failed bind leaves no uplink task running

@@ -59,7 +59,7 @@ class Shipper:
     # lun -> frames in flight: (seq, bytes, writes, sent at)
     frames: dict[int, deque[tuple[int, int, int, float]]] = field(default_factory=dict)
     prev: dict[int, int] = field(default_factory=dict)  # lun -> last seq shipped
-    # Edge->ack latency (issue 15): set by steelfusion.metrics, called as
+    # Edge->ack latency (issue 15): set by edge.metrics, called as
     # (lun, seconds, writes) once per acknowledged frame; while None nothing is timed
     on_commit: Callable[[int, float, int], None] | None = None
 

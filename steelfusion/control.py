@@ -108,6 +108,21 @@ async def dispatch(handlers: dict[str, Handler], req: dict[str, Any]) -> dict[st
         return {"ok": False, "error": f"internal error: {e}", "code": "internal-error"}
 
 
+def replication_said(reply: dict[str, Any]) -> str:
+    """The words for a replication command's reply (suspend, resume, terminate): the state,
+    and each Core's answer when an HA leader ran it on the pair. Here, beside the replies,
+    so ``coredr`` and the console (which knows no CLI) say the same."""
+    said = f"replication {'already ' if reply.get('already') else ''}{reply['state']}"
+    cores = reply.get("cores")
+    if cores and len(cores) > 1:  # an HA leader ran it on every Core of the pair
+        said += "".join(f"\n  {name}: " + (f"refused ({r['refused']}): {r['reason']}"
+                                           if "refused" in r else
+                                           f"{'already ' if r.get('already') else ''}"
+                                           f"{r.get('state')}")
+                        for name, r in cores.items())
+    return said
+
+
 async def serve(host: str, port: int, handlers: dict[str, Handler]) -> asyncio.Server:
     async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

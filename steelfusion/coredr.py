@@ -356,18 +356,6 @@ def _simple(ctx: click.Context, cmd: str, as_json: bool, *, part: str | None = N
     return out
 
 
-def _said(out: dict[str, Any]) -> str:
-    said = f"replication {'already ' if out.get('already') else ''}{out['state']}"
-    cores = out.get("cores")
-    if cores and len(cores) > 1:  # an HA leader ran it on every Core of the pair
-        said += "".join(f"\n  {name}: " + (f"refused ({r['refused']}): {r['reason']}"
-                                           if "refused" in r else
-                                           f"{'already ' if r.get('already') else ''}"
-                                           f"{r.get('state')}")
-                        for name, r in cores.items())
-    return said
-
-
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -375,7 +363,7 @@ def suspend(ctx: click.Context, as_json: bool) -> None:
     """Suspend replication (the Witness must approve); writes are journaled."""
     out = _simple(ctx, "suspend", as_json)
     if not as_json:
-        click.echo(_said(out))
+        click.echo(control.replication_said(out))
 
 
 @main.command()
@@ -388,7 +376,7 @@ def resume(ctx: click.Context, as_json: bool, wait: bool) -> None:
     out = _simple(ctx, "resume", as_json)
     if as_json:
         return
-    click.echo(_said(out))
+    click.echo(control.replication_said(out))
     if wait and out["state"] == "resyncing":
         _resync_progress(ctx, out.get("resync"))
 
@@ -499,7 +487,7 @@ def terminate(ctx: click.Context, yes: bool, as_json: bool) -> None:
                                        "skips the question, for scripts)") from None
     out = _simple(ctx, "terminate", as_json)
     if not as_json:
-        click.echo(_said(out))
+        click.echo(control.replication_said(out))
 
 
 @main.command("ha")

@@ -54,6 +54,7 @@ from witness.logic import (
     WitnessLogic,
     WitnessStateError,
 )
+from witness.metrics import WitnessCollector
 from witness.protocol import ProtocolError, WireReply, parse_request, request_id
 
 _log = log.get("witness")
@@ -377,7 +378,7 @@ async def run(cfg: WitnessConfig) -> None:
         await w.start()
         ctl = await listening(control.serve(*ctl_addr, {"status": status, "stop": stop}),
                               ctl_addr, ctl_key, cfg.source)
-        await metrics.start_http(cfg, http, lambda: [metrics.WitnessCollector(w)])
+        await metrics.start_http(cfg, http, lambda: [WitnessCollector(w)])
     except BaseException:
         with contextlib.suppress(Exception):
             await w.stop()  # nothing it started outlives a failed start

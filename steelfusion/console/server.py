@@ -41,14 +41,12 @@ STATIC = {"console.js": "application/javascript", "console.css": "text/css"}
 
 def said(cmd: str, reply: dict[str, Any]) -> str:
     """The line ``coredr CMD`` prints for ``reply``."""
-    from steelfusion.coredr import _said
-
     if not reply.get("ok"):
         return f"refused: {reply.get('error')}"
     if cmd == "failover":
         return (f"now {reply['role']} at epoch {reply['epoch']}, replication {reply['state']}; "
                 "Edges move here automatically")
-    return _said(reply)
+    return control.replication_said(reply)
 
 
 class Sessions:
