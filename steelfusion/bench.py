@@ -165,6 +165,35 @@ class Row:
                 "edge_runs": [round(x) for x in self.edge], "tgt_runs": [round(x) for x in self.tgt]}
 
 
+def quick_scale(quick: bool) -> int:
+    """How much less I/O a ``--quick`` run does."""
+    return 20 if quick else 1
+
+
+def scaled_workloads(only: list[str] | None, quick: bool) -> list[Workload]:
+    """The workloads to run (all, or those named), with ``--quick``'s smaller counts."""
+    scale = quick_scale(quick)
+    return [Workload(w.name, w.write, w.block, w.depth, max(200, w.count // scale))
+            for w in WORKLOADS if not only or w.name in only]
+
+
+def precondition_luns(targets: list[tuple[str, str, Lab | None]], lun_size: int, scale: int,
+                      log: Any) -> None:
+    """SNIA-style preconditioning: write every block of each ``(side, url, lab)`` once, so
+    no round pays for first-touch allocation (fresh sparse files, fresh page-cache pages)
+    that the other side already paid for in an earlier round; a lab's Edge is then waited
+    for until it holds nothing uncommitted."""
+    chunk = 1 << 20
+    count = max(1, lun_size // chunk // scale)
+    for side, url, lab in targets:
+        t0 = time.monotonic()
+        qemu_bench(url, write=True, block=chunk, depth=8, count=count)
+        if lab is not None:
+            lab.wait_committed(timeout=600)
+        log(f"preconditioned {side}: {format_size(count * chunk)} written in "
+            f"{time.monotonic() - t0:.1f}s")
+
+
 def _core_pair(wd: Path, lun_size: int,
                initial_sync: bool) -> tuple[list[CoreConfig], list[int]]:
     """Two Cores (no Edge, no Witness) for the replication measurements."""
@@ -312,10 +341,8 @@ def run_bench(workdir: str | None, rounds: int, quick: bool, lun_size: int,
     wd.mkdir(parents=True, exist_ok=True)
     lab = Lab(wd / "lab")
     tgt = TgtServer(wd, lun_size)
-    scale = 20 if quick else 1
-    loads = [w for w in WORKLOADS if not only or w.name in only]
-    rows = [Row(Workload(w.name, w.write, w.block, w.depth, max(200, w.count // scale)))
-            for w in loads]
+    scale = quick_scale(quick)
+    rows = [Row(w) for w in scaled_workloads(only, quick)]
     result: dict[str, Any] = {}
     started = False
     try:
@@ -327,18 +354,8 @@ def run_bench(workdir: str | None, rounds: int, quick: bool, lun_size: int,
         tgt.start()
         edge_url = data["edges"][0]["targets"][0]["url"]
         if precondition:
-            # SNIA-style preconditioning: write every block once on both sides, so no
-            # round pays for first-touch allocation (fresh sparse files, fresh page-cache
-            # pages) that the other side already paid for in an earlier round.
-            chunk = 1 << 20
-            count = max(1, lun_size // chunk // scale)
-            for side, url in (("edge", edge_url), ("tgt", tgt.url)):
-                t0 = time.monotonic()
-                qemu_bench(url, write=True, block=chunk, depth=8, count=count)
-                if side == "edge":
-                    lab.wait_committed(timeout=600)
-                log(f"preconditioned {side}: {format_size(count * chunk)} written in "
-                    f"{time.monotonic() - t0:.1f}s")
+            precondition_luns([("edge", edge_url, lab), ("tgt", tgt.url, None)], lun_size,
+                              scale, log)
         for r in range(rounds):
             for row in rows:
                 w = row.workload
@@ -428,9 +445,10 @@ def select(names: list[str], only: list[str] | None) -> list[str]:
 
 
 @contextlib.contextmanager
-def stopped_cleanly() -> Iterator[None]:
+def stopped_cleanly(what: str = "lab and tgtd were") -> Iterator[None]:
     """SIGTERM and SIGHUP (``timeout``, a closed terminal) end the run like ^C: through
-    every ``finally``, so the lab and tgtd are stopped; then one line, not a traceback."""
+    every ``finally``, so the lab and tgtd (``what``) are stopped; then one line, not a
+    traceback."""
     got: list[str] = []
 
     def interrupt(signum: int, _frame: Any) -> None:
@@ -456,8 +474,7 @@ def stopped_cleanly() -> Iterator[None]:
         yield
     except KeyboardInterrupt as e:
         why = str(e) or "SIGINT"
-        raise BenchError(f"interrupted ({why}); the benchmark's lab and tgtd were stopped") \
-            from None
+        raise BenchError(f"interrupted ({why}); the benchmark's {what} stopped") from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         sys.unraisablehook = hook
@@ -481,5 +498,5 @@ def main(workdir: str | None, rounds: int, quick: bool, lun_size: int, as_json: 
     return 0
 
 
-__all__ = ["WORKLOADS", "BenchError", "TgtServer", "main", "render", "run_bench", "select",
-           "stopped_cleanly"]
+__all__ = ["WORKLOADS", "BenchError", "TgtServer", "Workload", "main", "precondition_luns",
+           "quick_scale", "render", "run_bench", "scaled_workloads", "select", "stopped_cleanly"]

@@ -548,24 +548,37 @@ def demo(workdir: str | None, size: int, lun_size: int, keep: bool) -> None:
 @click.option("--san", type=click.Choice(["tgt"]), default=None,
               help="The Cores' LUNs on the lab's storage arrays (lab up --san), to weigh the "
                    "iSCSI hop to the array against the file-backed run.")
+@click.option("--observe-cost", is_flag=True,
+              help="What metrics and consoles cost writes: two labs, observation on (every "
+                   "metrics endpoint scraped each second, every console's event stream "
+                   "open) and off, the same workloads in alternating rounds; on/off ratios.")
 def bench(workdir: str | None, rounds: int, quick: bool, lun_size: int, only: tuple[str, ...],
           as_json: bool, precondition: bool | None, wan: str | None, rate: str | None,
-          jitter: str | None, loss: str | None, dc_delay: str | None, san: str | None) -> None:
+          jitter: str | None, loss: str | None, dc_delay: str | None, san: str | None,
+          observe_cost: bool) -> None:
     """qemu-img bench against a lab Edge (with replication) and tgt, side by side; with
-    --wan, across an emulated WAN (the benchmark SteelFusion exists for)."""
+    --wan, across an emulated WAN (the benchmark SteelFusion exists for); with
+    --observe-cost, a lab with metrics and consoles watched against one without."""
     from steelfusion.bench import BenchError
     from steelfusion.bench import main as bench_main
+    from steelfusion.benchobserve import main_observe
     from steelfusion.benchwan import main_wan, parse_wan_options
     from steelfusion.initiator import InitiatorError
     from steelfusion.lab import LabError
 
     try:
+        if observe_cost and (wan is not None or san is not None):
+            raise BenchError(f"--observe-cost runs two loopback labs with file-backed Cores; "
+                             f"leave out {'--wan' if wan is not None else '--san'}")
         if wan is None:
             given = [n for n, v in (("--rate", rate), ("--jitter", jitter), ("--loss", loss),
                                     ("--dc-delay", dc_delay)) if v is not None]
             if given:
                 raise BenchError(f"{given[0]} applies only to the WAN benchmark: add --wan "
                                  f"DELAY (e.g. steelfusion bench --wan 30ms {given[0]} ...)")
+            if observe_cost:
+                sys.exit(main_observe(workdir, rounds, quick, lun_size, as_json,
+                                      list(only) or None, precondition is not False))
             sys.exit(bench_main(workdir, rounds, quick, lun_size, as_json, list(only) or None,
                                 precondition is not False, san))
         if san is not None:
@@ -680,9 +693,11 @@ class _OneLineCommand(click.Command):
               "injected, e.g. 2m, 90s, 1h.")
 @click.option("--faults", default=None, help="Fault kinds to inject (comma-separated, or all): "
               "kill,stop,partition,isolate,wan,operator,journal,outage by default; with --san, "
-              "san (the array down) instead of journal.")
+              "san (the array down) instead of journal; with --ha, kill,stop,ha-kill,ha-both,"
+              "ha-san.")
 @click.option("--luns", default=2, show_default=True, help="LUNs per Edge (one writer each).")
-@click.option("--edges", default=1, show_default=True, help="Number of Edges.")
+@click.option("--edges", default=None, type=int, help="Number of Edges (default 1; 2 with "
+              "--ha).")
 @click.option("--lun-size", default="64M", show_default=True, type=LUN_SIZE, help=LUN_SIZE_HELP)
 @click.option("--report", default=None, type=click.Path(dir_okay=False),
               help="HTML report (default: WORKDIR-report.html next to the folder).")
@@ -692,11 +707,14 @@ class _OneLineCommand(click.Command):
 @click.option("--san", type=click.Choice(["tgt"]), default=None,
               help="Each data center's Core keeps its LUNs and Journal LUN on a storage array "
                    "(as lab up --san).")
+@click.option("--ha", is_flag=True, help="The Core HA drill on loopback (no root): lab up --ha, "
+              "four Cores, HA faults with takeover and handback.")
 def drill(workdir: str, seed: int | None, duration: str, faults: str | None, luns: int,
-          edges: int, lun_size: int, report: str | None, json_path: str | None, keep: bool,
-          san: str | None) -> None:
+          edges: int | None, lun_size: int, report: str | None, json_path: str | None,
+          keep: bool, san: str | None, ha: bool) -> None:
     """A failover drill (root): a netns lab, a seeded schedule of faults under a real
-    workload, the runbook's operator actions, then a check of every copy; exit 0 on PASS."""
+    workload, the runbook's operator actions, then a check of every copy; exit 0 on PASS.
+    With --ha: the Core HA lab on loopback instead."""
     import random
     from pathlib import Path
 
@@ -705,8 +723,10 @@ def drill(workdir: str, seed: int | None, duration: str, faults: str | None, lun
     try:
         opts = Options(workdir=Path(workdir),
                        seed=seed if seed is not None else random.randrange(1, 1_000_000),
-                       duration=parse_duration(duration), faults=parse_faults(faults, san),
-                       luns=luns, edges=edges, lun_size=lun_size, san=san,
+                       duration=parse_duration(duration),
+                       faults=parse_faults(faults, san, ha=ha), luns=luns,
+                       edges=edges if edges is not None else 2 if ha else 1,
+                       lun_size=lun_size, san=None if ha else san, ha=ha,
                        report=Path(report) if report else None,
                        json_path=Path(json_path) if json_path else None, keep=keep)
         sys.exit(run(opts, click.echo))

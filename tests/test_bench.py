@@ -152,6 +152,10 @@ def test_wan_bench_refuses_without_root(monkeypatch: pytest.MonkeyPatch) -> None
     (["--workload", "4K write QD64"], ["'4K write QD64'", "4K write QD32"]),
     (["--rounds", "0"], ["--rounds"]),
     (["--wan", "30ms", "--rounds", "0"], ["--rounds"]),
+    (["--observe-cost", "--wan", "30ms"], ["--observe-cost", "--wan"]),
+    (["--observe-cost", "--san", "tgt"], ["--observe-cost", "--san"]),
+    (["--observe-cost", "--rounds", "0"], ["--rounds"]),
+    (["--observe-cost", "--workload", "4K write QD64"], ["'4K write QD64'", "4K write QD32"]),
 ])
 def test_bench_refuses_bad_options_in_one_line(args: list[str], want: list[str]) -> None:
     """Each bad option: one line naming it, exit != 0, before any lab or tgt starts."""
@@ -241,3 +245,113 @@ def test_a_signal_swallowed_inside_a_callback_still_stops_the_bench() -> None:
         Swallow()
         time.sleep(5)
     assert time.monotonic() - t0 < 2 and err.getvalue() == "", err.getvalue()
+
+
+# -- what metrics and consoles cost the write path (issue 15) ---------------------------------
+
+
+def test_observe_cost_quick_watches_the_on_lab_and_leaves_nothing_running(
+        tmp_path: Path) -> None:
+    """`bench --observe-cost`: both labs measured with the same workload, the "on" lab
+    really watched (every metrics endpoint fetched, every console's event stream read, the
+    "off" lab has neither), and both labs stopped afterwards."""
+    import json
+
+    from steelfusion.lab import Lab, pid_alive
+
+    tool("qemu-img")
+    wd = tmp_path / "ob"
+    p = _bench("--observe-cost", "--quick", "--rounds", "1", "--workload", "4K write QD1",
+               "--json", "--workdir", str(wd), timeout=200)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout)
+    assert res["mode"] == "observe-cost" and res["rounds"] == 1 and res["quick"] is True
+    assert res["first"] == ["on"] and res["preconditioned"] is True
+    [w] = res["workloads"]
+    assert w["workload"] == "4K write QD1" and w["write"] is True
+    for side in ("on", "off"):
+        s = w[side]
+        assert s["iops"] > 0 and s["mb_s"] > 0 and len(s["runs_iops"]) == 1, (side, s)
+        assert s["commit_lag_s"] is not None and s["commit_lag_s"] >= 0
+    r = w["ratio"]
+    assert r["min"] == r["median"] == r["max"] and len(r["runs"]) == 1
+    assert abs(r["median"] - w["on"]["runs_iops"][0] / w["off"]["runs_iops"][0]) < 0.01
+    assert w["verdict"].startswith("one round") and res["verdict"].startswith("not judged")
+    sc = res["scraper"]
+    assert sc["failure"] is None
+    assert sc["metrics_scrapes"] > 0 and sc["metrics_bytes"] > 0
+    assert sc["sse_bytes"] > 0 and sc["sse_events"] > 0 and sc["sse_streams_opened"] >= 3
+    eps = sc["endpoints"]
+    assert {e["node"] for e in eps if e["kind"] == "metrics"} == {
+        "witness", "core-a", "core-b", "edge-1"}
+    assert {e["node"] for e in eps if e["kind"] == "events"} == {"core-a", "core-b", "edge-1"}
+    assert all(e["fetches"] >= 1 and e["bytes"] > 0 for e in eps), eps
+    assert res["observe"]["off"] == {"metrics": [], "console": []}
+    assert sorted(res["observe"]["on"]["console"]) == ["core-a", "core-b", "edge-1"]
+    # nothing left of either lab
+    for side in ("on", "off"):
+        lab = Lab(wd / f"lab-{side}")
+        data = json.loads(lab.file.read_text())
+        assert [n["name"] for n in lab.processes(data) if pid_alive(n["pid"])] == [], side
+
+
+def test_observe_cost_verdict_reads_the_spread_of_the_rounds() -> None:
+    from steelfusion.benchobserve import verdict
+
+    assert verdict([0.93, 1.04, 0.98]) == "no cost told from noise"
+    assert verdict([1.0, 1.2]) == "no cost told from noise"
+    assert verdict([0.8, 0.85, 0.9]) == "cost: 15% slower with observation on, in every round"
+    assert verdict([1.1, 1.2]).startswith("no cost (faster")
+    assert verdict([0.7]).startswith("one round")
+
+
+def test_observe_cost_stopped_by_sigterm_stops_both_labs(tmp_path: Path) -> None:
+    """SIGTERM while the watched rounds run: one line, exit != 0, both labs' nodes
+    stopped (the scraper's connections do not hold the exit up)."""
+    import json
+    import signal
+
+    from steelfusion.lab import Lab, pid_alive
+
+    tool("qemu-img")
+    wd = tmp_path / "ob"
+    p = subprocess.Popen([sys.executable, "-m", "steelfusion.cli", "bench", "--observe-cost",
+                          "--lun-size", "256M", "--rounds", "20", "--workdir", str(wd)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:  # progress lines; the rounds start after this one
+            if line.startswith("lab on watched:"):
+                break
+        else:
+            raise AssertionError(p.communicate(timeout=60))
+        datas = {s: json.loads((wd / f"lab-{s}" / "lab.json").read_text())
+                 for s in ("on", "off")}
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert p.returncode != 0 and len(lines) == 1, err
+    assert "interrupted (SIGTERM)" in lines[0] and "two labs" in lines[0], err
+    for side, data in datas.items():
+        lab = Lab(wd / f"lab-{side}")
+        assert [n["name"] for n in lab.processes(data) if pid_alive(n["pid"])] == [], side
+
+
+def test_observe_cost_overall_verdict_names_each_cost() -> None:
+    from steelfusion.benchobserve import overall
+
+    def row(name: str, runs: list[float], v: str) -> dict[str, object]:
+        return {"workload": name, "verdict": v,
+                "ratio": {"median": sorted(runs)[len(runs) // 2], "min": min(runs),
+                          "max": max(runs)}}
+
+    assert overall([row("a", [0.9, 1.1], "no cost told from noise"),
+                    row("b", [1.1, 1.2], "no cost (faster ...)")]).startswith(
+        "no cost told from noise")
+    got = overall([row("a", [0.9, 1.1], "no cost told from noise"),
+                   row("b", [0.8, 0.9, 0.85], "cost: 15% slower")])
+    assert got == "measured cost: b on/off 0.85 (0.80-0.90)"
