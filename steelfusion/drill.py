@@ -21,6 +21,10 @@ the :class:`~steelfusion.drillcheck.History` this module records).
 The runbook's rules the schedule keeps (documented behaviour, not bugs): a suspended primary
 is never killed or isolated (writes it acknowledged are only in its journal: a failover then
 loses them by design), and a failover is only run on a consistent replica.
+
+``drill --ha`` (issue 16) runs the same workload, recording and check on the loopback Core HA
+lab instead (four Cores, no root needed); its faults and health rules are in
+steelfusion/drillha.py (:class:`~steelfusion.drillha.HaDrill`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import dataclasses
 import itertools
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +51,7 @@ from steelfusion.drillpayload import BLOCK
 from steelfusion.drillplan import (
     FAULT_KINDS,
     GAP,
+    HA_KINDS,
     HOLD,
     DrillError,
     Fault,
@@ -56,6 +60,7 @@ from steelfusion.drillplan import (
     parse_duration,
     parse_faults,
 )
+from steelfusion.drillsetup import prepare_workdir, refusal
 from steelfusion.drillwork import (
     MAX_WRITE_BLOCKS,
     SAMPLE_EVERY,
@@ -72,6 +77,7 @@ from steelfusion.units import format_size
 __all__ = [
     "FAULT_KINDS",
     "GAP",
+    "HA_KINDS",
     "HOLD",
     "Drill",
     "DrillError",
@@ -81,6 +87,7 @@ __all__ = [
     "format_duration",
     "parse_duration",
     "parse_faults",
+    "prepare_workdir",
     "refusal",
     "run",
 ]
@@ -102,25 +109,6 @@ END_TIMEOUT = 240.0
 COREDR_TIMEOUT = 300.0
 
 
-def refusal(euid: int | None = None) -> str | None:
-    """Why this process cannot run a drill (one line), or None when it can."""
-    uid = os.geteuid() if euid is None else euid
-    if uid != 0:
-        return ("steelfusion drill needs root: it puts the sites in network namespaces joined "
-                "by an emulated WAN (lab up --netns); run it as root")
-    from steelfusion import netns
-
-    why = netns.available()
-    if why is not None:
-        return (f"steelfusion drill needs network namespaces and /dev/net/tun: {why}; run it "
-                f"as root on a host (or container) that has them")
-    for tool in ("qemu-io", "qemu-img"):
-        if shutil.which(tool) is None:
-            return (f"steelfusion drill needs {tool} (the hosts' initiator): install the "
-                    f"Debian package qemu-utils (`make install` does it)")
-    return None
-
-
 # --- the drill -----------------------------------------------------------------------------
 
 
@@ -137,9 +125,11 @@ class Options:
     json_path: Path | None = None
     keep: bool = False
     san: str | None = None  # "tgt": each data center's Core keeps its LUNs on an array
+    ha: bool = False  # the loopback Core HA lab (steelfusion/drillha.py)
 
     def replay(self) -> str:
-        return (f"steelfusion drill --workdir {self.workdir} --seed {self.seed} --duration "
+        return (f"steelfusion drill {'--ha ' if self.ha else ''}--workdir {self.workdir} "
+                f"--seed {self.seed} --duration "
                 f"{format_duration(self.duration)} --faults {','.join(self.faults)} --luns "
                 f"{self.luns} --edges {self.edges} --lun-size {size_arg(self.lun_size)}"
                 + (f" --san {self.san}" if self.san else ""))
@@ -230,10 +220,11 @@ class Drill:
 
     def coredr(self, core: str, *args: str, timeout: float = COREDR_TIMEOUT
                ) -> tuple[int, str]:
-        """Run ``coredr --netns NS --core CONTROL ARGS`` as an operator would."""
+        """Run ``coredr --netns NS --core CONTROL ARGS`` as an operator would (no
+        ``--netns`` on a loopback lab)."""
         n = self.node(core)
-        cmd = [sys.executable, "-m", "steelfusion.coredr", "--netns", n["netns"], "--core",
-               n["control"], *args]
+        ns = ["--netns", n["netns"]] if n.get("netns") else []
+        cmd = [sys.executable, "-m", "steelfusion.coredr", *ns, "--core", n["control"], *args]
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                                check=False)
@@ -262,7 +253,7 @@ class Drill:
     # -- the run -----------------------------------------------------------------------
     def run(self) -> int:
         o = self.o
-        schedule = build_schedule(o.seed, o.duration, o.faults, o.edges)
+        schedule = build_schedule(o.seed, o.duration, o.faults, o.edges, ha=o.ha)
         self.echo(f"drill seed {o.seed}: {len(schedule)} faults planned over "
                   f"{format_duration(o.duration)} ({', '.join(o.faults)}); {o.edges} Edge(s) x "
                   f"{o.luns} LUN(s) of {format_size(o.lun_size)}")
@@ -270,14 +261,9 @@ class Drill:
             self.echo(f"  {f.n:3d}  +{f.at:6.1f}s  {f.kind:<9} {f.describe()}")
         self.echo(f"replay: {o.replay()}")
         self._save_marker(schedule)  # first: a lab that fails to start leaves a drill's folder
-        self.say(f"lab up --netns in {o.workdir}")
-        self.data = self.lab.up(luns=o.luns, lun_size=o.lun_size, edges=o.edges, netns=True,
-                                timeout=90, reserve=DRILL_RESERVE,
-                                journal_faults="journal" in o.faults, san=o.san)
-        self.branch_ns = self.data["sites"]["branch"]["netns"]
+        self.lab_up()
         self.t0 = time.time()
-        for c in self.data["cores"]:
-            self.samplers.append(Sampler(self, c, "core"))
+        self.samplers += self.make_samplers()
         for e in self.data["edges"]:
             self.samplers.append(Sampler(self, e, "edge"))
         for s in self.samplers:
@@ -287,8 +273,8 @@ class Drill:
                 self.writers.append(Writer(self, int(t["lun_id"]), t["url"], int(t["size"])))
         for w in self.writers:
             w.start()
-        self.say(f"workload: {len(self.writers)} writers (qemu-io in {self.branch_ns}), at most "
-                 f"{WRITE_RATE:g} writes/s each")
+        self.say(f"workload: {len(self.writers)} writers (qemu-io in "
+                 f"{self.branch_ns or 'this namespace'}), at most {WRITE_RATE:g} writes/s each")
         deadline = self.t0 + o.duration
         for f in schedule:
             start = max(self.t0 + f.at, time.time() + MIN_GAP)
@@ -307,6 +293,18 @@ class Drill:
         self.sleep(deadline - time.time())
         return self.finish()
 
+    def lab_up(self) -> None:
+        o = self.o
+        self.say(f"lab up --netns in {o.workdir}")
+        self.data = self.lab.up(luns=o.luns, lun_size=o.lun_size, edges=o.edges, netns=True,
+                                timeout=90, reserve=DRILL_RESERVE,
+                                journal_faults="journal" in o.faults, san=o.san)
+        self.branch_ns = self.data["sites"]["branch"]["netns"]
+
+    def make_samplers(self) -> list[Sampler]:
+        """The Cores' samplers (the Edges' are the same in every lab)."""
+        return [Sampler(self, c, "core") for c in self.data["cores"]]
+
     def _save_marker(self, schedule: list[Fault]) -> None:
         """``drill.json``: marks the folder as a drill's (a later drill may reuse it) and keeps
         what the runner planned."""
@@ -317,7 +315,7 @@ class Drill:
     # -- faults ------------------------------------------------------------------------
     def inject(self, f: Fault) -> None:
         try:
-            hit = getattr(self, f"_fault_{f.kind}")(f)
+            hit = getattr(self, f"_fault_{f.kind.replace('-', '_')}")(f)
         except _Skip as e:
             self.skipped.append((f, str(e)))
             self.say(f"fault {f.n} ({f.kind}) skipped: {e}")
@@ -352,10 +350,12 @@ class Drill:
         self._start(name)
         return name
 
-    def _start(self, name: str) -> None:
+    def _start(self, name: str) -> int:
+        """``lab start NAME``; returns its heal event's index (a handback's cause)."""
         n = self.lab.start(name, timeout=90)
-        self.rec.event(time.time(), "heal", f"lab start {name} (pid {n['pid']})", node=name)
+        ev = self.rec.event(time.time(), "heal", f"lab start {name} (pid {n['pid']})", node=name)
         self.say(f"heal: started {name} again (pid {n['pid']})")
+        return int(ev)
 
     def _fault_stop(self, f: Fault) -> str:
         name, _, _ = self._resolve(f)
@@ -658,11 +658,12 @@ class Drill:
             for t in e["targets"]:
                 dst = self.o.workdir / f"readback-{e['name']}-lun{t['lun_id']}.img"
                 self.say(f"end: reading LUN {t['lun_id']} back through {e['name']}")
-                qemu_read(t["url"], dst, timeout=600, netns=self.branch_ns)
+                qemu_read(t["url"], dst, timeout=600, netns=self.branch_ns or None)
                 images[int(t["lun_id"])] = str(dst)
             copies.append(Copy(e["name"], "edge", images))
-        for c in data["cores"]:
-            copies.append(Copy(c["name"], "core", labsan.lun_files(data, c)))
+        for c in data["cores"]:  # each must hold the LUNs lab.json gives it (an HA Core: its own)
+            copies.append(Copy(c["name"], "core", labsan.lun_files(data, c),
+                               expect=frozenset(int(k) for k in c["luns"])))
         return copies
 
     def report(self, result: drillcheck.Result, copies: list[Copy]) -> int:
@@ -674,7 +675,8 @@ class Drill:
             self.problem("no write was acknowledged: the workload never ran (see the Edges' "
                          "logs and drill.log)")
         html_path.write_text(drillreport.render_html(
-            result, self.rec.h, title=f"steelfusion drill seed {o.seed}", problems=self.problems))
+            result, self.rec.h, title=f"steelfusion drill {'--ha ' if o.ha else ''}seed {o.seed}",
+            problems=self.problems))
         json_path.write_text(drillreport.to_json(result))
         (wd / "history.json").write_text(json.dumps(self.rec.h.to_dict()))
         info = json.loads((wd / "drill.json").read_text())
@@ -733,40 +735,6 @@ def _interrupted(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def prepare_workdir(workdir: Path) -> None:
-    """The drill's own folder: absent, empty, or an earlier drill's (emptied now). A running
-    lab, or anything else in it, is refused and left alone."""
-    if workdir.exists() and not workdir.is_dir():
-        raise DrillError(f"--workdir {workdir} is not a directory (give a folder for the drill)")
-    lab = Lab(workdir)
-    if lab.file.exists():
-        try:
-            data = lab.load()
-        except LabError as e:
-            raise DrillError(str(e)) from None
-        alive = [n["name"] for n in lab.processes(data) if node_alive(n)]
-        if alive:
-            raise DrillError(f"a lab is already running in {workdir} ({', '.join(alive)}); "
-                             f"run `steelfusion lab down --workdir {workdir}` first, or give "
-                             f"the drill another --workdir")
-    if workdir.is_dir() and any(workdir.iterdir()):
-        if not (workdir / "drill.json").exists():
-            raise DrillError(f"--workdir {workdir} is not empty and is not an earlier drill's "
-                             f"folder (no drill.json); give an empty or new folder")
-        if lab.file.exists():  # a stopped drill lab: its namespaces go with it
-            with contextlib.suppress(LabError):
-                lab.down()
-        for p in workdir.iterdir():
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DrillError(f"cannot create --workdir {workdir}: {e.strerror or e}") from None
-
-
 def run(opts: Options, echo: Callable[[str], None] = print) -> int:
     """``steelfusion drill``: 0 PASS, 1 FAIL; :class:`DrillError` for a refusal."""
     try:
@@ -777,13 +745,29 @@ def run(opts: Options, echo: Callable[[str], None] = print) -> int:
         raise DrillError(f"--lun-size {format_size(opts.lun_size)} is too small for the drill's "
                          f"writes (up to {MAX_WRITE_BLOCKS} blocks of 4K): give at least "
                          f"{size_arg(MAX_WRITE_BLOCKS * BLOCK)}")
-    why = refusal()
+    if opts.ha:
+        from steelfusion import labha
+
+        try:
+            labha.check(edges=opts.edges, luns=opts.luns, netns=False, journal_faults=False)
+        except LabError as e:
+            raise DrillError(str(e)) from None
+        wrong = [k for k in opts.faults if k not in HA_KINDS]
+        if wrong:
+            raise DrillError(f"--faults {wrong[0]}: not a fault of the HA drill; with --ha "
+                             f"choose from {','.join(HA_KINDS)}")
+    why = refusal(ha=opts.ha)
     if why is not None:
         raise DrillError(why)
     opts = dataclasses.replace(opts, workdir=opts.workdir.resolve())
     prepare_workdir(opts.workdir)
     log.setup("drill", opts.workdir / "drill.log", tty=False)
-    d = Drill(opts, echo)
+    if opts.ha:
+        from steelfusion.drillha import HaDrill
+
+        d: Drill = HaDrill(opts, echo)
+    else:
+        d = Drill(opts, echo)
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (a CI job cancelled, `kill`) cleans up like ^C: nothing left running
         signal.signal(signal.SIGTERM, _interrupted)

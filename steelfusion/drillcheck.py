@@ -31,6 +31,14 @@ primary at the same epoch; failovers after which writes never resumed. RTO per f
 failback): from the failure that caused it and from the operator's command to the first write
 committed on the new primary.
 
+**Core HA** (``drill --ha``, issue 16): both primaries acknowledge at once by design (each
+its own LUNs), so split brain and shared epochs are looked for within a sample's ``group``
+(its replication pair). Node ``P@H`` is Core P's LUNs served by its partner H after a
+takeover: P and P@H acknowledging at once is split brain (the fence failed), sharing P's
+epoch is not. A Core copy names the LUNs it must hold (``expect``). Takeovers and handbacks
+are timed from the runner's ``takeover``/``handback`` events and their ``cause``
+(:class:`HaStep`).
+
 The runner's side, in short::
 
     h = History()
@@ -80,6 +88,8 @@ FAULT_KINDS = frozenset({"kill", "stop", "cont", "partition", "wan", "journal", 
 """Event kinds that are injected faults (the timeline paints them red)."""
 OPERATOR_KINDS = frozenset({"suspend", "resume", "failover", "failback"})
 """Event kinds that are operator actions from the runbook."""
+HA_KINDS = ("takeover", "handback")
+"""Event kinds that are Core HA's own moves (``drill --ha``), each naming its ``cause``."""
 CAUSE_KINDS = ("kill", "stop", "partition")
 """Faults that can make a failover necessary (the start of its RTO when none is named)."""
 
@@ -129,6 +139,13 @@ class NodeSample:
     state: str | None
     acking: bool
     since: float | None = None
+    group: str | None = None
+    """The LUNs the node speaks for (an HA lab's replication pair); None: every node's."""
+
+    @property
+    def persona(self) -> str:
+        """The Core whose LUNs these are: ``P`` for ``P@H`` (P's LUNs served by H)."""
+        return self.node.partition("@")[0]
 
 
 @dataclass
@@ -211,7 +228,8 @@ class History:
         w.committed = c if w.committed is None else min(w.committed, c)
 
     def node_state(self, t: float, node: str, role: str | None, epoch: int | None,
-                   state: str | None, acking: bool, since: float | None = None) -> None:
+                   state: str | None, acking: bool, since: float | None = None,
+                   group: str | None = None) -> None:
         t = _time(t, f"sample of {node}")
         last = self._last_sample.get(node)
         if since is None:
@@ -222,7 +240,8 @@ class History:
         elif (since := _time(since, f"sample of {node}")) > t:
             raise ValueError(f"sample of {node}: since={since} is after t={t}")
         self._last_sample[node] = t if last is None else max(t, last)
-        self.samples.append(NodeSample(t, node, role, epoch, state, bool(acking), since))
+        self.samples.append(NodeSample(t, node, role, epoch, state, bool(acking), since,
+                                       group))
 
     def event(self, t: float, kind: str, detail: str = "", node: str | None = None,
               cause: int | None = None) -> int:
@@ -315,6 +334,22 @@ class Rto:
     from_command: float | None = None
 
 
+@dataclass
+class HaStep:
+    """One Core HA move: a ``takeover`` (``node`` serves ``core``'s LUNs) or a ``handback``
+    (``core`` serves its own again), timed from its cause: the fault (SIGKILL, the SAN path
+    cut) for a takeover, the restart or heal for a handback."""
+
+    kind: str
+    t: float
+    node: str | None
+    core: str | None
+    cause_kind: str | None = None
+    cause_t: float | None = None
+    seconds: float | None = None
+    detail: str = ""
+
+
 FINDING_KINDS = ("lost_write", "corrupt", "misplaced", "phantom", "image_size", "missing_image",
                  "cores_differ", "split_brain", "epoch_backward", "epoch_shared",
                  "no_recovery")
@@ -339,6 +374,8 @@ class Result:
     t0: float = 0.0
     """When the history began (reports show times relative to it)."""
     t1: float = 0.0
+    ha: list[HaStep] = field(default_factory=list)
+    """Takeovers and handbacks (``drill --ha``), in time order."""
 
 
 def ranges(blocks: Iterable[int]) -> list[list[int]]:
@@ -377,6 +414,8 @@ class Copy:
     name: str
     kind: Literal["edge", "core"]
     images: Mapping[int, Image]
+    expect: frozenset[int] | None = None
+    """The LUNs a Core copy must hold; None: every LUN the history wrote."""
 
 
 class _Findings:
@@ -568,6 +607,9 @@ def _acking_intervals(samples: Sequence[NodeSample]) -> dict[str, list[list[Any]
 def _split_brain(samples: Sequence[NodeSample], fs: _Findings) -> None:
     iv = _acking_intervals(samples)
     for na, nb in itertools.combinations(sorted(iv), 2):
+        ga, gb = iv[na][0][2].group, iv[nb][0][2].group
+        if ga is not None and gb is not None and ga != gb:  # another pair's LUNs
+            continue
         for a0, a1, sa in iv[na]:
             for b0, b1, sb in iv[nb]:
                 lo, hi = max(a0, b0), min(a1, b1)
@@ -583,7 +625,8 @@ def _split_brain(samples: Sequence[NodeSample], fs: _Findings) -> None:
 
 def _epochs(samples: Sequence[NodeSample], fs: _Findings) -> None:
     last: dict[str, NodeSample] = {}
-    primaries: dict[int, dict[str, float]] = defaultdict(dict)
+    # per group and epoch, the Cores (personas) seen primary there and when first
+    primaries: dict[tuple[str | None, int], dict[str, float]] = defaultdict(dict)
     for s in sorted(samples, key=lambda s: s.t):
         if s.epoch is None:
             continue
@@ -596,8 +639,9 @@ def _epochs(samples: Sequence[NodeSample], fs: _Findings) -> None:
                                    "from_t": p.t, "to_t": s.t}))
         last[s.node] = s
         if (s.role or "").lower() == "primary":
-            primaries[s.epoch].setdefault(s.node, s.t)
-    for epoch, nodes in sorted(primaries.items()):
+            primaries[s.group, s.epoch].setdefault(s.persona, s.t)
+    for (_, epoch), nodes in sorted(primaries.items(), key=lambda kv: (kv[0][0] or "",
+                                                                        kv[0][1])):
         if len(nodes) > 1:
             names = sorted(nodes, key=lambda n: nodes[n])
             fs.add(Finding("epoch_shared",
@@ -669,6 +713,21 @@ def _rtos(h: History, fs: _Findings) -> list[Rto]:
     return out
 
 
+def _ha_steps(h: History) -> list[HaStep]:
+    """Each takeover and handback the runner recorded, timed from the event it names as its
+    cause."""
+    out = []
+    for e in sorted(h.events, key=lambda e: e.t):
+        if e.kind not in HA_KINDS:
+            continue
+        cause = h.events[e.cause] if e.cause is not None else None
+        core = cause.node if cause is not None else None
+        out.append(HaStep(e.kind, e.t, e.node, core, cause.kind if cause else None,
+                          cause.t if cause else None,
+                          e.t - cause.t if cause is not None else None, e.detail))
+    return out
+
+
 def check(history: History, copies: Sequence[Copy], seed: int, replay: str = "",
           size: int = BLOCK, max_findings: int = MAX_FINDINGS_PER_KIND) -> Result:
     """Check the drill: ``copies`` are read once every fault is healed, the Edges have drained
@@ -692,7 +751,8 @@ def check(history: History, copies: Sequence[Copy], seed: int, replay: str = "",
     checked_luns: set[int] = set()
     for c in copies:
         cstats: Counter[str] = Counter()
-        for lun in sorted(set(c.images) | (set(luns) if c.kind == "core" else set())):
+        must = (set(luns) if c.expect is None else set(c.expect)) if c.kind == "core" else set()
+        for lun in sorted(set(c.images) | must):
             if lun not in c.images:
                 fs.add(Finding("missing_image", f"{c.name} has no image of LUN {lun}, which "
                                f"the drill wrote", copy=c.name, lun=lun))
@@ -735,4 +795,4 @@ def check(history: History, copies: Sequence[Copy], seed: int, replay: str = "",
                   findings=findings, finding_counts=dict(fs.count), counts=counts,
                   per_copy=per_copy, rto=rto,
                   faults=dict(sorted(Counter(e.kind for e in history.events).items())),
-                  replay=replay, seed=seed, t0=t0, t1=t1)
+                  replay=replay, seed=seed, t0=t0, t1=t1, ha=_ha_steps(history))

@@ -4,6 +4,10 @@
 so the same seed replays the same schedule (the system's timing varies, of course). Targets
 are roles (the primary, the primary's site), resolved by the runner (steelfusion/drill.py)
 when the fault starts: after a failover "the primary" is the other Core.
+
+``drill --ha`` (issue 16) runs on the Core HA lab instead (steelfusion/drillha.py): four
+Cores that never change places, so its targets are the Cores themselves (:data:`HA_CORES`),
+and its kinds are :data:`HA_KINDS`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,22 @@ DEFAULT_KINDS = FAULT_KINDS[:-1]
 SAN_KINDS = tuple(k for k in FAULT_KINDS if k != "journal")
 """``--faults`` when not given with ``--san``: the Journal LUN is on the array, so its faults
 are the array's (``san``), not the lab's failing disk (``journal``)."""
+HA_FAULT_KINDS = ("ha-kill", "ha-both", "ha-san")
+"""The Core HA lab's own faults (``--ha`` only): SIGKILL one Core of an HA pair, wait for its
+partner's takeover, restart it, wait for the handback; the same for Y and Y' (or X and X')
+together; one primary Core cut from its array (its SAN path), then healed."""
+HA_KINDS = ("kill", "stop", *HA_FAULT_KINDS)
+"""What ``drill --ha`` injects (and ``--faults all`` means there): the HA faults, and a plain
+SIGKILL or SIGSTOP of one of the four Cores (no wait for the takeover: a short one may heal
+before the partner acts). The netns faults need sites and links the loopback HA lab does not
+have; ``operator``, ``journal`` and ``san`` act on a single Core pair's runbook."""
+HA_CORES = ("core-a1", "core-a2", "core-b1", "core-b2")
+"""The HA lab's Cores in ``lab.json`` order (steelfusion/labha.py ``SEATS``): X, Y, X', Y'."""
+HA_LETTERS = {"core-a1": "X", "core-a2": "Y", "core-b1": "X'", "core-b2": "Y'"}
+HA_BOTH = ("core-a2+core-b2", "core-a1+core-b1")
+"""``ha-both`` targets: Y and Y' (X serves Y's LUNs, X' Y''s), or X and X'."""
+HA_SAN = ("core-a1", "core-a2")
+"""``ha-san`` targets: a primary Core (the secondaries' arrays carry replicas only)."""
 GAP = (4.0, 10.0)
 """Seconds from one fault's start to the next one's (when the previous one is over)."""
 HOLD = (2.0, 8.0)
@@ -76,19 +96,32 @@ def format_duration(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def parse_faults(text: str | None, san: str | None = None) -> tuple[str, ...]:
+def parse_faults(text: str | None, san: str | None = None,
+                 ha: bool = False) -> tuple[str, ...]:
     """``kill,partition`` -> the kinds, in :data:`FAULT_KINDS` order; ``all`` (or None) for
     every kind the lab can inject: ``san`` needs arrays (``--san``), ``journal`` needs the
-    Journal LUN in a file (not with ``--san``)."""
-    usable = SAN_KINDS if san else DEFAULT_KINDS
+    Journal LUN in a file (not with ``--san``); with ``ha`` the kinds are :data:`HA_KINDS`,
+    and the HA kinds are refused without it."""
+    usable = HA_KINDS if ha else SAN_KINDS if san else DEFAULT_KINDS
     words = [w.strip().lower() for w in (text or "all").split(",") if w.strip()]
     if words == ["all"]:
         return usable
-    bad = [w for w in words if w not in FAULT_KINDS]
+    bad = [w for w in words if w not in (*FAULT_KINDS, *HA_FAULT_KINDS)]
     if bad or not words:
         what = f"{bad[0]!r} is not a fault kind" if bad else "no fault kind given"
         raise DrillError(f"--faults {text!r}: {what}; choose from {','.join(usable)} "
                          f"(comma-separated) or all")
+    if ha:
+        other = [w for w in words if w not in HA_KINDS]
+        if other:
+            raise DrillError(f"--faults {other[0]}: not a fault of the HA drill (loopback, four "
+                             f"Cores, no sites or links); with --ha choose from "
+                             f"{','.join(HA_KINDS)}")
+        return tuple(k for k in HA_KINDS if k in words)
+    ha_only = [w for w in words if w in HA_FAULT_KINDS]
+    if ha_only:
+        raise DrillError(f"--faults {ha_only[0]}: an HA fault needs the Core HA lab; add --ha "
+                         f"(its kinds: {','.join(HA_KINDS)})")
     if "san" in words and not san:
         raise DrillError("--faults san: the array outage needs arrays in the lab; add --san tgt")
     if "journal" in words and san:
@@ -123,6 +156,8 @@ class Fault:
 
     def describe(self) -> str:
         a, _, b = self.target.partition("|")
+        if self.kind in HA_FAULT_KINDS:
+            return self._describe_ha()
         if self.kind == "kill":
             return f"SIGKILL {self.target}, start it again after {self.hold:g} s"
         if self.kind == "stop":
@@ -153,17 +188,33 @@ class Fault:
                     f"{self.hold:g} s")
         return f"coredr suspend on the primary, resume after {self.hold:g} s"
 
+    def _describe_ha(self) -> str:
+        names = self.target.split("+")
+        who = " and ".join(f"{n} ({HA_LETTERS.get(n, '?')})" for n in names)
+        if self.kind == "ha-san":
+            return (f"cut {who} from its array, wait for its partner's takeover, heal after "
+                    f"{self.hold:g} s, wait for the handback")
+        return (f"SIGKILL {who}, wait for the partner's takeover, start again after "
+                f"{self.hold:g} s, wait for the handback")
+
 
 def build_schedule(seed: int, duration: float, kinds: Sequence[str],
-                   edges: int = 1) -> list[Fault]:
+                   edges: int = 1, ha: bool = False) -> list[Fault]:
     """Every fault of a drill, drawn from ``random.Random(seed)`` alone: the same arguments give
     the same schedule. Faults are planned every U(4, 10) s from the start while before
     ``duration``; each draws the same number of values whatever its kind, so the kinds
-    enabled change which faults come but not how the rest of the stream is consumed."""
+    enabled change which faults come but not how the rest of the stream is consumed.
+    ``ha``: the Core HA lab's schedule (:data:`HA_KINDS`; kill and stop hit one of
+    :data:`HA_CORES`)."""
     if not kinds:
         raise ValueError("no fault kinds")
+    allowed = HA_KINDS if ha else FAULT_KINDS
+    wrong = [k for k in kinds if k not in allowed]
+    if wrong:
+        raise ValueError(f"fault kind {wrong[0]!r} is not one of {allowed}")
     rng = random.Random(seed)
-    nodes = ("witness", "primary", "secondary", *(f"edge-{i + 1}" for i in range(edges)))
+    nodes = HA_CORES if ha else ("witness", "primary", "secondary",
+                                 *(f"edge-{i + 1}" for i in range(edges)))
     out: list[Fault] = []
     last_outage = -OUTAGE_EVERY
     at = rng.uniform(*GAP)
@@ -197,6 +248,10 @@ def build_schedule(seed: int, duration: float, kinds: Sequence[str],
                                     else "offline", suspend=target == "primary" and r_iface < 0.6)
         elif kind == "san":
             f = dataclasses.replace(f, target="primary" if r_swap < 0.7 else "secondary")
+        elif kind == "ha-both":
+            f = dataclasses.replace(f, target=HA_BOTH[r_swap >= 0.5])
+        elif kind == "ha-san":
+            f = dataclasses.replace(f, target=HA_SAN[r_swap >= 0.5])
         elif kind == "outage" and at - last_outage >= OUTAGE_EVERY:
             last_outage = at
             span = (hold - HOLD[0]) / (HOLD[1] - HOLD[0])

@@ -20,13 +20,16 @@ from typing import Any
 
 from steelfusion.drillcheck import (
     FAULT_KINDS,
+    HA_KINDS,
     OPERATOR_KINDS,
     Finding,
+    HaStep,
     History,
     Result,
     Rto,
 )
 from steelfusion.drillplan import FAULT_KINDS as PLANNED_KINDS
+from steelfusion.drillplan import HA_FAULT_KINDS
 
 # --- terminal --------------------------------------------------------------------------------
 
@@ -47,6 +50,30 @@ def rto_summary(rtos: Iterable[Rto]) -> dict[str, float | int | None]:
             "max_from_command": max(fc) if fc else None}
 
 
+def ha_summary(steps: Iterable[HaStep]) -> dict[str, dict[str, float | int | None]]:
+    """Per kind (takeover, handback): how many, and the median and max seconds from the
+    cause."""
+    out: dict[str, dict[str, float | int | None]] = {}
+    ss = list(steps)
+    for kind in HA_KINDS:
+        xs = [s.seconds for s in ss if s.kind == kind and s.seconds is not None]
+        out[kind] = {"count": sum(1 for s in ss if s.kind == kind),
+                     "median": statistics.median(xs) if xs else None,
+                     "max": max(xs) if xs else None}
+    return out
+
+
+def _ha_words(steps: Iterable[HaStep]) -> str:
+    """``takeover median 1.2 s max 2.1 s (3), handback median 3.9 s max 4.2 s (3)``."""
+    parts = []
+    for kind, v in ha_summary(steps).items():
+        med, mx = v["median"], v["max"]
+        timed = (f"median {med:.1f} s max {mx:.1f} s " if med is not None and mx is not None
+                 else "")
+        parts.append(f"{kind} {timed}({v['count']})")
+    return ", ".join(parts)
+
+
 def render_text(result: Result, max_per_kind: int = 5) -> str:
     """A short readable summary; the first line says PASS or FAIL."""
     r = result
@@ -58,6 +85,8 @@ def render_text(result: Result, max_per_kind: int = 5) -> str:
     if r.rto:
         head += (f", RTO median {_secs(s['median_from_failure'])} max "
                  f"{_secs(s['max_from_failure'])} from the failure")
+    if r.ha:
+        head += f", Core HA: {_ha_words(r.ha)}"
     if nfind:
         head += f", {nfind} findings"
     lines = [head,
@@ -78,6 +107,10 @@ def render_text(result: Result, max_per_kind: int = 5) -> str:
                      f"{rto.new_primary or '?'}: RTO {_secs(rto.from_failure)} from the failure "
                      f"({cause}), {_secs(rto.from_command)} from the command"
                      + (f" [{rto.basis}]" if rto.basis else ""))
+    for st in r.ha:
+        cause = (f"{_secs(st.seconds)} after {st.cause_kind} at +{st.cause_t - r.t0:.1f} s"
+                 if st.cause_t is not None else "no known cause")
+        lines.append(f"  {st.kind} at +{st.t - r.t0:.1f} s: {st.detail or st.node} ({cause})")
     for kind, fs in r.findings.items():
         total = r.finding_counts.get(kind, len(fs))
         lines.append(f"  {kind}: {total}")
@@ -106,14 +139,18 @@ def to_json(result: Result, indent: int | None = 2) -> str:
     """The result as JSON (strict: no NaN or Infinity); :func:`from_json` reads it back."""
     d = asdict(result)
     d["rto_summary"] = rto_summary(result.rto)
+    if result.ha:
+        d["ha_summary"] = ha_summary(result.ha)
     return json.dumps(d, indent=indent, allow_nan=False, default=_plain)
 
 
 def from_json(text: str) -> Result:
     d = json.loads(text)
     d.pop("rto_summary", None)
+    d.pop("ha_summary", None)
     d["findings"] = {k: [Finding(**f) for f in fs] for k, fs in d["findings"].items()}
     d["rto"] = [Rto(**x) for x in d["rto"]]
+    d["ha"] = [HaStep(**x) for x in d.get("ha", [])]
     return Result(**d)
 
 
@@ -125,7 +162,8 @@ _STATE_COLOURS = {
     "standalone": "#26a69a", "terminated": "#616161", "down": "#e0e0e0",
 }
 _OTHER_STATE = "#bdbdbd"
-_EVENT_COLOURS = {"fault": "#d32f2f", "heal": "#388e3c", "operator": "#1565c0", "other": "#757575"}
+_EVENT_COLOURS = {"fault": "#d32f2f", "heal": "#388e3c", "operator": "#1565c0", "ha": "#6a1b9a",
+                  "other": "#757575"}
 
 _W, _LEFT, _RIGHT = 1200, 150, 20
 _EV_H, _NODE_H, _RTO_H, _LAT_H, _AXIS_H = 70, 26, 22, 170, 24
@@ -143,6 +181,8 @@ def _event_class(kind: str) -> str:
         return "heal"
     if kind in OPERATOR_KINDS:
         return "operator"
+    if kind in HA_KINDS:
+        return "ha"
     return "other"
 
 
@@ -322,15 +362,19 @@ def _rel(t: float | None, t0: float) -> str:
 
 def summary_line(result: Result, seed: int, kinds: Counter[str], skipped: int,
                  problems: Sequence[str], elapsed: float) -> str:
-    """The drill's last line: verdict, faults by kind, RPO, RTO, writes, time."""
+    """The drill's last line: verdict, faults by kind, RPO, RTO (or, in an HA drill, the
+    takeovers and handbacks), writes, time."""
     rs = rto_summary(result.rto)
     med, mx = rs["median_from_failure"], rs["max_from_failure"]
     rto = (f"RTO median {med:.1f} s max {mx:.1f} s ({rs['failovers']} failovers)"
            if med is not None and mx is not None else f"RTO - ({rs['failovers']} failovers)")
+    if result.ha:
+        rto = _ha_words(result.ha) if not result.rto else f"{rto}; {_ha_words(result.ha)}"
     verdict = "PASS" if result.passed and not problems else "FAIL"
     skip = f", {skipped} skipped" if skipped else ""
     return (f"{verdict} seed {seed}: {sum(kinds.values())} faults injected ("
-            + ", ".join(f"{k} {kinds[k]}" for k in PLANNED_KINDS if kinds[k])
+            + ", ".join(f"{k} {kinds[k]}" for k in (*PLANNED_KINDS, *HA_FAULT_KINDS)
+                        if kinds[k])
             + f"{skip}); RPO {result.rpo}; {rto}; {result.counts.get('writes_ok', 0)} "
             f"writes acknowledged; {elapsed:.0f} s")
 
@@ -372,6 +416,13 @@ def render_html(result: Result, history: History, title: str = "steelfusion dril
               _secs(x.from_failure), _secs(x.from_command)) for x in r.rto],
             ("kind", "command", "new primary", "caused by", "took over", "recovered",
              "recovery marked by", "RTO from failure", "RTO from command")))
+    if r.ha:
+        parts.append("<h2>Core HA: takeovers and handbacks</h2>")
+        parts.append(_table(
+            [(x.kind, _rel(x.t, t0), x.core or "?", x.node or "?",
+              f"{x.cause_kind} {_rel(x.cause_t, t0)}" if x.cause_kind else "-",
+              _secs(x.seconds), x.detail) for x in r.ha],
+            ("kind", "at", "Core", "served by", "caused by", "seconds", "what")))
     parts.append("<h2>Findings</h2>")
     if not r.findings:
         parts.append("<p>None.</p>")

@@ -11,7 +11,9 @@ Samplers: every :data:`SAMPLE_EVERY` seconds each Core's status (from inside its
 control ports are namespace-local, so a partition never blinds the runner): role, epoch,
 replication state, and whether it acknowledged Edge writes since the previous sample (its
 ``acked_seq`` grew, same process, same stream): the checker's split-brain and RTO evidence.
-The Edges are sampled too (connected or not), for the timeline.
+The Edges are sampled too (connected or not), for the timeline. An HA lab's Cores
+(``drill --ha``) are sampled by :class:`HaSampler`: each Core's own LUNs, and its partner's
+while it serves them after a takeover.
 
 Both threads see the runner only through :class:`Run`.
 """
@@ -99,7 +101,8 @@ class _Gone(Exception):
 
 
 class QemuIo:
-    """One interactive ``qemu-io -f raw URL`` in a namespace; commands end at its prompt."""
+    """One interactive ``qemu-io -f raw URL`` in a namespace (``""``: this one, as on the
+    loopback HA lab); commands end at its prompt."""
 
     live: set[QemuIo] = set()
     """Every qemu-io not yet reaped (the runner's cleanup kills what is left)."""
@@ -111,7 +114,7 @@ class QemuIo:
         self.proc = subprocess.Popen(
             [shutil.which("qemu-io") or "qemu-io", "-f", "raw", url], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            preexec_fn=netns.preexec(netns_name))
+            preexec_fn=netns.preexec(netns_name) if netns_name else None)
         assert self.proc.stdout is not None and self.proc.stdin is not None
         self.fd = self.proc.stdout.fileno()
         self.stdin = self.proc.stdin
@@ -300,16 +303,7 @@ class Sampler(threading.Thread):
 
     def sample(self) -> None:
         name = self.node["name"]
-        t0 = time.time()
-        try:
-            st: dict[str, Any] | None = call_node(self.node, "status", timeout=STATUS_TIMEOUT)
-            if st is not None and not st.get("ok"):
-                st = None
-            why = "no-answer"
-        except (OSError, ValueError, control.ControlError) as e:
-            st = None
-            why = "down" if isinstance(e, ConnectionRefusedError) else "no-answer"
-        t1 = time.time()
+        st, why, t0, t1 = _ask(self.node)
         self.count += 1
         rec = self.d.rec
         if st is None:
@@ -321,17 +315,78 @@ class Sampler(threading.Thread):
             rec.node_state(t1, name, "edge", None,
                            "running" if core.get("connected") else "disconnected", False)
             return
-        acked = {lun: (int(v.get("stream") or 0), int(v.get("acked_seq") or 0))
-                 for lun, v in (st.get("luns") or {}).items()}
-        role = st.get("role")
-        acking = False
-        since = t0
-        if self.prev is not None:
-            p_t0, p_pid, p_acked = self.prev
-            since = p_t0
-            acking = role == "primary" and p_pid == st.get("pid") and any(
-                lun in p_acked and p_acked[lun][0] == s and a > p_acked[lun][1]
-                for lun, (s, a) in acked.items())
-        self.prev = (t0, st.get("pid"), acked)
-        rec.node_state(t1, name, role, st.get("epoch"), st.get("replication"), acking,
-                       since=since)
+        acking, since, self.prev = _acking(self.prev, st, t0)
+        rec.node_state(t1, name, st.get("role"), st.get("epoch"), st.get("replication"),
+                       acking, since=since)
+
+
+Prev = tuple[float, Any, dict[str, tuple[int, int]]]
+
+
+def _ask(node: dict[str, Any]) -> tuple[dict[str, Any] | None, str, float, float]:
+    """(status or None, why not: down / no-answer, asked at, answered at)."""
+    t0 = time.time()
+    try:
+        st: dict[str, Any] | None = call_node(node, "status", timeout=STATUS_TIMEOUT)
+        if st is not None and not st.get("ok"):
+            st = None
+        why = "no-answer"
+    except (OSError, ValueError, control.ControlError) as e:
+        st = None
+        why = "down" if isinstance(e, ConnectionRefusedError) else "no-answer"
+    return st, why, t0, time.time()
+
+
+def _acking(prev: Prev | None, st: dict[str, Any], t0: float) -> tuple[bool, float, Prev]:
+    """Did this Core acknowledge Edge writes since ``prev`` (a primary whose ``acked_seq``
+    grew on a LUN stream, same process)? Returns (acking, since, the new prev)."""
+    acked = {lun: (int(v.get("stream") or 0), int(v.get("acked_seq") or 0))
+             for lun, v in (st.get("luns") or {}).items()}
+    acking = False
+    since = t0
+    if prev is not None:
+        p_t0, p_pid, p_acked = prev
+        since = p_t0
+        acking = st.get("role") == "primary" and p_pid == st.get("pid") and any(
+            lun in p_acked and p_acked[lun][0] == s and a > p_acked[lun][1]
+            for lun, (s, a) in acked.items())
+    return acking, since, (t0, st.get("pid"), acked)
+
+
+class HaSampler(Sampler):
+    """One Core of an HA lab: its own LUNs (node ``core-a1``, group its replication pair) and,
+    while it serves its partner's after a takeover, those too (node ``core-a2@core-a1``, the
+    partner's group), asked at its takeover control address. Acknowledging is judged only
+    between two consecutive answers of the same Core: after a silence (killed, stopped), a
+    standby or a handback, the next answer starts afresh, so an interval never spans the time
+    the partner served these LUNs."""
+
+    def __init__(self, drill: Run, node: dict[str, Any], partner_group: str | None) -> None:
+        super().__init__(drill, node, "core")
+        self.group: str | None = node.get("pair")
+        self.partner_group = partner_group
+        self.hosted_prev: Prev | None = None
+
+    def sample(self) -> None:
+        name = self.node["name"]
+        rec = self.d.rec
+        st, why, t0, t1 = _ask(self.node)
+        self.count += 1
+        if st is None:
+            rec.node_state(t1, name, None, None, why, False, group=self.group)
+            self.prev = self.hosted_prev = None
+            return
+        acking, since, self.prev = _acking(self.prev, st, t0)
+        rec.node_state(t1, name, st.get("role"), st.get("epoch"), st.get("replication"),
+                       acking, since=since, group=self.group)
+        hosted = (st.get("ha") or {}).get("hosted")
+        hs = None
+        if isinstance(hosted, dict) and self.node.get("takeover_control"):
+            hs, _, h0, h1 = _ask({"control": self.node["takeover_control"]})
+        if hs is None or not isinstance(hosted, dict):
+            self.hosted_prev = None
+            return
+        acking, since, self.hosted_prev = _acking(self.hosted_prev, hs, h0)
+        rec.node_state(h1, f"{hosted.get('name') or hs.get('name')}@{name}", hs.get("role"),
+                       hs.get("epoch"), hs.get("replication"), acking, since=since,
+                       group=self.partner_group)
