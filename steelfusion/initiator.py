@@ -12,8 +12,11 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from steelfusion.tasks import die_with_parent
 
 
 class InitiatorError(Exception):
@@ -33,15 +36,19 @@ def need(tool: str) -> str:
 
 def _run(cmd: list[str], timeout: float,
          netns: str | None = None) -> subprocess.CompletedProcess[str]:
-    enter = None
+    enter: Callable[[], None] = die_with_parent
     if netns:
         from steelfusion import netns as ns_mod
 
         try:
-            enter = ns_mod.preexec(netns)
+            into = ns_mod.preexec(netns)
         except OSError as e:
             raise InitiatorError(f"cannot run {Path(cmd[0]).name} in network namespace "
                                  f"{netns}: {e}") from None
+
+        def enter() -> None:
+            die_with_parent()
+            into()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
                            preexec_fn=enter)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import fcntl
 import os
 import signal
@@ -37,12 +35,12 @@ from typing import Any, Protocol
 
 from steelfusion import log
 from steelfusion.config import ConfigError, load_json
+from steelfusion.tasks import die_with_parent
 from steelfusion.units import format_addr, parse_addr
 
 IQN_PREFIX = "iqn.2026-11.io.steelfusion"
 JOURNAL_LUN = 200
 """The SCSI LUN of a data center's Journal LUN on its array (replicated LUN id k is LUN k)."""
-PR_SET_PDEATHSIG = 1
 
 _log = log.get("san")
 
@@ -518,12 +516,6 @@ class SanConfig:
                    paths, pctl, str(path))
 
 
-def _die_with_parent() -> None:
-    """In tgtd's child, before exec: the kernel SIGKILLs it when its supervisor dies."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 def _start_paths(cfg: SanConfig) -> asyncio.AbstractEventLoop | None:
     """The per-Core paths (steelfusion/sanpath.py) on an event loop of their own thread."""
     if not cfg.paths:
@@ -562,7 +554,7 @@ def serve(cfg: SanConfig, stop: threading.Event | None = None) -> None:
         proc = subprocess.Popen(
             ["tgtd", "-f", "-C", str(cfg.control_port), "--iscsi",
              f"portal={format_addr(cfg.portal)}"], stdout=sink, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     except FileNotFoundError:
         raise SanError("tgtd is not installed (Debian package tgt; `make install` installs "
                        "it)") from None

@@ -15,6 +15,9 @@ cancel the others: the node keeps serving and says what stopped.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -61,3 +64,16 @@ class Background:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent() -> None:
+    """In a child, before exec (``preexec_fn``): the kernel SIGKILLs it when the thread that
+    started it ends. A tool started by ``subprocess.run`` (its thread waits for it) or a
+    supervised daemon (tgtd) then never outlives the process that owns it, even when that
+    one is SIGKILLed or interrupted between fork and the Popen object (an orphaned
+    ``qemu-img bench`` spun on a dead lab's portal for the rest of a test run)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -339,6 +340,24 @@ def test_observe_cost_stopped_by_sigterm_stops_both_labs(tmp_path: Path) -> None
     for side, data in datas.items():
         lab = Lab(wd / f"lab-{side}")
         assert [n["name"] for n in lab.processes(data) if pid_alive(n["pid"])] == [], side
+    # nor a qemu-img bench it started (one forked as the SIGTERM came spun on a dead portal)
+    portals = [e["portal"] for d in datas.values() for e in d["edges"]]
+
+    def tools_left() -> list[str]:
+        out = []
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "qemu-img" in cmd and any(pt in cmd for pt in portals):
+                out.append(cmd)
+        return out
+
+    deadline = time.monotonic() + 5
+    while tools_left() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tools_left() == []
 
 
 def test_observe_cost_overall_verdict_names_each_cost() -> None:
