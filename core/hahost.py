@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import itertools
 import os
-import signal
 import socket
 import time
 from collections import deque
@@ -47,7 +46,7 @@ from steelfusion.blockdev import parse_part
 from steelfusion.config import ConfigError, CoreConfig
 from steelfusion.fence import Fence, Fenced, FenceError, reservation_key
 from steelfusion.link import Link, dial, listen
-from steelfusion.startup import listening
+from steelfusion.startup import listening, serve_until_stopped
 from steelfusion.tasks import Background
 from steelfusion.units import format_addr
 from steelfusion.wire import Control, Hello, Message, Refuse, Welcome
@@ -725,17 +724,7 @@ async def run(cfg: CoreConfig) -> None:
     Its SAN sessions, and those of the partner's Core it may run, take its own path."""
     sandev.route_through(cfg.san_via)
     host = HaHost(cfg)
-    try:
-        await host.start()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await host.stop()
-        raise
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, host.stopping.set)
-    await host.stopping.wait()
-    await host.stop()
+    await serve_until_stopped(host)
 
 
 __all__ = ["HaHost", "partner_config", "run"]

@@ -15,7 +15,6 @@ import errno
 import functools
 import hashlib
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,7 @@ from steelfusion import authconfig, control, log, metrics, statefile
 from steelfusion.blockdev import Device
 from steelfusion.config import CoreConfig
 from steelfusion.link import Link, dial, listen
-from steelfusion.startup import listening
+from steelfusion.startup import listening, serve_until_stopped
 from steelfusion.tasks import Background
 from steelfusion.units import format_addr
 from steelfusion.wire import Control, Hello, Read
@@ -803,17 +802,7 @@ async def run(cfg: CoreConfig) -> None:
 
     sandev.route_through(cfg.san_via)
     core = Core(cfg)
-    try:
-        await core.start()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await core.stop()
-        raise
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, core.stopping.set)
-    await core.stopping.wait()
-    await core.stop()
+    await serve_until_stopped(core)
 
 
 __all__ = ["Core", "run"]

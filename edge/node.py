@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import time
 from collections import deque
 from typing import Any
@@ -21,7 +20,7 @@ from edge.metrics import EdgeCollector, commit_histogram
 from edge.uplink import CoreUplink
 from steelfusion import control, log, metrics
 from steelfusion.config import EdgeConfig
-from steelfusion.startup import listening
+from steelfusion.startup import listening, serve_until_stopped
 from steelfusion.units import format_addr
 
 _log = log.get("edge")
@@ -359,14 +358,4 @@ async def run(cfg: EdgeConfig, witness_key: str = "[witness] listen") -> None:
     """``steelfusion edge run``; a failed start stops whatever it had started, then raises."""
     edge = Edge(cfg)
     edge.witness_key = witness_key
-    try:
-        await edge.start()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await edge.stop()
-        raise
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, edge.stopping.set)
-    await edge.stopping.wait()
-    await edge.stop()
+    await serve_until_stopped(edge)

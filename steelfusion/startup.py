@@ -9,10 +9,13 @@ line by matching its file name against the paths of the node's config.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
+import signal
 import socket
 from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from steelfusion.units import format_addr
 
@@ -109,3 +112,29 @@ def explain(e: BaseException, cfg: Any) -> str:
     where = f"{key} in {source}" if source else key
     todo = _TODO.get(e.errno or 0, "fix the path or change the key")
     return f"{what}: {why} ({where}; {todo})"
+
+
+class Node(Protocol):
+    """A node process's main object: :func:`serve_until_stopped` drives it."""
+
+    stopping: asyncio.Event
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def serve_until_stopped(node: Node) -> None:
+    """Start ``node`` (a failed start stops whatever it had started, then raises), serve
+    until SIGTERM, SIGINT or its ``stop`` command sets ``stopping``, then stop it."""
+    try:
+        await node.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await node.stop()
+        raise
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, node.stopping.set)
+    await node.stopping.wait()
+    await node.stop()
