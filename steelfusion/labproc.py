@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,11 +28,35 @@ class LabError(Exception):
     """The lab could not be started, found or changed; the message says what to do."""
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports the kernel hands out now (held together so they are distinct)."""
-    socks = []
+def _ephemeral_low() -> int:
     try:
-        for _ in range(n):
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports free now (held together so they are distinct), taken below the kernel's
+    ephemeral range when there is room: a lab allocates every node's ports first and starts
+    the nodes one by one, and an outgoing connection of a node already running (an HA lab
+    opens dozens of iSCSI sessions) could otherwise take a port from the ephemeral range
+    before its own node binds it (seen: an HA Core's [ha] listen in use at start)."""
+    low = _ephemeral_low()
+    socks: list[socket.socket] = []
+    try:
+        pool = list(range(max(1024, low - 12000), low))
+        random.shuffle(pool)
+        for port in pool:
+            if len(socks) == n:
+                break
+            s = socket.socket()
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:  # no room below: the kernel's choice, as before
             s = socket.socket()
             s.bind((host, 0))
             socks.append(s)
